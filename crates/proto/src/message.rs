@@ -1,0 +1,558 @@
+//! Payloads of the control frames: handshake, port binding, stream opens, go-away.
+//!
+//! Each message has a fixed, hand-written binary layout (big-endian integers, strings as
+//! `u16` length plus UTF-8). Hand-written because the layouts are tiny, must be stable across
+//! versions, and every field coming off the network is range-checked as it is read; a decoder
+//! ignores trailing bytes so a later version may append fields.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::{ErrorCode, ProtocolError};
+use crate::frame::{Frame, Kind};
+
+/// The first bytes each side sends: magic and protocol version.
+pub const MAGIC: &[u8; 6] = b"BURROW";
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Length of the preamble (`MAGIC` plus a `u16` version).
+pub const PREAMBLE_LEN: usize = 8;
+/// Longest string accepted in any message.
+pub const MAX_STRING: usize = 1024;
+/// Most Bind requests one session may make.
+pub const MAX_BINDS: usize = 256;
+
+/// The preamble for our version.
+pub fn preamble() -> [u8; PREAMBLE_LEN] {
+    let mut out = [0u8; PREAMBLE_LEN];
+    out[..6].copy_from_slice(MAGIC);
+    out[6..].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    out
+}
+
+/// Checks a peer's preamble and returns its version.
+pub fn parse_preamble(raw: &[u8; PREAMBLE_LEN]) -> Result<u16, ProtocolError> {
+    if &raw[..6] != MAGIC {
+        return Err(ProtocolError::new(
+            ErrorCode::Protocol,
+            "peer does not speak the burrow protocol (bad magic bytes)",
+        ));
+    }
+    let version = u16::from_be_bytes([raw[6], raw[7]]);
+    if version != PROTOCOL_VERSION {
+        return Err(ProtocolError::new(
+            ErrorCode::UnsupportedVersion,
+            format!("peer speaks protocol version {version}, this build speaks {PROTOCOL_VERSION}"),
+        ));
+    }
+    Ok(version)
+}
+
+/// Which role a client authenticates as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// Publishes services.
+    Agent = 1,
+    /// Visits services (a later feature; the value is reserved now).
+    Connector = 2,
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Protocol {
+    /// A TCP service: each client connection is one stream.
+    Tcp = 0,
+    /// A UDP service: each peer is one flow of datagrams.
+    Udp = 1,
+}
+
+/// Gateway to client: random nonce to sign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// 32 random bytes, fresh per connection.
+    pub nonce: [u8; 32],
+}
+
+/// Client to gateway: who it is and the proof.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// The role asked for.
+    pub role: Role,
+    /// The client's public key (Ed25519).
+    pub public_key: [u8; 32],
+    /// Signature over the transcript (see [`crate::auth`]).
+    pub signature: [u8; 64],
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("role", &self.role)
+            .field("public_key", &crate::auth::encode_b64(&self.public_key))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Gateway to client: accepted, and the parameters of this session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthOk {
+    /// The name the gateway knows this client by.
+    pub name: String,
+    /// Parameters both sides use for this session.
+    pub params: SessionParams,
+}
+
+/// Settings the gateway fixes for a session; both sides enforce them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionParams {
+    /// Interval between heartbeats, milliseconds.
+    pub heartbeat_ms: u32,
+    /// Missed heartbeats before the peer is declared dead.
+    pub heartbeat_misses: u32,
+    /// Largest frame payload either side may send.
+    pub max_payload: u32,
+    /// Initial per-stream receive window.
+    pub stream_window: u32,
+    /// Largest per-stream window after auto-tuning.
+    pub max_stream_window: u32,
+    /// Session-wide receive window.
+    pub session_window: u32,
+    /// Most concurrent streams the gateway will open or accept.
+    pub max_streams: u32,
+}
+
+impl Default for SessionParams {
+    fn default() -> Self {
+        SessionParams {
+            heartbeat_ms: 10_000,
+            heartbeat_misses: 3,
+            max_payload: 64 * 1024,
+            stream_window: 256 * 1024,
+            max_stream_window: 4 * 1024 * 1024,
+            session_window: 32 * 1024 * 1024,
+            max_streams: 4096,
+        }
+    }
+}
+
+/// Agent to gateway: asks for a public port for one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// The agent's own id for the service, echoed in [`Open::service`].
+    pub service: u32,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Port asked for; 0 lets the gateway choose.
+    pub port: u16,
+    /// A label for logs.
+    pub name: String,
+}
+
+/// Gateway to agent: the answer to a [`Bind`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindResult {
+    /// Which Bind this answers.
+    pub service: u32,
+    /// [`ErrorCode::Normal`] when granted.
+    pub code: ErrorCode,
+    /// The public address clients use (when granted), or the reason (when not).
+    pub text: String,
+}
+
+/// Opens a stream: which service, and who the client is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    /// The service id from the agent's [`Bind`].
+    pub service: u32,
+    /// The remote client's address as the gateway saw it.
+    pub client: Option<SocketAddr>,
+}
+
+/// The sender closes the session, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoAway {
+    /// The reason code.
+    pub code: ErrorCode,
+    /// Human-readable detail (never a secret).
+    pub message: String,
+}
+
+/// Bounds-checked reader over a payload.
+struct Reader<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Reader { buf, what }
+    }
+
+    fn short(&self) -> ProtocolError {
+        ProtocolError::new(
+            ErrorCode::Protocol,
+            format!("truncated {} message", self.what),
+        )
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.buf.len() < n {
+            return Err(self.short());
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn string(&mut self) -> Result<String, ProtocolError> {
+        let len = self.u16()? as usize;
+        if len > MAX_STRING {
+            return Err(ProtocolError::new(
+                ErrorCode::Protocol,
+                format!("string of {len} bytes in {} message", self.what),
+            ));
+        }
+        let raw = self.take(len)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| {
+            ProtocolError::new(
+                ErrorCode::Protocol,
+                format!("invalid UTF-8 in {} message", self.what),
+            )
+        })
+    }
+}
+
+fn put_string(dst: &mut BytesMut, s: &str) {
+    // Truncate on a char boundary rather than send something the peer must refuse.
+    let mut end = s.len().min(MAX_STRING);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    dst.put_u16(end as u16);
+    dst.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+fn bad(what: &str, detail: impl std::fmt::Display) -> ProtocolError {
+    ProtocolError::new(ErrorCode::Protocol, format!("bad {what} message: {detail}"))
+}
+
+impl Challenge {
+    /// As a frame.
+    pub fn to_frame(&self) -> Frame {
+        Frame::new(Kind::Challenge, 0, 0, Bytes::copy_from_slice(&self.nonce))
+    }
+    /// From a payload.
+    pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
+        Ok(Challenge {
+            nonce: Reader::new(p, "challenge").array()?,
+        })
+    }
+}
+
+impl Auth {
+    /// As a frame.
+    pub fn to_frame(&self) -> Frame {
+        let mut b = BytesMut::with_capacity(97);
+        b.put_u8(self.role as u8);
+        b.extend_from_slice(&self.public_key);
+        b.extend_from_slice(&self.signature);
+        Frame::new(Kind::Auth, 0, 0, b.freeze())
+    }
+    /// From a payload.
+    pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(p, "auth");
+        let role = match r.u8()? {
+            1 => Role::Agent,
+            2 => Role::Connector,
+            other => return Err(bad("auth", format_args!("unknown role {other}"))),
+        };
+        Ok(Auth {
+            role,
+            public_key: r.array()?,
+            signature: r.array()?,
+        })
+    }
+}
+
+impl AuthOk {
+    /// As a frame.
+    pub fn to_frame(&self) -> Frame {
+        let mut b = BytesMut::new();
+        put_string(&mut b, &self.name);
+        let p = &self.params;
+        for v in [
+            p.heartbeat_ms,
+            p.heartbeat_misses,
+            p.max_payload,
+            p.stream_window,
+            p.max_stream_window,
+            p.session_window,
+            p.max_streams,
+        ] {
+            b.put_u32(v);
+        }
+        Frame::new(Kind::AuthOk, 0, 0, b.freeze())
+    }
+    /// From a payload; parameters are checked for sanity so a hostile gateway cannot make the
+    /// agent allocate or spin.
+    pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(p, "auth-ok");
+        let name = r.string()?;
+        let params = SessionParams {
+            heartbeat_ms: r.u32()?,
+            heartbeat_misses: r.u32()?,
+            max_payload: r.u32()?,
+            stream_window: r.u32()?,
+            max_stream_window: r.u32()?,
+            session_window: r.u32()?,
+            max_streams: r.u32()?,
+        };
+        params.validate()?;
+        Ok(AuthOk { name, params })
+    }
+}
+
+impl SessionParams {
+    /// Rejects values no sane peer would send.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let p = self;
+        let check = |ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(bad("session parameters", what))
+            }
+        };
+        check(p.heartbeat_ms >= 50, "heartbeat under 50 ms")?;
+        check(p.heartbeat_misses >= 1, "zero heartbeat misses")?;
+        check(
+            (1024..=crate::frame::ABSOLUTE_MAX_PAYLOAD).contains(&p.max_payload),
+            "max payload out of range",
+        )?;
+        check(p.stream_window >= 1024, "stream window under 1 KiB")?;
+        check(
+            p.max_stream_window >= p.stream_window,
+            "max stream window below initial window",
+        )?;
+        check(
+            p.session_window >= p.stream_window,
+            "session window below stream window",
+        )?;
+        check(p.max_streams >= 1, "zero streams")?;
+        Ok(())
+    }
+}
+
+impl Bind {
+    /// As a frame.
+    pub fn to_frame(&self) -> Frame {
+        let mut b = BytesMut::new();
+        b.put_u32(self.service);
+        b.put_u8(self.protocol as u8);
+        b.put_u16(self.port);
+        put_string(&mut b, &self.name);
+        Frame::new(Kind::Bind, 0, 0, b.freeze())
+    }
+    /// From a payload.
+    pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(p, "bind");
+        let service = r.u32()?;
+        let protocol = match r.u8()? {
+            0 => Protocol::Tcp,
+            1 => Protocol::Udp,
+            other => return Err(bad("bind", format_args!("unknown protocol {other}"))),
+        };
+        Ok(Bind {
+            service,
+            protocol,
+            port: r.u16()?,
+            name: r.string()?,
+        })
+    }
+}
+
+impl BindResult {
+    /// As a frame.
+    pub fn to_frame(&self) -> Frame {
+        let mut b = BytesMut::new();
+        b.put_u32(self.service);
+        b.put_u32(self.code as u32);
+        put_string(&mut b, &self.text);
+        Frame::new(Kind::BindResult, 0, 0, b.freeze())
+    }
+    /// From a payload.
+    pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(p, "bind-result");
+        Ok(BindResult {
+            service: r.u32()?,
+            code: ErrorCode::from_u32(r.u32()?),
+            text: r.string()?,
+        })
+    }
+}
+
+impl Open {
+    /// As an Open frame for `stream`.
+    pub fn to_frame(&self, stream: u32) -> Frame {
+        let mut b = BytesMut::with_capacity(24);
+        b.put_u32(self.service);
+        match self.client {
+            None => b.put_u8(0),
+            Some(SocketAddr::V4(a)) => {
+                b.put_u8(4);
+                b.extend_from_slice(&a.ip().octets());
+                b.put_u16(a.port());
+            }
+            Some(SocketAddr::V6(a)) => {
+                b.put_u8(6);
+                b.extend_from_slice(&a.ip().octets());
+                b.put_u16(a.port());
+            }
+        }
+        Frame::new(Kind::Open, 0, stream, b.freeze())
+    }
+    /// From a payload.
+    pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(p, "open");
+        let service = r.u32()?;
+        let client = match r.u8()? {
+            0 => None,
+            4 => {
+                let ip = Ipv4Addr::from(r.array::<4>()?);
+                Some(SocketAddr::new(IpAddr::V4(ip), r.u16()?))
+            }
+            6 => {
+                let ip = Ipv6Addr::from(r.array::<16>()?);
+                Some(SocketAddr::new(IpAddr::V6(ip), r.u16()?))
+            }
+            other => return Err(bad("open", format_args!("unknown address family {other}"))),
+        };
+        Ok(Open { service, client })
+    }
+}
+
+impl GoAway {
+    /// As a frame.
+    pub fn to_frame(&self) -> Frame {
+        let mut b = BytesMut::new();
+        b.put_u32(self.code as u32);
+        put_string(&mut b, &self.message);
+        Frame::new(Kind::GoAway, 0, 0, b.freeze())
+    }
+    /// From a payload.
+    pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(p, "go-away");
+        Ok(GoAway {
+            code: ErrorCode::from_u32(r.u32()?),
+            message: r.string()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn messages_roundtrip() {
+        let open = Open {
+            service: 3,
+            client: Some("[2001:db8::1]:4433".parse().unwrap()),
+        };
+        assert_eq!(Open::decode(&open.to_frame(5).payload).unwrap(), open);
+        let open4 = Open {
+            service: 1,
+            client: Some("192.0.2.7:80".parse().unwrap()),
+        };
+        assert_eq!(Open::decode(&open4.to_frame(5).payload).unwrap(), open4);
+        let bind = Bind {
+            service: 2,
+            protocol: Protocol::Tcp,
+            port: 8080,
+            name: "web".into(),
+        };
+        assert_eq!(Bind::decode(&bind.to_frame().payload).unwrap(), bind);
+        let res = BindResult {
+            service: 2,
+            code: ErrorCode::PortInUse,
+            text: "0.0.0.0:8080 is taken".into(),
+        };
+        assert_eq!(BindResult::decode(&res.to_frame().payload).unwrap(), res);
+        let ok = AuthOk {
+            name: "home".into(),
+            params: SessionParams::default(),
+        };
+        assert_eq!(AuthOk::decode(&ok.to_frame().payload).unwrap(), ok);
+        let ga = GoAway {
+            code: ErrorCode::AuthFailed,
+            message: "no".into(),
+        };
+        assert_eq!(GoAway::decode(&ga.to_frame().payload).unwrap(), ga);
+        let auth = Auth {
+            role: Role::Agent,
+            public_key: [1; 32],
+            signature: [2; 64],
+        };
+        assert_eq!(Auth::decode(&auth.to_frame().payload).unwrap(), auth);
+    }
+
+    #[test]
+    fn preamble_checks_magic_and_version() {
+        assert_eq!(parse_preamble(&preamble()).unwrap(), PROTOCOL_VERSION);
+        let mut other = preamble();
+        other[7] = 99;
+        assert_eq!(
+            parse_preamble(&other).unwrap_err().code,
+            ErrorCode::UnsupportedVersion
+        );
+        assert_eq!(
+            parse_preamble(b"GET / HT").unwrap_err().code,
+            ErrorCode::Protocol
+        );
+    }
+
+    #[test]
+    fn hostile_params_rejected() {
+        let mut p = SessionParams::default();
+        p.max_payload = u32::MAX;
+        assert!(p.validate().is_err());
+        let mut p = SessionParams::default();
+        p.heartbeat_ms = 0;
+        assert!(p.validate().is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Challenge::decode(&data);
+            let _ = Auth::decode(&data);
+            let _ = AuthOk::decode(&data);
+            let _ = Bind::decode(&data);
+            let _ = BindResult::decode(&data);
+            let _ = Open::decode(&data);
+            let _ = GoAway::decode(&data);
+        }
+    }
+}
