@@ -1,1 +1,25 @@
-//! x
+//! Burrow: a reverse tunnel. Gateway, agent, transports, configuration and the session driver.
+//!
+//! # Layout
+//! - [`config`]: typed settings for every role, loaded from flags, environment and TOML.
+//! - [`tls`]: the gateway's certificate (self-signed and kept, or CA-signed), fingerprints,
+//!   and the agent's verifiers (pinned fingerprint or CA).
+//! - [`state`]: the gateway's state directory (certificate, generated agent key).
+//! - [`transport`]: dialing and accepting tunnel connections (TCP or TLS).
+//! - [`session`]: the multiplexed session over one connection: handshake, driver task and
+//!   stream handles.
+//! - [`relay`]: copying bytes between a stream and a local socket, with half-close.
+//! - [`gateway`], [`agent`]: the roles, each with `bind`/`run(shutdown)` style entry points.
+//! - [`limiter`]: bounded-memory rate limiting of failed authentication per source address.
+
+pub mod agent;
+pub mod config;
+pub mod gateway;
+pub mod limiter;
+pub mod relay;
+pub mod session;
+pub mod state;
+pub mod tls;
+pub mod transport;
+
+pub use burrow_proto as proto;
