@@ -1,8 +1,18 @@
-//! The gateway's state directory. (Being written.)
+//! The gateway's state directory: its self-signed certificate (see [`crate::tls`]) and the
+//! generated agent key.
+//!
+//! Files here hold secrets, so the directory is created `0700` and private files `0600`
+//! (on Unix). Every file is written to a temporary name, synced and renamed into place, so a
+//! crash never leaves a half-written key behind.
 
+use std::fs;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use burrow_proto::auth::SecretKey;
+
+/// File name of the generated agent key inside the state directory.
+pub const AGENT_KEY_FILE: &str = "agent.key";
 
 /// The default state directory: `$BURROW_STATE_DIR` is handled by the CLI; this is the fallback.
 pub fn default_state_dir() -> PathBuf {
@@ -11,7 +21,166 @@ pub fn default_state_dir() -> PathBuf {
 
 /// Loads the generated agent key from `dir`, or makes and stores one. Returns the key and
 /// whether it was created now.
-pub fn load_or_create_agent_key(dir: &Path) -> std::io::Result<(SecretKey, bool)> {
-    let _ = dir;
-    Ok((SecretKey::generate(), true))
+///
+/// The key lives in `dir/agent.key` in its `bk_...` text form, mode `0600`; `dir` is created
+/// (`0700`) if missing. A file that cannot be read or does not hold a key is an error that
+/// names the file and says what to do.
+pub fn load_or_create_agent_key(dir: &Path) -> io::Result<(SecretKey, bool)> {
+    let path = dir.join(AGENT_KEY_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            warn_if_readable_by_others(&path);
+            let key = SecretKey::parse(&text).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: {e}; delete the file to make a new key \
+                         (agents will then need the new key)",
+                        path.display()
+                    ),
+                )
+            })?;
+            Ok((key, false))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            ensure_private_dir(dir)?;
+            let key = SecretKey::generate();
+            write_private_file(&path, format!("{}\n", key.expose()).as_bytes())?;
+            Ok((key, true))
+        }
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot read agent key {}: {e}", path.display()),
+        )),
+    }
+}
+
+/// Creates `dir` (and missing parents) with mode `0700` if it does not exist.
+pub(crate) fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot create state directory {}: {e}", dir.display()),
+        )
+    })
+}
+
+/// Writes `contents` to `path` with mode `0600`: to a temporary file first, synced, then
+/// renamed over `path`.
+pub(crate) fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let named =
+        |e: io::Error| io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display()));
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| named(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+
+    // A stale temporary file from a crashed run may have other permissions; start afresh.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(named(e)),
+    }
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let result = (|| {
+        let mut file = options.open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(named(e));
+    }
+    // Make the rename durable; not every platform can sync a directory, so this is best effort.
+    if let Some(parent) = path.parent() {
+        if let Ok(dir) = fs::File::open(parent) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Logs a warning when a secret file can be read by group or others.
+pub(crate) fn warn_if_readable_by_others(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    file = %path.display(),
+                    mode = format_args!("{mode:o}"),
+                    "secret file is readable by other users: run `chmod 600` on it"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_key_is_created_once_and_reused() -> io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("state");
+        let (first, created) = load_or_create_agent_key(&dir)?;
+        assert!(created);
+        let (second, created) = load_or_create_agent_key(&dir)?;
+        assert!(!created);
+        assert_eq!(first, second);
+        let text = fs::read_to_string(dir.join(AGENT_KEY_FILE))?;
+        assert_eq!(text.trim(), first.expose());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let key_mode = fs::metadata(dir.join(AGENT_KEY_FILE))?.permissions().mode();
+            assert_eq!(key_mode & 0o777, 0o600);
+            let dir_mode = fs::metadata(&dir)?.permissions().mode();
+            assert_eq!(dir_mode & 0o777, 0o700);
+        }
+        // No temporary files left behind.
+        assert_eq!(fs::read_dir(&dir)?.count(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn corrupt_agent_key_names_the_file() -> io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let path = tmp.path().join(AGENT_KEY_FILE);
+        fs::write(&path, "garbage\n")?;
+        let err = match load_or_create_agent_key(tmp.path()) {
+            Ok(_) => panic!("a corrupt key file was accepted"),
+            Err(e) => e,
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("delete"), "{text}");
+        // The file is left alone for the user to look at.
+        assert_eq!(fs::read_to_string(&path)?, "garbage\n");
+        Ok(())
+    }
 }
