@@ -1,1 +1,210 @@
-//! (Being written.)
+//! Copies bytes between a stream and a local socket (TCP or unix), both ways, with half-close.
+//!
+//! Reads wait for readiness before taking a buffer, so an idle connection holds no buffer
+//! at all; small reads are copied into right-sized chunks so queued data does not pin large
+//! allocations. A reset on either side is passed on as a reset on the other (an RST to the
+//! local peer), so nothing hangs.
+
+use std::io;
+
+use burrow_proto::ErrorCode;
+use bytes::{Bytes, BytesMut};
+use socket2::SockRef;
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::session::{Stream, StreamError};
+
+/// Largest single read from a local socket.
+const READ_CHUNK: usize = 64 * 1024;
+/// Reads smaller than this are copied out so the big buffer can be reused.
+const SMALL_READ: usize = 4096;
+
+/// A local connection: a client on the gateway's public port, or a target at the agent.
+#[derive(Debug)]
+pub enum Local {
+    /// TCP.
+    Tcp(TcpStream),
+    /// A unix socket.
+    Unix(UnixStream),
+}
+
+impl Local {
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            Local::Tcp(s) => s.readable().await,
+            Local::Unix(s) => s.readable().await,
+        }
+    }
+
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Local::Tcp(s) => s.try_read_buf(buf),
+            Local::Unix(s) => s.try_read_buf(buf),
+        }
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        match self {
+            Local::Tcp(s) => s.writable().await,
+            Local::Unix(s) => s.writable().await,
+        }
+    }
+
+    fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Local::Tcp(s) => s.try_write(data),
+            Local::Unix(s) => s.try_write(data),
+        }
+    }
+
+    fn sock(&self) -> SockRef<'_> {
+        match self {
+            Local::Tcp(s) => SockRef::from(s),
+            Local::Unix(s) => SockRef::from(s),
+        }
+    }
+
+    async fn read_some(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            self.readable().await?;
+            if buf.capacity() - buf.len() < SMALL_READ {
+                buf.reserve(READ_CHUNK);
+            }
+            match self.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match self.try_write(data) {
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Half-closes our sending side (FIN to the local peer).
+    pub fn shutdown_write(&self) {
+        let _ = self.sock().shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Makes the close an abort: the local peer gets RST, not FIN, when this is dropped.
+    pub fn abort(&self) {
+        if let Local::Tcp(_) = self {
+            let _ = self.sock().set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
+}
+
+/// What a relay moved and how it ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Bytes read from the local socket and sent into the stream.
+    pub from_local: u64,
+    /// Bytes received from the stream and written to the local socket.
+    pub to_local: u64,
+    /// `None` when both directions finished cleanly; else what broke it.
+    pub error: Option<String>,
+}
+
+enum Broke {
+    Local(io::Error),
+    Stream(StreamError),
+}
+
+/// Relays until both directions have finished or either side fails.
+pub async fn relay(stream: &Stream, local: &Local) -> RelayStats {
+    let mut from_local = 0u64;
+    let mut to_local = 0u64;
+    let up = async {
+        let mut buf = BytesMut::new();
+        loop {
+            let n = local.read_some(&mut buf).await.map_err(Broke::Local)?;
+            if n == 0 {
+                stream.finish();
+                return Ok::<(), Broke>(());
+            }
+            from_local += n as u64;
+            let chunk = if n < SMALL_READ {
+                let c = Bytes::copy_from_slice(&buf[..n]);
+                buf.clear();
+                c
+            } else {
+                buf.split().freeze()
+            };
+            stream.send(chunk).await.map_err(Broke::Stream)?;
+        }
+    };
+    let down = async {
+        loop {
+            match stream.recv().await {
+                Ok(Some(chunk)) => {
+                    local.write_all(&chunk).await.map_err(Broke::Local)?;
+                    to_local += chunk.len() as u64;
+                }
+                Ok(None) => {
+                    local.shutdown_write();
+                    return Ok::<(), Broke>(());
+                }
+                Err(e) => return Err(Broke::Stream(e)),
+            }
+        }
+    };
+    let outcome = tokio::try_join!(up, down);
+    let error = match outcome {
+        Ok(_) => None,
+        Err(Broke::Local(e)) => {
+            stream.reset(ErrorCode::StreamReset);
+            Some(format!("local connection: {e}"))
+        }
+        Err(Broke::Stream(e)) => {
+            local.abort();
+            Some(e.to_string())
+        }
+    };
+    RelayStats {
+        from_local,
+        to_local,
+        error,
+    }
+}
+
+/// Which end of the service the local socket of a relay is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalIs {
+    /// The remote client (at the gateway).
+    Client,
+    /// The target service (at the agent).
+    Target,
+}
+
+/// Logs the one info line per finished stream: service, client, bytes each way, duration.
+pub fn log_end(
+    service: &str,
+    client: Option<std::net::SocketAddr>,
+    stats: &RelayStats,
+    started: tokio::time::Instant,
+    local: LocalIs,
+) {
+    let (to_service, to_client) = match local {
+        LocalIs::Client => (stats.from_local, stats.to_local),
+        LocalIs::Target => (stats.to_local, stats.from_local),
+    };
+    let client = client.map_or_else(|| "-".to_string(), |c| c.to_string());
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let error = stats.error.as_deref().unwrap_or("");
+    tracing::info!(
+        service,
+        client = %client,
+        bytes_to_service = to_service,
+        bytes_to_client = to_client,
+        duration_ms,
+        error,
+        "stream closed"
+    );
+}

@@ -1,0 +1,389 @@
+//! The driver task: owns the connection, reads and dispatches frames, writes queued frames,
+//! sends heartbeats. The three loops run in one task under `select!`, so when any of them
+//! ends the session ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_proto::frame::{ACK, FIN};
+use burrow_proto::message::{GoAway, Open};
+use burrow_proto::mux::{DataVerdict, OpenVerdict};
+use burrow_proto::{Decoder, ErrorCode, Frame, Kind, ProtocolError, StreamId};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, trace};
+
+use super::{SessionEnd, Shared, Slot, Stream};
+use crate::transport::BoxIo;
+
+/// How many bytes the writer gathers into one write.
+const WRITE_BATCH: usize = 256 * 1024;
+/// Payloads smaller than this are copied out of the read buffer so a stalled stream holding
+/// a few small chunks does not pin whole read buffers in memory.
+const COPY_BELOW: usize = 16 * 1024;
+/// How long the writer may take to flush a final GoAway once the session is over.
+const GOAWAY_FLUSH: Duration = Duration::from_secs(1);
+
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    io: BoxIo,
+    leftover: BytesMut,
+    accept_tx: mpsc::Sender<Stream>,
+    control_tx: mpsc::Sender<Frame>,
+) {
+    let (rd, wr) = tokio::io::split(io);
+    let reader = read_loop(&shared, rd, leftover, accept_tx, control_tx);
+    let mut writer = std::pin::pin!(write_loop(&shared, wr));
+    let heartbeat = heartbeat_loop(&shared);
+    let end = tokio::select! {
+        end = reader => end,
+        end = &mut writer => end,
+        end = heartbeat => end,
+        _ = shared.ended.cancelled() => None,
+    };
+    if let Some(end) = end {
+        debug!(peer = %shared.name, %end, "session ending");
+        shared.end(end);
+    }
+    // Flush what is queued (at least the GoAway) without waiting on a dead peer for long.
+    let _ = tokio::time::timeout(GOAWAY_FLUSH, &mut writer).await;
+}
+
+fn io_end(e: &std::io::Error) -> SessionEnd {
+    SessionEnd {
+        code: ErrorCode::Normal,
+        detail: format!("connection lost: {e}"),
+        by_peer: true,
+    }
+}
+
+fn protocol_end(e: ProtocolError) -> SessionEnd {
+    SessionEnd {
+        code: e.code,
+        detail: e.detail,
+        by_peer: false,
+    }
+}
+
+async fn read_loop(
+    shared: &Shared,
+    mut rd: impl AsyncRead + Unpin,
+    mut buf: BytesMut,
+    accept_tx: mpsc::Sender<Stream>,
+    control_tx: mpsc::Sender<Frame>,
+) -> Option<SessionEnd> {
+    let mut decoder = Decoder::new(shared.params.max_payload);
+    let read_size =
+        (shared.params.max_payload as usize + burrow_proto::frame::HEADER_LEN).max(64 * 1024);
+    loop {
+        loop {
+            let frame = match decoder.decode(&mut buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Some(protocol_end(e)),
+            };
+            if trace_enabled() {
+                trace!(peer = %shared.name, kind = ?frame.header.kind, stream = frame.header.stream,
+                       flags = frame.header.flags, len = frame.header.length, "frame in");
+            }
+            match handle(shared, frame, &accept_tx, &control_tx) {
+                Ok(None) => {}
+                Ok(Some(end)) => return Some(end),
+                Err(e) => return Some(protocol_end(e)),
+            }
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(read_size);
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => {
+                return Some(SessionEnd {
+                    code: ErrorCode::Normal,
+                    detail: "connection closed by peer".into(),
+                    by_peer: true,
+                })
+            }
+            Ok(_) => shared.lock().last_recv = Instant::now(),
+            Err(e) => return Some(io_end(&e)),
+        }
+    }
+}
+
+fn trace_enabled() -> bool {
+    tracing::enabled!(tracing::Level::TRACE)
+}
+
+/// Handles one inbound frame. `Ok(Some(end))` when the peer ended the session.
+fn handle(
+    shared: &Shared,
+    frame: Frame,
+    accept_tx: &mpsc::Sender<Stream>,
+    control_tx: &mpsc::Sender<Frame>,
+) -> Result<Option<SessionEnd>, ProtocolError> {
+    let now = Instant::now();
+    let id = frame.header.stream;
+    match frame.header.kind {
+        Kind::Data => {
+            let fin = frame.header.flags & FIN != 0;
+            let mut st = shared.lock();
+            match st
+                .mux
+                .on_data(id, frame.header.length, fin, now.into_std())?
+            {
+                DataVerdict::Deliver => {
+                    if let Some(slot) = st.slots.get_mut(&id) {
+                        let payload = frame.payload;
+                        if !payload.is_empty() {
+                            let payload = if payload.len() < COPY_BELOW {
+                                Bytes::copy_from_slice(&payload)
+                            } else {
+                                payload
+                            };
+                            slot.recv.push_back(payload);
+                        }
+                        if fin {
+                            slot.recv_fin = true;
+                        }
+                        if let Some(w) = slot.recv_waker.take() {
+                            w.wake();
+                        }
+                    }
+                }
+                DataVerdict::Discard(credit) => {
+                    st.push_window(0, credit);
+                    drop(st);
+                    shared.writer.notify_one();
+                }
+            }
+        }
+        Kind::Open => {
+            let open = Open::decode(&frame.payload)?;
+            let mut st = shared.lock();
+            match st.mux.on_open(id, now.into_std())? {
+                OpenVerdict::Accept => {
+                    st.slots.insert(id, Slot::default());
+                }
+                OpenVerdict::Refuse(code) => {
+                    st.control.push_back(Frame::reset(id, code));
+                    drop(st);
+                    shared.writer.notify_one();
+                    return Ok(None);
+                }
+            }
+            drop(st);
+            let stream = Stream::new(id, shared_arc(shared), open);
+            if let Err(e) = accept_tx.try_send(stream) {
+                // Nobody is taking streams fast enough (or at all): refuse this one.
+                let stream = match e {
+                    mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
+                };
+                stream.reset(ErrorCode::LimitExceeded);
+            }
+        }
+        Kind::Window => {
+            let inc = frame.payload_u32()?;
+            let mut st = shared.lock();
+            st.mux.on_window(id, inc, now.into_std())?;
+            if id == 0 {
+                for slot in st.slots.values_mut() {
+                    if let Some(w) = slot.send_waker.take() {
+                        w.wake();
+                    }
+                }
+            } else if let Some(w) = st.slots.get_mut(&id).and_then(|s| s.send_waker.take()) {
+                w.wake();
+            }
+        }
+        Kind::Reset => {
+            let code = ErrorCode::from_u32(frame.payload_u32()?);
+            let mut st = shared.lock();
+            if st.mux.on_reset(id, now.into_std())? {
+                if let Some(slot) = st.slots.get_mut(&id) {
+                    slot.reset = Some(code);
+                    slot.out.clear();
+                    slot.out_bytes = 0;
+                    slot.wake_all();
+                    if slot.detached {
+                        st.slots.remove(&id);
+                    }
+                }
+            }
+        }
+        Kind::Ping => {
+            let opaque = frame.payload_u64()?;
+            let mut st = shared.lock();
+            st.mux.on_ping(now.into_std())?;
+            if frame.header.flags & ACK != 0 {
+                if let Some((sent_id, sent_at)) = st.ping_sent {
+                    if sent_id == opaque {
+                        st.rtt = now
+                            .saturating_duration_since(sent_at)
+                            .max(Duration::from_micros(10));
+                        st.ping_sent = None;
+                    }
+                }
+            } else {
+                st.control.push_front(Frame::ping(opaque, true));
+                drop(st);
+                shared.writer.notify_one();
+            }
+        }
+        Kind::GoAway => {
+            let ga = GoAway::decode(&frame.payload)?;
+            return Ok(Some(SessionEnd {
+                code: ga.code,
+                detail: if ga.message.is_empty() {
+                    ga.code.describe().to_string()
+                } else {
+                    ga.message
+                },
+                by_peer: true,
+            }));
+        }
+        Kind::Bind | Kind::BindResult => {
+            if control_tx.try_send(frame).is_err() {
+                return Err(ProtocolError::new(
+                    ErrorCode::LimitExceeded,
+                    "too many bind messages waiting",
+                ));
+            }
+        }
+        Kind::Datagram => {
+            // Reserved for UDP flows; nothing in this version sends it.
+            let mut st = shared.lock();
+            st.mux.on_ping(now.into_std())?;
+        }
+        Kind::Challenge | Kind::Auth | Kind::AuthOk => {
+            return Err(ProtocolError::new(
+                ErrorCode::Protocol,
+                format!("{:?} frame after the handshake", frame.header.kind),
+            ));
+        }
+    }
+    Ok(None)
+}
+
+/// The driver holds `&Shared` borrowed from an `Arc`; new stream handles need the `Arc`.
+fn shared_arc(shared: &Shared) -> Arc<Shared> {
+    shared
+        .self_ref
+        .upgrade()
+        .expect("the driver runs only while the session's Arc is alive")
+}
+
+async fn write_loop(shared: &Shared, mut wr: impl AsyncWrite + Unpin) -> Option<SessionEnd> {
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH + 64 * 1024);
+    loop {
+        let ended = fill_batch(shared, &mut buf);
+        if buf.is_empty() {
+            if ended {
+                let _ = wr.shutdown().await;
+                return None;
+            }
+            shared.writer.notified().await;
+            continue;
+        }
+        if let Err(e) = wr.write_all(&buf).await {
+            return Some(io_end(&e));
+        }
+        buf.clear();
+        if let Err(e) = wr.flush().await {
+            return Some(io_end(&e));
+        }
+    }
+}
+
+/// Moves queued frames into `buf`: all control frames, then data round-robin, one chunk per
+/// stream per turn. Returns whether the session has ended.
+fn fill_batch(shared: &Shared, buf: &mut BytesMut) -> bool {
+    let mut guard = shared.lock();
+    let st = &mut *guard;
+    while let Some(frame) = st.control.pop_front() {
+        trace_out(
+            shared,
+            &frame.header.kind,
+            frame.header.stream,
+            frame.payload.len(),
+        );
+        frame.encode(buf);
+    }
+    if st.end.is_some() {
+        // After the end only the GoAway (and other control frames already queued) go out.
+        return true;
+    }
+    while buf.len() < WRITE_BATCH {
+        let Some(id) = st.ready.pop_front() else {
+            break;
+        };
+        let Some(slot) = st.slots.get_mut(&id) else {
+            continue;
+        };
+        slot.queued = false;
+        write_chunk(id, slot, buf);
+        if let Some(w) = slot.send_waker.take() {
+            w.wake();
+        }
+        let drop_slot = slot.detached && !slot.has_output();
+        if slot.has_output() {
+            slot.queued = true;
+            st.ready.push_back(id);
+        } else if drop_slot {
+            st.slots.remove(&id);
+        }
+    }
+    false
+}
+
+fn write_chunk(id: StreamId, slot: &mut Slot, buf: &mut BytesMut) {
+    let chunk = slot.out.pop_front();
+    let fin = slot.out_fin && slot.out.is_empty() && !slot.fin_sent;
+    let payload = chunk.unwrap_or_default();
+    slot.out_bytes -= payload.len();
+    if payload.is_empty() && !fin {
+        return;
+    }
+    if fin {
+        slot.fin_sent = true;
+    }
+    let header = burrow_proto::Header {
+        kind: Kind::Data,
+        flags: if fin { FIN } else { 0 },
+        stream: id,
+        length: payload.len() as u32,
+    };
+    header.encode(buf);
+    buf.extend_from_slice(&payload);
+}
+
+fn trace_out(shared: &Shared, kind: &Kind, stream: StreamId, len: usize) {
+    if trace_enabled() {
+        trace!(peer = %shared.name, ?kind, stream, len, "frame out");
+    }
+}
+
+async fn heartbeat_loop(shared: &Shared) -> Option<SessionEnd> {
+    let interval = Duration::from_millis(u64::from(shared.params.heartbeat_ms));
+    let dead_after = interval * shared.params.heartbeat_misses;
+    let mut seq: u64 = 0;
+    loop {
+        {
+            let mut st = shared.lock();
+            let now = Instant::now();
+            let silent = now.saturating_duration_since(st.last_recv);
+            if silent > dead_after {
+                return Some(SessionEnd {
+                    code: ErrorCode::Timeout,
+                    detail: format!("no frames from the peer for {silent:.1?} (heartbeat)"),
+                    by_peer: false,
+                });
+            }
+            seq += 1;
+            st.control.push_front(Frame::ping(seq, false));
+            st.ping_sent = Some((seq, now));
+        }
+        shared.writer.notify_one();
+        tokio::time::sleep(interval).await;
+    }
+}

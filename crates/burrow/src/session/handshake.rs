@@ -1,0 +1,217 @@
+//! The handshake before frames flow: preambles, challenge, proof, acceptance.
+//!
+//! Both functions read with a small frame limit (handshake messages are tiny) and return the
+//! bytes they read past the handshake, which belong to the session. Callers put a deadline on
+//! the whole exchange.
+
+use burrow_proto::auth::{KeyHash, SecretKey};
+use burrow_proto::message::{self, Auth, AuthOk, Challenge, GoAway, Role, SessionParams};
+use burrow_proto::{Decoder, ErrorCode, Frame, Kind, ProtocolError};
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::transport::BoxIo;
+
+/// Largest handshake frame accepted.
+const HANDSHAKE_MAX_PAYLOAD: u32 = 4096;
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The connection failed.
+    #[error("connection failed during handshake: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer broke the protocol.
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    /// The gateway refused us.
+    #[error("gateway refused the session: {message} ({code})")]
+    Rejected {
+        /// Its reason code.
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
+}
+
+async fn read_preamble(io: &mut BoxIo, buf: &mut BytesMut) -> Result<(), HandshakeError> {
+    while buf.len() < message::PREAMBLE_LEN {
+        if io.read_buf(buf).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "peer closed the connection before the handshake",
+            )
+            .into());
+        }
+    }
+    let raw = buf.split_to(message::PREAMBLE_LEN);
+    let mut arr = [0u8; message::PREAMBLE_LEN];
+    arr.copy_from_slice(&raw);
+    message::parse_preamble(&arr)?;
+    Ok(())
+}
+
+async fn read_frame(
+    io: &mut BoxIo,
+    buf: &mut BytesMut,
+    dec: &mut Decoder,
+) -> Result<Frame, HandshakeError> {
+    loop {
+        if let Some(f) = dec.decode(buf)? {
+            return Ok(f);
+        }
+        if io.read_buf(buf).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "peer closed the connection during the handshake",
+            )
+            .into());
+        }
+    }
+}
+
+fn unexpected(kind: Kind, wanted: &str) -> HandshakeError {
+    HandshakeError::Protocol(ProtocolError::new(
+        ErrorCode::Protocol,
+        format!("expected {wanted} during the handshake, got {kind:?}"),
+    ))
+}
+
+async fn write_frames(io: &mut BoxIo, head: &[u8], frames: &[Frame]) -> std::io::Result<()> {
+    let mut out = BytesMut::from(head);
+    for f in frames {
+        f.encode(&mut out);
+    }
+    io.write_all(&out).await?;
+    io.flush().await
+}
+
+/// Client side: proves `key` as `role`. Returns the gateway's acceptance and leftover bytes.
+pub async fn client(
+    io: &mut BoxIo,
+    key: &SecretKey,
+    role: Role,
+    binding: &[u8; 32],
+) -> Result<(AuthOk, BytesMut), HandshakeError> {
+    write_frames(io, &message::preamble(), &[]).await?;
+    let mut buf = BytesMut::with_capacity(1024);
+    read_preamble(io, &mut buf).await?;
+    let mut dec = Decoder::new(HANDSHAKE_MAX_PAYLOAD);
+    let first = read_frame(io, &mut buf, &mut dec).await?;
+    let challenge = match first.header.kind {
+        Kind::Challenge => Challenge::decode(&first.payload)?,
+        Kind::GoAway => return Err(rejected(&first)?),
+        other => return Err(unexpected(other, "a challenge")),
+    };
+    let auth = Auth {
+        role,
+        public_key: key.hash().0,
+        signature: key.prove(role, &challenge.nonce, binding),
+    };
+    write_frames(io, &[], &[auth.to_frame()]).await?;
+    let reply = read_frame(io, &mut buf, &mut dec).await?;
+    match reply.header.kind {
+        Kind::AuthOk => Ok((AuthOk::decode(&reply.payload)?, buf)),
+        Kind::GoAway => Err(rejected(&reply)?),
+        other => Err(unexpected(other, "the gateway's answer")),
+    }
+}
+
+fn rejected(frame: &Frame) -> Result<HandshakeError, HandshakeError> {
+    let ga = GoAway::decode(&frame.payload)?;
+    Ok(HandshakeError::Rejected {
+        code: ga.code,
+        message: ga.message,
+    })
+}
+
+/// What the gateway decided about a client's proof.
+pub enum Verdict {
+    /// Accepted: the client's name and the session's parameters.
+    Accept(String, SessionParams),
+    /// Refused with a code and a message for the client (never naming a secret).
+    Refuse(ErrorCode, String),
+}
+
+/// What the gateway learned from a successful handshake.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The client's name.
+    pub name: String,
+    /// Its key hash.
+    pub key: KeyHash,
+    /// The role it authenticated as.
+    pub role: Role,
+    /// Session parameters sent to it.
+    pub params: SessionParams,
+    /// Bytes read past the handshake.
+    pub leftover: BytesMut,
+}
+
+/// Gateway side: challenges the client and checks its proof with `verify`, which gets the
+/// claimed key hash and role and says whether that client is known; the signature itself is
+/// checked here.
+pub async fn server(
+    io: &mut BoxIo,
+    binding: &[u8; 32],
+    verify: impl FnOnce(&KeyHash, Role) -> Verdict,
+) -> Result<Accepted, HandshakeError> {
+    let nonce = burrow_proto::auth::random_nonce();
+    write_frames(io, &message::preamble(), &[Challenge { nonce }.to_frame()]).await?;
+    let mut buf = BytesMut::with_capacity(1024);
+    if let Err(e) = read_preamble(io, &mut buf).await {
+        if let HandshakeError::Protocol(p) = &e {
+            let _ = refuse(io, p.code, &p.detail).await;
+        }
+        return Err(e);
+    }
+    let mut dec = Decoder::new(HANDSHAKE_MAX_PAYLOAD);
+    let frame = read_frame(io, &mut buf, &mut dec).await?;
+    if frame.header.kind != Kind::Auth {
+        return Err(unexpected(frame.header.kind, "auth"));
+    }
+    let auth = Auth::decode(&frame.payload)?;
+    let key = KeyHash(auth.public_key);
+    // The signature is checked for every claimed key, known or not, so timing does not tell
+    // which keys the gateway knows.
+    let proof_ok = key.verify(auth.role, &nonce, binding, &auth.signature);
+    let verdict = verify(&key, auth.role);
+    match (proof_ok, verdict) {
+        (true, Verdict::Accept(name, params)) => {
+            let ok = AuthOk {
+                name: name.clone(),
+                params,
+            };
+            write_frames(io, &[], &[ok.to_frame()]).await?;
+            Ok(Accepted {
+                name,
+                key,
+                role: auth.role,
+                params,
+                leftover: buf,
+            })
+        }
+        (_, Verdict::Refuse(code, message)) => {
+            refuse(io, code, &message).await?;
+            Err(HandshakeError::Rejected { code, message })
+        }
+        (false, Verdict::Accept(..)) => {
+            let message = "key proof does not verify".to_string();
+            refuse(io, ErrorCode::AuthFailed, &message).await?;
+            Err(HandshakeError::Rejected {
+                code: ErrorCode::AuthFailed,
+                message,
+            })
+        }
+    }
+}
+
+async fn refuse(io: &mut BoxIo, code: ErrorCode, message: &str) -> std::io::Result<()> {
+    let ga = GoAway {
+        code,
+        message: message.to_string(),
+    };
+    write_frames(io, &[], &[ga.to_frame()]).await?;
+    let _ = io.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! The multiplexed session over one tunnel connection.
+//!
+//! [`start`] spawns one driver task that owns the connection: it decodes inbound frames into
+//! per-stream buffers, and writes outbound frames, taking control frames first and then one
+//! chunk per stream in turn (round-robin), so a bulk stream never starves an interactive one.
+//! Streams are cheap handles ([`Stream`]) over shared state; they wait for flow-control
+//! credit and data through wakers registered in that state. All rules about what the peer may
+//! do live in [`burrow_proto::mux::Mux`]; this module only moves bytes and wakes tasks.
+//!
+//! Memory per stream is bounded: inbound, by the stream's receive window (the peer may not
+//! send more); outbound, by [`SEND_BUFFER`] bytes queued ahead of the writer.
+
+mod driver;
+pub mod handshake;
+mod stream;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::Waker;
+use std::time::Duration;
+
+use burrow_proto::message::{GoAway, Open, SessionParams};
+use burrow_proto::mux::{Mux, Side};
+use burrow_proto::{ErrorCode, Frame, StreamId};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use stream::{Stream, StreamError};
+
+use crate::transport::BoxIo;
+
+/// Bytes a stream may queue ahead of the writer before `send` waits.
+pub const SEND_BUFFER: usize = 256 * 1024;
+/// Incoming streams waiting to be accepted before new ones are refused.
+pub const ACCEPT_BACKLOG: usize = 1024;
+/// Session control frames (bind requests and results) waiting for the role to read them.
+pub const CONTROL_BACKLOG: usize = 512;
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    /// The reason code.
+    pub code: ErrorCode,
+    /// What happened, for logs.
+    pub detail: String,
+    /// Whether the peer ended it (its GoAway, or its connection closing).
+    pub by_peer: bool,
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let who = if self.by_peer { "peer" } else { "local" };
+        write!(f, "{} ({who}: {})", self.code, self.detail)
+    }
+}
+
+/// Per-stream state shared between the driver and the stream's handle.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    /// Inbound chunks not yet read.
+    recv: VecDeque<Bytes>,
+    /// The peer sent FIN (after the chunks in `recv`).
+    recv_fin: bool,
+    /// The stream was reset (by the peer or by us).
+    reset: Option<ErrorCode>,
+    recv_waker: Option<Waker>,
+    send_waker: Option<Waker>,
+    /// Outbound chunks waiting for the writer.
+    out: VecDeque<Bytes>,
+    out_bytes: usize,
+    /// FIN requested; sent after `out` drains.
+    out_fin: bool,
+    fin_sent: bool,
+    /// In the writer's ready queue.
+    queued: bool,
+    /// The handle is gone; the slot lives on only to flush `out` and the FIN.
+    detached: bool,
+}
+
+impl Slot {
+    fn wake_all(&mut self) {
+        if let Some(w) = self.recv_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.send_waker.take() {
+            w.wake();
+        }
+    }
+
+    fn has_output(&self) -> bool {
+        !self.out.is_empty() || (self.out_fin && !self.fin_sent)
+    }
+}
+
+/// State behind the session's lock.
+#[derive(Debug)]
+pub(crate) struct State {
+    mux: Mux,
+    slots: HashMap<StreamId, Slot>,
+    /// Control frames, written before any data.
+    control: VecDeque<Frame>,
+    /// Streams with output, in turn order.
+    ready: VecDeque<StreamId>,
+    /// Set once the session is over.
+    end: Option<SessionEnd>,
+    rtt: Duration,
+    last_recv: Instant,
+    ping_sent: Option<(u64, Instant)>,
+}
+
+impl State {
+    fn push_window(&mut self, stream: StreamId, inc: Option<u32>) {
+        if let Some(inc) = inc {
+            self.control.push_back(Frame::window(stream, inc));
+        }
+    }
+
+    fn enqueue(&mut self, id: StreamId) {
+        if let Some(slot) = self.slots.get_mut(&id) {
+            if !slot.queued && slot.has_output() {
+                slot.queued = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    writer: Notify,
+    ended: CancellationToken,
+    params: SessionParams,
+    name: String,
+    /// Lets the driver, which borrows `Shared`, hand out new stream handles.
+    self_ref: Weak<Shared>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; keep serving the other sessions rather than
+        // poisoning every later call.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the session once: records why, queues a GoAway when we are the one ending it,
+    /// wakes every stream and the writer.
+    fn end(&self, end: SessionEnd) {
+        let mut st = self.lock();
+        if st.end.is_some() {
+            return;
+        }
+        if !end.by_peer {
+            st.control.push_back(
+                GoAway {
+                    code: end.code,
+                    message: end.detail.clone(),
+                }
+                .to_frame(),
+            );
+        }
+        st.end = Some(end);
+        for slot in st.slots.values_mut() {
+            slot.wake_all();
+        }
+        drop(st);
+        self.writer.notify_one();
+        self.ended.cancel();
+    }
+}
+
+/// A handle to a running session. Cheap to clone; the session lives until it ends, whether
+/// or not handles remain.
+#[derive(Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("peer", &self.shared.name)
+            .finish()
+    }
+}
+
+/// What [`start`] hands back besides the session.
+pub struct Started {
+    /// The session handle.
+    pub session: Session,
+    /// Streams the peer opens.
+    pub incoming: mpsc::Receiver<Stream>,
+    /// Bind and BindResult frames from the peer.
+    pub control: mpsc::Receiver<Frame>,
+}
+
+/// Starts the driver task for an authenticated connection. `leftover` holds bytes read past
+/// the handshake; they are the start of the frame stream.
+pub fn start(
+    io: BoxIo,
+    leftover: BytesMut,
+    side: Side,
+    params: SessionParams,
+    name: String,
+) -> Started {
+    let (accept_tx, incoming) = mpsc::channel(ACCEPT_BACKLOG);
+    let (control_tx, control) = mpsc::channel(CONTROL_BACKLOG);
+    let shared = Arc::new_cyclic(|self_ref| Shared {
+        state: Mutex::new(State {
+            mux: Mux::new(side, params),
+            slots: HashMap::new(),
+            control: VecDeque::new(),
+            ready: VecDeque::new(),
+            end: None,
+            rtt: Duration::from_millis(1),
+            last_recv: Instant::now(),
+            ping_sent: None,
+        }),
+        writer: Notify::new(),
+        ended: CancellationToken::new(),
+        params,
+        name,
+        self_ref: self_ref.clone(),
+    });
+    tokio::spawn(driver::run(
+        shared.clone(),
+        io,
+        leftover,
+        accept_tx,
+        control_tx,
+    ));
+    Started {
+        session: Session { shared },
+        incoming,
+        control,
+    }
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// The session has ended.
+    #[error("session closed: {0}")]
+    Closed(String),
+    /// The session's stream limit is reached.
+    #[error("stream limit of {0} reached")]
+    Limit(u32),
+}
+
+impl Session {
+    /// Opens a stream to the peer. The Open frame is queued ahead of any data, so the caller
+    /// may send at once (the first bytes travel right behind the Open).
+    pub fn open(&self, open: &Open) -> Result<Stream, OpenError> {
+        let mut st = self.shared.lock();
+        if let Some(end) = &st.end {
+            return Err(OpenError::Closed(end.to_string()));
+        }
+        let id = st
+            .mux
+            .open_local()
+            .map_err(|_| OpenError::Limit(self.shared.params.max_streams))?;
+        st.slots.insert(id, Slot::default());
+        st.control.push_back(open.to_frame(id));
+        drop(st);
+        self.shared.writer.notify_one();
+        Ok(Stream::new(id, self.shared.clone(), open.clone()))
+    }
+
+    /// Queues a session-level control frame (Bind, BindResult).
+    pub fn send_control(&self, frame: Frame) {
+        let mut st = self.shared.lock();
+        if st.end.is_none() {
+            st.control.push_back(frame);
+        }
+        drop(st);
+        self.shared.writer.notify_one();
+    }
+
+    /// Ends the session, telling the peer why.
+    pub fn close(&self, code: ErrorCode, detail: impl Into<String>) {
+        self.shared.end(SessionEnd {
+            code,
+            detail: detail.into(),
+            by_peer: false,
+        });
+    }
+
+    /// Waits until the session has ended and says why.
+    pub async fn closed(&self) -> SessionEnd {
+        self.shared.ended.cancelled().await;
+        self.end().unwrap_or(SessionEnd {
+            code: ErrorCode::Internal,
+            detail: "ended without a reason".into(),
+            by_peer: false,
+        })
+    }
+
+    /// Why the session ended, if it has.
+    pub fn end(&self) -> Option<SessionEnd> {
+        self.shared.lock().end.clone()
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.shared.ended.is_cancelled()
+    }
+
+    /// Streams currently open.
+    pub fn stream_count(&self) -> usize {
+        self.shared.lock().mux.stream_count()
+    }
+
+    /// Stream slots still held (open streams plus ones flushing their last bytes).
+    pub fn slot_count(&self) -> usize {
+        self.shared.lock().slots.len()
+    }
+
+    /// The latest measured round-trip time.
+    pub fn rtt(&self) -> Duration {
+        self.shared.lock().rtt
+    }
+
+    /// The session's parameters.
+    pub fn params(&self) -> SessionParams {
+        self.shared.params
+    }
+
+    /// The peer's name (agent name on the gateway, gateway address on the agent).
+    pub fn peer_name(&self) -> &str {
+        &self.shared.name
+    }
+}

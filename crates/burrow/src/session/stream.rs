@@ -1,0 +1,228 @@
+//! The handle to one stream: receive, send, half-close, reset.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::Poll;
+
+use burrow_proto::message::Open;
+use burrow_proto::{ErrorCode, Frame, StreamId};
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::{Shared, Slot, State};
+
+/// Why a stream operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// The stream was reset, by the peer or locally.
+    #[error("stream reset: {0}")]
+    Reset(ErrorCode),
+    /// The whole session ended.
+    #[error("session closed")]
+    SessionClosed,
+    /// `send` after `finish`.
+    #[error("stream already finished")]
+    Finished,
+}
+
+/// One multiplexed stream. Dropping it before both directions finished resets it.
+///
+/// `recv` and `send` take `&self` so one task can run both directions concurrently
+/// (`tokio::join!`); each direction must have a single caller at a time.
+pub struct Stream {
+    id: StreamId,
+    shared: Arc<Shared>,
+    open: Open,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("id", &self.id)
+            .field("open", &self.open)
+            .finish()
+    }
+}
+
+fn slot_error(st: &State, slot: Option<&Slot>) -> Option<StreamError> {
+    match slot {
+        Some(s) if s.reset.is_some() => s.reset.map(StreamError::Reset),
+        _ if st.end.is_some() => Some(StreamError::SessionClosed),
+        None => Some(StreamError::Reset(ErrorCode::Internal)),
+        Some(_) => None,
+    }
+}
+
+impl Stream {
+    pub(crate) fn new(id: StreamId, shared: Arc<Shared>, open: Open) -> Self {
+        Stream { id, shared, open }
+    }
+
+    /// The stream id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// The Open that created it: service id and client address.
+    pub fn info(&self) -> &Open {
+        &self.open
+    }
+
+    /// The next chunk from the peer; `Ok(None)` once the peer has finished sending.
+    /// Reading returns flow-control credit to the peer.
+    pub async fn recv(&self) -> Result<Option<Bytes>, StreamError> {
+        let id = self.id;
+        poll_fn(|cx| {
+            let mut guard = self.shared.lock();
+            let st = &mut *guard;
+            let Some(slot) = st.slots.get_mut(&id) else {
+                return Poll::Ready(Err(
+                    slot_error(st, None).unwrap_or(StreamError::SessionClosed)
+                ));
+            };
+            if let Some(chunk) = slot.recv.pop_front() {
+                let now = Instant::now().into_std();
+                let (s, sess) = st.mux.on_consumed(id, chunk.len() as u64, now, st.rtt);
+                if s.is_some() || sess.is_some() {
+                    st.push_window(id, s);
+                    st.push_window(0, sess);
+                    drop(guard);
+                    self.shared.writer.notify_one();
+                }
+                return Poll::Ready(Ok(Some(chunk)));
+            }
+            if slot.recv_fin {
+                st.mux.finish_remote_consumed(id);
+                return Poll::Ready(Ok(None));
+            }
+            if let Some(err) = slot_error(st, st.slots.get(&id)) {
+                return Poll::Ready(Err(err));
+            }
+            if let Some(slot) = st.slots.get_mut(&id) {
+                slot.recv_waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Sends `data`, waiting for flow-control credit and queue space as needed. Returns once
+    /// all of it is queued for the writer.
+    pub async fn send(&self, mut data: Bytes) -> Result<(), StreamError> {
+        let id = self.id;
+        let max = self.shared.params.max_payload as usize;
+        poll_fn(|cx| {
+            let mut guard = self.shared.lock();
+            let st = &mut *guard;
+            let mut queued = false;
+            let result = loop {
+                if let Some(err) = slot_error(st, st.slots.get(&id)) {
+                    break Poll::Ready(Err(err));
+                }
+                if data.is_empty() {
+                    break Poll::Ready(Ok(()));
+                }
+                let credit = st.mux.send_credit(id);
+                let Some(slot) = st.slots.get_mut(&id) else {
+                    break Poll::Ready(Err(StreamError::SessionClosed));
+                };
+                if slot.out_fin {
+                    break Poll::Ready(Err(StreamError::Finished));
+                }
+                if credit == 0 || slot.out_bytes >= super::SEND_BUFFER {
+                    slot.send_waker = Some(cx.waker().clone());
+                    break Poll::Pending;
+                }
+                let n = (credit as usize).min(max).min(data.len());
+                let chunk = data.split_to(n);
+                slot.out.push_back(chunk);
+                slot.out_bytes += n;
+                st.mux.on_sent(id, n as u64);
+                st.enqueue(id);
+                queued = true;
+            };
+            drop(guard);
+            if queued {
+                self.shared.writer.notify_one();
+            }
+            result
+        })
+        .await
+    }
+
+    /// Half-closes our direction: the peer reads to the end of what was sent, then `None`.
+    pub fn finish(&self) {
+        let mut st = self.shared.lock();
+        if let Some(slot) = st.slots.get_mut(&self.id) {
+            if slot.out_fin || slot.reset.is_some() {
+                return;
+            }
+            slot.out_fin = true;
+        } else {
+            return;
+        }
+        st.mux.finish_local(self.id);
+        st.enqueue(self.id);
+        drop(st);
+        self.shared.writer.notify_one();
+    }
+
+    /// Aborts the stream in both directions, telling the peer why.
+    pub fn reset(&self, code: ErrorCode) {
+        let mut st = self.shared.lock();
+        reset_locked(&mut st, self.id, code);
+        drop(st);
+        self.shared.writer.notify_one();
+    }
+}
+
+/// Resets `id` if it is still open: Reset frame, buffered credit returned, output dropped.
+fn reset_locked(st: &mut State, id: StreamId, code: ErrorCode) {
+    let open = st.mux.contains(id);
+    if let Some(slot) = st.slots.get_mut(&id) {
+        if slot.reset.is_some() {
+            return;
+        }
+        slot.reset = Some(code);
+        slot.out.clear();
+        slot.out_bytes = 0;
+        slot.recv.clear();
+        slot.wake_all();
+    }
+    if open && st.end.is_none() {
+        st.control.push_back(Frame::reset(id, code));
+        let now = Instant::now().into_std();
+        let credit = st.mux.remove(id, now);
+        st.push_window(0, credit);
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        let id = self.id;
+        // Finished cleanly both ways: let the writer flush what is queued, then forget it.
+        let clean = !st.mux.contains(id)
+            && st
+                .slots
+                .get(&id)
+                .is_some_and(|s| s.reset.is_none() && s.out_fin);
+        if !clean {
+            reset_locked(&mut st, id, ErrorCode::StreamReset);
+        }
+        let remove = match st.slots.get_mut(&id) {
+            Some(slot) => {
+                slot.detached = true;
+                slot.recv_waker = None;
+                slot.send_waker = None;
+                !slot.has_output() || slot.reset.is_some()
+            }
+            None => false,
+        };
+        if remove {
+            st.slots.remove(&id);
+        }
+        drop(st);
+        self.shared.writer.notify_one();
+    }
+}
