@@ -1,4 +1,5 @@
 //! End-to-end behaviour of gateway and agent through the library, on loopback.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

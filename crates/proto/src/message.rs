@@ -535,11 +535,15 @@ mod tests {
 
     #[test]
     fn hostile_params_rejected() {
-        let mut p = SessionParams::default();
-        p.max_payload = u32::MAX;
+        let p = SessionParams {
+            max_payload: u32::MAX,
+            ..SessionParams::default()
+        };
         assert!(p.validate().is_err());
-        let mut p = SessionParams::default();
-        p.heartbeat_ms = 0;
+        let p = SessionParams {
+            heartbeat_ms: 0,
+            ..SessionParams::default()
+        };
         assert!(p.validate().is_err());
     }
 
