@@ -2,14 +2,17 @@
 //! sends heartbeats. The three loops run in one task under `select!`, so when any of them
 //! ends the session ends.
 
+use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
 use burrow_proto::frame::{ACK, FIN};
 use burrow_proto::message::{GoAway, Open};
 use burrow_proto::mux::{DataVerdict, OpenVerdict};
-use burrow_proto::{Decoder, ErrorCode, Frame, Kind, ProtocolError, StreamId};
-use bytes::{Bytes, BytesMut};
+use burrow_proto::frame::HEADER_LEN;
+use burrow_proto::{Decoder, ErrorCode, Frame, Header, Kind, ProtocolError, StreamId};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -273,11 +276,80 @@ fn shared_arc(shared: &Shared) -> Arc<Shared> {
         .expect("the driver runs only while the session's Arc is alive")
 }
 
+/// Frames gathered for one vectored write: headers and small payloads are packed into
+/// `packed`, large payloads are passed by reference (no copy).
+struct Batch {
+    packed: BytesMut,
+    segs: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            packed: BytesMut::with_capacity(64 * 1024),
+            segs: VecDeque::new(),
+            len: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, header: &Header, payload: &Bytes) {
+        header.encode(&mut self.packed);
+        if payload.len() < COPY_BELOW {
+            self.packed.extend_from_slice(payload);
+        } else {
+            self.seal();
+            self.segs.push_back(payload.clone());
+        }
+        self.len += HEADER_LEN + payload.len();
+    }
+
+    /// Moves the packed bytes so far into the segment list.
+    fn seal(&mut self) {
+        if !self.packed.is_empty() {
+            self.segs.push_back(self.packed.split().freeze());
+        }
+    }
+
+    async fn write_to(&mut self, wr: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<()> {
+        self.seal();
+        while !self.segs.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 64];
+            let mut count = 0;
+            for (slot, seg) in slices.iter_mut().zip(self.segs.iter()) {
+                *slot = IoSlice::new(seg);
+                count += 1;
+            }
+            let mut n = wr.write_vectored(&slices[..count]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let Some(front) = self.segs.front_mut() else { break };
+                if n >= front.len() {
+                    n -= front.len();
+                    self.segs.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        self.len = 0;
+        self.packed.clear();
+        Ok(())
+    }
+}
+
 async fn write_loop(shared: &Shared, mut wr: impl AsyncWrite + Unpin) -> Option<SessionEnd> {
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH + 64 * 1024);
+    let mut batch = Batch::new();
     loop {
-        let ended = fill_batch(shared, &mut buf);
-        if buf.is_empty() {
+        let ended = fill_batch(shared, &mut batch);
+        if batch.is_empty() {
             if ended {
                 let _ = wr.shutdown().await;
                 return None;
@@ -285,43 +357,33 @@ async fn write_loop(shared: &Shared, mut wr: impl AsyncWrite + Unpin) -> Option<
             shared.writer.notified().await;
             continue;
         }
-        if let Err(e) = wr.write_all(&buf).await {
+        if let Err(e) = batch.write_to(&mut wr).await {
             return Some(io_end(&e));
         }
-        buf.clear();
         if let Err(e) = wr.flush().await {
             return Some(io_end(&e));
         }
     }
 }
 
-/// Moves queued frames into `buf`: all control frames, then data round-robin, one chunk per
-/// stream per turn. Returns whether the session has ended.
-fn fill_batch(shared: &Shared, buf: &mut BytesMut) -> bool {
+/// Moves queued frames into `batch`: all control frames, then data round-robin, one chunk
+/// per stream per turn. Returns whether the session has ended.
+fn fill_batch(shared: &Shared, batch: &mut Batch) -> bool {
     let mut guard = shared.lock();
     let st = &mut *guard;
     while let Some(frame) = st.control.pop_front() {
-        trace_out(
-            shared,
-            &frame.header.kind,
-            frame.header.stream,
-            frame.payload.len(),
-        );
-        frame.encode(buf);
+        trace_out(shared, &frame.header.kind, frame.header.stream, frame.payload.len());
+        batch.push(&frame.header, &frame.payload);
     }
     if st.end.is_some() {
         // After the end only the GoAway (and other control frames already queued) go out.
         return true;
     }
-    while buf.len() < WRITE_BATCH {
-        let Some(id) = st.ready.pop_front() else {
-            break;
-        };
-        let Some(slot) = st.slots.get_mut(&id) else {
-            continue;
-        };
+    while batch.len < WRITE_BATCH {
+        let Some(id) = st.ready.pop_front() else { break };
+        let Some(slot) = st.slots.get_mut(&id) else { continue };
         slot.queued = false;
-        write_chunk(id, slot, buf);
+        write_chunk(id, slot, batch);
         if let Some(w) = slot.send_waker.take() {
             w.wake();
         }
@@ -336,7 +398,7 @@ fn fill_batch(shared: &Shared, buf: &mut BytesMut) -> bool {
     false
 }
 
-fn write_chunk(id: StreamId, slot: &mut Slot, buf: &mut BytesMut) {
+fn write_chunk(id: StreamId, slot: &mut Slot, batch: &mut Batch) {
     let chunk = slot.out.pop_front();
     let fin = slot.out_fin && slot.out.is_empty() && !slot.fin_sent;
     let payload = chunk.unwrap_or_default();
@@ -347,14 +409,13 @@ fn write_chunk(id: StreamId, slot: &mut Slot, buf: &mut BytesMut) {
     if fin {
         slot.fin_sent = true;
     }
-    let header = burrow_proto::Header {
+    let header = Header {
         kind: Kind::Data,
         flags: if fin { FIN } else { 0 },
         stream: id,
         length: payload.len() as u32,
     };
-    header.encode(buf);
-    buf.extend_from_slice(&payload);
+    batch.push(&header, &payload);
 }
 
 fn trace_out(shared: &Shared, kind: &Kind, stream: StreamId, len: usize) {
