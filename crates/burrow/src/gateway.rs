@@ -26,6 +26,7 @@ use crate::config::{AgentGrant, GatewayConfig, KeySpec, PortRange, TransportKind
 use crate::limiter::AuthLimiter;
 use crate::relay::{self, Local};
 use crate::session::{self, handshake, Session};
+use crate::stats::{bump, GatewayStats};
 use crate::tls::{self, GatewayIdentity};
 use crate::transport;
 
@@ -57,6 +58,7 @@ struct Hub {
     /// Cancelled at shutdown: stops listeners.
     stop: CancellationToken,
     generation: std::sync::atomic::AtomicU64,
+    stats: Arc<GatewayStats>,
 }
 
 #[derive(Default)]
@@ -143,8 +145,14 @@ impl Gateway {
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
                 generation: std::sync::atomic::AtomicU64::new(0),
+                stats: Arc::new(GatewayStats::default()),
             }),
         })
+    }
+
+    /// The gateway's counters (shared: they keep counting while it runs).
+    pub fn stats(&self) -> Arc<GatewayStats> {
+        self.hub.stats.clone()
     }
 
     /// The tunnel listener's address.
@@ -204,10 +212,12 @@ impl Gateway {
                 },
             };
             if !lock(&hub.limiter).allowed(peer.ip(), StdInstant::now()) {
+                bump(&hub.stats.rate_limited);
                 debug!(%peer, "refused: too many failed handshakes from this address");
                 continue;
             }
             let Ok(permit) = preauth.clone().try_acquire_owned() else {
+                bump(&hub.stats.preauth_refused);
                 debug!(%peer, "refused: too many connections still in their handshake");
                 continue;
             };
@@ -223,10 +233,12 @@ impl Gateway {
                 match accepted {
                     Ok(Ok((conn, acc))) => serve_agent(hub2, conn, acc, peer).await,
                     Ok(Err(e)) => {
+                        bump(&hub2.stats.handshake_failures);
                         lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
                         warn!(%peer, "tunnel handshake failed: {e}");
                     }
                     Err(_) => {
+                        bump(&hub2.stats.handshake_failures);
                         lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
                         warn!(%peer, "tunnel handshake timed out after {:?}", hub2.config.limits.handshake_timeout);
                     }
@@ -372,6 +384,7 @@ async fn serve_agent(
             info!("agent reconnected; replacing its previous session");
             old.close(ErrorCode::Replaced, "replaced by a newer session of the same agent");
         }
+        bump(&hub.stats.sessions);
         info!(%peer, key = %acc.key.short(), "agent connected");
         let mut control = started.control;
         loop {
@@ -393,6 +406,14 @@ async fn serve_agent(
             }
         }
         let end = session.closed().await;
+        if !end.by_peer
+            && matches!(
+                end.code,
+                ErrorCode::Protocol | ErrorCode::FrameTooLarge | ErrorCode::FlowControl | ErrorCode::LimitExceeded
+            )
+        {
+            bump(&hub.stats.protocol_errors);
+        }
         info!(reason = %end, "agent session ended");
         release(&hub, &name, generation);
     }
@@ -626,6 +647,7 @@ async fn accept_public(
             },
         };
         let Some(route) = lock(&route).clone() else {
+            bump(&hub.stats.no_session);
             debug!(%client, "no agent session for this port right now; closing the connection");
             continue;
         };
@@ -637,11 +659,13 @@ async fn accept_public(
         let stream = match route.session.open(&open) {
             Ok(s) => s,
             Err(e) => {
+                bump(&hub.stats.streams_refused);
                 warn!(%client, service = %route.name, "connection refused: {e}");
                 let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
                 continue;
             }
         };
+        bump(&hub.stats.streams);
         hub.tracker.spawn(
             async move {
                 let started = Instant::now();

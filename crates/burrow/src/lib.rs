@@ -11,6 +11,7 @@
 //! - [`relay`]: copying bytes between a stream and a local socket, with half-close.
 //! - [`gateway`], [`agent`]: the roles, each with `bind`/`run(shutdown)` style entry points.
 //! - [`limiter`]: bounded-memory rate limiting of failed authentication per source address.
+//! - [`stats`]: counters of what the gateway served and refused.
 
 pub mod agent;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod limiter;
 pub mod relay;
 pub mod session;
 pub mod state;
+pub mod stats;
 pub mod tls;
 pub mod transport;
 

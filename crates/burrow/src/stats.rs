@@ -1,0 +1,67 @@
+//! Counters a gateway keeps about what it refused and why, for tests, logs and (later) metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Monotonic counters, updated with relaxed atomics (they are statistics, not synchronisation).
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    /// Agent sessions established.
+    pub sessions: AtomicU64,
+    /// Handshakes that failed (TLS, protocol, bad key) or timed out.
+    pub handshake_failures: AtomicU64,
+    /// Tunnel connections dropped because their source exceeded its failure budget.
+    pub rate_limited: AtomicU64,
+    /// Tunnel connections dropped because too many were still in their handshake.
+    pub preauth_refused: AtomicU64,
+    /// Sessions closed because the peer broke the protocol or a limit.
+    pub protocol_errors: AtomicU64,
+    /// Client streams relayed.
+    pub streams: AtomicU64,
+    /// Client connections refused because the session's stream limit was reached.
+    pub streams_refused: AtomicU64,
+    /// Client connections closed because the port's agent was not connected.
+    pub no_session: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// See [`GatewayStats::sessions`].
+    pub sessions: u64,
+    /// See [`GatewayStats::handshake_failures`].
+    pub handshake_failures: u64,
+    /// See [`GatewayStats::rate_limited`].
+    pub rate_limited: u64,
+    /// See [`GatewayStats::preauth_refused`].
+    pub preauth_refused: u64,
+    /// See [`GatewayStats::protocol_errors`].
+    pub protocol_errors: u64,
+    /// See [`GatewayStats::streams`].
+    pub streams: u64,
+    /// See [`GatewayStats::streams_refused`].
+    pub streams_refused: u64,
+    /// See [`GatewayStats::no_session`].
+    pub no_session: u64,
+}
+
+/// Adds one to a counter.
+pub(crate) fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl GatewayStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            sessions: r(&self.sessions),
+            handshake_failures: r(&self.handshake_failures),
+            rate_limited: r(&self.rate_limited),
+            preauth_refused: r(&self.preauth_refused),
+            protocol_errors: r(&self.protocol_errors),
+            streams: r(&self.streams),
+            streams_refused: r(&self.streams_refused),
+            no_session: r(&self.no_session),
+        }
+    }
+}
