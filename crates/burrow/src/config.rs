@@ -1,18 +1,37 @@
 //! Typed configuration for every role.
 //!
-//! Flags, environment variables (`BURROW_<FLAG>`) and the TOML file all end in these structs:
-//! the CLI parses flags and environment with clap, loads the file with [`load_file`], and
-//! overlays the flags on the file. Unknown keys and bad values are rejected with the file,
-//! line and key named.
+//! Flags, environment variables (`BURROW_<FLAG>`) and the TOML file all end in these structs.
+//! Each source is one *layer* of settings ([`GatewaySettings`], [`AgentSettings`]) whose unset
+//! fields defer to the layer below: the CLI loads the file with [`load_gateway_file`] or
+//! [`load_agent_file`], builds a layer from flags and environment (clap gives a flag
+//! precedence over its variable), [`overlays`](GatewaySettings::overlay) it on the file's, and
+//! turns the result into a [`GatewayConfig`] or [`AgentConfig`] with defaults filled in. So the
+//! precedence is flag > environment > file > default.
+//!
+//! Files are read strictly: an unknown key or a bad value is an error that names the file, the
+//! line and the key, e.g. `gateway.toml line 7, key agents[0].ports[1]: "70000" is not a port
+//! or range (use 8080 or 9000-9100)`. Relative paths in a file (`state_dir`, `tls_cert`,
+//! `tls_key`, `ca`) are taken relative to the file's directory; `unix:` targets are used as
+//! written.
+//!
+//! The grammar of single values is shared by flags and files: [`parse_forward`],
+//! [`Target::parse`], [`PortRange::parse`], [`parse_duration`], [`parse_gateway_addr`].
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use burrow_proto::auth::{KeyHash, SecretKey};
+use burrow_proto::flow::MAX_CREDIT;
+use burrow_proto::frame::ABSOLUTE_MAX_PAYLOAD;
 use burrow_proto::message::SessionParams;
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
 
 /// The tunnel port a gateway listens on when none is given.
 pub const DEFAULT_TUNNEL_PORT: u16 = 7443;
@@ -42,8 +61,9 @@ pub enum Target {
     Unix(PathBuf),
 }
 
-/// An inclusive range of public ports (`8080` or `9000-9100`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An inclusive range of public ports (`8080` or `9000-9100`). `Debug` shows the range as
+/// written.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
     /// First port.
     pub start: u16,
@@ -215,8 +235,9 @@ impl GatewayConfig {
     }
 }
 
-/// How the agent checks the gateway's certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How the agent checks the gateway's certificate. `Debug` shows a fingerprint as
+/// `SHA256:<hex>`.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Trust {
     /// `SHA256:<hex>` of the gateway's certificate (DER).
     Fingerprint([u8; 32]),
@@ -258,39 +279,1293 @@ pub struct AgentConfig {
     pub grace: Duration,
 }
 
+/// How much a logger says: `error`, `warn`, `info`, `debug` or `trace`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogLevel {
+    /// Only errors.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// The default: start-up, sessions, grants.
+    #[default]
+    Info,
+    /// Streams and retries.
+    Debug,
+    /// Everything, frames included.
+    Trace,
+}
+
+impl LogLevel {
+    /// Every level, quietest first.
+    pub const ALL: [LogLevel; 5] = [
+        LogLevel::Error,
+        LogLevel::Warn,
+        LogLevel::Info,
+        LogLevel::Debug,
+        LogLevel::Trace,
+    ];
+
+    /// The name as written in flags and files (and understood by `tracing` filters).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LogLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        LogLevel::ALL
+            .into_iter()
+            .find(|l| l.as_str() == s.trim())
+            .ok_or_else(|| {
+                format!("{s:?} is not a log level (use error, warn, info, debug or trace)")
+            })
+    }
+}
+
+impl TransportKind {
+    /// `tls` or `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Tls => "tls",
+            TransportKind::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "tls" => Ok(TransportKind::Tls),
+            "tcp" => Ok(TransportKind::Tcp),
+            _ => Err(format!(
+                "{s:?} is not a transport (use tls, or tcp behind a TLS-terminating proxy)"
+            )),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single values: the grammar shared by flags, environment and files.
+
+/// A port from 1 to 65535.
+fn port_number(s: &str) -> Option<u16> {
+    s.trim().parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+/// Whether `h` looks like a host name or an IPv4 address.
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+/// Splits `host:port` or `[ipv6]:port` (port 1-65535); the host comes back without brackets.
+fn split_host_port(s: &str) -> Result<(String, u16), &'static str> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, port) = rest
+            .split_once("]:")
+            .ok_or("an IPv6 address in brackets needs `:PORT` after the `]`")?;
+        host.parse::<Ipv6Addr>()
+            .map_err(|_| "the part in brackets is not an IPv6 address")?;
+        (host, port)
+    } else {
+        let (host, port) = s.rsplit_once(':').ok_or("it has no `:PORT`")?;
+        if host.contains(':') {
+            return Err("IPv6 addresses go in brackets, as in [::1]:80");
+        }
+        if !valid_host(host) {
+            return Err("the host is not a host name or IP address");
+        }
+        (host, port)
+    };
+    let port = port_number(port).ok_or("the port is not a number from 1 to 65535")?;
+    Ok((host.to_string(), port))
+}
+
+impl Target {
+    /// Parses `host:port`, `[ipv6]:port` or `unix:/path/to.sock`.
+    pub fn parse(s: &str) -> Result<Target, String> {
+        let s = s.trim();
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("{s:?} has no socket path (use unix:/path/to.sock)"));
+            }
+            return Ok(Target::Unix(PathBuf::from(path)));
+        }
+        let (host, port) = split_host_port(s).map_err(|why| {
+            format!(
+                "{s:?} is not a target: {why} (use host:port, [ipv6]:port or unix:/path/to.sock)"
+            )
+        })?;
+        Ok(Target::Tcp { host, port })
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Target::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Target::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl PortRange {
+    /// Parses `8080` or `9000-9100`: ports from 1 to 65535, the first not above the last.
+    pub fn parse(s: &str) -> Result<PortRange, String> {
+        let bad = || format!("{s:?} is not a port or range (use 8080 or 9000-9100)");
+        let text = s.trim();
+        let (first, last) = text.split_once('-').unwrap_or((text, text));
+        let start = port_number(first).ok_or_else(bad)?;
+        let end = port_number(last).ok_or_else(bad)?;
+        if start > end {
+            return Err(format!(
+                "{s:?} runs backwards (write the lower port first: {end}-{start})"
+            ));
+        }
+        Ok(PortRange { start, end })
+    }
+}
+
+impl fmt::Debug for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PortRange({self})")
+    }
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Trust::Fingerprint(fp) => {
+                write!(f, "Fingerprint({})", crate::tls::fingerprint_string(fp))
+            }
+            Trust::Ca(path) => f.debug_tuple("Ca").field(path).finish(),
+            Trust::Plain => f.write_str("Plain"),
+        }
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.start == self.end {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
+/// Parses a forward spec, `[PUBLIC_PORT=]TARGET`.
+///
+/// TARGET is `host:port`, `[ipv6]:port` or `unix:/path/to.sock`; PUBLIC_PORT `0` or absent
+/// lets the gateway choose. The forward's name is the spec as written (trimmed).
+pub fn parse_forward(spec: &str) -> Result<Forward, String> {
+    let spec = spec.trim();
+    let (public_port, target) = match spec.split_once('=') {
+        Some((port, target)) if !spec.starts_with("unix:") => {
+            let port = port.trim().parse::<u16>().map_err(|_| {
+                format!(
+                    "forward {spec:?}: {port:?} is not a public port \
+                     (use 0-65535, 0 lets the gateway choose; e.g. 8080=127.0.0.1:80)"
+                )
+            })?;
+            (port, target)
+        }
+        _ => (0, spec),
+    };
+    Ok(Forward {
+        public_port,
+        target: Target::parse(target)?,
+        name: spec.to_string(),
+    })
+}
+
+/// The name a forward gets when none is given: its spec in the compact form.
+fn forward_name(public_port: u16, target: &Target) -> String {
+    if public_port == 0 {
+        target.to_string()
+    } else {
+        format!("{public_port}={target}")
+    }
+}
+
+/// Parses a duration such as `500ms`, `10s`, `5m` or `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|_| format!("{s:?} is not a duration (use e.g. 500ms, 10s, 5m or 1h 30m)"))
+}
+
+/// Checks a gateway address, `HOST:PORT` or `[IPV6]:PORT`, and returns it trimmed.
+pub fn parse_gateway_addr(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    split_host_port(s).map_err(|why| {
+        format!("{s:?} is not a gateway address: {why} (use HOST:PORT, e.g. gw.example.com:7443)")
+    })?;
+    Ok(s.to_string())
+}
+
+/// Checks that no two forwards ask for the same public port; on a clash, returns the index
+/// of the later forward and what is wrong.
+fn check_forwards(forwards: &[Forward]) -> Result<(), (usize, String)> {
+    for (i, f) in forwards.iter().enumerate() {
+        let earlier = forwards[..i]
+            .iter()
+            .find(|e| f.public_port != 0 && e.public_port == f.public_port);
+        if let Some(e) = earlier {
+            return Err((
+                i,
+                format!(
+                    "public port {} is asked for by both `{}` and `{}`: give each its own port, \
+                     or 0 to let the gateway choose",
+                    f.public_port, e.name, f.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The state directory used when none is configured: `/var/lib/burrow` when running as
+/// root, else `$XDG_STATE_HOME/burrow`, else `$HOME/.local/state/burrow`, else
+/// `burrow-state` in the working directory.
+pub fn default_state_dir() -> PathBuf {
+    state_dir_for(
+        running_as_root(),
+        std::env::var_os("XDG_STATE_HOME").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+    )
+}
+
+/// [`default_state_dir`] without the environment, for tests.
+fn state_dir_for(root: bool, xdg_state_home: Option<PathBuf>, home: Option<PathBuf>) -> PathBuf {
+    // XDG says relative values are invalid and must be ignored.
+    let usable = |p: &PathBuf| p.is_absolute();
+    if root {
+        PathBuf::from("/var/lib/burrow")
+    } else if let Some(xdg) = xdg_state_home.filter(usable) {
+        xdg.join("burrow")
+    } else if let Some(home) = home.filter(usable) {
+        home.join(".local/state/burrow")
+    } else {
+        PathBuf::from("burrow-state")
+    }
+}
+
+#[cfg(unix)]
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+#[cfg(not(unix))]
+fn running_as_root() -> bool {
+    false
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layers of settings.
+
+/// One layer of gateway settings: a file, or flags and environment. Unset fields defer to
+/// the layer below ([`GatewaySettings::overlay`]); [`GatewaySettings::into_config`] fills
+/// in defaults and checks what only the whole can tell.
+#[derive(Debug, Clone, Default)]
+pub struct GatewaySettings {
+    /// `listen`, `--listen`, `BURROW_LISTEN`.
+    pub listen: Option<SocketAddr>,
+    /// `public_host`.
+    pub public_host: Option<IpAddr>,
+    /// `public_name`.
+    pub public_name: Option<String>,
+    /// `state_dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `transport`.
+    pub transport: Option<TransportKind>,
+    /// `tls_cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `tls_key`.
+    pub tls_key: Option<PathBuf>,
+    /// `[[agents]]` (only files have them).
+    pub agents: Option<Vec<AgentGrant>>,
+    /// `[limits]`, complete with defaults for keys the file leaves out.
+    pub limits: Option<Limits>,
+    /// `[heartbeat]`, complete with defaults for keys the file leaves out.
+    pub heartbeat: Option<Heartbeat>,
+    /// `lease`.
+    pub lease: Option<Duration>,
+    /// `grace`.
+    pub grace: Option<Duration>,
+    /// `log_level`: not part of [`GatewayConfig`]; the CLI sets up logging with it.
+    pub log_level: Option<LogLevel>,
+}
+
+impl GatewaySettings {
+    /// `over` on top of `self`: every field `over` sets wins.
+    pub fn overlay(self, over: GatewaySettings) -> GatewaySettings {
+        GatewaySettings {
+            listen: over.listen.or(self.listen),
+            public_host: over.public_host.or(self.public_host),
+            public_name: over.public_name.or(self.public_name),
+            state_dir: over.state_dir.or(self.state_dir),
+            transport: over.transport.or(self.transport),
+            tls_cert: over.tls_cert.or(self.tls_cert),
+            tls_key: over.tls_key.or(self.tls_key),
+            agents: over.agents.or(self.agents),
+            limits: over.limits.or(self.limits),
+            heartbeat: over.heartbeat.or(self.heartbeat),
+            lease: over.lease.or(self.lease),
+            grace: over.grace.or(self.grace),
+            log_level: over.log_level.or(self.log_level),
+        }
+    }
+
+    /// The final configuration: defaults for what no layer set (the state directory from
+    /// [`default_state_dir`]), and the checks that need every layer.
+    pub fn into_config(self) -> Result<GatewayConfig, ConfigError> {
+        let transport = self.transport.unwrap_or_default();
+        match (&self.tls_cert, &self.tls_key, transport) {
+            (Some(_), None, _) | (None, Some(_), _) => {
+                return Err(ConfigError::Value(
+                    "tls_cert and tls_key go together: set both (--tls-cert and --tls-key, \
+                     BURROW_TLS_CERT and BURROW_TLS_KEY, or `tls_cert` and `tls_key` in the \
+                     config file), or neither for a self-signed certificate"
+                        .into(),
+                ))
+            }
+            (Some(_), Some(_), TransportKind::Tcp) => {
+                return Err(ConfigError::Value(
+                    "tls_cert and tls_key are set but the transport is tcp, which has no TLS: \
+                     remove them or use transport tls"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        let mut c = GatewayConfig::new(self.state_dir.unwrap_or_else(default_state_dir));
+        c.transport = transport;
+        c.tls_cert = self.tls_cert;
+        c.tls_key = self.tls_key;
+        c.public_name = self.public_name;
+        c.agents = self.agents.unwrap_or_default();
+        set(&mut c.listen, self.listen);
+        set(&mut c.public_host, self.public_host);
+        set(&mut c.limits, self.limits);
+        set(&mut c.heartbeat, self.heartbeat);
+        set(&mut c.lease, self.lease);
+        set(&mut c.grace, self.grace);
+        Ok(c)
+    }
+}
+
+/// One layer of agent settings: a file, or flags and environment. Unset fields defer to
+/// the layer below ([`AgentSettings::overlay`]); [`AgentSettings::into_config`] fills in
+/// defaults and says which required setting is missing.
+#[derive(Debug, Clone, Default)]
+pub struct AgentSettings {
+    /// `gateway`, `--gateway`, `BURROW_GATEWAY`.
+    pub gateway: Option<String>,
+    /// `key`.
+    pub key: Option<SecretKey>,
+    /// `fingerprint` or `ca`: one setting, the highest layer that names either wins.
+    pub trust: Option<Trust>,
+    /// `transport`; `tcp` means [`Trust::Plain`].
+    pub transport: Option<TransportKind>,
+    /// `server_name`.
+    pub server_name: Option<String>,
+    /// `forward` and `[[forwards]]` (files), `--forward` (flags): the highest layer that has
+    /// any forwards replaces the lower layers' list.
+    pub forwards: Option<Vec<Forward>>,
+    /// `[limits]`, complete with defaults for keys the file leaves out.
+    pub limits: Option<Limits>,
+    /// `max_backoff`.
+    pub max_backoff: Option<Duration>,
+    /// `grace`.
+    pub grace: Option<Duration>,
+    /// `log_level`: not part of [`AgentConfig`]; the CLI sets up logging with it.
+    pub log_level: Option<LogLevel>,
+}
+
+impl AgentSettings {
+    /// `over` on top of `self`: every field `over` sets wins.
+    pub fn overlay(self, over: AgentSettings) -> AgentSettings {
+        AgentSettings {
+            gateway: over.gateway.or(self.gateway),
+            key: over.key.or(self.key),
+            trust: over.trust.or(self.trust),
+            transport: over.transport.or(self.transport),
+            server_name: over.server_name.or(self.server_name),
+            forwards: over.forwards.or(self.forwards),
+            limits: over.limits.or(self.limits),
+            max_backoff: over.max_backoff.or(self.max_backoff),
+            grace: over.grace.or(self.grace),
+            log_level: over.log_level.or(self.log_level),
+        }
+    }
+
+    /// The final configuration, or an error naming the flag, variable and file key of the
+    /// first required setting that is missing.
+    pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
+        let gateway = self.gateway.ok_or_else(|| {
+            missing(
+                "no gateway address",
+                "--gateway HOST:PORT",
+                "BURROW_GATEWAY",
+                "gateway",
+            )
+        })?;
+        let key = self.key.ok_or_else(|| {
+            missing(
+                "no agent key (the gateway prints one at start, or make one with `burrow keygen`)",
+                "--key",
+                "BURROW_KEY (keeps it out of `ps`)",
+                "key",
+            )
+        })?;
+        let trust = resolve_trust(self.transport, self.trust)?;
+        let forwards = self.forwards.filter(|f| !f.is_empty()).ok_or_else(|| {
+            missing(
+                "nothing to forward",
+                "--forward [PUBLIC_PORT=]TARGET",
+                "BURROW_FORWARD (comma-separated)",
+                "forward = [...] or [[forwards]]",
+            )
+        })?;
+        check_forwards(&forwards).map_err(|(_, why)| ConfigError::Value(why))?;
+        Ok(AgentConfig {
+            gateway,
+            key,
+            trust,
+            server_name: self.server_name,
+            forwards,
+            limits: self.limits.unwrap_or_default(),
+            max_backoff: self.max_backoff.unwrap_or(DEFAULT_MAX_BACKOFF),
+            grace: self.grace.unwrap_or(DEFAULT_GRACE),
+        })
+    }
+}
+
+/// Default longest pause between an agent's reconnect attempts.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Default time streams may drain at shutdown.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+fn set<T>(dst: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *dst = v;
+    }
+}
+
+fn missing(what: &str, flag: &str, env: &str, key: &str) -> ConfigError {
+    ConfigError::Value(format!(
+        "{what}: pass {flag}, set {env}, or set `{key}` in the config file (--config)"
+    ))
+}
+
+/// Combines the transport and the trust setting into the agent's [`Trust`].
+fn resolve_trust(
+    transport: Option<TransportKind>,
+    trust: Option<Trust>,
+) -> Result<Trust, ConfigError> {
+    match (transport.unwrap_or_default(), trust) {
+        (TransportKind::Tls, Some(Trust::Plain)) => Err(ConfigError::Value(
+            "plain TCP trust needs transport tcp".into(),
+        )),
+        (TransportKind::Tls, Some(trust)) => Ok(trust),
+        (TransportKind::Tls, None) => Err(ConfigError::Value(
+            "no way to verify the gateway: pass --fingerprint SHA256:HEX (the gateway prints it \
+             at start) or --ca FILE, set BURROW_FINGERPRINT or BURROW_CA, or set `fingerprint` \
+             or `ca` in the config file; use transport tcp only when the gateway sits behind a \
+             TLS-terminating proxy"
+                .into(),
+        )),
+        (TransportKind::Tcp, None | Some(Trust::Plain)) => Ok(Trust::Plain),
+        (TransportKind::Tcp, Some(_)) => Err(ConfigError::Value(
+            "a fingerprint or CA is set but the transport is tcp, which has no TLS to check: \
+             remove one of them"
+                .into(),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+
 /// A configuration error, phrased for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path} (check --config / BURROW_CONFIG)")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
         source: std::io::Error,
     },
-    /// The file is not valid, with file, line and key.
-    #[error("{path}: {message}")]
+    /// The file is not valid: `<file> line <n>, key <key>: <what is wrong>`.
+    #[error("{path} line {line}{}: {message}", key_part(.key))]
     Invalid {
         /// The file.
         path: PathBuf,
-        /// Line, key and what is wrong.
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// Dotted path of the key, as in `agents[0].ports[1]`; empty when the file does not
+        /// parse far enough to tell.
+        key: String,
+        /// What is wrong and what to do.
         message: String,
     },
-    /// A flag or environment value is not valid.
+    /// A flag or environment value is not valid, or a required setting is missing.
     #[error("{0}")]
     Value(String),
 }
 
-/// Placeholder until the loader lands; returns an error naming the file.
-pub fn load_file(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+fn key_part(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
+    } else {
+        format!(", key {key}")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files.
+
+/// Reads a gateway config file.
+pub fn load_gateway_file(path: &Path) -> Result<GatewaySettings, ConfigError> {
+    let text = read(path)?;
+    parse_gateway_file(path, &text)
+}
+
+/// Reads an agent config file.
+pub fn load_agent_file(path: &Path) -> Result<AgentSettings, ConfigError> {
+    let text = read(path)?;
+    parse_agent_file(path, &text)
+}
+
+/// Parses the text of a gateway config file; `path` names it in errors and anchors its
+/// relative paths.
+pub fn parse_gateway_file(path: &Path, text: &str) -> Result<GatewaySettings, ConfigError> {
+    let src = Source { path, text };
+    let raw: RawGateway = src.deserialize()?;
+    src.gateway(raw)
+}
+
+/// Parses the text of an agent config file; `path` names it in errors and anchors its
+/// relative paths.
+pub fn parse_agent_file(path: &Path, text: &str) -> Result<AgentSettings, ConfigError> {
+    let src = Source { path, text };
+    let raw: RawAgent = src.deserialize()?;
+    src.agent(raw)
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    text.parse::<toml::Table>()
-        .map_err(|e| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+    })
+}
+
+/// A value that checks itself while the file is read, so its errors carry key and line.
+trait FromToml: Sized {
+    fn from_toml(v: &toml::Value) -> Result<Self, String>;
+}
+
+/// Reads a `T` through [`FromToml`].
+struct Checked<T>(T);
+
+impl<'de, T: FromToml> Deserialize<'de> for Checked<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = toml::Value::deserialize(d)?;
+        T::from_toml(&v)
+            .map(Checked)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn inner<T>(v: Option<Checked<T>>) -> Option<T> {
+    v.map(|c| c.0)
+}
+
+fn text(v: &toml::Value) -> Result<&str, String> {
+    v.as_str()
+        .ok_or_else(|| format!("expected a string, found {} {v}", v.type_str()))
+}
+
+/// A label: not empty, no control characters.
+struct Name(String);
+/// A checked `gateway` address.
+struct GatewayAddr(String);
+/// A `SHA256:...` certificate fingerprint.
+struct Fingerprint([u8; 32]);
+/// A public port: 0 (the gateway chooses) to 65535.
+struct PublicPort(u16);
+
+macro_rules! from_text {
+    ($($ty:ty => $parse:expr),* $(,)?) => {$(
+        impl FromToml for $ty {
+            fn from_toml(v: &toml::Value) -> Result<Self, String> {
+                ($parse)(text(v)?)
+            }
+        }
+    )*};
+}
+
+from_text! {
+    SocketAddr => |s: &str| s.trim().parse().map_err(|_| {
+        format!("{s:?} is not an address (use IP:PORT, e.g. 0.0.0.0:7443 or [::]:7443)")
+    }),
+    IpAddr => |s: &str| s.trim().parse().map_err(|_| {
+        format!("{s:?} is not an IP address (use e.g. 0.0.0.0, :: or 203.0.113.5)")
+    }),
+    Duration => parse_duration,
+    SecretKey => |s: &str| SecretKey::parse(s).map_err(|e| e.to_string()),
+    KeyHash => |s: &str| KeyHash::parse(s).map_err(|e| e.to_string()),
+    Target => Target::parse,
+    TransportKind => str::parse,
+    LogLevel => str::parse,
+    GatewayAddr => |s: &str| parse_gateway_addr(s).map(GatewayAddr),
+    Fingerprint => |s: &str| {
+        crate::tls::parse_fingerprint(s).map(Fingerprint).map_err(|e| e.to_string())
+    },
+    PathBuf => |s: &str| if s.is_empty() {
+        Err("the path is empty".to_string())
+    } else {
+        Ok(PathBuf::from(s))
+    },
+    Name => |s: &str| if s.trim().is_empty() || s.chars().any(char::is_control) {
+        Err(format!("{s:?} is not a usable name (not empty, no control characters)"))
+    } else {
+        Ok(Name(s.to_string()))
+    },
+}
+
+impl FromToml for PortRange {
+    fn from_toml(v: &toml::Value) -> Result<Self, String> {
+        match v {
+            toml::Value::String(s) => PortRange::parse(s),
+            toml::Value::Integer(i) => u16::try_from(*i)
+                .ok()
+                .filter(|p| *p != 0)
+                .map(|p| PortRange { start: p, end: p })
+                .ok_or_else(|| format!("{i} is not a port (use 1-65535)")),
+            other => Err(format!(
+                "{other} is not a port or range (use 8080 or \"9000-9100\")"
+            )),
+        }
+    }
+}
+
+impl FromToml for PublicPort {
+    fn from_toml(v: &toml::Value) -> Result<Self, String> {
+        v.as_integer()
+            .and_then(|i| u16::try_from(i).ok())
+            .map(PublicPort)
+            .ok_or_else(|| {
+                format!("{v} is not a port (use 1-65535, or 0 to let the gateway choose)")
+            })
+    }
+}
+
+/// `[[agents]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    name: Spanned<Checked<Name>>,
+    key: Option<Spanned<Checked<SecretKey>>>,
+    key_hash: Option<Spanned<Checked<KeyHash>>>,
+    ports: Spanned<Vec<Spanned<toml::Value>>>,
+}
+
+/// `[heartbeat]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeartbeat {
+    interval: Option<Spanned<Checked<Duration>>>,
+    misses: Option<Spanned<u32>>,
+}
+
+/// `[limits]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_frame: Option<Spanned<u32>>,
+    max_streams: Option<Spanned<u32>>,
+    max_pending_opens: Option<Spanned<u32>>,
+    max_preauth: Option<Spanned<u32>>,
+    handshake_timeout: Option<Spanned<Checked<Duration>>>,
+    stream_window: Option<Spanned<u32>>,
+    max_stream_window: Option<Spanned<u32>>,
+    session_window: Option<Spanned<u32>>,
+}
+
+/// A gateway file as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    listen: Option<Checked<SocketAddr>>,
+    public_host: Option<Checked<IpAddr>>,
+    public_name: Option<Checked<Name>>,
+    state_dir: Option<Checked<PathBuf>>,
+    transport: Option<Checked<TransportKind>>,
+    tls_cert: Option<Checked<PathBuf>>,
+    tls_key: Option<Checked<PathBuf>>,
+    lease: Option<Checked<Duration>>,
+    grace: Option<Checked<Duration>>,
+    log_level: Option<Checked<LogLevel>>,
+    heartbeat: Option<RawHeartbeat>,
+    limits: Option<RawLimits>,
+    agents: Option<Vec<Spanned<RawGrant>>>,
+}
+
+/// `[[forwards]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    public_port: Option<Checked<PublicPort>>,
+    target: Checked<Target>,
+    name: Option<Checked<Name>>,
+}
+
+/// An agent file as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    gateway: Option<Checked<GatewayAddr>>,
+    key: Option<Checked<SecretKey>>,
+    fingerprint: Option<Spanned<Checked<Fingerprint>>>,
+    ca: Option<Spanned<Checked<PathBuf>>>,
+    server_name: Option<Checked<Name>>,
+    transport: Option<Spanned<Checked<TransportKind>>>,
+    max_backoff: Option<Spanned<Checked<Duration>>>,
+    grace: Option<Checked<Duration>>,
+    log_level: Option<Checked<LogLevel>>,
+    limits: Option<RawLimits>,
+    forward: Option<Vec<Spanned<toml::Value>>>,
+    forwards: Option<Vec<Spanned<RawForward>>>,
+}
+
+/// The file being read: names it in errors and turns byte offsets into lines.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(
+        &self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        let end = span.start.min(self.text.len());
+        let line = 1 + self.text.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count();
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line,
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Reads the raw structs; a serde error keeps the key path and the span.
+    fn deserialize<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        serde_path_to_error::deserialize(toml::Deserializer::new(self.text)).map_err(|e| {
+            let key = key_path(e.path());
+            let inner = e.into_inner();
+            let span = inner.span().unwrap_or(0..0);
+            let key = if key.is_empty() {
+                self.key_on_line(span.start)
+            } else {
+                key
+            };
+            self.error(span, key, explain(inner.message()))
         })
+    }
+
+    /// For syntax errors, where serde knows no path: the bare key on the line, if any.
+    fn key_on_line(&self, offset: usize) -> String {
+        let start = self.text[..offset.min(self.text.len())]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        let line = self.text[start..].lines().next().unwrap_or("");
+        let key = line.split_once('=').map_or("", |(k, _)| k.trim());
+        let bare = key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if bare {
+            key.to_string()
+        } else {
+            String::new()
+        }
+    }
+
+    /// A path from the file, relative to the file's directory.
+    fn resolve(&self, p: PathBuf) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p,
+        }
+    }
+
+    fn gateway(&self, raw: RawGateway) -> Result<GatewaySettings, ConfigError> {
+        Ok(GatewaySettings {
+            listen: inner(raw.listen),
+            public_host: inner(raw.public_host),
+            public_name: inner(raw.public_name).map(|n| n.0),
+            state_dir: inner(raw.state_dir).map(|p| self.resolve(p)),
+            transport: inner(raw.transport),
+            tls_cert: inner(raw.tls_cert).map(|p| self.resolve(p)),
+            tls_key: inner(raw.tls_key).map(|p| self.resolve(p)),
+            agents: raw.agents.map(|a| self.agents(a)).transpose()?,
+            limits: raw.limits.map(|l| self.limits(l)).transpose()?,
+            heartbeat: raw.heartbeat.map(|h| self.heartbeat(h)).transpose()?,
+            lease: inner(raw.lease),
+            grace: inner(raw.grace),
+            log_level: inner(raw.log_level),
+        })
+    }
+
+    fn agents(&self, raw: Vec<Spanned<RawGrant>>) -> Result<Vec<AgentGrant>, ConfigError> {
+        let mut out: Vec<AgentGrant> = Vec::with_capacity(raw.len());
+        for (i, raw) in raw.into_iter().enumerate() {
+            let at = format!("agents[{i}]");
+            let name_span = raw.get_ref().name.span();
+            let (grant, key_span, key_name) = self.grant(&at, raw)?;
+            if let Some(j) = out.iter().position(|g| g.name == grant.name) {
+                return Err(self.error(
+                    name_span,
+                    format!("{at}.name"),
+                    format!(
+                        "agents[{j}] already has the name {:?}: names must differ",
+                        grant.name
+                    ),
+                ));
+            }
+            if let Some(j) = out.iter().position(|g| g.key.hash() == grant.key.hash()) {
+                return Err(self.error(
+                    key_span,
+                    format!("{at}.{key_name}"),
+                    format!(
+                        "agents[{j}] ({:?}) has the same key: give each agent its own \
+                         (`burrow keygen`)",
+                        out[j].name
+                    ),
+                ));
+            }
+            out.push(grant);
+        }
+        Ok(out)
+    }
+
+    /// One grant, with the span and name of its key field.
+    fn grant(
+        &self,
+        at: &str,
+        raw: Spanned<RawGrant>,
+    ) -> Result<(AgentGrant, Range<usize>, &'static str), ConfigError> {
+        let table = raw.span();
+        let raw = raw.into_inner();
+        let (key, key_span, key_name) = match (raw.key, raw.key_hash) {
+            (Some(k), None) => (KeySpec::Key(k.get_ref().0.clone()), k.span(), "key"),
+            (None, Some(h)) => (KeySpec::Hash(h.get_ref().0), h.span(), "key_hash"),
+            (Some(_), Some(h)) => {
+                return Err(self.error(
+                    h.span(),
+                    format!("{at}.key_hash"),
+                    "set `key` or `key_hash`, not both (key_hash is safer to store: it cannot \
+                     be used to log in)",
+                ))
+            }
+            (None, None) => {
+                return Err(self.error(
+                    table,
+                    at,
+                    "set `key_hash` (printed by `burrow keygen`) or the agent's `key`",
+                ))
+            }
+        };
+        let grant = AgentGrant {
+            name: raw.name.into_inner().0 .0,
+            key,
+            ports: self.ports(&format!("{at}.ports"), raw.ports)?,
+        };
+        Ok((grant, key_span, key_name))
+    }
+
+    fn ports(
+        &self,
+        at: &str,
+        raw: Spanned<Vec<Spanned<toml::Value>>>,
+    ) -> Result<Vec<PortRange>, ConfigError> {
+        if raw.get_ref().is_empty() {
+            return Err(self.error(
+                raw.span(),
+                at,
+                "grant at least one port, e.g. ports = [8080, \"9000-9100\"]",
+            ));
+        }
+        raw.into_inner()
+            .into_iter()
+            .enumerate()
+            .map(|(j, v)| {
+                PortRange::from_toml(v.get_ref())
+                    .map_err(|why| self.error(v.span(), format!("{at}[{j}]"), why))
+            })
+            .collect()
+    }
+
+    fn heartbeat(&self, raw: RawHeartbeat) -> Result<Heartbeat, ConfigError> {
+        let mut h = Heartbeat::default();
+        if let Some(v) = raw.interval {
+            h.interval = v.get_ref().0;
+            let ms = h.interval.as_millis();
+            if !(50..=u128::from(u32::MAX)).contains(&ms) {
+                return Err(self.error(
+                    v.span(),
+                    "heartbeat.interval",
+                    "must be from 50ms to 49 days (default 10s)",
+                ));
+            }
+        }
+        if let Some(v) = raw.misses {
+            h.misses = *v.get_ref();
+            if h.misses == 0 {
+                return Err(self.error(
+                    v.span(),
+                    "heartbeat.misses",
+                    "must be at least 1 (default 3)",
+                ));
+            }
+        }
+        Ok(h)
+    }
+
+    fn limits(&self, raw: RawLimits) -> Result<Limits, ConfigError> {
+        let mut l = Limits::default();
+        let mut spans: Vec<(&str, Range<usize>)> = Vec::new();
+        let mut take = |name, dst: &mut u32, v: Option<Spanned<u32>>| {
+            if let Some(v) = v {
+                spans.push((name, v.span()));
+                *dst = v.into_inner();
+            }
+        };
+        take("max_frame", &mut l.max_frame, raw.max_frame);
+        take("max_streams", &mut l.max_streams, raw.max_streams);
+        take(
+            "max_pending_opens",
+            &mut l.max_pending_opens,
+            raw.max_pending_opens,
+        );
+        take("max_preauth", &mut l.max_preauth, raw.max_preauth);
+        take("stream_window", &mut l.stream_window, raw.stream_window);
+        take(
+            "max_stream_window",
+            &mut l.max_stream_window,
+            raw.max_stream_window,
+        );
+        take("session_window", &mut l.session_window, raw.session_window);
+        if let Some(v) = raw.handshake_timeout {
+            spans.push(("handshake_timeout", v.span()));
+            l.handshake_timeout = v.get_ref().0;
+        }
+        for (keys, ok, why) in limit_rules(&l) {
+            if ok {
+                continue;
+            }
+            // A rule breaks only when the file changed one of its keys: defaults are sound.
+            let (key, span) = keys
+                .iter()
+                .find_map(|k| spans.iter().find(|(n, _)| n == k))
+                .cloned()
+                .unwrap_or(("", 0..0));
+            return Err(self.error(span, format!("limits.{key}"), why));
+        }
+        Ok(l)
+    }
+
+    fn agent(&self, raw: RawAgent) -> Result<AgentSettings, ConfigError> {
+        let transport = raw.transport.map(|t| t.into_inner().0);
+        let trust = self.trust(raw.fingerprint, raw.ca, transport)?;
+        if let Some(v) = &raw.max_backoff {
+            if v.get_ref().0.is_zero() {
+                return Err(self.error(
+                    v.span(),
+                    "max_backoff",
+                    "must be more than 0 (default 30s)",
+                ));
+            }
+        }
+        Ok(AgentSettings {
+            gateway: inner(raw.gateway).map(|g| g.0),
+            key: inner(raw.key),
+            trust,
+            transport,
+            server_name: inner(raw.server_name).map(|n| n.0),
+            forwards: self.forwards(raw.forward, raw.forwards)?,
+            limits: raw.limits.map(|l| self.limits(l)).transpose()?,
+            max_backoff: raw.max_backoff.map(|v| v.into_inner().0),
+            grace: inner(raw.grace),
+            log_level: inner(raw.log_level),
+        })
+    }
+
+    fn trust(
+        &self,
+        fingerprint: Option<Spanned<Checked<Fingerprint>>>,
+        ca: Option<Spanned<Checked<PathBuf>>>,
+        transport: Option<TransportKind>,
+    ) -> Result<Option<Trust>, ConfigError> {
+        let (trust, span, key) = match (fingerprint, ca) {
+            (Some(_), Some(ca)) => {
+                return Err(self.error(ca.span(), "ca", "set `fingerprint` or `ca`, not both"))
+            }
+            (Some(fp), None) => (
+                Trust::Fingerprint(fp.get_ref().0 .0),
+                fp.span(),
+                "fingerprint",
+            ),
+            (None, Some(ca)) => {
+                let span = ca.span();
+                (Trust::Ca(self.resolve(ca.into_inner().0)), span, "ca")
+            }
+            (None, None) => return Ok(None),
+        };
+        if transport == Some(TransportKind::Tcp) {
+            return Err(self.error(
+                span,
+                key,
+                format!("transport = \"tcp\" has no TLS to check: remove `{key}` or the transport"),
+            ));
+        }
+        Ok(Some(trust))
+    }
+
+    /// `forward = [...]` then `[[forwards]]`, in file order.
+    fn forwards(
+        &self,
+        compact: Option<Vec<Spanned<toml::Value>>>,
+        tables: Option<Vec<Spanned<RawForward>>>,
+    ) -> Result<Option<Vec<Forward>>, ConfigError> {
+        if compact.is_none() && tables.is_none() {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        let mut at = Vec::new();
+        for (i, v) in compact.unwrap_or_default().into_iter().enumerate() {
+            let key = format!("forward[{i}]");
+            let f = text(v.get_ref())
+                .and_then(parse_forward)
+                .map_err(|why| self.error(v.span(), key.as_str(), why))?;
+            out.push(f);
+            at.push((key, v.span()));
+        }
+        for (i, v) in tables.unwrap_or_default().into_iter().enumerate() {
+            let span = v.span();
+            let raw = v.into_inner();
+            let public_port = inner(raw.public_port).map_or(0, |p| p.0);
+            let target = raw.target.0;
+            let name = inner(raw.name).map_or_else(|| forward_name(public_port, &target), |n| n.0);
+            out.push(Forward {
+                public_port,
+                target,
+                name,
+            });
+            at.push((format!("forwards[{i}]"), span));
+        }
+        if let Err((i, why)) = check_forwards(&out) {
+            let (key, span) = at.swap_remove(i);
+            return Err(self.error(span, key, why));
+        }
+        Ok(Some(out))
+    }
+}
+
+/// The checks on `[limits]`: the keys involved (the first set in the file is blamed), whether
+/// the rule holds, and what to do. They mirror what peers enforce on session parameters.
+fn limit_rules(l: &Limits) -> Vec<(&'static [&'static str], bool, String)> {
+    let credit = u32::try_from(MAX_CREDIT).unwrap_or(u32::MAX);
+    vec![
+        (
+            &["max_frame"],
+            (1024..=ABSOLUTE_MAX_PAYLOAD).contains(&l.max_frame),
+            format!("must be from 1024 to {ABSOLUTE_MAX_PAYLOAD} (default 65536)"),
+        ),
+        (
+            &["max_streams"],
+            l.max_streams >= 1,
+            "must be at least 1 (default 4096)".into(),
+        ),
+        (
+            &["max_pending_opens"],
+            l.max_pending_opens >= 1,
+            "must be at least 1 (default 256)".into(),
+        ),
+        (
+            &["max_preauth"],
+            l.max_preauth >= 1,
+            "must be at least 1 (default 256)".into(),
+        ),
+        (
+            &["handshake_timeout"],
+            !l.handshake_timeout.is_zero(),
+            "must be more than 0 (default 10s)".into(),
+        ),
+        (
+            &["stream_window"],
+            (1024..=credit).contains(&l.stream_window),
+            format!("must be from 1024 to {credit} (default 262144)"),
+        ),
+        (
+            &["max_stream_window", "stream_window"],
+            (l.stream_window..=credit).contains(&l.max_stream_window),
+            format!(
+                "max_stream_window ({}) must be from stream_window ({}) to {credit}",
+                l.max_stream_window, l.stream_window
+            ),
+        ),
+        (
+            &["session_window", "stream_window"],
+            (l.stream_window..=credit).contains(&l.session_window),
+            format!(
+                "session_window ({}) must be from stream_window ({}) to {credit}",
+                l.session_window, l.stream_window
+            ),
+        ),
+    ]
+}
+
+/// `agents[0].ports[1]` from serde's path, without `Spanned`'s private fields.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => {
+                let _ = write!(out, "[{index}]");
+            }
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if key.starts_with("$__serde_spanned") {
+                    continue;
+                }
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+/// serde's wording, in the words of a config file, with a suggestion for a misspelt key.
+fn explain(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("missing field ") {
+        return format!("missing key {rest}");
+    }
+    let Some(rest) = message.strip_prefix("unknown field ") else {
+        return message.to_string();
+    };
+    // "`bad`, expected one of `a`, `b`": the quoted words are the key, then the known ones.
+    let quoted: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    let Some((unknown, known)) = quoted.split_first() else {
+        return message.replace("field", "key");
+    };
+    match known.iter().min_by_key(|k| edit_distance(unknown, k)) {
+        Some(best) if edit_distance(unknown, best) <= 2 => {
+            format!("unknown key `{unknown}`: did you mean `{best}`?")
+        }
+        Some(_) => format!("unknown key `{unknown}` (known here: {})", known.join(", ")),
+        None => format!("unknown key `{unknown}`"),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let replace = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = replace.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_dir_prefers_root_then_xdg_then_home() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        assert_eq!(
+            state_dir_for(true, p("/x"), p("/h")),
+            PathBuf::from("/var/lib/burrow")
+        );
+        assert_eq!(
+            state_dir_for(false, p("/x"), p("/h")),
+            PathBuf::from("/x/burrow")
+        );
+        assert_eq!(
+            state_dir_for(false, p("relative"), p("/h")),
+            PathBuf::from("/h/.local/state/burrow")
+        );
+        assert_eq!(
+            state_dir_for(false, None, p("/h")),
+            PathBuf::from("/h/.local/state/burrow")
+        );
+        assert_eq!(
+            state_dir_for(false, None, None),
+            PathBuf::from("burrow-state")
+        );
+    }
+
+    #[test]
+    fn explain_suggests_the_closest_key() {
+        assert_eq!(
+            explain("unknown field `max_fram`, expected one of `max_frame`, `max_streams`"),
+            "unknown key `max_fram`: did you mean `max_frame`?"
+        );
+        assert_eq!(
+            explain("unknown field `zzz`, expected `name`"),
+            "unknown key `zzz` (known here: name)"
+        );
+        assert_eq!(explain("missing field `target`"), "missing key `target`");
+    }
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "ab"), 2);
+        assert_eq!(edit_distance("same", "same"), 0);
+    }
 }

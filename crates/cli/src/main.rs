@@ -1,1 +1,81 @@
-fn main() {}
+//! `burrow`: the command line of the Burrow reverse tunnel.
+//!
+//! - `burrow gateway` runs on a public host; agents dial in and it opens public ports for them.
+//! - `burrow agent` runs next to a private service and publishes it through a gateway.
+//! - `burrow keygen` prints a new agent key and its key hash.
+//!
+//! This crate only parses flags and environment, sets up logging and handles signals; the
+//! roles live in the `burrow` library.
+
+mod agent;
+mod gateway;
+mod run;
+
+use std::process::ExitCode;
+
+use burrow::config::LogLevel;
+use burrow::proto::auth::SecretKey;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Parser, Subcommand};
+
+/// Burrow: publish a private TCP service through a public gateway.
+#[derive(Debug, Parser)]
+#[command(name = "burrow", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a gateway on a public host: agents connect to it, clients use the public ports it
+    /// opens for them.
+    Gateway(gateway::Args),
+    /// Run an agent next to a private service: it dials the gateway and publishes the service.
+    Agent(agent::Args),
+    /// Print a new agent key and its key hash: give the key to the agent, and `key_hash` to
+    /// the gateway's `[[agents]]` entry.
+    Keygen,
+}
+
+/// Flags every role has.
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// TOML config file; flags and environment variables override its keys.
+    #[arg(long, env = "BURROW_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+
+    /// How much to log [default: info, or RUST_LOG when set]
+    #[arg(long, env = "BURROW_LOG_LEVEL", value_name = "LEVEL", value_parser = log_level_parser())]
+    log_level: Option<LogLevel>,
+
+    /// Print the effective configuration (keys masked) and exit without starting.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn log_level_parser() -> impl TypedValueParser<Value = LogLevel> {
+    PossibleValuesParser::new(LogLevel::ALL.map(LogLevel::as_str))
+        .try_map(|s| s.parse::<LogLevel>())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Gateway(args) => gateway::main(args),
+        Command::Agent(args) => agent::main(args),
+        Command::Keygen => keygen(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keygen() -> anyhow::Result<()> {
+    let key = SecretKey::generate();
+    run::print(&format!("key: {}\nkey_hash: {}", key.expose(), key.hash()))
+}

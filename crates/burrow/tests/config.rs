@@ -1,0 +1,418 @@
+//! Config files and value grammar: the examples load, and every mistake is reported with the
+//! file, the line and the key.
+
+use std::path::{Path, PathBuf};
+
+use burrow::config::{
+    load_agent_file, load_gateway_file, parse_agent_file, parse_forward, parse_gateway_file,
+    AgentSettings, ConfigError, Forward, GatewaySettings, KeySpec, PortRange, Target, Trust,
+};
+use burrow::proto::auth::SecretKey;
+
+const KEY: &str = "bk_zlpV87yiiQg6NJ7bgH5mrgoSwLSXRExx5Swq84TwkhA";
+const KEY_HASH: &str = "bkh_tjpv6pJLLHVz98RUc4z1VaSnbUDW0Nm1UIIbnZ4xzos";
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+/// The error a gateway file with `text` gives; the path is only a name here.
+fn gateway_err(text: &str) -> String {
+    match parse_gateway_file(Path::new("conf/gw.toml"), text) {
+        Ok(s) => panic!("accepted: {s:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn agent_err(text: &str) -> String {
+    match parse_agent_file(Path::new("conf/agent.toml"), text) {
+        Ok(s) => panic!("accepted: {s:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Asserts the message names the file, the line and the key.
+#[track_caller]
+fn assert_at(msg: &str, file: &str, line: usize, key: &str) {
+    let place = format!("{file} line {line}, key {key}:");
+    assert!(msg.starts_with(&place), "expected `{place}` in: {msg}");
+}
+
+#[test]
+fn every_example_loads_and_resolves() -> anyhow::Result<()> {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(examples())? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("gateway") {
+            load_gateway_file(&path)?.into_config()?;
+        } else if name.starts_with("agent") {
+            load_agent_file(&path)?.into_config()?;
+        } else {
+            panic!("{name}: example names start with gateway or agent");
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2, "examples missing");
+    Ok(())
+}
+
+#[test]
+fn gateway_example_has_what_it_says() -> anyhow::Result<()> {
+    let c = load_gateway_file(&examples().join("gateway.toml"))?.into_config()?;
+    assert_eq!(c.agents.len(), 2);
+    let web = &c.agents[0];
+    assert_eq!(
+        web.key,
+        KeySpec::Hash(burrow::proto::auth::KeyHash::parse(KEY_HASH)?)
+    );
+    assert_eq!(
+        web.ports,
+        vec![
+            PortRange {
+                start: 8080,
+                end: 8080
+            },
+            PortRange {
+                start: 9000,
+                end: 9100
+            }
+        ]
+    );
+    assert!(matches!(c.agents[1].key, KeySpec::Key(_)));
+    assert_eq!(c.public_name.as_deref(), Some("gw.example.com"));
+    Ok(())
+}
+
+#[test]
+fn agent_example_matches_the_gateway_example() -> anyhow::Result<()> {
+    let a = load_agent_file(&examples().join("agent.toml"))?.into_config()?;
+    let g = load_gateway_file(&examples().join("gateway.toml"))?.into_config()?;
+    assert_eq!(a.key.hash(), g.agents[0].key.hash());
+    for f in &a.forwards {
+        assert!(g.agents[0].allows(f.public_port), "{f:?}");
+    }
+    assert!(a
+        .forwards
+        .iter()
+        .any(|f| matches!(f.target, Target::Unix(_))));
+    assert!(matches!(a.trust, Trust::Fingerprint(_)));
+    Ok(())
+}
+
+#[test]
+fn debug_of_a_loaded_agent_config_hides_the_key() -> anyhow::Result<()> {
+    let c = load_agent_file(&examples().join("agent.toml"))?.into_config()?;
+    let secret = &KEY[3..];
+    for text in [format!("{c:?}"), format!("{c:#?}")] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    let g = load_gateway_file(&examples().join("gateway.toml"))?.into_config()?;
+    let text = format!("{g:?}");
+    assert!(!text.contains("5JG9gAt6USx2Cm5GCBiq"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn unknown_key_names_file_line_and_key_with_a_suggestion() {
+    let msg = gateway_err("listen = \"0.0.0.0:7443\"\n\n[limits]\nmax_fram = 1\n");
+    assert_at(&msg, "conf/gw.toml", 4, "limits.max_fram");
+    assert!(msg.contains("did you mean `max_frame`"), "{msg}");
+
+    let msg = gateway_err("lissen = \"0.0.0.0:7443\"\n");
+    assert_at(&msg, "conf/gw.toml", 1, "lissen");
+
+    let msg = agent_err("gateway = \"gw:7443\"\n\n[[forwards]]\ntarget = \"a:1\"\nport = 8080\n");
+    assert_at(&msg, "conf/agent.toml", 5, "forwards[0].port");
+}
+
+#[test]
+fn typo_in_a_real_file_names_its_path() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, "listen = \"0.0.0.0:7443\"\npublik_name = \"x\"\n")?;
+    let msg = match load_gateway_file(&path) {
+        Ok(s) => panic!("accepted: {s:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert_at(&msg, &path.display().to_string(), 2, "publik_name");
+    Ok(())
+}
+
+#[test]
+fn bad_port_names_the_element() {
+    let text = format!(
+        "[[agents]]\nname = \"a\"\nkey_hash = \"{KEY_HASH}\"\nports = [\n  8080,\n  \"70000\",\n]\n"
+    );
+    let msg = gateway_err(&text);
+    assert_at(&msg, "conf/gw.toml", 6, "agents[0].ports[1]");
+    assert!(msg.contains("\"70000\" is not a port or range"), "{msg}");
+
+    let text = format!("[[agents]]\nname = \"a\"\nkey_hash = \"{KEY_HASH}\"\nports = [70000]\n");
+    assert_at(&gateway_err(&text), "conf/gw.toml", 4, "agents[0].ports[0]");
+
+    let msg = agent_err("[[forwards]]\npublic_port = 70000\ntarget = \"a:1\"\n");
+    assert_at(&msg, "conf/agent.toml", 2, "forwards[0].public_port");
+}
+
+#[test]
+fn bad_key_names_the_key_and_does_not_echo_it() {
+    let msg = agent_err("gateway = \"gw:7443\"\nkey = \"bk_notakeyatallnotakey\"\n");
+    assert_at(&msg, "conf/agent.toml", 2, "key");
+    assert!(!msg.contains("notakeyatall"), "{msg}");
+
+    let text = "\n[[agents]]\nname = \"a\"\nkey_hash = \"bk_wrongprefix\"\nports = [1]\n";
+    assert_at(&gateway_err(text), "conf/gw.toml", 4, "agents[0].key_hash");
+}
+
+#[test]
+fn key_and_key_hash_together_or_neither() {
+    let text = format!(
+        "[[agents]]\nname = \"a\"\nkey = \"{KEY}\"\nkey_hash = \"{KEY_HASH}\"\nports = [1]\n"
+    );
+    let msg = gateway_err(&text);
+    assert_at(&msg, "conf/gw.toml", 4, "agents[0].key_hash");
+    assert!(msg.contains("not both"), "{msg}");
+
+    let msg = gateway_err("# agents\n[[agents]]\nname = \"a\"\nports = [1]\n");
+    assert_at(&msg, "conf/gw.toml", 2, "agents[0]");
+}
+
+#[test]
+fn same_key_twice_is_refused() {
+    let text = format!(
+        "[[agents]]\nname = \"a\"\nkey = \"{KEY}\"\nports = [1]\n\
+         [[agents]]\nname = \"b\"\nkey_hash = \"{KEY_HASH}\"\nports = [2]\n"
+    );
+    assert_at(&gateway_err(&text), "conf/gw.toml", 7, "agents[1].key_hash");
+}
+
+#[test]
+fn bad_target_in_either_form() {
+    let msg = agent_err("forward = [\n  \"8080=127.0.0.1:80\",\n  \"localhost\",\n]\n");
+    assert_at(&msg, "conf/agent.toml", 3, "forward[1]");
+    assert!(msg.contains("\"localhost\" is not a target"), "{msg}");
+
+    let msg = agent_err("[[forwards]]\ntarget = \"::1:80\"\n");
+    assert_at(&msg, "conf/agent.toml", 2, "forwards[0].target");
+    assert!(msg.contains("brackets"), "{msg}");
+}
+
+#[test]
+fn bad_values_of_other_kinds() {
+    assert_at(
+        &gateway_err("lease = \"soon\"\n"),
+        "conf/gw.toml",
+        1,
+        "lease",
+    );
+    assert_at(
+        &gateway_err("\n[heartbeat]\ninterval = \"1ms\"\n"),
+        "conf/gw.toml",
+        3,
+        "heartbeat.interval",
+    );
+    assert_at(
+        &gateway_err("[limits]\nmax_streams = \"many\"\n"),
+        "conf/gw.toml",
+        2,
+        "limits.max_streams",
+    );
+    assert_at(
+        &gateway_err("[limits]\nmax_stream_window = 1024\n"),
+        "conf/gw.toml",
+        2,
+        "limits.max_stream_window",
+    );
+    assert_at(
+        &gateway_err("transport = \"udp\"\n"),
+        "conf/gw.toml",
+        1,
+        "transport",
+    );
+    assert_at(
+        &gateway_err("listen = \"7443\"\n"),
+        "conf/gw.toml",
+        1,
+        "listen",
+    );
+    assert_at(
+        &agent_err("fingerprint = \"SHA256:00\"\n"),
+        "conf/agent.toml",
+        1,
+        "fingerprint",
+    );
+    assert_at(
+        &agent_err("gateway = \"gw\"\n"),
+        "conf/agent.toml",
+        1,
+        "gateway",
+    );
+    assert_at(
+        &agent_err("max_backoff = \"0s\"\n"),
+        "conf/agent.toml",
+        1,
+        "max_backoff",
+    );
+    let both = "fingerprint = \"SHA256:415e49090663bd175c79524f06bcc79761d84319e3daf9c9c197b6787c6544a0\"\nca = \"ca.pem\"\n";
+    assert_at(&agent_err(both), "conf/agent.toml", 2, "ca");
+}
+
+#[test]
+fn duplicate_public_ports_are_refused() {
+    let msg =
+        agent_err("forward = [\"80=a:1\"]\n[[forwards]]\npublic_port = 80\ntarget = \"b:2\"\n");
+    assert_at(&msg, "conf/agent.toml", 2, "forwards[0]");
+}
+
+#[test]
+fn relative_paths_are_relative_to_the_file() -> anyhow::Result<()> {
+    let g = parse_gateway_file(
+        Path::new("/etc/burrow/gateway.toml"),
+        "state_dir = \"state\"\ntls_cert = \"/abs/cert.pem\"\ntls_key = \"key.pem\"\n",
+    )?;
+    assert_eq!(g.state_dir, Some(PathBuf::from("/etc/burrow/state")));
+    assert_eq!(g.tls_cert, Some(PathBuf::from("/abs/cert.pem")));
+    assert_eq!(g.tls_key, Some(PathBuf::from("/etc/burrow/key.pem")));
+    Ok(())
+}
+
+#[test]
+fn parse_forward_cases() -> Result<(), String> {
+    let tcp = |host: &str, port| Target::Tcp {
+        host: host.into(),
+        port,
+    };
+    let f = parse_forward("8080=127.0.0.1:80")?;
+    assert_eq!(
+        f,
+        Forward {
+            public_port: 8080,
+            target: tcp("127.0.0.1", 80),
+            name: "8080=127.0.0.1:80".into()
+        }
+    );
+    assert_eq!(parse_forward("localhost:3000")?.public_port, 0);
+    assert_eq!(parse_forward("0=localhost:3000")?.public_port, 0);
+    assert_eq!(parse_forward("[::1]:80")?.target, tcp("::1", 80));
+    assert_eq!(parse_forward("9000=[::1]:80")?.public_port, 9000);
+    assert_eq!(
+        parse_forward("unix:/var/run/docker.sock")?.target,
+        Target::Unix("/var/run/docker.sock".into())
+    );
+    assert_eq!(
+        parse_forward("2375=unix:/var/run/docker.sock")?.target,
+        Target::Unix("/var/run/docker.sock".into())
+    );
+    // An `=` inside a socket path is part of the path.
+    assert_eq!(
+        parse_forward("unix:/tmp/a=b.sock")?.target,
+        Target::Unix("/tmp/a=b.sock".into())
+    );
+    for bad in [
+        "",
+        "localhost",
+        "70000=a:1",
+        "x=a:1",
+        "a:0",
+        "a:70000",
+        "::1:80",
+        "[::1]80",
+        "[nope]:80",
+        "unix:",
+        "8080=",
+        "bad host:80",
+    ] {
+        assert!(parse_forward(bad).is_err(), "accepted {bad:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn targets_and_ranges_print_as_written() -> Result<(), String> {
+    for s in [
+        "127.0.0.1:80",
+        "[::1]:80",
+        "unix:/run/a.sock",
+        "example.com:443",
+    ] {
+        assert_eq!(Target::parse(s)?.to_string(), s);
+    }
+    assert_eq!(
+        PortRange::parse("9000-9100")?,
+        PortRange {
+            start: 9000,
+            end: 9100
+        }
+    );
+    assert_eq!(PortRange::parse("8080")?.to_string(), "8080");
+    assert_eq!(PortRange::parse("9000-9100")?.to_string(), "9000-9100");
+    for bad in ["0", "70000", "9100-9000", "1-", "-1", "a-b", ""] {
+        assert!(PortRange::parse(bad).is_err(), "accepted {bad:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn layers_overlay_field_by_field() -> anyhow::Result<()> {
+    let file = parse_agent_file(
+        Path::new("agent.toml"),
+        &format!(
+            "gateway = \"file:1\"\nkey = \"{KEY}\"\ntransport = \"tcp\"\nforward = [\"a:1\"]\n"
+        ),
+    )?;
+    let flags = AgentSettings {
+        gateway: Some("flag:2".into()),
+        ..AgentSettings::default()
+    };
+    let c = file.overlay(flags).into_config()?;
+    assert_eq!(c.gateway, "flag:2");
+    assert_eq!(c.trust, Trust::Plain);
+    assert_eq!(c.forwards.len(), 1);
+    assert_eq!(c.key, SecretKey::parse(KEY)?);
+
+    let g = GatewaySettings {
+        state_dir: Some("/s".into()),
+        ..GatewaySettings::default()
+    }
+    .into_config()?;
+    assert_eq!(g.listen.port(), burrow::config::DEFAULT_TUNNEL_PORT);
+    Ok(())
+}
+
+#[test]
+fn missing_settings_name_flag_env_and_key() {
+    let err = |s: AgentSettings| match s.into_config() {
+        Ok(c) => panic!("accepted {c:?}"),
+        Err(ConfigError::Value(m)) => m,
+        Err(e) => panic!("unexpected {e}"),
+    };
+    let m = err(AgentSettings::default());
+    assert!(
+        m.contains("--gateway") && m.contains("BURROW_GATEWAY") && m.contains("`gateway`"),
+        "{m}"
+    );
+    let with_gateway = AgentSettings {
+        gateway: Some("gw:1".into()),
+        ..AgentSettings::default()
+    };
+    let m = err(with_gateway.clone());
+    assert!(m.contains("--key") && m.contains("BURROW_KEY"), "{m}");
+    let with_key = AgentSettings {
+        key: Some(SecretKey::generate()),
+        ..with_gateway
+    };
+    let m = err(with_key.clone());
+    assert!(m.contains("--fingerprint") && m.contains("--ca"), "{m}");
+    let m = err(AgentSettings {
+        trust: Some(Trust::Ca("ca.pem".into())),
+        ..with_key
+    });
+    assert!(
+        m.contains("--forward") && m.contains("BURROW_FORWARD"),
+        "{m}"
+    );
+}

@@ -1,0 +1,144 @@
+//! `burrow agent`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use burrow::agent::{Agent, AgentStatus, ForwardStatus};
+use burrow::config::{self, AgentSettings, Forward, TransportKind, Trust};
+use burrow::proto::auth::SecretKey;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::run;
+
+/// Flags of `burrow agent`; each also reads `BURROW_<FLAG>`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The gateway's tunnel address, HOST:PORT
+    #[arg(long, env = "BURROW_GATEWAY", value_name = "HOST:PORT", value_parser = config::parse_gateway_addr)]
+    gateway: Option<String>,
+
+    /// The agent key, bk_... (the gateway prints one at start; or `burrow keygen`). Prefer
+    /// BURROW_KEY or the config file: command lines are visible to other local users
+    #[arg(long, env = "BURROW_KEY", value_name = "KEY", hide_env_values = true)]
+    key: Option<String>,
+
+    /// Pin the gateway's certificate, SHA256:HEX (the gateway prints it at start)
+    #[arg(long, env = "BURROW_FINGERPRINT", value_name = "SHA256:HEX", value_parser = parse_fingerprint)]
+    fingerprint: Option<[u8; 32]>,
+
+    /// Trust a CA bundle (PEM) that signed the gateway's certificate, instead of --fingerprint
+    #[arg(long, env = "BURROW_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+
+    /// Tunnel transport: tls, or tcp only when the gateway sits behind a TLS-terminating
+    /// proxy (no --fingerprint or --ca then) [default: tls]
+    #[arg(long, env = "BURROW_TRANSPORT", value_name = "TRANSPORT", value_parser = crate::gateway::transport_parser())]
+    transport: Option<TransportKind>,
+
+    // Help as an attribute: rustdoc would read `[ipv6]` as a link.
+    #[arg(
+        long = "forward",
+        env = "BURROW_FORWARD",
+        value_name = "SPEC",
+        value_delimiter = ',',
+        value_parser = config::parse_forward,
+        help = "A service to publish: [PUBLIC_PORT=]TARGET, where TARGET is host:port, \
+                [ipv6]:port or unix:/path/to.sock and PUBLIC_PORT 0 or absent lets the gateway \
+                choose. Repeat the flag, or separate specs with commas (also in BURROW_FORWARD)"
+    )]
+    forwards: Vec<Forward>,
+
+    /// TLS server name to send [default: the host of --gateway]
+    #[arg(long, env = "BURROW_SERVER_NAME", value_name = "NAME")]
+    server_name: Option<String>,
+
+    /// Longest pause between reconnect attempts, e.g. 30s or 2m [default: 30s]
+    #[arg(long, env = "BURROW_MAX_BACKOFF", value_name = "DURATION", value_parser = config::parse_duration)]
+    max_backoff: Option<Duration>,
+
+    #[command(flatten)]
+    common: crate::Common,
+}
+
+fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
+    burrow::tls::parse_fingerprint(s).map_err(|e| e.to_string())
+}
+
+impl Args {
+    /// The layer flags and environment make.
+    fn settings(&self) -> anyhow::Result<AgentSettings> {
+        // Parsed here rather than by clap, whose errors would echo the key.
+        let key = match &self.key {
+            Some(k) => Some(SecretKey::parse(k).context("--key / BURROW_KEY")?),
+            None => None,
+        };
+        let trust = match (self.fingerprint, &self.ca) {
+            (Some(_), Some(_)) => bail!(
+                "--fingerprint (BURROW_FINGERPRINT) and --ca (BURROW_CA) are both set: use one"
+            ),
+            (Some(fp), None) => Some(Trust::Fingerprint(fp)),
+            (None, Some(ca)) => Some(Trust::Ca(ca.clone())),
+            (None, None) => None,
+        };
+        Ok(AgentSettings {
+            gateway: self.gateway.clone(),
+            key,
+            trust,
+            transport: self.transport,
+            server_name: self.server_name.clone(),
+            forwards: (!self.forwards.is_empty()).then(|| self.forwards.clone()),
+            max_backoff: self.max_backoff,
+            log_level: self.common.log_level,
+            ..AgentSettings::default()
+        })
+    }
+}
+
+/// Runs `burrow agent`.
+pub fn main(args: Args) -> anyhow::Result<()> {
+    let file = run::load_file(args.common.config.as_deref(), config::load_agent_file)?;
+    let file_level = file.log_level;
+    let config = file.overlay(args.settings()?).into_config()?;
+    if args.common.print_config {
+        return run::print(&format!("{config:#?}"));
+    }
+    run::init_logging(args.common.log_level, file_level)?;
+    info!(target: run::LOG_TARGET, ?config, "agent settings");
+    let grace = config.grace;
+    let names: Vec<String> = config.forwards.iter().map(|f| f.name.clone()).collect();
+    run::runtime()?.block_on(async move {
+        let signals = run::Signals::install()?;
+        let agent = Agent::new(config);
+        tokio::spawn(print_forwards(agent.status(), names));
+        let shutdown = CancellationToken::new();
+        run::until_signal(agent.run(shutdown.clone()), shutdown, signals, grace).await
+    })
+}
+
+/// Prints each forward's status whenever it changes to granted or refused.
+async fn print_forwards(mut status: watch::Receiver<AgentStatus>, names: Vec<String>) {
+    let mut shown: Vec<ForwardStatus> = Vec::new();
+    loop {
+        let now = status.borrow_and_update().forwards.clone();
+        for (i, st) in now.iter().enumerate() {
+            if shown.get(i) == Some(st) {
+                continue;
+            }
+            let name = names.get(i).map_or("?", String::as_str);
+            match st {
+                ForwardStatus::Granted(addr) => {
+                    run::say(&format!("forward {name}: public address {addr}"))
+                }
+                ForwardStatus::Refused(why) => run::say(&format!("forward {name}: refused: {why}")),
+                ForwardStatus::Pending => {}
+            }
+        }
+        shown = now;
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}

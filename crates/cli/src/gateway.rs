@@ -1,0 +1,107 @@
+//! `burrow gateway`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use burrow::config::{self, GatewaySettings, TransportKind};
+use burrow::gateway::Gateway;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::run;
+
+/// Flags of `burrow gateway`; each also reads `BURROW_<FLAG>`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address the tunnel listener binds [default: 0.0.0.0:7443]
+    #[arg(long, env = "BURROW_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+
+    /// IP address the public ports bind to [default: 0.0.0.0]
+    #[arg(long, env = "BURROW_PUBLIC_HOST", value_name = "IP")]
+    public_host: Option<IpAddr>,
+
+    /// Host name agents and clients use to reach this machine, shown in the agent command line
+    /// and in granted addresses [default: the listen address]
+    #[arg(long, env = "BURROW_PUBLIC_NAME", value_name = "NAME")]
+    public_name: Option<String>,
+
+    /// Directory for the certificate and the generated agent key [default: /var/lib/burrow as
+    /// root, else $XDG_STATE_HOME/burrow or ~/.local/state/burrow]
+    #[arg(long, env = "BURROW_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Tunnel transport: tls, or tcp only behind a TLS-terminating proxy [default: tls]
+    #[arg(long, env = "BURROW_TRANSPORT", value_name = "TRANSPORT", value_parser = transport_parser())]
+    transport: Option<TransportKind>,
+
+    /// CA-signed certificate chain (PEM) to serve instead of the self-signed one
+    #[arg(long, env = "BURROW_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert
+    #[arg(long, env = "BURROW_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+
+    #[command(flatten)]
+    common: crate::Common,
+}
+
+/// `tls` or `tcp`, with the possible values shown in help and errors.
+pub fn transport_parser() -> impl TypedValueParser<Value = TransportKind> {
+    PossibleValuesParser::new(["tls", "tcp"]).try_map(|s| s.parse::<TransportKind>())
+}
+
+impl Args {
+    /// The layer flags and environment make.
+    fn settings(&self) -> GatewaySettings {
+        GatewaySettings {
+            listen: self.listen,
+            public_host: self.public_host,
+            public_name: self.public_name.clone(),
+            state_dir: self.state_dir.clone(),
+            transport: self.transport,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            log_level: self.common.log_level,
+            ..GatewaySettings::default()
+        }
+    }
+}
+
+/// Runs `burrow gateway`.
+pub fn main(args: Args) -> anyhow::Result<()> {
+    let file = run::load_file(args.common.config.as_deref(), config::load_gateway_file)?;
+    let file_level = file.log_level;
+    let config = file.overlay(args.settings()).into_config()?;
+    if args.common.print_config {
+        return run::print(&format!("{config:#?}"));
+    }
+    run::init_logging(args.common.log_level, file_level)?;
+    info!(target: run::LOG_TARGET, ?config, "gateway settings");
+    let grace = config.grace;
+    run::runtime()?.block_on(async move {
+        let signals = run::Signals::install()?;
+        let gateway = Gateway::bind(config)
+            .await
+            .context("cannot start the gateway")?;
+        announce(&gateway);
+        let shutdown = CancellationToken::new();
+        run::until_signal(gateway.run(shutdown.clone()), shutdown, signals, grace).await
+    })
+}
+
+/// Prints what an operator needs to connect agents.
+fn announce(gateway: &Gateway) {
+    run::say(&format!("gateway listening on {}", gateway.local_addr()));
+    if let Some(fp) = gateway.fingerprint() {
+        run::say(&format!("certificate fingerprint: {fp}"));
+    }
+    if let Some(command) = gateway.agent_command() {
+        run::say(&format!(
+            "run this on the agent's host (add --forward for each service):\n{command}"
+        ));
+    }
+}

@@ -1,0 +1,127 @@
+//! What both roles share: logging set-up, the config file, the runtime and signal handling.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::io::{IsTerminal as _, Write as _};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use burrow::config::{ConfigError, LogLevel};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+/// Log target of the CLI's own events (the binary's crate is also called `burrow`).
+pub const LOG_TARGET: &str = "burrow::cli";
+
+/// Writes lines to stdout. An error (a closed pipe) is returned, not a panic as with
+/// `println!`.
+pub fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
+}
+
+/// Writes a line to stdout for a running role, which goes on if nobody reads it.
+pub fn say(text: &str) {
+    let _ = print(text);
+}
+
+/// Loads the config file, or an empty layer when there is none.
+pub fn load_file<T: Default>(
+    path: Option<&Path>,
+    load: fn(&Path) -> Result<T, ConfigError>,
+) -> anyhow::Result<T> {
+    match path {
+        Some(p) => Ok(load(p)?),
+        None => Ok(T::default()),
+    }
+}
+
+/// Sets up logging to stderr: `--log-level`/`BURROW_LOG_LEVEL`, else `RUST_LOG`, else the
+/// file's `log_level`, else info.
+pub fn init_logging(flag: Option<LogLevel>, file: Option<LogLevel>) -> anyhow::Result<()> {
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let filter = match (flag, rust_log) {
+        (Some(level), _) => EnvFilter::new(level.as_str()),
+        (None, Some(directives)) => EnvFilter::try_new(&directives).with_context(|| {
+            format!("RUST_LOG={directives:?} is not a valid filter: fix it, or unset it and use --log-level")
+        })?,
+        (None, None) => EnvFilter::new(file.unwrap_or_default().as_str()),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    Ok(())
+}
+
+/// A multi-threaded tokio runtime.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// SIGINT and SIGTERM.
+pub struct Signals {
+    int: Signal,
+    term: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; from now on these signals no longer kill the process.
+    pub fn install() -> anyhow::Result<Signals> {
+        let int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        Ok(Signals { int, term })
+    }
+
+    /// The next signal's name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// Runs a role until it ends by itself or a signal arrives; then cancels `shutdown` and
+/// waits for the role to drain. A second signal stops without waiting.
+pub async fn until_signal<E: Display + Send + 'static>(
+    role: impl Future<Output = Result<(), E>> + Send + 'static,
+    shutdown: CancellationToken,
+    mut signals: Signals,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let mut task = tokio::spawn(role);
+    tokio::select! {
+        ended = &mut task => return finished(ended),
+        sig = signals.recv() => info!(
+            target: LOG_TARGET,
+            "{sig}: shutting down; open streams get up to {grace:?} to finish (signal again to stop now)"
+        ),
+    }
+    shutdown.cancel();
+    tokio::select! {
+        ended = &mut task => finished(ended),
+        sig = signals.recv() => bail!("{sig} again: stopped without waiting for open streams"),
+    }
+}
+
+fn finished<E: Display>(
+    ended: Result<Result<(), E>, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    match ended {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => bail!("{e}"),
+        Err(e) => bail!("internal error: {e}"),
+    }
+}

@@ -1,0 +1,190 @@
+//! The `burrow` binary: keygen, configuration errors, flags over environment over file.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use burrow::proto::auth::{KeyHash, SecretKey};
+
+const KEY: &str = "bk_zlpV87yiiQg6NJ7bgH5mrgoSwLSXRExx5Swq84TwkhA";
+
+/// The binary with a clean environment, so nothing from the caller leaks in.
+fn burrow(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_burrow"));
+    cmd.args(args).env_clear().env("HOME", "/nonexistent");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<(Output, String, String)> {
+    let out = cmd.output()?;
+    let stdout = String::from_utf8(out.stdout.clone())?;
+    let stderr = String::from_utf8(out.stderr.clone())?;
+    Ok((out, stdout, stderr))
+}
+
+#[test]
+fn keygen_prints_a_key_and_its_hash() -> anyhow::Result<()> {
+    let (out, stdout, _) = run(&mut burrow(&["keygen"]))?;
+    assert!(out.status.success());
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    let key = lines[0].strip_prefix("key: ").expect("key line");
+    let hash = lines[1].strip_prefix("key_hash: ").expect("key_hash line");
+    assert_eq!(SecretKey::parse(key)?.hash(), KeyHash::parse(hash)?);
+    Ok(())
+}
+
+#[test]
+fn agent_without_gateway_says_what_to_set() -> anyhow::Result<()> {
+    let (out, _, stderr) = run(&mut burrow(&["agent", "--key", KEY]))?;
+    assert!(!out.status.success());
+    assert!(stderr.contains("--gateway"), "{stderr}");
+    assert!(stderr.contains("BURROW_GATEWAY"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn config_typo_names_file_line_and_key() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "gateway = \"gw:7443\"\n\nforwad = [\"a:1\"]\n")?;
+    let path_text = path.display().to_string();
+    let (out, _, stderr) = run(&mut burrow(&["agent", "--config", &path_text]))?;
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("{path_text} line 3, key forwad")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("did you mean `forward`"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn forwards_from_environment_are_comma_separated() -> anyhow::Result<()> {
+    let (out, stdout, stderr) = run(burrow(&["agent", "--print-config"])
+        .env("BURROW_GATEWAY", "gw.example.com:7443")
+        .env("BURROW_KEY", KEY)
+        .env("BURROW_TRANSPORT", "tcp")
+        .env("BURROW_FORWARD", "8080=127.0.0.1:80,unix:/run/app.sock"))?;
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("\"8080=127.0.0.1:80\""), "{stdout}");
+    assert!(stdout.contains("\"unix:/run/app.sock\""), "{stdout}");
+    assert!(stdout.contains("Plain"), "{stdout}");
+    assert!(!stdout.contains(&KEY[3..]), "key printed: {stdout}");
+    Ok(())
+}
+
+#[test]
+fn flag_beats_environment_beats_file() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "gateway = \"file:1\"\nkey = \"{KEY}\"\ntransport = \"tcp\"\nforward = [\"a:1\"]\n"
+        ),
+    )?;
+    let path_text = path.display().to_string();
+    let print = |extra: &[&str], env: Option<&str>| -> anyhow::Result<String> {
+        let mut args = vec!["agent", "--print-config", "--config", &path_text];
+        args.extend_from_slice(extra);
+        let mut cmd = burrow(&args);
+        if let Some(gw) = env {
+            cmd.env("BURROW_GATEWAY", gw);
+        }
+        let (out, stdout, stderr) = run(&mut cmd)?;
+        assert!(out.status.success(), "{stderr}");
+        Ok(stdout)
+    };
+    assert!(print(&[], None)?.contains("\"file:1\""));
+    assert!(print(&[], Some("env:2"))?.contains("\"env:2\""));
+    assert!(print(&["--gateway", "flag:3"], Some("env:2"))?.contains("\"flag:3\""));
+    Ok(())
+}
+
+#[test]
+fn gateway_print_config_reads_environment() -> anyhow::Result<()> {
+    let (out, stdout, stderr) = run(burrow(&["gateway", "--print-config"])
+        .env("BURROW_LISTEN", "127.0.0.1:9443")
+        .env("BURROW_STATE_DIR", "/srv/burrow"))?;
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("127.0.0.1:9443"), "{stdout}");
+    assert!(stdout.contains("\"/srv/burrow\""), "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn bad_flag_values_are_refused() -> anyhow::Result<()> {
+    for args in [
+        &["agent", "--forward", "localhost"][..],
+        &["agent", "--gateway", "nohost"],
+        &["gateway", "--transport", "udp"],
+        &["gateway", "--log-level", "loud"],
+    ] {
+        let (out, _, stderr) = run(&mut burrow(args))?;
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(stderr.contains("invalid value"), "{args:?}: {stderr}");
+    }
+    let (out, _, stderr) = run(&mut burrow(&["agent", "--key", "bk_secretbutbroken"]))?;
+    assert!(!out.status.success());
+    assert!(stderr.contains("BURROW_KEY"), "{stderr}");
+    assert!(!stderr.contains("secretbutbroken"), "key echoed: {stderr}");
+    Ok(())
+}
+
+/// Starts a plain-TCP gateway on a free port, reads what it prints, stops it with SIGTERM.
+#[test]
+fn gateway_prints_its_address_and_stops_on_sigterm() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().display().to_string();
+    let mut child = burrow(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--transport",
+        "tcp",
+        "--state-dir",
+        &state,
+        "--log-level",
+        "warn",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+        let done = line.starts_with("burrow agent ");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(kill.success());
+    let status = child.wait()?;
+    let listen = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("gateway listening on "));
+    assert!(
+        listen.is_some_and(|a| a.starts_with("127.0.0.1:") && !a.ends_with(":0")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("burrow agent ")),
+        "{lines:?}"
+    );
+    assert!(status.success(), "exit {status:?}");
+    Ok(())
+}
