@@ -304,8 +304,9 @@ fn on_bind_result(
         *g = ok;
     }
     let new = if ok {
-        info!(forward = %fwd.name, dest = ?fwd.target, public = %res.text, "forward is live");
-        ForwardStatus::Granted(res.text.clone())
+        let public = public_address(&res.text, &cfg.gateway);
+        info!(forward = %fwd.name, dest = %fwd.target, %public, "forward is live");
+        ForwardStatus::Granted(public)
     } else {
         warn!(forward = %fwd.name, "gateway refused the forward: {} ({})", res.text, res.code);
         ForwardStatus::Refused(format!("{} ({})", res.text, res.code))
@@ -315,6 +316,22 @@ fn on_bind_result(
             *f = new;
         }
     });
+}
+
+/// The address clients use: what the gateway granted, with a wildcard host (`0.0.0.0`,
+/// `[::]`) replaced by the host this agent dialed, since that one is known to reach it.
+fn public_address(granted: &str, gateway: &str) -> String {
+    match granted.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => {
+            let host = transport::host_part(gateway);
+            if host.contains(':') {
+                format!("[{host}]:{}", addr.port())
+            } else {
+                format!("{host}:{}", addr.port())
+            }
+        }
+        _ => granted.to_string(),
+    }
 }
 
 /// Checks a stream the gateway opened against our own configuration and relays it.
@@ -358,18 +375,18 @@ fn accept_stream(
                     } else {
                         ErrorCode::ConnectFailed
                     };
-                    warn!(dest = ?fwd.target, "cannot connect to target: {e}");
+                    warn!(dest = %fwd.target, "cannot connect to target: {e}");
                     stream.reset(code);
                     return;
                 }
                 Err(_) => {
-                    warn!(dest = ?fwd.target, "connecting to target timed out after {TARGET_CONNECT_TIMEOUT:?}");
+                    warn!(dest = %fwd.target, "connecting to target timed out after {TARGET_CONNECT_TIMEOUT:?}");
                     stream.reset(ErrorCode::ConnectFailed);
                     return;
                 }
             };
             drop(permit);
-            debug!(dest = ?fwd.target, "stream opened");
+            debug!(dest = %fwd.target, "stream opened");
             let stats = relay::relay(&stream, &local).await;
             relay::log_end(&fwd.name, client, &stats, started, relay::LocalIs::Target);
         }
@@ -391,6 +408,26 @@ async fn connect_target(fwd: &Forward) -> std::io::Result<Local> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wildcard_public_host_becomes_the_gateway_host() {
+        assert_eq!(
+            public_address("0.0.0.0:4000", "gw.example.com:7443"),
+            "gw.example.com:4000"
+        );
+        assert_eq!(
+            public_address("[::]:4000", "[2001:db8::1]:7443"),
+            "[2001:db8::1]:4000"
+        );
+        assert_eq!(
+            public_address("192.0.2.1:4000", "gw:7443"),
+            "192.0.2.1:4000"
+        );
+        assert_eq!(
+            public_address("gw.example.com:4000", "x:1"),
+            "gw.example.com:4000"
+        );
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {

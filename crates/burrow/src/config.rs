@@ -745,14 +745,9 @@ impl AgentSettings {
             )
         })?;
         let trust = resolve_trust(self.transport, self.trust)?;
-        let forwards = self.forwards.filter(|f| !f.is_empty()).ok_or_else(|| {
-            missing(
-                "nothing to forward",
-                "--forward [PUBLIC_PORT=]TARGET",
-                "BURROW_FORWARD (comma-separated)",
-                "forward = [...] or [[forwards]]",
-            )
-        })?;
+        // No forwards is allowed: the agent then only checks that it can connect and
+        // authenticate (the gateway prints such a line), and warns that it publishes nothing.
+        let forwards = self.forwards.unwrap_or_default();
         check_forwards(&forwards).map_err(|(_, why)| ConfigError::Value(why))?;
         Ok(AgentConfig {
             gateway,

@@ -7,10 +7,10 @@ use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_proto::frame::HEADER_LEN;
 use burrow_proto::frame::{ACK, FIN};
 use burrow_proto::message::{GoAway, Open};
 use burrow_proto::mux::{DataVerdict, OpenVerdict};
-use burrow_proto::frame::HEADER_LEN;
 use burrow_proto::{Decoder, ErrorCode, Frame, Header, Kind, ProtocolError, StreamId};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -40,9 +40,13 @@ pub(super) async fn run(
     let reader = read_loop(&shared, rd, leftover, accept_tx, control_tx);
     let mut writer = std::pin::pin!(write_loop(&shared, wr));
     let heartbeat = heartbeat_loop(&shared);
+    let mut writer_done = false;
     let end = tokio::select! {
         end = reader => end,
-        end = &mut writer => end,
+        end = &mut writer => {
+            writer_done = true;
+            end
+        }
         end = heartbeat => end,
         _ = shared.ended.cancelled() => None,
     };
@@ -50,8 +54,10 @@ pub(super) async fn run(
         debug!(peer = %shared.name, %end, "session ending");
         shared.end(end);
     }
-    // Flush what is queued (at least the GoAway) without waiting on a dead peer for long.
-    let _ = tokio::time::timeout(GOAWAY_FLUSH, &mut writer).await;
+    if !writer_done {
+        // Flush what is queued (at least the GoAway) without waiting on a dead peer for long.
+        let _ = tokio::time::timeout(GOAWAY_FLUSH, &mut writer).await;
+    }
 }
 
 fn io_end(e: &std::io::Error) -> SessionEnd {
@@ -329,7 +335,9 @@ impl Batch {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
             while n > 0 {
-                let Some(front) = self.segs.front_mut() else { break };
+                let Some(front) = self.segs.front_mut() else {
+                    break;
+                };
                 if n >= front.len() {
                     n -= front.len();
                     self.segs.pop_front();
@@ -372,7 +380,12 @@ fn fill_batch(shared: &Shared, batch: &mut Batch) -> bool {
     let mut guard = shared.lock();
     let st = &mut *guard;
     while let Some(frame) = st.control.pop_front() {
-        trace_out(shared, &frame.header.kind, frame.header.stream, frame.payload.len());
+        trace_out(
+            shared,
+            &frame.header.kind,
+            frame.header.stream,
+            frame.payload.len(),
+        );
         batch.push(&frame.header, &frame.payload);
     }
     if st.end.is_some() {
@@ -380,8 +393,12 @@ fn fill_batch(shared: &Shared, batch: &mut Batch) -> bool {
         return true;
     }
     while batch.len < WRITE_BATCH {
-        let Some(id) = st.ready.pop_front() else { break };
-        let Some(slot) = st.slots.get_mut(&id) else { continue };
+        let Some(id) = st.ready.pop_front() else {
+            break;
+        };
+        let Some(slot) = st.slots.get_mut(&id) else {
+            continue;
+        };
         slot.queued = false;
         write_chunk(id, slot, batch);
         if let Some(w) = slot.send_waker.take() {

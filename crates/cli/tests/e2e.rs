@@ -1,0 +1,263 @@
+//! End to end through the real `burrow` binary: the zero-config gateway, the agent line it
+//! prints, traffic through the tunnel, and the client address in the agent's log.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// A running `burrow` process whose stdout and stderr lines arrive on channels. Killed on drop.
+struct Proc {
+    child: Child,
+    out: Receiver<String>,
+    err: Receiver<String>,
+    seen_err: Vec<String>,
+}
+
+fn lines(r: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+impl Proc {
+    fn start(args: &[String]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_burrow"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("burrow starts");
+        let out = lines(child.stdout.take().unwrap());
+        let err = lines(child.stderr.take().unwrap());
+        Proc {
+            child,
+            out,
+            err,
+            seen_err: Vec::new(),
+        }
+    }
+
+    /// The first stdout line matching `pred`, within 30 s.
+    fn stdout_line(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.out.recv_timeout(left) {
+                Ok(line) if pred(&line) => return line,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        self.seen_err.extend(self.err.try_iter());
+        panic!("no such stdout line; stderr: {:#?}", self.seen_err);
+    }
+
+    /// Waits for a stderr line containing `needle`, within 30 s.
+    fn stderr_line(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen_err.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.err.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen_err.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no stderr line with {needle:?}; stderr: {:#?}",
+            self.seen_err
+        );
+    }
+
+    /// SIGTERM, then the exit status within 30 s.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // Wait for the reader thread to see the end of stderr, then check it.
+                while let Ok(line) = self.err.recv_timeout(Duration::from_secs(5)) {
+                    self.seen_err.push(line);
+                }
+                let panics: Vec<&String> = self
+                    .seen_err
+                    .iter()
+                    .filter(|l| l.contains("panicked"))
+                    .collect();
+                assert!(panics.is_empty(), "process panicked: {:#?}", self.seen_err);
+                return st;
+            }
+            assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let mut w = c.try_clone().unwrap();
+                let _ = std::io::copy(&mut c, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+fn start_gateway(state: &str) -> (Proc, String) {
+    let mut gw = Proc::start(&s(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--public-host",
+        "127.0.0.1",
+        "--state-dir",
+        state,
+    ]));
+    let line = gw.stdout_line(|l| l.starts_with("burrow agent "));
+    (gw, line)
+}
+
+/// The printed line as arguments, without the leading `burrow`.
+fn agent_args(line: &str) -> Vec<String> {
+    let mut words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    assert_eq!(words.remove(0), "burrow");
+    words
+}
+
+/// Sends `data` through `addr`, half-closes, returns the sha256 of the echo and the local
+/// address the client used.
+fn echo_through(addr: &str, data: &[u8]) -> ([u8; 32], SocketAddr) {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let local = c.local_addr().unwrap();
+    let mut w = c.try_clone().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    (Sha256::digest(&got).into(), local)
+}
+
+#[test]
+fn printed_agent_line_works_as_printed_and_carries_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().display().to_string();
+    let (gw, line) = start_gateway(&state);
+    assert!(line.contains("--gateway 127.0.0.1:"), "{line}");
+    assert!(line.contains("--key bk_"), "{line}");
+    assert!(line.contains("--fingerprint SHA256:"), "{line}");
+
+    // Exactly as printed: it connects and authenticates.
+    let mut agent = Proc::start(&agent_args(&line));
+    agent.stderr_line("connected to gateway");
+    assert!(agent.terminate().success());
+
+    // The same line plus a forward: traffic flows, byte-exact.
+    let echo = echo_server();
+    let mut args = agent_args(&line);
+    args.extend(s(&["--forward", &format!("0=127.0.0.1:{}", echo.port())]));
+    let mut agent = Proc::start(&args);
+    let granted = agent.stdout_line(|l| l.contains(": public address "));
+    let public = granted.rsplit(' ').next().unwrap().to_string();
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 + i / 251) as u8).collect();
+    let (hash, client) = echo_through(&public, &data);
+    assert_eq!(hash, <[u8; 32]>::from(Sha256::digest(&data)));
+
+    // The agent logs the remote client's address with the stream.
+    let closed = agent.stderr_line("stream closed");
+    assert!(closed.contains(&client.to_string()), "{closed}");
+
+    assert!(agent.terminate().success(), "agent exits 0 on SIGTERM");
+    assert!(gw.terminate().success(), "gateway exits 0 on SIGTERM");
+}
+
+#[test]
+fn gateway_restart_reuses_key_and_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().display().to_string();
+    let (gw, first) = start_gateway(&state);
+    assert!(gw.terminate().success());
+    let (gw, second) = start_gateway(&state);
+    assert!(gw.terminate().success());
+    let secrets = |l: &str| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let after = |flag: &str| {
+            let i = w.iter().position(|x| *x == flag).unwrap();
+            w[i + 1].to_string()
+        };
+        (after("--key"), after("--fingerprint"))
+    };
+    assert_eq!(secrets(&first), secrets(&second));
+}
+
+#[test]
+fn wrong_key_fails_fast_naming_gateway_and_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().display().to_string();
+    let (gw, line) = start_gateway(&state);
+    let keygen = Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .arg("keygen")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(keygen.stdout).unwrap();
+    let other = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("key: "))
+        .unwrap()
+        .to_string();
+    let mut args = agent_args(&line);
+    let i = args.iter().position(|a| a == "--key").unwrap();
+    args[i + 1] = other;
+    let gateway = args[args.iter().position(|a| a == "--gateway").unwrap() + 1].clone();
+    let out = Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&gateway), "{stderr}");
+    assert!(stderr.contains("--key"), "{stderr}");
+    drop(gw);
+}
