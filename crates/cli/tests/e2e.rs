@@ -261,3 +261,30 @@ fn wrong_key_fails_fast_naming_gateway_and_flag() {
     assert!(stderr.contains("--key"), "{stderr}");
     drop(gw);
 }
+
+#[test]
+fn agent_killed_and_restarted_gets_its_public_port_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().display().to_string();
+    let (gw, line) = start_gateway(&state);
+    let echo = echo_server();
+    let mut args = agent_args(&line);
+    args.extend(s(&["--forward", &format!("127.0.0.1:{}", echo.port())]));
+    let public_of = |agent: &mut Proc| {
+        let l = agent.stdout_line(|l| l.contains(": public address "));
+        l.rsplit(' ').next().unwrap().to_string()
+    };
+    let mut agent = Proc::start(&args);
+    let first = public_of(&mut agent);
+    // SIGKILL: no goodbye; the gateway learns from the closed connection and keeps the lease.
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let mut agent = Proc::start(&args);
+    let second = public_of(&mut agent);
+    assert_eq!(first, second, "same public port after restart");
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+    let (hash, _) = echo_through(&second, &data);
+    assert_eq!(hash, <[u8; 32]>::from(Sha256::digest(&data)));
+    assert!(agent.terminate().success());
+    assert!(gw.terminate().success());
+}
