@@ -188,3 +188,264 @@ pub async fn echo_roundtrip(addr: SocketAddr, data: &[u8]) -> [u8; 32] {
     assert_eq!(total, len, "echoed length");
     hasher.finalize().into()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for streams.rs and faults.rs.
+
+/// Runs `f`, failing the test with `what` if it takes longer than `limit`.
+pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: not done within {limit:?}"),
+    }
+}
+
+/// Waits until the agent is connected and every forward has an answer (granted or refused);
+/// returns the answers in configuration order.
+pub async fn answers(status: &mut watch::Receiver<AgentStatus>) -> Vec<ForwardStatus> {
+    within(
+        Duration::from_secs(20),
+        "agent got answers for its forwards",
+        status.wait_for(|s| {
+            s.connected
+                && s.forwards
+                    .iter()
+                    .all(|f| !matches!(f, ForwardStatus::Pending))
+        }),
+    )
+    .await
+    .expect("agent alive")
+    .forwards
+    .clone()
+}
+
+/// Waits (bounded) until the agent's status satisfies `pred`; returns that status.
+pub async fn wait_status(
+    status: &mut watch::Receiver<AgentStatus>,
+    limit: Duration,
+    what: &str,
+    pred: impl FnMut(&AgentStatus) -> bool,
+) -> AgentStatus {
+    within(limit, what, status.wait_for(pred))
+        .await
+        .expect("agent status channel alive")
+        .clone()
+}
+
+/// A forward to any target with an explicit name (the gateway keys ports by name).
+pub fn forward_named(public_port: u16, target: Target, name: &str) -> Forward {
+    Forward {
+        public_port,
+        target,
+        name: name.to_string(),
+    }
+}
+
+/// A unix-socket echo server listening at `path`.
+pub fn unix_echo_server(path: &Path) {
+    let l = tokio::net::UnixListener::bind(path).expect("bind unix socket");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+}
+
+/// Reads and discards until EOF or an error, at most `cap` bytes, within `limit`. Returns
+/// `Ok(n)` on EOF after `n` bytes, `Err(e)` on a read error (a reset counts as closed).
+/// Panics if the peer keeps the connection open past `limit` or sends more than `cap`.
+pub async fn read_until_closed(
+    s: &mut TcpStream,
+    cap: usize,
+    limit: Duration,
+) -> std::io::Result<usize> {
+    within(limit, "peer closes the connection", async {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut total = 0usize;
+        loop {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+            assert!(
+                total <= cap,
+                "peer sent more than {cap} bytes instead of closing"
+            );
+        }
+    })
+    .await
+}
+
+/// The kernel's ephemeral port range (where `bind(0)` lands).
+pub fn ephemeral_port_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|x| x.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// Which bytes of a proxied connection stop flowing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freeze {
+    /// Neither direction.
+    Both,
+    /// Client (agent) to upstream (gateway).
+    ToUpstream,
+    /// Upstream (gateway) to client (agent).
+    ToDownstream,
+}
+
+#[derive(Clone, Default)]
+struct ProxyConn {
+    freeze_up: CancellationToken,
+    freeze_down: CancellationToken,
+    upstream_closed: CancellationToken,
+    downstream_closed: CancellationToken,
+}
+
+/// A TCP proxy on 127.0.0.1:0 whose existing connections can be frozen: a frozen direction
+/// swallows bytes without forwarding them and never closes, like a dead link. Connections
+/// accepted after a freeze flow normally. Everything stops when the proxy is dropped.
+pub struct FreezeProxy {
+    pub addr: SocketAddr,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<ProxyConn>>>,
+    accepted: watch::Receiver<usize>,
+    stop: CancellationToken,
+}
+
+impl Drop for FreezeProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl FreezeProxy {
+    pub async fn start(upstream: SocketAddr) -> FreezeProxy {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<ProxyConn>::new()));
+        let (tx, accepted) = watch::channel(0usize);
+        let stop = CancellationToken::new();
+        let (c, s) = (conns.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let down = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = l.accept() => match r {
+                        Ok((d, _)) => d,
+                        Err(_) => continue,
+                    },
+                };
+                let Ok(up) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let _ = up.set_nodelay(true);
+                let _ = down.set_nodelay(true);
+                let ctl = ProxyConn::default();
+                {
+                    let mut v = c.lock().unwrap();
+                    v.push(ctl.clone());
+                    tx.send_replace(v.len());
+                }
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(pump(
+                    dr,
+                    uw,
+                    ctl.freeze_up.clone(),
+                    ctl.downstream_closed.clone(),
+                    s.clone(),
+                ));
+                tokio::spawn(pump(
+                    ur,
+                    dw,
+                    ctl.freeze_down.clone(),
+                    ctl.upstream_closed.clone(),
+                    s.clone(),
+                ));
+            }
+        });
+        FreezeProxy {
+            addr,
+            conns,
+            accepted,
+            stop,
+        }
+    }
+
+    /// Freezes every connection accepted so far; returns how many.
+    pub fn freeze(&self, which: Freeze) -> usize {
+        let v = self.conns.lock().unwrap();
+        for c in v.iter() {
+            if which != Freeze::ToDownstream {
+                c.freeze_up.cancel();
+            }
+            if which != Freeze::ToUpstream {
+                c.freeze_down.cancel();
+            }
+        }
+        v.len()
+    }
+
+    /// Number of connections accepted (and connected upstream) so far.
+    pub fn accepted(&self) -> watch::Receiver<usize> {
+        self.accepted.clone()
+    }
+
+    /// Cancelled once the upstream side of connection `i` closed (EOF or error).
+    pub fn upstream_closed(&self, i: usize) -> CancellationToken {
+        self.conns.lock().unwrap()[i].upstream_closed.clone()
+    }
+
+    /// Cancelled once the downstream side of connection `i` closed (EOF or error).
+    pub fn downstream_closed(&self, i: usize) -> CancellationToken {
+        self.conns.lock().unwrap()[i].downstream_closed.clone()
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: CancellationToken,
+    closed: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = from.read(&mut buf) => r.unwrap_or(0),
+        };
+        if n == 0 {
+            closed.cancel();
+            if frozen.is_cancelled() {
+                // A dead link passes nothing on, not even the close: keep `to` open.
+                stop.cancelled().await;
+            } else {
+                let _ = to.shutdown().await;
+            }
+            return;
+        }
+        if frozen.is_cancelled() {
+            continue;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = frozen.cancelled() => {}
+            r = to.write_all(&buf[..n]) => if r.is_err() {
+                return;
+            },
+        }
+    }
+}
