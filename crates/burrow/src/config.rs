@@ -545,6 +545,16 @@ fn check_forwards(forwards: &[Forward]) -> Result<(), (usize, String)> {
                 ),
             ));
         }
+        // The gateway keeps a returning agent's ports by forward name, so names must differ.
+        if forwards[..i].iter().any(|e| e.name == f.name) {
+            return Err((
+                i,
+                format!(
+                    "two forwards are named `{}`: give each a different name (or target)",
+                    f.name
+                ),
+            ));
+        }
     }
     Ok(())
 }

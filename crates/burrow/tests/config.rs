@@ -269,6 +269,13 @@ fn duplicate_public_ports_are_refused() {
 }
 
 #[test]
+fn duplicate_forward_names_are_refused() {
+    let msg = agent_err("forward = [\"a:1\", \"a:1\"]\n");
+    assert!(msg.contains("named `a:1`"), "{msg}");
+    assert!(msg.contains("conf/agent.toml line 1"), "{msg}");
+}
+
+#[test]
 fn relative_paths_are_relative_to_the_file() -> anyhow::Result<()> {
     let g = parse_gateway_file(
         Path::new("/etc/burrow/gateway.toml"),
