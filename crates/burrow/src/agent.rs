@@ -55,6 +55,10 @@ pub struct AgentStatus {
     pub forwards: Vec<ForwardStatus>,
     /// The last error, if the agent is between sessions.
     pub last_error: Option<String>,
+    /// Failed attempts since the last session (resets when a session is established).
+    pub failed_attempts: u32,
+    /// The pause before the next attempt, while the agent is waiting to reconnect.
+    pub next_retry: Option<Duration>,
 }
 
 /// First reconnect delay.
@@ -121,6 +125,8 @@ impl Agent {
                         s.connected = true;
                         s.sessions += 1;
                         s.last_error = None;
+                        s.failed_attempts = 0;
+                        s.next_retry = None;
                     });
                     let end = serve(&cfg, started, &self.status, &tracker, &shutdown).await;
                     self.status.send_modify(|s| {
@@ -157,10 +163,15 @@ impl Agent {
             );
             attempt = attempt.saturating_add(1);
             debug!(?delay, attempt, "waiting before reconnecting");
+            self.status.send_modify(|s| {
+                s.failed_attempts = attempt;
+                s.next_retry = Some(delay);
+            });
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
             }
+            self.status.send_modify(|s| s.next_retry = None);
         }
         drain(&tracker, cfg.grace).await;
         Ok(())

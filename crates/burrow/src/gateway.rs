@@ -26,7 +26,7 @@ use crate::config::{AgentGrant, GatewayConfig, KeySpec, PortRange, TransportKind
 use crate::limiter::AuthLimiter;
 use crate::relay::{self, Local};
 use crate::session::{self, handshake, Session};
-use crate::stats::{bump, GatewayStats};
+use crate::stats::{bump, GatewayStats, GaugeGuard};
 use crate::tls::{self, GatewayIdentity};
 use crate::transport;
 
@@ -385,6 +385,7 @@ async fn serve_agent(
             old.close(ErrorCode::Replaced, "replaced by a newer session of the same agent");
         }
         bump(&hub.stats.sessions);
+        let _live = GaugeGuard::new(&hub.stats.active_sessions);
         info!(%peer, key = %acc.key.short(), "agent connected");
         let mut control = started.control;
         // Ports are kept across sessions by service name; one session may use a name once.
@@ -676,8 +677,10 @@ async fn accept_public(
             }
         };
         bump(&hub.stats.streams);
+        let hub2 = hub.clone();
         hub.tracker.spawn(
             async move {
+                let _live = GaugeGuard::new(&hub2.stats.active_streams);
                 let started = Instant::now();
                 let local = Local::Tcp(tcp);
                 let stats = relay::relay(&stream, &local).await;

@@ -21,6 +21,10 @@ pub struct GatewayStats {
     pub streams_refused: AtomicU64,
     /// Client connections closed because the port's agent was not connected.
     pub no_session: AtomicU64,
+    /// Streams being relayed right now (a gauge).
+    pub active_streams: AtomicU64,
+    /// Agent sessions up right now (a gauge).
+    pub active_sessions: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -42,11 +46,31 @@ pub struct StatsSnapshot {
     pub streams_refused: u64,
     /// See [`GatewayStats::no_session`].
     pub no_session: u64,
+    /// See [`GatewayStats::active_streams`].
+    pub active_streams: u64,
+    /// See [`GatewayStats::active_sessions`].
+    pub active_sessions: u64,
 }
 
 /// Adds one to a counter.
 pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Holds a gauge up by one while alive.
+pub(crate) struct GaugeGuard<'a>(&'a AtomicU64);
+
+impl<'a> GaugeGuard<'a> {
+    pub(crate) fn new(g: &'a AtomicU64) -> Self {
+        g.fetch_add(1, Ordering::Relaxed);
+        GaugeGuard(g)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl GatewayStats {
@@ -62,6 +86,8 @@ impl GatewayStats {
             streams: r(&self.streams),
             streams_refused: r(&self.streams_refused),
             no_session: r(&self.no_session),
+            active_streams: r(&self.active_streams),
+            active_sessions: r(&self.active_sessions),
         }
     }
 }
