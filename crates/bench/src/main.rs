@@ -1,0 +1,341 @@
+//! `burrow-bench`: runs the real `burrow` gateway and agent as separate processes on loopback
+//! and the same workloads once through the tunnel and once over a direct connection, then
+//! prints one markdown table with medians, spread and the ratio to direct.
+//!
+//! ```text
+//! cargo run --release -p burrow-bench            # full run, a few minutes
+//! cargo run --release -p burrow-bench -- --quick # CI smoke run, seconds
+//! ```
+//!
+//! It is not a timed test: it exits non-zero only when a correctness check fails (bytes lost,
+//! reordered or corrupted, a wrong echo, a workload error, streams left open), never on a
+//! number.
+//!
+//! # Layout
+//! - `options`: flags and their defaults (`--quick` picks the small ones).
+//! - `procs`: finds or builds `burrow`, runs the gateway and agent, reads what they print.
+//! - `targets`: echo, sink and source services inside the bench; `echo_proc`: an echo in a
+//!   child process for the memory rows, so that 10,000 connections fit the open-file limit.
+//! - `throughput`, `latency`, `memory`: the workloads.
+//! - `sys`: open-file limit, `/proc` readings, the machine.
+//! - `stats`, `report`: medians and percentiles; the table and its targets.
+
+mod echo_proc;
+mod latency;
+mod memory;
+mod options;
+mod pattern;
+mod procs;
+mod report;
+mod stats;
+mod sys;
+mod targets;
+mod throughput;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+
+use crate::echo_proc::EchoProcess;
+use crate::memory::Rss;
+use crate::options::Settings;
+use crate::procs::Tunnel;
+use crate::report::{Cpu, Latency, Results, Throughput};
+use crate::targets::Targets;
+use crate::throughput::{Direction, Endpoints, Workload};
+
+fn main() -> ExitCode {
+    let args = options::Args::parse();
+    if args.serve_echo {
+        return match echo_proc::serve() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("burrow-bench echo child: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run(&args.settings()) {
+        Ok(results) if results.failures.is_empty() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("burrow-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sets the process up, runs the bench, prints the report.
+fn run(settings: &Settings) -> anyhow::Result<Results> {
+    // Before any child starts, so they inherit it: each process holds one descriptor per held
+    // connection, plus slack.
+    let most = settings.conns.iter().copied().max().unwrap_or(0);
+    let fd_limit = sys::raise_fd_limit(u64::from(most) + 4096);
+    let bin = procs::locate_binary()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let results = runtime.block_on(bench(settings, &bin, fd_limit))?;
+    print!("{}", results.render());
+    if let Some(path) = &settings.json {
+        let json = serde_json::to_string_pretty(&results)?;
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(results)
+}
+
+/// The public addresses of the tunnelled targets.
+struct Public {
+    echo: SocketAddr,
+    sink: SocketAddr,
+    source: SocketAddr,
+    /// The echo child of the memory rows, when they run.
+    held: Option<SocketAddr>,
+}
+
+/// Starts the targets and the tunnel, runs every section, and stops the tunnel.
+async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result<Results> {
+    let mut results = Results {
+        machine: Some(sys::Machine::describe(fd_limit)),
+        settings: describe(settings),
+        ..Results::default()
+    };
+    let direct = Targets::start(settings.write_len).await?;
+    let tunnelled = Targets::start(settings.write_len).await?;
+    let mut held = if settings.conns.is_empty() {
+        None
+    } else {
+        Some(EchoProcess::start().await?)
+    };
+    let mut published = vec![tunnelled.echo, tunnelled.sink, tunnelled.source];
+    published.extend(held.as_ref().map(|h| h.addr));
+    eprintln!("bench: starting {} gateway and agent", bin.display());
+    let tunnel = Tunnel::start(bin, &published, settings.gateway_config.as_deref()).await?;
+    let public = Public {
+        echo: tunnel.public[0],
+        sink: tunnel.public[1],
+        source: tunnel.public[2],
+        held: tunnel.public.get(3).copied(),
+    };
+    let bench = Bench {
+        settings,
+        direct: &direct,
+        tunnelled: &tunnelled,
+        public: &public,
+        tunnel: &tunnel,
+        fd_limit,
+    };
+    let outcome = bench.sections(&mut results, held.as_mut()).await;
+    results.notes.extend(tunnel.stop().await);
+    outcome?;
+    Ok(results)
+}
+
+/// What every section needs.
+struct Bench<'a> {
+    settings: &'a Settings,
+    direct: &'a Targets,
+    tunnelled: &'a Targets,
+    public: &'a Public,
+    tunnel: &'a Tunnel,
+    fd_limit: u64,
+}
+
+impl Bench<'_> {
+    async fn sections(
+        &self,
+        results: &mut Results,
+        held: Option<&mut EchoProcess>,
+    ) -> anyhow::Result<()> {
+        self.warm_up(results).await;
+        self.throughput(results).await?;
+        self.latency(results).await;
+        if let (Some(held), Some(addr)) = (held, self.public.held) {
+            self.memory(results, held, addr).await?;
+        }
+        Ok(())
+    }
+
+    fn tunnel_endpoints(&self) -> Endpoints<'_> {
+        Endpoints {
+            sink: self.public.sink,
+            source: self.public.source,
+            ledger: &self.tunnelled.ledger,
+        }
+    }
+
+    /// Proves every path works and lets the session settle before anything is measured.
+    async fn warm_up(&self, results: &mut Results) {
+        eprintln!("bench: warm-up");
+        let chunk: Arc<[u8]> = pattern::buffer(self.settings.write_len).into();
+        let short = Duration::from_millis(100);
+        for (name, to) in [
+            ("direct", Endpoints::direct(self.direct)),
+            ("tunnel", self.tunnel_endpoints()),
+        ] {
+            for direction in [Direction::Upload, Direction::Download] {
+                let work = Workload {
+                    direction,
+                    streams: 1,
+                };
+                if let Err(e) = throughput::run(&to, work, short, &chunk).await {
+                    results
+                        .failures
+                        .push(format!("warm-up, {}, {name}: {e:#}", work.label()));
+                }
+            }
+        }
+        for (name, addr) in [("direct", self.direct.echo), ("tunnel", self.public.echo)] {
+            if let Err(e) = latency::request_response(addr, 100).await {
+                results
+                    .failures
+                    .push(format!("warm-up, echo, {name}: {e:#}"));
+            }
+        }
+    }
+
+    /// Every throughput workload, direct then tunnel, round after round; and the gateway's and
+    /// agent's CPU time over the whole section.
+    async fn throughput(&self, results: &mut Results) -> anyhow::Result<()> {
+        let s = self.settings;
+        let chunk: Arc<[u8]> = pattern::buffer(s.write_len).into();
+        let mut workloads = vec![
+            Workload {
+                direction: Direction::Upload,
+                streams: 1,
+            },
+            Workload {
+                direction: Direction::Download,
+                streams: 1,
+            },
+        ];
+        workloads.extend(s.streams.iter().map(|&streams| Workload {
+            direction: Direction::Upload,
+            streams,
+        }));
+        let mut rows: Vec<Throughput> = workloads
+            .iter()
+            .map(|w| Throughput {
+                label: w.label(),
+                streams: w.streams,
+                target_ratio: match w.streams {
+                    1 => Some(report::SINGLE_STREAM_RATIO),
+                    8 => Some(report::EIGHT_STREAMS_RATIO),
+                    _ => None,
+                },
+                direct: Vec::new(),
+                tunnel: Vec::new(),
+            })
+            .collect();
+        let cpu_before = self.tunnel.cpu_seconds()?;
+        let mut tunnel_bytes = 0;
+        for round in 1..=s.rounds {
+            eprintln!("bench: throughput, round {round}/{}", s.rounds);
+            for (work, row) in workloads.iter().zip(&mut rows) {
+                let to = Endpoints::direct(self.direct);
+                match throughput::run(&to, *work, s.duration, &chunk).await {
+                    Ok(t) => row.direct.push(t.gbit_per_s()),
+                    Err(e) => results
+                        .failures
+                        .push(format!("{}, direct, round {round}: {e:#}", row.label)),
+                }
+                match throughput::run(&self.tunnel_endpoints(), *work, s.duration, &chunk).await {
+                    Ok(t) => {
+                        row.tunnel.push(t.gbit_per_s());
+                        tunnel_bytes += t.bytes;
+                    }
+                    Err(e) => results
+                        .failures
+                        .push(format!("{}, tunnel, round {round}: {e:#}", row.label)),
+                }
+            }
+        }
+        let seconds = self.tunnel.cpu_seconds()? - cpu_before;
+        results.cpu = Some(Cpu {
+            seconds,
+            tunnel_bytes,
+        });
+        results.throughput = rows;
+        Ok(())
+    }
+
+    /// Request/response and connect + first byte, direct then tunnel, round after round.
+    async fn latency(&self, results: &mut Results) {
+        let s = self.settings;
+        let (mut rr, mut connect) = (Latency::default(), Latency::default());
+        for round in 1..=s.rounds {
+            eprintln!("bench: latency, round {round}/{}", s.rounds);
+            for (name, addr) in [("direct", self.direct.echo), ("tunnel", self.public.echo)] {
+                match latency::request_response(addr, s.rr_iters).await {
+                    Ok(p) => rr.side(name == "direct").push(p),
+                    Err(e) => results
+                        .failures
+                        .push(format!("{name}, round {round}: {e:#}")),
+                }
+                match latency::connect_first_byte(addr, s.connect_iters).await {
+                    Ok(p) => connect.side(name == "direct").push(p),
+                    Err(e) => results
+                        .failures
+                        .push(format!("{name}, round {round}: {e:#}")),
+                }
+            }
+        }
+        results.request_response = rr;
+        results.connect = connect;
+    }
+
+    /// Idle memory, then each number of held connections to `addr`, the public address of
+    /// the echo child `held`.
+    async fn memory(
+        &self,
+        results: &mut Results,
+        held: &mut EchoProcess,
+        addr: SocketAddr,
+    ) -> anyhow::Result<()> {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        results.idle = Some(Rss::of(self.tunnel)?);
+        for &n in &self.settings.conns {
+            eprintln!("bench: memory, {n} idle connections");
+            match memory::level(addr, n, self.tunnel, held, self.fd_limit).await {
+                Ok(level) => {
+                    let held = report::thousands(n);
+                    for (why, count) in &level.failures {
+                        let note = format!("{held} idle connections: {count} failed: {why}");
+                        results.notes.push(note);
+                    }
+                    results.memory.push(level);
+                }
+                Err(e) => results.failures.push(format!("{e:#}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The settings line of the report.
+fn describe(s: &Settings) -> String {
+    let streams: Vec<String> = s.streams.iter().map(u32::to_string).collect();
+    let conns: Vec<String> = s.conns.iter().map(u32::to_string).collect();
+    format!(
+        "{}{} round(s); throughput runs of {:?} with {} KiB writes, parallel streams {}; {} \
+         request/response round trips and {} connects per round; idle connections {}",
+        if s.quick { "quick; " } else { "" },
+        s.rounds,
+        s.duration,
+        s.write_len / 1024,
+        streams.join(","),
+        s.rr_iters,
+        s.connect_iters,
+        if conns.is_empty() {
+            "skipped".into()
+        } else {
+            conns.join(",")
+        },
+    )
+}

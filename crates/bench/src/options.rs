@@ -1,0 +1,142 @@
+//! Command-line options and the settings they resolve to.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Runs the same workloads through a real `burrow` gateway and agent and over a direct
+/// loopback connection, and prints one markdown table comparing them.
+///
+/// The `burrow` binary is `$BURROW_BIN` when set; under `cargo run` it is built first.
+#[derive(Debug, Parser)]
+#[command(name = "burrow-bench")]
+pub struct Args {
+    /// Small sizes and short runs for a CI smoke test (seconds, not minutes). Explicit
+    /// options still override.
+    #[arg(long)]
+    quick: bool,
+
+    /// Rounds of each throughput and latency workload [default: 5; quick: 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: Option<u32>,
+
+    /// How long each throughput run writes, e.g. 3s or 500ms [default: 3s; quick: 300ms]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    duration: Option<Duration>,
+
+    /// Parallel upload streams to measure besides the single ones [default: 8,64]
+    #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=4096))]
+    streams: Option<Vec<u32>>,
+
+    /// Size of each throughput write, KiB [default: 256]
+    #[arg(long, value_name = "KIB", value_parser = clap::value_parser!(u32).range(1..=16384))]
+    write_kib: Option<u32>,
+
+    /// Request/response round trips per round [default: 20000; quick: 500]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    rr_iters: Option<u32>,
+
+    /// Connect-and-first-byte attempts per round [default: 2000; quick: 100]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    connect_iters: Option<u32>,
+
+    /// Concurrent idle connections to hold for the memory rows [default: 1000,10000; quick:
+    /// 100,500]
+    #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    conns: Option<Vec<u32>>,
+
+    /// Leave out the memory rows
+    #[arg(long)]
+    skip_memory: bool,
+
+    /// Also write the raw results as JSON to FILE
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+
+    /// Gateway config file (TOML) to pass as `--config`, e.g. to raise `[limits] max_streams`
+    #[arg(long, value_name = "FILE")]
+    gateway_config: Option<PathBuf>,
+
+    /// Internal: run as the echo child process of the memory rows.
+    #[arg(long = "serve-echo", hide = true)]
+    pub serve_echo: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("the duration must be above zero".to_string()),
+        Err(_) => Err(format!("{s:?} is not a duration (use e.g. 3s or 500ms)")),
+    }
+}
+
+/// What to run, with every default filled in.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub quick: bool,
+    pub rounds: u32,
+    pub duration: Duration,
+    pub streams: Vec<u32>,
+    pub write_len: usize,
+    pub rr_iters: u32,
+    pub connect_iters: u32,
+    /// Empty when the memory rows are skipped.
+    pub conns: Vec<u32>,
+    pub json: Option<PathBuf>,
+    pub gateway_config: Option<PathBuf>,
+}
+
+impl Args {
+    /// Fills in the defaults, the smaller ones under `--quick`.
+    pub fn settings(self) -> Settings {
+        let quick = self.quick;
+        let pick = |full, small| if quick { small } else { full };
+        let conns = match (self.skip_memory, self.conns) {
+            (true, _) => Vec::new(),
+            (false, Some(list)) => list,
+            (false, None) if quick => vec![100, 500],
+            (false, None) => vec![1_000, 10_000],
+        };
+        Settings {
+            quick: self.quick,
+            rounds: self.rounds.unwrap_or(pick(5, 1)),
+            duration: self.duration.unwrap_or(if quick {
+                Duration::from_millis(300)
+            } else {
+                Duration::from_secs(3)
+            }),
+            streams: self.streams.unwrap_or_else(|| vec![8, 64]),
+            write_len: self.write_kib.unwrap_or(256) as usize * 1024,
+            rr_iters: self.rr_iters.unwrap_or(pick(20_000, 500)),
+            connect_iters: self.connect_iters.unwrap_or(pick(2_000, 100)),
+            conns,
+            json: self.json,
+            gateway_config: self.gateway_config,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_defaults_and_overrides() {
+        let s = Args::parse_from(["b", "--quick", "--rounds", "2"]).settings();
+        assert_eq!((s.rounds, s.rr_iters), (2, 500));
+        assert_eq!(s.conns, vec![100, 500]);
+        let s = Args::parse_from(["b", "--skip-memory", "--conns", "5"]).settings();
+        assert!(s.conns.is_empty());
+        assert_eq!(s.duration, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn lists_and_durations_parse() {
+        let s = Args::parse_from(["b", "--conns", "10,20", "--duration", "250ms"]).settings();
+        assert_eq!(s.conns, vec![10, 20]);
+        assert_eq!(s.duration, Duration::from_millis(250));
+        assert!(Args::try_parse_from(["b", "--duration", "0s"]).is_err());
+        assert!(Args::try_parse_from(["b", "--rounds", "0"]).is_err());
+    }
+}

@@ -1,0 +1,420 @@
+//! The real `burrow` binary: finding (and building) it, and running a gateway and an agent as
+//! child processes on loopback.
+
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use crate::sys;
+
+/// Longest the gateway or agent may take to print what the bench waits for.
+const STARTUP_LIMIT: Duration = Duration::from_secs(30);
+/// Stderr lines shown in a start-up error.
+const KEPT_LINES: usize = 20;
+/// Stderr lines of a child copied to the bench's stderr as they come.
+const ECHOED_LINES: usize = 20;
+
+/// The `burrow` binary to run: `$BURROW_BIN` if set; else, under cargo (`$CARGO` set), a
+/// fresh release build in the same target directory as this bench; else an existing one there.
+pub fn locate_binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("BURROW_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = target_dir(&root);
+    let bin = target.join("release").join("burrow");
+    match std::env::var_os("CARGO") {
+        Some(cargo) => build(&cargo, &root, &target)?,
+        None if bin.exists() => {}
+        None => bail!(
+            "no burrow binary at {}: build it (cargo build --release -p burrow-cli), run the \
+             bench with `cargo run --release -p burrow-bench`, or set BURROW_BIN",
+            bin.display()
+        ),
+    }
+    Ok(bin)
+}
+
+/// The cargo target directory: the one this executable was built into (cargo marks it with
+/// `CACHEDIR.TAG`, which covers any configured target-dir), else `$CARGO_TARGET_DIR`, else
+/// the workspace's `target`.
+fn target_dir(root: &Path) -> PathBuf {
+    let built_into = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
+        .filter(|dir| dir.join("CACHEDIR.TAG").exists());
+    built_into
+        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(|d| root.join(d)))
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn build(cargo: &OsStr, root: &Path, target: &Path) -> anyhow::Result<()> {
+    eprintln!("bench: building burrow (release)");
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "burrow-cli", "--bin", "burrow"])
+        .arg("--target-dir")
+        .arg(target)
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .context("cannot run cargo to build burrow")?;
+    if !status.success() {
+        bail!("building burrow failed ({status}); see cargo's output above");
+    }
+    Ok(())
+}
+
+/// What a child printed on one stream, and whether the stream has ended.
+#[derive(Debug, Default)]
+struct Output {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// Reads `reader` line by line into a watch channel; with `echo`, copies each line to our
+/// stderr under that prefix.
+fn capture(
+    reader: impl AsyncRead + Unpin + Send + 'static,
+    echo: Option<&'static str>,
+) -> watch::Receiver<Output> {
+    let (tx, rx) = watch::channel(Output::default());
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(reader).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let seen = tx.borrow().lines.len();
+            match echo {
+                Some(name) if seen < ECHOED_LINES => eprintln!("[{name}] {line}"),
+                Some(name) if seen == ECHOED_LINES => {
+                    eprintln!("[{name}] (more lines: counted in the report, not shown)")
+                }
+                _ => {}
+            }
+            tx.send_modify(|out| out.lines.push(line));
+        }
+        tx.send_modify(|out| out.closed = true);
+    });
+    rx
+}
+
+/// A running `burrow` process; killed when dropped.
+pub struct Proc {
+    name: &'static str,
+    child: Child,
+    pid: u32,
+    stdout: watch::Receiver<Output>,
+    stderr: watch::Receiver<Output>,
+    /// Stdout lines printed during start-up; later ones are worth reporting.
+    startup_lines: usize,
+}
+
+impl Proc {
+    /// Starts `bin` with `args` and `env`, with every other `BURROW_*` variable removed so the
+    /// caller's environment cannot change the set-up.
+    fn spawn(
+        name: &'static str,
+        bin: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("BURROW_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {} {name}", bin.display()))?;
+        let pid = child
+            .id()
+            .with_context(|| format!("{name} exited at once"))?;
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        Ok(Proc {
+            name,
+            child,
+            pid,
+            stdout: capture(stdout, None),
+            stderr: capture(stderr, Some(name)),
+            startup_lines: 0,
+        })
+    }
+
+    /// Waits until `find` recognises what it needs in the stdout lines so far.
+    async fn wait_stdout<T>(
+        &mut self,
+        what: &str,
+        mut find: impl FnMut(&[String]) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let waited = tokio::time::timeout(
+            STARTUP_LIMIT,
+            self.stdout
+                .wait_for(|out| out.closed || find(&out.lines).is_some()),
+        )
+        .await
+        .map(|seen| seen.is_ok());
+        let found = find(&self.stdout.borrow().lines);
+        self.startup_lines = self.stdout.borrow().lines.len();
+        match (found, waited) {
+            (Some(found), _) => Ok(found),
+            (None, Ok(_)) => bail!(
+                "{} exited before printing {what}{}",
+                self.name,
+                self.stderr_tail()
+            ),
+            (None, Err(_)) => bail!(
+                "{} did not print {what} within {STARTUP_LIMIT:?}{}",
+                self.name,
+                self.stderr_tail()
+            ),
+        }
+    }
+
+    fn stderr_tail(&self) -> String {
+        let err = self.stderr.borrow();
+        match err.lines.len() {
+            0 => String::new(),
+            n => format!(
+                "; its stderr:\n{}",
+                err.lines[n.saturating_sub(KEPT_LINES)..].join("\n")
+            ),
+        }
+    }
+
+    /// Resident memory, KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        sys::rss_kib(self.pid).with_context(|| format!("{} (pid {})", self.name, self.pid))
+    }
+
+    /// CPU seconds used so far.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        sys::cpu_seconds(self.pid).with_context(|| format!("{} (pid {})", self.name, self.pid))
+    }
+
+    /// What is worth a note: an early exit, stderr lines, stdout lines after start-up. Then
+    /// kills the process.
+    async fn stop(mut self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Ok(Some(status)) = self.child.try_wait() {
+            notes.push(format!("{} exited during the bench: {status}", self.name));
+        }
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        // Let the capture tasks read what the pipes still hold.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let err = self.stderr.borrow();
+        if !err.lines.is_empty() {
+            notes.push(format!(
+                "{} wrote {} line(s) to stderr at --log-level warn; the first: `{}`",
+                self.name,
+                err.lines.len(),
+                err.lines[0]
+            ));
+        }
+        let out = self.stdout.borrow();
+        if let Some(late) = out
+            .lines
+            .get(self.startup_lines..)
+            .filter(|l| !l.is_empty())
+        {
+            notes.push(format!(
+                "{} printed after start-up: {}",
+                self.name,
+                late.iter()
+                    .take(5)
+                    .map(|l| format!("`{l}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        notes
+    }
+}
+
+/// A gateway and an agent publishing some targets, each in its own process.
+pub struct Tunnel {
+    pub gateway: Proc,
+    pub agent: Proc,
+    /// The public address of each target, in the order given.
+    pub public: Vec<SocketAddr>,
+    /// The gateway's state directory, removed when dropped.
+    _state: tempfile::TempDir,
+}
+
+impl Tunnel {
+    /// Starts a zero-config gateway on loopback, then an agent that publishes `targets`, and
+    /// waits until every forward is granted.
+    pub async fn start(
+        bin: &Path,
+        targets: &[SocketAddr],
+        gateway_config: Option<&Path>,
+    ) -> anyhow::Result<Tunnel> {
+        let state = tempfile::tempdir().context("cannot create a state directory")?;
+        let mut args = strings([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--public-host",
+            "127.0.0.1",
+            "--log-level",
+            "warn",
+            "--state-dir",
+        ]);
+        args.push(state.path().display().to_string());
+        if let Some(config) = gateway_config {
+            args.extend(["--config".to_string(), config.display().to_string()]);
+        }
+        let mut gateway = Proc::spawn("gateway", bin, &args, &[])?;
+        let invite = gateway
+            .wait_stdout("a `burrow agent ...` line", |lines| {
+                lines
+                    .iter()
+                    .find_map(|l| l.strip_prefix("burrow agent "))
+                    .map(Invite::parse)
+            })
+            .await??;
+
+        let mut args = strings([
+            "agent",
+            "--log-level",
+            "warn",
+            "--gateway",
+            &invite.gateway,
+            "--fingerprint",
+            &invite.fingerprint,
+        ]);
+        let specs: Vec<String> = targets.iter().map(SocketAddr::to_string).collect();
+        for spec in &specs {
+            args.extend(["--forward".to_string(), spec.clone()]);
+        }
+        // The key goes in the environment, where other local users cannot see it.
+        let mut agent = Proc::spawn("agent", bin, &args, &[("BURROW_KEY", &invite.key)])?;
+        let public = agent
+            .wait_stdout("a public address for every forward", |lines| {
+                specs
+                    .iter()
+                    .map(|spec| lines.iter().find_map(|l| parse_forward(l, spec)))
+                    .collect::<Option<anyhow::Result<Vec<_>>>>()
+            })
+            .await??;
+        Ok(Tunnel {
+            gateway,
+            agent,
+            public,
+            _state: state,
+        })
+    }
+
+    /// CPU seconds the gateway and agent used so far, together.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        Ok(self.gateway.cpu_seconds()? + self.agent.cpu_seconds()?)
+    }
+
+    /// Stops both processes; returns what is worth a note about them.
+    pub async fn stop(self) -> Vec<String> {
+        let mut notes = self.agent.stop().await;
+        notes.extend(self.gateway.stop().await);
+        notes
+    }
+}
+
+fn strings<const N: usize>(items: [&str; N]) -> Vec<String> {
+    items.into_iter().map(str::to_string).collect()
+}
+
+/// What the gateway's `burrow agent ...` line tells an agent.
+struct Invite {
+    gateway: String,
+    key: String,
+    fingerprint: String,
+}
+
+impl Invite {
+    /// Reads the flags of the line after `burrow agent `.
+    fn parse(flags: &str) -> anyhow::Result<Invite> {
+        let mut words = flags.split_whitespace();
+        let (mut gateway, mut key, mut fingerprint) = (None, None, None);
+        while let Some(word) = words.next() {
+            let (flag, inline) = match word.split_once('=') {
+                Some((flag, value)) => (flag, Some(value.to_string())),
+                None => (word, None),
+            };
+            let slot = match flag {
+                "--gateway" => &mut gateway,
+                "--key" => &mut key,
+                "--fingerprint" => &mut fingerprint,
+                _ => continue,
+            };
+            *slot = inline.or_else(|| words.next().map(str::to_string));
+        }
+        let missing =
+            |flag: &str| anyhow!("the gateway's `burrow agent` line has no {flag}: `{flags}`");
+        Ok(Invite {
+            gateway: gateway.ok_or_else(|| missing("--gateway"))?,
+            key: key.ok_or_else(|| missing("--key"))?,
+            fingerprint: fingerprint.ok_or_else(|| missing("--fingerprint"))?,
+        })
+    }
+}
+
+/// The agent's line about forward `spec`, if `line` is one: `forward SPEC: public address
+/// ADDR` gives the address, anything else (a refusal) an error.
+fn parse_forward(line: &str, spec: &str) -> Option<anyhow::Result<SocketAddr>> {
+    let rest = line
+        .strip_prefix("forward ")?
+        .strip_prefix(spec)?
+        .strip_prefix(": ")?;
+    Some(match rest.strip_prefix("public address ") {
+        Some(addr) => addr
+            .trim()
+            .parse()
+            .with_context(|| format!("the agent printed an address that is not IP:PORT: `{line}`")),
+        None => Err(anyhow!(
+            "the agent's forward {spec} was not granted: `{line}`"
+        )),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_invite() {
+        let line = "--gateway 127.0.0.1:4000 --key bk_abc --fingerprint SHA256:00ff";
+        let invite = Invite::parse(line).unwrap();
+        assert_eq!(invite.gateway, "127.0.0.1:4000");
+        assert_eq!(invite.key, "bk_abc");
+        assert_eq!(invite.fingerprint, "SHA256:00ff");
+        assert!(Invite::parse("--gateway=h:1 --key=k --fingerprint=f").is_ok());
+        assert!(Invite::parse("--gateway h:1 --transport tcp").is_err());
+    }
+
+    #[test]
+    fn reads_forward_lines() {
+        let spec = "127.0.0.1:9";
+        let ok = parse_forward("forward 127.0.0.1:9: public address 127.0.0.1:5000", spec);
+        assert_eq!(ok.unwrap().unwrap(), "127.0.0.1:5000".parse().unwrap());
+        assert!(
+            parse_forward("forward 127.0.0.1:9: refused: port taken", spec)
+                .unwrap()
+                .is_err()
+        );
+        assert!(parse_forward("forward 127.0.0.1:90: public address 1.2.3.4:5", spec).is_none());
+        assert!(parse_forward("listening", spec).is_none());
+    }
+}
