@@ -264,7 +264,7 @@ async fn oversized_frame_on_tcp_tunnel_is_dropped_agent_unaffected() {
         let (ok, _) = within(
             Duration::from_secs(5),
             "intruder handshake",
-            handshake::client(&mut io, &intruder, Role::Agent, &[0u8; 32]),
+            handshake::client(&mut io, &intruder, Role::Agent, &[0u8; 32], None),
         )
         .await
         .expect("intruder key is accepted");

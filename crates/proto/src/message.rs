@@ -85,6 +85,24 @@ pub struct Auth {
     pub public_key: [u8; 32],
     /// Signature over the transcript (see [`crate::auth`]).
     pub signature: [u8; 64],
+    /// The most the client is willing to accept; the gateway narrows the session to it.
+    pub limits: Option<StreamLimits>,
+}
+
+/// Limits a client asks for: the session uses, field by field, the smaller of these and the
+/// gateway's own, so each side bounds what the other can make it hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Largest frame payload.
+    pub max_payload: u32,
+    /// Most concurrent streams.
+    pub max_streams: u32,
+    /// Initial per-stream window.
+    pub stream_window: u32,
+    /// Per-stream window cap.
+    pub max_stream_window: u32,
+    /// Session-wide window.
+    pub session_window: u32,
 }
 
 impl std::fmt::Debug for Auth {
@@ -273,10 +291,21 @@ impl Challenge {
 impl Auth {
     /// As a frame.
     pub fn to_frame(&self) -> Frame {
-        let mut b = BytesMut::with_capacity(97);
+        let mut b = BytesMut::with_capacity(97 + 20);
         b.put_u8(self.role as u8);
         b.extend_from_slice(&self.public_key);
         b.extend_from_slice(&self.signature);
+        if let Some(l) = &self.limits {
+            for v in [
+                l.max_payload,
+                l.max_streams,
+                l.stream_window,
+                l.max_stream_window,
+                l.session_window,
+            ] {
+                b.put_u32(v);
+            }
+        }
         Frame::new(Kind::Auth, 0, 0, b.freeze())
     }
     /// From a payload.
@@ -287,10 +316,25 @@ impl Auth {
             2 => Role::Connector,
             other => return Err(bad("auth", format_args!("unknown role {other}"))),
         };
+        let public_key = r.array()?;
+        let signature = r.array()?;
+        // The limits are optional (an older client sends none).
+        let limits = if r.buf.is_empty() {
+            None
+        } else {
+            Some(StreamLimits {
+                max_payload: r.u32()?,
+                max_streams: r.u32()?,
+                stream_window: r.u32()?,
+                max_stream_window: r.u32()?,
+                session_window: r.u32()?,
+            })
+        };
         Ok(Auth {
             role,
-            public_key: r.array()?,
-            signature: r.array()?,
+            public_key,
+            signature,
+            limits,
         })
     }
 }
@@ -334,6 +378,25 @@ impl AuthOk {
 }
 
 impl SessionParams {
+    /// These parameters narrowed to what the client accepts, keeping them valid: no field
+    /// grows, and a client's nonsense (zero, or below the protocol minimums) is lifted to the
+    /// minimum rather than accepted.
+    pub fn narrowed(self, l: &StreamLimits) -> SessionParams {
+        let max_payload = self.max_payload.min(l.max_payload.max(1024));
+        let stream_window = self.stream_window.min(l.stream_window.max(1024));
+        SessionParams {
+            max_payload,
+            max_streams: self.max_streams.min(l.max_streams.max(1)),
+            stream_window,
+            max_stream_window: self
+                .max_stream_window
+                .min(l.max_stream_window)
+                .max(stream_window),
+            session_window: self.session_window.min(l.session_window).max(stream_window),
+            ..self
+        }
+    }
+
     /// Rejects values no sane peer would send.
     pub fn validate(&self) -> Result<(), ProtocolError> {
         let p = self;
@@ -514,8 +577,23 @@ mod tests {
             role: Role::Agent,
             public_key: [1; 32],
             signature: [2; 64],
+            limits: None,
         };
         assert_eq!(Auth::decode(&auth.to_frame().payload).unwrap(), auth);
+        let with_limits = Auth {
+            limits: Some(StreamLimits {
+                max_payload: 1,
+                max_streams: 2,
+                stream_window: 3,
+                max_stream_window: 4,
+                session_window: 5,
+            }),
+            ..auth
+        };
+        assert_eq!(
+            Auth::decode(&with_limits.to_frame().payload).unwrap(),
+            with_limits
+        );
     }
 
     #[test]
@@ -545,6 +623,43 @@ mod tests {
             ..SessionParams::default()
         };
         assert!(p.validate().is_err());
+    }
+
+    #[test]
+    fn narrowing_takes_the_smaller_and_stays_valid() {
+        let gw = SessionParams::default();
+        let strict = StreamLimits {
+            max_payload: 16 * 1024,
+            max_streams: 1,
+            stream_window: 64 * 1024,
+            max_stream_window: 128 * 1024,
+            session_window: 1024 * 1024,
+        };
+        let p = gw.narrowed(&strict);
+        assert_eq!(p.max_payload, 16 * 1024);
+        assert_eq!(p.max_streams, 1);
+        assert_eq!(p.stream_window, 64 * 1024);
+        assert_eq!(p.max_stream_window, 128 * 1024);
+        assert_eq!(p.session_window, 1024 * 1024);
+        assert_eq!(p.heartbeat_ms, gw.heartbeat_ms);
+        p.validate().unwrap();
+        // A generous client changes nothing; a nonsensical one cannot break the session.
+        let loose = StreamLimits {
+            max_payload: u32::MAX,
+            max_streams: u32::MAX,
+            stream_window: u32::MAX,
+            max_stream_window: u32::MAX,
+            session_window: u32::MAX,
+        };
+        assert_eq!(gw.narrowed(&loose), gw);
+        let zero = StreamLimits {
+            max_payload: 0,
+            max_streams: 0,
+            stream_window: 0,
+            max_stream_window: 0,
+            session_window: 0,
+        };
+        gw.narrowed(&zero).validate().unwrap();
     }
 
     proptest! {

@@ -5,7 +5,9 @@
 //! the whole exchange.
 
 use burrow_proto::auth::{KeyHash, SecretKey};
-use burrow_proto::message::{self, Auth, AuthOk, Challenge, GoAway, Role, SessionParams};
+use burrow_proto::message::{
+    self, Auth, AuthOk, Challenge, GoAway, Role, SessionParams, StreamLimits,
+};
 use burrow_proto::{Decoder, ErrorCode, Frame, Kind, ProtocolError};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -86,12 +88,14 @@ async fn write_frames(io: &mut BoxIo, head: &[u8], frames: &[Frame]) -> std::io:
     io.flush().await
 }
 
-/// Client side: proves `key` as `role`. Returns the gateway's acceptance and leftover bytes.
+/// Client side: proves `key` as `role`, offering `limits`. Returns the gateway's acceptance
+/// (whose parameters honour the limits) and leftover bytes.
 pub async fn client(
     io: &mut BoxIo,
     key: &SecretKey,
     role: Role,
     binding: &[u8; 32],
+    limits: Option<StreamLimits>,
 ) -> Result<(AuthOk, BytesMut), HandshakeError> {
     write_frames(io, &message::preamble(), &[]).await?;
     let mut buf = BytesMut::with_capacity(1024);
@@ -107,11 +111,28 @@ pub async fn client(
         role,
         public_key: key.hash().0,
         signature: key.prove(role, &challenge.nonce, binding),
+        limits,
     };
     write_frames(io, &[], &[auth.to_frame()]).await?;
     let reply = read_frame(io, &mut buf, &mut dec).await?;
     match reply.header.kind {
-        Kind::AuthOk => Ok((AuthOk::decode(&reply.payload)?, buf)),
+        Kind::AuthOk => {
+            let ok = AuthOk::decode(&reply.payload)?;
+            if let Some(l) = limits {
+                let p = &ok.params;
+                if p.max_payload > l.max_payload.max(1024)
+                    || p.max_streams > l.max_streams.max(1)
+                    || p.stream_window > l.stream_window.max(1024)
+                    || p.session_window > l.session_window.max(p.stream_window)
+                {
+                    return Err(HandshakeError::Protocol(ProtocolError::new(
+                        ErrorCode::LimitExceeded,
+                        "the gateway set session limits above the ones this agent asked for",
+                    )));
+                }
+            }
+            Ok((ok, buf))
+        }
         Kind::GoAway => Err(rejected(&reply)?),
         other => Err(unexpected(other, "the gateway's answer")),
     }
@@ -178,6 +199,10 @@ pub async fn server(
     let verdict = verify(&key, auth.role);
     match (proof_ok, verdict) {
         (true, Verdict::Accept(name, params)) => {
+            let params = match &auth.limits {
+                Some(l) => params.narrowed(l),
+                None => params,
+            };
             let ok = AuthOk {
                 name: name.clone(),
                 params,
