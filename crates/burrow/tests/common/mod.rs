@@ -449,3 +449,70 @@ async fn pump(
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for abuse.rs.
+
+/// Like [`start_gateway`], and also hands back the gateway's counters (they stay live while it
+/// runs).
+pub async fn start_gateway_with_stats(
+    cfg: GatewayConfig,
+) -> (TestGateway, std::sync::Arc<burrow::stats::GatewayStats>) {
+    let state = cfg.state_dir.clone();
+    let gw = Gateway::bind(cfg).await.expect("gateway binds");
+    let stats = gw.stats();
+    let addr = gw.local_addr();
+    let fingerprint = gw.fingerprint();
+    let command = gw.agent_command();
+    let (key, _) = burrow::state::load_or_create_agent_key(&state).unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        gw.run(s).await.expect("gateway runs");
+    });
+    (
+        TestGateway {
+            addr,
+            fingerprint,
+            key,
+            command,
+            stop,
+            task,
+        },
+        stats,
+    )
+}
+
+/// A TCP connection to `to` from the local address `from` (on Linux any 127.0.0.0/8 address
+/// works without configuration), so tests can play many sources.
+pub async fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = match from {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.bind(SocketAddr::new(from, 0))?;
+    let s = sock.connect(to).await?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Polls `stats` until `pred` holds (counters have no change notification); panics with the last
+/// snapshot after `limit`.
+pub async fn wait_stats(
+    stats: &burrow::stats::GatewayStats,
+    limit: Duration,
+    what: &str,
+    mut pred: impl FnMut(&burrow::stats::StatsSnapshot) -> bool,
+) -> burrow::stats::StatsSnapshot {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let snap = stats.snapshot();
+        if pred(&snap) {
+            return snap;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("{what}: not reached within {limit:?}; gateway stats: {snap:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
