@@ -383,18 +383,24 @@ fn accept_stream(
         stream.reset(ErrorCode::TargetNotAllowed);
         return;
     };
-    let Ok(permit) = pending.clone().try_acquire_owned() else {
-        warn!(forward = %fwd.name, "too many connections to targets in progress; stream refused");
-        stream.reset(ErrorCode::LimitExceeded);
-        return;
-    };
+    // At most `max_pending_opens` connects run at once; the rest wait for a permit inside
+    // their task (bounded by the session's stream limit and the connect timeout), so a burst
+    // of opens is queued, not refused.
+    let pending = pending.clone();
     let span = tracing::info_span!("stream", forward = %fwd.name, client = ?client);
     tracker.spawn(
         async move {
             let started = Instant::now();
-            let local = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, connect_target(&fwd)).await {
-                Ok(Ok(local)) => local,
-                Ok(Err(e)) => {
+            let connect = async {
+                let permit = pending.acquire_owned().await;
+                (connect_target(&fwd).await, permit)
+            };
+            let local = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, connect).await {
+                Ok((Ok(local), permit)) => {
+                    drop(permit);
+                    local
+                }
+                Ok((Err(e), _)) => {
                     let code = if e.kind() == std::io::ErrorKind::ConnectionRefused {
                         ErrorCode::ConnectRefused
                     } else {
@@ -410,7 +416,6 @@ fn accept_stream(
                     return;
                 }
             };
-            drop(permit);
             debug!(dest = %fwd.target, "stream opened");
             let stats = relay::relay(&stream, &local).await;
             relay::log_end(&fwd.name, client, &stats, started, relay::LocalIs::Target);

@@ -390,18 +390,19 @@ async fn serve_agent(
         let mut control = started.control;
         // Ports are kept across sessions by service name; one session may use a name once.
         let mut bound_names = std::collections::HashSet::new();
+        let mut binds_seen = 0usize;
         loop {
             tokio::select! {
                 frame = control.recv() => match frame {
                     Some(f) if f.header.kind == Kind::Bind => {
                         match Bind::decode(&f.payload) {
+                            Ok(_) if { binds_seen += 1; binds_seen > burrow_proto::message::MAX_BINDS } => {
+                                session.close(ErrorCode::LimitExceeded, format!("more than {} bind requests in one session", burrow_proto::message::MAX_BINDS));
+                            }
                             Ok(bind) if !bound_names.insert(bind.name.clone()) => {
                                 let text = format!("another service of this agent is already named `{}`", bind.name);
                                 warn!(service = %bind.name, "bind refused: {text}");
                                 session.send_control(BindResult { service: bind.service, code: ErrorCode::PortInUse, text }.to_frame());
-                            }
-                            Ok(_) if bound_names.len() > burrow_proto::message::MAX_BINDS => {
-                                session.close(ErrorCode::LimitExceeded, format!("more than {} services in one session", burrow_proto::message::MAX_BINDS));
                             }
                             Ok(bind) => {
                                 let result = bind_port(&hub, &grant, &session, &bind).await;

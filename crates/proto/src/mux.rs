@@ -236,13 +236,22 @@ impl Mux {
     }
 
     /// A Window frame arrives.
+    ///
+    /// An honest peer returns credit in steps of at least half a window (see
+    /// [`crate::flow::RecvWindow::on_consumed`]), so updates smaller than that are charged to
+    /// the control budget: a flood of tiny updates is cut like any other control flood.
     pub fn on_window(
         &mut self,
         id: StreamId,
         increment: u32,
         now: Instant,
     ) -> Result<(), ProtocolError> {
-        if increment == 0 {
+        let honest_step = if id == 0 {
+            self.params.session_window / 2
+        } else {
+            self.params.stream_window / 2
+        };
+        if increment < honest_step {
             self.control.charge(now)?;
         }
         if id == 0 {
@@ -267,9 +276,14 @@ impl Mux {
         Ok(false)
     }
 
-    /// A Ping arrives.
-    pub fn on_ping(&mut self, now: Instant) -> Result<(), ProtocolError> {
+    /// A Ping, Bind or other control frame arrives: charged to the control budget.
+    pub fn on_control(&mut self, now: Instant) -> Result<(), ProtocolError> {
         self.control.charge(now)
+    }
+
+    /// Session-wide send credit left.
+    pub fn session_credit(&self) -> u64 {
+        self.session_send.available()
     }
 
     /// Bytes `id` may send now: the smaller of its own and the session's credit.
@@ -474,6 +488,27 @@ mod tests {
         cl.on_data(1, 1000, false, now).unwrap();
         // 1000 of 1500 session bytes are held; dropping the stream gives them back.
         assert_eq!(cl.remove(1, now), Some(1000));
+    }
+
+    #[test]
+    fn tiny_window_updates_are_charged_but_honest_ones_are_not() {
+        let now = Instant::now();
+        let mut gw = Mux::new(Side::Gateway, SessionParams::default());
+        let id = gw.open_local().unwrap();
+        let half = SessionParams::default().stream_window / 2;
+        let session_half = SessionParams::default().session_window / 2;
+        // Far more honest updates than the budget allows, all accepted.
+        for i in 0..(2 * CONTROL_FRAMES_PER_SEC + 10) {
+            gw.on_sent(id, u64::from(half));
+            gw.on_window(id, half, now).unwrap();
+            if (i + 1) % (session_half / half) == 0 {
+                gw.on_window(0, session_half, now).unwrap();
+            }
+        }
+        let mut gw = Mux::new(Side::Gateway, SessionParams::default());
+        let flood =
+            (0..(2 * CONTROL_FRAMES_PER_SEC + 10)).try_for_each(|_| gw.on_window(0, 1, now));
+        assert_eq!(flood.unwrap_err().code, ErrorCode::LimitExceeded);
     }
 
     #[test]

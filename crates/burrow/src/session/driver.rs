@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, trace};
 
-use super::{SessionEnd, Shared, Slot, Stream};
+use super::{SessionEnd, Shared, Slot, Stream, MAX_QUEUED_CONTROL};
 use crate::transport::BoxIo;
 
 /// How many bytes the writer gathers into one write.
@@ -36,28 +36,45 @@ pub(super) async fn run(
     accept_tx: mpsc::Sender<Stream>,
     control_tx: mpsc::Sender<Frame>,
 ) {
-    let (rd, wr) = tokio::io::split(io);
-    let reader = read_loop(&shared, rd, leftover, accept_tx, control_tx);
+    let (mut rd, wr) = tokio::io::split(io);
     let mut writer = std::pin::pin!(write_loop(&shared, wr));
-    let heartbeat = heartbeat_loop(&shared);
     let mut writer_done = false;
-    let end = tokio::select! {
-        end = reader => end,
-        end = &mut writer => {
-            writer_done = true;
-            end
+    let mut reader_done = false;
+    let end = {
+        let reader = read_loop(&shared, &mut rd, leftover, accept_tx, control_tx);
+        let heartbeat = heartbeat_loop(&shared);
+        tokio::select! {
+            end = reader => {
+                reader_done = true;
+                end
+            }
+            end = &mut writer => {
+                writer_done = true;
+                end
+            }
+            end = heartbeat => end,
+            _ = shared.ended.cancelled() => None,
         }
-        end = heartbeat => end,
-        _ = shared.ended.cancelled() => None,
     };
     if let Some(end) = end {
         debug!(peer = %shared.name, %end, "session ending");
         shared.end(end);
     }
-    if !writer_done {
-        // Flush what is queued (at least the GoAway) without waiting on a dead peer for long.
-        let _ = tokio::time::timeout(GOAWAY_FLUSH, &mut writer).await;
-    }
+    // Flush what is queued (at least the GoAway) without waiting on a dead peer for long. Keep
+    // reading meanwhile: closing a socket with unread input makes the kernel send RST and
+    // discard our unsent GoAway, so the peer would never learn why.
+    let flush = async {
+        if !writer_done {
+            (&mut writer).await;
+        }
+    };
+    let drain = async {
+        if !reader_done {
+            let mut scratch = vec![0u8; 16 * 1024];
+            while matches!(rd.read(&mut scratch).await, Ok(n) if n > 0) {}
+        }
+    };
+    let _ = tokio::time::timeout(GOAWAY_FLUSH, async { tokio::join!(flush, drain) }).await;
 }
 
 fn io_end(e: &std::io::Error) -> SessionEnd {
@@ -78,7 +95,7 @@ fn protocol_end(e: ProtocolError) -> SessionEnd {
 
 async fn read_loop(
     shared: &Shared,
-    mut rd: impl AsyncRead + Unpin,
+    rd: &mut (impl AsyncRead + Unpin),
     mut buf: BytesMut,
     accept_tx: mpsc::Sender<Stream>,
     control_tx: mpsc::Sender<Frame>,
@@ -194,15 +211,20 @@ fn handle(
         Kind::Window => {
             let inc = frame.payload_u32()?;
             let mut st = shared.lock();
+            // Streams can be waiting on session credit only when it had run low; waking them
+            // all is O(streams), so do it only then.
+            let was_low = st.mux.session_credit() < u64::from(shared.params.max_payload);
             st.mux.on_window(id, inc, now.into_std())?;
-            if id == 0 {
+            if id != 0 {
+                if let Some(w) = st.slots.get_mut(&id).and_then(|s| s.send_waker.take()) {
+                    w.wake();
+                }
+            } else if was_low {
                 for slot in st.slots.values_mut() {
                     if let Some(w) = slot.send_waker.take() {
                         w.wake();
                     }
                 }
-            } else if let Some(w) = st.slots.get_mut(&id).and_then(|s| s.send_waker.take()) {
-                w.wake();
             }
         }
         Kind::Reset => {
@@ -223,7 +245,7 @@ fn handle(
         Kind::Ping => {
             let opaque = frame.payload_u64()?;
             let mut st = shared.lock();
-            st.mux.on_ping(now.into_std())?;
+            st.mux.on_control(now.into_std())?;
             if frame.header.flags & ACK != 0 {
                 if let Some((sent_id, sent_at)) = st.ping_sent {
                     if sent_id == opaque {
@@ -234,6 +256,15 @@ fn handle(
                     }
                 }
             } else {
+                if st.control.len() >= MAX_QUEUED_CONTROL {
+                    return Err(ProtocolError::new(
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "peer sends pings but does not read the answers ({} queued)",
+                            st.control.len()
+                        ),
+                    ));
+                }
                 st.control.push_front(Frame::ping(opaque, true));
                 drop(st);
                 shared.writer.notify_one();
@@ -252,6 +283,7 @@ fn handle(
             }));
         }
         Kind::Bind | Kind::BindResult => {
+            shared.lock().mux.on_control(now.into_std())?;
             if control_tx.try_send(frame).is_err() {
                 return Err(ProtocolError::new(
                     ErrorCode::LimitExceeded,
@@ -262,7 +294,7 @@ fn handle(
         Kind::Datagram => {
             // Reserved for UDP flows; nothing in this version sends it.
             let mut st = shared.lock();
-            st.mux.on_ping(now.into_std())?;
+            st.mux.on_control(now.into_std())?;
         }
         Kind::Challenge | Kind::Auth | Kind::AuthOk => {
             return Err(ProtocolError::new(

@@ -37,6 +37,10 @@ pub const SEND_BUFFER: usize = 256 * 1024;
 pub const ACCEPT_BACKLOG: usize = 1024;
 /// Session control frames (bind requests and results) waiting for the role to read them.
 pub const CONTROL_BACKLOG: usize = 512;
+/// Control frames we may have queued unsent (pongs, window updates, resets) before a peer
+/// that sends but does not read is cut off: without it, a ping flood from a peer that never
+/// reads would grow our memory without bound.
+pub const MAX_QUEUED_CONTROL: usize = 8192;
 
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +155,9 @@ impl Shared {
         if st.end.is_some() {
             return;
         }
+        // Whatever was queued (pongs, window updates) is moot now: the GoAway goes first.
+        st.control.clear();
+        st.ready.clear();
         if !end.by_peer {
             st.control.push_back(
                 GoAway {
