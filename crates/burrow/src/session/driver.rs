@@ -13,12 +13,12 @@ use burrow_proto::message::{GoAway, Open};
 use burrow_proto::mux::{DataVerdict, OpenVerdict};
 use burrow_proto::{Decoder, ErrorCode, Frame, Header, Kind, ProtocolError, StreamId};
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, trace};
 
-use super::{SessionEnd, Shared, Slot, Stream, MAX_QUEUED_CONTROL};
+use super::{Outbound, SessionEnd, Shared, Slot, Stream, MAX_QUEUED_CONTROL};
 use crate::transport::BoxIo;
 
 /// How many bytes the writer gathers into one write.
@@ -31,13 +31,12 @@ const GOAWAY_FLUSH: Duration = Duration::from_secs(1);
 
 pub(super) async fn run(
     shared: Arc<Shared>,
-    io: BoxIo,
+    mut rd: ReadHalf<BoxIo>,
     leftover: BytesMut,
     accept_tx: mpsc::Sender<Stream>,
     control_tx: mpsc::Sender<Frame>,
 ) {
-    let (mut rd, wr) = tokio::io::split(io);
-    let mut writer = std::pin::pin!(write_loop(&shared, wr));
+    let mut writer = std::pin::pin!(write_loop(&shared));
     let mut writer_done = false;
     let mut reader_done = false;
     let end = {
@@ -77,7 +76,7 @@ pub(super) async fn run(
     let _ = tokio::time::timeout(GOAWAY_FLUSH, async { tokio::join!(flush, drain) }).await;
 }
 
-fn io_end(e: &std::io::Error) -> SessionEnd {
+pub(super) fn io_end(e: &std::io::Error) -> SessionEnd {
     SessionEnd {
         code: ErrorCode::Normal,
         detail: format!("connection lost: {e}"),
@@ -316,14 +315,14 @@ fn shared_arc(shared: &Shared) -> Arc<Shared> {
 
 /// Frames gathered for one vectored write: headers and small payloads are packed into
 /// `packed`, large payloads are passed by reference (no copy).
-struct Batch {
+pub(super) struct Batch {
     packed: BytesMut,
     segs: VecDeque<Bytes>,
     len: usize,
 }
 
 impl Batch {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Batch {
             packed: BytesMut::with_capacity(64 * 1024),
             segs: VecDeque::new(),
@@ -385,24 +384,34 @@ impl Batch {
     }
 }
 
-async fn write_loop(shared: &Shared, mut wr: impl AsyncWrite + Unpin) -> Option<SessionEnd> {
-    let mut batch = Batch::new();
+/// Writes everything queued, batch after batch, until nothing is left. Returns whether the
+/// session has ended (and its last frames are out).
+pub(super) async fn flush(shared: &Shared, out: &mut Outbound) -> std::io::Result<bool> {
     loop {
-        let ended = fill_batch(shared, &mut batch);
-        if batch.is_empty() {
-            if ended {
-                let _ = wr.shutdown().await;
-                return None;
+        let ended = fill_batch(shared, &mut out.batch);
+        if out.batch.is_empty() {
+            return Ok(ended);
+        }
+        out.batch.write_to(&mut out.wr).await?;
+        out.wr.flush().await?;
+    }
+}
+
+/// The writer task: flushes whenever woken, until the session has ended.
+async fn write_loop(shared: &Shared) -> Option<SessionEnd> {
+    loop {
+        {
+            let mut out = shared.out.lock().await;
+            match flush(shared, &mut out).await {
+                Err(e) => return Some(io_end(&e)),
+                Ok(true) => {
+                    let _ = out.wr.shutdown().await;
+                    return None;
+                }
+                Ok(false) => {}
             }
-            shared.writer.notified().await;
-            continue;
         }
-        if let Err(e) = batch.write_to(&mut wr).await {
-            return Some(io_end(&e));
-        }
-        if let Err(e) = wr.flush().await {
-            return Some(io_end(&e));
-        }
+        shared.writer.notified().await;
     }
 }
 

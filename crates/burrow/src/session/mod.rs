@@ -131,8 +131,16 @@ impl State {
     }
 }
 
+/// The connection's write side, shared so that whichever task finds it free writes: the
+/// writer task when woken, or a sending stream directly (saving a task hop per send).
+pub(crate) struct Outbound {
+    wr: tokio::io::WriteHalf<BoxIo>,
+    batch: driver::Batch,
+}
+
 pub(crate) struct Shared {
     state: Mutex<State>,
+    out: tokio::sync::Mutex<Outbound>,
     writer: Notify,
     ended: CancellationToken,
     params: SessionParams,
@@ -146,6 +154,20 @@ impl Shared {
         // A panic while holding the lock is a bug; keep serving the other sessions rather than
         // poisoning every later call.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes queued frames now if nobody else is writing; otherwise leaves them to the
+    /// writer (woken, in case the one writing has already taken its last batch).
+    async fn flush_now(&self) {
+        match self.out.try_lock() {
+            Ok(mut out) => {
+                if let Err(e) = driver::flush(self, &mut out).await {
+                    drop(out);
+                    self.end(driver::io_end(&e));
+                }
+            }
+            Err(_) => self.writer.notify_one(),
+        }
     }
 
     /// Ends the session once: records why, queues a GoAway when we are the one ending it,
@@ -211,6 +233,7 @@ pub fn start(
     params: SessionParams,
     name: String,
 ) -> Started {
+    let (rd, wr) = tokio::io::split(io);
     let (accept_tx, incoming) = mpsc::channel(ACCEPT_BACKLOG);
     let (control_tx, control) = mpsc::channel(CONTROL_BACKLOG);
     let shared = Arc::new_cyclic(|self_ref| Shared {
@@ -224,6 +247,10 @@ pub fn start(
             last_recv: Instant::now(),
             ping_sent: None,
         }),
+        out: tokio::sync::Mutex::new(Outbound {
+            wr,
+            batch: driver::Batch::new(),
+        }),
         writer: Notify::new(),
         ended: CancellationToken::new(),
         params,
@@ -232,7 +259,7 @@ pub fn start(
     });
     tokio::spawn(driver::run(
         shared.clone(),
-        io,
+        rd,
         leftover,
         accept_tx,
         control_tx,

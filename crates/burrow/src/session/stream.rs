@@ -111,7 +111,7 @@ impl Stream {
     pub async fn send(&self, mut data: Bytes) -> Result<(), StreamError> {
         let id = self.id;
         let max = self.shared.params.max_payload as usize;
-        poll_fn(|cx| {
+        let result = poll_fn(|cx| {
             let mut guard = self.shared.lock();
             let st = &mut *guard;
             let mut queued = false;
@@ -142,12 +142,18 @@ impl Stream {
                 queued = true;
             };
             drop(guard);
-            if queued {
+            // While waiting for credit, the writer must send what is queued; once everything
+            // is queued, this task writes it itself (below) unless someone else is writing.
+            if queued && result.is_pending() {
                 self.shared.writer.notify_one();
             }
             result
         })
-        .await
+        .await;
+        if result.is_ok() {
+            self.shared.flush_now().await;
+        }
+        result
     }
 
     /// Half-closes our direction: the peer reads to the end of what was sent, then `None`.
