@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use burrow_proto::message::{Bind, BindResult, Protocol, Role, StreamLimits};
+use burrow_proto::message::{Bind, BindResult, Protocol, Role};
 use burrow_proto::mux::Side;
 use burrow_proto::{ErrorCode, Kind};
 use tokio::net::{TcpStream, UnixStream};
@@ -194,14 +194,7 @@ async fn connect(
     let attempt = async {
         let mut conn =
             transport::dial(&cfg.gateway, &cfg.trust, tls, cfg.server_name.as_deref()).await?;
-        let l = &cfg.limits;
-        let limits = StreamLimits {
-            max_payload: l.max_frame,
-            max_streams: l.max_streams,
-            stream_window: l.stream_window,
-            max_stream_window: l.max_stream_window,
-            session_window: l.session_window,
-        };
+        let limits = cfg.limits.stream_limits();
         let (ok, leftover) = handshake::client(
             &mut conn.io,
             &cfg.key,

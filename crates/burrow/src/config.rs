@@ -28,7 +28,7 @@ use std::time::Duration;
 use burrow_proto::auth::{KeyHash, SecretKey};
 use burrow_proto::flow::MAX_CREDIT;
 use burrow_proto::frame::ABSOLUTE_MAX_PAYLOAD;
-use burrow_proto::message::SessionParams;
+use burrow_proto::message::{SessionParams, StreamLimits};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
@@ -151,6 +151,19 @@ pub struct Limits {
     pub session_window: u32,
 }
 
+impl Limits {
+    /// The stream limits an agent offers when it authenticates.
+    pub fn stream_limits(&self) -> StreamLimits {
+        StreamLimits {
+            max_payload: self.max_frame,
+            max_streams: self.max_streams,
+            stream_window: self.stream_window,
+            max_stream_window: self.max_stream_window,
+            session_window: self.session_window,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         let p = SessionParams::default();
@@ -216,6 +229,22 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// The session parameters this gateway offers (before narrowing to an agent's limits).
+    pub fn session_params(&self) -> SessionParams {
+        let l = &self.limits;
+        SessionParams {
+            heartbeat_ms: u32::try_from(self.heartbeat.interval.as_millis())
+                .unwrap_or(u32::MAX)
+                .max(50),
+            heartbeat_misses: self.heartbeat.misses.max(1),
+            max_payload: l.max_frame,
+            stream_window: l.stream_window,
+            max_stream_window: l.max_stream_window.max(l.stream_window),
+            session_window: l.session_window.max(l.stream_window),
+            max_streams: l.max_streams,
+        }
+    }
+
     /// Defaults for everything, with `state_dir`.
     pub fn new(state_dir: PathBuf) -> Self {
         GatewayConfig {

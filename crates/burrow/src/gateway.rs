@@ -131,7 +131,7 @@ impl Gateway {
         if config.transport == TransportKind::Tcp {
             warn!("plain TCP transport: the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
         }
-        let params = session_params(&config);
+        let params = config.session_params();
         Ok(Gateway {
             listener,
             identity,
@@ -302,21 +302,6 @@ fn load_identity(config: &GatewayConfig) -> Result<GatewayIdentity, GatewayError
             "tls_cert and tls_key go together: set both, or neither for a self-signed certificate"
                 .into(),
         )),
-    }
-}
-
-fn session_params(config: &GatewayConfig) -> SessionParams {
-    let l = &config.limits;
-    SessionParams {
-        heartbeat_ms: u32::try_from(config.heartbeat.interval.as_millis())
-            .unwrap_or(u32::MAX)
-            .max(50),
-        heartbeat_misses: config.heartbeat.misses.max(1),
-        max_payload: l.max_frame,
-        stream_window: l.stream_window,
-        max_stream_window: l.max_stream_window.max(l.stream_window),
-        session_window: l.session_window.max(l.stream_window),
-        max_streams: l.max_streams,
     }
 }
 

@@ -36,25 +36,7 @@ pub fn gateway_config(state: &Path) -> GatewayConfig {
 }
 
 pub async fn start_gateway(cfg: GatewayConfig) -> TestGateway {
-    let state = cfg.state_dir.clone();
-    let gw = Gateway::bind(cfg).await.expect("gateway binds");
-    let addr = gw.local_addr();
-    let fingerprint = gw.fingerprint();
-    let command = gw.agent_command();
-    let (key, _) = burrow::state::load_or_create_agent_key(&state).unwrap();
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let task = tokio::spawn(async move {
-        gw.run(s).await.expect("gateway runs");
-    });
-    TestGateway {
-        addr,
-        fingerprint,
-        key,
-        command,
-        stop,
-        task,
-    }
+    start_gateway_with_stats(cfg).await.0
 }
 
 pub fn agent_config(gw: &TestGateway, forwards: Vec<Forward>) -> AgentConfig {
