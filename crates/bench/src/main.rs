@@ -116,7 +116,13 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
     let mut published = vec![tunnelled.echo, tunnelled.sink, tunnelled.source];
     published.extend(held.as_ref().map(|h| h.addr));
     eprintln!("bench: starting {} gateway and agent", bin.display());
-    let tunnel = Tunnel::start(bin, &published, settings.gateway_config.as_deref()).await?;
+    let tunnel = Tunnel::start(
+        bin,
+        &published,
+        settings.gateway_config.as_deref(),
+        settings.agent_config.as_deref(),
+    )
+    .await?;
     let public = Public {
         echo: tunnel.public[0],
         sink: tunnel.public[1],
@@ -320,22 +326,33 @@ impl Bench<'_> {
 
 /// The settings line of the report.
 fn describe(s: &Settings) -> String {
-    let streams: Vec<String> = s.streams.iter().map(u32::to_string).collect();
-    let conns: Vec<String> = s.conns.iter().map(u32::to_string).collect();
-    format!(
+    let list = |items: &[u32]| {
+        items
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut line = format!(
         "{}{} round(s); throughput runs of {:?} with {} KiB writes, parallel streams {}; {} \
          request/response round trips and {} connects per round; idle connections {}",
         if s.quick { "quick; " } else { "" },
         s.rounds,
         s.duration,
         s.write_len / 1024,
-        streams.join(","),
+        list(&s.streams),
         s.rr_iters,
         s.connect_iters,
-        if conns.is_empty() {
+        if s.conns.is_empty() {
             "skipped".into()
         } else {
-            conns.join(",")
+            list(&s.conns)
         },
-    )
+    );
+    for (who, config) in [("gateway", &s.gateway_config), ("agent", &s.agent_config)] {
+        if let Some(path) = config {
+            line.push_str(&format!("; {who} config {}", path.display()));
+        }
+    }
+    line
 }

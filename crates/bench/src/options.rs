@@ -55,8 +55,13 @@ pub struct Args {
     json: Option<PathBuf>,
 
     /// Gateway config file (TOML) to pass as `--config`, e.g. to raise `[limits] max_streams`
+    /// (the session gets the lower of the gateway's and the agent's limits)
     #[arg(long, value_name = "FILE")]
     gateway_config: Option<PathBuf>,
+
+    /// Agent config file (TOML) to pass as `--config`, e.g. to raise `[limits] max_streams`
+    #[arg(long, value_name = "FILE")]
+    agent_config: Option<PathBuf>,
 
     /// Internal: run as the echo child process of the memory rows.
     #[arg(long = "serve-echo", hide = true)]
@@ -85,6 +90,7 @@ pub struct Settings {
     pub conns: Vec<u32>,
     pub json: Option<PathBuf>,
     pub gateway_config: Option<PathBuf>,
+    pub agent_config: Option<PathBuf>,
 }
 
 impl Args {
@@ -113,6 +119,7 @@ impl Args {
             conns,
             json: self.json,
             gateway_config: self.gateway_config,
+            agent_config: self.agent_config,
         }
     }
 }

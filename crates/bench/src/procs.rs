@@ -262,6 +262,7 @@ impl Tunnel {
         bin: &Path,
         targets: &[SocketAddr],
         gateway_config: Option<&Path>,
+        agent_config: Option<&Path>,
     ) -> anyhow::Result<Tunnel> {
         let state = tempfile::tempdir().context("cannot create a state directory")?;
         let mut args = strings([
@@ -300,6 +301,9 @@ impl Tunnel {
         let specs: Vec<String> = targets.iter().map(SocketAddr::to_string).collect();
         for spec in &specs {
             args.extend(["--forward".to_string(), spec.clone()]);
+        }
+        if let Some(config) = agent_config {
+            args.extend(["--config".to_string(), config.display().to_string()]);
         }
         // The key goes in the environment, where other local users cannot see it.
         let mut agent = Proc::spawn("agent", bin, &args, &[("BURROW_KEY", &invite.key)])?;
