@@ -135,7 +135,7 @@ impl AgentGrant {
 pub struct Limits {
     /// Largest frame payload (default 64 KiB).
     pub max_frame: u32,
-    /// Most concurrent streams in one session (default 4096).
+    /// Most concurrent streams in one session (default 16384).
     pub max_streams: u32,
     /// Most streams an agent is connecting to targets at once (default 256).
     pub max_pending_opens: u32,
@@ -1453,7 +1453,7 @@ fn limit_rules(l: &Limits) -> Vec<(&'static [&'static str], bool, String)> {
         (
             &["max_streams"],
             l.max_streams >= 1,
-            "must be at least 1 (default 4096)".into(),
+            "must be at least 1 (default 16384)".into(),
         ),
         (
             &["max_pending_opens"],

@@ -631,6 +631,7 @@ async fn accept_public(
     route: Arc<Mutex<Option<Route>>>,
     cancel: CancellationToken,
 ) {
+    let mut refusals = LogThrottle::default();
     loop {
         let (tcp, client) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -657,7 +658,9 @@ async fn accept_public(
             Ok(s) => s,
             Err(e) => {
                 bump(&hub.stats.streams_refused);
-                warn!(%client, service = %route.name, "connection refused: {e}");
+                if let Some(skipped) = refusals.allow(Instant::now()) {
+                    warn!(%client, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
+                }
                 let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
                 continue;
             }
@@ -680,5 +683,47 @@ async fn accept_public(
             }
             .instrument(tracing::Span::current()),
         );
+    }
+}
+
+/// Lets a repeating warning through at most once a second, counting the ones held back, so
+/// a burst of refusals is one log line, not thousands.
+#[derive(Debug, Default)]
+struct LogThrottle {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl LogThrottle {
+    /// `Some(n)` when this one may be logged, `n` being how many were held back since.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last)
+                if now.saturating_duration_since(last) < std::time::Duration::from_secs(1) =>
+            {
+                self.held_back += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_lets_one_through_per_second_and_counts_the_rest() {
+        let t0 = Instant::now();
+        let mut t = LogThrottle::default();
+        assert_eq!(t.allow(t0), Some(0));
+        for _ in 0..5 {
+            assert_eq!(t.allow(t0), None);
+        }
+        assert_eq!(t.allow(t0 + std::time::Duration::from_secs(1)), Some(5));
     }
 }

@@ -151,7 +151,7 @@ impl Default for SessionParams {
             stream_window: 256 * 1024,
             max_stream_window: 4 * 1024 * 1024,
             session_window: 32 * 1024 * 1024,
-            max_streams: 4096,
+            max_streams: 16_384,
         }
     }
 }
