@@ -230,14 +230,20 @@ fn handle(
             let code = ErrorCode::from_u32(frame.payload_u32()?);
             let mut st = shared.lock();
             if st.mux.on_reset(id, now.into_std())? {
+                let mut detached = false;
                 if let Some(slot) = st.slots.get_mut(&id) {
                     slot.reset = Some(code);
                     slot.out.clear();
                     slot.out_bytes = 0;
                     slot.wake_all();
-                    if slot.detached {
-                        st.slots.remove(&id);
-                    }
+                    detached = slot.detached;
+                }
+                if detached {
+                    // Nobody will read what it still holds: give that credit back now.
+                    st.discard_recv(id);
+                    st.slots.remove(&id);
+                    drop(st);
+                    shared.writer.notify_one();
                 }
             }
         }

@@ -121,6 +121,21 @@ impl State {
         }
     }
 
+    /// Throws away what `id` received but nobody read, returning its session credit: bytes
+    /// discarded without this would shrink the session window for good.
+    fn discard_recv(&mut self, id: StreamId) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        let n: u64 = slot.recv.iter().map(|c| c.len() as u64).sum();
+        slot.recv.clear();
+        if n > 0 {
+            let now = Instant::now().into_std();
+            let (_, session) = self.mux.on_consumed(id, n, now, self.rtt);
+            self.push_window(0, session);
+        }
+    }
+
     fn enqueue(&mut self, id: StreamId) {
         if let Some(slot) = self.slots.get_mut(&id) {
             if !slot.queued && slot.has_output() {

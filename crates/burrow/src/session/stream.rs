@@ -184,6 +184,7 @@ impl Stream {
 
 /// Resets `id` if it is still open: Reset frame, buffered credit returned, output dropped.
 fn reset_locked(st: &mut State, id: StreamId, code: ErrorCode) {
+    st.discard_recv(id);
     let open = st.mux.contains(id);
     if let Some(slot) = st.slots.get_mut(&id) {
         if slot.reset.is_some() {
@@ -192,7 +193,6 @@ fn reset_locked(st: &mut State, id: StreamId, code: ErrorCode) {
         slot.reset = Some(code);
         slot.out.clear();
         slot.out_bytes = 0;
-        slot.recv.clear();
         slot.wake_all();
     }
     if open && st.end.is_none() {
@@ -216,6 +216,7 @@ impl Drop for Stream {
         if !clean {
             reset_locked(&mut st, id, ErrorCode::StreamReset);
         }
+        st.discard_recv(id);
         let remove = match st.slots.get_mut(&id) {
             Some(slot) => {
                 slot.detached = true;

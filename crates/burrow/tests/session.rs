@@ -1,0 +1,120 @@
+//! The session layer over an in-memory pipe: credit for bytes a stream never read comes back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use burrow::proto::message::{Open, SessionParams};
+use burrow::proto::mux::Side;
+use burrow::proto::ErrorCode;
+use burrow::session::{self, Started, StreamError};
+use bytes::{Bytes, BytesMut};
+
+/// Windows so small that one leaked stream's worth of credit stalls the next round.
+fn params() -> SessionParams {
+    SessionParams {
+        max_payload: 1024,
+        stream_window: 1024,
+        max_stream_window: 1024,
+        session_window: 2048,
+        ..SessionParams::default()
+    }
+}
+
+fn pair() -> (Started, Started) {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let gw = session::start(
+        Box::new(a),
+        BytesMut::new(),
+        Side::Gateway,
+        params(),
+        "gw".into(),
+    );
+    let ag = session::start(
+        Box::new(b),
+        BytesMut::new(),
+        Side::Client,
+        params(),
+        "ag".into(),
+    );
+    (gw, ag)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    /// The sender resets; the receiver drops the stream unread.
+    PeerReset,
+    /// Both sides finish; the receiver drops the stream unread.
+    BothFin,
+    /// Both sides finish; the receiver resets it unread.
+    BothFinThenReset,
+}
+
+async fn rounds_complete(ending: Ending) {
+    let (gw, mut ag) = pair();
+    for round in 0..6 {
+        let s = gw
+            .session
+            .open(&Open {
+                service: 0,
+                client: None,
+            })
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.send(Bytes::from(vec![7u8; 1024])))
+            .await
+            .unwrap_or_else(|_| panic!("{ending:?}: round {round} stalled: session credit leaked"))
+            .unwrap();
+        let r = ag.incoming.recv().await.unwrap();
+        match ending {
+            Ending::PeerReset => {
+                s.reset(ErrorCode::StreamReset);
+                // Frames arrive in order: once the reset is seen, the 1 KiB sits unread in `r`.
+                let mut seen = false;
+                for _ in 0..500 {
+                    if matches!(
+                        r.send(Bytes::from_static(b"x")).await,
+                        Err(StreamError::Reset(_))
+                    ) {
+                        seen = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                assert!(seen, "reset reached the other side");
+                drop(r);
+            }
+            Ending::BothFin | Ending::BothFinThenReset => {
+                s.finish();
+                // Let the data and the FIN land in `r` first, so `r.finish()` closes the stream
+                // cleanly both ways with the bytes still unread.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                r.finish();
+                assert_eq!(
+                    s.recv().await.unwrap(),
+                    None,
+                    "sender sees the receiver's FIN"
+                );
+                if let Ending::BothFinThenReset = ending {
+                    r.reset(ErrorCode::StreamReset);
+                }
+                drop(r);
+            }
+        }
+        drop(s);
+    }
+    assert!(!gw.session.is_closed() && !ag.session.is_closed());
+}
+
+#[tokio::test]
+async fn unread_bytes_of_a_reset_stream_return_their_credit() {
+    rounds_complete(Ending::PeerReset).await;
+}
+
+#[tokio::test]
+async fn unread_bytes_of_a_finished_stream_return_their_credit() {
+    rounds_complete(Ending::BothFin).await;
+}
+
+#[tokio::test]
+async fn unread_bytes_of_a_finished_then_reset_stream_return_their_credit() {
+    rounds_complete(Ending::BothFinThenReset).await;
+}
