@@ -11,7 +11,7 @@ use burrow_proto::frame::HEADER_LEN;
 use burrow_proto::frame::{ACK, FIN};
 use burrow_proto::message::{GoAway, Open};
 use burrow_proto::mux::{DataVerdict, OpenVerdict};
-use burrow_proto::{Decoder, ErrorCode, Frame, Header, Kind, ProtocolError, StreamId};
+use burrow_proto::{ErrorCode, Frame, Header, Kind, ProtocolError, StreamId};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio::sync::mpsc;
@@ -23,8 +23,8 @@ use crate::transport::BoxIo;
 
 /// How many bytes the writer gathers into one write.
 const WRITE_BATCH: usize = 256 * 1024;
-/// Payloads smaller than this are copied out of the read buffer so a stalled stream holding
-/// a few small chunks does not pin whole read buffers in memory.
+/// Payloads smaller than this are copied into the batch; larger ones are written by
+/// reference.
 const COPY_BELOW: usize = 16 * 1024;
 /// How long the writer may take to flush a final GoAway once the session is over.
 const GOAWAY_FLUSH: Duration = Duration::from_secs(1);
@@ -95,45 +95,83 @@ fn protocol_end(e: ProtocolError) -> SessionEnd {
 async fn read_loop(
     shared: &Shared,
     rd: &mut (impl AsyncRead + Unpin),
-    mut buf: BytesMut,
+    leftover: BytesMut,
     accept_tx: mpsc::Sender<Stream>,
     control_tx: mpsc::Sender<Frame>,
 ) -> Option<SessionEnd> {
-    let mut decoder = Decoder::new(shared.params.max_payload);
-    let read_size =
-        (shared.params.max_payload as usize + burrow_proto::frame::HEADER_LEN).max(64 * 1024);
+    // Bytes read past the handshake come first.
+    let mut rd = AsyncReadExt::chain(std::io::Cursor::new(leftover), rd);
+    let max_payload = shared.params.max_payload;
     loop {
-        loop {
-            let frame = match decoder.decode(&mut buf) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => return Some(protocol_end(e)),
-            };
-            if trace_enabled() {
-                trace!(peer = %shared.name, kind = ?frame.header.kind, stream = frame.header.stream,
-                       flags = frame.header.flags, len = frame.header.length, "frame in");
-            }
-            match handle(shared, frame, &accept_tx, &control_tx) {
-                Ok(None) => {}
-                Ok(Some(end)) => return Some(end),
-                Err(e) => return Some(protocol_end(e)),
-            }
-        }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(read_size);
-        }
-        match rd.read_buf(&mut buf).await {
-            Ok(0) => {
+        // Read the header alone, then the payload straight into a buffer of exactly its size:
+        // no payload is copied again, no buffer is shared between frames (so a stalled stream
+        // pins only its own bytes), and an idle session holds no read buffer. The transport
+        // below is buffered, so the two reads cost no extra system call.
+        let mut raw = [0u8; HEADER_LEN];
+        match read_full(&mut rd, &mut raw).await {
+            Ok(true) => {}
+            Ok(false) => {
                 return Some(SessionEnd {
                     code: ErrorCode::Normal,
                     detail: "connection closed by peer".into(),
                     by_peer: true,
                 })
             }
-            Ok(_) => shared.lock().last_recv = Instant::now(),
             Err(e) => return Some(io_end(&e)),
         }
+        let header = match Header::decode(&raw, max_payload) {
+            Ok(h) => h,
+            Err(e) => return Some(protocol_end(e)),
+        };
+        // The length was checked against the limit above, before this allocation.
+        let mut payload = BytesMut::with_capacity(header.length as usize);
+        while payload.len() < header.length as usize {
+            match rd.read_buf(&mut payload).await {
+                Ok(0) => {
+                    return Some(SessionEnd {
+                        code: ErrorCode::Normal,
+                        detail: "connection closed by peer in the middle of a frame".into(),
+                        by_peer: true,
+                    })
+                }
+                Ok(_) => {}
+                Err(e) => return Some(io_end(&e)),
+            }
+        }
+        shared.lock().last_recv = Instant::now();
+        let frame = Frame {
+            header,
+            payload: payload.freeze(),
+        };
+        if trace_enabled() {
+            trace!(peer = %shared.name, kind = ?frame.header.kind, stream = frame.header.stream,
+                   flags = frame.header.flags, len = frame.header.length, "frame in");
+        }
+        match handle(shared, frame, &accept_tx, &control_tx) {
+            Ok(None) => {}
+            Ok(Some(end)) => return Some(end),
+            Err(e) => return Some(protocol_end(e)),
+        }
     }
+}
+
+/// Fills `buf` completely. `Ok(false)` when the connection ended cleanly before the first
+/// byte; an end part-way is an error.
+async fn read_full(rd: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> std::io::Result<bool> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match rd.read(&mut buf[filled..]).await? {
+            0 if filled == 0 => return Ok(false),
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed in the middle of a frame header",
+                ))
+            }
+            n => filled += n,
+        }
+    }
+    Ok(true)
 }
 
 fn trace_enabled() -> bool {
@@ -159,14 +197,8 @@ fn handle(
             {
                 DataVerdict::Deliver => {
                     if let Some(slot) = st.slots.get_mut(&id) {
-                        let payload = frame.payload;
-                        if !payload.is_empty() {
-                            let payload = if payload.len() < COPY_BELOW {
-                                Bytes::copy_from_slice(&payload)
-                            } else {
-                                payload
-                            };
-                            slot.recv.push_back(payload);
+                        if !frame.payload.is_empty() {
+                            slot.recv.push_back(frame.payload);
                         }
                         if fin {
                             slot.recv_fin = true;
