@@ -15,7 +15,7 @@ use tokio::net::{TcpStream, UnixStream};
 use crate::session::{Stream, StreamError};
 
 /// Largest single read from a local socket.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
 /// Reads smaller than this are copied out so the big buffer can be reused.
 const SMALL_READ: usize = 4096;
 
