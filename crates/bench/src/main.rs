@@ -1,6 +1,8 @@
 //! `burrow-bench`: runs the real `burrow` gateway and agent as separate processes on loopback
-//! and the same workloads once through the tunnel and once over a direct connection, then
-//! prints one markdown table with medians, spread and the ratio to direct.
+//! and the same workloads through the tunnel, over a direct connection, and through a
+//! reference of two plain TCP relays in separate processes (the same hops without encryption
+//! or multiplexing), then prints one markdown table with medians, spread and the ratios to
+//! direct and to the reference.
 //!
 //! ```text
 //! cargo run --release -p burrow-bench            # full run, a few minutes
@@ -16,6 +18,7 @@
 //! - `procs`: finds or builds `burrow`, runs the gateway and agent, reads what they print.
 //! - `targets`: echo, sink and source services inside the bench; `echo_proc`: an echo in a
 //!   child process for the memory rows, so that 10,000 connections fit the open-file limit.
+//! - `relay_proc`: the 2-hop reference, two forwarding child processes in a row.
 //! - `throughput`, `latency`, `memory`: the workloads.
 //! - `sys`: open-file limit, `/proc` readings, the machine.
 //! - `stats`, `report`: medians and percentiles; the table and its targets.
@@ -26,6 +29,7 @@ mod memory;
 mod options;
 mod pattern;
 mod procs;
+mod relay_proc;
 mod report;
 mod stats;
 mod sys;
@@ -38,19 +42,29 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use clap::Parser as _;
 
 use crate::echo_proc::EchoProcess;
 use crate::memory::Rss;
 use crate::options::Settings;
 use crate::procs::Tunnel;
-use crate::report::{Cpu, Latency, Results, Throughput};
+use crate::relay_proc::RelayChain;
+use crate::report::{Cpu, Latency, RelayCpu, Results, Route, Throughput};
 use crate::targets::Targets;
 use crate::throughput::{Direction, Endpoints, Workload};
 
 fn main() -> ExitCode {
     let args = options::Args::parse();
+    if let Some(upstreams) = &args.serve_relay {
+        return match relay_proc::serve(upstreams) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("burrow-bench relay child: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.serve_echo {
         return match echo_proc::serve() {
             Ok(()) => ExitCode::SUCCESS,
@@ -99,15 +113,59 @@ struct Public {
     held: Option<SocketAddr>,
 }
 
-/// Starts the targets and the tunnel, runs every section, and stops the tunnel.
+/// The reference path: targets of its own (so its downloads have their own ledger, as the
+/// tunnel's do) behind two relay processes.
+struct Relayed {
+    targets: Targets,
+    chain: RelayChain,
+    /// Where clients connect, at relay 1, for each target.
+    echo: SocketAddr,
+    sink: SocketAddr,
+    source: SocketAddr,
+}
+
+impl Relayed {
+    /// Starts the targets, then relay 2 towards them and relay 1 towards relay 2.
+    async fn start(write_len: usize) -> anyhow::Result<Relayed> {
+        let targets = Targets::start(write_len).await?;
+        let chain = RelayChain::start(&[targets.echo, targets.sink, targets.source]).await?;
+        let [echo, sink, source] = chain.entry[..] else {
+            bail!("relay 1 printed {} addresses, not 3", chain.entry.len());
+        };
+        Ok(Relayed {
+            targets,
+            chain,
+            echo,
+            sink,
+            source,
+        })
+    }
+}
+
+/// One route to the targets, ready for the workloads.
+struct Way<'a> {
+    route: Route,
+    to: Endpoints<'a>,
+    echo: SocketAddr,
+}
+
+/// Starts the targets, the relay reference and the tunnel, runs every section, and stops the
+/// tunnel and the relays.
 async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result<Results> {
     let mut results = Results {
         machine: Some(sys::Machine::describe(fd_limit)),
         settings: describe(settings),
+        relay: settings.relay,
         ..Results::default()
     };
     let direct = Targets::start(settings.write_len).await?;
     let tunnelled = Targets::start(settings.write_len).await?;
+    let relayed = if settings.relay {
+        eprintln!("bench: starting the 2-hop relay reference");
+        Some(Relayed::start(settings.write_len).await?)
+    } else {
+        None
+    };
     let mut held = if settings.conns.is_empty() {
         None
     } else {
@@ -135,10 +193,14 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
         tunnelled: &tunnelled,
         public: &public,
         tunnel: &tunnel,
+        relayed: relayed.as_ref(),
         fd_limit,
     };
     let outcome = bench.sections(&mut results, held.as_mut()).await;
     results.notes.extend(tunnel.stop().await);
+    if let Some(relayed) = relayed {
+        results.notes.extend(relayed.chain.stop().await);
+    }
     outcome?;
     Ok(results)
 }
@@ -150,6 +212,8 @@ struct Bench<'a> {
     tunnelled: &'a Targets,
     public: &'a Public,
     tunnel: &'a Tunnel,
+    /// `None` when the reference is skipped.
+    relayed: Option<&'a Relayed>,
     fd_limit: u64,
 }
 
@@ -168,12 +232,35 @@ impl Bench<'_> {
         Ok(())
     }
 
-    fn tunnel_endpoints(&self) -> Endpoints<'_> {
-        Endpoints {
-            sink: self.public.sink,
-            source: self.public.source,
-            ledger: &self.tunnelled.ledger,
+    /// Every route measured, in the order each workload runs them: direct, the relay
+    /// reference, the tunnel.
+    fn ways(&self) -> Vec<Way<'_>> {
+        let mut ways = vec![Way {
+            route: Route::Direct,
+            to: Endpoints::direct(self.direct),
+            echo: self.direct.echo,
+        }];
+        if let Some(relayed) = self.relayed {
+            ways.push(Way {
+                route: Route::Relay,
+                to: Endpoints {
+                    sink: relayed.sink,
+                    source: relayed.source,
+                    ledger: &relayed.targets.ledger,
+                },
+                echo: relayed.echo,
+            });
         }
+        ways.push(Way {
+            route: Route::Tunnel,
+            to: Endpoints {
+                sink: self.public.sink,
+                source: self.public.source,
+                ledger: &self.tunnelled.ledger,
+            },
+            echo: self.public.echo,
+        });
+        ways
     }
 
     /// Proves every path works and lets the session settle before anything is measured.
@@ -181,24 +268,20 @@ impl Bench<'_> {
         eprintln!("bench: warm-up");
         let chunk: Arc<[u8]> = pattern::buffer(self.settings.write_len).into();
         let short = Duration::from_millis(100);
-        for (name, to) in [
-            ("direct", Endpoints::direct(self.direct)),
-            ("tunnel", self.tunnel_endpoints()),
-        ] {
+        for way in self.ways() {
+            let name = way.route.name();
             for direction in [Direction::Upload, Direction::Download] {
                 let work = Workload {
                     direction,
                     streams: 1,
                 };
-                if let Err(e) = throughput::run(&to, work, short, &chunk).await {
+                if let Err(e) = throughput::run(&way.to, work, short, &chunk).await {
                     results
                         .failures
                         .push(format!("warm-up, {}, {name}: {e:#}", work.label()));
                 }
             }
-        }
-        for (name, addr) in [("direct", self.direct.echo), ("tunnel", self.public.echo)] {
-            if let Err(e) = latency::request_response(addr, 100).await {
+            if let Err(e) = latency::request_response(way.echo, 100).await {
                 results
                     .failures
                     .push(format!("warm-up, echo, {name}: {e:#}"));
@@ -206,8 +289,8 @@ impl Bench<'_> {
         }
     }
 
-    /// Every throughput workload, direct then tunnel, round after round; and the gateway's and
-    /// agent's CPU time over the whole section.
+    /// Every throughput workload on every route (direct, relay, tunnel), round after round;
+    /// and the CPU time of the gateway and agent, and of the relays, over the whole section.
     async fn throughput(&self, results: &mut Results) -> anyhow::Result<()> {
         let s = self.settings;
         let chunk: Arc<[u8]> = pattern::buffer(s.write_len).into();
@@ -237,55 +320,71 @@ impl Bench<'_> {
                 },
                 direct: Vec::new(),
                 tunnel: Vec::new(),
+                relay: Vec::new(),
             })
             .collect();
+        let ways = self.ways();
+        let relay_cpu = || self.relayed.map(|r| r.chain.cpu_seconds()).transpose();
         let cpu_before = self.tunnel.cpu_seconds()?;
-        let mut tunnel_bytes = 0;
+        let relay_cpu_before = relay_cpu()?;
+        let (mut tunnel_bytes, mut relay_bytes) = (0, 0);
         for round in 1..=s.rounds {
             eprintln!("bench: throughput, round {round}/{}", s.rounds);
             for (work, row) in workloads.iter().zip(&mut rows) {
-                let to = Endpoints::direct(self.direct);
-                match throughput::run(&to, *work, s.duration, &chunk).await {
-                    Ok(t) => row.direct.push(t.gbit_per_s()),
-                    Err(e) => results
-                        .failures
-                        .push(format!("{}, direct, round {round}: {e:#}", row.label)),
-                }
-                match throughput::run(&self.tunnel_endpoints(), *work, s.duration, &chunk).await {
-                    Ok(t) => {
-                        row.tunnel.push(t.gbit_per_s());
-                        tunnel_bytes += t.bytes;
+                for way in &ways {
+                    match throughput::run(&way.to, *work, s.duration, &chunk).await {
+                        Ok(t) => {
+                            row.side(way.route).push(t.gbit_per_s());
+                            match way.route {
+                                Route::Direct => {}
+                                Route::Relay => relay_bytes += t.bytes,
+                                Route::Tunnel => tunnel_bytes += t.bytes,
+                            }
+                        }
+                        Err(e) => results.failures.push(format!(
+                            "{}, {}, round {round}: {e:#}",
+                            row.label,
+                            way.route.name()
+                        )),
                     }
-                    Err(e) => results
-                        .failures
-                        .push(format!("{}, tunnel, round {round}: {e:#}", row.label)),
                 }
             }
         }
         let seconds = self.tunnel.cpu_seconds()? - cpu_before;
+        let relay = match (relay_cpu()?, relay_cpu_before) {
+            (Some(after), Some(before)) => Some(RelayCpu {
+                seconds: after - before,
+                bytes: relay_bytes,
+            }),
+            _ => None,
+        };
         results.cpu = Some(Cpu {
             seconds,
             tunnel_bytes,
+            relay,
         });
         results.throughput = rows;
         Ok(())
     }
 
-    /// Request/response and connect + first byte, direct then tunnel, round after round.
+    /// Request/response and connect + first byte on every route (direct, relay, tunnel), round
+    /// after round.
     async fn latency(&self, results: &mut Results) {
         let s = self.settings;
         let (mut rr, mut connect) = (Latency::default(), Latency::default());
+        let ways = self.ways();
         for round in 1..=s.rounds {
             eprintln!("bench: latency, round {round}/{}", s.rounds);
-            for (name, addr) in [("direct", self.direct.echo), ("tunnel", self.public.echo)] {
+            for way in &ways {
+                let (name, addr) = (way.route.name(), way.echo);
                 match latency::request_response(addr, s.rr_iters).await {
-                    Ok(p) => rr.side(name == "direct").push(p),
+                    Ok(p) => rr.side(way.route).push(p),
                     Err(e) => results
                         .failures
                         .push(format!("{name}, round {round}: {e:#}")),
                 }
                 match latency::connect_first_byte(addr, s.connect_iters).await {
-                    Ok(p) => connect.side(name == "direct").push(p),
+                    Ok(p) => connect.side(way.route).push(p),
                     Err(e) => results
                         .failures
                         .push(format!("{name}, round {round}: {e:#}")),
@@ -349,6 +448,9 @@ fn describe(s: &Settings) -> String {
             list(&s.conns)
         },
     );
+    if !s.relay {
+        line.push_str("; 2-hop relay reference skipped");
+    }
     for (who, config) in [("gateway", &s.gateway_config), ("agent", &s.agent_config)] {
         if let Some(path) = config {
             line.push_str(&format!("; {who} config {}", path.display()));

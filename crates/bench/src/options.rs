@@ -1,12 +1,14 @@
 //! Command-line options and the settings they resolve to.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 
-/// Runs the same workloads through a real `burrow` gateway and agent and over a direct
-/// loopback connection, and prints one markdown table comparing them.
+/// Runs the same workloads through a real `burrow` gateway and agent, over a direct loopback
+/// connection, and through two plain TCP relays in separate processes (the cost of the two
+/// extra hops alone), and prints one markdown table comparing them.
 ///
 /// The `burrow` binary is `$BURROW_BIN` when set; under `cargo run` it is built first.
 #[derive(Debug, Parser)]
@@ -50,6 +52,10 @@ pub struct Args {
     #[arg(long)]
     skip_memory: bool,
 
+    /// Leave out the 2-hop relay reference (two plain TCP forwarders in separate processes)
+    #[arg(long)]
+    skip_relay: bool,
+
     /// Also write the raw results as JSON to FILE
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -66,6 +72,11 @@ pub struct Args {
     /// Internal: run as the echo child process of the memory rows.
     #[arg(long = "serve-echo", hide = true)]
     pub serve_echo: bool,
+
+    /// Internal: run as a relay child process of the 2-hop reference, forwarding to each
+    /// UPSTREAM in turn.
+    #[arg(long = "serve-relay", hide = true, value_name = "UPSTREAM", num_args = 1..)]
+    pub serve_relay: Option<Vec<SocketAddr>>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -88,6 +99,8 @@ pub struct Settings {
     pub connect_iters: u32,
     /// Empty when the memory rows are skipped.
     pub conns: Vec<u32>,
+    /// Whether to measure the 2-hop relay reference.
+    pub relay: bool,
     pub json: Option<PathBuf>,
     pub gateway_config: Option<PathBuf>,
     pub agent_config: Option<PathBuf>,
@@ -117,6 +130,7 @@ impl Args {
             rr_iters: self.rr_iters.unwrap_or(pick(20_000, 500)),
             connect_iters: self.connect_iters.unwrap_or(pick(2_000, 100)),
             conns,
+            relay: !self.skip_relay,
             json: self.json,
             gateway_config: self.gateway_config,
             agent_config: self.agent_config,
@@ -145,5 +159,19 @@ mod tests {
         assert_eq!(s.duration, Duration::from_millis(250));
         assert!(Args::try_parse_from(["b", "--duration", "0s"]).is_err());
         assert!(Args::try_parse_from(["b", "--rounds", "0"]).is_err());
+    }
+
+    #[test]
+    fn relay_flags() {
+        assert!(Args::parse_from(["b"]).settings().relay);
+        assert!(!Args::parse_from(["b", "--skip-relay"]).settings().relay);
+        let a = Args::parse_from(["b", "--serve-relay", "127.0.0.1:1", "127.0.0.1:2"]);
+        let want: Vec<SocketAddr> = vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        assert_eq!(a.serve_relay, Some(want));
+        assert!(Args::try_parse_from(["b", "--serve-relay"]).is_err());
+        assert!(Args::try_parse_from(["b", "--serve-relay", "localhost:1"]).is_err());
     }
 }

@@ -289,15 +289,11 @@ impl Tunnel {
             })
             .await??;
 
-        let mut args = strings([
-            "agent",
-            "--log-level",
-            "warn",
-            "--gateway",
-            &invite.gateway,
-            "--fingerprint",
-            &invite.fingerprint,
-        ]);
+        let mut args = strings(["agent", "--log-level", "warn", "--gateway", &invite.gateway]);
+        // A gateway on plain TCP (set in its config) prints no fingerprint.
+        if let Some(fingerprint) = &invite.fingerprint {
+            args.extend(["--fingerprint".to_string(), fingerprint.clone()]);
+        }
         let specs: Vec<String> = targets.iter().map(SocketAddr::to_string).collect();
         for spec in &specs {
             args.extend(["--forward".to_string(), spec.clone()]);
@@ -344,7 +340,8 @@ fn strings<const N: usize>(items: [&str; N]) -> Vec<String> {
 struct Invite {
     gateway: String,
     key: String,
-    fingerprint: String,
+    /// `None` when the gateway runs plain TCP.
+    fingerprint: Option<String>,
 }
 
 impl Invite {
@@ -370,7 +367,7 @@ impl Invite {
         Ok(Invite {
             gateway: gateway.ok_or_else(|| missing("--gateway"))?,
             key: key.ok_or_else(|| missing("--key"))?,
-            fingerprint: fingerprint.ok_or_else(|| missing("--fingerprint"))?,
+            fingerprint,
         })
     }
 }
@@ -403,8 +400,11 @@ mod tests {
         let invite = Invite::parse(line).unwrap();
         assert_eq!(invite.gateway, "127.0.0.1:4000");
         assert_eq!(invite.key, "bk_abc");
-        assert_eq!(invite.fingerprint, "SHA256:00ff");
+        assert_eq!(invite.fingerprint.as_deref(), Some("SHA256:00ff"));
         assert!(Invite::parse("--gateway=h:1 --key=k --fingerprint=f").is_ok());
+        // A plain-TCP gateway prints no fingerprint; a line without a key is still an error.
+        let plain = Invite::parse("--gateway h:1 --key k --transport tcp").unwrap();
+        assert_eq!(plain.fingerprint, None);
         assert!(Invite::parse("--gateway h:1 --transport tcp").is_err());
     }
 

@@ -20,6 +20,8 @@ pub struct Results {
     pub idle: Option<Rss>,
     pub memory: Vec<Level>,
     pub cpu: Option<Cpu>,
+    /// Whether the 2-hop relay reference was measured.
+    pub relay: bool,
     /// Oddities worth a look that are not failures.
     pub notes: Vec<String>,
     /// Failed correctness checks: any makes the bench exit non-zero.
@@ -34,6 +36,19 @@ pub struct Throughput {
     pub target_ratio: Option<f64>,
     pub direct: Vec<f64>,
     pub tunnel: Vec<f64>,
+    /// Empty when the reference was skipped.
+    pub relay: Vec<f64>,
+}
+
+impl Throughput {
+    /// The rounds of one route.
+    pub fn side(&mut self, route: Route) -> &mut Vec<f64> {
+        match route {
+            Route::Direct => &mut self.direct,
+            Route::Tunnel => &mut self.tunnel,
+            Route::Relay => &mut self.relay,
+        }
+    }
 }
 
 /// One latency workload, percentiles per round.
@@ -41,30 +56,63 @@ pub struct Throughput {
 pub struct Latency {
     pub direct: Vec<Percentiles>,
     pub tunnel: Vec<Percentiles>,
+    /// Empty when the reference was skipped.
+    pub relay: Vec<Percentiles>,
 }
 
 impl Latency {
-    /// The direct or the tunnel rounds.
-    pub fn side(&mut self, direct: bool) -> &mut Vec<Percentiles> {
-        if direct {
-            &mut self.direct
-        } else {
-            &mut self.tunnel
+    /// The rounds of one route.
+    pub fn side(&mut self, route: Route) -> &mut Vec<Percentiles> {
+        match route {
+            Route::Direct => &mut self.direct,
+            Route::Tunnel => &mut self.tunnel,
+            Route::Relay => &mut self.relay,
         }
     }
 }
 
-/// Gateway plus agent CPU over the throughput section.
+/// The ways from a client to a target that the bench compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Straight to the target.
+    Direct,
+    /// Through the two plain TCP relays: the reference.
+    Relay,
+    /// Through the gateway and the agent.
+    Tunnel,
+}
+
+impl Route {
+    /// The name in failure messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Relay => "relay",
+            Route::Tunnel => "tunnel",
+        }
+    }
+}
+
+/// Gateway plus agent CPU over the throughput section, and the relays' over the same section.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Cpu {
     pub seconds: f64,
     pub tunnel_bytes: u64,
+    /// `None` when the reference was skipped.
+    pub relay: Option<RelayCpu>,
 }
 
-impl Cpu {
-    fn per_gb(&self) -> f64 {
-        self.seconds / (self.tunnel_bytes as f64 / 1e9).max(1e-9)
-    }
+/// Relay 1 plus relay 2 CPU over the throughput section.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RelayCpu {
+    pub seconds: f64,
+    /// Bytes the throughput workloads moved through the relays.
+    pub bytes: u64,
+}
+
+/// Seconds per GB (10^9 bytes).
+fn per_gb(seconds: f64, bytes: u64) -> f64 {
+    seconds / (bytes as f64 / 1e9).max(1e-9)
 }
 
 /// The target ratio for single streams and for 8 parallel ones (tunnel / direct, at least).
@@ -113,57 +161,105 @@ impl Goal {
     }
 }
 
-struct Table(String);
+/// The cells of one row between the metric and the target.
+struct Cells<'a> {
+    direct: &'a str,
+    tunnel: &'a str,
+    relay: &'a str,
+    /// Tunnel / direct, or a per-connection amount.
+    ratio: &'a str,
+    /// Tunnel / relay.
+    vs_relay: &'a str,
+}
+
+impl<'a> Cells<'a> {
+    /// A row about the tunnel alone.
+    fn tunnel(tunnel: &'a str, ratio: &'a str) -> Cells<'a> {
+        Cells {
+            direct: "—",
+            tunnel,
+            relay: "—",
+            ratio,
+            vs_relay: "—",
+        }
+    }
+}
+
+struct Table {
+    text: String,
+    /// Whether the relay columns are shown.
+    relay: bool,
+}
 
 impl Table {
-    fn new() -> Table {
-        Table(String::from(
+    fn new(relay: bool) -> Table {
+        let text = if relay {
+            "| metric | direct | tunnel | 2-hop relay | ratio (or per-connection) | tunnel / relay \
+             | target | met? |\n|---|---:|---:|---:|---:|---:|---|---|\n"
+        } else {
             "| metric | direct | tunnel | ratio (or per-connection) | target | met? |\n\
-             |---|---:|---:|---:|---|---|\n",
-        ))
-    }
-
-    fn row(
-        &mut self,
-        metric: &str,
-        direct: &str,
-        tunnel: &str,
-        ratio: &str,
-        goal: &Goal,
-        value: Option<f64>,
-    ) {
-        let _ = writeln!(
-            self.0,
-            "| {metric} | {direct} | {tunnel} | {ratio} | {} | {} |",
-            goal.text(),
-            goal.met(value)
-        );
-    }
-
-    /// A direct/tunnel comparison of per-round values; `decimals` for the values.
-    fn compare(
-        &mut self,
-        metric: &str,
-        direct: &[f64],
-        tunnel: &[f64],
-        decimals: usize,
-        goal: &Goal,
-    ) {
-        let (d, t) = (spread(direct), spread(tunnel));
-        let ratio = match (d, t) {
-            (Some(d), Some(t)) if d.median > 0.0 => Some(t.median / d.median),
-            _ => None,
+             |---|---:|---:|---:|---|---|\n"
         };
-        let ratio_text = ratio.map_or_else(|| "—".into(), |r| format!("{r:.2}x"));
+        Table {
+            text: text.into(),
+            relay,
+        }
+    }
+
+    fn row(&mut self, metric: &str, cells: &Cells<'_>, goal: &Goal, value: Option<f64>) {
+        let Cells {
+            direct,
+            tunnel,
+            relay,
+            ratio,
+            vs_relay,
+        } = cells;
+        let (goal, met) = (goal.text(), goal.met(value));
+        let _ = if self.relay {
+            writeln!(
+                self.text,
+                "| {metric} | {direct} | {tunnel} | {relay} | {ratio} | {vs_relay} | {goal} | \
+                 {met} |"
+            )
+        } else {
+            writeln!(
+                self.text,
+                "| {metric} | {direct} | {tunnel} | {ratio} | {goal} | {met} |"
+            )
+        };
+    }
+
+    /// A direct/tunnel/relay comparison of per-round values; `decimals` for the values. The
+    /// goal is held against tunnel / direct.
+    fn compare(&mut self, metric: &str, rounds: [&[f64]; 3], decimals: usize, goal: &Goal) {
+        let [d, t, r] = rounds.map(spread);
+        let ratio = ratio(t, d);
         self.row(
             metric,
-            &show(d, decimals),
-            &show(t, decimals),
-            &ratio_text,
+            &Cells {
+                direct: &show(d, decimals),
+                tunnel: &show(t, decimals),
+                relay: &show(r, decimals),
+                ratio: &show_ratio(ratio),
+                vs_relay: &show_ratio(self::ratio(t, r)),
+            },
             goal,
             ratio,
         );
     }
+}
+
+/// The ratio of two medians, when both exist and the divisor is above zero.
+fn ratio(top: Option<Spread>, bottom: Option<Spread>) -> Option<f64> {
+    match (top, bottom) {
+        (Some(t), Some(b)) if b.median > 0.0 => Some(t.median / b.median),
+        _ => None,
+    }
+}
+
+/// `1.23x`, or `—` for none.
+fn show_ratio(ratio: Option<f64>) -> String {
+    ratio.map_or_else(|| "—".into(), |r| format!("{r:.2}x"))
 }
 
 /// `median (min–max)`, or just the value for one round, or `failed` for none.
@@ -203,7 +299,14 @@ impl Results {
             );
         }
         let _ = writeln!(out, "settings: {}", self.settings);
-        out.push_str("values: median over rounds (min–max); ratio = tunnel / direct; TLS on\n\n");
+        out.push_str("values: median over rounds (min–max); ratio = tunnel / direct; TLS on");
+        if self.relay {
+            out.push_str(
+                "; 2-hop relay = two plain TCP forwarders in separate processes, no encryption, \
+                 no multiplexing: the cost of the two extra hops alone",
+            );
+        }
+        out.push_str("\n\n");
         out.push_str(&self.table());
         if !self.notes.is_empty() {
             out.push_str("\nnotes:\n");
@@ -224,13 +327,12 @@ impl Results {
     }
 
     fn table(&self) -> String {
-        let mut t = Table::new();
+        let mut t = Table::new(self.relay);
         for w in &self.throughput {
             let goal = w.target_ratio.map_or(Goal::None, Goal::RatioAtLeast);
             t.compare(
                 &format!("throughput, {} (Gbit/s)", w.label),
-                &w.direct,
-                &w.tunnel,
+                [&w.direct, &w.tunnel, &w.relay],
                 2,
                 &goal,
             );
@@ -251,36 +353,53 @@ impl Results {
         );
         self.memory_rows(&mut t);
         if let Some(cpu) = self.cpu {
-            let per_gb = cpu.per_gb();
-            t.row(
-                "CPU, gateway + agent (s per GB through the tunnel)",
-                "—",
-                &format!("{per_gb:.2}"),
-                &format!(
+            self.cpu_row(&mut t, cpu);
+        }
+        t.text
+    }
+
+    /// The gateway's and agent's CPU per GB, next to the relays' when they ran.
+    fn cpu_row(&self, t: &mut Table, cpu: Cpu) {
+        let tunnel = per_gb(cpu.seconds, cpu.tunnel_bytes);
+        let relay = cpu.relay.map(|r| per_gb(r.seconds, r.bytes));
+        let metric = if self.relay {
+            "CPU, gateway + agent; relay 1 + 2 (s per GB through each)"
+        } else {
+            "CPU, gateway + agent (s per GB through the tunnel)"
+        };
+        t.row(
+            metric,
+            &Cells {
+                direct: "—",
+                tunnel: &format!("{tunnel:.2}"),
+                relay: &relay.map_or_else(|| "—".into(), |r| format!("{r:.2}")),
+                ratio: &format!(
                     "{:.1} s / {:.1} GB",
                     cpu.seconds,
                     cpu.tunnel_bytes as f64 / 1e9
                 ),
-                &Goal::AtMost(CPU_PER_GB, "s/GB"),
-                Some(per_gb),
-            );
-        }
-        t.0
+                vs_relay: &relay
+                    .filter(|&r| r > 0.0)
+                    .map_or_else(|| "—".into(), |r| format!("{:.1}x", tunnel / r)),
+            },
+            &Goal::AtMost(CPU_PER_GB, "s/GB"),
+            Some(tunnel),
+        );
     }
 
     fn latency_rows(&self, t: &mut Table, name: &str, l: &Latency, p50: f64, p99: Option<f64>) {
         let p = |v: &[Percentiles], f: fn(&Percentiles) -> f64| v.iter().map(f).collect::<Vec<_>>();
+        let p50s = |v: &[Percentiles]| p(v, |x| x.p50_us);
+        let p99s = |v: &[Percentiles]| p(v, |x| x.p99_us);
         t.compare(
             &format!("{name}, p50 (µs)"),
-            &p(&l.direct, |x| x.p50_us),
-            &p(&l.tunnel, |x| x.p50_us),
+            [&p50s(&l.direct), &p50s(&l.tunnel), &p50s(&l.relay)],
             1,
             &Goal::RatioAtMost(p50),
         );
         t.compare(
             &format!("{name}, p99 (µs)"),
-            &p(&l.direct, |x| x.p99_us),
-            &p(&l.tunnel, |x| x.p99_us),
+            [&p99s(&l.direct), &p99s(&l.tunnel), &p99s(&l.relay)],
             1,
             &p99.map_or(Goal::None, Goal::RatioAtMost),
         );
@@ -291,9 +410,7 @@ impl Results {
             for (who, kib) in [("gateway", idle.gateway_kib), ("agent", idle.agent_kib)] {
                 t.row(
                     &format!("RSS idle, {who} (KiB)"),
-                    "—",
-                    &kib.to_string(),
-                    "—",
+                    &Cells::tunnel(&kib.to_string(), "—"),
                     &Goal::None,
                     None,
                 );
@@ -305,9 +422,7 @@ impl Results {
             if let Some(why) = &level.skipped {
                 t.row(
                     &format!("{n} idle connections"),
-                    "—",
-                    why,
-                    "—",
+                    &Cells::tunnel(why, "—"),
                     &Goal::None,
                     None,
                 );
@@ -320,9 +435,7 @@ impl Results {
                 ] {
                     t.row(
                         &format!("RSS with {n} idle connections, {who} (KiB)"),
-                        "—",
-                        &kib.to_string(),
-                        &format!("{per:.2} KiB/conn"),
+                        &Cells::tunnel(&kib.to_string(), &format!("{per:.2} KiB/conn")),
                         &goal,
                         Some(per),
                     );
@@ -335,9 +448,7 @@ impl Results {
             };
             t.row(
                 &format!("{n} idle connections established"),
-                "—",
-                &format!("{}/{}", level.succeeded, level.attempted),
-                "—",
+                &Cells::tunnel(&format!("{}/{}", level.succeeded, level.attempted), "—"),
                 &Goal::All,
                 Some(all),
             );
@@ -378,6 +489,7 @@ mod tests {
                 target_ratio: Some(SINGLE_STREAM_RATIO),
                 direct: vec![10.0, 12.0],
                 tunnel: vec![4.0],
+                relay: Vec::new(),
             }],
             failures: vec!["boom".into()],
             ..Results::default()
@@ -385,5 +497,57 @@ mod tests {
         let text = results.render();
         assert!(text.contains("| throughput, upload, 1 stream (Gbit/s) | 11.00 (10.00–12.00) | 4.00 | 0.36x | ≥ 0.30x | yes |"), "{text}");
         assert!(text.contains("1 check(s) FAILED"));
+        assert!(!text.contains("relay"), "{text}");
+    }
+
+    #[test]
+    fn renders_the_relay_columns() {
+        let results = Results {
+            throughput: vec![Throughput {
+                label: "upload, 1 stream".into(),
+                streams: 1,
+                target_ratio: Some(SINGLE_STREAM_RATIO),
+                direct: vec![10.0],
+                tunnel: vec![4.0],
+                relay: vec![8.0],
+            }],
+            cpu: Some(Cpu {
+                seconds: 2.0,
+                tunnel_bytes: 4_000_000_000,
+                relay: Some(RelayCpu {
+                    seconds: 0.5,
+                    bytes: 5_000_000_000,
+                }),
+            }),
+            idle: Some(Rss {
+                gateway_kib: 100,
+                agent_kib: 200,
+            }),
+            relay: true,
+            ..Results::default()
+        };
+        let text = results.render();
+        assert!(
+            text.contains("2-hop relay = two plain TCP forwarders"),
+            "{text}"
+        );
+        assert!(text.contains("| metric | direct | tunnel | 2-hop relay | ratio (or per-connection) | tunnel / relay | target | met? |"), "{text}");
+        assert!(text.contains("| throughput, upload, 1 stream (Gbit/s) | 10.00 | 4.00 | 8.00 | 0.40x | 0.50x | ≥ 0.30x | yes |"), "{text}");
+        assert!(
+            text.contains("| 0.50 | 0.10 | 2.0 s / 4.0 GB | 5.0x | ≤ 1 s/GB | yes |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| RSS idle, gateway (KiB) | — | 100 | — | — | — | — | — |"),
+            "{text}"
+        );
+        // A relay that failed every round shows as such, without a ratio.
+        let mut results = results;
+        results.throughput[0].relay.clear();
+        let text = results.render();
+        assert!(
+            text.contains("| 10.00 | 4.00 | failed | 0.40x | — |"),
+            "{text}"
+        );
     }
 }
