@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
 
 use crate::sys;
@@ -113,12 +113,15 @@ pub struct Proc {
     stderr: watch::Receiver<Output>,
     /// Stdout lines printed during start-up; later ones are worth reporting.
     startup_lines: usize,
+    /// Held open for the child's life: a child that watches its stdin (the bench's relays)
+    /// exits when it closes, so it never outlives the bench.
+    _stdin: ChildStdin,
 }
 
 impl Proc {
     /// Starts `bin` with `args` and `env`, with every other `BURROW_*` variable removed so the
     /// caller's environment cannot change the set-up.
-    fn spawn(
+    pub fn spawn(
         name: &'static str,
         bin: &Path,
         args: &[String],
@@ -126,7 +129,7 @@ impl Proc {
     ) -> anyhow::Result<Proc> {
         let mut cmd = Command::new(bin);
         cmd.args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -142,6 +145,7 @@ impl Proc {
         let pid = child
             .id()
             .with_context(|| format!("{name} exited at once"))?;
+        let stdin = child.stdin.take().context("no stdin pipe")?;
         let stdout = child.stdout.take().context("no stdout pipe")?;
         let stderr = child.stderr.take().context("no stderr pipe")?;
         Ok(Proc {
@@ -151,11 +155,12 @@ impl Proc {
             stdout: capture(stdout, None),
             stderr: capture(stderr, Some(name)),
             startup_lines: 0,
+            _stdin: stdin,
         })
     }
 
     /// Waits until `find` recognises what it needs in the stdout lines so far.
-    async fn wait_stdout<T>(
+    pub async fn wait_stdout<T>(
         &mut self,
         what: &str,
         mut find: impl FnMut(&[String]) -> Option<T>,
@@ -207,7 +212,7 @@ impl Proc {
 
     /// What is worth a note: an early exit, stderr lines, stdout lines after start-up. Then
     /// kills the process.
-    async fn stop(mut self) -> Vec<String> {
+    pub async fn stop(mut self) -> Vec<String> {
         let mut notes = Vec::new();
         if let Ok(Some(status)) = self.child.try_wait() {
             notes.push(format!("{} exited during the bench: {status}", self.name));
@@ -219,7 +224,7 @@ impl Proc {
         let err = self.stderr.borrow();
         if !err.lines.is_empty() {
             notes.push(format!(
-                "{} wrote {} line(s) to stderr at --log-level warn; the first: `{}`",
+                "{} wrote {} line(s) to stderr; the first: `{}`",
                 self.name,
                 err.lines.len(),
                 err.lines[0]

@@ -13,15 +13,13 @@
 //! never outlives the bench.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use anyhow::Context as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, ChildStdin, Command};
 
-use crate::sys;
+use crate::procs::Proc;
 
 /// The flag that makes this executable a relay child.
 pub const FLAG: &str = "--serve-relay";
@@ -29,9 +27,6 @@ pub const FLAG: &str = "--serve-relay";
 /// Copy buffer of each direction of each connection: the size of the bench's writes and the
 /// sink's reads, so a relay does not split them more than the kernel does.
 const COPY_BUF: usize = 256 * 1024;
-
-/// Longest a relay child may take to print its addresses.
-const STARTUP_LIMIT: Duration = Duration::from_secs(10);
 
 /// The child's side: relays to each of `upstreams` until stdin closes.
 pub fn serve(upstreams: &[SocketAddr]) -> anyhow::Result<()> {
@@ -103,11 +98,7 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr) {
 
 /// The bench's side: one running relay child; killed when dropped.
 struct RelayProcess {
-    name: &'static str,
-    child: Child,
-    pid: u32,
-    /// Held open: the child exits when it closes.
-    _stdin: ChildStdin,
+    proc: Proc,
     /// Where it listens, one address per upstream, in the same order.
     addrs: Vec<SocketAddr>,
 }
@@ -116,53 +107,23 @@ impl RelayProcess {
     /// Starts a relay child forwarding to `upstreams` and reads its addresses.
     async fn start(name: &'static str, upstreams: &[SocketAddr]) -> anyhow::Result<RelayProcess> {
         let exe = std::env::current_exe().context("cannot find the bench's own executable")?;
-        let mut child = Command::new(exe)
-            .arg(FLAG)
-            .args(upstreams.iter().map(SocketAddr::to_string))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start the {name} child process"))?;
-        let pid = child
-            .id()
-            .with_context(|| format!("{name} exited at once"))?;
-        let stdin = child.stdin.take().context("no stdin pipe")?;
-        let stdout = child.stdout.take().context("no stdout pipe")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let mut addrs = Vec::with_capacity(upstreams.len());
-        while addrs.len() < upstreams.len() {
-            let line = match tokio::time::timeout(STARTUP_LIMIT, lines.next_line()).await {
-                Ok(Ok(Some(line))) => line,
-                Ok(Ok(None)) => bail!("{name} exited before printing its addresses"),
-                Ok(Err(e)) => bail!("cannot read from {name}: {e}"),
-                Err(_) => bail!("{name} did not print its addresses within {STARTUP_LIMIT:?}"),
-            };
-            addrs.push(parse_relay(&line).context(name)?);
-        }
-        Ok(RelayProcess {
-            name,
-            child,
-            pid,
-            _stdin: stdin,
-            addrs,
-        })
-    }
-
-    /// CPU seconds used so far.
-    fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        sys::cpu_seconds(self.pid).with_context(|| format!("{} (pid {})", self.name, self.pid))
-    }
-
-    /// A note if the child exited early; then kills it.
-    async fn stop(mut self) -> Option<String> {
-        let note = match self.child.try_wait() {
-            Ok(Some(status)) => Some(format!("{} exited during the bench: {status}", self.name)),
-            _ => None,
-        };
-        let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
-        note
+        let mut args = vec![FLAG.to_string()];
+        args.extend(upstreams.iter().map(SocketAddr::to_string));
+        let mut proc = Proc::spawn(name, &exe, &args, &[])?;
+        let addrs = proc
+            .wait_stdout("its addresses", |lines| {
+                let relays: Vec<&String> =
+                    lines.iter().filter(|l| l.starts_with("relay ")).collect();
+                (relays.len() >= upstreams.len()).then(|| {
+                    relays
+                        .iter()
+                        .map(|l| parse_relay(l))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+            })
+            .await?
+            .with_context(|| format!("{name}'s addresses"))?;
+        Ok(RelayProcess { proc, addrs })
     }
 }
 
@@ -197,14 +158,13 @@ impl RelayChain {
 
     /// CPU seconds both relays used so far, together.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        Ok(self.first.cpu_seconds()? + self.second.cpu_seconds()?)
+        Ok(self.first.proc.cpu_seconds()? + self.second.proc.cpu_seconds()?)
     }
 
     /// Stops both relays; returns what is worth a note about them.
     pub async fn stop(self) -> Vec<String> {
-        let mut notes = Vec::new();
-        notes.extend(self.first.stop().await);
-        notes.extend(self.second.stop().await);
+        let mut notes = self.first.proc.stop().await;
+        notes.extend(self.second.proc.stop().await);
         notes
     }
 }

@@ -51,6 +51,11 @@ const READ_BUFFER: usize = 256 * 1024;
 /// 64 KiB splits each of the session writer's batches (up to 256 KiB) into four system calls.
 const TLS_SEND_BUFFER: usize = 256 * 1024;
 
+/// The tunnel connection with its read buffer.
+fn buffered(tcp: TcpStream) -> BufReader<TcpStream> {
+    BufReader::with_capacity(READ_BUFFER, tcp)
+}
+
 /// Sets the socket options every tunnel and relayed connection wants.
 pub fn tune(tcp: &TcpStream) {
     // Frames are batched by the writer; Nagle would only add latency on top.
@@ -76,7 +81,7 @@ pub async fn dial(
     let Some(config) = tls_config else {
         debug_assert!(matches!(trust, Trust::Plain));
         return Ok(Connected {
-            io: Box::new(BufReader::with_capacity(READ_BUFFER, tcp)),
+            io: Box::new(buffered(tcp)),
             binding: [0u8; 32],
             peer,
         });
@@ -89,8 +94,7 @@ pub async fn dial(
         fatal: true,
     })?;
     let connector = tokio_rustls::TlsConnector::from(config);
-    let tcp = BufReader::with_capacity(READ_BUFFER, tcp);
-    let mut stream = connector.connect(name, tcp).await.map_err(|e| {
+    let mut stream = connector.connect(name, buffered(tcp)).await.map_err(|e| {
         let fatal = e.kind() == std::io::ErrorKind::InvalidData;
         DialError {
             message: format!(
@@ -127,14 +131,12 @@ pub async fn accept(
     tune(&tcp);
     let Some(acceptor) = acceptor else {
         return Ok(Connected {
-            io: Box::new(BufReader::with_capacity(READ_BUFFER, tcp)),
+            io: Box::new(buffered(tcp)),
             binding: [0u8; 32],
             peer,
         });
     };
-    let mut stream = acceptor
-        .accept(BufReader::with_capacity(READ_BUFFER, tcp))
-        .await?;
+    let mut stream = acceptor.accept(buffered(tcp)).await?;
     stream.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
     let binding =
         tls::channel_binding_server(&stream).map_err(|e| std::io::Error::other(e.to_string()))?;

@@ -84,6 +84,14 @@ pub(super) fn io_end(e: &std::io::Error) -> SessionEnd {
     }
 }
 
+fn peer_closed(detail: &str) -> SessionEnd {
+    SessionEnd {
+        code: ErrorCode::Normal,
+        detail: detail.into(),
+        by_peer: true,
+    }
+}
+
 fn protocol_end(e: ProtocolError) -> SessionEnd {
     SessionEnd {
         code: e.code,
@@ -110,13 +118,7 @@ async fn read_loop(
         let mut raw = [0u8; HEADER_LEN];
         match read_full(&mut rd, &mut raw).await {
             Ok(true) => {}
-            Ok(false) => {
-                return Some(SessionEnd {
-                    code: ErrorCode::Normal,
-                    detail: "connection closed by peer".into(),
-                    by_peer: true,
-                })
-            }
+            Ok(false) => return Some(peer_closed("connection closed by peer")),
             Err(e) => return Some(io_end(&e)),
         }
         let header = match Header::decode(&raw, max_payload) {
@@ -128,17 +130,15 @@ async fn read_loop(
         while payload.len() < header.length as usize {
             match rd.read_buf(&mut payload).await {
                 Ok(0) => {
-                    return Some(SessionEnd {
-                        code: ErrorCode::Normal,
-                        detail: "connection closed by peer in the middle of a frame".into(),
-                        by_peer: true,
-                    })
+                    return Some(peer_closed(
+                        "connection closed by peer in the middle of a frame",
+                    ))
                 }
                 Ok(_) => {}
                 Err(e) => return Some(io_end(&e)),
             }
         }
-        shared.lock().last_recv = Instant::now();
+        shared.stamp_recv();
         let frame = Frame {
             header,
             payload: payload.freeze(),
@@ -528,7 +528,7 @@ async fn heartbeat_loop(shared: &Shared) -> Option<SessionEnd> {
         {
             let mut st = shared.lock();
             let now = Instant::now();
-            let silent = now.saturating_duration_since(st.last_recv);
+            let silent = shared.silence(now);
             if silent > dead_after {
                 return Some(SessionEnd {
                     code: ErrorCode::Timeout,
@@ -542,5 +542,32 @@ async fn heartbeat_loop(shared: &Shared) -> Option<SessionEnd> {
         }
         shared.writer.notify_one();
         tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn read_full_tells_a_clean_end_from_a_cut_header() {
+        // Bytes arriving in pieces are gathered.
+        let (mut tx, mut rx) = tokio::io::duplex(64);
+        tx.write_all(b"0123").await.unwrap();
+        let feeding = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            tx.write_all(b"456789ab").await.unwrap();
+            tx
+        });
+        let mut header = [0u8; HEADER_LEN];
+        assert!(read_full(&mut rx, &mut header).await.unwrap());
+        assert_eq!(&header, b"0123456789");
+        // Two bytes left over, then the end: cut inside a header.
+        drop(feeding.await.unwrap());
+        let err = read_full(&mut rx, &mut header).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        // An end on a frame boundary is clean.
+        let mut nothing: &[u8] = &[];
+        assert!(!read_full(&mut nothing, &mut header).await.unwrap());
     }
 }

@@ -15,6 +15,7 @@ pub mod handshake;
 mod stream;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::Waker;
 use std::time::Duration;
@@ -110,7 +111,6 @@ pub(crate) struct State {
     /// Set once the session is over.
     end: Option<SessionEnd>,
     rtt: Duration,
-    last_recv: Instant,
     ping_sent: Option<(u64, Instant)>,
 }
 
@@ -154,6 +154,10 @@ pub(crate) struct Outbound {
 }
 
 pub(crate) struct Shared {
+    /// When the last whole frame arrived, in microseconds since `epoch`. An atomic, not a
+    /// field behind the lock, because the reader stamps it once per frame.
+    last_recv_us: AtomicU64,
+    epoch: Instant,
     state: Mutex<State>,
     out: tokio::sync::Mutex<Outbound>,
     writer: Notify,
@@ -165,6 +169,21 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Records that a frame arrived now.
+    fn stamp_recv(&self) {
+        let us = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_micros();
+        self.last_recv_us
+            .store(u64::try_from(us).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// How long since the last frame arrived.
+    fn silence(&self, now: Instant) -> Duration {
+        let last = self.epoch + Duration::from_micros(self.last_recv_us.load(Ordering::Relaxed));
+        now.saturating_duration_since(last)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is a bug; keep serving the other sessions rather than
         // poisoning every later call.
@@ -259,7 +278,6 @@ pub fn start(
             ready: VecDeque::new(),
             end: None,
             rtt: Duration::from_millis(1),
-            last_recv: Instant::now(),
             ping_sent: None,
         }),
         out: tokio::sync::Mutex::new(Outbound {
@@ -267,6 +285,8 @@ pub fn start(
             batch: driver::Batch::new(),
         }),
         writer: Notify::new(),
+        last_recv_us: AtomicU64::new(0),
+        epoch: Instant::now(),
         ended: CancellationToken::new(),
         params,
         name,
