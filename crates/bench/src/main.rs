@@ -403,8 +403,7 @@ impl Bench<'_> {
         held: &mut EchoProcess,
         addr: SocketAddr,
     ) -> anyhow::Result<()> {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        results.idle = Some(Rss::of(self.tunnel)?);
+        results.idle = Some(Rss::settled(self.tunnel).await?);
         for &n in &self.settings.conns {
             eprintln!("bench: memory, {n} idle connections");
             match memory::level(addr, n, self.tunnel, held, self.fd_limit).await {

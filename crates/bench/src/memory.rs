@@ -22,8 +22,14 @@ use crate::procs::Tunnel;
 const IN_FLIGHT: usize = 256;
 /// Longest one connection may take to open and echo.
 const OPEN_LIMIT: Duration = Duration::from_secs(10);
-/// Pause before reading memory, so freshly opened streams settle.
-const SETTLE: Duration = Duration::from_millis(500);
+/// How often resident memory is sampled while waiting for it to settle.
+const SETTLE_SAMPLE: Duration = Duration::from_secs(1);
+/// Samples in a row that must stay within `SETTLE_SLACK_KIB` of each other.
+const SETTLE_SAMPLES: usize = 4;
+/// Change between samples small enough to call memory settled, KiB.
+const SETTLE_SLACK_KIB: u64 = 256;
+/// Longest to wait for memory to settle; the allocator returns freed pages over about 10 s.
+const SETTLE_LIMIT: Duration = Duration::from_secs(25);
 /// Longest the target may keep connections after the clients closed theirs.
 const CLOSE_LIMIT: Duration = Duration::from_secs(30);
 /// File descriptors the bench, gateway or agent need besides one or two per connection.
@@ -43,6 +49,34 @@ impl Rss {
             gateway_kib: tunnel.gateway.rss_kib()?,
             agent_kib: tunnel.agent.rss_kib()?,
         })
+    }
+
+    /// Reads both once they stop moving. Right after a throughput run, or after opening
+    /// thousands of connections, the allocator still holds freed pages it hands back over
+    /// several seconds; a reading taken then counts garbage as the cost of a connection (or,
+    /// when the baseline holds it, makes the cost negative). Gives the last reading after
+    /// `SETTLE_LIMIT` if memory never settles.
+    pub async fn settled(tunnel: &Tunnel) -> anyhow::Result<Rss> {
+        let deadline = tokio::time::Instant::now() + SETTLE_LIMIT;
+        let mut last = Rss::of(tunnel)?;
+        let mut steady = 1;
+        while steady < SETTLE_SAMPLES && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(SETTLE_SAMPLE).await;
+            let now = Rss::of(tunnel)?;
+            steady = if now.within(&last, SETTLE_SLACK_KIB) {
+                steady + 1
+            } else {
+                1
+            };
+            last = now;
+        }
+        Ok(last)
+    }
+
+    /// Whether both readings are within `slack` KiB of `other`'s.
+    fn within(&self, other: &Rss, slack: u64) -> bool {
+        self.gateway_kib.abs_diff(other.gateway_kib) <= slack
+            && self.agent_kib.abs_diff(other.agent_kib) <= slack
     }
 }
 
@@ -103,11 +137,10 @@ pub async fn level(
         return Ok(level);
     }
     wait_closed(echo).await?;
-    level.idle = Some(Rss::of(tunnel)?);
+    level.idle = Some(Rss::settled(tunnel).await?);
     let conns = open_idle(addr, n, &mut level.failures).await?;
     level.succeeded = u32::try_from(conns.len())?;
-    tokio::time::sleep(SETTLE).await;
-    level.with = Some(Rss::of(tunnel)?);
+    level.with = Some(Rss::settled(tunnel).await?);
     drop(conns);
     wait_closed(echo).await?;
     Ok(level)
@@ -177,5 +210,28 @@ async fn wait_closed(echo: &mut EchoProcess) -> anyhow::Result<()> {
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_within_slack_count_as_settled() {
+        let a = Rss {
+            gateway_kib: 10_000,
+            agent_kib: 20_000,
+        };
+        let near = Rss {
+            gateway_kib: 10_200,
+            agent_kib: 19_800,
+        };
+        let far = Rss {
+            gateway_kib: 10_000,
+            agent_kib: 25_000,
+        };
+        assert!(a.within(&near, SETTLE_SLACK_KIB));
+        assert!(!a.within(&far, SETTLE_SLACK_KIB));
     }
 }
