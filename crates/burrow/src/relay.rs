@@ -5,10 +5,10 @@
 //! allocations. A reset on either side is passed on as a reset on the other (an RST to the
 //! local peer), so nothing hangs.
 
-use std::io;
+use std::io::{self, IoSlice};
 
 use burrow_proto::ErrorCode;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use socket2::SockRef;
 use tokio::net::{TcpStream, UnixStream};
 
@@ -18,6 +18,10 @@ use crate::session::{Stream, StreamError};
 const READ_CHUNK: usize = 256 * 1024;
 /// Reads smaller than this are copied out so the big buffer can be reused.
 const SMALL_READ: usize = 4096;
+/// Most bytes of received chunks handed to the local socket in one vectored write.
+const WRITE_GATHER: usize = 1024 * 1024;
+/// Most chunks in one vectored write (the kernel takes up to 1024).
+const WRITE_SLICES: usize = 64;
 
 /// A local connection: a client on the gateway's public port, or a target at the agent.
 #[derive(Debug)]
@@ -50,10 +54,10 @@ impl Local {
         }
     }
 
-    fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+    fn try_write_vectored(&self, data: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            Local::Tcp(s) => s.try_write(data),
-            Local::Unix(s) => s.try_write(data),
+            Local::Tcp(s) => s.try_write_vectored(data),
+            Local::Unix(s) => s.try_write_vectored(data),
         }
     }
 
@@ -77,14 +81,39 @@ impl Local {
         }
     }
 
-    async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            match self.try_write(data) {
-                Ok(n) => data = &data[n..],
+    /// Writes all of `chunks`, as few system calls as the socket allows, and empties it.
+    async fn write_all(&self, chunks: &mut Vec<Bytes>) -> io::Result<()> {
+        let mut first = 0;
+        loop {
+            while chunks.get(first).is_some_and(Bytes::is_empty) {
+                first += 1;
+            }
+            if first == chunks.len() {
+                break;
+            }
+            let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+            let pending = &chunks[first..chunks.len().min(first + WRITE_SLICES)];
+            for (slice, chunk) in slices.iter_mut().zip(pending) {
+                *slice = IoSlice::new(chunk);
+            }
+            match self.try_write_vectored(&slices[..pending.len()]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut n) => {
+                    while n > 0 {
+                        let chunk = &mut chunks[first];
+                        let step = n.min(chunk.len());
+                        chunk.advance(step);
+                        n -= step;
+                        if chunk.is_empty() {
+                            first += 1;
+                        }
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
                 Err(e) => return Err(e),
             }
         }
+        chunks.clear();
         Ok(())
     }
 
@@ -143,13 +172,15 @@ pub async fn relay(stream: &Stream, local: &Local) -> RelayStats {
         }
     };
     let down = async {
+        let mut chunks = Vec::new();
         loop {
-            match stream.recv().await {
-                Ok(Some(chunk)) => {
-                    local.write_all(&chunk).await.map_err(Broke::Local)?;
-                    to_local += chunk.len() as u64;
+            match stream.recv_many(&mut chunks, WRITE_GATHER).await {
+                Ok(true) => {
+                    let n: usize = chunks.iter().map(Bytes::len).sum();
+                    local.write_all(&mut chunks).await.map_err(Broke::Local)?;
+                    to_local += n as u64;
                 }
-                Ok(None) => {
+                Ok(false) => {
                     local.shutdown_write();
                     return Ok::<(), Broke>(());
                 }

@@ -118,3 +118,58 @@ async fn unread_bytes_of_a_finished_stream_return_their_credit() {
 async fn unread_bytes_of_a_finished_then_reset_stream_return_their_credit() {
     rounds_complete(Ending::BothFinThenReset).await;
 }
+
+/// `recv_many` hands over what has arrived, in order, no more than asked for (but always at
+/// least one chunk), and tells the end of the stream apart from data.
+#[tokio::test]
+async fn recv_many_takes_queued_chunks_in_order_up_to_the_limit() {
+    let wide = SessionParams {
+        max_payload: 1024,
+        ..SessionParams::default()
+    };
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let gw = session::start(
+        Box::new(a),
+        BytesMut::new(),
+        Side::Gateway,
+        wide,
+        "gw".into(),
+    );
+    let mut ag = session::start(
+        Box::new(b),
+        BytesMut::new(),
+        Side::Client,
+        wide,
+        "ag".into(),
+    );
+    let sent: Vec<u8> = (0..8 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let s = gw
+        .session
+        .open(&Open {
+            service: 0,
+            client: None,
+        })
+        .unwrap();
+    s.send(Bytes::from(sent.clone())).await.unwrap();
+    s.finish();
+    let r = ag.incoming.recv().await.unwrap();
+    // Let all eight 1 KiB frames and the FIN arrive.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut got = Vec::new();
+    assert!(r.recv_many(&mut got, 3000).await.unwrap());
+    assert_eq!(
+        got.len(),
+        2,
+        "two 1 KiB chunks fit in 3000 bytes, three do not"
+    );
+    assert!(r.recv_many(&mut got, 0).await.unwrap());
+    assert_eq!(got.len(), 3, "a limit below one chunk still takes one");
+    assert!(r.recv_many(&mut got, usize::MAX).await.unwrap());
+    assert_eq!(got.len(), 8, "the rest at once");
+    assert!(
+        !r.recv_many(&mut got, usize::MAX).await.unwrap(),
+        "then the end"
+    );
+    assert_eq!(got.concat(), sent, "bytes in order");
+}

@@ -71,6 +71,18 @@ impl Stream {
     /// The next chunk from the peer; `Ok(None)` once the peer has finished sending.
     /// Reading returns flow-control credit to the peer.
     pub async fn recv(&self) -> Result<Option<Bytes>, StreamError> {
+        let mut one = Vec::with_capacity(1);
+        Ok(match self.recv_many(&mut one, 0).await? {
+            true => one.pop(),
+            false => None,
+        })
+    }
+
+    /// Waits for data from the peer, then moves every chunk already received into `out`, up
+    /// to `max` bytes (the first chunk always, whatever its size). `Ok(false)` once the peer
+    /// has finished sending and everything was read. Taking a burst at once costs one lock and
+    /// one credit update, and lets the caller hand it to the socket in one vectored write.
+    pub async fn recv_many(&self, out: &mut Vec<Bytes>, max: usize) -> Result<bool, StreamError> {
         let id = self.id;
         poll_fn(|cx| {
             let mut guard = self.shared.lock();
@@ -80,20 +92,28 @@ impl Stream {
                     slot_error(st, None).unwrap_or(StreamError::SessionClosed)
                 ));
             };
-            if let Some(chunk) = slot.recv.pop_front() {
+            let mut taken = 0;
+            while let Some(len) = slot.recv.front().map(Bytes::len) {
+                if taken > 0 && taken + len > max {
+                    break;
+                }
+                out.extend(slot.recv.pop_front());
+                taken += len;
+            }
+            if taken > 0 {
                 let now = Instant::now().into_std();
-                let (s, sess) = st.mux.on_consumed(id, chunk.len() as u64, now, st.rtt);
+                let (s, sess) = st.mux.on_consumed(id, taken as u64, now, st.rtt);
                 if s.is_some() || sess.is_some() {
                     st.push_window(id, s);
                     st.push_window(0, sess);
                     drop(guard);
                     self.shared.writer.notify_one();
                 }
-                return Poll::Ready(Ok(Some(chunk)));
+                return Poll::Ready(Ok(true));
             }
             if slot.recv_fin {
                 st.mux.finish_remote_consumed(id);
-                return Poll::Ready(Ok(None));
+                return Poll::Ready(Ok(false));
             }
             if let Some(err) = slot_error(st, st.slots.get(&id)) {
                 return Poll::Ready(Err(err));
