@@ -85,36 +85,46 @@ impl Local {
     async fn write_all(&self, chunks: &mut Vec<Bytes>) -> io::Result<()> {
         let mut first = 0;
         loop {
-            while chunks.get(first).is_some_and(Bytes::is_empty) {
-                first += 1;
-            }
-            if first == chunks.len() {
-                break;
-            }
-            let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
-            let pending = &chunks[first..chunks.len().min(first + WRITE_SLICES)];
-            for (slice, chunk) in slices.iter_mut().zip(pending) {
-                *slice = IoSlice::new(chunk);
-            }
-            match self.try_write_vectored(&slices[..pending.len()]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(mut n) => {
-                    while n > 0 {
-                        let chunk = &mut chunks[first];
-                        let step = n.min(chunk.len());
-                        chunk.advance(step);
-                        n -= step;
-                        if chunk.is_empty() {
-                            first += 1;
-                        }
-                    }
-                }
+            match self.write_some(chunks, &mut first) {
+                Ok(true) => break,
+                Ok(false) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
                 Err(e) => return Err(e),
             }
         }
         chunks.clear();
         Ok(())
+    }
+
+    /// One vectored write of `chunks[*first..]`, advancing past what was written; `true` once
+    /// nothing is left. Not async on purpose: the slice array lives on the stack here, not in
+    /// the state of every connection's task.
+    fn write_some(&self, chunks: &mut [Bytes], first: &mut usize) -> io::Result<bool> {
+        while chunks.get(*first).is_some_and(Bytes::is_empty) {
+            *first += 1;
+        }
+        if *first == chunks.len() {
+            return Ok(true);
+        }
+        let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+        let pending = &chunks[*first..chunks.len().min(*first + WRITE_SLICES)];
+        for (slice, chunk) in slices.iter_mut().zip(pending) {
+            *slice = IoSlice::new(chunk);
+        }
+        let mut n = self.try_write_vectored(&slices[..pending.len()])?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let chunk = &mut chunks[*first];
+            let step = n.min(chunk.len());
+            chunk.advance(step);
+            n -= step;
+            if chunk.is_empty() {
+                *first += 1;
+            }
+        }
+        Ok(false)
     }
 
     /// Half-closes our sending side (FIN to the local peer).

@@ -173,3 +173,25 @@ async fn recv_many_takes_queued_chunks_in_order_up_to_the_limit() {
     );
     assert_eq!(got.concat(), sent, "bytes in order");
 }
+
+/// Every idle connection holds one relay task, so the task's size is memory per connection.
+/// Holding a 64-entry slice array across an await once added 1 KiB of it at each end.
+#[tokio::test]
+async fn a_relay_task_stays_under_1_kib() {
+    let (gw, _ag) = pair();
+    let s = gw
+        .session
+        .open(&Open {
+            service: 0,
+            client: None,
+        })
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let local = burrow::relay::Local::Tcp(tcp);
+    let task = burrow::relay::relay(&s, &local);
+    let size = std::mem::size_of_val(&task);
+    assert!(size < 1024, "relay future is {size} bytes");
+}

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -393,13 +394,20 @@ impl Batch {
     async fn write_to(&mut self, wr: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<()> {
         self.seal();
         while !self.segs.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 64];
-            let mut count = 0;
-            for (slot, seg) in slices.iter_mut().zip(self.segs.iter()) {
-                *slot = IoSlice::new(seg);
-                count += 1;
-            }
-            let mut n = wr.write_vectored(&slices[..count]).await?;
+            let segs = &self.segs;
+            // The slice array is built on the stack at each poll rather than held across the
+            // await: this future is part of every stream task that may flush, and 1 KiB of
+            // slices there is 1 KiB more per idle connection.
+            let mut n = std::future::poll_fn(|cx| {
+                let mut slices = [IoSlice::new(&[]); 64];
+                let mut count = 0;
+                for (slot, seg) in slices.iter_mut().zip(segs.iter()) {
+                    *slot = IoSlice::new(seg);
+                    count += 1;
+                }
+                Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..count])
+            })
+            .await?;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
