@@ -388,7 +388,7 @@ fn accept_stream(
                 let permit = pending.acquire_owned().await;
                 (connect_target(&fwd).await, permit)
             };
-            let local = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, connect).await {
+            let mut local = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, connect).await {
                 Ok((Ok(local), permit)) => {
                     drop(permit);
                     local
@@ -410,7 +410,7 @@ fn accept_stream(
                 }
             };
             debug!(dest = %fwd.target, "stream opened");
-            let stats = relay::relay(&stream, &local).await;
+            let stats = relay::relay(&stream, &mut local).await;
             relay::log_end(&fwd.name, client, &stats, started, relay::LocalIs::Target);
         }
         .instrument(span),

@@ -671,8 +671,8 @@ async fn accept_public(
             async move {
                 let _live = GaugeGuard::new(&hub2.stats.active_streams);
                 let started = Instant::now();
-                let local = Local::Tcp(tcp);
-                let stats = relay::relay(&stream, &local).await;
+                let mut local = Local::Tcp(tcp);
+                let stats = relay::relay(&stream, &mut local).await;
                 relay::log_end(
                     &route.name,
                     Some(client),

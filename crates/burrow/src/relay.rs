@@ -10,7 +10,8 @@ use std::io::{self, IoSlice};
 use burrow_proto::ErrorCode;
 use bytes::{Buf, Bytes, BytesMut};
 use socket2::SockRef;
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::{tcp, unix, TcpStream, UnixStream};
 
 use crate::session::{Stream, StreamError};
 
@@ -33,51 +34,75 @@ pub enum Local {
 }
 
 impl Local {
+    /// The two directions, borrowed separately so one task can read and write at once.
+    fn halves(&mut self) -> (LocalRead<'_>, LocalWrite<'_>) {
+        match self {
+            Local::Tcp(s) => {
+                let (r, w) = s.split();
+                (LocalRead::Tcp(r), LocalWrite::Tcp(w))
+            }
+            Local::Unix(s) => {
+                let (r, w) = s.split();
+                (LocalRead::Unix(r), LocalWrite::Unix(w))
+            }
+        }
+    }
+}
+
+/// The reading direction of a [`Local`].
+enum LocalRead<'a> {
+    Tcp(tcp::ReadHalf<'a>),
+    Unix(unix::ReadHalf<'a>),
+}
+
+impl LocalRead<'_> {
     async fn readable(&self) -> io::Result<()> {
         match self {
-            Local::Tcp(s) => s.readable().await,
-            Local::Unix(s) => s.readable().await,
+            LocalRead::Tcp(s) => s.readable().await,
+            LocalRead::Unix(s) => s.readable().await,
         }
     }
 
-    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+    /// Reads what is there, taking a buffer only once the socket is readable. The read goes
+    /// through `AsyncRead`, whose short read tells tokio the socket is drained: the next call
+    /// waits for new data without a system call that would only say "would block".
+    async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        self.readable().await?;
+        if buf.capacity() - buf.len() < SMALL_READ {
+            buf.reserve(READ_CHUNK);
+        }
         match self {
-            Local::Tcp(s) => s.try_read_buf(buf),
-            Local::Unix(s) => s.try_read_buf(buf),
+            LocalRead::Tcp(s) => s.read_buf(buf).await,
+            LocalRead::Unix(s) => s.read_buf(buf).await,
         }
     }
+}
 
+/// The writing direction of a [`Local`].
+enum LocalWrite<'a> {
+    Tcp(tcp::WriteHalf<'a>),
+    Unix(unix::WriteHalf<'a>),
+}
+
+impl LocalWrite<'_> {
     async fn writable(&self) -> io::Result<()> {
         match self {
-            Local::Tcp(s) => s.writable().await,
-            Local::Unix(s) => s.writable().await,
+            LocalWrite::Tcp(s) => s.writable().await,
+            LocalWrite::Unix(s) => s.writable().await,
         }
     }
 
     fn try_write_vectored(&self, data: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            Local::Tcp(s) => s.try_write_vectored(data),
-            Local::Unix(s) => s.try_write_vectored(data),
+            LocalWrite::Tcp(s) => s.try_write_vectored(data),
+            LocalWrite::Unix(s) => s.try_write_vectored(data),
         }
     }
 
     fn sock(&self) -> SockRef<'_> {
         match self {
-            Local::Tcp(s) => SockRef::from(s),
-            Local::Unix(s) => SockRef::from(s),
-        }
-    }
-
-    async fn read_some(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        loop {
-            self.readable().await?;
-            if buf.capacity() - buf.len() < SMALL_READ {
-                buf.reserve(READ_CHUNK);
-            }
-            match self.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return other,
-            }
+            LocalWrite::Tcp(s) => SockRef::from(s.as_ref()),
+            LocalWrite::Unix(s) => SockRef::from(s.as_ref()),
         }
     }
 
@@ -128,13 +153,13 @@ impl Local {
     }
 
     /// Half-closes our sending side (FIN to the local peer).
-    pub fn shutdown_write(&self) {
+    fn shutdown_write(&self) {
         let _ = self.sock().shutdown(std::net::Shutdown::Write);
     }
 
-    /// Makes the close an abort: the local peer gets RST, not FIN, when this is dropped.
-    pub fn abort(&self) {
-        if let Local::Tcp(_) = self {
+    /// Makes the close an abort: the local peer gets RST, not FIN, when the socket is dropped.
+    fn abort(&self) {
+        if let LocalWrite::Tcp(_) = self {
             let _ = self.sock().set_linger(Some(std::time::Duration::ZERO));
         }
     }
@@ -157,13 +182,14 @@ enum Broke {
 }
 
 /// Relays until both directions have finished or either side fails.
-pub async fn relay(stream: &Stream, local: &Local) -> RelayStats {
+pub async fn relay(stream: &Stream, local: &mut Local) -> RelayStats {
+    let (mut reader, writer) = local.halves();
     let mut from_local = 0u64;
     let mut to_local = 0u64;
     let up = async {
         let mut buf = BytesMut::new();
         loop {
-            let n = local.read_some(&mut buf).await.map_err(Broke::Local)?;
+            let n = reader.read_some(&mut buf).await.map_err(Broke::Local)?;
             if n == 0 {
                 stream.finish();
                 return Ok::<(), Broke>(());
@@ -187,11 +213,11 @@ pub async fn relay(stream: &Stream, local: &Local) -> RelayStats {
             match stream.recv_many(&mut chunks, WRITE_GATHER).await {
                 Ok(true) => {
                     let n: usize = chunks.iter().map(Bytes::len).sum();
-                    local.write_all(&mut chunks).await.map_err(Broke::Local)?;
+                    writer.write_all(&mut chunks).await.map_err(Broke::Local)?;
                     to_local += n as u64;
                 }
                 Ok(false) => {
-                    local.shutdown_write();
+                    writer.shutdown_write();
                     return Ok::<(), Broke>(());
                 }
                 Err(e) => return Err(Broke::Stream(e)),
@@ -206,7 +232,7 @@ pub async fn relay(stream: &Stream, local: &Local) -> RelayStats {
             Some(format!("local connection: {e}"))
         }
         Err(Broke::Stream(e)) => {
-            local.abort();
+            writer.abort();
             Some(e.to_string())
         }
     };

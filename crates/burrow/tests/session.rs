@@ -190,8 +190,8 @@ async fn a_relay_task_stays_under_1_kib() {
     let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
         .await
         .unwrap();
-    let local = burrow::relay::Local::Tcp(tcp);
-    let task = burrow::relay::relay(&s, &local);
+    let mut local = burrow::relay::Local::Tcp(tcp);
+    let task = burrow::relay::relay(&s, &mut local);
     let size = std::mem::size_of_val(&task);
     assert!(size < 1024, "relay future is {size} bytes");
 }
