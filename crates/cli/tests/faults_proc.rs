@@ -11,6 +11,8 @@
 //!   stays bounded and a parallel 64 MiB echo completes (also over a slow link).
 //! - S6: churn (thousands of short connections in sequence, 1,000 at once): descriptors and
 //!   memory come back, no socket is left in CLOSE_WAIT.
+//! - S16: idle connections hold no read buffer: the address space of both processes grows by
+//!   a few KiB per idle connection, not by a buffer each.
 //! - S14: at trace level, neither process logs a key; `--print-config` masks them.
 //! - S15: SIGTERM drains a stream in flight, and gives up after the grace period.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -631,8 +633,6 @@ async fn churn(sequential: usize, at_once: usize) {
     stop_cleanly(&mut gw, "gateway").await;
 }
 
-/// Fails intermittently (most runs on 2 cores) while the agent resets streams of a burst
-/// beyond `max_pending_opens` instead of queueing them: see docs/testing.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s6_churn_leaves_no_descriptors_or_half_closed_sockets() {
     within("S6", churn(5_000, 1_000)).await;
@@ -642,6 +642,58 @@ async fn s6_churn_leaves_no_descriptors_or_half_closed_sockets() {
 #[ignore = "long: run with --ignored before a release"]
 async fn s6_churn_50k_connections() {
     within("S6 50k", churn(50_000, 1_000)).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// S16
+
+/// Connections held idle in S16.
+const IDLE_CONNS: u64 = 1_000;
+/// Address space each idle connection may add to a process. The relay's read buffer is
+/// 256 KiB; a relay that took it before finding nothing to read kept one per connection.
+const IDLE_VM_BUDGET_KIB: u64 = 64;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s16_idle_connections_hold_no_read_buffer() {
+    within("S16", async {
+        let d = dirs();
+        burrow_testkit::raise_fd_limit();
+        let echo = TcpTarget::echo().await.unwrap();
+        let (mut gw, mut agent) = pair(&d, None, &[echo.addr()]).await;
+        let public = agent.public(0);
+        assert!(echo_once(public, b"warm-up").await.unwrap());
+        let (gw0, agent0) = (gw.stats().unwrap(), agent.stats().unwrap());
+        let mut held = Vec::new();
+        for i in 0..IDLE_CONNS {
+            let mut c = TcpStream::connect(public).await.unwrap();
+            let msg = format!("{i:016}");
+            c.write_all(msg.as_bytes()).await.unwrap();
+            let mut got = [0u8; 16];
+            c.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, msg.as_bytes(), "connection {i}: echo differed");
+            held.push(c);
+        }
+        let (gw1, agent1) = (gw.stats().unwrap(), agent.stats().unwrap());
+        println!(
+            "S16: {IDLE_CONNS} idle connections: gateway {gw0}, vm {} -> {} KiB; agent {agent0}, \
+             vm {} -> {} KiB",
+            gw0.vm_kib, gw1.vm_kib, agent0.vm_kib, agent1.vm_kib
+        );
+        for (who, a, b) in [("gateway", &gw0, &gw1), ("agent", &agent0, &agent1)] {
+            let grown = b.vm_kib.saturating_sub(a.vm_kib);
+            assert!(
+                grown <= IDLE_CONNS * IDLE_VM_BUDGET_KIB,
+                "{who}'s address space grew {grown} KiB for {IDLE_CONNS} idle connections \
+                 ({} KiB each, budget {IDLE_VM_BUDGET_KIB}): something holds a buffer per \
+                 idle connection",
+                grown / IDLE_CONNS
+            );
+        }
+        drop(held);
+        stop_cleanly(&mut agent, "agent").await;
+        stop_cleanly(&mut gw, "gateway").await;
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------

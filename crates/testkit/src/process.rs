@@ -332,6 +332,8 @@ pub struct ProcStats {
     pub rss_kib: u64,
     /// Peak resident memory so far (`VmHWM`), KiB.
     pub peak_rss_kib: u64,
+    /// Address space (`VmSize`), KiB: shows buffers that are allocated but not yet touched.
+    pub vm_kib: u64,
     /// Open file descriptors.
     pub fds: u64,
     /// Threads.
@@ -354,6 +356,7 @@ impl ProcStats {
         Ok(ProcStats {
             rss_kib: field("VmRSS:")?,
             peak_rss_kib: field("VmHWM:")?,
+            vm_kib: field("VmSize:")?,
             fds,
             threads: field("Threads:")?,
         })
