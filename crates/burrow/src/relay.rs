@@ -1,24 +1,31 @@
 //! Copies bytes between a stream and a local socket (TCP or unix), both ways, with half-close.
 //!
-//! Reads wait for readiness before taking a buffer, so an idle connection holds no buffer
-//! at all; small reads are copied into right-sized chunks so queued data does not pin large
-//! allocations. A reset on either side is passed on as a reset on the other (an RST to the
+//! Reads wait for readiness before taking a buffer, and a read that drains the socket lets
+//! the buffer go, so an idle connection holds no buffer at all; small reads are copied into
+//! right-sized chunks so queued data does not pin large allocations. A reset on either side is passed on as a reset on the other (an RST to the
 //! local peer), so nothing hangs.
 
 use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::Poll;
 
 use burrow_proto::ErrorCode;
 use bytes::{Buf, Bytes, BytesMut};
 use socket2::SockRef;
-use tokio::io::AsyncReadExt;
 use tokio::net::{tcp, unix, TcpStream, UnixStream};
+
+use tokio_util::io::poll_read_buf;
 
 use crate::session::{Stream, StreamError};
 
 /// Largest single read from a local socket.
 const READ_CHUNK: usize = 256 * 1024;
-/// Reads smaller than this are copied out so the big buffer can be reused.
+/// The buffer is topped up to `READ_CHUNK` when less than this is left in it.
 const SMALL_READ: usize = 4096;
+/// A read that drained the socket and is smaller than this is copied into a chunk of its own
+/// size and the read buffer let go: the connection may now stay idle, and a small chunk must
+/// not pin a 256 KiB buffer while it waits in a queue.
+const COPY_BELOW: usize = 64 * 1024;
 /// Most bytes of received chunks handed to the local socket in one vectored write.
 const WRITE_GATHER: usize = 1024 * 1024;
 /// Most chunks in one vectored write (the kernel takes up to 1024).
@@ -63,17 +70,34 @@ impl LocalRead<'_> {
         }
     }
 
-    /// Reads what is there, taking a buffer only once the socket is readable. The read goes
-    /// through `AsyncRead`, whose short read tells tokio the socket is drained: the next call
-    /// waits for new data without a system call that would only say "would block".
-    async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        self.readable().await?;
-        if buf.capacity() - buf.len() < SMALL_READ {
-            buf.reserve(READ_CHUNK);
-        }
-        match self {
-            LocalRead::Tcp(s) => s.read_buf(buf).await,
-            LocalRead::Unix(s) => s.read_buf(buf).await,
+    /// Reads what is there, taking a buffer only once the socket is readable, and tells
+    /// whether the read drained the socket (it did not fill the buffer). The read goes through
+    /// `AsyncRead`, whose short read tells tokio the socket is drained: the next call waits
+    /// for new data without a system call that would only say "would block".
+    async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<(usize, bool)> {
+        loop {
+            self.readable().await?;
+            if buf.capacity() - buf.len() < SMALL_READ {
+                buf.reserve(READ_CHUNK);
+            }
+            let room = buf.capacity() - buf.len();
+            // Polled once rather than awaited: when the readiness was stale (the last read
+            // filled the buffer exactly and nothing came after), this registers for the next
+            // data and lets the buffer go, instead of holding it while the connection idles.
+            let polled = std::future::poll_fn(|cx| {
+                Poll::Ready(match self {
+                    LocalRead::Tcp(s) => poll_read_buf(Pin::new(s), cx, buf),
+                    LocalRead::Unix(s) => poll_read_buf(Pin::new(s), cx, buf),
+                })
+            })
+            .await;
+            match polled {
+                Poll::Ready(n) => {
+                    let n = n?;
+                    return Ok((n, n < room));
+                }
+                Poll::Pending => *buf = BytesMut::new(),
+            }
         }
     }
 }
@@ -189,20 +213,26 @@ pub async fn relay(stream: &Stream, local: &mut Local) -> RelayStats {
     let up = async {
         let mut buf = BytesMut::new();
         loop {
-            let n = reader.read_some(&mut buf).await.map_err(Broke::Local)?;
+            let (n, drained) = reader.read_some(&mut buf).await.map_err(Broke::Local)?;
             if n == 0 {
                 stream.finish();
                 return Ok::<(), Broke>(());
             }
             from_local += n as u64;
-            let chunk = if n < SMALL_READ {
+            // While the socket keeps filling the buffer, chunks are cut from it and the rest
+            // is read into next. Once a read drains the socket, the connection may stay idle
+            // for hours: it must not keep the buffer (with thousands of idle connections
+            // that would be most of the memory), so what is left of it goes.
+            let chunk = if drained && n < COPY_BELOW {
                 let c = Bytes::copy_from_slice(&buf[..n]);
-                // An interactive or idle connection must not keep a 64 KiB buffer between
-                // reads: with thousands of idle connections that is most of the memory.
                 buf = BytesMut::new();
                 c
             } else {
-                buf.split().freeze()
+                let c = buf.split().freeze();
+                if drained {
+                    buf = BytesMut::new();
+                }
+                c
             };
             stream.send(chunk).await.map_err(Broke::Stream)?;
         }

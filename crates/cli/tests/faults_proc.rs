@@ -11,8 +11,9 @@
 //!   stays bounded and a parallel 64 MiB echo completes (also over a slow link).
 //! - S6: churn (thousands of short connections in sequence, 1,000 at once): descriptors and
 //!   memory come back, no socket is left in CLOSE_WAIT.
-//! - S16: idle connections hold no read buffer: the address space of both processes grows by
-//!   a few KiB per idle connection, not by a buffer each.
+//! - S16: idle connections hold no read buffer, whether they sent a few bytes or 100 KiB
+//!   before going idle: the address space of both processes grows by a few KiB per idle
+//!   connection, not by a buffer each.
 //! - S14: at trace level, neither process logs a key; `--print-config` masks them.
 //! - S15: SIGTERM drains a stream in flight, and gives up after the grace period.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -27,8 +28,8 @@ use std::time::Duration;
 use burrow_testkit::process::count_tcp_state;
 use burrow_testkit::targets::{echo_once, echo_transfer, EchoOpts};
 use burrow_testkit::{
-    AgentProc, AgentSpec, FaultProxy, GatewayProc, GatewaySpec, Pattern, Signal, TcpState,
-    TcpTarget,
+    AgentProc, AgentSpec, FaultProxy, GatewayProc, GatewaySpec, Pattern, ProcStats, Signal,
+    TcpState, TcpTarget,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -647,11 +648,54 @@ async fn s6_churn_50k_connections() {
 // ---------------------------------------------------------------------------------------
 // S16
 
-/// Connections held idle in S16.
-const IDLE_CONNS: u64 = 1_000;
+/// Connections held idle in each half of S16.
+const IDLE_CONNS: u64 = 500;
+/// What each connection of the second half echoes before it goes idle.
+const BULK_BYTES: usize = 100 * 1024;
 /// Address space each idle connection may add to a process. The relay's read buffer is
-/// 256 KiB; a relay that took it before finding nothing to read kept one per connection.
+/// 256 KiB; a relay that kept it, or took it before finding nothing to read, held one per
+/// connection.
 const IDLE_VM_BUDGET_KIB: u64 = 64;
+
+/// Opens `IDLE_CONNS` connections to `public`, each echoing `len` bytes (at least 16), and
+/// returns them open.
+async fn open_idle(public: SocketAddr, len: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for i in 0..IDLE_CONNS {
+        let mut c = TcpStream::connect(public).await.unwrap();
+        let mut msg = format!("{i:016}").into_bytes();
+        msg.resize(len.max(16), b'.');
+        let (mut rd, mut wr) = c.split();
+        let mut got = vec![0u8; msg.len()];
+        let (w, r) = tokio::join!(wr.write_all(&msg), rd.read_exact(&mut got));
+        w.unwrap();
+        r.unwrap();
+        assert!(got == msg, "connection {i}: echo differed");
+        held.push(c);
+    }
+    held
+}
+
+/// Fails when either process's address space grew by more than the budget per connection.
+fn assert_no_buffer_per_idle_conn(what: &str, before: [&ProcStats; 2], after: [&ProcStats; 2]) {
+    for (who, a, b) in [
+        ("gateway", before[0], after[0]),
+        ("agent", before[1], after[1]),
+    ] {
+        let grown = b.vm_kib.saturating_sub(a.vm_kib);
+        println!(
+            "S16 {what}: {who} vm {} -> {} KiB, {a} -> {b}",
+            a.vm_kib, b.vm_kib
+        );
+        assert!(
+            grown <= IDLE_CONNS * IDLE_VM_BUDGET_KIB,
+            "{what}: {who}'s address space grew {grown} KiB for {IDLE_CONNS} idle connections \
+             ({} KiB each, budget {IDLE_VM_BUDGET_KIB}): something holds a buffer per idle \
+             connection",
+            grown / IDLE_CONNS
+        );
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s16_idle_connections_hold_no_read_buffer() {
@@ -662,34 +706,17 @@ async fn s16_idle_connections_hold_no_read_buffer() {
         let (mut gw, mut agent) = pair(&d, None, &[echo.addr()]).await;
         let public = agent.public(0);
         assert!(echo_once(public, b"warm-up").await.unwrap());
+
         let (gw0, agent0) = (gw.stats().unwrap(), agent.stats().unwrap());
-        let mut held = Vec::new();
-        for i in 0..IDLE_CONNS {
-            let mut c = TcpStream::connect(public).await.unwrap();
-            let msg = format!("{i:016}");
-            c.write_all(msg.as_bytes()).await.unwrap();
-            let mut got = [0u8; 16];
-            c.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, msg.as_bytes(), "connection {i}: echo differed");
-            held.push(c);
-        }
+        let quiet = open_idle(public, 16).await;
         let (gw1, agent1) = (gw.stats().unwrap(), agent.stats().unwrap());
-        println!(
-            "S16: {IDLE_CONNS} idle connections: gateway {gw0}, vm {} -> {} KiB; agent {agent0}, \
-             vm {} -> {} KiB",
-            gw0.vm_kib, gw1.vm_kib, agent0.vm_kib, agent1.vm_kib
-        );
-        for (who, a, b) in [("gateway", &gw0, &gw1), ("agent", &agent0, &agent1)] {
-            let grown = b.vm_kib.saturating_sub(a.vm_kib);
-            assert!(
-                grown <= IDLE_CONNS * IDLE_VM_BUDGET_KIB,
-                "{who}'s address space grew {grown} KiB for {IDLE_CONNS} idle connections \
-                 ({} KiB each, budget {IDLE_VM_BUDGET_KIB}): something holds a buffer per \
-                 idle connection",
-                grown / IDLE_CONNS
-            );
-        }
-        drop(held);
+        assert_no_buffer_per_idle_conn("16-byte echoes", [&gw0, &agent0], [&gw1, &agent1]);
+
+        let busy = open_idle(public, BULK_BYTES).await;
+        let (gw2, agent2) = (gw.stats().unwrap(), agent.stats().unwrap());
+        assert_no_buffer_per_idle_conn("100 KiB echoes", [&gw1, &agent1], [&gw2, &agent2]);
+
+        drop((quiet, busy));
         stop_cleanly(&mut agent, "agent").await;
         stop_cleanly(&mut gw, "gateway").await;
     })
