@@ -96,7 +96,14 @@ impl LocalRead<'_> {
                     let n = n?;
                     return Ok((n, n < room));
                 }
-                Poll::Pending => *buf = BytesMut::new(),
+                Poll::Pending => {
+                    *buf = BytesMut::new();
+                    // Pending is either a stale readiness (the socket is now registered for
+                    // the next data) or tokio's cooperative budget for this task being spent.
+                    // `readable()` does not consult that budget, so looping straight back
+                    // would spin; hand the task back to the scheduler first.
+                    tokio::task::yield_now().await;
+                }
             }
         }
     }
