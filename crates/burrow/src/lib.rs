@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod config;
 pub mod gateway;
+mod gather;
 pub mod limiter;
 pub mod relay;
 pub mod session;

@@ -2,20 +2,21 @@
 //!
 //! Reads wait for readiness before taking a buffer, and a read that drains the socket lets
 //! the buffer go, so an idle connection holds no buffer at all; small reads are copied into
-//! right-sized chunks so queued data does not pin large allocations. A reset on either side is passed on as a reset on the other (an RST to the
-//! local peer), so nothing hangs.
+//! right-sized chunks so queued data does not pin large allocations. A reset on either side
+//! is passed on as a reset on the other (an RST to the local peer), so nothing hangs.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::Poll;
 
 use burrow_proto::ErrorCode;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use socket2::SockRef;
 use tokio::net::{tcp, unix, TcpStream, UnixStream};
-
 use tokio_util::io::poll_read_buf;
 
+use crate::gather;
 use crate::session::{Stream, StreamError};
 
 /// Largest single read from a local socket.
@@ -28,8 +29,6 @@ const SMALL_READ: usize = 4096;
 const COPY_BELOW: usize = 64 * 1024;
 /// Most bytes of received chunks handed to the local socket in one vectored write.
 const WRITE_GATHER: usize = 1024 * 1024;
-/// Most chunks in one vectored write (the kernel takes up to 1024).
-const WRITE_SLICES: usize = 64;
 
 /// A local connection: a client on the gateway's public port, or a target at the agent.
 #[derive(Debug)]
@@ -138,49 +137,16 @@ impl LocalWrite<'_> {
     }
 
     /// Writes all of `chunks`, as few system calls as the socket allows, and empties it.
-    async fn write_all(&self, chunks: &mut Vec<Bytes>) -> io::Result<()> {
-        let mut first = 0;
-        loop {
-            match self.write_some(chunks, &mut first) {
-                Ok(true) => break,
-                Ok(false) => {}
+    async fn write_all(&self, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
+        while !chunks.is_empty() {
+            match gather::with_slices(chunks, |slices| self.try_write_vectored(slices)) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => gather::consume(chunks, n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
                 Err(e) => return Err(e),
             }
         }
-        chunks.clear();
         Ok(())
-    }
-
-    /// One vectored write of `chunks[*first..]`, advancing past what was written; `true` once
-    /// nothing is left. Not async on purpose: the slice array lives on the stack here, not in
-    /// the state of every connection's task.
-    fn write_some(&self, chunks: &mut [Bytes], first: &mut usize) -> io::Result<bool> {
-        while chunks.get(*first).is_some_and(Bytes::is_empty) {
-            *first += 1;
-        }
-        if *first == chunks.len() {
-            return Ok(true);
-        }
-        let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
-        let pending = &chunks[*first..chunks.len().min(*first + WRITE_SLICES)];
-        for (slice, chunk) in slices.iter_mut().zip(pending) {
-            *slice = IoSlice::new(chunk);
-        }
-        let mut n = self.try_write_vectored(&slices[..pending.len()])?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let chunk = &mut chunks[*first];
-            let step = n.min(chunk.len());
-            chunk.advance(step);
-            n -= step;
-            if chunk.is_empty() {
-                *first += 1;
-            }
-        }
-        Ok(false)
     }
 
     /// Half-closes our sending side (FIN to the local peer).
@@ -245,7 +211,7 @@ pub async fn relay(stream: &Stream, local: &mut Local) -> RelayStats {
         }
     };
     let down = async {
-        let mut chunks = Vec::new();
+        let mut chunks = VecDeque::new();
         loop {
             match stream.recv_many(&mut chunks, WRITE_GATHER).await {
                 Ok(true) => {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use burrow::proto::message::{Open, SessionParams};
 use burrow::proto::mux::Side;
 use burrow::proto::ErrorCode;
-use burrow::session::{self, Started, StreamError};
+use burrow::session::{self, Started, Stream, StreamError};
 use bytes::{Bytes, BytesMut};
 
 /// Windows so small that one leaked stream's worth of credit stalls the next round.
@@ -21,22 +21,37 @@ fn params() -> SessionParams {
 }
 
 fn pair() -> (Started, Started) {
+    pair_with(params())
+}
+
+/// A gateway session and an agent session over one in-memory pipe.
+fn pair_with(params: SessionParams) -> (Started, Started) {
     let (a, b) = tokio::io::duplex(1 << 20);
     let gw = session::start(
         Box::new(a),
         BytesMut::new(),
         Side::Gateway,
-        params(),
+        params,
         "gw".into(),
     );
     let ag = session::start(
         Box::new(b),
         BytesMut::new(),
         Side::Client,
-        params(),
+        params,
         "ag".into(),
     );
     (gw, ag)
+}
+
+/// Opens a stream to service 0 from `side`.
+fn open(side: &Started) -> Stream {
+    side.session
+        .open(&Open {
+            service: 0,
+            client: None,
+        })
+        .unwrap()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -52,13 +67,7 @@ enum Ending {
 async fn rounds_complete(ending: Ending) {
     let (gw, mut ag) = pair();
     for round in 0..6 {
-        let s = gw
-            .session
-            .open(&Open {
-                service: 0,
-                client: None,
-            })
-            .unwrap();
+        let s = open(&gw);
         tokio::time::timeout(Duration::from_secs(5), s.send(Bytes::from(vec![7u8; 1024])))
             .await
             .unwrap_or_else(|_| panic!("{ending:?}: round {round} stalled: session credit leaked"))
@@ -123,33 +132,12 @@ async fn unread_bytes_of_a_finished_then_reset_stream_return_their_credit() {
 /// least one chunk), and tells the end of the stream apart from data.
 #[tokio::test]
 async fn recv_many_takes_queued_chunks_in_order_up_to_the_limit() {
-    let wide = SessionParams {
+    let (gw, mut ag) = pair_with(SessionParams {
         max_payload: 1024,
         ..SessionParams::default()
-    };
-    let (a, b) = tokio::io::duplex(1 << 20);
-    let gw = session::start(
-        Box::new(a),
-        BytesMut::new(),
-        Side::Gateway,
-        wide,
-        "gw".into(),
-    );
-    let mut ag = session::start(
-        Box::new(b),
-        BytesMut::new(),
-        Side::Client,
-        wide,
-        "ag".into(),
-    );
+    });
     let sent: Vec<u8> = (0..8 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
-    let s = gw
-        .session
-        .open(&Open {
-            service: 0,
-            client: None,
-        })
-        .unwrap();
+    let s = open(&gw);
     s.send(Bytes::from(sent.clone())).await.unwrap();
     s.finish();
     let r = ag.incoming.recv().await.unwrap();
@@ -179,13 +167,7 @@ async fn recv_many_takes_queued_chunks_in_order_up_to_the_limit() {
 #[tokio::test]
 async fn a_relay_task_stays_under_1_kib() {
     let (gw, _ag) = pair();
-    let s = gw
-        .session
-        .open(&Open {
-            service: 0,
-            client: None,
-        })
-        .unwrap();
+    let s = open(&gw);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
         .await

@@ -45,6 +45,15 @@ async fn connect(addr: &str, trust: &Trust, name: &str) -> Result<[u8; 32], std:
     let tcp = TcpStream::connect(addr).await?;
     let mut stream = TlsConnector::from(config).connect(server_name, tcp).await?;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(tls::ALPN));
+    // Both ends prefer AES-128-GCM (the cheapest suite to move bulk data with).
+    assert_eq!(
+        stream
+            .get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
     let binding = tls::channel_binding_client(&stream).map_err(std::io::Error::other)?;
     stream.write_all(b"ping").await?;
     let mut pong = [0u8; 4];

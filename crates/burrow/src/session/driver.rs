@@ -3,7 +3,6 @@
 //! ends the session ends.
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,13 +12,14 @@ use burrow_proto::frame::{ACK, FIN};
 use burrow_proto::message::{GoAway, Open};
 use burrow_proto::mux::{DataVerdict, OpenVerdict};
 use burrow_proto::{ErrorCode, Frame, Header, Kind, ProtocolError, StreamId};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, trace};
 
 use super::{Outbound, SessionEnd, Shared, Slot, Stream, MAX_QUEUED_CONTROL};
+use crate::gather;
 use crate::transport::BoxIo;
 
 /// How many bytes the writer gathers into one write.
@@ -395,34 +395,16 @@ impl Batch {
         self.seal();
         while !self.segs.is_empty() {
             let segs = &self.segs;
-            // The slice array is built on the stack at each poll rather than held across the
-            // await: this future is part of every stream task that may flush, and 1 KiB of
-            // slices there is 1 KiB more per idle connection.
-            let mut n = std::future::poll_fn(|cx| {
-                let mut slices = [IoSlice::new(&[]); 64];
-                let mut count = 0;
-                for (slot, seg) in slices.iter_mut().zip(segs.iter()) {
-                    *slot = IoSlice::new(seg);
-                    count += 1;
-                }
-                Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..count])
+            let n = std::future::poll_fn(|cx| {
+                gather::with_slices(segs, |slices| {
+                    Pin::new(&mut *wr).poll_write_vectored(cx, slices)
+                })
             })
             .await?;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
-            while n > 0 {
-                let Some(front) = self.segs.front_mut() else {
-                    break;
-                };
-                if n >= front.len() {
-                    n -= front.len();
-                    self.segs.pop_front();
-                } else {
-                    front.advance(n);
-                    n = 0;
-                }
-            }
+            gather::consume(&mut self.segs, n);
         }
         self.len = 0;
         self.packed.clear();

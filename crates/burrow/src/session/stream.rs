@@ -82,7 +82,11 @@ impl Stream {
     /// to `max` bytes (the first chunk always, whatever its size). `Ok(false)` once the peer
     /// has finished sending and everything was read. Taking a burst at once costs one lock and
     /// one credit update, and lets the caller hand it to the socket in one vectored write.
-    pub async fn recv_many(&self, out: &mut Vec<Bytes>, max: usize) -> Result<bool, StreamError> {
+    pub async fn recv_many(
+        &self,
+        out: &mut impl Extend<Bytes>,
+        max: usize,
+    ) -> Result<bool, StreamError> {
         let id = self.id;
         poll_fn(|cx| {
             let mut guard = self.shared.lock();
