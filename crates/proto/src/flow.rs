@@ -42,6 +42,13 @@ impl SendWindow {
         self.credit = self.credit.saturating_sub(n);
     }
 
+    /// Gives back `n` bytes of credit that were charged for bytes never sent (dropped from a
+    /// queue by a reset, or reserved and not used). Saturates at [`MAX_CREDIT`]: the credit was
+    /// ours before, so this never exceeds what the peer granted.
+    pub fn refund(&mut self, n: u64) {
+        self.credit = (self.credit + n).min(MAX_CREDIT);
+    }
+
     /// Adds credit from the peer's Window frame.
     pub fn grant(&mut self, increment: u32) -> Result<(), ProtocolError> {
         let next = self.credit + u64::from(increment);
@@ -104,6 +111,16 @@ impl RecvWindow {
         }
         self.received = next;
         Ok(())
+    }
+
+    /// Cumulative bytes the peer may send (what we granted, including the initial window).
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Cumulative bytes received.
+    pub fn received(&self) -> u64 {
+        self.received
     }
 
     /// Bytes received but not yet consumed (what the receiver holds in memory).
@@ -200,5 +217,7 @@ mod tests {
         s.grant(5).unwrap();
         assert_eq!(s.available(), 5);
         assert!(s.grant(u32::MAX).is_err());
+        s.refund(3);
+        assert_eq!(s.available(), 8);
     }
 }

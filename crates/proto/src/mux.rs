@@ -188,8 +188,12 @@ impl Mux {
         fin: bool,
         now: Instant,
     ) -> Result<DataVerdict, ProtocolError> {
-        if len == 0 && !fin {
-            // Empty frames carry nothing; a flood of them is a control flood.
+        let live = self.streams.contains_key(&id);
+        if (len == 0 && !fin) || !live {
+            // Frames that bring a live stream nothing new are charged like control frames:
+            // empty ones without FIN (a FIN comes once per stream; a second is an error), and
+            // anything for a closed stream (late bytes are normal, but a flood of 1-byte or
+            // empty FIN frames on dead streams would otherwise cost a core and never be cut).
             self.control.charge(now)?;
         }
         self.session_recv.on_data(u64::from(len))?;
@@ -300,6 +304,26 @@ impl Mux {
             st.send.consume(n);
             self.session_send.consume(n);
         }
+    }
+
+    /// Gives back credit charged by [`Mux::on_sent`] for `n` bytes that will never be sent
+    /// (queued output dropped by a reset, an unused reservation). Without it each such drop
+    /// shrinks the session's send window for good, since the peer never sees those bytes and
+    /// so never returns their credit.
+    pub fn unsend(&mut self, id: StreamId, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.session_send.refund(n);
+        if let Some(st) = self.streams.get_mut(&id) {
+            st.send.refund(n);
+        }
+    }
+
+    /// What the session's receive window stands at: (cumulative bytes granted to the peer,
+    /// cumulative bytes received). The peer may still send the difference.
+    pub fn session_recv_totals(&self) -> (u64, u64) {
+        (self.session_recv.limit(), self.session_recv.received())
     }
 
     /// We send FIN on `id`. Returns true when the stream is now fully closed and removed.
