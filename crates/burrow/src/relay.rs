@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use burrow_proto::ErrorCode;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use socket2::SockRef;
 use tokio::net::{tcp, unix, TcpStream, UnixStream};
 use tokio_util::io::poll_read_buf;
@@ -69,40 +69,37 @@ impl LocalRead<'_> {
         }
     }
 
-    /// Reads what is there, taking a buffer only once the socket is readable, and tells
-    /// whether the read drained the socket (it did not fill the buffer). The read goes through
-    /// `AsyncRead`, whose short read tells tokio the socket is drained: the next call waits
-    /// for new data without a system call that would only say "would block".
-    async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<(usize, bool)> {
-        loop {
-            self.readable().await?;
-            if buf.capacity() - buf.len() < SMALL_READ {
-                buf.reserve(READ_CHUNK);
-            }
-            let room = buf.capacity() - buf.len();
-            // Polled once rather than awaited: when the readiness was stale (the last read
-            // filled the buffer exactly and nothing came after), this registers for the next
-            // data and lets the buffer go, instead of holding it while the connection idles.
-            let polled = std::future::poll_fn(|cx| {
-                Poll::Ready(match self {
-                    LocalRead::Tcp(s) => poll_read_buf(Pin::new(s), cx, buf),
-                    LocalRead::Unix(s) => poll_read_buf(Pin::new(s), cx, buf),
-                })
+    /// Reads at most `limit` bytes of what is there into `buf`, in one poll: `None` when the
+    /// readiness was stale (nothing to read after all; the buffer is let go and the socket is
+    /// registered for the next data). Else the count and whether the read drained the socket
+    /// (it did not fill the room it had). The read goes through `AsyncRead`, whose short read
+    /// tells tokio the socket is drained: the next wait needs no system call that would only
+    /// say "would block".
+    async fn read_some(
+        &mut self,
+        buf: &mut BytesMut,
+        limit: usize,
+    ) -> io::Result<Option<(usize, bool)>> {
+        if buf.capacity() - buf.len() < SMALL_READ.min(limit) {
+            buf.reserve(READ_CHUNK.min(limit));
+        }
+        let room = (buf.capacity() - buf.len()).min(limit);
+        let polled = std::future::poll_fn(|cx| {
+            let mut limited = (&mut *buf).limit(room);
+            Poll::Ready(match self {
+                LocalRead::Tcp(s) => poll_read_buf(Pin::new(s), cx, &mut limited),
+                LocalRead::Unix(s) => poll_read_buf(Pin::new(s), cx, &mut limited),
             })
-            .await;
-            match polled {
-                Poll::Ready(n) => {
-                    let n = n?;
-                    return Ok((n, n < room));
-                }
-                Poll::Pending => {
-                    *buf = BytesMut::new();
-                    // Pending is either a stale readiness (the socket is now registered for
-                    // the next data) or tokio's cooperative budget for this task being spent.
-                    // `readable()` does not consult that budget, so looping straight back
-                    // would spin; hand the task back to the scheduler first.
-                    tokio::task::yield_now().await;
-                }
+        })
+        .await;
+        match polled {
+            Poll::Ready(n) => {
+                let n = n?;
+                Ok(Some((n, n < room)))
+            }
+            Poll::Pending => {
+                *buf = BytesMut::new();
+                Ok(None)
             }
         }
     }
@@ -186,8 +183,32 @@ pub async fn relay(stream: &Stream, local: &mut Local) -> RelayStats {
     let up = async {
         let mut buf = BytesMut::new();
         loop {
-            let (n, drained) = reader.read_some(&mut buf).await.map_err(Broke::Local)?;
+            // Data first, then credit, then the read: an idle connection holds neither a
+            // buffer nor credit, and no connection holds a buffer while it waits for credit
+            // (it reads only what the stream may send at once).
+            reader.readable().await.map_err(Broke::Local)?;
+            let credit = stream.reserve(READ_CHUNK).await.map_err(Broke::Stream)?;
+            let Some((n, drained)) = reader
+                .read_some(&mut buf, credit)
+                .await
+                .map_err(Broke::Local)?
+            else {
+                stream
+                    .send_reserved(Bytes::new())
+                    .await
+                    .map_err(Broke::Stream)?;
+                // A stale readiness (the socket is now registered for the next data), or
+                // tokio's cooperative budget for this task spent: `readable()` does not
+                // consult that budget, so looping straight back would spin. Hand the task
+                // back to the scheduler first.
+                tokio::task::yield_now().await;
+                continue;
+            };
             if n == 0 {
+                stream
+                    .send_reserved(Bytes::new())
+                    .await
+                    .map_err(Broke::Stream)?;
                 stream.finish();
                 return Ok::<(), Broke>(());
             }
@@ -207,7 +228,7 @@ pub async fn relay(stream: &Stream, local: &mut Local) -> RelayStats {
                 }
                 c
             };
-            stream.send(chunk).await.map_err(Broke::Stream)?;
+            stream.send_reserved(chunk).await.map_err(Broke::Stream)?;
         }
     };
     let down = async {
@@ -216,7 +237,12 @@ pub async fn relay(stream: &Stream, local: &mut Local) -> RelayStats {
             match stream.recv_many(&mut chunks, WRITE_GATHER).await {
                 Ok(true) => {
                     let n: usize = chunks.iter().map(Bytes::len).sum();
-                    writer.write_all(&mut chunks).await.map_err(Broke::Local)?;
+                    let written = writer.write_all(&mut chunks).await;
+                    // Credit goes back once the bytes are in the socket, not when they were
+                    // taken: a client that does not read holds its stream's window here and
+                    // no more, so a session's clients together hold at most its window.
+                    stream.release(n);
+                    written.map_err(Broke::Local)?;
                     to_local += n as u64;
                 }
                 Ok(false) => {

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, trace};
 
-use super::{Outbound, SessionEnd, Shared, Slot, Stream, MAX_QUEUED_CONTROL};
+use super::{Outbound, SessionEnd, Shared, Slot, State, Stream};
 use crate::gather;
 use crate::transport::BoxIo;
 
@@ -27,6 +27,10 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// Payloads smaller than this are copied into the batch; larger ones are written by
 /// reference.
 const COPY_BELOW: usize = 16 * 1024;
+/// A session with no session credit left, streams waiting to send, and no window update
+/// from the peer for this many times the heartbeat's dead-peer time (`interval × misses`;
+/// 60 s by default) is closed: see the watchdog in [`heartbeat_loop`].
+pub(crate) const STALL_FACTOR: u32 = 2;
 /// How long the writer may take to flush a final GoAway once the session is over.
 const GOAWAY_FLUSH: Duration = Duration::from_secs(1);
 
@@ -156,6 +160,28 @@ async fn read_loop(
     }
 }
 
+/// An error once a control frame had to be refused because the queue was full (see
+/// [`State::push_control`]); checked after every inbound frame that queues one.
+fn check_queue(st: &State) -> Result<(), ProtocolError> {
+    if st.control_overflow {
+        Err(overflow(st))
+    } else {
+        Ok(())
+    }
+}
+
+/// Why a session whose control queue overflowed is closed.
+fn overflow(st: &State) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::LimitExceeded,
+        format!(
+            "peer sends but does not read: {} control frames queued unsent (limit {})",
+            st.control.len(),
+            st.control_cap
+        ),
+    )
+}
+
 /// Fills `buf` completely. `Ok(false)` when the connection ended cleanly before the first
 /// byte; an end part-way is an error.
 async fn read_full(rd: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> std::io::Result<bool> {
@@ -211,6 +237,7 @@ fn handle(
                 }
                 DataVerdict::Discard(credit) => {
                     st.push_window(0, credit);
+                    check_queue(&st)?;
                     drop(st);
                     shared.writer.notify_one();
                 }
@@ -224,7 +251,8 @@ fn handle(
                     st.slots.insert(id, Slot::default());
                 }
                 OpenVerdict::Refuse(code) => {
-                    st.control.push_back(Frame::reset(id, code));
+                    st.push_control(Frame::reset(id, code));
+                    check_queue(&st)?;
                     drop(st);
                     shared.writer.notify_one();
                     return Ok(None);
@@ -238,6 +266,8 @@ fn handle(
                     mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
                 };
                 stream.reset(ErrorCode::LimitExceeded);
+                drop(stream);
+                check_queue(&shared.lock())?;
             }
         }
         Kind::Window => {
@@ -252,32 +282,33 @@ fn handle(
                     w.wake();
                 }
             } else if was_low {
-                for slot in st.slots.values_mut() {
-                    if let Some(w) = slot.send_waker.take() {
-                        w.wake();
-                    }
-                }
+                st.session_credit_returned();
+            } else {
+                st.starved_since = None;
             }
         }
         Kind::Reset => {
             let code = ErrorCode::from_u32(frame.payload_u32()?);
             let mut st = shared.lock();
+            if st.mux.contains(id) {
+                // Nothing it received will be written out now, and nothing it queued will be
+                // sent: both credits go back at once, before the stream leaves the table.
+                st.discard_recv(id);
+                st.drop_output(id);
+            }
             if st.mux.on_reset(id, now.into_std())? {
                 let mut detached = false;
                 if let Some(slot) = st.slots.get_mut(&id) {
                     slot.reset = Some(code);
-                    slot.out.clear();
-                    slot.out_bytes = 0;
                     slot.wake_all();
                     detached = slot.detached;
                 }
                 if detached {
-                    // Nobody will read what it still holds: give that credit back now.
-                    st.discard_recv(id);
                     st.slots.remove(&id);
-                    drop(st);
-                    shared.writer.notify_one();
                 }
+                check_queue(&st)?;
+                drop(st);
+                shared.writer.notify_one();
             }
         }
         Kind::Ping => {
@@ -294,14 +325,9 @@ fn handle(
                     }
                 }
             } else {
-                if st.control.len() >= MAX_QUEUED_CONTROL {
-                    return Err(ProtocolError::new(
-                        ErrorCode::LimitExceeded,
-                        format!(
-                            "peer sends pings but does not read the answers ({} queued)",
-                            st.control.len()
-                        ),
-                    ));
+                if st.control.len() >= st.control_cap {
+                    st.control_overflow = true;
+                    return Err(overflow(&st));
                 }
                 st.control.push_front(Frame::ping(opaque, true));
                 drop(st);
@@ -330,9 +356,12 @@ fn handle(
             }
         }
         Kind::Datagram => {
-            // Reserved for UDP flows; nothing in this version sends it.
-            let mut st = shared.lock();
-            st.mux.on_control(now.into_std())?;
+            // Reserved for UDP flows, which this version does not carry: accepting them
+            // unchecked would let a peer send frames that cost us work and no budget.
+            return Err(ProtocolError::new(
+                ErrorCode::Protocol,
+                "datagram frame, but this session carries no UDP flows",
+            ));
         }
         Kind::Challenge | Kind::Auth | Kind::AuthOk => {
             return Err(ProtocolError::new(
@@ -525,6 +554,25 @@ async fn heartbeat_loop(shared: &Shared) -> Option<SessionEnd> {
                     detail: format!("no frames from the peer for {silent:.1?} (heartbeat)"),
                     by_peer: false,
                 });
+            }
+            if st.control_overflow {
+                return Some(protocol_end(overflow(&st)));
+            }
+            // A peer that answers pings but returns no session credit while our streams wait
+            // for it is stuck (or leaking credit): nothing would ever move again, and pings
+            // keep the session looking alive. Closing it lets the agent reconnect.
+            let stall_limit = dead_after * STALL_FACTOR;
+            if let Some(since) = st.starved_since {
+                let stalled = now.saturating_duration_since(since);
+                if stalled > stall_limit && st.mux.session_credit() == 0 {
+                    return Some(SessionEnd {
+                        code: ErrorCode::Timeout,
+                        detail: format!(
+                            "no flow-control credit from the peer for {stalled:.1?} while data waits to be sent"
+                        ),
+                        by_peer: false,
+                    });
+                }
             }
             seq += 1;
             st.control.push_front(Frame::ping(seq, false));

@@ -38,10 +38,17 @@ pub const SEND_BUFFER: usize = 256 * 1024;
 pub const ACCEPT_BACKLOG: usize = 1024;
 /// Session control frames (bind requests and results) waiting for the role to read them.
 pub const CONTROL_BACKLOG: usize = 512;
-/// Control frames we may have queued unsent (pongs, window updates, resets) before a peer
-/// that sends but does not read is cut off: without it, a ping flood from a peer that never
-/// reads would grow our memory without bound.
+/// Control frames we may have queued unsent (pongs, window updates, opens, resets) before a
+/// peer that sends but does not read is cut off with `LimitExceeded`: without it, a ping or
+/// open flood from a peer that never reads would grow our memory without bound. The cap is
+/// this or twice the session's stream limit, whichever is larger, so that opening every
+/// stream the session allows at once (one Open each, then perhaps one Reset) always fits.
 pub const MAX_QUEUED_CONTROL: usize = 8192;
+
+/// The control-queue cap of a session with these parameters (see [`MAX_QUEUED_CONTROL`]).
+pub fn control_queue_cap(params: &SessionParams) -> usize {
+    MAX_QUEUED_CONTROL.max(2 * params.max_streams as usize)
+}
 
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,9 +79,15 @@ pub(crate) struct Slot {
     reset: Option<ErrorCode>,
     recv_waker: Option<Waker>,
     send_waker: Option<Waker>,
+    /// Bytes handed to the reader by [`Stream::recv_many`] whose credit it has not yet given
+    /// back with [`Stream::release`].
+    taken: u64,
     /// Outbound chunks waiting for the writer.
     out: VecDeque<Bytes>,
     out_bytes: usize,
+    /// Send credit charged by [`Stream::reserve`] and not yet used by
+    /// [`Stream::send_reserved`].
+    reserved: usize,
     /// FIN requested; sent after `out` drains.
     out_fin: bool,
     fin_sent: bool,
@@ -112,27 +125,86 @@ pub(crate) struct State {
     end: Option<SessionEnd>,
     rtt: Duration,
     ping_sent: Option<(u64, Instant)>,
+    /// Since when a stream has been waiting for session credit (none left) without a session
+    /// window update arriving: the watchdog closes a session stuck like this for too long.
+    starved_since: Option<Instant>,
+    /// A control frame was refused because [`control_queue_cap`] were already queued: the
+    /// peer does not read what we send. The driver ends the session when it sees this.
+    control_overflow: bool,
+    /// See [`control_queue_cap`].
+    control_cap: usize,
 }
 
 impl State {
-    fn push_window(&mut self, stream: StreamId, inc: Option<u32>) {
-        if let Some(inc) = inc {
-            self.control.push_back(Frame::window(stream, inc));
+    /// Queues a control frame behind the others, unless the cap ([`control_queue_cap`]) is
+    /// reached: then the frame is dropped and the session marked for closing (it cannot go on
+    /// correctly without the frame, and a peer that reads nothing must not grow our memory).
+    fn push_control(&mut self, frame: Frame) {
+        if self.control.len() >= self.control_cap {
+            self.control_overflow = true;
+        } else {
+            self.control.push_back(frame);
         }
     }
 
-    /// Throws away what `id` received but nobody read, returning its session credit: bytes
-    /// discarded without this would shrink the session window for good.
+    fn push_window(&mut self, stream: StreamId, inc: Option<u32>) {
+        if let Some(inc) = inc {
+            self.push_control(Frame::window(stream, inc));
+        }
+    }
+
+    /// Throws away what `id` received but nobody will write out (queued chunks, and chunks
+    /// the reader took but did not release), returning their session credit: bytes discarded
+    /// without this would shrink the session window for good.
     fn discard_recv(&mut self, id: StreamId) {
         let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
-        let n: u64 = slot.recv.iter().map(|c| c.len() as u64).sum();
+        let n = slot.recv.iter().map(|c| c.len() as u64).sum::<u64>() + slot.taken;
         slot.recv.clear();
+        slot.taken = 0;
         if n > 0 {
             let now = Instant::now().into_std();
             let (_, session) = self.mux.on_consumed(id, n, now, self.rtt);
             self.push_window(0, session);
+        }
+    }
+
+    /// Drops what `id` queued or reserved to send and gives its credit back: the peer will
+    /// never see these bytes, so it would never return their credit either.
+    fn drop_output(&mut self, id: StreamId) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        let n = slot.out_bytes + slot.reserved;
+        slot.out.clear();
+        slot.out_bytes = 0;
+        slot.reserved = 0;
+        if n > 0 {
+            let was_low = self.mux.session_credit() == 0;
+            self.mux.unsend(id, n as u64);
+            if was_low {
+                self.session_credit_returned();
+            }
+        }
+    }
+
+    /// Session credit came back (a window update, a refund): wake every stream waiting for it
+    /// and stop the stall watchdog. O(streams), so callers do it only when credit had run out
+    /// or low.
+    fn session_credit_returned(&mut self) {
+        self.starved_since = None;
+        for slot in self.slots.values_mut() {
+            if let Some(w) = slot.send_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// A stream waits for credit; notes when the session itself ran out, for the watchdog.
+    fn note_send_wait(&mut self) {
+        if self.mux.session_credit() == 0 && self.starved_since.is_none() {
+            self.starved_since = Some(Instant::now());
         }
     }
 
@@ -279,6 +351,9 @@ pub fn start(
             end: None,
             rtt: Duration::from_millis(1),
             ping_sent: None,
+            starved_since: None,
+            control_overflow: false,
+            control_cap: control_queue_cap(&params),
         }),
         out: tokio::sync::Mutex::new(Outbound {
             wr,
@@ -330,7 +405,7 @@ impl Session {
             .open_local()
             .map_err(|_| OpenError::Limit(self.shared.params.max_streams))?;
         st.slots.insert(id, Slot::default());
-        st.control.push_back(open.to_frame(id));
+        st.push_control(open.to_frame(id));
         drop(st);
         self.shared.writer.notify_one();
         Ok(Stream::new(id, self.shared.clone(), open.clone()))
@@ -340,7 +415,7 @@ impl Session {
     pub fn send_control(&self, frame: Frame) {
         let mut st = self.shared.lock();
         if st.end.is_none() {
-            st.control.push_back(frame);
+            st.push_control(frame);
         }
         drop(st);
         self.shared.writer.notify_one();

@@ -73,15 +73,24 @@ impl Stream {
     pub async fn recv(&self) -> Result<Option<Bytes>, StreamError> {
         let mut one = Vec::with_capacity(1);
         Ok(match self.recv_many(&mut one, 0).await? {
-            true => one.pop(),
+            true => {
+                let chunk = one.pop();
+                self.release(chunk.as_ref().map_or(0, Bytes::len));
+                chunk
+            }
             false => None,
         })
     }
 
     /// Waits for data from the peer, then moves every chunk already received into `out`, up
     /// to `max` bytes (the first chunk always, whatever its size). `Ok(false)` once the peer
-    /// has finished sending and everything was read. Taking a burst at once costs one lock and
-    /// one credit update, and lets the caller hand it to the socket in one vectored write.
+    /// has finished sending and everything was read. Taking a burst at once costs one lock,
+    /// and lets the caller hand it to the socket in one vectored write.
+    ///
+    /// The flow-control credit of what was taken goes back to the peer only when the caller
+    /// says the bytes are gone, with [`Stream::release`] (a relay, once it has written them
+    /// to its socket): so what a slow local reader holds counts against the windows, and the
+    /// memory held for one session stays bounded by its window however many streams it has.
     pub async fn recv_many(
         &self,
         out: &mut impl Extend<Bytes>,
@@ -105,14 +114,7 @@ impl Stream {
                 taken += len;
             }
             if taken > 0 {
-                let now = Instant::now().into_std();
-                let (s, sess) = st.mux.on_consumed(id, taken as u64, now, st.rtt);
-                if s.is_some() || sess.is_some() {
-                    st.push_window(id, s);
-                    st.push_window(0, sess);
-                    drop(guard);
-                    self.shared.writer.notify_one();
-                }
+                slot.taken += taken as u64;
                 return Poll::Ready(Ok(true));
             }
             if slot.recv_fin {
@@ -128,6 +130,113 @@ impl Stream {
             Poll::Pending
         })
         .await
+    }
+
+    /// Gives back the credit of `n` bytes taken by [`Stream::recv_many`] (at most what was
+    /// taken and not yet released; the rest is ignored). After a reset the credit has
+    /// already been returned, and this does nothing.
+    pub fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let id = self.id;
+        let mut guard = self.shared.lock();
+        let st = &mut *guard;
+        let Some(slot) = st.slots.get_mut(&id) else {
+            return;
+        };
+        let n = (n as u64).min(slot.taken);
+        slot.taken -= n;
+        if n == 0 {
+            return;
+        }
+        let now = Instant::now().into_std();
+        let (s, sess) = st.mux.on_consumed(id, n, now, st.rtt);
+        if s.is_some() || sess.is_some() {
+            st.push_window(id, s);
+            st.push_window(0, sess);
+            drop(guard);
+            self.shared.writer.notify_one();
+        }
+    }
+
+    /// Waits until the stream may send, then charges up to `max` bytes of flow-control credit
+    /// to it and returns how many: the caller reads at most that many bytes from its source
+    /// and hands them to [`Stream::send_reserved`]. Reading only what is already paid for
+    /// means a relay never holds a buffer waiting for credit, so a thousand connections that
+    /// push into a stalled session hold nothing beyond the session's window.
+    pub async fn reserve(&self, max: usize) -> Result<usize, StreamError> {
+        let id = self.id;
+        let max = max.max(1);
+        poll_fn(|cx| {
+            let mut guard = self.shared.lock();
+            let st = &mut *guard;
+            if let Some(err) = slot_error(st, st.slots.get(&id)) {
+                return Poll::Ready(Err(err));
+            }
+            let credit = st.mux.send_credit(id);
+            let Some(slot) = st.slots.get_mut(&id) else {
+                return Poll::Ready(Err(StreamError::SessionClosed));
+            };
+            if slot.out_fin {
+                return Poll::Ready(Err(StreamError::Finished));
+            }
+            if slot.reserved > 0 {
+                return Poll::Ready(Ok(slot.reserved));
+            }
+            let queued = slot.out_bytes;
+            if credit == 0 || queued >= super::SEND_BUFFER {
+                slot.send_waker = Some(cx.waker().clone());
+                st.note_send_wait();
+                return Poll::Pending;
+            }
+            let n = (credit as usize).min(max).min(super::SEND_BUFFER - queued);
+            slot.reserved = n;
+            st.mux.on_sent(id, n as u64);
+            Poll::Ready(Ok(n))
+        })
+        .await
+    }
+
+    /// Queues `data`, which must fit in what [`Stream::reserve`] granted, without waiting for
+    /// credit, and gives back whatever of the reservation it did not use (so an empty `data`
+    /// just cancels the reservation). Writes the connection itself unless someone else is.
+    pub async fn send_reserved(&self, data: Bytes) -> Result<(), StreamError> {
+        let id = self.id;
+        {
+            let mut guard = self.shared.lock();
+            let st = &mut *guard;
+            if let Some(err) = slot_error(st, st.slots.get(&id)) {
+                return Err(err);
+            }
+            let max = self.shared.params.max_payload as usize;
+            let Some(slot) = st.slots.get_mut(&id) else {
+                return Err(StreamError::SessionClosed);
+            };
+            debug_assert!(data.len() <= slot.reserved, "sent more than was reserved");
+            let used = data.len().min(slot.reserved);
+            let unused = slot.reserved - used;
+            slot.reserved = 0;
+            let mut data = data.slice(..used);
+            while !data.is_empty() {
+                let chunk = data.split_to(max.min(data.len()));
+                slot.out_bytes += chunk.len();
+                slot.out.push_back(chunk);
+            }
+            if unused > 0 {
+                let was_low = st.mux.session_credit() == 0;
+                st.mux.unsend(id, unused as u64);
+                if was_low {
+                    st.session_credit_returned();
+                }
+            }
+            if used == 0 {
+                return Ok(());
+            }
+            st.enqueue(id);
+        }
+        self.shared.flush_now().await;
+        Ok(())
     }
 
     /// Sends `data`, waiting for flow-control credit and queue space as needed. Returns once
@@ -153,8 +262,9 @@ impl Stream {
                 if slot.out_fin {
                     break Poll::Ready(Err(StreamError::Finished));
                 }
-                if credit == 0 || slot.out_bytes >= super::SEND_BUFFER {
+                if credit == 0 || slot.out_bytes + slot.reserved >= super::SEND_BUFFER {
                     slot.send_waker = Some(cx.waker().clone());
+                    st.note_send_wait();
                     break Poll::Pending;
                 }
                 let n = (credit as usize).min(max).min(data.len());
@@ -206,21 +316,21 @@ impl Stream {
     }
 }
 
-/// Resets `id` if it is still open: Reset frame, buffered credit returned, output dropped.
+/// Resets `id` if it is still open: Reset frame, credit of what it held (received, queued,
+/// reserved) returned, output dropped.
 fn reset_locked(st: &mut State, id: StreamId, code: ErrorCode) {
+    if st.slots.get(&id).is_some_and(|s| s.reset.is_some()) {
+        return;
+    }
     st.discard_recv(id);
+    st.drop_output(id);
     let open = st.mux.contains(id);
     if let Some(slot) = st.slots.get_mut(&id) {
-        if slot.reset.is_some() {
-            return;
-        }
         slot.reset = Some(code);
-        slot.out.clear();
-        slot.out_bytes = 0;
         slot.wake_all();
     }
     if open && st.end.is_none() {
-        st.control.push_back(Frame::reset(id, code));
+        st.push_control(Frame::reset(id, code));
         let now = Instant::now().into_std();
         let credit = st.mux.remove(id, now);
         st.push_window(0, credit);
