@@ -846,6 +846,184 @@ fn b6_window_update_flood_is_cut() {
     });
 }
 
+#[test]
+fn b7_empty_fin_flood_on_a_closed_stream_is_cut() {
+    run("b7", async {
+        let fx = Fixture::tcp().await;
+        let mut raw = Raw::agent(fx.gw.addr, &fx.intruder).await;
+        let (mut client, id) = raw_stream(&mut raw).await;
+        raw.send(&[Frame::reset(id, ErrorCode::StreamReset)])
+            .await
+            .unwrap();
+        let r = read_until_closed(&mut client, 0, Duration::from_secs(5)).await;
+        eprintln!("client of the reset stream: {r:?}");
+        let fin = Frame::new(Kind::Data, burrow::proto::frame::FIN, id, Bytes::new());
+        let ended = control_flood(&fx, raw, fin, "empty FIN on a closed stream", 40_000).await;
+        fx.honest_agent_unaffected().await;
+        ended.expect_goaway(ErrorCode::LimitExceeded);
+    });
+}
+
+#[test]
+fn b8_one_byte_data_flood_on_a_closed_stream_is_cut() {
+    run("b8", async {
+        let fx = Fixture::tcp().await;
+        let mut raw = Raw::agent(fx.gw.addr, &fx.intruder).await;
+        let (mut client, id) = raw_stream(&mut raw).await;
+        raw.send(&[Frame::reset(id, ErrorCode::StreamReset)])
+            .await
+            .unwrap();
+        let r = read_until_closed(&mut client, 0, Duration::from_secs(5)).await;
+        eprintln!("client of the reset stream: {r:?}");
+        let one = Frame::new(Kind::Data, 0, id, Bytes::from_static(b"x"));
+        let ended = control_flood(&fx, raw, one, "1-byte data on a closed stream", 40_000).await;
+        fx.honest_agent_unaffected().await;
+        ended.expect_goaway(ErrorCode::LimitExceeded);
+    });
+}
+
+#[test]
+fn a10_datagram_frame_is_a_protocol_error_until_udp_exists() {
+    run("a10", async {
+        // Flow 1, as a UDP flow's datagram would be tagged.
+        let dgram = Frame::new(Kind::Datagram, 0, 1, Bytes::from_static(b"udp payload"));
+        let bytes = encode(&[dgram]);
+        let ended = malformed(bytes.to_vec(), false, Some(ErrorCode::Protocol)).await;
+        let ga = ended.goaway.expect("a GoAway");
+        assert!(ga.message.contains("datagram"), "{ga:?}");
+    });
+}
+
+/// An agent that opens streams from its side (which the gateway refuses, one Reset each) and
+/// reads nothing: the Resets pile up in the gateway's control queue. Past its cap the session
+/// must be cut with `LimitExceeded`, not grow the gateway's memory for as long as it lasts.
+#[test]
+fn b9_opens_from_a_peer_that_never_reads_are_cut_once_resets_pile_up() {
+    run("b9", async {
+        // 1,024 streams: the control-queue cap is then its floor of 8,192 frames.
+        let fx = Fixture::start(TransportKind::Tcp, |c| c.limits.max_streams = 1024).await;
+        let before = fx.stats.snapshot();
+        // A small receive buffer, and nothing read until the flood is over: the gateway's
+        // Resets can go nowhere but its queue.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let tcp = sock.connect(fx.gw.addr).await.unwrap();
+        let mut io: BoxIo = Box::new(tcp);
+        let (_, leftover) = handshake::client(&mut io, &fx.intruder, Role::Agent, &[0; 32], None)
+            .await
+            .unwrap();
+        wait_stats(&fx.stats, Duration::from_secs(5), "raw session up", |s| {
+            s.active_sessions == 2
+        })
+        .await;
+        // 18,000 opens a second, under the 20,000/s control budget, for at most 20 s.
+        let open = Open {
+            service: 0,
+            client: None,
+        };
+        let start = Instant::now();
+        let mut next_id = 2u32;
+        let mut sent = 0usize;
+        for tick in 0..200u32 {
+            let frames: Vec<Frame> = (0..1800)
+                .map(|_| {
+                    let f = open.to_frame(next_id);
+                    next_id += 2;
+                    f
+                })
+                .collect();
+            match tokio::time::timeout(Duration::from_secs(2), io.write_all(&encode(&frames))).await
+            {
+                Ok(Ok(())) => sent += 1800,
+                // Closed by the gateway, or it stopped reading: either way, done.
+                Ok(Err(_)) | Err(_) => break,
+            }
+            tokio::time::sleep_until((start + Duration::from_millis(100) * (tick + 1)).into())
+                .await;
+        }
+        let elapsed = start.elapsed();
+        let raw = Raw::start(io, leftover);
+        let ended = raw.closed().await;
+        eprintln!("{sent} opens in {elapsed:?} from a peer that read nothing; {ended:?}");
+        // Cut by the gateway (counted as a violation), before our 20 s of flooding ran out.
+        // The kernel's socket buffers take a few MB of Resets first (the gateway's send buffer
+        // grows whatever ours is), so the cut comes after 10-15 s at this rate.
+        fx.session_gone(before, true).await;
+        assert!(
+            elapsed < Duration::from_secs(19),
+            "the session took {elapsed:?} to be cut ({sent} opens refused, none read)"
+        );
+        // The GoAway is queued behind Resets that a peer that does not read never takes, so
+        // it may be lost; if it arrives it must say why.
+        if let Some(ga) = &ended.goaway {
+            assert_eq!(ga.code, ErrorCode::LimitExceeded, "{ga:?}");
+        }
+        fx.honest_agent_unaffected().await;
+    });
+}
+
+/// A peer that keeps the session alive (pings) but never returns flow-control credit while
+/// the gateway has data for it: nothing could ever move again. The watchdog closes it once
+/// the credit has been gone for twice the heartbeat's dead-peer time.
+#[test]
+fn b10_a_peer_that_never_returns_credit_is_closed_by_the_watchdog() {
+    run("b10", async {
+        let fx = Fixture::start(TransportKind::Tcp, |c| {
+            c.heartbeat.interval = Duration::from_millis(100);
+            c.heartbeat.misses = 3;
+            c.limits.session_window = 256 * 1024;
+        })
+        .await;
+        let before = fx.stats.snapshot();
+        let mut raw = Raw::agent(fx.gw.addr, &fx.intruder).await;
+        let (mut client, _id) = raw_stream(&mut raw).await;
+        // More than the session window, so a stream waits for credit that never comes.
+        let push = tokio::spawn(async move {
+            let data = vec![1u8; 1 << 20];
+            let _ = client.write_all(&data).await;
+            client
+        });
+        let start = Instant::now();
+        let alive = CancellationToken::new();
+        let keepalive = {
+            let alive = alive.clone();
+            async move {
+                let mut n = 0u64;
+                while !alive.is_cancelled() && !raw.is_closed() && n < 200 {
+                    if raw.send(&[Frame::ping(n, false)]).await.is_err() {
+                        break;
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                raw
+            }
+        };
+        let raw = keepalive.await;
+        let ended = raw.closed().await;
+        alive.cancel();
+        eprintln!(
+            "stalled session closed after {:?}: {ended:?}",
+            ended.at - start
+        );
+        ended.expect_goaway(ErrorCode::Timeout);
+        let ga = ended.goaway.as_ref().unwrap();
+        assert!(
+            ga.message.contains("flow-control credit"),
+            "the reason names the stall: {ga:?}"
+        );
+        // Dead-peer time 300 ms, so the stall limit is 600 ms (checked at each 100 ms tick).
+        assert!(
+            ended.at - start >= Duration::from_millis(500),
+            "closed before the stall limit: {:?}",
+            ended.at - start
+        );
+        drop(push);
+        fx.session_gone(before, false).await;
+        fx.honest_agent_unaffected().await;
+    });
+}
+
 /// Bytes a loopback TCP connection absorbs when its reader stops reading: the sender's send
 /// buffer (autotuned, up to `tcp_wmem[2]`) plus the receiver's receive buffer. Measured, since
 /// it depends on the machine.

@@ -1016,3 +1016,229 @@ async fn s15_grace_period_caps_the_drain() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------
+// S17, S18: public clients that abort or never read (hardening)
+
+/// Closes `c` with RST instead of FIN. (`SO_LINGER` 0 is deprecated in tokio because a
+/// non-zero linger blocks the thread on drop; a zero linger does not.)
+#[allow(deprecated)]
+fn abort(c: TcpStream) -> std::io::Result<()> {
+    c.set_linger(Some(Duration::ZERO))
+}
+
+/// A client with a small receive buffer that pushes up to `len` bytes into the tunnel without
+/// reading anything back, then aborts with RST (`SO_LINGER 0`). Writes stop early when the
+/// connection stalls for `stall` (the echo's replies pile up unread, so it will).
+async fn push_and_abort(addr: SocketAddr, len: usize, stall: Duration) -> std::io::Result<usize> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.set_recv_buffer_size(4096)?;
+    let mut c = sock.connect(addr).await?;
+    let chunk = vec![0x5au8; 16 * 1024];
+    let mut sent = 0;
+    while sent < len {
+        match tokio::time::timeout(stall, c.write(&chunk)).await {
+            Ok(Ok(n)) => sent += n,
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    abort(c)?;
+    Ok(sent)
+}
+
+/// A client that reads `len` bytes of a download, then aborts with RST.
+async fn read_and_abort(addr: SocketAddr, len: usize) -> std::io::Result<usize> {
+    let mut c = TcpStream::connect(addr).await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < len {
+        match tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got += n,
+        }
+    }
+    abort(c)?;
+    Ok(got)
+}
+
+/// Runs `n` copies of `f` at once and waits for all.
+async fn all_at_once<F, Fut>(n: usize, f: F) -> Vec<std::io::Result<usize>>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = std::io::Result<usize>> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|_| tokio::spawn(f())).collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s17_aborted_transfers_do_not_wedge_the_session() {
+    within("S17", async {
+        const ROUNDS: usize = 3;
+        burrow_testkit::raise_fd_limit();
+        let d = dirs();
+        let echo = TcpTarget::echo().await.unwrap();
+        let download = TcpTarget::source(None, 11).await.unwrap();
+        let (mut gw, mut agent) = pair(&d, None, &[echo.addr(), download.addr()]).await;
+        let (echo_pub, download_pub) = (agent.public(0), agent.public(1));
+        assert!(echo_once(echo_pub, b"0123456789abcdef").await.unwrap());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (gw0, agent0) = (gw.stats().unwrap(), agent.stats().unwrap());
+
+        let t = Instant::now();
+        let mut pushed = 0usize;
+        let mut downloaded = 0usize;
+        for _ in 0..ROUNDS {
+            // Uploads into an echo that nobody reads, cut with RST.
+            for r in all_at_once(400, move || {
+                push_and_abort(echo_pub, 512 * 1024, Duration::from_millis(200))
+            })
+            .await
+            {
+                pushed += r.unwrap();
+            }
+            // Cancelled downloads.
+            for r in all_at_once(100, move || read_and_abort(download_pub, 256 * 1024)).await {
+                downloaded += r.unwrap();
+            }
+        }
+        let abuse_time = t.elapsed();
+
+        // The session still carries data: a fresh transfer is byte-exact within a second.
+        let fresh = tokio::time::timeout(
+            Duration::from_secs(1),
+            echo_transfer(echo_pub, &EchoOpts::new(1 << 20, 5)),
+        )
+        .await;
+        let fresh = match fresh {
+            Ok(r) => r.unwrap(),
+            Err(_) => panic!(
+                "after {ROUNDS} rounds of aborted transfers a 1 MiB echo did not finish within \
+                 1 s: the session is wedged. gateway: {:#?}",
+                gw.stderr_tail()
+            ),
+        };
+        assert!(fresh.exact, "{fresh:?}");
+        // And nothing stays pinned.
+        let (gw1, agent1) = eventually(
+            Duration::from_secs(15),
+            || {
+                let (g, a) = (gw.stats().unwrap(), agent.stats().unwrap());
+                (g.fds <= gw0.fds + FD_SLACK && a.fds <= agent0.fds + FD_SLACK).then_some((g, a))
+            },
+            || {
+                format!(
+                    "descriptors back to baseline (gateway {} -> {:?}, agent {} -> {:?})",
+                    gw0.fds,
+                    gw.stats().map(|s| s.fds),
+                    agent0.fds,
+                    agent.stats().map(|s| s.fds)
+                )
+            },
+        )
+        .await;
+        println!(
+            "S17: {ROUNDS} rounds of 400 aborted uploads ({:.1} MiB pushed) and 100 cancelled \
+             downloads ({:.1} MiB read) in {abuse_time:?}; then 1 MiB echo in {:?}; gateway \
+             {gw0} -> {gw1}; agent {agent0} -> {agent1}",
+            mib(pushed as u64),
+            mib(downloaded as u64),
+            fresh.elapsed
+        );
+        stop_cleanly(&mut agent, "agent").await;
+        stop_cleanly(&mut gw, "gateway").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s18_clients_that_never_read_hold_at_most_the_session_window() {
+    within("S18", async {
+        const CLIENTS: usize = 1000;
+        burrow_testkit::raise_fd_limit();
+        let d = dirs();
+        let echo = TcpTarget::echo().await.unwrap();
+        let (mut gw, mut agent) = pair(&d, None, &[echo.addr()]).await;
+        let public = agent.public(0);
+        assert!(echo_once(public, b"0123456789abcdef").await.unwrap());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (gw0, agent0) = (gw.stats().unwrap(), agent.stats().unwrap());
+
+        // Each client sends 256 KiB (as far as the stalled tunnel lets it) and never reads the
+        // echo; they all stay connected while memory is read.
+        let release = CancellationToken::new();
+        let sent = Arc::new(AtomicU64::new(0));
+        let settled = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..CLIENTS {
+            let (release, sent, settled) = (release.clone(), sent.clone(), settled.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut c = TcpStream::connect(public).await?;
+                let chunk = vec![0xa5u8; 16 * 1024];
+                let mut n = 0;
+                while n < 256 * 1024 {
+                    match tokio::time::timeout(Duration::from_millis(500), c.write(&chunk)).await {
+                        Ok(Ok(k)) => n += k,
+                        Ok(Err(_)) | Err(_) => break,
+                    }
+                }
+                sent.fetch_add(n as u64, Ordering::Relaxed);
+                settled.fetch_add(1, Ordering::Relaxed);
+                release.cancelled().await;
+                Ok::<_, std::io::Error>(())
+            }));
+        }
+        eventually(
+            Duration::from_secs(120),
+            || (settled.load(Ordering::Relaxed) == CLIENTS as u64).then_some(()),
+            || {
+                format!(
+                    "{} of {CLIENTS} clients done writing",
+                    settled.load(Ordering::Relaxed)
+                )
+            },
+        )
+        .await;
+        // Let the allocator settle (freed pages are returned in the background).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (gw1, agent1) = (gw.stats().unwrap(), agent.stats().unwrap());
+        release.cancel();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let per_client = |a: &ProcStats, b: &ProcStats| {
+            (b.rss_kib.saturating_sub(a.rss_kib)) as f64 / CLIENTS as f64
+        };
+        println!(
+            "S18: {CLIENTS} clients sent {:.1} MiB and read nothing; gateway rss {:.1} -> {:.1} \
+             MiB ({:.1} KiB per client), agent {:.1} -> {:.1} MiB ({:.1} KiB per client)",
+            mib(sent.load(Ordering::Relaxed)),
+            gw0.rss_mib(),
+            gw1.rss_mib(),
+            per_client(&gw0, &gw1),
+            agent0.rss_mib(),
+            agent1.rss_mib(),
+            per_client(&agent0, &agent1),
+        );
+        // What a session's clients make either side hold is bounded by the session window
+        // each way (32 MiB up, 32 MiB down), whatever the number of clients; each connection
+        // costs a few KiB of its own beyond that.
+        let budget_kib = 2 * 32 * 1024 + CLIENTS as u64 * 16;
+        for (who, a, b) in [("gateway", &gw0, &gw1), ("agent", &agent0, &agent1)] {
+            assert!(
+                b.rss_kib <= a.rss_kib + budget_kib,
+                "{who} rss grew from {} to {} KiB with {CLIENTS} clients that never read \
+                 (budget: the 32 MiB session window each way + 16 KiB per connection)",
+                a.rss_kib,
+                b.rss_kib
+            );
+        }
+        stop_cleanly(&mut agent, "agent").await;
+        stop_cleanly(&mut gw, "gateway").await;
+    })
+    .await;
+}
