@@ -123,6 +123,11 @@ impl RecvWindow {
         self.received
     }
 
+    /// Cumulative bytes handed to the application.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
     /// Bytes received but not yet consumed (what the receiver holds in memory).
     pub fn buffered(&self) -> u64 {
         self.received - self.consumed

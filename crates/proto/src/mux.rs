@@ -320,10 +320,9 @@ impl Mux {
         }
     }
 
-    /// What the session's receive window stands at: (cumulative bytes granted to the peer,
-    /// cumulative bytes received). The peer may still send the difference.
-    pub fn session_recv_totals(&self) -> (u64, u64) {
-        (self.session_recv.limit(), self.session_recv.received())
+    /// The session's receive window.
+    pub fn session_recv(&self) -> &RecvWindow {
+        &self.session_recv
     }
 
     /// We send FIN on `id`. Returns true when the stream is now fully closed and removed.

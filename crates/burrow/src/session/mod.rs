@@ -305,6 +305,31 @@ impl Shared {
     }
 }
 
+/// Flow-control figures of one session end at one moment, for tests and diagnostics.
+///
+/// With nothing in flight (both ends idle), credit is conserved: what one end may still send
+/// plus what it has charged but not written (`send_credit + unsent`) equals what the other
+/// granted and has not yet received (`granted - received`); and each end's `held` equals
+/// `received - consumed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CreditSnapshot {
+    /// Session credit left to send with.
+    pub send_credit: u64,
+    /// Bytes charged to that credit but not written yet: queued behind the writer, or
+    /// reserved by a relay.
+    pub unsent: u64,
+    /// Cumulative bytes granted to the peer, the initial window included.
+    pub granted: u64,
+    /// Cumulative bytes received from the peer.
+    pub received: u64,
+    /// Cumulative bytes whose credit went back (read and released, or discarded).
+    pub consumed: u64,
+    /// Received bytes still held by streams: waiting to be read, or taken and not released.
+    pub held: u64,
+    /// Stream slots (open streams, and closed ones still flushing).
+    pub slots: usize,
+}
+
 /// A handle to a running session. Cheap to clone; the session lives until it ends, whether
 /// or not handles remain.
 #[derive(Clone)]
@@ -458,6 +483,26 @@ impl Session {
     /// Stream slots still held (open streams plus ones flushing their last bytes).
     pub fn slot_count(&self) -> usize {
         self.shared.lock().slots.len()
+    }
+
+    /// The session's flow-control figures now (see [`CreditSnapshot`]).
+    pub fn credit(&self) -> CreditSnapshot {
+        let st = self.shared.lock();
+        let recv = st.mux.session_recv();
+        let (mut unsent, mut held) = (0u64, 0u64);
+        for slot in st.slots.values() {
+            unsent += (slot.out_bytes + slot.reserved) as u64;
+            held += slot.recv.iter().map(|c| c.len() as u64).sum::<u64>() + slot.taken;
+        }
+        CreditSnapshot {
+            send_credit: st.mux.session_credit(),
+            unsent,
+            granted: recv.limit(),
+            received: recv.received(),
+            consumed: recv.consumed(),
+            held,
+            slots: st.slots.len(),
+        }
     }
 
     /// The latest measured round-trip time.
