@@ -1,5 +1,9 @@
 //! Copies bytes between a stream and a local socket (TCP or unix), both ways, with half-close.
 //!
+//! Flow control reaches into the sockets: a relay reads from its socket only the credit it
+//! has reserved on the stream, and gives back the credit of received bytes once it has
+//! written them, so what a session's connections hold together is bounded by its windows.
+//!
 //! Reads wait for readiness before taking a buffer, and a read that drains the socket lets
 //! the buffer go, so an idle connection holds no buffer at all; small reads are copied into
 //! right-sized chunks so queued data does not pin large allocations. A reset on either side
