@@ -1161,80 +1161,111 @@ async fn s18_clients_that_never_read_hold_at_most_the_session_window() {
         const CLIENTS: usize = 1000;
         burrow_testkit::raise_fd_limit();
         let d = dirs();
+        // An 8 MiB session window, so that what the windows allow (8 MiB each way) and what
+        // a buffer per client would cost (1,000 x 256 KiB) are far apart.
+        const WINDOW_MIB: u64 = 8;
         let echo = TcpTarget::echo().await.unwrap();
-        let (mut gw, mut agent) = pair(&d, None, &[echo.addr()]).await;
+        let config = format!("[limits]\nsession_window = {}\n", WINDOW_MIB << 20);
+        let (mut gw, mut agent) = pair(&d, Some(&config), &[echo.addr()]).await;
         let public = agent.public(0);
         assert!(echo_once(public, b"0123456789abcdef").await.unwrap());
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (gw0, agent0) = (gw.stats().unwrap(), agent.stats().unwrap());
 
         // Each client sends 256 KiB (as far as the stalled tunnel lets it) and never reads the
-        // echo; they all stay connected while memory is read.
+        // echo; they all stay connected while memory is read. Two waves: the first fills the
+        // windows, the second must then cost only what a connection costs.
         let release = CancellationToken::new();
         let sent = Arc::new(AtomicU64::new(0));
         let settled = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
-        for _ in 0..CLIENTS {
-            let (release, sent, settled) = (release.clone(), sent.clone(), settled.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut c = TcpStream::connect(public).await?;
-                let chunk = vec![0xa5u8; 16 * 1024];
-                let mut n = 0;
-                while n < 256 * 1024 {
-                    match tokio::time::timeout(Duration::from_millis(500), c.write(&chunk)).await {
-                        Ok(Ok(k)) => n += k,
-                        Ok(Err(_)) | Err(_) => break,
+        let mut figures = Vec::new();
+        for wave in 1..=2u64 {
+            for _ in 0..CLIENTS / 2 {
+                let (release, sent, settled) = (release.clone(), sent.clone(), settled.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut c = TcpStream::connect(public).await?;
+                    let chunk = vec![0xa5u8; 16 * 1024];
+                    let mut n = 0;
+                    while n < 256 * 1024 {
+                        match tokio::time::timeout(Duration::from_millis(500), c.write(&chunk))
+                            .await
+                        {
+                            Ok(Ok(k)) => n += k,
+                            Ok(Err(_)) | Err(_) => break,
+                        }
                     }
-                }
-                sent.fetch_add(n as u64, Ordering::Relaxed);
-                settled.fetch_add(1, Ordering::Relaxed);
-                release.cancelled().await;
-                Ok::<_, std::io::Error>(())
-            }));
+                    sent.fetch_add(n as u64, Ordering::Relaxed);
+                    settled.fetch_add(1, Ordering::Relaxed);
+                    release.cancelled().await;
+                    Ok::<_, std::io::Error>(())
+                }));
+            }
+            let want = wave * CLIENTS as u64 / 2;
+            eventually(
+                Duration::from_secs(120),
+                || (settled.load(Ordering::Relaxed) == want).then_some(()),
+                || {
+                    format!(
+                        "{} of {want} clients done writing",
+                        settled.load(Ordering::Relaxed)
+                    )
+                },
+            )
+            .await;
+            // Let the allocator settle (freed pages are returned in the background).
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            figures.push((gw.stats().unwrap(), agent.stats().unwrap()));
         }
-        eventually(
-            Duration::from_secs(120),
-            || (settled.load(Ordering::Relaxed) == CLIENTS as u64).then_some(()),
-            || {
-                format!(
-                    "{} of {CLIENTS} clients done writing",
-                    settled.load(Ordering::Relaxed)
-                )
-            },
-        )
-        .await;
-        // Let the allocator settle (freed pages are returned in the background).
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (gw1, agent1) = (gw.stats().unwrap(), agent.stats().unwrap());
         release.cancel();
         for t in tasks {
             t.await.unwrap().unwrap();
         }
-        let per_client = |a: &ProcStats, b: &ProcStats| {
-            (b.rss_kib.saturating_sub(a.rss_kib)) as f64 / CLIENTS as f64
+        let [(gw1, agent1), (gw2, agent2)] = [figures[0], figures[1]];
+        let kib_per = |a: &ProcStats, b: &ProcStats, n: usize| {
+            (b.rss_kib.saturating_sub(a.rss_kib)) as f64 / n as f64
         };
         println!(
-            "S18: {CLIENTS} clients sent {:.1} MiB and read nothing; gateway rss {:.1} -> {:.1} \
-             MiB ({:.1} KiB per client), agent {:.1} -> {:.1} MiB ({:.1} KiB per client)",
+            "S18: {CLIENTS} clients sent {:.1} MiB and read nothing (session window \
+             {WINDOW_MIB} MiB); gateway rss {:.1} -> {:.1} MiB after {half}, {:.1} MiB after \
+             {CLIENTS} ({:.1} KiB per client of the second wave); agent {:.1} -> {:.1} -> \
+             {:.1} MiB ({:.1} KiB per client of the second wave)",
             mib(sent.load(Ordering::Relaxed)),
             gw0.rss_mib(),
             gw1.rss_mib(),
-            per_client(&gw0, &gw1),
+            gw2.rss_mib(),
+            kib_per(&gw1, &gw2, CLIENTS / 2),
             agent0.rss_mib(),
             agent1.rss_mib(),
-            per_client(&agent0, &agent1),
+            agent2.rss_mib(),
+            kib_per(&agent1, &agent2, CLIENTS / 2),
+            half = CLIENTS / 2,
         );
         // What a session's clients make either side hold is bounded by the session window
-        // each way (32 MiB up, 32 MiB down), whatever the number of clients; each connection
-        // costs a few KiB of its own beyond that.
-        let budget_kib = 2 * 32 * 1024 + CLIENTS as u64 * 16;
-        for (who, a, b) in [("gateway", &gw0, &gw1), ("agent", &agent0, &agent1)] {
+        // each way, whatever the number of clients: once the windows are full, more clients
+        // cost only what a connection costs (about 20 KiB measured with data moving through
+        // it; before the fix a client cost about 100 KiB more, growing without bound). In
+        // all, the windows (twice, for the allocator's slack) plus that per connection.
+        const PER_CONN_KIB: u64 = 32;
+        for (who, a, b, c) in [
+            ("gateway", &gw0, &gw1, &gw2),
+            ("agent", &agent0, &agent1, &agent2),
+        ] {
+            let second_wave = c.rss_kib.saturating_sub(b.rss_kib);
             assert!(
-                b.rss_kib <= a.rss_kib + budget_kib,
+                second_wave <= (CLIENTS as u64 / 2) * PER_CONN_KIB,
+                "{who} rss grew {second_wave} KiB for {} more clients that never read, once \
+                 the windows were full (budget {PER_CONN_KIB} KiB per connection)",
+                CLIENTS / 2
+            );
+            let budget_kib = 2 * 2 * WINDOW_MIB * 1024 + CLIENTS as u64 * PER_CONN_KIB;
+            assert!(
+                c.rss_kib <= a.rss_kib + budget_kib,
                 "{who} rss grew from {} to {} KiB with {CLIENTS} clients that never read \
-                 (budget: the 32 MiB session window each way + 16 KiB per connection)",
+                 (budget: the {WINDOW_MIB} MiB session window each way, twice, + \
+                 {PER_CONN_KIB} KiB per connection)",
                 a.rss_kib,
-                b.rss_kib
+                c.rss_kib
             );
         }
         stop_cleanly(&mut agent, "agent").await;
