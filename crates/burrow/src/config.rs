@@ -141,6 +141,16 @@ pub struct Limits {
     pub max_pending_opens: u32,
     /// Most tunnel connections that have not yet authenticated (default 256).
     pub max_preauth: u32,
+    /// Most of those from one source address, IPv6 by /64 (default 8). Not applied on the
+    /// plain TCP transport, where every connection comes from the TLS-terminating proxy.
+    pub max_preauth_per_source: u32,
+    /// Most public client connections open at once on the whole gateway (default 32768).
+    pub max_public_conns: u32,
+    /// Most public client connections open at once to one agent's ports (default 8192).
+    pub max_public_conns_per_agent: u32,
+    /// Most public ports one agent holds, bound by its session or reserved on lease
+    /// (default 256).
+    pub max_ports_per_agent: u32,
     /// Time a new tunnel connection has to finish TLS and authentication (default 10 s).
     pub handshake_timeout: Duration,
     /// Initial per-stream window (default 256 KiB).
@@ -172,6 +182,10 @@ impl Default for Limits {
             max_streams: p.max_streams,
             max_pending_opens: 256,
             max_preauth: 256,
+            max_preauth_per_source: 8,
+            max_public_conns: 32768,
+            max_public_conns_per_agent: 8192,
+            max_ports_per_agent: 256,
             handshake_timeout: Duration::from_secs(10),
             stream_window: p.stream_window,
             max_stream_window: p.max_stream_window,
@@ -1049,6 +1063,10 @@ struct RawLimits {
     max_streams: Option<Spanned<u32>>,
     max_pending_opens: Option<Spanned<u32>>,
     max_preauth: Option<Spanned<u32>>,
+    max_preauth_per_source: Option<Spanned<u32>>,
+    max_public_conns: Option<Spanned<u32>>,
+    max_public_conns_per_agent: Option<Spanned<u32>>,
+    max_ports_per_agent: Option<Spanned<u32>>,
     handshake_timeout: Option<Spanned<Checked<Duration>>>,
     stream_window: Option<Spanned<u32>>,
     max_stream_window: Option<Spanned<u32>>,
@@ -1317,6 +1335,26 @@ impl Source<'_> {
             raw.max_pending_opens,
         );
         take("max_preauth", &mut l.max_preauth, raw.max_preauth);
+        take(
+            "max_preauth_per_source",
+            &mut l.max_preauth_per_source,
+            raw.max_preauth_per_source,
+        );
+        take(
+            "max_public_conns",
+            &mut l.max_public_conns,
+            raw.max_public_conns,
+        );
+        take(
+            "max_public_conns_per_agent",
+            &mut l.max_public_conns_per_agent,
+            raw.max_public_conns_per_agent,
+        );
+        take(
+            "max_ports_per_agent",
+            &mut l.max_ports_per_agent,
+            raw.max_ports_per_agent,
+        );
         take("stream_window", &mut l.stream_window, raw.stream_window);
         take(
             "max_stream_window",
@@ -1463,6 +1501,26 @@ fn limit_rules(l: &Limits) -> Vec<(&'static [&'static str], bool, String)> {
         (
             &["max_preauth"],
             l.max_preauth >= 1,
+            "must be at least 1 (default 256)".into(),
+        ),
+        (
+            &["max_preauth_per_source"],
+            l.max_preauth_per_source >= 1,
+            "must be at least 1 (default 8; more than max_preauth acts as max_preauth)".into(),
+        ),
+        (
+            &["max_public_conns"],
+            l.max_public_conns >= 1,
+            "must be at least 1 (default 32768)".into(),
+        ),
+        (
+            &["max_public_conns_per_agent"],
+            l.max_public_conns_per_agent >= 1,
+            "must be at least 1 (default 8192)".into(),
+        ),
+        (
+            &["max_ports_per_agent"],
+            l.max_ports_per_agent >= 1,
             "must be at least 1 (default 256)".into(),
         ),
         (

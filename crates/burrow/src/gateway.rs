@@ -3,11 +3,22 @@
 //!
 //! Per agent (known by its key hash) the gateway keeps one live session and a table of
 //! public ports. A newer session from the same agent replaces the old one. When a session
-//! drops, its ports stay bound and reserved for the lease period, so the agent gets the same
-//! ports back when it returns; clients arriving meanwhile are closed at once.
+//! drops or is replaced, its ports stay bound and reserved for the lease period, so the agent
+//! gets the same ports back when it returns; clients arriving meanwhile are closed at once.
+//! A port that no session has bound again when its lease runs out is closed, whether or not
+//! the agent has a session by then. One agent holds at most `max_ports_per_agent` ports,
+//! bound or on lease; a new bind past that closes the port longest on lease.
+//!
+//! What an unauthenticated source can hold is bounded: a slot in the pre-auth table (at most
+//! `max_preauth`, `max_preauth_per_source` per address), which a connection that has sent
+//! nothing gives up to a newcomer when the table is full ([`PreauthTable`]). Public
+//! connections are capped per agent and per gateway, and together with the public listeners
+//! they may use only the descriptors left after a reserve for the tunnel port, so agents can
+//! always log in ([`limiter::share_descriptors`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant as StdInstant;
 
@@ -16,14 +27,14 @@ use burrow_proto::message::{Bind, BindResult, Open, Protocol, Role, SessionParam
 use burrow_proto::mux::Side;
 use burrow_proto::{ErrorCode, Kind};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{AgentGrant, GatewayConfig, KeySpec, PortRange, TransportKind};
-use crate::limiter::AuthLimiter;
+use crate::limiter::{self, AuthLimiter, FdBudget, FdPermit, PreauthTable, Refusal, Stage};
 use crate::relay::{self, Local};
 use crate::session::{self, handshake, Session};
 use crate::stats::{bump, GatewayStats, GaugeGuard};
@@ -53,18 +64,45 @@ struct Hub {
     grants: HashMap<KeyHash, Arc<AgentGrant>>,
     agents: Mutex<HashMap<String, AgentEntry>>,
     limiter: Mutex<AuthLimiter>,
+    /// Connections in their handshake; the token closes one that has to give way.
+    preauth: Mutex<PreauthTable<(CancellationToken, SocketAddr)>>,
+    /// Public connections on the whole gateway (`max_public_conns`).
+    public_conns: Arc<Semaphore>,
+    /// Descriptors public connections and public listeners may use: the open-file limit less
+    /// what the process held at start and the reserve for the tunnel port.
+    public_fds: Arc<FdBudget>,
+    /// How the open-file limit is shared (see [`limiter::share_descriptors`]).
+    fds: limiter::Shares,
+    /// Refused public connections, refused and evicted tunnel connections: one warning a
+    /// second each.
+    public_log: Mutex<LogThrottle>,
+    preauth_log: Mutex<LogThrottle>,
+    evict_log: Mutex<LogThrottle>,
     /// Relays and sessions; drained at shutdown.
     tracker: TaskTracker,
     /// Cancelled at shutdown: stops listeners.
     stop: CancellationToken,
-    generation: std::sync::atomic::AtomicU64,
+    generation: AtomicU64,
+    /// Ids of leases, in the order they started.
+    leases: AtomicU64,
     stats: Arc<GatewayStats>,
 }
 
-#[derive(Default)]
 struct AgentEntry {
     session: Option<(u64, Session)>,
     ports: HashMap<(Protocol, String), PortEntry>,
+    /// Public connections to this agent's ports (`max_public_conns_per_agent`).
+    conns: Arc<Semaphore>,
+}
+
+impl AgentEntry {
+    fn new(limits: &crate::config::Limits) -> Self {
+        AgentEntry {
+            session: None,
+            ports: HashMap::new(),
+            conns: Arc::new(semaphore(limits.max_public_conns_per_agent)),
+        }
+    }
 }
 
 struct PortEntry {
@@ -72,6 +110,10 @@ struct PortEntry {
     route: Arc<Mutex<Option<Route>>>,
     /// Stops this port's listener.
     cancel: CancellationToken,
+    /// The generation of the session that bound it, while one routes it.
+    owner: Option<u64>,
+    /// The lease it is on while no session routes it (ids grow: the smallest is the oldest).
+    lease: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -83,6 +125,13 @@ struct Route {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A semaphore of `permits` (at most what tokio allows).
+fn semaphore(permits: u32) -> Semaphore {
+    Semaphore::new(
+        usize::try_from(permits).map_or(Semaphore::MAX_PERMITS, |p| p.min(Semaphore::MAX_PERMITS)),
+    )
 }
 
 impl Gateway {
@@ -132,20 +181,70 @@ impl Gateway {
             warn!("plain TCP transport: the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
         }
         let params = config.session_params();
+        let limits = &config.limits;
+        let files = limiter::raise_open_files();
+        let hard = if files.hard == u64::MAX {
+            "unlimited".to_string()
+        } else {
+            files.hard.to_string()
+        };
+        match (&files.error, files.soft > files.was) {
+            (Some(e), _) => warn!(
+                "open-file limit: soft {}, hard {hard}; raising the soft limit failed: {e}",
+                files.soft
+            ),
+            (None, true) => info!(
+                "open-file limit: soft {} (raised from {}), hard {hard}",
+                files.soft, files.was
+            ),
+            (None, false) => info!("open-file limit: soft {}, hard {hard}", files.soft),
+        }
+        // What the process holds now (the runtime, the log, the listener) stays held.
+        let in_use = limiter::open_descriptors().unwrap_or(64);
+        let fds = limiter::share_descriptors(files.soft, in_use, limits.max_preauth, grants.len());
+        info!(
+            "descriptors: {} for public connections and ports ({} of them kept for ports), {} kept for agent logins, {in_use} in use",
+            fds.public, fds.ports, fds.tunnel
+        );
+        if fds.public < 256 {
+            warn!(
+                "only {} descriptors left for public connections and ports (open-file limit {}): raise the hard limit (`ulimit -Hn`, or LimitNOFILE= in a systemd unit)",
+                fds.public, files.soft
+            );
+        }
+        // In TCP mode every connection comes from the TLS-terminating proxy: no per-source cap.
+        let per_source = match config.transport {
+            TransportKind::Tls => Some(limits.max_preauth_per_source),
+            TransportKind::Tcp => None,
+        };
+        let preauth = PreauthTable::new(limits.max_preauth as usize, per_source);
+        let public_conns = semaphore(limits.max_public_conns);
+        let agents = grants
+            .values()
+            .map(|g| (g.name.clone(), AgentEntry::new(limits)))
+            .collect();
         Ok(Gateway {
             listener,
             identity,
             generated,
             hub: Arc::new(Hub {
-                config,
                 params,
                 grants,
-                agents: Mutex::new(HashMap::new()),
+                agents: Mutex::new(agents),
                 limiter: Mutex::new(AuthLimiter::default()),
+                preauth: Mutex::new(preauth),
+                public_conns: Arc::new(public_conns),
+                public_fds: FdBudget::new(fds.public),
+                fds,
+                public_log: Mutex::new(LogThrottle::default()),
+                preauth_log: Mutex::new(LogThrottle::default()),
+                evict_log: Mutex::new(LogThrottle::default()),
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
-                generation: std::sync::atomic::AtomicU64::new(0),
+                generation: AtomicU64::new(0),
+                leases: AtomicU64::new(0),
                 stats: Arc::new(GatewayStats::default()),
+                config,
             }),
         })
     }
@@ -196,16 +295,19 @@ impl Gateway {
         let acceptor = self
             .identity
             .map(|i| tokio_rustls::TlsAcceptor::from(i.server_config));
-        let preauth = Arc::new(Semaphore::new(hub.config.limits.max_preauth as usize));
         info!(listen = %self.listener.local_addr().map_err(|e| GatewayError(e.to_string()))?, "gateway listening for agents");
+        let mut accept_errors = LogThrottle::default();
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off briefly, keep serving.
-                        warn!("accept on tunnel port failed: {e}");
+                        // Out of file descriptors and the like: the connection waits in the
+                        // backlog; pause instead of spinning on it, and say so once a second.
+                        if let Some(skipped) = accept_errors.allow(Instant::now()) {
+                            warn!(similar_since_last = skipped, "accept on tunnel port failed: {e}");
+                        }
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         continue;
                     }
@@ -216,20 +318,62 @@ impl Gateway {
                 debug!(%peer, "refused: too many failed handshakes from this address");
                 continue;
             }
-            let Ok(permit) = preauth.clone().try_acquire_owned() else {
-                bump(&hub.stats.preauth_refused);
-                debug!(%peer, "refused: too many connections still in their handshake");
-                continue;
+            let evict = CancellationToken::new();
+            let admitted = lock(&hub.preauth).admit(peer.ip(), (evict.clone(), peer));
+            let id = match admitted {
+                Ok(a) => {
+                    if let Some((victim, victim_peer)) = a.evicted {
+                        bump(&hub.stats.preauth_evicted);
+                        victim.cancel();
+                        if let Some(skipped) = lock(&hub.evict_log).allow(Instant::now()) {
+                            warn!(peer = %victim_peer, similar_since_last = skipped, "tunnel connection closed: it had sent nothing and all {} pre-auth slots were taken (limits.max_preauth)", hub.config.limits.max_preauth);
+                        }
+                    }
+                    a.id
+                }
+                Err(why) => {
+                    let (counter, text) = match why {
+                        Refusal::Source => (
+                            &hub.stats.preauth_source_refused,
+                            format!(
+                                "this address already has {} connections in their handshake (limits.max_preauth_per_source)",
+                                hub.config.limits.max_preauth_per_source
+                            ),
+                        ),
+                        Refusal::Full => (
+                            &hub.stats.preauth_refused,
+                            format!(
+                                "all {} pre-auth slots are held by connections in their handshake (limits.max_preauth)",
+                                hub.config.limits.max_preauth
+                            ),
+                        ),
+                    };
+                    bump(counter);
+                    if let Some(skipped) = lock(&hub.preauth_log).allow(Instant::now()) {
+                        warn!(%peer, similar_since_last = skipped, "tunnel connection refused: {text}");
+                    }
+                    continue;
+                }
+            };
+            let slot = PreauthSlot {
+                hub: hub.clone(),
+                id,
             };
             let hub2 = hub.clone();
             let acceptor = acceptor.clone();
             hub.tracker.spawn(async move {
-                let accepted = tokio::time::timeout(
-                    hub2.config.limits.handshake_timeout,
-                    handshake_agent(&hub2, tcp, peer, acceptor.as_ref()),
-                )
-                .await;
-                drop(permit);
+                let accepted = tokio::select! {
+                    _ = evict.cancelled() => {
+                        // Not charged to the source: giving way is not a failure.
+                        debug!(%peer, "tunnel connection closed: it had sent nothing and the pre-auth table is full");
+                        return;
+                    }
+                    r = tokio::time::timeout(
+                        hub2.config.limits.handshake_timeout,
+                        handshake_agent(&hub2, tcp, peer, acceptor.as_ref(), &slot),
+                    ) => r,
+                };
+                drop(slot);
                 match accepted {
                     Ok(Ok((conn, acc))) => serve_agent(hub2, conn, acc, peer).await,
                     Ok(Err(e)) => {
@@ -305,15 +449,46 @@ fn load_identity(config: &GatewayConfig) -> Result<GatewayIdentity, GatewayError
     }
 }
 
+/// A connection's slot in the pre-auth table, given back when dropped.
+struct PreauthSlot {
+    hub: Arc<Hub>,
+    id: u64,
+}
+
+impl PreauthSlot {
+    fn advance(&self, stage: Stage) {
+        lock(&self.hub.preauth).advance(self.id, stage);
+    }
+}
+
+impl Drop for PreauthSlot {
+    fn drop(&mut self) {
+        lock(&self.hub.preauth).remove(self.id);
+    }
+}
+
 async fn handshake_agent(
     hub: &Hub,
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: Option<&tokio_rustls::TlsAcceptor>,
+    slot: &PreauthSlot,
 ) -> Result<(transport::Connected, handshake::Accepted), String> {
+    if acceptor.is_some() {
+        // TLS starts with the client's hello: until a byte arrives, this connection has made
+        // no progress and gives way to a newcomer when the table is full. (On plain TCP the
+        // gateway speaks first, so there is nothing to wait for.)
+        match tcp.peek(&mut [0u8; 1]).await {
+            Ok(0) => return Err("closed before sending anything".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("TLS: {e}")),
+        }
+    }
+    slot.advance(Stage::Talking);
     let mut conn = transport::accept(tcp, peer, acceptor)
         .await
         .map_err(|e| format!("TLS: {e}"))?;
+    slot.advance(Stage::Secured);
     let binding = conn.binding;
     let accepted = handshake::server(&mut conn.io, &binding, |key, role| {
         match (hub.grants.get(key), role) {
@@ -357,14 +532,19 @@ async fn serve_agent(
         let session = started.session;
         // This version opens streams only from the gateway; agent-opened streams are refused.
         drop(started.incoming);
-        let generation = hub
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let old = lock(&hub.agents)
-            .entry(name.clone())
-            .or_default()
-            .session
-            .replace((generation, session.clone()));
+        let generation = hub.generation.fetch_add(1, Ordering::Relaxed);
+        let old = {
+            let mut agents = lock(&hub.agents);
+            let entry = agents
+                .entry(name.clone())
+                .or_insert_with(|| AgentEntry::new(&hub.config.limits));
+            let old = entry.session.replace((generation, session.clone()));
+            if let Some((old_generation, _)) = &old {
+                // Its ports go on lease now: the new session binds again what it still wants.
+                start_lease(&hub, &name, entry, *old_generation);
+            }
+            old
+        };
         if let Some((_, old)) = old {
             info!("agent reconnected; replacing its previous session");
             old.close(ErrorCode::Replaced, "replaced by a newer session of the same agent");
@@ -390,7 +570,7 @@ async fn serve_agent(
                                 session.send_control(BindResult { service: bind.service, code: ErrorCode::PortInUse, text }.to_frame());
                             }
                             Ok(bind) => {
-                                let result = bind_port(&hub, &grant, &session, &bind).await;
+                                let result = bind_port(&hub, &grant, &session, generation, &bind).await;
                                 session.send_control(result.to_frame());
                             }
                             Err(e) => session.close(e.code, e.detail),
@@ -418,19 +598,34 @@ async fn serve_agent(
     .await
 }
 
-/// After a session ends: unroute its ports and start their leases.
+/// After a session ends: unroute the ports it still routes and start their leases.
 fn release(hub: &Arc<Hub>, name: &str, generation: u64) {
     let mut agents = lock(&hub.agents);
     let Some(entry) = agents.get_mut(name) else {
         return;
     };
-    if !matches!(entry.session, Some((g, _)) if g == generation) {
-        // A newer session already took over.
-        return;
+    if matches!(entry.session, Some((g, _)) if g == generation) {
+        entry.session = None;
     }
-    entry.session = None;
-    for port in entry.ports.values() {
-        *lock(&port.route) = None;
+    // After a takeover the newer session owns what it bound again; this finds nothing left.
+    start_lease(hub, name, entry, generation);
+}
+
+/// Puts the ports session `generation` routes on one lease: unrouted now, closed when the
+/// lease runs out unless a session binds them again meanwhile.
+fn start_lease(hub: &Arc<Hub>, name: &str, entry: &mut AgentEntry, generation: u64) {
+    let lease_id = hub.leases.fetch_add(1, Ordering::Relaxed);
+    let mut any = false;
+    for port in entry.ports.values_mut() {
+        if port.owner == Some(generation) {
+            *lock(&port.route) = None;
+            port.owner = None;
+            port.lease = Some(lease_id);
+            any = true;
+        }
+    }
+    if !any {
+        return;
     }
     let hub = hub.clone();
     let name = name.to_string();
@@ -442,14 +637,41 @@ fn release(hub: &Arc<Hub>, name: &str, generation: u64) {
         }
         let mut agents = lock(&hub.agents);
         if let Some(entry) = agents.get_mut(&name) {
-            if entry.session.is_none() {
-                for (_, port) in entry.ports.drain() {
-                    info!(agent = %name, addr = %port.addr, "lease expired; public port closed");
-                    port.cancel.cancel();
+            entry.ports.retain(|_, port| {
+                if port.lease != Some(lease_id) {
+                    return true;
                 }
-            }
+                info!(agent = %name, addr = %port.addr, "lease expired; public port closed");
+                port.cancel.cancel();
+                false
+            });
         }
     });
+}
+
+/// Makes room for one more port of this agent: at `max` ports, closes the one longest on
+/// lease; if every port is bound by a session, says why not.
+fn make_room(entry: &mut AgentEntry, grant: &AgentGrant, max: u32) -> Result<(), String> {
+    while entry.ports.len() >= max as usize {
+        let oldest = entry
+            .ports
+            .iter()
+            .filter_map(|(k, p)| p.lease.map(|l| (l, k)))
+            .min_by_key(|(l, _)| *l)
+            .map(|(_, k)| k.clone());
+        let Some(key) = oldest else {
+            return Err(format!(
+                "agent `{}` already holds {} public ports, the most one agent may hold (limits.max_ports_per_agent on the gateway)",
+                grant.name,
+                entry.ports.len()
+            ));
+        };
+        if let Some(port) = entry.ports.remove(&key) {
+            info!(addr = %port.addr, "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
+            port.cancel.cancel();
+        }
+    }
+    Ok(())
 }
 
 fn public_text(hub: &Hub, addr: SocketAddr) -> String {
@@ -463,6 +685,7 @@ async fn bind_port(
     hub: &Arc<Hub>,
     grant: &AgentGrant,
     session: &Session,
+    generation: u64,
     bind: &Bind,
 ) -> BindResult {
     let refuse = |code: ErrorCode, text: String| {
@@ -496,13 +719,18 @@ async fn bind_port(
         name: bind.name.clone(),
     };
     let key = (bind.protocol, bind.name.clone());
+    let max_ports = hub.config.limits.max_ports_per_agent;
     // A leased port for the same service comes back as it was.
     {
         let mut agents = lock(&hub.agents);
-        let entry = agents.entry(grant.name.clone()).or_default();
-        if let Some(existing) = entry.ports.get(&key) {
+        let entry = agents
+            .entry(grant.name.clone())
+            .or_insert_with(|| AgentEntry::new(&hub.config.limits));
+        if let Some(existing) = entry.ports.get_mut(&key) {
             if bind.port == 0 || bind.port == existing.addr.port() {
                 *lock(&existing.route) = Some(route);
+                existing.owner = Some(generation);
+                existing.lease = None;
                 let text = public_text(hub, existing.addr);
                 info!(service = %bind.name, public = %text, "public port granted (kept from lease)");
                 return BindResult {
@@ -524,7 +752,14 @@ async fn bind_port(
                 ),
             );
         }
+        if let Err(text) = make_room(entry, grant, max_ports) {
+            return refuse(ErrorCode::LimitExceeded, text);
+        }
     }
+    // A listener holds a descriptor: it may not eat into what agent logins need.
+    let Some(fd) = hub.public_fds.try_take(0) else {
+        return refuse(ErrorCode::LimitExceeded, near_fd_limit(hub));
+    };
     let listener = match listen_public(hub.config.public_host, bind.port, grant).await {
         Ok(l) => l,
         Err(text) => {
@@ -542,21 +777,36 @@ async fn bind_port(
     };
     let route = Arc::new(Mutex::new(Some(route)));
     let cancel = hub.stop.child_token();
-    lock(&hub.agents)
-        .entry(grant.name.clone())
-        .or_default()
-        .ports
-        .insert(
+    let conns = {
+        let mut agents = lock(&hub.agents);
+        let entry = agents
+            .entry(grant.name.clone())
+            .or_insert_with(|| AgentEntry::new(&hub.config.limits));
+        // Another session of this agent may have bound meanwhile.
+        if let Err(text) = make_room(entry, grant, max_ports) {
+            return refuse(ErrorCode::LimitExceeded, text);
+        }
+        entry.ports.insert(
             key,
             PortEntry {
                 addr,
                 route: route.clone(),
                 cancel: cancel.clone(),
+                owner: Some(generation),
+                lease: None,
             },
         );
-    tokio::spawn(
-        accept_public(hub.clone(), listener, route, cancel).instrument(tracing::Span::current()),
-    );
+        entry.conns.clone()
+    };
+    let port = PublicPort {
+        listener,
+        route,
+        cancel,
+        agent: grant.name.clone(),
+        conns,
+        _fd: fd,
+    };
+    tokio::spawn(accept_public(hub.clone(), port).instrument(tracing::Span::current()));
     let text = public_text(hub, addr);
     info!(service = %bind.name, public = %text, "public port granted");
     BindResult {
@@ -625,29 +875,84 @@ async fn listen_public(host: IpAddr, port: u16, grant: &AgentGrant) -> Result<Tc
     ))
 }
 
-async fn accept_public(
-    hub: Arc<Hub>,
+/// What a public port's accept loop holds: dropping it closes the port.
+struct PublicPort {
     listener: TcpListener,
     route: Arc<Mutex<Option<Route>>>,
     cancel: CancellationToken,
-) {
+    /// The agent's name and its public connections.
+    agent: String,
+    conns: Arc<Semaphore>,
+    /// The listener's descriptor in the public budget.
+    _fd: FdPermit,
+}
+
+/// Why a public connection or port is refused near the open-file limit.
+fn near_fd_limit(hub: &Hub) -> String {
+    format!(
+        "the gateway is near its open-file limit ({} descriptors are kept for agent logins): raise the limit (`ulimit -Hn`, LimitNOFILE=) or lower limits.max_public_conns",
+        hub.fds.tunnel
+    )
+}
+
+/// The permits one public connection holds: the agent's, the gateway's, a descriptor.
+type PublicPermits = (OwnedSemaphorePermit, OwnedSemaphorePermit, FdPermit);
+
+/// Takes the permits for one more public connection to an agent with `conns`, or says which
+/// limit refuses it.
+fn take_public(hub: &Hub, conns: &Arc<Semaphore>, agent: &str) -> Result<PublicPermits, String> {
+    let l = &hub.config.limits;
+    let per_agent = conns.clone().try_acquire_owned().map_err(|_| {
+        format!(
+            "agent `{agent}` has {} public connections open (limits.max_public_conns_per_agent)",
+            l.max_public_conns_per_agent
+        )
+    })?;
+    let gateway = hub.public_conns.clone().try_acquire_owned().map_err(|_| {
+        format!(
+            "the gateway has {} public connections open (limits.max_public_conns)",
+            l.max_public_conns
+        )
+    })?;
+    let fd = hub
+        .public_fds
+        .try_take(hub.fds.ports)
+        .ok_or_else(|| near_fd_limit(hub))?;
+    Ok((per_agent, gateway, fd))
+}
+
+async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
     let mut refusals = LogThrottle::default();
+    let mut accept_errors = LogThrottle::default();
     loop {
         let (tcp, client) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
+            _ = port.cancel.cancelled() => return,
+            r = port.listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!("accept on public port failed: {e}");
+                    if let Some(skipped) = accept_errors.allow(Instant::now()) {
+                        warn!(similar_since_last = skipped, "accept on public port failed: {e}");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let Some(route) = lock(&route).clone() else {
+        let Some(route) = lock(&port.route).clone() else {
             bump(&hub.stats.no_session);
             debug!(%client, "no agent session for this port right now; closing the connection");
             continue;
+        };
+        let permits = match take_public(&hub, &port.conns, &port.agent) {
+            Ok(p) => p,
+            Err(why) => {
+                bump(&hub.stats.public_refused);
+                if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
+                    warn!(%client, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
+                }
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+                continue;
+            }
         };
         transport::tune(&tcp);
         let open = Open {
@@ -669,6 +974,7 @@ async fn accept_public(
         let hub2 = hub.clone();
         hub.tracker.spawn(
             async move {
+                let _permits = permits;
                 let _live = GaugeGuard::new(&hub2.stats.active_streams);
                 let started = Instant::now();
                 let mut local = Local::Tcp(tcp);

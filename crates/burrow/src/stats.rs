@@ -11,8 +11,13 @@ pub struct GatewayStats {
     pub handshake_failures: AtomicU64,
     /// Tunnel connections dropped because their source exceeded its failure budget.
     pub rate_limited: AtomicU64,
-    /// Tunnel connections dropped because too many were still in their handshake.
+    /// Tunnel connections dropped because every pre-auth slot was held by a connection that
+    /// had made progress.
     pub preauth_refused: AtomicU64,
+    /// Tunnel connections dropped because their source held `max_preauth_per_source` slots.
+    pub preauth_source_refused: AtomicU64,
+    /// Tunnel connections that had sent nothing, closed to make room for a newer one.
+    pub preauth_evicted: AtomicU64,
     /// Sessions closed because the peer broke the protocol or a limit.
     pub protocol_errors: AtomicU64,
     /// Client streams relayed.
@@ -21,6 +26,9 @@ pub struct GatewayStats {
     pub streams_refused: AtomicU64,
     /// Client connections closed because the port's agent was not connected.
     pub no_session: AtomicU64,
+    /// Client connections refused by `max_public_conns_per_agent`, `max_public_conns` or the
+    /// descriptors kept for the tunnel port.
+    pub public_refused: AtomicU64,
     /// Streams being relayed right now (a gauge).
     pub active_streams: AtomicU64,
     /// Agent sessions up right now (a gauge).
@@ -38,6 +46,10 @@ pub struct StatsSnapshot {
     pub rate_limited: u64,
     /// See [`GatewayStats::preauth_refused`].
     pub preauth_refused: u64,
+    /// See [`GatewayStats::preauth_source_refused`].
+    pub preauth_source_refused: u64,
+    /// See [`GatewayStats::preauth_evicted`].
+    pub preauth_evicted: u64,
     /// See [`GatewayStats::protocol_errors`].
     pub protocol_errors: u64,
     /// See [`GatewayStats::streams`].
@@ -46,6 +58,8 @@ pub struct StatsSnapshot {
     pub streams_refused: u64,
     /// See [`GatewayStats::no_session`].
     pub no_session: u64,
+    /// See [`GatewayStats::public_refused`].
+    pub public_refused: u64,
     /// See [`GatewayStats::active_streams`].
     pub active_streams: u64,
     /// See [`GatewayStats::active_sessions`].
@@ -82,10 +96,13 @@ impl GatewayStats {
             handshake_failures: r(&self.handshake_failures),
             rate_limited: r(&self.rate_limited),
             preauth_refused: r(&self.preauth_refused),
+            preauth_source_refused: r(&self.preauth_source_refused),
+            preauth_evicted: r(&self.preauth_evicted),
             protocol_errors: r(&self.protocol_errors),
             streams: r(&self.streams),
             streams_refused: r(&self.streams_refused),
             no_session: r(&self.no_session),
+            public_refused: r(&self.public_refused),
             active_streams: r(&self.active_streams),
             active_sessions: r(&self.active_sessions),
         }

@@ -1513,7 +1513,7 @@ fn d1_slow_handshake_is_cut_at_the_deadline() {
 }
 
 #[test]
-fn d2_preauth_limit_refuses_the_fifth_idle_connection() {
+fn d2_full_preauth_table_gives_an_idle_slot_to_a_newcomer() {
     run("d2", async {
         let dir = tempfile::tempdir().unwrap();
         let good = SecretKey::generate();
@@ -1531,49 +1531,100 @@ fn d2_preauth_limit_refuses_the_fifth_idle_connection() {
         let traffic = Traffic::start(public, 8_000);
         let before = stats.snapshot();
 
+        // Four idle connections (TLS waits for a ClientHello that never comes) take the four
+        // slots; accepts happen in order.
         let mut idle = Vec::new();
         for last in 2..=5u8 {
             idle.push(connect_from(local(last), gw.addr).await.unwrap());
         }
-        // The gateway greets each (TLS waits for our ClientHello, so nothing arrives) and holds
-        // a permit for each; accepts happen in order, so the fifth finds none left.
+        // A fifth, from another address, takes the slot of the oldest: it is closed at once.
         let t = Instant::now();
-        let r = match connect_from(local(6), gw.addr).await {
-            Ok(mut fifth) => read_until_closed(&mut fifth, 0, Duration::from_secs(5)).await,
-            Err(e) => Err(e),
-        };
-        let refused_after = t.elapsed();
-        eprintln!("fifth connection ended after {refused_after:?} with {r:?}");
-        assert!(
-            refused_after < Duration::from_millis(1500),
-            "refused at once, not at the handshake deadline ({refused_after:?})"
+        let mut fifth = connect_from(local(6), gw.addr).await.unwrap();
+        let r = read_until_closed(&mut idle[0], 0, Duration::from_secs(5)).await;
+        let evicted_after = t.elapsed();
+        eprintln!(
+            "the first idle connection ended {evicted_after:?} after the fifth came, with {r:?}"
         );
-        let snap = stats.snapshot();
-        assert_eq!(snap.preauth_refused, before.preauth_refused + 1, "{snap:?}");
-
-        for (i, mut s) in idle.into_iter().enumerate() {
-            let r = read_until_closed(&mut s, 0, Duration::from_secs(5)).await;
-            eprintln!("idle connection {i} ended with {r:?}");
-        }
-        wait_stats(
-            &stats,
-            Duration::from_secs(5),
-            "idle timeouts counted",
-            |s| s.handshake_failures == before.handshake_failures + 4,
-        )
+        assert!(
+            evicted_after < Duration::from_millis(1500),
+            "closed at once, not at the handshake deadline ({evicted_after:?})"
+        );
+        let snap = wait_stats(&stats, Duration::from_secs(2), "eviction counted", |s| {
+            s.preauth_evicted == before.preauth_evicted + 1
+        })
         .await;
+        assert_eq!(snap.preauth_refused, before.preauth_refused, "{snap:?}");
+        assert_eq!(
+            snap.handshake_failures, before.handshake_failures,
+            "giving way is not a failure charged to the source: {snap:?}"
+        );
 
-        // Permits are back: another agent gets in.
+        // Another agent logs in at once while three idle ones and the fifth hold slots.
         let echo2 = echo_server().await;
         let mut lcfg = agent_config(&gw, vec![forward_named(0, echo_target(echo2), "late")]);
         lcfg.key = late;
+        let t = Instant::now();
         let mut second = start_agent(lcfg);
         let public2 = granted(&mut second.status).await[0];
+        eprintln!("second agent logged in after {:?}", t.elapsed());
+        assert_eq!(second.status.borrow().failed_attempts, 0, "first try");
         let data = pattern(256 * 1024, 501);
         assert_eq!(echo_roundtrip(public2, &data).await, sha(&data));
+
+        // The rest end by the deadline (one more gave way to the second agent).
+        for (i, s) in idle.iter_mut().enumerate().skip(1) {
+            let r = read_until_closed(s, 0, Duration::from_secs(5)).await;
+            eprintln!("idle connection {i} ended with {r:?}");
+        }
+        let _ = read_until_closed(&mut fifth, 0, Duration::from_secs(5)).await;
         assert!(traffic.finish().await >= 1);
         assert_eq!(echo_roundtrip(public, &data).await, sha(&data));
         assert_eq!(agent.status.borrow().sessions, 1);
+    });
+}
+
+#[test]
+fn d3_one_address_holds_at_most_its_share_of_preauth_slots() {
+    run("d3", async {
+        let fx = Fixture::start(TransportKind::Tls, |c| {
+            c.limits.max_preauth = 16;
+            c.limits.max_preauth_per_source = 3;
+        })
+        .await;
+        let before = fx.stats.snapshot();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(connect_from(local(2), fx.gw.addr).await.unwrap());
+        }
+        // The fourth from the same address is closed at once, and counted.
+        let t = Instant::now();
+        let r = match connect_from(local(2), fx.gw.addr).await {
+            Ok(mut fourth) => read_until_closed(&mut fourth, 0, Duration::from_secs(5)).await,
+            Err(e) => Err(e),
+        };
+        eprintln!(
+            "fourth connection from one address ended after {:?} with {r:?}",
+            t.elapsed()
+        );
+        assert!(t.elapsed() < Duration::from_millis(1500));
+        let snap = wait_stats(&fx.stats, Duration::from_secs(2), "refusal counted", |s| {
+            s.preauth_source_refused == before.preauth_source_refused + 1
+        })
+        .await;
+        assert_eq!(snap.preauth_evicted, before.preauth_evicted, "{snap:?}");
+        // The first three still wait in their handshake; another address gets a slot.
+        let mut other = connect_from(local(3), fx.gw.addr).await.unwrap();
+        for s in held.iter_mut().chain(std::iter::once(&mut other)) {
+            let mut b = [0u8; 1];
+            let r = tokio::time::timeout(Duration::from_millis(200), s.read(&mut b)).await;
+            assert!(r.is_err(), "still open, waiting for a ClientHello: {r:?}");
+        }
+        // An IPv4-mapped IPv6 source is the same source as the IPv4 address.
+        assert_eq!(
+            burrow::limiter::source_of("::ffff:127.0.0.2".parse().unwrap()),
+            local(2)
+        );
+        fx.honest_agent_unaffected().await;
     });
 }
 
@@ -1780,6 +1831,82 @@ fn e2_stream_limit_refuses_the_ninth_client() {
         }
         drop(held);
         fx.honest_agent_unaffected().await;
+    });
+}
+
+/// Connects to `public` and echoes 64 bytes: `true` if they came back, `false` if the gateway
+/// closed or reset the connection instead.
+async fn echoes(public: SocketAddr, seed: u64) -> (bool, Option<TcpStream>) {
+    let Ok(mut c) = TcpStream::connect(public).await else {
+        return (false, None);
+    };
+    let msg = pattern(64, seed);
+    if c.write_all(&msg).await.is_err() {
+        return (false, None);
+    }
+    let mut back = vec![0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut back)).await {
+        Ok(Ok(_)) if back == msg => (true, Some(c)),
+        Ok(_) => (false, None),
+        Err(_) => panic!("neither echoed nor closed within 5 s"),
+    }
+}
+
+#[test]
+fn e3_public_connections_are_capped_per_agent_and_per_gateway() {
+    run("e3", async {
+        let dir = tempfile::tempdir().unwrap();
+        let (ka, kb) = (SecretKey::generate(), SecretKey::generate());
+        let mut cfg = gateway_config(dir.path());
+        cfg.limits.max_public_conns_per_agent = 3;
+        cfg.limits.max_public_conns = 5;
+        cfg.agents = vec![grant("a", &ka), grant("b", &kb)];
+        let (gw, stats) = start_gateway_with_stats(cfg).await;
+        let mut publics = Vec::new();
+        let mut agents = Vec::new();
+        for key in [ka, kb] {
+            let mut acfg = agent_config(&gw, vec![forward(0, echo_server().await)]);
+            acfg.key = key;
+            let mut agent = start_agent(acfg);
+            publics.push(granted(&mut agent.status).await[0]);
+            agents.push(agent);
+        }
+        let (a, b) = (publics[0], publics[1]);
+        let before = stats.snapshot();
+        let mut held = Vec::new();
+        for i in 0..3 {
+            let (ok, c) = echoes(a, 700 + i).await;
+            assert!(ok, "a's connection {i} of 3");
+            held.extend(c);
+        }
+        // a's fourth: its own cap.
+        assert!(!echoes(a, 710).await.0, "a's fourth connection is refused");
+        for i in 0..2 {
+            let (ok, c) = echoes(b, 720 + i).await;
+            assert!(ok, "b's connection {i} of 2");
+            held.extend(c);
+        }
+        // b's third: the gateway's cap of 5.
+        assert!(
+            !echoes(b, 730).await.0,
+            "the gateway's sixth connection is refused"
+        );
+        let snap = wait_stats(&stats, Duration::from_secs(2), "refusals counted", |s| {
+            s.public_refused == before.public_refused + 2
+        })
+        .await;
+        assert_eq!(snap.active_streams, 5, "{snap:?}");
+        assert_eq!(snap.streams_refused, before.streams_refused, "{snap:?}");
+        // One of a's leaves: b gets the place.
+        let mut gone = held.remove(0);
+        gone.shutdown().await.unwrap();
+        let _ = read_until_closed(&mut gone, 0, Duration::from_secs(5)).await;
+        wait_stats(&stats, Duration::from_secs(5), "stream gone", |s| {
+            s.active_streams == 4
+        })
+        .await;
+        let (ok, _c) = echoes(b, 740).await;
+        assert!(ok, "b gets the freed place");
     });
 }
 

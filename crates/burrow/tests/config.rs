@@ -227,6 +227,16 @@ fn bad_values_of_other_kinds() {
         2,
         "limits.max_stream_window",
     );
+    for key in [
+        "max_preauth_per_source",
+        "max_public_conns",
+        "max_public_conns_per_agent",
+        "max_ports_per_agent",
+    ] {
+        let msg = gateway_err(&format!("[limits]\n{key} = 0\n"));
+        assert_at(&msg, "conf/gw.toml", 2, &format!("limits.{key}"));
+        assert!(msg.contains("at least 1"), "{msg}");
+    }
     assert_at(
         &gateway_err("transport = \"udp\"\n"),
         "conf/gw.toml",

@@ -13,6 +13,8 @@
 //!   [`ProcStats`] (memory, file descriptors, threads from `/proc`); starting a zero-config
 //!   gateway and an agent and reading back their addresses; TCP socket states from
 //!   `/proc/net/tcp`.
+//! - [`attack`]: raw attack clients, bounded in count and time ([`IdleFlood`]: idle
+//!   connections from several loopback addresses, re-opened as they are cut).
 //! - [`targets`]: services to publish ([`TcpTarget`]: echo, sink, source), a fast
 //!   deterministic [`Pattern`], SHA-256, and an echo client that checks every byte.
 //!
@@ -39,10 +41,12 @@
 //! # }
 //! ```
 
+pub mod attack;
 pub mod process;
 pub mod proxy;
 pub mod targets;
 
+pub use attack::{FloodOpts, IdleFlood};
 pub use process::{
     count_tcp_state, raise_fd_limit, tcp_entries, wait_public, AgentProc, AgentSpec, Burrow,
     GatewayProc, GatewaySpec, ProcStats, Signal, TcpEntry, TcpState,

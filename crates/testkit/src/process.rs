@@ -92,16 +92,23 @@ impl Burrow {
 
     /// Starts `cmd` with its stdout and stderr captured.
     pub fn start(mut cmd: Command) -> Result<Burrow> {
+        // `sh -c SCRIPT PROGRAM ARGS...` (see `GatewaySpec::open_files`) is named after PROGRAM.
+        let words: Vec<String> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|w| w.to_string_lossy().into_owned())
+            .collect();
+        let skip = if words.len() > 3 && words[0] == "sh" && words[1] == "-c" {
+            3
+        } else {
+            0
+        };
         let name = format!(
             "{} {}",
-            Path::new(cmd.get_program())
+            Path::new(words.get(skip).map_or("", String::as_str))
                 .file_name()
                 .unwrap_or_default()
                 .to_string_lossy(),
-            cmd.get_args()
-                .next()
-                .map(|a| a.to_string_lossy().into_owned())
-                .unwrap_or_default()
+            words.get(skip + 1).map_or("", String::as_str)
         );
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
         let out = child.stdout.take().map(lines);
@@ -393,6 +400,29 @@ pub fn raise_fd_limit() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
+/// `cmd` run through `sh -c 'ulimit ...; exec ...'` with the open-file limits `soft` and,
+/// if given, `hard` (the soft one first, as the hard one may not go below it).
+fn with_open_files(cmd: Command, soft: u64, hard: Option<u64>) -> Command {
+    let mut script = format!("ulimit -S -n {soft} || exit 111; ");
+    if let Some(hard) = hard {
+        script.push_str(&format!("ulimit -H -n {hard} || exit 111; "));
+    }
+    script.push_str("exec \"$0\" \"$@\"");
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(script)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
+    sh.stdin(Stdio::null());
+    sh
+}
+
 /// How a gateway is started: [`GatewaySpec::new`] gives the zero-config gateway on
 /// `127.0.0.1:0` with public ports on `127.0.0.1`.
 #[derive(Debug, Clone)]
@@ -410,6 +440,9 @@ pub struct GatewaySpec {
     /// Whether to wait for the `burrow agent ...` line (only printed when the gateway uses
     /// its generated key, i.e. the config lists no `[[agents]]`).
     pub expect_agent_line: bool,
+    /// Open-file limits (soft, and hard if set) the gateway starts with; see
+    /// [`GatewaySpec::open_files`].
+    pub open_files: Option<(u64, Option<u64>)>,
 }
 
 impl GatewaySpec {
@@ -422,7 +455,22 @@ impl GatewaySpec {
             args: Vec::new(),
             env: Vec::new(),
             expect_agent_line: true,
+            open_files: None,
         }
+    }
+
+    /// Starts the gateway with a soft open-file limit of `soft` (and a hard one of `hard`, if
+    /// given; else it keeps ours), set by `sh` (`ulimit`) before it execs the binary, so the
+    /// gateway starts with them as it would under a service manager.
+    pub fn open_files(mut self, soft: u64, hard: Option<u64>) -> Self {
+        self.open_files = Some((soft, hard));
+        self
+    }
+
+    /// Whether the gateway prints the agent line: `false` when its config lists agents.
+    pub fn expect_agent_line(mut self, expect: bool) -> Self {
+        self.expect_agent_line = expect;
+        self
     }
 
     /// Listens on `listen` instead (e.g. the port of a gateway being restarted).
@@ -466,7 +514,10 @@ impl GatewaySpec {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        cmd
+        match self.open_files {
+            Some((soft, hard)) => with_open_files(cmd, soft, hard),
+            None => cmd,
+        }
     }
 
     /// Starts the gateway and waits (30 s) for its address, fingerprint and agent line.
@@ -845,6 +896,19 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         assert_eq!(count_tcp_state(&[port], TcpState::Listen).unwrap(), 1);
         assert!(raise_fd_limit() >= 1024);
+    }
+
+    #[tokio::test]
+    async fn open_files_are_set_before_exec() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo soft $(ulimit -S -n) hard $(ulimit -H -n)"]);
+        let mut p = Burrow::start(with_open_files(cmd, 1000, Some(1001))).unwrap();
+        let l = p
+            .wait_stdout(|l| l.starts_with("soft"), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(l, "soft 1000 hard 1001");
+        assert_eq!(p.name, "sh -c");
     }
 
     #[tokio::test]
