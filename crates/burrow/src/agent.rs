@@ -100,7 +100,7 @@ impl Agent {
         let cfg = Arc::new(self.config);
         let tls = match &cfg.trust {
             Trust::Plain => {
-                warn!("plain TCP transport: the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
+                warn!("plain transport (tcp:// or ws://): the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
                 None
             }
             trust => Some(crate::tls::client_config(trust).map_err(|e| AgentError(e.to_string()))?),
@@ -192,14 +192,14 @@ async fn connect(
 ) -> Result<session::Started, transport::DialError> {
     let handshake_deadline = cfg.limits.handshake_timeout;
     let attempt = async {
-        let mut conn =
-            transport::dial(&cfg.gateway, &cfg.trust, tls, cfg.server_name.as_deref()).await?;
+        let url = gateway_url(cfg)?;
+        let mut conn = transport::dial(&url, &cfg.trust, tls, cfg.server_name.as_deref()).await?;
         let limits = cfg.limits.stream_limits();
-        let (ok, leftover) = handshake::client(
+        let (ok, leftover) = handshake::client_bound(
             &mut conn.io,
             &cfg.key,
             Role::Agent,
-            &conn.binding,
+            &conn.bindings,
             Some(limits),
         )
         .await
@@ -223,6 +223,19 @@ async fn connect(
             ),
             fatal: false,
         })?
+}
+
+/// The gateway URL to dial: `gateway` as parsed, with the older `--transport tcp` turning a
+/// bare `HOST:PORT` into plain TCP.
+fn gateway_url(cfg: &AgentConfig) -> Result<transport::GatewayUrl, transport::DialError> {
+    let mut url = transport::GatewayUrl::parse(&cfg.gateway).map_err(|e| transport::DialError {
+        message: e.to_string(),
+        fatal: true,
+    })?;
+    if matches!(cfg.trust, Trust::Plain) && url.scheme == transport::Scheme::Tls {
+        url.scheme = transport::Scheme::Tcp;
+    }
+    Ok(url)
 }
 
 fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError) -> transport::DialError {

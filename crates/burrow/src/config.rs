@@ -29,6 +29,8 @@ use burrow_proto::auth::{KeyHash, SecretKey};
 use burrow_proto::flow::MAX_CREDIT;
 use burrow_proto::frame::ABSOLUTE_MAX_PAYLOAD;
 use burrow_proto::message::{SessionParams, StreamLimits};
+
+use crate::transport::url::{GatewayUrl, Scheme};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
@@ -240,6 +242,15 @@ pub struct GatewayConfig {
     pub lease: Duration,
     /// How long streams may drain at shutdown (default 10 s).
     pub grace: Duration,
+    /// The path WebSocket upgrades are taken on, on the tunnel port and on `ws_listen`
+    /// (default `/burrow`).
+    pub ws_path: String,
+    /// A plain-HTTP WebSocket listener meant to sit behind a TLS-terminating reverse proxy or
+    /// CDN (off by default).
+    pub ws_listen: Option<SocketAddr>,
+    /// Proxies whose `X-Forwarded-For` names the agent's address on `ws_listen` (none by
+    /// default: the TCP peer is the address).
+    pub ws_trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl GatewayConfig {
@@ -273,6 +284,9 @@ impl GatewayConfig {
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
             lease: Duration::from_secs(60),
+            ws_path: crate::transport::url::DEFAULT_WS_PATH.to_string(),
+            ws_listen: None,
+            ws_trusted_proxies: Vec::new(),
             grace: Duration::from_secs(10),
         }
     }
@@ -286,8 +300,22 @@ pub enum Trust {
     Fingerprint([u8; 32]),
     /// A CA bundle (PEM) that signed the gateway's certificate.
     Ca(PathBuf),
+    /// The system's trust store (`--ca system`): for a gateway behind a CDN or a proxy with a
+    /// certificate from a public CA.
+    System,
     /// Plain TCP: no TLS at all.
     Plain,
+}
+
+impl Trust {
+    /// What `--ca VALUE` means: the system's store for `system`, else a PEM bundle.
+    pub fn ca(value: PathBuf) -> Trust {
+        if value.as_os_str() == "system" {
+            Trust::System
+        } else {
+            Trust::Ca(value)
+        }
+    }
 }
 
 /// One service an agent publishes.
@@ -507,6 +535,7 @@ impl fmt::Debug for Trust {
                 write!(f, "Fingerprint({})", crate::tls::fingerprint_string(fp))
             }
             Trust::Ca(path) => f.debug_tuple("Ca").field(path).finish(),
+            Trust::System => f.write_str("System"),
             Trust::Plain => f.write_str("Plain"),
         }
     }
@@ -565,10 +594,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Checks a gateway address, `HOST:PORT` or `[IPV6]:PORT`, and returns it trimmed.
 pub fn parse_gateway_addr(s: &str) -> Result<String, String> {
     let s = s.trim();
-    split_host_port(s).map_err(|why| {
-        format!("{s:?} is not a gateway address: {why} (use HOST:PORT, e.g. gw.example.com:7443)")
+    GatewayUrl::parse(s).map_err(|why| {
+        format!(
+            "{s:?} is not a gateway address: {why} (use HOST:PORT, e.g. gw.example.com:7443, or \
+             a URL: tls://, tcp://, wss://HOST[:PORT][/PATH], ws://...)"
+        )
     })?;
     Ok(s.to_string())
+}
+
+/// An address or network, as in `10.0.0.0/8`, `192.0.2.7` or `2001:db8::/32`.
+pub fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            format!("{s:?} is not an address or network (use e.g. 10.0.0.0/8 or 192.0.2.7)")
+        })
 }
 
 /// Checks that no two forwards ask for the same public port; on a clash, returns the index
@@ -673,6 +715,12 @@ pub struct GatewaySettings {
     pub grace: Option<Duration>,
     /// `log_level`: not part of [`GatewayConfig`]; the CLI sets up logging with it.
     pub log_level: Option<LogLevel>,
+    /// `ws_path`, `--ws-path`.
+    pub ws_path: Option<String>,
+    /// `ws_listen`, `--ws-listen`.
+    pub ws_listen: Option<SocketAddr>,
+    /// `ws_trusted_proxies`, `--ws-trusted-proxy` (repeated).
+    pub ws_trusted_proxies: Option<Vec<ipnet::IpNet>>,
 }
 
 impl GatewaySettings {
@@ -692,6 +740,9 @@ impl GatewaySettings {
             lease: over.lease.or(self.lease),
             grace: over.grace.or(self.grace),
             log_level: over.log_level.or(self.log_level),
+            ws_path: over.ws_path.or(self.ws_path),
+            ws_listen: over.ws_listen.or(self.ws_listen),
+            ws_trusted_proxies: over.ws_trusted_proxies.or(self.ws_trusted_proxies),
         }
     }
 
@@ -729,6 +780,17 @@ impl GatewaySettings {
         set(&mut c.heartbeat, self.heartbeat);
         set(&mut c.lease, self.lease);
         set(&mut c.grace, self.grace);
+        if let Some(path) = self.ws_path {
+            if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                return Err(ConfigError::Value(format!(
+                    "ws_path {path:?} is not a URL path: it starts with `/` and has no spaces \
+                     (default /burrow)"
+                )));
+            }
+            c.ws_path = path;
+        }
+        c.ws_listen = self.ws_listen;
+        set(&mut c.ws_trusted_proxies, self.ws_trusted_proxies);
         Ok(c)
     }
 }
@@ -797,7 +859,19 @@ impl AgentSettings {
                 "key",
             )
         })?;
-        let trust = resolve_trust(self.transport, self.trust)?;
+        let url = GatewayUrl::parse(&gateway).map_err(|e| ConfigError::Value(e.to_string()))?;
+        let transport = match (url.scheme, self.transport) {
+            (Scheme::Wss, Some(TransportKind::Tcp)) => {
+                return Err(ConfigError::Value(format!(
+                    "the gateway {url} is wss://, which runs over TLS, but the transport is set \
+                     to tcp: remove --transport tcp (BURROW_TRANSPORT, `transport`), or use ws://"
+                )))
+            }
+            // The URL says it: tcp:// and ws:// carry no TLS of their own.
+            (Scheme::Tcp | Scheme::Ws, _) => Some(TransportKind::Tcp),
+            (Scheme::Tls | Scheme::Wss, t) => t,
+        };
+        let trust = resolve_trust(transport, self.trust)?;
         // No forwards is allowed: the agent then only checks that it can connect and
         // authenticate (the gateway prints such a line), and warns that it publishes nothing.
         let forwards = self.forwards.unwrap_or_default();
@@ -989,6 +1063,7 @@ from_text! {
         format!("{s:?} is not an IP address (use e.g. 0.0.0.0, :: or 203.0.113.5)")
     }),
     Duration => parse_duration,
+    ipnet::IpNet => parse_net,
     SecretKey => |s: &str| SecretKey::parse(s).map_err(|e| e.to_string()),
     KeyHash => |s: &str| KeyHash::parse(s).map_err(|e| e.to_string()),
     Target => Target::parse,
@@ -1090,6 +1165,9 @@ struct RawGateway {
     heartbeat: Option<RawHeartbeat>,
     limits: Option<RawLimits>,
     agents: Option<Vec<Spanned<RawGrant>>>,
+    ws_path: Option<Checked<Name>>,
+    ws_listen: Option<Checked<SocketAddr>>,
+    ws_trusted_proxies: Option<Vec<Checked<ipnet::IpNet>>>,
 }
 
 /// `[[forwards]]` as written.
@@ -1200,6 +1278,11 @@ impl Source<'_> {
             lease: inner(raw.lease),
             grace: inner(raw.grace),
             log_level: inner(raw.log_level),
+            ws_path: inner(raw.ws_path).map(|n| n.0),
+            ws_listen: inner(raw.ws_listen),
+            ws_trusted_proxies: raw
+                .ws_trusted_proxies
+                .map(|v| v.into_iter().map(|c| c.0).collect()),
         })
     }
 
@@ -1424,7 +1507,12 @@ impl Source<'_> {
             ),
             (None, Some(ca)) => {
                 let span = ca.span();
-                (Trust::Ca(self.resolve(ca.into_inner().0)), span, "ca")
+                let path = ca.into_inner().0;
+                let trust = match Trust::ca(path) {
+                    Trust::Ca(path) => Trust::Ca(self.resolve(path)),
+                    system => system,
+                };
+                (trust, span, "ca")
             }
             (None, None) => return Ok(None),
         };

@@ -52,6 +52,8 @@ pub const DEFAULT_AGENT_NAME: &str = "default";
 /// A bound gateway, ready to [`Gateway::run`].
 pub struct Gateway {
     listener: TcpListener,
+    /// `ws_listen`: WebSocket only, plain HTTP, behind a TLS-terminating proxy.
+    ws_listener: Option<TcpListener>,
     identity: Option<GatewayIdentity>,
     generated: Option<SecretKey>,
     hub: Arc<Hub>,
@@ -177,6 +179,19 @@ impl Gateway {
                 }
             ))
         })?;
+        let ws_listener = match config.ws_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                GatewayError(format!(
+                    "cannot listen on {addr} (ws_listen): {e}{}",
+                    if e.kind() == std::io::ErrorKind::AddrInUse {
+                        " (another process uses this port: stop it or pick another --ws-listen)"
+                    } else {
+                        ""
+                    }
+                ))
+            })?),
+            None => None,
+        };
         if config.transport == TransportKind::Tcp {
             warn!("plain TCP transport: the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
         }
@@ -225,6 +240,7 @@ impl Gateway {
             .collect();
         Ok(Gateway {
             listener,
+            ws_listener,
             identity,
             generated,
             hub: Arc::new(Hub {
@@ -257,6 +273,11 @@ impl Gateway {
     /// The tunnel listener's address.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.hub.config.listen)
+    }
+
+    /// The address the `ws_listen` listener is bound to, if there is one.
+    pub fn ws_local_addr(&self) -> Option<SocketAddr> {
+        self.ws_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// `SHA256:<hex>` of the certificate, or `None` on plain TCP.
@@ -296,100 +317,30 @@ impl Gateway {
             .identity
             .map(|i| tokio_rustls::TlsAcceptor::from(i.server_config));
         info!(listen = %self.listener.local_addr().map_err(|e| GatewayError(e.to_string()))?, "gateway listening for agents");
-        let mut accept_errors = LogThrottle::default();
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = self.listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of file descriptors and the like: the connection waits in the
-                        // backlog; pause instead of spinning on it, and say so once a second.
-                        if let Some(skipped) = accept_errors.allow(Instant::now()) {
-                            warn!(similar_since_last = skipped, "accept on tunnel port failed: {e}");
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            if !lock(&hub.limiter).allowed(peer.ip(), StdInstant::now()) {
-                bump(&hub.stats.rate_limited);
-                debug!(%peer, "refused: too many failed handshakes from this address");
-                continue;
-            }
-            let evict = CancellationToken::new();
-            let admitted = lock(&hub.preauth).admit(peer.ip(), (evict.clone(), peer));
-            let id = match admitted {
-                Ok(a) => {
-                    if let Some((victim, victim_peer)) = a.evicted {
-                        bump(&hub.stats.preauth_evicted);
-                        victim.cancel();
-                        if let Some(skipped) = lock(&hub.evict_log).allow(Instant::now()) {
-                            warn!(peer = %victim_peer, similar_since_last = skipped, "tunnel connection closed: it had sent nothing and all {} pre-auth slots were taken (limits.max_preauth)", hub.config.limits.max_preauth);
-                        }
-                    }
-                    a.id
+        let ws = transport::ws::WsServer {
+            path: hub.config.ws_path.clone(),
+            trusted_proxies: hub.config.ws_trusted_proxies.clone(),
+        };
+        let tunnel = transport::Acceptor {
+            tls: acceptor,
+            ws: ws.clone(),
+            ws_only: false,
+        };
+        let on_tunnel_port = accept_loop(hub.clone(), self.listener, tunnel, shutdown.clone());
+        let on_ws_listener = async {
+            if let Some(listener) = self.ws_listener {
+                if let Ok(addr) = listener.local_addr() {
+                    info!(listen = %addr, path = %ws.path, "gateway listening for WebSocket tunnels behind a TLS-terminating proxy");
                 }
-                Err(why) => {
-                    let (counter, text) = match why {
-                        Refusal::Source => (
-                            &hub.stats.preauth_source_refused,
-                            format!(
-                                "this address already has {} connections in their handshake (limits.max_preauth_per_source)",
-                                hub.config.limits.max_preauth_per_source
-                            ),
-                        ),
-                        Refusal::Full => (
-                            &hub.stats.preauth_refused,
-                            format!(
-                                "all {} pre-auth slots are held by connections in their handshake (limits.max_preauth)",
-                                hub.config.limits.max_preauth
-                            ),
-                        ),
-                    };
-                    bump(counter);
-                    if let Some(skipped) = lock(&hub.preauth_log).allow(Instant::now()) {
-                        warn!(%peer, similar_since_last = skipped, "tunnel connection refused: {text}");
-                    }
-                    continue;
-                }
-            };
-            let slot = PreauthSlot {
-                hub: hub.clone(),
-                id,
-            };
-            let hub2 = hub.clone();
-            let acceptor = acceptor.clone();
-            hub.tracker.spawn(async move {
-                let accepted = tokio::select! {
-                    _ = evict.cancelled() => {
-                        // Not charged to the source: giving way is not a failure.
-                        debug!(%peer, "tunnel connection closed: it had sent nothing and the pre-auth table is full");
-                        return;
-                    }
-                    r = tokio::time::timeout(
-                        hub2.config.limits.handshake_timeout,
-                        handshake_agent(&hub2, tcp, peer, acceptor.as_ref(), &slot),
-                    ) => r,
+                let acceptor = transport::Acceptor {
+                    tls: None,
+                    ws,
+                    ws_only: true,
                 };
-                drop(slot);
-                match accepted {
-                    Ok(Ok((conn, acc))) => serve_agent(hub2, conn, acc, peer).await,
-                    Ok(Err(e)) => {
-                        bump(&hub2.stats.handshake_failures);
-                        lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
-                        warn!(%peer, "tunnel handshake failed: {e}");
-                    }
-                    Err(_) => {
-                        bump(&hub2.stats.handshake_failures);
-                        lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
-                        warn!(%peer, "tunnel handshake timed out after {:?}", hub2.config.limits.handshake_timeout);
-                    }
-                }
-            });
-        }
-        drop(self.listener);
+                accept_loop(hub.clone(), listener, acceptor, shutdown.clone()).await;
+            }
+        };
+        tokio::join!(on_tunnel_port, on_ws_listener);
         info!(
             "shutting down: no new connections; draining streams for up to {:?}",
             hub.config.grace
@@ -411,6 +362,113 @@ impl Gateway {
         }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), hub.tracker.wait()).await;
         Ok(())
+    }
+}
+
+/// Takes tunnel connections on one listener until `shutdown`: the limiter, the pre-auth
+/// table, then the handshake under its deadline, each connection in a task of its own.
+async fn accept_loop(
+    hub: Arc<Hub>,
+    listener: TcpListener,
+    acceptor: transport::Acceptor,
+    shutdown: CancellationToken,
+) {
+    let acceptor = Arc::new(acceptor);
+    let mut accept_errors = LogThrottle::default();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: the connection waits in the
+                    // backlog; pause instead of spinning on it, and say so once a second.
+                    if let Some(skipped) = accept_errors.allow(Instant::now()) {
+                        warn!(similar_since_last = skipped, "accept on tunnel port failed: {e}");
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if !lock(&hub.limiter).allowed(peer.ip(), StdInstant::now()) {
+            bump(&hub.stats.rate_limited);
+            debug!(%peer, "refused: too many failed handshakes from this address");
+            continue;
+        }
+        let evict = CancellationToken::new();
+        let admitted = lock(&hub.preauth).admit(peer.ip(), (evict.clone(), peer));
+        let id = match admitted {
+            Ok(a) => {
+                if let Some((victim, victim_peer)) = a.evicted {
+                    bump(&hub.stats.preauth_evicted);
+                    victim.cancel();
+                    if let Some(skipped) = lock(&hub.evict_log).allow(Instant::now()) {
+                        warn!(peer = %victim_peer, similar_since_last = skipped, "tunnel connection closed: it had sent nothing and all {} pre-auth slots were taken (limits.max_preauth)", hub.config.limits.max_preauth);
+                    }
+                }
+                a.id
+            }
+            Err(why) => {
+                let (counter, text) = match why {
+                    Refusal::Source => (
+                        &hub.stats.preauth_source_refused,
+                        format!(
+                            "this address already has {} connections in their handshake (limits.max_preauth_per_source)",
+                            hub.config.limits.max_preauth_per_source
+                        ),
+                    ),
+                    Refusal::Full => (
+                        &hub.stats.preauth_refused,
+                        format!(
+                            "all {} pre-auth slots are held by connections in their handshake (limits.max_preauth)",
+                            hub.config.limits.max_preauth
+                        ),
+                    ),
+                };
+                bump(counter);
+                if let Some(skipped) = lock(&hub.preauth_log).allow(Instant::now()) {
+                    warn!(%peer, similar_since_last = skipped, "tunnel connection refused: {text}");
+                }
+                continue;
+            }
+        };
+        let slot = PreauthSlot {
+            hub: hub.clone(),
+            id,
+        };
+        let hub2 = hub.clone();
+        let acceptor = acceptor.clone();
+        hub.tracker.spawn(async move {
+            let accepted = tokio::select! {
+                _ = evict.cancelled() => {
+                    // Not charged to the source: giving way is not a failure.
+                    debug!(%peer, "tunnel connection closed: it had sent nothing and the pre-auth table is full");
+                    return;
+                }
+                r = tokio::time::timeout(
+                    hub2.config.limits.handshake_timeout,
+                    handshake_agent(&hub2, tcp, peer, &acceptor, &slot),
+                ) => r,
+            };
+            drop(slot);
+            match accepted {
+                Ok(Ok((conn, acc))) => {
+                    let peer = conn.peer;
+                    serve_agent(hub2, conn, acc, peer).await
+                }
+                Ok(Err(e)) => {
+                    bump(&hub2.stats.handshake_failures);
+                    lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
+                    warn!(%peer, "tunnel handshake failed: {e}");
+                }
+                Err(_) => {
+                    bump(&hub2.stats.handshake_failures);
+                    lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
+                    warn!(%peer, "tunnel handshake timed out after {:?}", hub2.config.limits.handshake_timeout);
+                }
+            }
+        });
     }
 }
 
@@ -471,26 +529,24 @@ async fn handshake_agent(
     hub: &Hub,
     tcp: TcpStream,
     peer: SocketAddr,
-    acceptor: Option<&tokio_rustls::TlsAcceptor>,
+    acceptor: &transport::Acceptor,
     slot: &PreauthSlot,
 ) -> Result<(transport::Connected, handshake::Accepted), String> {
-    if acceptor.is_some() {
-        // TLS starts with the client's hello: until a byte arrives, this connection has made
-        // no progress and gives way to a newcomer when the table is full. (On plain TCP the
-        // gateway speaks first, so there is nothing to wait for.)
-        match tcp.peek(&mut [0u8; 1]).await {
-            Ok(0) => return Err("closed before sending anything".into()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("TLS: {e}")),
-        }
+    // Every client speaks first (a TLS hello, a Burrow preamble, an HTTP request): until a
+    // byte arrives, this connection has made no progress and gives way to a newcomer when the
+    // table is full.
+    match tcp.peek(&mut [0u8; 1]).await {
+        Ok(0) => return Err("closed before sending anything".into()),
+        Ok(_) => {}
+        Err(e) => return Err(e.to_string()),
     }
     slot.advance(Stage::Talking);
     let mut conn = transport::accept(tcp, peer, acceptor)
         .await
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|e| e.to_string())?;
     slot.advance(Stage::Secured);
-    let binding = conn.binding;
-    let accepted = handshake::server(&mut conn.io, &binding, |key, role| {
+    let bindings = conn.bindings;
+    let accepted = handshake::server_bound(&mut conn.io, &bindings, |key, role| {
         match (hub.grants.get(key), role) {
             (Some(grant), Role::Agent) => {
                 handshake::Verdict::Accept(grant.name.clone(), hub.params)

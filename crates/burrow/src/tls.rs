@@ -24,7 +24,8 @@ use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use crate::config::Trust;
 use crate::state;
 
-/// The ALPN protocol both sides offer; a peer that offers another one is refused.
+/// The ALPN protocol both sides offer. The gateway also takes `http/1.1` (WebSocket upgrades
+/// from HTTP clients); a peer that offers neither is refused.
 pub const ALPN: &[u8] = b"burrow/1";
 /// File name of the self-signed certificate inside the state directory.
 pub const CERT_FILE: &str = "gateway.crt";
@@ -264,7 +265,9 @@ fn identity(
                 cert_path.display()
             ))
         })?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    // HTTP/1.1 too, so that a browser or curl pointed at the tunnel port negotiates TLS and
+    // gets an HTTP answer (a WebSocket upgrade, or an error status) instead of a TLS alert.
+    config.alpn_protocols = vec![ALPN.to_vec(), b"http/1.1".to_vec()];
     Ok(GatewayIdentity {
         server_config: Arc::new(config),
         fingerprint,
@@ -320,6 +323,22 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TlsErro
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
+        Trust::System => {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found
+                    .errors
+                    .first()
+                    .map_or_else(|| "none found".to_string(), |e| e.to_string());
+                return Err(TlsError(format!(
+                    "--ca system: no usable CA certificates in the system's trust store ({why}); \
+                     install the ca-certificates package, or give --ca FILE"
+                )));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
         Trust::Plain => {
             return Err(TlsError(
                 "plain TCP transport needs no TLS config: dial without TLS".into(),
@@ -372,6 +391,11 @@ pub fn describe_handshake_error(err: &io::Error, trust: &Trust) -> String {
             "the gateway showed the pinned certificate but could not prove it holds its key: \
              something is impersonating the gateway"
                 .into()
+        }
+        (CertificateError::UnknownIssuer, Trust::System) => {
+            "the certificate is not signed by a CA in the system's trust store: give the CA \
+             with --ca FILE, or pin the gateway's fingerprint instead"
+                .to_string()
         }
         (CertificateError::UnknownIssuer, Trust::Ca(path)) => format!(
             "the gateway's certificate is not signed by a CA in {}: check --ca, or pin the \

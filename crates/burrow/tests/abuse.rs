@@ -537,7 +537,11 @@ fn a6_auth_frame_after_handshake_is_a_protocol_error() {
 #[test]
 fn a6_challenge_frame_after_handshake_is_a_protocol_error() {
     run("a6c", async {
-        let bytes = encode(&[Challenge { nonce: [9; 32] }.to_frame()]);
+        let bytes = encode(&[Challenge {
+            nonce: [9; 32],
+            proxied: false,
+        }
+        .to_frame()]);
         malformed(bytes.to_vec(), false, Some(ErrorCode::Protocol)).await;
     });
 }
@@ -654,7 +658,11 @@ async fn version_99_gateway() -> SocketAddr {
             tokio::spawn(async move {
                 let mut out = message::MAGIC.to_vec();
                 out.extend_from_slice(&99u16.to_be_bytes());
-                out.extend_from_slice(&encode(&[Challenge { nonce: [3; 32] }.to_frame()]));
+                out.extend_from_slice(&encode(&[Challenge {
+                    nonce: [3; 32],
+                    proxied: false,
+                }
+                .to_frame()]));
                 let _ = s.write_all(&out).await;
                 let mut sink = vec![0u8; 1024];
                 while let Ok(n) = s.read(&mut sink).await {
@@ -1183,6 +1191,9 @@ async fn first_bytes(from: IpAddr, gw: SocketAddr) -> Vec<u8> {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Vec::new(),
         Err(e) => panic!("connect from {from}: {e}"),
     };
+    // The client speaks first (the gateway waits for it, to tell a Burrow preamble from a
+    // WebSocket upgrade); a refused connection may already be closed.
+    let _ = tcp.write_all(&message::preamble()).await;
     let mut got = vec![0u8; 128];
     let mut n = 0;
     within(Duration::from_secs(5), "gateway speaks or closes", async {
@@ -1340,10 +1351,11 @@ async fn tunnel(gw: &TestGateway) -> (BoxIo, [u8; 32]) {
         Some(fp) => {
             let trust = Trust::Fingerprint(burrow::tls::parse_fingerprint(fp).unwrap());
             let tls = burrow::tls::client_config(&trust).unwrap();
-            let c = burrow::transport::dial(&gw.addr.to_string(), &trust, Some(tls), None)
+            let url = burrow::transport::GatewayUrl::parse(&gw.addr.to_string()).unwrap();
+            let c = burrow::transport::dial(&url, &trust, Some(tls), None)
                 .await
                 .unwrap();
-            (c.io, c.binding)
+            (c.io, c.bindings.connection)
         }
     }
 }

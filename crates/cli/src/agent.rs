@@ -80,7 +80,7 @@ impl Args {
                 "--fingerprint (BURROW_FINGERPRINT) and --ca (BURROW_CA) are both set: use one"
             ),
             (Some(fp), None) => Some(Trust::Fingerprint(fp)),
-            (None, Some(ca)) => Some(Trust::Ca(ca.clone())),
+            (None, Some(ca)) => Some(Trust::ca(ca.clone())),
             (None, None) => None,
         };
         Ok(AgentSettings {

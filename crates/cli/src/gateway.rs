@@ -45,6 +45,23 @@ pub struct Args {
     #[arg(long, env = "BURROW_TLS_KEY", value_name = "FILE")]
     tls_key: Option<PathBuf>,
 
+    /// Path on which the tunnel port (and --ws-listen) takes WebSocket upgrades
+    /// [default: /burrow]
+    #[arg(long, env = "BURROW_WS_PATH", value_name = "PATH")]
+    ws_path: Option<String>,
+
+    /// Also listen for WebSocket tunnels over plain HTTP here, to sit behind a TLS-terminating
+    /// reverse proxy or CDN (agents dial wss://PUBLIC-NAME/PATH and check the proxy's
+    /// certificate)
+    #[arg(long, env = "BURROW_WS_LISTEN", value_name = "ADDR")]
+    ws_listen: Option<SocketAddr>,
+
+    /// A proxy (address or network) in front of --ws-listen whose X-Forwarded-For names the
+    /// agent's address; repeat for several
+    #[arg(long = "ws-trusted-proxy", env = "BURROW_WS_TRUSTED_PROXIES", value_name = "NET",
+          value_delimiter = ',', value_parser = config::parse_net)]
+    ws_trusted_proxies: Vec<ipnet::IpNet>,
+
     #[command(flatten)]
     common: crate::Common,
 }
@@ -66,6 +83,10 @@ impl Args {
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             log_level: self.common.log_level,
+            ws_path: self.ws_path.clone(),
+            ws_listen: self.ws_listen,
+            ws_trusted_proxies: (!self.ws_trusted_proxies.is_empty())
+                .then(|| self.ws_trusted_proxies.clone()),
             ..GatewaySettings::default()
         }
     }

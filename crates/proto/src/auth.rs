@@ -23,6 +23,22 @@ use crate::message::Role;
 pub const KEY_PREFIX: &str = "bk_";
 /// Prefix of an encoded key hash (public key).
 pub const HASH_PREFIX: &str = "bkh_";
+/// The channel binding when TLS ends at a proxy in front of the gateway: neither end knows
+/// the other's TLS exporter, so the proof is bound to what both know, the WebSocket request's
+/// host (the name the agent dialed, which reaches the gateway as the `Host` header) and path.
+/// With the gateway's fresh nonce, a recorded proof is still useless later, and one relayed
+/// through a host with another name does not verify.
+pub fn proxied_binding(host: &str, path: &str) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"burrow proxied binding v1\0");
+    ctx.update(host.to_ascii_lowercase().as_bytes());
+    ctx.update(b"\0");
+    ctx.update(path.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 /// Label the TLS exporter is asked for; both sides must use the same.
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-burrow-auth-v1";
 /// Domain separation for the signed transcript.

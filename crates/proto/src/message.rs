@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 
 use crate::error::{ErrorCode, ProtocolError};
 use crate::frame::{Frame, Kind};
@@ -74,6 +74,11 @@ pub enum Protocol {
 pub struct Challenge {
     /// 32 random bytes, fresh per connection.
     pub nonce: [u8; 32],
+    /// TLS ended at a proxy in front of the gateway (a WebSocket listener behind nginx or a
+    /// CDN), so the gateway cannot see the client's TLS exporter: the proof is bound to the
+    /// WebSocket request's host and path instead (see [`crate::auth::proxied_binding`]).
+    /// Sent as one trailing byte, only when set.
+    pub proxied: bool,
 }
 
 /// Client to gateway: who it is and the proof.
@@ -278,13 +283,28 @@ fn bad(what: &str, detail: impl std::fmt::Display) -> ProtocolError {
 impl Challenge {
     /// As a frame.
     pub fn to_frame(&self) -> Frame {
-        Frame::new(Kind::Challenge, 0, 0, Bytes::copy_from_slice(&self.nonce))
+        let mut b = BytesMut::with_capacity(33);
+        b.extend_from_slice(&self.nonce);
+        if self.proxied {
+            b.put_u8(1);
+        }
+        Frame::new(Kind::Challenge, 0, 0, b.freeze())
     }
     /// From a payload.
     pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
-        Ok(Challenge {
-            nonce: Reader::new(p, "challenge").array()?,
-        })
+        let mut r = Reader::new(p, "challenge");
+        let nonce = r.array()?;
+        let proxied = match r.buf {
+            [] => false,
+            [1] => true,
+            _ => {
+                return Err(ProtocolError::new(
+                    ErrorCode::Protocol,
+                    "unknown binding in challenge message",
+                ))
+            }
+        };
+        Ok(Challenge { nonce, proxied })
     }
 }
 

@@ -12,7 +12,7 @@ use burrow_proto::{Decoder, ErrorCode, Frame, Kind, ProtocolError};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::transport::BoxIo;
+use crate::transport::{Bindings, BoxIo};
 
 /// Largest handshake frame accepted.
 const HANDSHAKE_MAX_PAYLOAD: u32 = 4096;
@@ -97,6 +97,23 @@ pub async fn client(
     binding: &[u8; 32],
     limits: Option<StreamLimits>,
 ) -> Result<(AuthOk, BytesMut), HandshakeError> {
+    let bindings = Bindings {
+        connection: *binding,
+        proxied: None,
+    };
+    client_bound(io, key, role, &bindings, limits).await
+}
+
+/// As [`client`], over a transport that may also offer a [proxied
+/// binding](burrow_proto::auth::proxied_binding) (a WebSocket): the gateway's challenge says
+/// which one it can check.
+pub async fn client_bound(
+    io: &mut BoxIo,
+    key: &SecretKey,
+    role: Role,
+    bindings: &Bindings,
+    limits: Option<StreamLimits>,
+) -> Result<(AuthOk, BytesMut), HandshakeError> {
     write_frames(io, &message::preamble(), &[]).await?;
     let mut buf = BytesMut::with_capacity(1024);
     read_preamble(io, &mut buf).await?;
@@ -106,6 +123,16 @@ pub async fn client(
         Kind::Challenge => Challenge::decode(&first.payload)?,
         Kind::GoAway => return Err(rejected(&first)?),
         other => return Err(unexpected(other, "a challenge")),
+    };
+    let binding = match (challenge.proxied, &bindings.proxied) {
+        (false, _) => &bindings.connection,
+        (true, Some(proxied)) => proxied,
+        (true, None) => {
+            return Err(HandshakeError::Protocol(ProtocolError::new(
+                ErrorCode::Protocol,
+                "the gateway expects a WebSocket through a TLS-terminating proxy, but this                  agent did not dial one: use a wss:// gateway URL",
+            )))
+        }
     };
     let auth = Auth {
         role,
@@ -177,8 +204,32 @@ pub async fn server(
     binding: &[u8; 32],
     verify: impl FnOnce(&KeyHash, Role) -> Verdict,
 ) -> Result<Accepted, HandshakeError> {
+    let bindings = Bindings {
+        connection: *binding,
+        proxied: None,
+    };
+    server_bound(io, &bindings, verify).await
+}
+
+/// As [`server`]; when `bindings.proxied` is set (TLS ended at a proxy in front), the
+/// challenge asks for, and the proof is checked against, that binding instead.
+pub async fn server_bound(
+    io: &mut BoxIo,
+    bindings: &Bindings,
+    verify: impl FnOnce(&KeyHash, Role) -> Verdict,
+) -> Result<Accepted, HandshakeError> {
+    let binding = bindings.proxied.as_ref().unwrap_or(&bindings.connection);
     let nonce = burrow_proto::auth::random_nonce();
-    write_frames(io, &message::preamble(), &[Challenge { nonce }.to_frame()]).await?;
+    write_frames(
+        io,
+        &message::preamble(),
+        &[Challenge {
+            nonce,
+            proxied: bindings.proxied.is_some(),
+        }
+        .to_frame()],
+    )
+    .await?;
     let mut buf = BytesMut::with_capacity(1024);
     if let Err(e) = read_preamble(io, &mut buf).await {
         if let HandshakeError::Protocol(p) = &e {

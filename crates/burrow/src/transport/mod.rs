@@ -1,0 +1,179 @@
+//! Tunnel connections: dialing the gateway and accepting agents.
+//!
+//! Transports are layers that compose, each turning a connection into another one: TCP
+//! ([`tcp`]), then TLS ([`tls`]), then a WebSocket ([`ws`]), chosen in one place ([`dial`])
+//! from the parsed gateway URL ([`url`]). Every stack ends in a [`Connected`]: an ordered byte
+//! stream plus the channel bindings that authentication signs. The rest of the code does not
+//! know which layers carried it.
+//!
+//! The gateway's tunnel port takes both the Burrow preamble and WebSocket upgrades (over TLS,
+//! or plain with `--transport tcp`): [`accept`] looks at the first bytes to tell them apart,
+//! and puts them back in front of the stream ([`prefixed`]).
+
+mod prefixed;
+mod tcp;
+mod tls;
+pub mod url;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::config::Trust;
+pub use prefixed::Prefixed;
+pub use tcp::{host_part, tune};
+pub use url::{GatewayUrl, Scheme};
+
+/// An ordered, reliable byte stream.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A boxed connection.
+pub type BoxIo = Box<dyn Io>;
+
+/// What a key proof may be bound to on one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Bindings {
+    /// The connection's own binding: the TLS exporter, or zeros without TLS.
+    pub connection: [u8; 32],
+    /// On a WebSocket: [`burrow_proto::auth::proxied_binding`] of its host and path. At the
+    /// agent, offered in case TLS ends at a proxy in front of the gateway; at the gateway, set
+    /// when it does (a `--ws-listen` listener), and then the one the proof must use.
+    pub proxied: Option<[u8; 32]>,
+}
+
+/// A connection ready for the handshake.
+pub struct Connected {
+    /// The byte stream.
+    pub io: BoxIo,
+    /// What the key proof is bound to.
+    pub bindings: Bindings,
+    /// The remote address: of the TCP connection, or the client a trusted proxy names.
+    pub peer: SocketAddr,
+}
+
+/// Why dialing failed. `fatal` errors will not fix themselves by retrying (a certificate
+/// that does not match); the rest are network trouble.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DialError {
+    /// What went wrong and what to check.
+    pub message: String,
+    /// Whether retrying cannot help.
+    pub fatal: bool,
+}
+
+/// Dials the gateway at `url` and stacks the layers it names: TCP, then TLS unless the
+/// scheme is plain, then a WebSocket for `ws://` and `wss://`.
+pub async fn dial(
+    url: &GatewayUrl,
+    trust: &Trust,
+    tls_config: Option<Arc<rustls::ClientConfig>>,
+    server_name: Option<&str>,
+) -> Result<Connected, DialError> {
+    let (io, peer) = tcp::connect(url).await?;
+    let (io, connection) = match (url.scheme.tls(), tls_config) {
+        (true, Some(config)) => {
+            let name = server_name.unwrap_or(&url.host);
+            tls::client(io, url, config, name, trust).await?
+        }
+        (true, None) => {
+            return Err(DialError {
+                message: format!("{url} needs TLS settings: give --fingerprint or --ca"),
+                fatal: true,
+            })
+        }
+        (false, _) => (io, [0u8; 32]),
+    };
+    let (io, proxied) = if url.scheme.websocket() {
+        let io = ws::client(io, url).await?;
+        (
+            io,
+            Some(burrow_proto::auth::proxied_binding(&url.host, &url.path)),
+        )
+    } else {
+        (io, None)
+    };
+    Ok(Connected {
+        io,
+        bindings: Bindings {
+            connection,
+            proxied,
+        },
+        peer,
+    })
+}
+
+/// How the gateway takes tunnel connections on one listener.
+#[derive(Clone)]
+pub struct Acceptor {
+    /// TLS, unless the listener is plain (`--transport tcp`, or `--ws-listen`).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// WebSocket upgrades: on the tunnel port, taken beside the Burrow preamble; on a
+    /// `--ws-listen` listener, the only thing taken.
+    pub ws: ws::WsServer,
+    /// Only WebSocket, behind a TLS-terminating proxy: proofs are bound to the request's host
+    /// and path, since the agent's TLS ended at the proxy.
+    pub ws_only: bool,
+}
+
+/// Why an accepted connection did not become a tunnel connection.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AcceptError(pub String);
+
+/// Takes one tunnel connection: TLS (unless plain), then, when the client's first bytes are an
+/// HTTP request, the WebSocket upgrade.
+pub async fn accept(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: &Acceptor,
+) -> Result<Connected, AcceptError> {
+    tune(&tcp);
+    let io: BoxIo = Box::new(tcp::buffered(tcp));
+    let (mut io, connection) = match &acceptor.tls {
+        Some(tls) => tls::server(io, tls)
+            .await
+            .map_err(|e| AcceptError(format!("TLS: {e}")))?,
+        None => (io, [0u8; 32]),
+    };
+    // Both a Burrow client and a WebSocket client speak first: four bytes tell them apart.
+    let mut first = [0u8; 4];
+    io.read_exact(&mut first)
+        .await
+        .map_err(|e| AcceptError(format!("reading the first bytes: {e}")))?;
+    let io: BoxIo = Box::new(Prefixed::new(Bytes::copy_from_slice(&first), io));
+    if &first != b"GET " {
+        if acceptor.ws_only {
+            return Err(AcceptError(
+                "not a WebSocket upgrade on a WebSocket-only listener".into(),
+            ));
+        }
+        return Ok(Connected {
+            io,
+            bindings: Bindings {
+                connection,
+                proxied: None,
+            },
+            peer,
+        });
+    }
+    let up = ws::server(io, peer, &acceptor.ws)
+        .await
+        .map_err(|e| AcceptError(format!("WebSocket: {e}")))?;
+    let proxied = acceptor
+        .ws_only
+        .then(|| burrow_proto::auth::proxied_binding(&up.host, &acceptor.ws.path));
+    Ok(Connected {
+        io: up.io,
+        bindings: Bindings {
+            connection,
+            proxied,
+        },
+        peer: up.client,
+    })
+}
