@@ -1,14 +1,14 @@
 //! Tunnel connections: dialing the gateway and accepting agents.
 //!
 //! Transports are layers that compose, each turning a connection into another one: TCP
-//! ([`tcp`]), then TLS ([`tls`]), then a WebSocket ([`ws`]), chosen in one place ([`dial`])
+//! (`tcp`), then TLS (`tls`), then a WebSocket ([`ws`]), chosen in one place ([`dial`])
 //! from the parsed gateway URL ([`url`]). Every stack ends in a [`Connected`]: an ordered byte
 //! stream plus the channel bindings that authentication signs. The rest of the code does not
 //! know which layers carried it.
 //!
 //! The gateway's tunnel port takes both the Burrow preamble and WebSocket upgrades (over TLS,
 //! or plain with `--transport tcp`): [`accept`] looks at the first bytes to tell them apart,
-//! and puts them back in front of the stream ([`prefixed`]).
+//! and puts them back in front of the stream ([`Prefixed`]).
 
 mod prefixed;
 mod tcp;
