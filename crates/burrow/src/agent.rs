@@ -250,7 +250,9 @@ fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError) -> transp
         },
         Rejected { code, message } => transport::DialError {
             message: format!("gateway {} refused the session: {message} ({code})", cfg.gateway),
-            fatal: matches!(code, ErrorCode::UnsupportedVersion),
+            // A wrong version or a transport the listener does not take (Protocol) is a
+            // setting to fix, not a hiccup.
+            fatal: matches!(code, ErrorCode::UnsupportedVersion | ErrorCode::Protocol),
         },
         Protocol(p) => transport::DialError {
             message: format!("gateway {} broke the protocol: {p}; is it a burrow gateway of the same version?", cfg.gateway),

@@ -88,6 +88,18 @@ async fn write_frames(io: &mut BoxIo, head: &[u8], frames: &[Frame]) -> std::io:
     io.flush().await
 }
 
+/// Refuses a client before any challenge: our preamble, then a GoAway saying why (for a
+/// listener that cannot serve what the client speaks).
+pub async fn refuse_early(io: &mut BoxIo, code: ErrorCode, message: &str) -> std::io::Result<()> {
+    let ga = GoAway {
+        code,
+        message: message.to_string(),
+    };
+    write_frames(io, &message::preamble(), &[ga.to_frame()]).await?;
+    let _ = io.shutdown().await;
+    Ok(())
+}
+
 /// Client side: proves `key` as `role`, offering `limits`. Returns the gateway's acceptance
 /// (whose parameters honour the limits) and leftover bytes.
 pub async fn client(

@@ -146,12 +146,18 @@ pub async fn accept(
     io.read_exact(&mut first)
         .await
         .map_err(|e| AcceptError(format!("reading the first bytes: {e}")))?;
-    let io: BoxIo = Box::new(Prefixed::new(Bytes::copy_from_slice(&first), io));
+    let mut io: BoxIo = Box::new(Prefixed::new(Bytes::copy_from_slice(&first), io));
     if &first != b"GET " {
         if acceptor.ws_only {
-            return Err(AcceptError(
-                "not a WebSocket upgrade on a WebSocket-only listener".into(),
-            ));
+            let why = "this gateway listener (ws_listen) takes WebSocket tunnels only: dial \
+                       wss://HOST/PATH through the proxy in front of it";
+            let _ = crate::session::handshake::refuse_early(
+                &mut io,
+                burrow_proto::ErrorCode::Protocol,
+                why,
+            )
+            .await;
+            return Err(AcceptError(format!("not a WebSocket upgrade: {why}")));
         }
         return Ok(Connected {
             io,

@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 /// A running gateway.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The `ws_listen` listener's address, if configured.
+    pub ws: Option<SocketAddr>,
     pub fingerprint: Option<String>,
     pub key: SecretKey,
     pub command: Option<String>,
@@ -444,6 +446,7 @@ pub async fn start_gateway_with_stats(
     let gw = Gateway::bind(cfg).await.expect("gateway binds");
     let stats = gw.stats();
     let addr = gw.local_addr();
+    let ws = gw.ws_local_addr();
     let fingerprint = gw.fingerprint();
     let command = gw.agent_command();
     let (key, _) = burrow::state::load_or_create_agent_key(&state).unwrap();
@@ -455,6 +458,7 @@ pub async fn start_gateway_with_stats(
     (
         TestGateway {
             addr,
+            ws,
             fingerprint,
             key,
             command,
