@@ -15,6 +15,8 @@
 //!   `/proc/net/tcp`.
 //! - [`attack`]: raw attack clients, bounded in count and time ([`IdleFlood`]: idle
 //!   connections from several loopback addresses, re-opened as they are cut).
+//! - [`nginx`]: a real nginx on a port the test holds ([`Nginx`]), restartable in place;
+//!   [`pki`]: a throwaway CA and `localhost` certificates for it ([`Pki`]).
 //! - [`targets`]: services to publish ([`TcpTarget`]: echo, sink, source), a fast
 //!   deterministic [`Pattern`], SHA-256, and an echo client that checks every byte.
 //!
@@ -42,11 +44,15 @@
 //! ```
 
 pub mod attack;
+pub mod nginx;
+pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod targets;
 
 pub use attack::{FloodOpts, IdleFlood};
+pub use nginx::Nginx;
+pub use pki::Pki;
 pub use process::{
     count_tcp_state, raise_fd_limit, tcp_entries, wait_public, AgentProc, AgentSpec, Burrow,
     GatewayProc, GatewaySpec, ProcStats, Signal, TcpEntry, TcpState,

@@ -77,7 +77,14 @@ pub async fn dial(
 ) -> Result<Connected, DialError> {
     let (io, peer) = tcp::connect(url).await?;
     let (io, connection) = match (url.scheme.tls(), tls_config) {
-        (true, Some(config)) => {
+        (true, Some(mut config)) => {
+            if url.scheme.websocket() {
+                // A WebSocket is HTTP/1.1 to whatever answers: a proxy in front refuses
+                // Burrow's own ALPN (and the gateway's tunnel port takes both).
+                let mut c = (*config).clone();
+                c.alpn_protocols = vec![b"http/1.1".to_vec()];
+                config = Arc::new(c);
+            }
             let name = server_name.unwrap_or(&url.host);
             tls::client(io, url, config, name, trust).await?
         }
