@@ -214,8 +214,19 @@ impl<T> PreauthTable<T> {
 
     /// Gives a connection from `ip` a slot, or says why not.
     pub fn admit(&mut self, ip: IpAddr, handle: T) -> Result<Admitted<T>, Refusal> {
+        self.admit_from(ip, handle, true)
+    }
+
+    /// As [`PreauthTable::admit`]; with `capped` false the per-source cap does not apply (a
+    /// listener behind a proxy, whose connections all come from the proxy's address).
+    pub fn admit_from(
+        &mut self,
+        ip: IpAddr,
+        handle: T,
+        capped: bool,
+    ) -> Result<Admitted<T>, Refusal> {
         let source = key(ip);
-        if let Some(cap) = self.max_per_source {
+        if let (Some(cap), true) = (self.max_per_source, capped) {
             if self.held(ip) >= cap {
                 return Err(Refusal::Source);
             }
