@@ -397,7 +397,9 @@ async fn accept_loop(
             continue;
         }
         let evict = CancellationToken::new();
-        let admitted = lock(&hub.preauth).admit(peer.ip(), (evict.clone(), peer));
+        // Behind a proxy every connection comes from its address: no per-source cap there.
+        let admitted =
+            lock(&hub.preauth).admit_from(peer.ip(), (evict.clone(), peer), !acceptor.ws_only);
         let id = match admitted {
             Ok(a) => {
                 if let Some((victim, victim_peer)) = a.evicted {
