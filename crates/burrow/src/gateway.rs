@@ -391,7 +391,11 @@ async fn accept_loop(
                 }
             },
         };
-        if !lock(&hub.limiter).allowed(peer.ip(), StdInstant::now()) {
+        // Behind a proxy (ws_listen) the TCP peer is the proxy: one agent's failures would
+        // lock out every agent behind it, so the per-address failure budget applies only where
+        // the peer is the client itself.
+        let by_address = !acceptor.ws_only;
+        if by_address && !lock(&hub.limiter).allowed(peer.ip(), StdInstant::now()) {
             bump(&hub.stats.rate_limited);
             debug!(%peer, "refused: too many failed handshakes from this address");
             continue;
@@ -461,12 +465,16 @@ async fn accept_loop(
                 }
                 Ok(Err(e)) => {
                     bump(&hub2.stats.handshake_failures);
-                    lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
+                    if by_address {
+                        lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
+                    }
                     warn!(%peer, "tunnel handshake failed: {e}");
                 }
                 Err(_) => {
                     bump(&hub2.stats.handshake_failures);
-                    lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
+                    if by_address {
+                        lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
+                    }
                     warn!(%peer, "tunnel handshake timed out after {:?}", hub2.config.limits.handshake_timeout);
                 }
             }
