@@ -428,6 +428,79 @@ mod tests {
         out
     }
 
+    /// A client WebSocket on one end of a pipe and our server-side [`WsIo`] on the other.
+    async fn pair() -> (
+        WebSocketStream<tokio::io::DuplexStream>,
+        WsIo<tokio::io::DuplexStream>,
+    ) {
+        let (a, b) = tokio::io::duplex(4 * MAX_MESSAGE);
+        let client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let server = WebSocketStream::from_raw_socket(b, Role::Server, Some(config())).await;
+        (client, WsIo::new(server))
+    }
+
+    #[tokio::test]
+    async fn bytes_pings_and_close() {
+        use futures_util::{SinkExt, StreamExt};
+        let (mut client, mut server) = pair().await;
+        client
+            .send(Message::Ping(Bytes::from_static(b"p")))
+            .await
+            .unwrap();
+        client
+            .send(Message::Binary(Bytes::from_static(b"hello ")))
+            .await
+            .unwrap();
+        client
+            .send(Message::Binary(Bytes::from_static(b"world")))
+            .await
+            .unwrap();
+        let mut got = [0u8; 11];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello world", "messages make one byte stream");
+        // The ping was answered (flushed with our next write).
+        server.write_all(b"x").await.unwrap();
+        server.flush().await.unwrap();
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::Pong(Bytes::from_static(b"p"))
+        );
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::Binary(Bytes::from_static(b"x"))
+        );
+        // A close frame is the end of the stream.
+        client.close(None).await.unwrap();
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_limit_is_an_error_not_a_buffer() {
+        use futures_util::SinkExt;
+        let (mut client, mut server) = pair().await;
+        let big = Bytes::from(vec![0u8; MAX_MESSAGE + 1]);
+        client.send(Message::Binary(big)).await.unwrap();
+        let mut buf = [0u8; 16];
+        let err = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_vectored_write_is_one_message() {
+        use futures_util::StreamExt;
+        let (mut client, mut server) = pair().await;
+        let parts = [io::IoSlice::new(b"head"), io::IoSlice::new(b"er+payload")];
+        let n = server.write_vectored(&parts).await.unwrap();
+        server.flush().await.unwrap();
+        assert_eq!(n, 14);
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::Binary(Bytes::from_static(b"header+payload"))
+        );
+    }
+
     #[tokio::test]
     async fn requests_that_are_not_upgrades_get_a_prompt_status() {
         let get = ask("GET /burrow HTTP/1.1\r\nHost: gw\r\n\r\n").await;
