@@ -274,10 +274,12 @@ async fn serve(
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> String {
+    // No UDP services yet: `datagrams` is dropped, so a datagram is a protocol error.
     let session::Started {
         session,
         mut incoming,
         mut control,
+        ..
     } = started;
     for (i, fwd) in cfg.forwards.iter().enumerate() {
         let bind = Bind {

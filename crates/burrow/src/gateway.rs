@@ -598,6 +598,8 @@ async fn serve_agent(
         let session = started.session;
         // This version opens streams only from the gateway; agent-opened streams are refused.
         drop(started.incoming);
+        // No UDP services yet: a datagram from the agent is then a protocol error.
+        drop(started.datagrams);
         let generation = hub.generation.fetch_add(1, Ordering::Relaxed);
         let old = {
             let mut agents = lock(&hub.agents);

@@ -194,6 +194,62 @@ pub struct Open {
     pub client: Option<SocketAddr>,
 }
 
+/// Largest UDP payload a flow carries (the most an IPv4 UDP datagram can hold).
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// Flag on a Datagram frame: the payload starts with the flow's origin (service and client,
+/// encoded as in [`Open`]). The gateway sets it on every datagram it sends, so the agent can
+/// open (or re-open) a flow from any one of them: datagrams may be dropped, and nothing else
+/// tells the agent where a flow belongs. The same encoding fits a QUIC datagram.
+pub const DATAGRAM_ORIGIN: u8 = 0x01;
+
+/// One UDP datagram of one flow. The frame's stream-id field is the flow id, which the
+/// gateway assigns (odd ids are never reused within a session).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    /// The flow (non-zero).
+    pub flow: u32,
+    /// Which service and client the flow belongs to; sent by the gateway only.
+    pub origin: Option<Open>,
+    /// The UDP payload.
+    pub data: bytes::Bytes,
+}
+
+impl Datagram {
+    /// As a Datagram frame.
+    pub fn to_frame(&self) -> Frame {
+        match &self.origin {
+            None => Frame::new(Kind::Datagram, 0, self.flow, self.data.clone()),
+            Some(origin) => {
+                let mut b = BytesMut::with_capacity(23 + self.data.len());
+                origin.encode(&mut b);
+                b.extend_from_slice(&self.data);
+                Frame::new(Kind::Datagram, DATAGRAM_ORIGIN, self.flow, b.freeze())
+            }
+        }
+    }
+
+    /// From a Datagram frame; the payload may be no longer than [`MAX_DATAGRAM`].
+    pub fn decode(frame: &Frame) -> Result<Self, ProtocolError> {
+        let flow = frame.header.stream;
+        let (origin, data) = if frame.header.flags & DATAGRAM_ORIGIN != 0 {
+            let mut r = Reader::new(&frame.payload, "datagram");
+            let origin = Open::read(&mut r)?;
+            let used = frame.payload.len() - r.buf.len();
+            (Some(origin), frame.payload.slice(used..))
+        } else {
+            (None, frame.payload.clone())
+        };
+        if data.len() > MAX_DATAGRAM {
+            return Err(bad(
+                "datagram",
+                format_args!("{} bytes, more than UDP's {MAX_DATAGRAM}", data.len()),
+            ));
+        }
+        Ok(Datagram { flow, origin, data })
+    }
+}
+
 /// The sender closes the session, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GoAway {
@@ -499,6 +555,11 @@ impl Open {
     /// As an Open frame for `stream`.
     pub fn to_frame(&self, stream: u32) -> Frame {
         let mut b = BytesMut::with_capacity(24);
+        self.encode(&mut b);
+        Frame::new(Kind::Open, 0, stream, b.freeze())
+    }
+
+    fn encode(&self, b: &mut BytesMut) {
         b.put_u32(self.service);
         match self.client {
             None => b.put_u8(0),
@@ -513,11 +574,14 @@ impl Open {
                 b.put_u16(a.port());
             }
         }
-        Frame::new(Kind::Open, 0, stream, b.freeze())
     }
+
     /// From a payload.
     pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
-        let mut r = Reader::new(p, "open");
+        Open::read(&mut Reader::new(p, "open"))
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, ProtocolError> {
         let service = r.u32()?;
         let client = match r.u8()? {
             0 => None,
@@ -557,6 +621,36 @@ impl GoAway {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn datagrams_roundtrip_with_and_without_origin() {
+        let origin = Open {
+            service: 7,
+            client: Some("[2001:db8::1]:5353".parse().unwrap()),
+        };
+        for (origin, len) in [(Some(origin), MAX_DATAGRAM), (None, 0), (None, 1400)] {
+            let d = Datagram {
+                flow: 3,
+                origin,
+                data: bytes::Bytes::from(vec![0xabu8; len]),
+            };
+            assert_eq!(Datagram::decode(&d.to_frame()).unwrap(), d);
+        }
+        let big = Frame::new(
+            Kind::Datagram,
+            0,
+            3,
+            bytes::Bytes::from(vec![0; MAX_DATAGRAM + 1]),
+        );
+        assert!(Datagram::decode(&big).is_err(), "more than UDP carries");
+        let cut = Frame::new(
+            Kind::Datagram,
+            DATAGRAM_ORIGIN,
+            3,
+            bytes::Bytes::from_static(b"\0"),
+        );
+        assert!(Datagram::decode(&cut).is_err(), "origin cut short");
+    }
 
     #[test]
     fn messages_roundtrip() {

@@ -388,6 +388,12 @@ impl ControlBudget {
         }
     }
 
+    /// Spends one token if there is one: `false` when over budget (for traffic that is
+    /// dropped rather than punished, such as datagrams).
+    pub fn allow(&mut self, now: Instant) -> bool {
+        self.charge(now).is_ok()
+    }
+
     /// Spends one token; an error when the peer has exceeded its budget.
     pub fn charge(&mut self, now: Instant) -> Result<(), ProtocolError> {
         let cap = f64::from(self.per_sec) * 2.0;

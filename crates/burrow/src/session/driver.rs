@@ -4,12 +4,13 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use burrow_proto::frame::HEADER_LEN;
 use burrow_proto::frame::{ACK, FIN};
-use burrow_proto::message::{GoAway, Open};
+use burrow_proto::message::{Datagram, GoAway, Open};
 use burrow_proto::mux::{DataVerdict, OpenVerdict};
 use burrow_proto::{ErrorCode, Frame, Header, Kind, ProtocolError, StreamId};
 use bytes::{Bytes, BytesMut};
@@ -34,18 +35,24 @@ pub(crate) const STALL_FACTOR: u32 = 2;
 /// How long the writer may take to flush a final GoAway once the session is over.
 const GOAWAY_FLUSH: Duration = Duration::from_secs(1);
 
+/// Where inbound streams, control frames and datagrams go.
+pub(super) struct Inbound {
+    pub(super) accept: mpsc::Sender<Stream>,
+    pub(super) control: mpsc::Sender<Frame>,
+    pub(super) datagrams: mpsc::Sender<Datagram>,
+}
+
 pub(super) async fn run(
     shared: Arc<Shared>,
     mut rd: ReadHalf<BoxIo>,
     leftover: BytesMut,
-    accept_tx: mpsc::Sender<Stream>,
-    control_tx: mpsc::Sender<Frame>,
+    inbound: Inbound,
 ) {
     let mut writer = std::pin::pin!(write_loop(&shared));
     let mut writer_done = false;
     let mut reader_done = false;
     let end = {
-        let reader = read_loop(&shared, &mut rd, leftover, accept_tx, control_tx);
+        let reader = read_loop(&shared, &mut rd, leftover, &inbound);
         let heartbeat = heartbeat_loop(&shared);
         tokio::select! {
             end = reader => {
@@ -109,8 +116,7 @@ async fn read_loop(
     shared: &Shared,
     rd: &mut (impl AsyncRead + Unpin),
     leftover: BytesMut,
-    accept_tx: mpsc::Sender<Stream>,
-    control_tx: mpsc::Sender<Frame>,
+    inbound: &Inbound,
 ) -> Option<SessionEnd> {
     // Bytes read past the handshake come first.
     let mut rd = AsyncReadExt::chain(std::io::Cursor::new(leftover), rd);
@@ -152,7 +158,7 @@ async fn read_loop(
             trace!(peer = %shared.name, kind = ?frame.header.kind, stream = frame.header.stream,
                    flags = frame.header.flags, len = frame.header.length, "frame in");
         }
-        match handle(shared, frame, &accept_tx, &control_tx) {
+        match handle(shared, frame, inbound) {
             Ok(None) => {}
             Ok(Some(end)) => return Some(end),
             Err(e) => return Some(protocol_end(e)),
@@ -209,8 +215,7 @@ fn trace_enabled() -> bool {
 fn handle(
     shared: &Shared,
     frame: Frame,
-    accept_tx: &mpsc::Sender<Stream>,
-    control_tx: &mpsc::Sender<Frame>,
+    inbound: &Inbound,
 ) -> Result<Option<SessionEnd>, ProtocolError> {
     let now = Instant::now();
     let id = frame.header.stream;
@@ -260,7 +265,7 @@ fn handle(
             }
             drop(st);
             let stream = Stream::new(id, shared_arc(shared), open);
-            if let Err(e) = accept_tx.try_send(stream) {
+            if let Err(e) = inbound.accept.try_send(stream) {
                 // Nobody is taking streams fast enough (or at all): refuse this one.
                 let stream = match e {
                     mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
@@ -348,7 +353,7 @@ fn handle(
         }
         Kind::Bind | Kind::BindResult => {
             shared.lock().mux.on_control(now.into_std())?;
-            if control_tx.try_send(frame).is_err() {
+            if inbound.control.try_send(frame).is_err() {
                 return Err(ProtocolError::new(
                     ErrorCode::LimitExceeded,
                     "too many bind messages waiting",
@@ -356,12 +361,29 @@ fn handle(
             }
         }
         Kind::Datagram => {
-            // Reserved for UDP flows, which this version does not carry: accepting them
-            // unchecked would let a peer send frames that cost us work and no budget.
-            return Err(ProtocolError::new(
-                ErrorCode::Protocol,
-                "datagram frame, but this session carries no UDP flows",
-            ));
+            let d = Datagram::decode(&frame)?;
+            // UDP stays UDP: past the peer's budget, or when the role is behind, datagrams
+            // are dropped and counted, never queued without bound.
+            if !shared.lock().dgram_budget.allow(now.into_std()) {
+                shared.dgrams.dropped_in.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            match inbound.datagrams.try_send(d) {
+                Ok(()) => {
+                    shared.dgrams.received.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    shared.dgrams.dropped_in.fetch_add(1, Ordering::Relaxed);
+                }
+                // Accepting them unchecked would let a peer send frames that cost us work
+                // and no budget.
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::Protocol,
+                        "datagram frame, but this session carries no UDP flows",
+                    ))
+                }
+            }
         }
         Kind::Challenge | Kind::Auth | Kind::AuthOk => {
             return Err(ProtocolError::new(
@@ -490,9 +512,25 @@ fn fill_batch(shared: &Shared, batch: &mut Batch) -> bool {
         // After the end only the GoAway (and other control frames already queued) go out.
         return true;
     }
+    // Datagrams and stream chunks in turn, one of each per round: a UDP flood cannot stall
+    // the streams, nor the streams starve UDP.
     while batch.len < WRITE_BATCH {
+        let dgram = st.dgram_out.pop_front();
+        if let Some(frame) = &dgram {
+            st.dgram_out_bytes -= frame.payload.len();
+            trace_out(
+                shared,
+                &frame.header.kind,
+                frame.header.stream,
+                frame.payload.len(),
+            );
+            batch.push(&frame.header, &frame.payload);
+        }
         let Some(id) = st.ready.pop_front() else {
-            break;
+            if dgram.is_none() {
+                break;
+            }
+            continue;
         };
         let Some(slot) = st.slots.get_mut(&id) else {
             continue;

@@ -45,6 +45,27 @@ pub const CONTROL_BACKLOG: usize = 512;
 /// stream the session allows at once (one Open each, then perhaps one Reset) always fits.
 pub const MAX_QUEUED_CONTROL: usize = 8192;
 
+/// Bytes of datagrams we may have queued unsent; past it, new ones are dropped (UDP stays UDP:
+/// never buffered without bound, never blocking the session).
+pub const DATAGRAM_QUEUE: usize = 1 << 20;
+/// Datagrams received and not yet taken by the role before new ones are dropped.
+pub const DATAGRAM_BACKLOG: usize = 1024;
+/// Datagrams a peer may send per second (burst twice that) before the excess is dropped.
+pub const DATAGRAMS_PER_SEC: u32 = 100_000;
+
+/// Counts of a session's datagrams, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct DatagramCounters {
+    /// Queued for sending.
+    pub sent: AtomicU64,
+    /// Dropped before sending: queue full, too large for a frame, or the session over.
+    pub dropped_out: AtomicU64,
+    /// Received and handed to the role.
+    pub received: AtomicU64,
+    /// Dropped on arrival: over the peer's budget, or the role not keeping up.
+    pub dropped_in: AtomicU64,
+}
+
 /// The control-queue cap of a session with these parameters (see [`MAX_QUEUED_CONTROL`]).
 pub fn control_queue_cap(params: &SessionParams) -> usize {
     MAX_QUEUED_CONTROL.max(2 * params.max_streams as usize)
@@ -133,6 +154,11 @@ pub(crate) struct State {
     control_overflow: bool,
     /// See [`control_queue_cap`].
     control_cap: usize,
+    /// Datagram frames waiting for the writer, taken in turn with stream chunks.
+    dgram_out: VecDeque<Frame>,
+    dgram_out_bytes: usize,
+    /// The peer's datagram budget ([`DATAGRAMS_PER_SEC`]).
+    dgram_budget: burrow_proto::mux::ControlBudget,
 }
 
 impl State {
@@ -235,6 +261,8 @@ pub(crate) struct Shared {
     writer: Notify,
     ended: CancellationToken,
     params: SessionParams,
+    /// Datagram counts.
+    dgrams: DatagramCounters,
     name: String,
     /// Lets the driver, which borrows `Shared`, hand out new stream handles.
     self_ref: Weak<Shared>,
@@ -353,6 +381,9 @@ pub struct Started {
     pub incoming: mpsc::Receiver<Stream>,
     /// Bind and BindResult frames from the peer.
     pub control: mpsc::Receiver<Frame>,
+    /// Datagrams from the peer. Dropping this receiver says the role carries no UDP: a
+    /// datagram then closes the session as a protocol error.
+    pub datagrams: mpsc::Receiver<burrow_proto::message::Datagram>,
 }
 
 /// Starts the driver task for an authenticated connection. `leftover` holds bytes read past
@@ -367,6 +398,7 @@ pub fn start(
     let (rd, wr) = tokio::io::split(io);
     let (accept_tx, incoming) = mpsc::channel(ACCEPT_BACKLOG);
     let (control_tx, control) = mpsc::channel(CONTROL_BACKLOG);
+    let (dgram_tx, datagrams) = mpsc::channel(DATAGRAM_BACKLOG);
     let shared = Arc::new_cyclic(|self_ref| Shared {
         state: Mutex::new(State {
             mux: Mux::new(side, params),
@@ -379,6 +411,9 @@ pub fn start(
             starved_since: None,
             control_overflow: false,
             control_cap: control_queue_cap(&params),
+            dgram_out: VecDeque::new(),
+            dgram_out_bytes: 0,
+            dgram_budget: burrow_proto::mux::ControlBudget::new(DATAGRAMS_PER_SEC),
         }),
         out: tokio::sync::Mutex::new(Outbound {
             wr,
@@ -389,20 +424,21 @@ pub fn start(
         epoch: Instant::now(),
         ended: CancellationToken::new(),
         params,
+        dgrams: DatagramCounters::default(),
         name,
         self_ref: self_ref.clone(),
     });
-    tokio::spawn(driver::run(
-        shared.clone(),
-        rd,
-        leftover,
-        accept_tx,
-        control_tx,
-    ));
+    let inbound = driver::Inbound {
+        accept: accept_tx,
+        control: control_tx,
+        datagrams: dgram_tx,
+    };
+    tokio::spawn(driver::run(shared.clone(), rd, leftover, inbound));
     Started {
         session: Session { shared },
         incoming,
         control,
+        datagrams,
     }
 }
 
@@ -434,6 +470,36 @@ impl Session {
         drop(st);
         self.shared.writer.notify_one();
         Ok(Stream::new(id, self.shared.clone(), open.clone()))
+    }
+
+    /// Queues a datagram, unless [`DATAGRAM_QUEUE`] bytes are already waiting, the frame
+    /// would exceed the session's frame limit, or the session is over: then it is dropped
+    /// and counted, and `false` returned. Never waits.
+    pub fn send_datagram(&self, d: &burrow_proto::message::Datagram) -> bool {
+        let frame = d.to_frame();
+        let len = frame.payload.len();
+        let mut st = self.shared.lock();
+        let fits = len <= self.shared.params.max_payload as usize
+            && st.dgram_out_bytes + len <= DATAGRAM_QUEUE;
+        if st.end.is_some() || !fits {
+            drop(st);
+            self.shared
+                .dgrams
+                .dropped_out
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        st.dgram_out_bytes += len;
+        st.dgram_out.push_back(frame);
+        drop(st);
+        self.shared.dgrams.sent.fetch_add(1, Ordering::Relaxed);
+        self.shared.writer.notify_one();
+        true
+    }
+
+    /// The session's datagram counts.
+    pub fn datagram_counters(&self) -> &DatagramCounters {
+        &self.shared.dgrams
     }
 
     /// Queues a session-level control frame (Bind, BindResult).

@@ -1,0 +1,188 @@
+//! Datagrams in the session, over an in-memory pipe: they arrive byte-exact in both
+//! directions, a full queue drops and counts instead of waiting, a flood of them does not
+//! stall a stream beside it, and a role that carries no UDP treats one as a protocol error.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use burrow::proto::message::{Datagram, Open, SessionParams, MAX_DATAGRAM};
+use burrow::proto::mux::Side;
+use burrow::proto::ErrorCode;
+use burrow::session::{self, Started};
+use bytes::{Bytes, BytesMut};
+
+fn pair() -> (Started, Started) {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let params = SessionParams::default();
+    let gw = session::start(
+        Box::new(a),
+        BytesMut::new(),
+        Side::Gateway,
+        params,
+        "gw".into(),
+    );
+    let ag = session::start(
+        Box::new(b),
+        BytesMut::new(),
+        Side::Client,
+        params,
+        "ag".into(),
+    );
+    (gw, ag)
+}
+
+fn origin() -> Option<Open> {
+    Some(Open {
+        service: 1,
+        client: Some("192.0.2.1:5353".parse().unwrap()),
+    })
+}
+
+#[tokio::test]
+async fn datagrams_of_every_size_arrive_byte_exact_both_ways() {
+    let (gw, mut ag) = pair();
+    let mut gw_in = gw.datagrams;
+    for (i, len) in [1usize, 512, 1400, 8192, MAX_DATAGRAM]
+        .into_iter()
+        .enumerate()
+    {
+        let data = Bytes::from((0..len).map(|b| (b * 7 + i) as u8).collect::<Vec<u8>>());
+        let out = Datagram {
+            flow: 1 + 2 * i as u32,
+            origin: origin(),
+            data: data.clone(),
+        };
+        assert!(gw.session.send_datagram(&out));
+        let got = tokio::time::timeout(Duration::from_secs(5), ag.datagrams.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, out, "{len} bytes, gateway to agent");
+        let back = Datagram {
+            flow: out.flow,
+            origin: None,
+            data,
+        };
+        assert!(ag.session.send_datagram(&back));
+        let got = tokio::time::timeout(Duration::from_secs(5), gw_in.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, back, "{len} bytes, agent to gateway");
+    }
+    let c = gw.session.datagram_counters();
+    assert_eq!(c.sent.load(Ordering::Relaxed), 5);
+    assert_eq!(c.received.load(Ordering::Relaxed), 5);
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_and_counts_instead_of_waiting() {
+    // A peer that does not read: nothing leaves the queue once the pipe is full.
+    let (a, _b) = tokio::io::duplex(64 * 1024);
+    let gw = session::start(
+        Box::new(a),
+        BytesMut::new(),
+        Side::Gateway,
+        SessionParams::default(),
+        "gw".into(),
+    );
+    let d = Datagram {
+        flow: 1,
+        origin: origin(),
+        data: Bytes::from(vec![0u8; 8192]),
+    };
+    let mut sent = 0u64;
+    let mut dropped = 0u64;
+    for _ in 0..1000 {
+        if gw.session.send_datagram(&d) {
+            sent += 1;
+        } else {
+            dropped += 1;
+        }
+    }
+    tokio::task::yield_now().await;
+    let c = gw.session.datagram_counters();
+    assert!(dropped > 0, "some were dropped ({sent} queued)");
+    assert!(
+        sent * 8192 <= (session::DATAGRAM_QUEUE + 128 * 1024) as u64,
+        "the queue holds about {} bytes, not {sent} datagrams",
+        session::DATAGRAM_QUEUE
+    );
+    assert_eq!(c.dropped_out.load(Ordering::Relaxed), dropped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datagram_flood_does_not_stall_a_stream() {
+    let (gw, mut ag) = pair();
+    let flood = {
+        let session = gw.session.clone();
+        tokio::spawn(async move {
+            let d = Datagram {
+                flow: 1,
+                origin: origin(),
+                data: Bytes::from(vec![9u8; 1400]),
+            };
+            let start = tokio::time::Instant::now();
+            let mut n = 0u64;
+            while start.elapsed() < Duration::from_secs(2) && n < 2_000_000 {
+                session.send_datagram(&d);
+                n += 1;
+                if n % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            n
+        })
+    };
+    let s = gw
+        .session
+        .open(&Open {
+            service: 0,
+            client: None,
+        })
+        .unwrap();
+    let r = ag.incoming.recv().await.unwrap();
+    let payload = Bytes::from(vec![3u8; 4 << 20]);
+    let send = async {
+        s.send(payload.clone()).await.unwrap();
+        s.finish();
+    };
+    let recv = async {
+        let mut got = 0usize;
+        while let Some(chunk) = r.recv().await.unwrap() {
+            assert!(chunk.iter().all(|&b| b == 3));
+            got += chunk.len();
+        }
+        got
+    };
+    let (_, got) =
+        tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(send, recv) })
+            .await
+            .expect("the stream moved 4 MiB beside the flood");
+    assert_eq!(got, 4 << 20);
+    let n = flood.await.unwrap();
+    let c = ag.session.datagram_counters();
+    eprintln!(
+        "{n} datagrams offered; agent received {} and dropped {}",
+        c.received.load(Ordering::Relaxed),
+        c.dropped_in.load(Ordering::Relaxed)
+    );
+    drop(ag.datagrams);
+}
+
+#[tokio::test]
+async fn a_role_without_udp_treats_a_datagram_as_a_protocol_error() {
+    let (gw, ag) = pair();
+    drop(ag.datagrams);
+    let d = Datagram {
+        flow: 1,
+        origin: origin(),
+        data: Bytes::from_static(b"x"),
+    };
+    assert!(gw.session.send_datagram(&d));
+    let end = tokio::time::timeout(Duration::from_secs(5), ag.session.closed())
+        .await
+        .unwrap();
+    assert_eq!(end.code, ErrorCode::Protocol, "{end}");
+}
