@@ -9,6 +9,8 @@
 //! - [`session`]: the multiplexed session over one connection: handshake, driver task and
 //!   stream handles.
 //! - [`relay`]: copying bytes between a stream and a local socket, with half-close.
+//! - [`udp`]: UDP flows through the session: public UDP ports, per-flow sockets at the
+//!   agent.
 //! - [`gateway`], [`agent`]: the roles, each with `bind`/`run(shutdown)` style entry points.
 //! - [`limiter`]: bounded-memory rate limiting of failed authentication per source address.
 //! - [`stats`]: counters of what the gateway served and refused.
@@ -24,5 +26,6 @@ pub mod state;
 pub mod stats;
 pub mod tls;
 pub mod transport;
+pub mod udp;
 
 pub use burrow_proto as proto;

@@ -1,0 +1,635 @@
+//! UDP forwarding: flows of datagrams through the session.
+//!
+//! At the gateway, each public UDP port reads datagrams from clients; each client address
+//! (IP and port) is a *flow* with an id the gateway assigns per session. Datagrams travel
+//! through the session tagged with their flow, and with the flow's origin (service and client
+//! address) on every datagram, so the agent can open a flow from whichever datagram arrives
+//! first. At the agent each flow gets its own UDP socket toward the target, so replies come
+//! back on that flow and reach the right client.
+//!
+//! UDP stays UDP: nothing here waits for room. A datagram that finds a full queue (the
+//! session's, a socket's) or a flow limit reached is dropped and counted. Flows end after
+//! [`UdpSettings::idle`] without a datagram either way, on each side by its own clock; their
+//! sockets and memory go with them, and each logs one line.
+//!
+//! The flow tables ([`GatewayFlows`], [`AgentFlows`]) are plain data with time as an argument;
+//! the tasks around them ([`serve_public`], [`dispatch_replies`], [`serve_agent_flows`]) do the
+//! I/O.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use burrow_proto::message::{Datagram, Open, MAX_DATAGRAM};
+use burrow_proto::ErrorCode;
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::session::Session;
+
+/// `[udp]` settings (either role).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpSettings {
+    /// A flow with no datagram either way for this long ends (default 60 s).
+    pub idle: Duration,
+    /// Most flows one service has at once; datagrams of new flows past it are dropped
+    /// (default 4096).
+    pub max_flows: usize,
+    /// Largest datagram forwarded; larger ones are dropped (default 65,507, UDP's maximum).
+    pub max_datagram: usize,
+    /// Kernel receive and send buffer of each flow's socket at the agent, and of each public
+    /// UDP socket at the gateway, in bytes (default 256 KiB): what queues for a flow before
+    /// datagrams are dropped.
+    pub queue: usize,
+}
+
+impl Default for UdpSettings {
+    fn default() -> Self {
+        UdpSettings {
+            idle: Duration::from_secs(60),
+            max_flows: 4096,
+            max_datagram: MAX_DATAGRAM,
+            queue: 256 * 1024,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What one flow moved, for its closing log line and the service's counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FlowCounts {
+    /// Datagrams from the client toward the target.
+    pub to_service: u64,
+    /// Their bytes.
+    pub bytes_to_service: u64,
+    /// Datagrams from the target back to the client.
+    pub to_client: u64,
+    /// Their bytes.
+    pub bytes_to_client: u64,
+    /// Datagrams of this flow dropped (a full queue, too large).
+    pub dropped: u64,
+}
+
+/// Counters of one UDP service, across its flows (for metrics).
+#[derive(Debug, Default)]
+pub struct UdpCounters {
+    /// Flows opened.
+    pub flows: AtomicU64,
+    /// Datagrams dropped because the service's flow limit was reached.
+    pub flows_refused: AtomicU64,
+    /// Datagrams forwarded, both ways.
+    pub datagrams: AtomicU64,
+    /// Datagrams dropped, both ways (full queues, too large, no session).
+    pub dropped: AtomicU64,
+}
+
+fn log_flow_end(service: &str, client: SocketAddr, c: &FlowCounts, started: Instant) {
+    info!(
+        service,
+        client = %client,
+        datagrams_to_service = c.to_service,
+        bytes_to_service = c.bytes_to_service,
+        datagrams_to_client = c.to_client,
+        bytes_to_client = c.bytes_to_client,
+        dropped = c.dropped,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "flow closed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway side.
+
+/// One flow at the gateway.
+#[derive(Debug)]
+struct GatewayFlow {
+    service: u32,
+    name: String,
+    client: SocketAddr,
+    /// The public socket the client talks to; replies go out through it.
+    socket: Arc<UdpSocket>,
+    started: Instant,
+    last: Instant,
+    counts: FlowCounts,
+    counters: Arc<UdpCounters>,
+}
+
+/// What to do with a reply datagram whose flow the gateway looked up.
+#[derive(Debug)]
+pub enum Reply {
+    /// Send `data` to `client` through `socket`.
+    Send {
+        /// The public socket.
+        socket: Arc<UdpSocket>,
+        /// The client.
+        client: SocketAddr,
+    },
+    /// The flow ended here already: drop the late datagram.
+    Late,
+    /// The agent named a flow the gateway never opened: a protocol violation.
+    Unknown,
+}
+
+/// The flows of one session at the gateway, over all its UDP services. Flow ids are odd and
+/// increase, so an id at or below the highest one issued that is no longer here is a late
+/// datagram, and one above it was never issued.
+#[derive(Debug, Default)]
+pub struct GatewayFlows {
+    by_id: HashMap<u32, GatewayFlow>,
+    by_client: HashMap<(u32, SocketAddr), u32>,
+    per_service: HashMap<u32, usize>,
+    highest: u32,
+}
+
+impl GatewayFlows {
+    /// The flow of `client` on `service`, opened now if new: `None` when the service already
+    /// has `max_flows` (the datagram is dropped and counted).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flow_for(
+        &mut self,
+        service: u32,
+        name: &str,
+        client: SocketAddr,
+        socket: &Arc<UdpSocket>,
+        counters: &Arc<UdpCounters>,
+        max_flows: usize,
+        now: Instant,
+    ) -> Option<u32> {
+        if let Some(&id) = self.by_client.get(&(service, client)) {
+            if let Some(f) = self.by_id.get_mut(&id) {
+                f.last = now;
+                return Some(id);
+            }
+        }
+        let open = self.per_service.entry(service).or_insert(0);
+        if *open >= max_flows {
+            counters.flows_refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *open += 1;
+        let id = self.highest.checked_add(2).unwrap_or(1) | 1;
+        self.highest = id;
+        self.by_client.insert((service, client), id);
+        self.by_id.insert(
+            id,
+            GatewayFlow {
+                service,
+                name: name.to_string(),
+                client,
+                socket: socket.clone(),
+                started: now,
+                last: now,
+                counts: FlowCounts::default(),
+                counters: counters.clone(),
+            },
+        );
+        counters.flows.fetch_add(1, Ordering::Relaxed);
+        Some(id)
+    }
+
+    /// Records a datagram of `len` bytes sent toward the service on `flow` (or dropped).
+    pub fn note_to_service(&mut self, flow: u32, len: usize, sent: bool) {
+        if let Some(f) = self.by_id.get_mut(&flow) {
+            if sent {
+                f.counts.to_service += 1;
+                f.counts.bytes_to_service += len as u64;
+                f.counters.datagrams.fetch_add(1, Ordering::Relaxed);
+            } else {
+                f.counts.dropped += 1;
+                f.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Looks up the flow of a reply from the agent, and records it.
+    pub fn reply(&mut self, flow: u32, len: usize, now: Instant) -> Reply {
+        match self.by_id.get_mut(&flow) {
+            Some(f) => {
+                f.last = now;
+                f.counts.to_client += 1;
+                f.counts.bytes_to_client += len as u64;
+                f.counters.datagrams.fetch_add(1, Ordering::Relaxed);
+                Reply::Send {
+                    socket: f.socket.clone(),
+                    client: f.client,
+                }
+            }
+            None if flow % 2 == 1 && flow <= self.highest => Reply::Late,
+            None => Reply::Unknown,
+        }
+    }
+
+    /// Records that a reply on `flow` could not be sent (the socket's buffer was full).
+    pub fn note_reply_dropped(&mut self, flow: u32) {
+        if let Some(f) = self.by_id.get_mut(&flow) {
+            f.counts.to_client = f.counts.to_client.saturating_sub(1);
+            f.counts.dropped += 1;
+            f.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends the flows idle for `idle` (every flow when `idle` is zero), logging each.
+    pub fn expire(&mut self, now: Instant, idle: Duration) -> usize {
+        let gone: Vec<u32> = self
+            .by_id
+            .iter()
+            .filter(|(_, f)| now.saturating_duration_since(f.last) >= idle)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &gone {
+            if let Some(f) = self.by_id.remove(id) {
+                self.by_client.remove(&(f.service, f.client));
+                if let Some(n) = self.per_service.get_mut(&f.service) {
+                    *n = n.saturating_sub(1);
+                }
+                log_flow_end(&f.name, f.client, &f.counts, f.started);
+            }
+        }
+        gone.len()
+    }
+
+    /// Flows open now.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether no flow is open.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+/// Where a public UDP port sends its datagrams: the live session and the service id there.
+#[derive(Clone)]
+pub struct UdpRoute {
+    /// The agent's session.
+    pub session: Session,
+    /// The service id from the agent's Bind.
+    pub service: u32,
+    /// The service's name, for logs.
+    pub name: String,
+    /// That session's flows.
+    pub flows: Arc<Mutex<GatewayFlows>>,
+}
+
+/// Serves one public UDP port until `cancel`: each client datagram goes to the routed
+/// session's flow for that client (or is dropped and counted when there is no session, the
+/// flow limit is reached, or the session's queue is full).
+pub async fn serve_public(
+    socket: Arc<UdpSocket>,
+    route: Arc<Mutex<Option<UdpRoute>>>,
+    settings: UdpSettings,
+    counters: Arc<UdpCounters>,
+    cancel: CancellationToken,
+) {
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    loop {
+        let (n, client) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here on Linux; keep serving.
+                    debug!("public UDP receive: {e}");
+                    continue;
+                }
+            },
+        };
+        if n > settings.max_datagram {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let Some(route) = lock(&route).clone() else {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let now = Instant::now();
+        let flow = lock(&route.flows).flow_for(
+            route.service,
+            &route.name,
+            client,
+            &socket,
+            &counters,
+            settings.max_flows,
+            now,
+        );
+        let Some(flow) = flow else {
+            continue;
+        };
+        let d = Datagram {
+            flow,
+            origin: Some(Open {
+                service: route.service,
+                client: Some(client),
+            }),
+            data: Bytes::copy_from_slice(&buf[..n]),
+        };
+        let sent = route.session.send_datagram(&d);
+        lock(&route.flows).note_to_service(flow, n, sent);
+    }
+}
+
+/// At the gateway, for one session: sends each reply datagram from the agent to its client,
+/// and ends idle flows. Returns when the session's datagrams end; a datagram for a flow never
+/// opened closes the session (`Protocol`).
+pub async fn dispatch_replies(
+    session: Session,
+    mut datagrams: mpsc::Receiver<Datagram>,
+    flows: Arc<Mutex<GatewayFlows>>,
+    idle: Duration,
+) {
+    let mut sweep = tokio::time::interval(sweep_period(idle));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let d = tokio::select! {
+            d = datagrams.recv() => match d {
+                Some(d) => d,
+                None => break,
+            },
+            _ = sweep.tick() => {
+                lock(&flows).expire(Instant::now(), idle);
+                continue;
+            }
+            _ = session.closed() => break,
+        };
+        let reply = lock(&flows).reply(d.flow, d.data.len(), Instant::now());
+        match reply {
+            Reply::Send { socket, client } => {
+                if socket.try_send_to(&d.data, client).is_err() {
+                    lock(&flows).note_reply_dropped(d.flow);
+                }
+            }
+            Reply::Late => {}
+            Reply::Unknown => {
+                session.close(
+                    ErrorCode::Protocol,
+                    format!("datagram for flow {}, which was never opened", d.flow),
+                );
+                break;
+            }
+        }
+    }
+    lock(&flows).expire(Instant::now(), Duration::ZERO);
+}
+
+fn sweep_period(idle: Duration) -> Duration {
+    (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(5))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent side.
+
+/// A UDP service the agent publishes.
+#[derive(Debug, Clone)]
+pub struct UdpService {
+    /// Its name, for logs.
+    pub name: String,
+    /// The target's host.
+    pub host: String,
+    /// The target's port.
+    pub port: u16,
+    /// Its counters.
+    pub counters: Arc<UdpCounters>,
+}
+
+/// One flow at the agent: a socket connected to the target, and the task reading replies.
+struct AgentFlow {
+    service: u32,
+    client: SocketAddr,
+    socket: Arc<UdpSocket>,
+    stop: CancellationToken,
+}
+
+/// Serves the flows of one session at the agent: each datagram from the gateway goes out on
+/// its flow's socket (opened on the first one, up to `max_flows` per service); replies from
+/// the target come back on the flow. Returns when the session's datagrams end; a datagram
+/// naming no service the gateway granted, or an unknown flow without its origin, closes the
+/// session (`Protocol`).
+pub async fn serve_agent_flows(
+    session: Session,
+    mut datagrams: mpsc::Receiver<Datagram>,
+    services: HashMap<u32, UdpService>,
+    settings: UdpSettings,
+) {
+    let mut flows: HashMap<u32, AgentFlow> = HashMap::new();
+    let (ended_tx, mut ended) = mpsc::channel::<u32>(64);
+    loop {
+        let d = tokio::select! {
+            d = datagrams.recv() => match d {
+                Some(d) => d,
+                None => break,
+            },
+            Some(id) = ended.recv() => {
+                flows.remove(&id);
+                continue;
+            }
+            _ = session.closed() => break,
+        };
+        if d.data.len() > settings.max_datagram {
+            continue;
+        }
+        if let Some(f) = flows.get(&d.flow) {
+            let service = &services[&f.service];
+            match f.socket.try_send(&d.data) {
+                Ok(_) => service.counters.datagrams.fetch_add(1, Ordering::Relaxed),
+                Err(_) => service.counters.dropped.fetch_add(1, Ordering::Relaxed),
+            };
+            continue;
+        }
+        let Some(origin) = d.origin else {
+            session.close(
+                ErrorCode::Protocol,
+                format!("datagram for flow {} without its origin", d.flow),
+            );
+            break;
+        };
+        let Some(service) = services.get(&origin.service) else {
+            session.close(
+                ErrorCode::Protocol,
+                format!(
+                    "datagram for service {}, which is not a UDP service of this agent",
+                    origin.service
+                ),
+            );
+            break;
+        };
+        let open = flows
+            .values()
+            .filter(|f| f.service == origin.service)
+            .count();
+        if open >= settings.max_flows {
+            service
+                .counters
+                .flows_refused
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let client = origin.client.unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+        let socket = match connect_target(service, settings.queue).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                warn!(service = %service.name, "UDP target {}:{}: {e}", service.host, service.port);
+                service.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        service.counters.flows.fetch_add(1, Ordering::Relaxed);
+        let _ = socket.try_send(&d.data);
+        let stop = CancellationToken::new();
+        let first = d.data.len();
+        tokio::spawn(agent_flow(
+            session.clone(),
+            d.flow,
+            client,
+            socket.clone(),
+            service.clone(),
+            settings.idle,
+            first,
+            stop.clone(),
+            ended_tx.clone(),
+        ));
+        flows.insert(
+            d.flow,
+            AgentFlow {
+                service: origin.service,
+                client,
+                socket,
+                stop,
+            },
+        );
+    }
+    for f in flows.values() {
+        debug!(client = %f.client, "session over: flow closed");
+        f.stop.cancel();
+    }
+}
+
+async fn connect_target(service: &UdpService, buffer: usize) -> std::io::Result<UdpSocket> {
+    let target = tokio::net::lookup_host((service.host.as_str(), service.port))
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other("the name resolves to no address"))?;
+    let local: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(local).await?;
+    let sock = socket2::SockRef::from(&socket);
+    let _ = sock.set_recv_buffer_size(buffer);
+    let _ = sock.set_send_buffer_size(buffer);
+    socket.connect(target).await?;
+    Ok(socket)
+}
+
+/// One flow's replies: target to gateway, until the flow has been idle both ways for `idle`.
+#[allow(clippy::too_many_arguments)]
+async fn agent_flow(
+    session: Session,
+    flow: u32,
+    client: SocketAddr,
+    socket: Arc<UdpSocket>,
+    service: UdpService,
+    idle: Duration,
+    first: usize,
+    stop: CancellationToken,
+    ended: mpsc::Sender<u32>,
+) {
+    let started = Instant::now();
+    let mut counts = FlowCounts {
+        to_service: 1,
+        bytes_to_service: first as u64,
+        ..FlowCounts::default()
+    };
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    // Outbound traffic also keeps a flow alive; the dispatcher sends it on the same socket,
+    // and the socket's receive of replies is what this task sees. A flow whose target never
+    // answers ends `idle` after its last reply or its start.
+    loop {
+        let r = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = tokio::time::timeout(idle, socket.recv(&mut buf)) => r,
+        };
+        match r {
+            Err(_) => break,
+            Ok(Err(e)) => {
+                // ICMP port unreachable and the like: the target is not there (yet).
+                debug!(service = %service.name, "UDP target: {e}");
+                continue;
+            }
+            Ok(Ok(n)) if n > MAX_DATAGRAM => counts.dropped += 1,
+            Ok(Ok(n)) => {
+                let d = Datagram {
+                    flow,
+                    origin: None,
+                    data: Bytes::copy_from_slice(&buf[..n]),
+                };
+                if session.send_datagram(&d) {
+                    counts.to_client += 1;
+                    counts.bytes_to_client += n as u64;
+                    service.counters.datagrams.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    counts.dropped += 1;
+                    service.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    let _ = ended.try_send(flow);
+    log_flow_end(&service.name, client, &counts, started);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn socket() -> Arc<UdpSocket> {
+        Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn flows_per_client_limit_and_expiry() {
+        let s = socket().await;
+        let c = Arc::new(UdpCounters::default());
+        let mut t = GatewayFlows::default();
+        let now = Instant::now();
+        let a: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:1000".parse().unwrap();
+        let fa = t.flow_for(7, "dns", a, &s, &c, 2, now).unwrap();
+        assert_eq!(
+            t.flow_for(7, "dns", a, &s, &c, 2, now),
+            Some(fa),
+            "same client, same flow"
+        );
+        let fb = t.flow_for(7, "dns", b, &s, &c, 2, now).unwrap();
+        assert_ne!(fa, fb);
+        assert_eq!(fa % 2, 1, "gateway flow ids are odd");
+        let third: SocketAddr = "192.0.2.3:1000".parse().unwrap();
+        assert_eq!(t.flow_for(7, "dns", third, &s, &c, 2, now), None, "limit");
+        assert_eq!(c.flows_refused.load(Ordering::Relaxed), 1);
+        // Another service has its own limit.
+        assert!(t.flow_for(8, "ntp", third, &s, &c, 2, now).is_some());
+        assert!(matches!(t.reply(fa, 10, now), Reply::Send { client, .. } if client == a));
+        // Idle flows end; a late reply is dropped, a never-issued flow is a violation.
+        let later = now + Duration::from_secs(61);
+        assert_eq!(t.expire(later, Duration::from_secs(60)), 3);
+        assert!(t.is_empty());
+        assert!(matches!(t.reply(fa, 10, later), Reply::Late));
+        assert!(matches!(t.reply(999, 10, later), Reply::Unknown));
+        assert!(
+            matches!(t.reply(2, 10, later), Reply::Unknown),
+            "even ids are never ours"
+        );
+        // The limit counts only live flows.
+        assert!(t.flow_for(7, "dns", third, &s, &c, 2, later).is_some());
+    }
+}
