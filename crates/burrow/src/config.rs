@@ -403,12 +403,14 @@ fn port_number(s: &str) -> Option<u16> {
     s.trim().parse::<u16>().ok().filter(|p| *p != 0)
 }
 
-/// Whether `h` looks like a host name or an IPv4 address.
+/// Whether `h` looks like a host name or an IPv4 address. A bare number (`8080`) is neither:
+/// it is the first half of Docker's `8080:80`, which the resolver would read as 0.0.31.144.
 fn valid_host(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 253
         && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && !h.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Splits `host:port` or `[ipv6]:port` (port 1-65535); the host comes back without brackets.
@@ -444,11 +446,14 @@ impl Target {
             }
             return Ok(Target::Unix(PathBuf::from(path)));
         }
-        let (host, port) = split_host_port(s).map_err(|why| {
-            format!(
-                "{s:?} is not a target: {why} (use host:port, [ipv6]:port or unix:/path/to.sock)"
-            )
-        })?;
+        let (host, port) =
+            split_host_port(s).map_err(|why| match target_hint(s, &|t| t.to_string()) {
+                Some(hint) => format!("{s:?} is not a target: {hint}"),
+                None => format!(
+                    "{s:?} is not a target: {why} (use host:port, [ipv6]:port or \
+                     unix:/path/to.sock)"
+                ),
+            })?;
         Ok(Target::Tcp { host, port })
     }
 }
@@ -514,6 +519,11 @@ impl fmt::Display for PortRange {
 /// lets the gateway choose. The forward's name is the spec as written (trimmed).
 pub fn parse_forward(spec: &str) -> Result<Forward, String> {
     let spec = spec.trim();
+    parse_forward_as_written(spec)
+        .map_err(|why| forward_hint(spec).map_or(why, |hint| format!("forward {spec:?}: {hint}")))
+}
+
+fn parse_forward_as_written(spec: &str) -> Result<Forward, String> {
     let (public_port, target) = match spec.split_once('=') {
         Some((port, target)) if !spec.starts_with("unix:") => {
             let port = port.trim().parse::<u16>().map_err(|_| {
@@ -531,6 +541,87 @@ pub fn parse_forward(spec: &str) -> Result<Forward, String> {
         target: Target::parse(target)?,
         name: spec.to_string(),
     })
+}
+
+/// What a forward spec that does not parse was probably meant to be: the habits of Docker
+/// and ssh (`8080:127.0.0.1:80`), the halves swapped, and the target mistakes of
+/// [`target_hint`].
+fn forward_hint(spec: &str) -> Option<String> {
+    let Some((port, target)) = spec.split_once('=').filter(|_| !spec.starts_with("unix:")) else {
+        // Docker's `-p 8080:80` and ssh's `-R 8080:localhost:80`.
+        if let Some((first, rest)) = spec.split_once(':') {
+            if first.parse::<u16>().is_ok() && Target::parse(rest).is_ok() {
+                return Some(format!(
+                    "use `=` between the public port and the target, not `:` as for Docker or \
+                     ssh: write {first}={rest}"
+                ));
+            }
+            if let (Ok(_), Some(local)) = (first.parse::<u16>(), port_number(rest)) {
+                return Some(format!(
+                    "a target needs its host: to publish port {local} of this machine on \
+                     public port {first}, write {first}=127.0.0.1:{local}"
+                ));
+            }
+        }
+        return target_hint(spec, &|t| t.to_string());
+    };
+    let (port, target) = (port.trim(), target.trim());
+    // `127.0.0.1:80=8080`: the halves swapped.
+    if port.parse::<u16>().is_err() && target.parse::<u16>().is_ok() && Target::parse(port).is_ok()
+    {
+        return Some(format!("the public port goes first: write {target}={port}"));
+    }
+    target_hint(target, &|t| format!("{port}={t}"))
+}
+
+/// What a target that does not parse was probably meant to be: a URL, a protocol prefix, a
+/// missing host, or a public port in front. `with` turns a corrected target into the whole
+/// corrected spec.
+fn target_hint(target: &str, with: &dyn Fn(&str) -> String) -> Option<String> {
+    let lower = target.to_ascii_lowercase();
+    if lower.starts_with("udp") || lower.ends_with("/udp") {
+        return Some(
+            "UDP is not supported yet: a forward is a TCP target (host:port) or a unix stream \
+             socket (unix:/path/to.sock)"
+                .into(),
+        );
+    }
+    if let Some((scheme, rest)) = target.split_once("://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let example = match Target::parse(authority) {
+            Ok(t) => format!(": write {}", with(&t.to_string())),
+            Err(_) => format!(", e.g. {}", with("127.0.0.1:80")),
+        };
+        return Some(format!(
+            "no scheme: burrow forwards the bytes of a TCP connection, so the target is \
+             host:port without `{scheme}://`{example}"
+        ));
+    }
+    let bare = if lower.starts_with("tcp:") {
+        target.get(4..)
+    } else {
+        target.strip_suffix("/tcp")
+    };
+    if let Some(bare) = bare.filter(|b| Target::parse(b).is_ok()) {
+        return Some(format!(
+            "drop the `tcp:` or `/tcp`: every host:port target is TCP (write {})",
+            with(bare)
+        ));
+    }
+    let (first, rest) = target.split_once(':')?;
+    if first.is_empty() && port_number(rest).is_some() {
+        return Some(format!(
+            "a target needs its host: write {} (or localhost:{rest})",
+            with(&format!("127.0.0.1:{rest}"))
+        ));
+    }
+    if first.parse::<u16>().is_ok() && Target::parse(rest).is_ok() {
+        return Some(format!(
+            "that reads as PUBLIC_PORT:HOST:PORT; the target is {rest}, and the public port is \
+             set apart (`public_port = {first}`, or `{first}=` in front of a compact spec)"
+        ));
+    }
+    None
 }
 
 /// The name a forward gets when none is given: its spec in the compact form.
@@ -1098,7 +1189,40 @@ struct RawAgent {
     log_level: Option<Checked<LogLevel>>,
     limits: Option<RawLimits>,
     forward: Option<Vec<Spanned<toml::Value>>>,
-    forwards: Option<Vec<Spanned<RawForward>>>,
+    forwards: Option<Vec<Spanned<ForwardTable>>>,
+}
+
+/// One `[[forwards]]` entry: a table. A string here is a compact spec in the wrong key, one
+/// letter away from `forward`, and is told so.
+struct ForwardTable(RawForward);
+
+impl<'de> Deserialize<'de> for ForwardTable {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = ForwardTable;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table with `target` (and `public_port`, `name` if wanted)")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ForwardTable, E> {
+                Err(E::custom(format!(
+                    "{s:?} is a compact spec, and those go in `forward = [...]` (did you mean \
+                     `forward`?); a [[forwards]] entry is a table with `target = ...`"
+                )))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ForwardTable, A::Error> {
+                RawForward::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ForwardTable)
+            }
+        }
+        d.deserialize_any(Entry)
+    }
 }
 
 /// The file being read: names it in errors and turns byte offsets into lines.
@@ -1138,7 +1262,8 @@ impl Source<'_> {
             } else {
                 key
             };
-            self.error(span, key, explain(inner.message()))
+            let message = explain(&key, inner.message());
+            self.error(span, key, message)
         })
     }
 
@@ -1404,7 +1529,7 @@ impl Source<'_> {
     fn forwards(
         &self,
         compact: Option<Vec<Spanned<toml::Value>>>,
-        tables: Option<Vec<Spanned<RawForward>>>,
+        tables: Option<Vec<Spanned<ForwardTable>>>,
     ) -> Result<Option<Vec<Forward>>, ConfigError> {
         if compact.is_none() && tables.is_none() {
             return Ok(None);
@@ -1413,15 +1538,21 @@ impl Source<'_> {
         let mut at = Vec::new();
         for (i, v) in compact.unwrap_or_default().into_iter().enumerate() {
             let key = format!("forward[{i}]");
-            let f = text(v.get_ref())
-                .and_then(parse_forward)
-                .map_err(|why| self.error(v.span(), key.as_str(), why))?;
+            let f = match v.get_ref() {
+                toml::Value::Table(_) => Err(
+                    "a table belongs in [[forwards]] (did you mean `forwards`?); `forward` takes \
+                     strings such as \"8080=127.0.0.1:80\""
+                        .to_string(),
+                ),
+                other => text(other).and_then(parse_forward),
+            }
+            .map_err(|why| self.error(v.span(), key.as_str(), why))?;
             out.push(f);
             at.push((key, v.span()));
         }
         for (i, v) in tables.unwrap_or_default().into_iter().enumerate() {
             let span = v.span();
-            let raw = v.into_inner();
+            let raw = v.into_inner().0;
             let public_port = inner(raw.public_port).map_or(0, |p| p.0);
             let target = raw.target.0;
             let name = inner(raw.name).map_or_else(|| forward_name(public_port, &target), |n| n.0);
@@ -1518,10 +1649,37 @@ fn key_path(path: &serde_path_to_error::Path) -> String {
     out
 }
 
-/// serde's wording, in the words of a config file, with a suggestion for a misspelt key.
-fn explain(message: &str) -> String {
+/// serde's wording, in the words of a config file, with a suggestion for a misspelt key and
+/// for a value of the wrong shape. `key` is the path of the key at fault.
+fn explain(key: &str, message: &str) -> String {
     if let Some(rest) = message.strip_prefix("missing field ") {
         return format!("missing key {rest}");
+    }
+    if let Some(rest) = message.strip_prefix("invalid type: ") {
+        // "string \"x\", expected a sequence": what was found, then what was expected.
+        let (found, expected) = rest.rsplit_once(", expected ").unwrap_or((rest, ""));
+        let shape = if expected.starts_with("struct ") {
+            "a table".to_string()
+        } else if expected == "a sequence" {
+            "a list in brackets".to_string()
+        } else {
+            expected.to_string()
+        };
+        let hint = match (key, shape.as_str()) {
+            ("forward", "a list in brackets") => {
+                let example = found
+                    .strip_prefix("string ")
+                    .unwrap_or("\"8080=127.0.0.1:80\"");
+                format!(": write forward = [{example}]")
+            }
+            ("forwards", "a list in brackets") => {
+                ": each entry is a [[forwards]] table (two brackets), or use forward = [...]"
+                    .to_string()
+            }
+            (_, "a table") => format!(": write it as a [{key}] section"),
+            _ => String::new(),
+        };
+        return format!("expected {shape}, found {found}{hint}");
     }
     let Some(rest) = message.strip_prefix("unknown field ") else {
         return message.to_string();
@@ -1586,14 +1744,20 @@ mod tests {
     #[test]
     fn explain_suggests_the_closest_key() {
         assert_eq!(
-            explain("unknown field `max_fram`, expected one of `max_frame`, `max_streams`"),
+            explain(
+                "limits",
+                "unknown field `max_fram`, expected one of `max_frame`, `max_streams`"
+            ),
             "unknown key `max_fram`: did you mean `max_frame`?"
         );
         assert_eq!(
-            explain("unknown field `zzz`, expected `name`"),
+            explain("agents[0]", "unknown field `zzz`, expected `name`"),
             "unknown key `zzz` (known here: name)"
         );
-        assert_eq!(explain("missing field `target`"), "missing key `target`");
+        assert_eq!(
+            explain("forwards[0]", "missing field `target`"),
+            "missing key `target`"
+        );
     }
 
     #[test]

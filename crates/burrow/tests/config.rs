@@ -199,6 +199,11 @@ fn bad_target_in_either_form() {
     let msg = agent_err("[[forwards]]\ntarget = \"::1:80\"\n");
     assert_at(&msg, "conf/agent.toml", 2, "forwards[0].target");
     assert!(msg.contains("brackets"), "{msg}");
+
+    // The public port belongs in `public_port` in a table.
+    let msg = agent_err("[[forwards]]\ntarget = \"8080:127.0.0.1:80\"\n");
+    assert_at(&msg, "conf/agent.toml", 2, "forwards[0].target");
+    assert!(msg.contains("public_port = 8080"), "{msg}");
 }
 
 #[test]
@@ -332,6 +337,8 @@ fn parse_forward_cases() -> Result<(), String> {
         "unix:",
         "8080=",
         "bad host:80",
+        // A bare number is not a host: `8080:80` is Docker's PUBLIC:PORT.
+        "8080:80",
     ] {
         assert!(parse_forward(bad).is_err(), "accepted {bad:?}");
     }

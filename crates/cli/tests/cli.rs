@@ -188,3 +188,97 @@ fn gateway_prints_its_address_and_stops_on_sigterm() -> anyhow::Result<()> {
     assert!(status.success(), "exit {status:?}");
     Ok(())
 }
+
+/// `burrow agent --print-config` with a working gateway, key and transport, plus `args`.
+fn agent_with(args: &[&str]) -> anyhow::Result<(Output, String, String)> {
+    let mut all = vec![
+        "agent",
+        "--print-config",
+        "--gateway",
+        "gw.example.com:7443",
+        "--transport",
+        "tcp",
+    ];
+    all.extend_from_slice(args);
+    run(burrow(&all).env("BURROW_KEY", KEY))
+}
+
+/// The usual ways of getting a forward wrong each get their own hint, never the IPv6 one.
+#[test]
+fn forward_mistakes_get_a_hint_of_their_own() -> anyhow::Result<()> {
+    for (spec, hints) in [
+        // Docker's and ssh's PORT:HOST:PORT.
+        ("8080:127.0.0.1:80", &["use `=`", "8080=127.0.0.1:80"][..]),
+        ("8080:[::1]:80", &["use `=`", "8080=[::1]:80"]),
+        ("8080:80", &["8080=127.0.0.1:80"]),
+        // A URL instead of host:port.
+        (
+            "8080=http://127.0.0.1:80",
+            &["no scheme", "8080=127.0.0.1:80"],
+        ),
+        (
+            "https://example.com:443/x",
+            &["no scheme", "example.com:443"],
+        ),
+        // UDP, not there yet.
+        ("udp:127.0.0.1:53", &["UDP"]),
+        ("5353=udp:127.0.0.1:53", &["UDP"]),
+        ("53:127.0.0.1:53/udp", &["UDP"]),
+        // Other slips.
+        ("tcp:127.0.0.1:80", &["`tcp:`", "127.0.0.1:80"]),
+        (
+            "127.0.0.1:80=8080",
+            &["public port goes first", "8080=127.0.0.1:80"],
+        ),
+        (":80", &["127.0.0.1:80"]),
+    ] {
+        let (out, _, stderr) = agent_with(&["--forward", spec])?;
+        assert!(!out.status.success(), "{spec} accepted");
+        for hint in hints {
+            assert!(stderr.contains(hint), "{spec}: no {hint:?} in: {stderr}");
+        }
+        assert!(!stderr.contains("IPv6"), "{spec}: IPv6 hint: {stderr}");
+    }
+    // Real IPv6 mistakes keep their hint.
+    let (_, _, stderr) = agent_with(&["--forward", "::1:80"])?;
+    assert!(stderr.contains("brackets"), "{stderr}");
+    Ok(())
+}
+
+/// `forward` takes strings and `[[forwards]]` tables, one letter apart: using one for the
+/// other says so, in the file's words (no internal type names).
+#[test]
+fn forward_and_forwards_mixed_up_in_a_file() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (toml, hint) in [
+        (
+            "forwards = [\"8080=127.0.0.1:80\"]",
+            "did you mean `forward`",
+        ),
+        (
+            "forward = [{ target = \"127.0.0.1:80\" }]",
+            "did you mean `forwards`",
+        ),
+        (
+            "[[forward]]\ntarget = \"127.0.0.1:80\"",
+            "did you mean `forwards`",
+        ),
+        (
+            "forward = \"8080=127.0.0.1:80\"",
+            "forward = [\"8080=127.0.0.1:80\"]",
+        ),
+        ("[forwards]\ntarget = \"127.0.0.1:80\"", "[[forwards]]"),
+        ("limits = 5", "a table"),
+    ] {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, format!("{toml}\n"))?;
+        let (out, _, stderr) = agent_with(&["--config", &path.display().to_string()])?;
+        assert!(!out.status.success(), "{toml} accepted");
+        assert!(stderr.contains(hint), "{toml}: no {hint:?} in: {stderr}");
+        assert!(
+            !stderr.contains("Raw"),
+            "{toml}: internal name in: {stderr}"
+        );
+    }
+    Ok(())
+}
