@@ -44,12 +44,13 @@ pub struct Args {
         env = "BURROW_FORWARD",
         value_name = "SPEC",
         value_delimiter = ',',
-        value_parser = config::parse_forward,
+        value_parser = parse_forward_entry,
         help = "A service to publish: [PUBLIC_PORT=]TARGET, where TARGET is host:port, \
                 [ipv6]:port or unix:/path/to.sock and PUBLIC_PORT 0 or absent lets the gateway \
-                choose. Repeat the flag, or separate specs with commas (also in BURROW_FORWARD)"
+                choose. Repeat the flag, or separate specs with commas (also in BURROW_FORWARD; \
+                empty entries are skipped)"
     )]
-    forwards: Vec<Forward>,
+    forwards: Vec<ForwardEntry>,
 
     /// TLS server name to send [default: the host of --gateway]
     #[arg(long, env = "BURROW_SERVER_NAME", value_name = "NAME")]
@@ -61,6 +62,18 @@ pub struct Args {
 
     #[command(flatten)]
     common: crate::Common,
+}
+
+/// One `--forward` entry: a spec, or nothing for an empty entry (`BURROW_FORWARD=""`, what
+/// `${X:-}` gives in a compose file, or a trailing comma).
+#[derive(Debug, Clone)]
+struct ForwardEntry(Option<Forward>);
+
+fn parse_forward_entry(s: &str) -> Result<ForwardEntry, String> {
+    if s.trim().is_empty() {
+        return Ok(ForwardEntry(None));
+    }
+    config::parse_forward(s).map(|f| ForwardEntry(Some(f)))
 }
 
 fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
@@ -89,7 +102,8 @@ impl Args {
             trust,
             transport: self.transport,
             server_name: self.server_name.clone(),
-            forwards: (!self.forwards.is_empty()).then(|| self.forwards.clone()),
+            forwards: Some(self.forwards.iter().filter_map(|f| f.0.clone()).collect())
+                .filter(|f: &Vec<Forward>| !f.is_empty()),
             max_backoff: self.max_backoff,
             log_level: self.common.log_level,
             ..AgentSettings::default()

@@ -282,3 +282,59 @@ fn forward_and_forwards_mixed_up_in_a_file() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// An empty variable is what `${X:-}` gives in a compose file: it counts as unset, and empty
+/// entries in BURROW_FORWARD (a trailing comma) are skipped.
+#[test]
+fn empty_environment_values_count_as_unset() -> anyhow::Result<()> {
+    let (out, _, stderr) = run(burrow(&["agent", "--print-config"])
+        .env("BURROW_GATEWAY", "gw.example.com:7443")
+        .env("BURROW_KEY", KEY)
+        .env("BURROW_TRANSPORT", "tcp")
+        .env("BURROW_FORWARD", ""))?;
+    assert!(out.status.success(), "BURROW_FORWARD=\"\": {stderr}");
+
+    let (out, stdout, stderr) = run(burrow(&["agent", "--print-config"])
+        .env("BURROW_GATEWAY", "gw.example.com:7443")
+        .env("BURROW_KEY", KEY)
+        .env("BURROW_TRANSPORT", "tcp")
+        .env("BURROW_FORWARD", "8080=127.0.0.1:80, ,unix:/run/app.sock,"))?;
+    assert!(out.status.success(), "trailing comma: {stderr}");
+    assert!(stdout.contains("8080=127.0.0.1:80"), "{stdout}");
+    assert!(stdout.contains("unix:/run/app.sock"), "{stdout}");
+
+    // An empty variable defers to the file, as an unset one does.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, "listen = \"127.0.0.1:1111\"\n")?;
+    let (out, stdout, stderr) = run(burrow(&["gateway", "--print-config", "--config"])
+        .arg(&path)
+        .env("BURROW_LISTEN", "")
+        .env("BURROW_PUBLIC_NAME", "")
+        .env("BURROW_LOG_LEVEL", ""))?;
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("127.0.0.1:1111"), "{stdout}");
+    Ok(())
+}
+
+/// A bad value from the environment names the variable it came from; from a flag, the flag.
+#[test]
+fn bad_environment_values_name_the_variable() -> anyhow::Result<()> {
+    for (role, var, value) in [
+        ("agent", "BURROW_FORWARD", "8080:127.0.0.1:80"),
+        ("agent", "BURROW_GATEWAY", "nohost"),
+        ("agent", "BURROW_MAX_BACKOFF", "soon"),
+        ("gateway", "BURROW_LISTEN", "7443"),
+        ("gateway", "BURROW_TRANSPORT", "udp"),
+        ("gateway", "BURROW_LOG_LEVEL", "loud"),
+    ] {
+        let (out, _, stderr) = run(burrow(&[role]).env(var, value))?;
+        assert!(!out.status.success(), "{var}={value} accepted");
+        assert!(stderr.contains(var), "{var}={value}: {stderr}");
+    }
+    let (out, _, stderr) = run(&mut burrow(&["agent", "--forward", "8080:127.0.0.1:80"]))?;
+    assert!(!out.status.success());
+    assert!(stderr.contains("--forward"), "{stderr}");
+    assert!(!stderr.contains("BURROW_FORWARD"), "{stderr}");
+    Ok(())
+}
