@@ -1361,13 +1361,12 @@ impl Source<'_> {
                      be used to log in)",
                 ))
             }
-            (None, None) => {
-                return Err(self.error(
-                    table,
-                    at,
-                    "set `key_hash` (printed by `burrow keygen`) or the agent's `key`",
-                ))
-            }
+            (None, None) => return Err(self.error(
+                table,
+                at,
+                "set `key_hash` (`burrow keygen` makes a key and its hash; `burrow keygen --hash` \
+                     gives the hash of an existing key) or the agent's `key`",
+            )),
         };
         let grant = AgentGrant {
             name: raw.name.into_inner().0 .0,

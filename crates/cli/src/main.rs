@@ -2,13 +2,14 @@
 //!
 //! - `burrow gateway` runs on a public host; agents dial in and it opens public ports for them.
 //! - `burrow agent` runs next to a private service and publishes it through a gateway.
-//! - `burrow keygen` prints a new agent key and its key hash.
+//! - `burrow keygen` prints a new agent key and its key hash, or the hash of an existing key.
 //!
 //! This crate only parses flags and environment, sets up logging and handles signals; the
 //! roles live in the `burrow` library.
 
 mod agent;
 mod gateway;
+mod keygen;
 mod run;
 
 use std::process::ExitCode;
@@ -28,7 +29,6 @@ use std::process::ExitCode;
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use burrow::config::LogLevel;
-use burrow::proto::auth::SecretKey;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
@@ -49,8 +49,9 @@ enum Command {
     /// Run an agent next to a private service: it dials the gateway and publishes the service.
     Agent(agent::Args),
     /// Print a new agent key and its key hash: give the key to the agent, and `key_hash` to
-    /// the gateway's `[[agents]]` entry.
-    Keygen,
+    /// the gateway's `[[agents]]` entry. With --hash or --hash-file, print the key hash of an
+    /// existing key.
+    Keygen(keygen::Args),
 }
 
 /// Flags every role has.
@@ -82,7 +83,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Gateway(args) => gateway::main(args),
         Command::Agent(args) => agent::main(args),
-        Command::Keygen => keygen(),
+        Command::Keygen(args) => keygen::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -163,9 +164,4 @@ fn from_variable(command: &clap::Command, e: &clap::Error) -> Option<String> {
         &format!("in {var} (the variable of --{long})"),
         1,
     ))
-}
-
-fn keygen() -> anyhow::Result<()> {
-    let key = SecretKey::generate();
-    run::print(&format!("key: {}\nkey_hash: {}", key.expose(), key.hash()))
 }

@@ -338,3 +338,54 @@ fn bad_environment_values_name_the_variable() -> anyhow::Result<()> {
     assert!(!stderr.contains("BURROW_FORWARD"), "{stderr}");
     Ok(())
 }
+
+/// `burrow keygen --hash` gives the hash of a key that already exists: from the command line,
+/// from standard input or from a file (the last two keep it out of shell history).
+#[test]
+fn keygen_hash_of_an_existing_key() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let want = format!("key_hash: {}\n", SecretKey::parse(KEY)?.hash());
+    let (out, stdout, stderr) = run(&mut burrow(&["keygen", "--hash", KEY]))?;
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, want);
+
+    for args in [&["keygen", "--hash", "-"][..], &["keygen", "--hash"]] {
+        let mut child = burrow(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(format!("{KEY}\n").as_bytes())?;
+        let out = child.wait_with_output()?;
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert_eq!(String::from_utf8(out.stdout)?, want, "{args:?}");
+    }
+
+    let dir = tempfile::tempdir()?;
+    let key_file = dir.path().join("agent.key");
+    std::fs::write(&key_file, format!("{KEY}\n"))?;
+    let agent_file = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_file,
+        format!("gateway = \"gw.example.com:7443\"\nkey = \"{KEY}\"\n"),
+    )?;
+    for file in [&key_file, &agent_file] {
+        let (out, stdout, stderr) = run(burrow(&["keygen", "--hash-file"]).arg(file))?;
+        assert!(out.status.success(), "{}: {stderr}", file.display());
+        assert_eq!(stdout, want, "{}", file.display());
+    }
+
+    // A broken key is refused without being echoed.
+    let (out, stdout, stderr) = run(&mut burrow(&["keygen", "--hash", "bk_secretbutbroken"]))?;
+    assert!(!out.status.success());
+    assert!(stderr.contains("not a burrow key"), "{stderr}");
+    assert!(
+        !(stdout + &stderr).contains("secretbutbroken"),
+        "key echoed"
+    );
+    Ok(())
+}
