@@ -33,6 +33,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+mod print;
+pub use print::MASKED_KEY;
+
 /// The tunnel port a gateway listens on when none is given.
 pub const DEFAULT_TUNNEL_PORT: u16 = 7443;
 
@@ -639,6 +642,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?} is not a duration (use e.g. 500ms, 10s, 5m or 1h 30m)"))
 }
 
+/// Parses an agent key, `bk_...`. The error never repeats the text, and a masked key (as
+/// `--print-config` and the gateway print them) is called so.
+pub fn parse_key(s: &str) -> Result<SecretKey, String> {
+    if s.contains("****") {
+        return Err(format!(
+            "this is a masked key ({MASKED_KEY}), not the key itself: put the real key here \
+             (the gateway's state directory holds it in {}, and `burrow gateway \
+             --print-agent-line` prints a line with it)",
+            crate::state::AGENT_KEY_FILE
+        ));
+    }
+    SecretKey::parse(s).map_err(|e| e.to_string())
+}
+
 /// Checks a gateway address, `HOST:PORT` or `[IPV6]:PORT`, and returns it trimmed.
 pub fn parse_gateway_addr(s: &str) -> Result<String, String> {
     let s = s.trim();
@@ -1066,7 +1083,7 @@ from_text! {
         format!("{s:?} is not an IP address (use e.g. 0.0.0.0, :: or 203.0.113.5)")
     }),
     Duration => parse_duration,
-    SecretKey => |s: &str| SecretKey::parse(s).map_err(|e| e.to_string()),
+    SecretKey => parse_key,
     KeyHash => |s: &str| KeyHash::parse(s).map_err(|e| e.to_string()),
     Target => Target::parse,
     TransportKind => str::parse,

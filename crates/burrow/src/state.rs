@@ -55,6 +55,25 @@ pub fn load_or_create_agent_key(dir: &Path) -> io::Result<(SecretKey, bool)> {
     }
 }
 
+/// The generated agent key in `dir`, if there is one, without making one (for
+/// `--print-config`, which changes nothing).
+pub fn read_agent_key(dir: &Path) -> io::Result<Option<SecretKey>> {
+    let path = dir.join(AGENT_KEY_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => SecretKey::parse(&text).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot read agent key {}: {e}", path.display()),
+        )),
+    }
+}
+
 /// Creates `dir` (and missing parents) with mode `0700` if it does not exist.
 pub(crate) fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     let mut builder = fs::DirBuilder::new();

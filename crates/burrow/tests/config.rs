@@ -430,3 +430,31 @@ fn missing_settings_name_flag_env_and_key() {
     .expect("an agent without forwards is valid");
     assert!(cfg.forwards.is_empty());
 }
+
+/// `to_toml` of each example, with the real keys in place of the masks, parses back as the
+/// same settings.
+#[test]
+fn printed_settings_parse_back_the_same() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("printed.toml");
+
+    let gateway = load_gateway_file(&examples().join("gateway.toml"))?.into_config()?;
+    let mut text = gateway.to_toml(None);
+    for grant in &gateway.agents {
+        if let KeySpec::Key(k) = &grant.key {
+            text = text.replacen(burrow::config::MASKED_KEY, &k.expose(), 1);
+        }
+    }
+    let again = parse_gateway_file(&file, &text)?.into_config()?;
+    assert_eq!(format!("{again:?}"), format!("{gateway:?}"), "{text}");
+    assert_eq!(again.agents, gateway.agents, "{text}");
+
+    let agent = load_agent_file(&examples().join("agent.toml"))?.into_config()?;
+    let text = agent
+        .to_toml()
+        .replace(burrow::config::MASKED_KEY, &agent.key.expose());
+    let again = parse_agent_file(&file, &text)?.into_config()?;
+    assert_eq!(format!("{again:?}"), format!("{agent:?}"), "{text}");
+    assert_eq!(again.key, agent.key);
+    Ok(())
+}

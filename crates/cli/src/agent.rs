@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use burrow::agent::{Agent, AgentStatus, ForwardStatus};
 use burrow::config::{self, AgentSettings, Forward, TransportKind, Trust};
-use burrow::proto::auth::SecretKey;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -85,7 +84,11 @@ impl Args {
     fn settings(&self) -> anyhow::Result<AgentSettings> {
         // Parsed here rather than by clap, whose errors would echo the key.
         let key = match &self.key {
-            Some(k) => Some(SecretKey::parse(k).context("--key / BURROW_KEY")?),
+            Some(k) => Some(
+                config::parse_key(k)
+                    .map_err(anyhow::Error::msg)
+                    .context("--key / BURROW_KEY")?,
+            ),
             None => None,
         };
         let trust = match (self.fingerprint, &self.ca) {
@@ -117,7 +120,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let file_level = file.log_level;
     let config = file.overlay(args.settings()?).into_config()?;
     if args.common.print_config {
-        return run::print(&format!("{config:#?}"));
+        return run::print(config.to_toml().trim_end());
     }
     run::init_logging(args.common.log_level, file_level)?;
     info!(target: run::LOG_TARGET, ?config, "agent settings");

@@ -77,7 +77,13 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let file_level = file.log_level;
     let config = file.overlay(args.settings()).into_config()?;
     if args.common.print_config {
-        return run::print(&format!("{config:#?}"));
+        // The generated key's hash, when the gateway has made one; unreadable is no reason
+        // not to print the rest.
+        let generated = burrow::state::read_agent_key(&config.state_dir)
+            .ok()
+            .flatten()
+            .map(|k| k.hash());
+        return run::print(config.to_toml(generated.as_ref()).trim_end());
     }
     run::init_logging(args.common.log_level, file_level)?;
     info!(target: run::LOG_TARGET, ?config, "gateway settings");

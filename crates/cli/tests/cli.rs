@@ -70,7 +70,7 @@ fn forwards_from_environment_are_comma_separated() -> anyhow::Result<()> {
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("\"8080=127.0.0.1:80\""), "{stdout}");
     assert!(stdout.contains("\"unix:/run/app.sock\""), "{stdout}");
-    assert!(stdout.contains("Plain"), "{stdout}");
+    assert!(stdout.contains("transport = \"tcp\""), "{stdout}");
     assert!(!stdout.contains(&KEY[3..]), "key printed: {stdout}");
     Ok(())
 }
@@ -387,5 +387,122 @@ fn keygen_hash_of_an_existing_key() -> anyhow::Result<()> {
         !(stdout + &stderr).contains("secretbutbroken"),
         "key echoed"
     );
+    Ok(())
+}
+
+/// `--print-config` prints a config file: TOML that, with the real key in place of the mask,
+/// reads back as the same settings (printed again, it is the same text).
+#[test]
+fn print_config_reads_back_as_the_same_settings() -> anyhow::Result<()> {
+    const KEY2: &str = "bk_5JG9gAt6USx2Cm5GCBiq-AdRjUxOI2NSRKwsBWYJGSU";
+    let dir = tempfile::tempdir()?;
+    let gateway_file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &gateway_file,
+        format!(
+            "listen = \"127.0.0.1:9443\"\npublic_name = \"gw.example.com\"\n\
+             state_dir = \"state\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n\
+             lease = \"90s\"\ngrace = \"1500ms\"\n\
+             [heartbeat]\ninterval = \"250ms\"\nmisses = 5\n\
+             [limits]\nmax_streams = 77\nhandshake_timeout = \"3s\"\n\
+             [[agents]]\nname = \"web\"\nkey = \"{KEY2}\"\nports = [8080, \"9000-9100\"]\n\
+             [[agents]]\nname = \"db\"\nkey_hash = \"{}\"\nports = [5432]\n",
+            SecretKey::parse(KEY)?.hash()
+        ),
+    )?;
+    let agent_file = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_file,
+        "[limits]\nmax_frame = 131072\n[[forwards]]\ntarget = \"[::1]:3000\"\nname = \"api\"\n",
+    )?;
+    let cases: [(&str, Vec<String>, &str); 3] = [
+        (
+            "gateway",
+            vec![
+                "--config".into(),
+                gateway_file.display().to_string(),
+                "--public-host".into(),
+                "127.0.0.2".into(),
+            ],
+            KEY2,
+        ),
+        (
+            "agent",
+            vec![
+                "--gateway".into(),
+                "gw.example.com:7443".into(),
+                "--fingerprint".into(),
+                format!("SHA256:{}", "ab".repeat(32)),
+                "--server-name".into(),
+                "sni.example".into(),
+                "--forward".into(),
+                "0=localhost:5000".into(),
+                "--forward".into(),
+                "unix:/run/app.sock".into(),
+            ],
+            KEY,
+        ),
+        (
+            "agent",
+            vec![
+                "--config".into(),
+                agent_file.display().to_string(),
+                "--gateway".into(),
+                "[::1]:7443".into(),
+                "--ca".into(),
+                "ca.pem".into(),
+                "--max-backoff".into(),
+                "2m".into(),
+            ],
+            KEY,
+        ),
+    ];
+    for (i, (role, args, key)) in cases.iter().enumerate() {
+        let mut first = burrow(&[role, "--print-config"]);
+        first
+            .args(args)
+            .env("BURROW_KEY", KEY)
+            .current_dir(dir.path());
+        let (out, printed, stderr) = run(&mut first)?;
+        assert!(out.status.success(), "{role} {args:?}: {stderr}");
+        assert!(printed.contains("\"bk_****\""), "{printed}");
+        assert!(!printed.contains('{'), "not TOML: {printed}");
+        let file = dir.path().join(format!("printed-{i}.toml"));
+        std::fs::write(&file, printed.replace("bk_****", key))?;
+        let (out, again, stderr) = run(burrow(&[role, "--print-config", "--config"]).arg(&file))?;
+        assert!(
+            out.status.success(),
+            "{role}: the printed file is refused: {stderr}\n{printed}"
+        );
+        assert_eq!(again, printed, "{role} {args:?}: read back differently");
+    }
+    Ok(())
+}
+
+/// Zero configuration: `--print-config` shows the agent the gateway accepts, with the hash of
+/// the key it made, which it does not print.
+#[test]
+fn print_config_shows_the_generated_agent() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    let print = || -> anyhow::Result<String> {
+        let (out, stdout, stderr) =
+            run(burrow(&["gateway", "--print-config", "--state-dir"]).arg(&state))?;
+        assert!(out.status.success(), "{stderr}");
+        Ok(stdout)
+    };
+    let before = print()?;
+    assert!(before.contains("first start"), "{before}");
+    assert!(!state.exists(), "--print-config made the state directory");
+    std::fs::create_dir(&state)?;
+    std::fs::write(state.join("agent.key"), format!("{KEY}\n"))?;
+    let after = print()?;
+    let hash = SecretKey::parse(KEY)?.hash().to_string();
+    assert!(
+        after.contains(&format!("#   key_hash = \"{hash}\"")),
+        "{after}"
+    );
+    assert!(after.contains("#   name = \"default\""), "{after}");
+    assert!(!after.contains(&KEY[3..]), "key printed: {after}");
     Ok(())
 }
