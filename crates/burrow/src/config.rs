@@ -307,6 +307,9 @@ pub struct AgentConfig {
     pub limits: Limits,
     /// Longest pause between reconnect attempts (default 30 s).
     pub max_backoff: Duration,
+    /// How long connecting to a target may take before the stream is given up (default
+    /// 10 s). A stream waiting for its turn under `max_pending_opens` counts that time too.
+    pub connect_timeout: Duration,
     /// How long streams may drain at shutdown (default 10 s).
     pub grace: Duration,
 }
@@ -849,6 +852,8 @@ pub struct AgentSettings {
     pub limits: Option<Limits>,
     /// `max_backoff`.
     pub max_backoff: Option<Duration>,
+    /// `connect_timeout`.
+    pub connect_timeout: Option<Duration>,
     /// `grace`.
     pub grace: Option<Duration>,
     /// `log_level`: not part of [`AgentConfig`]; the CLI sets up logging with it.
@@ -867,6 +872,7 @@ impl AgentSettings {
             forwards: over.forwards.or(self.forwards),
             limits: over.limits.or(self.limits),
             max_backoff: over.max_backoff.or(self.max_backoff),
+            connect_timeout: over.connect_timeout.or(self.connect_timeout),
             grace: over.grace.or(self.grace),
             log_level: over.log_level.or(self.log_level),
         }
@@ -904,6 +910,7 @@ impl AgentSettings {
             forwards,
             limits: self.limits.unwrap_or_default(),
             max_backoff: self.max_backoff.unwrap_or(DEFAULT_MAX_BACKOFF),
+            connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             grace: self.grace.unwrap_or(DEFAULT_GRACE),
         })
     }
@@ -911,6 +918,8 @@ impl AgentSettings {
 
 /// Default longest pause between an agent's reconnect attempts.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Default time an agent's connect to a target may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time streams may drain at shutdown.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
@@ -1202,6 +1211,7 @@ struct RawAgent {
     server_name: Option<Checked<Name>>,
     transport: Option<Spanned<Checked<TransportKind>>>,
     max_backoff: Option<Spanned<Checked<Duration>>>,
+    connect_timeout: Option<Spanned<Checked<Duration>>>,
     grace: Option<Checked<Duration>>,
     log_level: Option<Checked<LogLevel>>,
     limits: Option<RawLimits>,
@@ -1487,12 +1497,15 @@ impl Source<'_> {
     fn agent(&self, raw: RawAgent) -> Result<AgentSettings, ConfigError> {
         let transport = raw.transport.map(|t| t.into_inner().0);
         let trust = self.trust(raw.fingerprint, raw.ca, transport)?;
-        if let Some(v) = &raw.max_backoff {
-            if v.get_ref().0.is_zero() {
+        for (key, value, default) in [
+            ("max_backoff", &raw.max_backoff, "30s"),
+            ("connect_timeout", &raw.connect_timeout, "10s"),
+        ] {
+            if let Some(v) = value.as_ref().filter(|v| v.get_ref().0.is_zero()) {
                 return Err(self.error(
                     v.span(),
-                    "max_backoff",
-                    "must be more than 0 (default 30s)",
+                    key,
+                    format!("must be more than 0 (default {default})"),
                 ));
             }
         }
@@ -1505,6 +1518,7 @@ impl Source<'_> {
             forwards: self.forwards(raw.forward, raw.forwards)?,
             limits: raw.limits.map(|l| self.limits(l)).transpose()?,
             max_backoff: raw.max_backoff.map(|v| v.into_inner().0),
+            connect_timeout: raw.connect_timeout.map(|v| v.into_inner().0),
             grace: inner(raw.grace),
             log_level: inner(raw.log_level),
         })

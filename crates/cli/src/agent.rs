@@ -59,6 +59,11 @@ pub struct Args {
     #[arg(long, env = "BURROW_MAX_BACKOFF", value_name = "DURATION", value_parser = config::parse_duration)]
     max_backoff: Option<Duration>,
 
+    /// How long connecting to a target may take before the client's connection is closed,
+    /// e.g. 3s [default: 10s]
+    #[arg(long, env = "BURROW_CONNECT_TIMEOUT", value_name = "DURATION", value_parser = parse_timeout)]
+    connect_timeout: Option<Duration>,
+
     #[command(flatten)]
     common: crate::Common,
 }
@@ -73,6 +78,14 @@ fn parse_forward_entry(s: &str) -> Result<ForwardEntry, String> {
         return Ok(ForwardEntry(None));
     }
     config::parse_forward(s).map(|f| ForwardEntry(Some(f)))
+}
+
+/// A duration of more than zero.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match config::parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0".into()),
+        d => Ok(d),
+    }
 }
 
 fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
@@ -108,6 +121,7 @@ impl Args {
             forwards: Some(self.forwards.iter().filter_map(|f| f.0.clone()).collect())
                 .filter(|f: &Vec<Forward>| !f.is_empty()),
             max_backoff: self.max_backoff,
+            connect_timeout: self.connect_timeout,
             log_level: self.common.log_level,
             ..AgentSettings::default()
         })

@@ -86,14 +86,24 @@ impl Proc {
         );
     }
 
-    /// SIGTERM, then the exit status within 30 s.
-    fn terminate(mut self) -> std::process::ExitStatus {
+    /// Sends SIGTERM.
+    fn sigterm(&self) {
         let ok = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(ok.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
+    }
+
+    /// SIGTERM, then the exit status within 30 s.
+    fn terminate(self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.exit_within(Duration::from_secs(30))
+    }
+
+    /// The exit status within `limit`, after checking stderr for panics.
+    fn exit_within(mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
                 // Wait for the reader thread to see the end of stderr, then check it.
@@ -108,7 +118,11 @@ impl Proc {
                 assert!(panics.is_empty(), "process panicked: {:#?}", self.seen_err);
                 return st;
             }
-            assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "did not exit within {limit:?}; stderr: {:#?}",
+                self.seen_err
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -205,9 +219,17 @@ fn printed_agent_line_works_as_printed_and_carries_traffic() {
     let (hash, client) = echo_through(&public, &data);
     assert_eq!(hash, <[u8; 32]>::from(Sha256::digest(&data)));
 
-    // The agent logs the remote client's address with the stream.
+    // The agent logs the remote client's address with the stream, as an address (not
+    // `Some(...)`), and a clean stream has no `error` field; the gateway's line likewise.
     let closed = agent.stderr_line("stream closed");
     assert!(closed.contains(&client.to_string()), "{closed}");
+    let mut gw = gw;
+    let gw_closed = gw.stderr_line("stream closed");
+    for line in [&closed, &gw_closed] {
+        assert!(!line.contains("Some("), "{line}");
+        assert!(!line.contains("error="), "{line}");
+        assert!(line.contains(&format!("client={client}")), "{line}");
+    }
 
     assert!(agent.terminate().success(), "agent exits 0 on SIGTERM");
     assert!(gw.terminate().success(), "gateway exits 0 on SIGTERM");
@@ -287,4 +309,118 @@ fn agent_killed_and_restarted_gets_its_public_port_back() {
     assert_eq!(hash, <[u8; 32]>::from(Sha256::digest(&data)));
     assert!(agent.terminate().success());
     assert!(gw.terminate().success());
+}
+
+/// A target whose connects never complete: a listener with a backlog of 0 and its one queue
+/// place taken, so the kernel drops further SYNs. Keep both values alive.
+fn unanswered_target() -> (socket2::Socket, TcpStream) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let filler = TcpStream::connect(addr).unwrap();
+    // Nothing is accepted: the next connect hangs in SYN_SENT.
+    let probe = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+    assert!(probe.is_err(), "the backlog trick does not work here");
+    (s, filler)
+}
+
+/// `--connect-timeout` bounds the agent's connect to a target: the client's connection is
+/// closed after it, and the log says so (the default is 10 s).
+#[test]
+fn connect_timeout_bounds_the_connect_to_a_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, line) = start_gateway(&dir.path().display().to_string());
+    let (target, _filler) = unanswered_target();
+    let port = target.local_addr().unwrap().as_socket().unwrap().port();
+    let mut args = agent_args(&line);
+    args.extend(s(&[
+        "--connect-timeout",
+        "300ms",
+        "--forward",
+        &format!("127.0.0.1:{port}"),
+    ]));
+    let mut agent = Proc::start(&args);
+    let granted = agent.stdout_line(|l| l.contains(": public address "));
+    let public = granted.rsplit(' ').next().unwrap().to_string();
+
+    let started = Instant::now();
+    let mut c = TcpStream::connect(&public).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 16];
+    // EOF or a reset: either way the connection is given up.
+    let _ = c.read(&mut buf);
+    let took = started.elapsed();
+    let logged = agent.stderr_line("timed out");
+    assert!(logged.contains("300ms"), "{logged}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+        "the client waited {took:?} (connect_timeout 300ms)"
+    );
+    assert!(agent.terminate().success());
+    assert!(gw.terminate().success());
+}
+
+/// The agent's warning about a lost gateway says when it tries again.
+#[test]
+fn reconnect_warning_says_when_the_next_attempt_is() {
+    // A "gateway" that hangs up at once.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            drop(conn);
+        }
+    });
+    let mut agent = Proc::start(&s(&[
+        "agent",
+        "--gateway",
+        &addr.to_string(),
+        "--transport",
+        "tcp",
+        "--key",
+        "bk_zlpV87yiiQg6NJ7bgH5mrgoSwLSXRExx5Swq84TwkhA",
+    ]));
+    let warning = agent.stderr_line("next attempt in ");
+    assert!(warning.contains("WARN"), "{warning}");
+    // "... next attempt in 1s 234ms gateway=...": the fields follow the message.
+    let rest = warning.rsplit("next attempt in ").next().unwrap();
+    let when = rest.split(" gateway=").next().unwrap().trim();
+    assert!(
+        humantime::parse_duration(when).is_ok_and(|d| d <= Duration::from_secs(1)),
+        "the first retry is within 0.5 s: {warning}"
+    );
+    assert!(agent.terminate().success());
+}
+
+/// A second SIGTERM stops at once, without waiting for streams, and that is still exit 0:
+/// a stop that was asked for (systemd reads any other status as a failure).
+#[test]
+fn second_sigterm_stops_at_once_with_status_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut gw, line) = start_gateway(&dir.path().display().to_string());
+    let echo = echo_server();
+    let mut args = agent_args(&line);
+    args.extend(s(&["--forward", &format!("127.0.0.1:{}", echo.port())]));
+    let mut agent = Proc::start(&args);
+    let granted = agent.stdout_line(|l| l.contains(": public address "));
+    let public = granted.rsplit(' ').next().unwrap().to_string();
+    // A stream in flight keeps the gateway draining for its 10 s grace period.
+    let mut client = TcpStream::connect(&public).unwrap();
+    client.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    client.read_exact(&mut buf).unwrap();
+
+    gw.sigterm();
+    gw.stderr_line("shutting down");
+    let started = Instant::now();
+    gw.sigterm();
+    gw.stderr_line("stopping now");
+    let status = gw.exit_within(Duration::from_secs(5));
+    assert!(status.success(), "second SIGTERM: {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(client);
+    assert!(agent.terminate().success());
 }

@@ -301,6 +301,14 @@ const FLAGS: &[Flag] = &[
     },
     Flag {
         role: Role::Agent,
+        flag: "--connect-timeout",
+        env: "BURROW_CONNECT_TIMEOUT",
+        file: &[AGENT_FILE, "connect_timeout = \"45s\""],
+        a: ("3s", Shows("connect_timeout = \"3s\"")),
+        b: ("0s", Refused("must be more than 0")),
+    },
+    Flag {
+        role: Role::Agent,
         flag: "--config",
         env: "BURROW_CONFIG",
         file: &[],
@@ -518,6 +526,7 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Agent, "transport", "transport = \"tcp\"", "transport = \"tcp\""),
     (Role::Agent, "max_backoff", "max_backoff = \"2m\"", "max_backoff = \"2m\""),
     (Role::Agent, "grace", "grace = \"3s\"", "grace = \"3s\""),
+    (Role::Agent, "connect_timeout", "connect_timeout = \"2500ms\"", "connect_timeout = \"2s 500ms\""),
     (Role::Agent, "forward", "forward = [\"8080=127.0.0.1:80\", \"unix:/run/app.sock\"]", TWO_FORWARDS),
     (Role::Agent, "forwards.public_port", API, "[[forwards]]\npublic_port = 9000"),
     (Role::Agent, "forwards.target", API, "target = \"[::1]:3000\""),

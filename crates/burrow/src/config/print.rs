@@ -185,6 +185,7 @@ impl AgentConfig {
             forwards,
             limits: l,
             max_backoff,
+            connect_timeout,
             grace,
         } = self;
         let mut out = Out::default();
@@ -207,6 +208,7 @@ impl AgentConfig {
             out.text("server_name", name);
         }
         out.duration("max_backoff", *max_backoff);
+        out.duration("connect_timeout", *connect_timeout);
         out.duration("grace", *grace);
         // The compact form when every name is a spec that reads back as its forward (the
         // name of a compact spec is the spec); tables otherwise, which keep any name.

@@ -52,6 +52,7 @@ pub fn agent_config(gw: &TestGateway, forwards: Vec<Forward>) -> AgentConfig {
         forwards,
         limits: Limits::default(),
         max_backoff: Duration::from_millis(500),
+        connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
         grace: Duration::from_secs(2),
     }
 }
