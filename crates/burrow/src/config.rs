@@ -213,6 +213,9 @@ pub struct GatewayConfig {
     pub public_name: Option<String>,
     /// Where the certificate and generated key live.
     pub state_dir: PathBuf,
+    /// Use a state directory that others can change, with a warning, instead of refusing to
+    /// start (default false; see [`crate::state::check_state_dir`]).
+    pub allow_insecure_state: bool,
     /// TLS (default) or plain TCP.
     pub transport: TransportKind,
     /// A CA-signed certificate chain (PEM) to serve instead of the self-signed one.
@@ -255,6 +258,7 @@ impl GatewayConfig {
             public_host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             public_name: None,
             state_dir,
+            allow_insecure_state: false,
             transport: TransportKind::Tls,
             tls_cert: None,
             tls_key: None,
@@ -752,6 +756,8 @@ pub struct GatewaySettings {
     pub public_name: Option<String>,
     /// `state_dir`.
     pub state_dir: Option<PathBuf>,
+    /// `allow_insecure_state`.
+    pub allow_insecure_state: Option<bool>,
     /// `transport`.
     pub transport: Option<TransportKind>,
     /// `tls_cert`.
@@ -780,6 +786,7 @@ impl GatewaySettings {
             public_host: over.public_host.or(self.public_host),
             public_name: over.public_name.or(self.public_name),
             state_dir: over.state_dir.or(self.state_dir),
+            allow_insecure_state: over.allow_insecure_state.or(self.allow_insecure_state),
             transport: over.transport.or(self.transport),
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
@@ -819,6 +826,7 @@ impl GatewaySettings {
         c.tls_cert = self.tls_cert;
         c.tls_key = self.tls_key;
         c.public_name = self.public_name;
+        set(&mut c.allow_insecure_state, self.allow_insecure_state);
         c.agents = self.agents.unwrap_or_default();
         set(&mut c.listen, self.listen);
         set(&mut c.public_host, self.public_host);
@@ -1180,6 +1188,7 @@ struct RawGateway {
     public_host: Option<Checked<IpAddr>>,
     public_name: Option<Checked<Name>>,
     state_dir: Option<Checked<PathBuf>>,
+    allow_insecure_state: Option<bool>,
     transport: Option<Checked<TransportKind>>,
     tls_cert: Option<Checked<PathBuf>>,
     tls_key: Option<Checked<PathBuf>>,
@@ -1325,6 +1334,7 @@ impl Source<'_> {
             public_host: inner(raw.public_host),
             public_name: inner(raw.public_name).map(|n| n.0),
             state_dir: inner(raw.state_dir).map(|p| self.resolve(p)),
+            allow_insecure_state: raw.allow_insecure_state,
             transport: inner(raw.transport),
             tls_cert: inner(raw.tls_cert).map(|p| self.resolve(p)),
             tls_key: inner(raw.tls_key).map(|p| self.resolve(p)),

@@ -132,11 +132,15 @@ impl Args {
 pub fn main(args: Args) -> anyhow::Result<()> {
     let file = run::load_file(args.common.config.as_deref(), config::load_agent_file)?;
     let file_level = file.log_level;
+    let file_has_key = file.key.is_some();
     let config = file.overlay(args.settings()?).into_config()?;
     if args.common.print_config {
         return run::print(config.to_toml().trim_end());
     }
     run::init_logging(args.common.log_level, file_level)?;
+    if let Some(path) = args.common.config.as_deref().filter(|_| file_has_key) {
+        burrow::state::warn_if_readable_by_others(path);
+    }
     info!(target: run::LOG_TARGET, ?config, "agent settings");
     let grace = config.grace;
     let names: Vec<String> = config.forwards.iter().map(|f| f.name.clone()).collect();

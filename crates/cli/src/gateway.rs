@@ -33,6 +33,19 @@ pub struct Args {
     #[arg(long, env = "BURROW_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
+    /// Use a state directory that other users can change (its files could be replaced by
+    /// theirs), with a warning, instead of refusing to start [default: false]
+    #[arg(
+        long,
+        env = "BURROW_ALLOW_INSECURE_STATE",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    allow_insecure_state: Option<bool>,
+
     /// Tunnel transport: tls, or tcp only behind a TLS-terminating proxy [default: tls]
     #[arg(long, env = "BURROW_TRANSPORT", value_name = "TRANSPORT", value_parser = transport_parser())]
     transport: Option<TransportKind>,
@@ -62,6 +75,7 @@ impl Args {
             public_host: self.public_host,
             public_name: self.public_name.clone(),
             state_dir: self.state_dir.clone(),
+            allow_insecure_state: self.allow_insecure_state,
             transport: self.transport,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
@@ -75,6 +89,11 @@ impl Args {
 pub fn main(args: Args) -> anyhow::Result<()> {
     let file = run::load_file(args.common.config.as_deref(), config::load_gateway_file)?;
     let file_level = file.log_level;
+    let file_has_key = file
+        .agents
+        .iter()
+        .flatten()
+        .any(|a| matches!(a.key, config::KeySpec::Key(_)));
     let config = file.overlay(args.settings()).into_config()?;
     if args.common.print_config {
         // The generated key's hash, when the gateway has made one; unreadable is no reason
@@ -86,6 +105,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         return run::print(config.to_toml(generated.as_ref()).trim_end());
     }
     run::init_logging(args.common.log_level, file_level)?;
+    if let Some(path) = args.common.config.as_deref().filter(|_| file_has_key) {
+        burrow::state::warn_if_readable_by_others(path);
+    }
     info!(target: run::LOG_TARGET, ?config, "gateway settings");
     let grace = config.grace;
     run::runtime()?.block_on(async move {

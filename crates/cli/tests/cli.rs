@@ -1,7 +1,7 @@
 //! The `burrow` binary: keygen, configuration errors, flags over environment over file.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -504,5 +504,127 @@ fn print_config_shows_the_generated_agent() -> anyhow::Result<()> {
     );
     assert!(after.contains("#   name = \"default\""), "{after}");
     assert!(!after.contains(&KEY[3..]), "key printed: {after}");
+    Ok(())
+}
+
+/// What a gateway on `state` did within 20 s: `Some(status)` when it exited, `None` when it
+/// started listening (it is then stopped); and its stderr.
+fn gateway_on(
+    state: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<(Option<ExitStatus>, String)> {
+    let mut child = burrow(&["gateway", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+        .arg("--state-dir")
+        .arg(state)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("gateway listening on ") && tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
+        text
+    });
+    let status = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(()) => {
+            child.kill()?;
+            child.wait()?;
+            None
+        }
+        Err(_) => Some(child.wait()?),
+    };
+    let err = err.join().expect("stderr reader");
+    Ok((status, err))
+}
+
+fn chmod(path: &std::path::Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    Ok(std::fs::set_permissions(
+        path,
+        std::fs::Permissions::from_mode(mode),
+    )?)
+}
+
+/// A state directory or state file that another user can write (or that belongs to one) is
+/// refused, naming the problem; `--allow-insecure-state` turns that into a warning. A key file
+/// others can only read is a warning, and says "readable".
+#[test]
+fn state_directory_others_can_change_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    // A first start makes the state.
+    let (status, stderr) = gateway_on(&state, &[])?;
+    assert!(status.is_none(), "fresh state refused: {stderr}");
+    let key = state.join("agent.key");
+
+    chmod(&state, 0o777)?;
+    let (status, stderr) = gateway_on(&state, &[])?;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "mode 777 accepted: {stderr}"
+    );
+    assert!(
+        stderr.contains("can be written by all users (mode 777)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--allow-insecure-state"), "{stderr}");
+
+    let (status, stderr) = gateway_on(&state, &["--allow-insecure-state"])?;
+    assert!(status.is_none(), "--allow-insecure-state refused: {stderr}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("mode 777"),
+        "{stderr}"
+    );
+    chmod(&state, 0o700)?;
+
+    // A planted key: a file others can write is refused, and said to be writable.
+    chmod(&key, 0o666)?;
+    let (status, stderr) = gateway_on(&state, &[])?;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "agent.key 666 accepted: {stderr}"
+    );
+    assert!(
+        stderr.contains("agent.key can be written by all users"),
+        "{stderr}"
+    );
+    chmod(&key, 0o620)?;
+    let (status, stderr) = gateway_on(&state, &[])?;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "agent.key 620 accepted: {stderr}"
+    );
+    assert!(
+        stderr.contains("agent.key can be written by its group"),
+        "{stderr}"
+    );
+
+    // Readable only: a warning that says so, and the gateway starts.
+    chmod(&key, 0o644)?;
+    let (status, stderr) = gateway_on(&state, &[])?;
+    assert!(status.is_none(), "agent.key 644 refused: {stderr}");
+    assert!(stderr.contains("is readable by other users"), "{stderr}");
+    chmod(&key, 0o600)?;
+
+    // Another user's directory (only root can make one here).
+    if std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
+        std::os::unix::fs::chown(&state, Some(65534), None)?;
+        let (status, stderr) = gateway_on(&state, &[])?;
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "foreign owner accepted: {stderr}"
+        );
+        assert!(stderr.contains("belongs to user 65534"), "{stderr}");
+    }
     Ok(())
 }

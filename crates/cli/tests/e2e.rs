@@ -424,3 +424,41 @@ fn second_sigterm_stops_at_once_with_status_zero() {
     drop(client);
     assert!(agent.terminate().success());
 }
+
+/// A config file with a key that other users can read gets the warning the state files get;
+/// one without a key (or a private one) does not.
+#[test]
+fn config_file_with_a_key_readable_by_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            drop(conn);
+        }
+    });
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "gateway = \"{addr}\"\ntransport = \"tcp\"\n\
+             key = \"bk_zlpV87yiiQg6NJ7bgH5mrgoSwLSXRExx5Swq84TwkhA\"\n"
+        ),
+    )
+    .unwrap();
+    let run = |mode: u32| {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut agent = Proc::start(&s(&["agent", "--config", &file.display().to_string()]));
+        // Logged after the settings and before the first attempt's warning.
+        agent.stderr_line("next attempt in");
+        let warned = agent
+            .seen_err
+            .iter()
+            .any(|l| l.contains("readable by other users") && l.contains("agent.toml"));
+        assert!(agent.terminate().success());
+        warned
+    };
+    assert!(run(0o644), "no warning for a key file readable by others");
+    assert!(!run(0o600), "a warning for a private file");
+}

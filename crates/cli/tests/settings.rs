@@ -433,6 +433,35 @@ fn every_flag_and_variable_takes_effect_and_the_flag_wins() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// `--allow-insecure-state` is a switch: no value on the command line; `true` or `false` in
+/// the variable and the file.
+#[test]
+fn allow_insecure_state_from_flag_environment_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(&file, "allow_insecure_state = true\n").unwrap();
+    let with_file = vec!["--config".to_string(), file.display().to_string()];
+    let flag = vec!["--allow-insecure-state".to_string()];
+    let env = |v: &str| vec![("BURROW_ALLOW_INSECURE_STATE", v.to_string())];
+    for (args, env, on) in [
+        (vec![], vec![], false),
+        (flag.clone(), vec![], true),
+        (vec![], env("true"), true),
+        (vec![], env("false"), false),
+        (with_file.clone(), vec![], true),
+        (with_file.clone(), env("false"), false),
+        ([with_file, flag].concat(), env("false"), true),
+    ] {
+        let got = print_config(Role::Gateway, &args, &env);
+        let want = format!("allow_insecure_state = {on}");
+        assert!(
+            got.ok && got.shows(&want),
+            "{args:?} {env:?}: {}",
+            got.describe()
+        );
+    }
+}
+
 /// The variable beats the file, key by key: the file's other keys stay.
 #[test]
 fn environment_beats_the_file_and_keeps_its_other_keys() {
@@ -499,6 +528,7 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Gateway, "public_host", "public_host = \"127.0.0.2\"", "public_host = \"127.0.0.2\""),
     (Role::Gateway, "public_name", "public_name = \"gw.example\"", "public_name = \"gw.example\""),
     (Role::Gateway, "state_dir", "state_dir = \"/srv/burrow-file\"", "state_dir = \"/srv/burrow-file\""),
+    (Role::Gateway, "allow_insecure_state", "allow_insecure_state = true", "allow_insecure_state = true"),
     (Role::Gateway, "transport", "transport = \"tcp\"", "transport = \"tcp\""),
     (Role::Gateway, "tls_cert", TLS_PAIR, "tls_cert = \"/tls/c.pem\""),
     (Role::Gateway, "tls_key", TLS_PAIR, "tls_key = \"/tls/k.pem\""),

@@ -111,6 +111,7 @@ impl GatewayConfig {
             public_host,
             public_name,
             state_dir,
+            allow_insecure_state,
             transport,
             tls_cert,
             tls_key,
@@ -130,6 +131,7 @@ impl GatewayConfig {
             None => out.line("# public_name: not set (agents are told this host's address)"),
         }
         out.path("state_dir", state_dir);
+        out.value("allow_insecure_state", *allow_insecure_state);
         out.text("transport", transport.as_str());
         if let Some(p) = tls_cert {
             out.path("tls_cert", p);
