@@ -236,7 +236,7 @@ fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError) -> transp
     match e {
         Rejected { code: ErrorCode::AuthFailed, message } => transport::DialError {
             message: format!(
-                "gateway {} rejected the key ({message}): check --key / BURROW_KEY / `key` in the agent config; it must be a key the gateway accepts (the gateway prints a working `burrow agent` line at start, and `burrow keygen` shows a key's hash for the gateway's config)",
+                "gateway {} rejected the key ({message}): check --key / BURROW_KEY / `key` in the agent config; it must be a key the gateway accepts (`burrow gateway --print-agent-line` on the gateway's host prints a working `burrow agent` line, and `burrow keygen --hash` shows a key's hash for the gateway's `[[agents]]`)",
                 cfg.gateway
             ),
             fatal: true,

@@ -899,7 +899,8 @@ impl AgentSettings {
         })?;
         let key = self.key.ok_or_else(|| {
             missing(
-                "no agent key (the gateway prints one at start, or make one with `burrow keygen`)",
+                "no agent key (the gateway prints one at its first start and with \
+                 `burrow gateway --print-agent-line`, or make one with `burrow keygen`)",
                 "--key",
                 "BURROW_KEY (keeps it out of `ps`)",
                 "key",

@@ -43,6 +43,8 @@ pub struct Gateway {
     listener: TcpListener,
     identity: Option<GatewayIdentity>,
     generated: Option<SecretKey>,
+    /// Whether `generated` was made by this start (rather than read from the state).
+    generated_now: bool,
     hub: Arc<Hub>,
 }
 
@@ -95,12 +97,14 @@ impl Gateway {
         };
         let mut agents = config.agents.clone();
         let mut generated = None;
+        let mut generated_now = false;
         if agents.is_empty() {
             let (key, created) = crate::state::load_or_create_agent_key(&config.state_dir)
                 .map_err(|e| GatewayError(e.to_string()))?;
             if created {
                 info!(dir = %config.state_dir.display(), "generated a new agent key");
             }
+            generated_now = created;
             agents.push(AgentGrant {
                 name: DEFAULT_AGENT_NAME.into(),
                 key: KeySpec::Key(key.clone()),
@@ -137,6 +141,7 @@ impl Gateway {
             listener,
             identity,
             generated,
+            generated_now,
             hub: Arc::new(Hub {
                 config,
                 params,
@@ -168,26 +173,22 @@ impl Gateway {
             .map(|i| tls::fingerprint_string(&i.fingerprint))
     }
 
-    /// The `burrow agent ...` command line for the generated key, when the gateway uses one.
-    pub fn agent_command(&self) -> Option<String> {
-        let key = self.generated.as_ref()?;
-        let addr = self.local_addr();
-        let host = match &self.hub.config.public_name {
-            Some(name) => name.clone(),
-            None => match addr.ip() {
-                IpAddr::V6(v6) => format!("[{v6}]"),
-                ip => ip.to_string(),
-            },
-        };
-        let trust = match self.fingerprint() {
-            Some(fp) => format!("--fingerprint {fp}"),
-            None => "--transport tcp".to_string(),
-        };
-        Some(format!(
-            "burrow agent --gateway {host}:{} --key {} {trust}",
-            addr.port(),
-            key.expose()
+    /// The `burrow agent ...` line for the generated key, when the gateway uses one (see
+    /// [`crate::agent_line`]).
+    pub fn agent_line(&self) -> Option<crate::agent_line::AgentLine> {
+        let key = self.generated.clone()?;
+        let public_name = self.hub.config.public_name.as_deref();
+        Some(crate::agent_line::AgentLine::new(
+            public_name,
+            self.local_addr(),
+            key,
+            self.fingerprint(),
         ))
+    }
+
+    /// Whether this start made the generated key (so nobody has seen it yet).
+    pub fn key_created(&self) -> bool {
+        self.generated_now
     }
 
     /// Serves until `shutdown` is cancelled; then stops accepting, lets streams drain for the

@@ -19,7 +19,8 @@ pub struct Args {
     #[arg(long, env = "BURROW_GATEWAY", value_name = "HOST:PORT", value_parser = config::parse_gateway_addr)]
     gateway: Option<String>,
 
-    /// The agent key, bk_... (the gateway prints one at start; or `burrow keygen`). Prefer
+    /// The agent key, bk_... (the gateway prints one at its first start and with
+    /// --print-agent-line; or `burrow keygen`). Prefer
     /// BURROW_KEY or the config file: command lines are visible to other local users
     #[arg(long, env = "BURROW_KEY", value_name = "KEY", hide_env_values = true)]
     key: Option<String>,

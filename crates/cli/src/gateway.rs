@@ -4,11 +4,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use burrow::agent_line;
 use burrow::config::{self, GatewaySettings, TransportKind};
 use burrow::gateway::Gateway;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::run;
 
@@ -24,7 +25,8 @@ pub struct Args {
     public_host: Option<IpAddr>,
 
     /// Host name agents and clients use to reach this machine, shown in the agent command line
-    /// and in granted addresses [default: the listen address]
+    /// and in granted addresses [default: the listen address; for a wildcard, this host's
+    /// address on its default route]
     #[arg(long, env = "BURROW_PUBLIC_NAME", value_name = "NAME")]
     public_name: Option<String>,
 
@@ -57,6 +59,12 @@ pub struct Args {
     /// Private key (PEM) of --tls-cert
     #[arg(long, env = "BURROW_TLS_KEY", value_name = "FILE")]
     tls_key: Option<PathBuf>,
+
+    /// Print the `burrow agent ...` line for the generated key, key included, and exit: the
+    /// running gateway masks the key after its first start. Give the same settings as the
+    /// gateway (state directory, listen port, public name); nothing is bound or created
+    #[arg(long)]
+    print_agent_line: bool,
 
     #[command(flatten)]
     common: crate::Common,
@@ -108,6 +116,13 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     if let Some(path) = args.common.config.as_deref().filter(|_| file_has_key) {
         burrow::state::warn_if_readable_by_others(path);
     }
+    if args.print_agent_line {
+        let line = agent_line::load(&config).map_err(anyhow::Error::msg)?;
+        if let Some(why) = &line.guess {
+            warn!(target: run::LOG_TARGET, "{why}");
+        }
+        return run::print(&line.full());
+    }
     info!(target: run::LOG_TARGET, ?config, "gateway settings");
     let grace = config.grace;
     run::runtime()?.block_on(async move {
@@ -127,9 +142,24 @@ fn announce(gateway: &Gateway) {
     if let Some(fp) = gateway.fingerprint() {
         run::say(&format!("certificate fingerprint: {fp}"));
     }
-    if let Some(command) = gateway.agent_command() {
+    let Some(line) = gateway.agent_line() else {
+        return;
+    };
+    if let Some(why) = &line.guess {
+        warn!(target: run::LOG_TARGET, "{why}");
+    }
+    // The key in full only when it is new: every later start would copy it into the logs
+    // that stdout ends up in (journald, `docker logs`).
+    if gateway.key_created() {
         run::say(&format!(
-            "run this on the agent's host (add --forward for each service):\n{command}"
+            "run this on the agent's host (add --forward for each service):\n{}",
+            line.full()
+        ));
+    } else {
+        run::say(&format!(
+            "run this on the agent's host (add --forward for each service; the key is masked: \
+             `burrow gateway --print-agent-line` with this gateway's settings prints it):\n{}",
+            line.masked()
         ));
     }
 }

@@ -15,6 +15,7 @@ struct Proc {
     child: Child,
     out: Receiver<String>,
     err: Receiver<String>,
+    seen_out: Vec<String>,
     seen_err: Vec<String>,
 }
 
@@ -45,6 +46,7 @@ impl Proc {
             child,
             out,
             err,
+            seen_out: Vec::new(),
             seen_err: Vec::new(),
         }
     }
@@ -54,8 +56,12 @@ impl Proc {
         let deadline = Instant::now() + Duration::from_secs(30);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.out.recv_timeout(left) {
-                Ok(line) if pred(&line) => return line,
-                Ok(_) => {}
+                Ok(line) => {
+                    self.seen_out.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
                 Err(_) => break,
             }
         }
@@ -102,21 +108,29 @@ impl Proc {
     }
 
     /// The exit status within `limit`, after checking stderr for panics.
-    fn exit_within(mut self, limit: Duration) -> std::process::ExitStatus {
+    fn exit_within(self, limit: Duration) -> std::process::ExitStatus {
+        self.exit_with_output(limit).0
+    }
+
+    /// The exit status within `limit`, and every stdout and stderr line.
+    fn exit_with_output(mut self, limit: Duration) -> (std::process::ExitStatus, Vec<String>) {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
-                // Wait for the reader thread to see the end of stderr, then check it.
+                // Wait for the reader threads to see the end of the output, then check it.
                 while let Ok(line) = self.err.recv_timeout(Duration::from_secs(5)) {
                     self.seen_err.push(line);
                 }
+                self.seen_out.extend(self.out.try_iter());
                 let panics: Vec<&String> = self
                     .seen_err
                     .iter()
                     .filter(|l| l.contains("panicked"))
                     .collect();
                 assert!(panics.is_empty(), "process panicked: {:#?}", self.seen_err);
-                return st;
+                let mut all = std::mem::take(&mut self.seen_out);
+                all.append(&mut self.seen_err);
+                return (st, all);
             }
             assert!(
                 Instant::now() < deadline,
@@ -156,10 +170,14 @@ fn echo_server() -> SocketAddr {
 }
 
 fn start_gateway(state: &str) -> (Proc, String) {
+    start_gateway_on(state, "127.0.0.1:0")
+}
+
+fn start_gateway_on(state: &str, listen: &str) -> (Proc, String) {
     let mut gw = Proc::start(&s(&[
         "gateway",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--public-host",
         "127.0.0.1",
         "--state-dir",
@@ -235,23 +253,45 @@ fn printed_agent_line_works_as_printed_and_carries_traffic() {
     assert!(gw.terminate().success(), "gateway exits 0 on SIGTERM");
 }
 
+/// The word after `flag` in an agent line.
+fn flag_value(line: &str, flag: &str) -> String {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let i = w.iter().position(|x| *x == flag).unwrap();
+    w[i + 1].to_string()
+}
+
+/// A restarted gateway keeps its key and certificate, and prints the key only masked (so it
+/// stays out of journald and `docker logs`); `--print-agent-line` prints the whole line,
+/// beside the running gateway, without binding anything.
 #[test]
-fn gateway_restart_reuses_key_and_certificate() {
+fn gateway_restart_reuses_key_and_certificate_and_masks_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().display().to_string();
     let (gw, first) = start_gateway(&state);
     assert!(gw.terminate().success());
-    let (gw, second) = start_gateway(&state);
-    assert!(gw.terminate().success());
-    let secrets = |l: &str| {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        let after = |flag: &str| {
-            let i = w.iter().position(|x| *x == flag).unwrap();
-            w[i + 1].to_string()
-        };
-        (after("--key"), after("--fingerprint"))
-    };
-    assert_eq!(secrets(&first), secrets(&second));
+    let key = flag_value(&first, "--key");
+    assert!(key.starts_with("bk_") && !key.contains('*'), "{first}");
+    let listen = flag_value(&first, "--gateway");
+
+    // Restarted on the same port: the same line, the key masked, the key nowhere.
+    let (gw, second) = start_gateway_on(&state, &listen);
+    assert_eq!(second, first.replace(&key, "bk_****"));
+    let out = Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args(["gateway", "--print-agent-line", "--listen", &listen])
+        .args(["--public-host", "127.0.0.1", "--state-dir", &state])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), first);
+    gw.sigterm();
+    let (status, output) = gw.exit_with_output(Duration::from_secs(30));
+    assert!(status.success());
+    let secret = &key[3..];
+    assert!(
+        !output.iter().any(|l| l.contains(secret)),
+        "the restarted gateway printed the key: {output:#?}"
+    );
 }
 
 #[test]
@@ -461,4 +501,50 @@ fn config_file_with_a_key_readable_by_others_is_warned_about() {
     };
     assert!(run(0o644), "no warning for a key file readable by others");
     assert!(!run(0o600), "a warning for a private file");
+}
+
+/// With the default listen address (a wildcard) and no public name, the agent line names a
+/// host agents can dial (this host's address or name), not `0.0.0.0`, and a warning says to
+/// pass --public-name. `--print-agent-line` binds nothing, so the default address is usable
+/// here.
+#[test]
+fn agent_line_of_a_wildcard_listener_names_a_dialable_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().display().to_string();
+    let (gw, _) = start_gateway(&state);
+    assert!(gw.terminate().success());
+    let print = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_burrow"))
+            .args(["gateway", "--print-agent-line", "--state-dir", &state])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        (stdout.trim().to_string(), stderr)
+    };
+    for listen in [&[][..], &["--listen", "[::]:7443"]] {
+        let (line, stderr) = print(listen);
+        let host = flag_value(&line, "--gateway");
+        assert!(host.ends_with(":7443"), "{line}");
+        assert!(
+            stderr.contains("WARN") && stderr.contains("--public-name"),
+            "{stderr}"
+        );
+        // Only a host with neither an address nor a name keeps the wildcard, and says so.
+        let wildcard = host == "0.0.0.0:7443" || host == "[::]:7443";
+        assert!(
+            !wildcard || stderr.contains("no agent can dial"),
+            "{line}\n{stderr}"
+        );
+        assert!(
+            !host.starts_with("127.") && !host.starts_with("[::1]"),
+            "{line}"
+        );
+    }
+    let (line, stderr) = print(&["--public-name", "gw.example.com"]);
+    assert_eq!(flag_value(&line, "--gateway"), "gw.example.com:7443");
+    assert!(!stderr.contains("--public-name"), "{stderr}");
 }

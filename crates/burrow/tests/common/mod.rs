@@ -446,7 +446,7 @@ pub async fn start_gateway_with_stats(
     let stats = gw.stats();
     let addr = gw.local_addr();
     let fingerprint = gw.fingerprint();
-    let command = gw.agent_command();
+    let command = gw.agent_line().map(|l| l.full());
     let (key, _) = burrow::state::load_or_create_agent_key(&state).unwrap();
     let stop = CancellationToken::new();
     let s = stop.clone();
