@@ -65,7 +65,8 @@ struct Common {
     #[arg(long, env = "BURROW_LOG_LEVEL", value_name = "LEVEL", value_parser = log_level_parser())]
     log_level: Option<LogLevel>,
 
-    /// Print the effective configuration (keys masked) and exit without starting.
+    /// Print the effective configuration as a config file (TOML, keys masked) and exit
+    /// without starting.
     #[arg(long)]
     print_config: bool,
 }
