@@ -88,7 +88,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Gateway {
-    /// Loads or creates the state (certificate, generated key), binds the tunnel listener.
+    /// Checks the state directory ([`crate::state::check_gateway_state`]), loads or creates
+    /// the state (certificate, generated key), binds the tunnel listener.
     pub async fn bind(config: GatewayConfig) -> Result<Gateway, GatewayError> {
         crate::state::check_gateway_state(&config).map_err(|e| GatewayError(e.to_string()))?;
         let identity = match config.transport {
