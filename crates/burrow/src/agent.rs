@@ -63,8 +63,6 @@ pub struct AgentStatus {
 
 /// First reconnect delay.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
-/// How long connecting to a target may take before the stream is reset.
-pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The delay before reconnect attempt `attempt` (0-based): `base * 2^attempt` capped at
 /// `max`, then scaled by `jitter` in `[0.5, 1.0]` so many agents do not return in lockstep.
@@ -116,7 +114,7 @@ impl Agent {
                 _ = shutdown.cancelled() => break,
                 r = connect(&cfg, tls.clone()) => r,
             };
-            match dialed {
+            let why = match dialed {
                 Ok(started) => {
                     let session = started.session.clone();
                     ever_connected = true;
@@ -143,18 +141,19 @@ impl Agent {
                             .await;
                         return Ok(());
                     }
-                    warn!(gateway = %cfg.gateway, "session ended: {end}; reconnecting");
-                    self.status.send_modify(|s| s.last_error = Some(end));
+                    self.status
+                        .send_modify(|s| s.last_error = Some(end.clone()));
+                    format!("session ended: {end}")
                 }
                 Err(e) => {
                     if e.fatal && !ever_connected {
                         return Err(AgentError(e.message));
                     }
-                    warn!(gateway = %cfg.gateway, "{}", e.message);
                     self.status
                         .send_modify(|s| s.last_error = Some(e.message.clone()));
+                    e.message
                 }
-            }
+            };
             let delay = backoff_delay(
                 attempt,
                 BACKOFF_BASE,
@@ -162,6 +161,13 @@ impl Agent {
                 0.5 + fastrand::f64() / 2.0,
             );
             attempt = attempt.saturating_add(1);
+            // Whole milliseconds: "next attempt in 1s 234ms", not in nanoseconds.
+            let shown = Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+            warn!(
+                gateway = %cfg.gateway,
+                "{why}; next attempt in {}",
+                humantime::format_duration(shown)
+            );
             debug!(?delay, attempt, "waiting before reconnecting");
             self.status.send_modify(|s| {
                 s.failed_attempts = attempt;
@@ -243,7 +249,7 @@ fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError) -> transp
     match e {
         Rejected { code: ErrorCode::AuthFailed, message } => transport::DialError {
             message: format!(
-                "gateway {} rejected the key ({message}): check --key / BURROW_KEY / `key` in the agent config; it must be a key the gateway accepts (the gateway prints a working `burrow agent` line at start, and `burrow keygen` shows a key's hash for the gateway's config)",
+                "gateway {} rejected the key ({message}): check --key / BURROW_KEY / `key` in the agent config; it must be a key the gateway accepts (`burrow gateway --print-agent-line` on the gateway's host prints a working `burrow agent` line, and `burrow keygen --hash` shows a key's hash for the gateway's `[[agents]]`)",
                 cfg.gateway
             ),
             fatal: true,
@@ -394,10 +400,16 @@ fn accept_stream(
         return;
     };
     // At most `max_pending_opens` connects run at once; the rest wait for a permit inside
-    // their task (bounded by the session's stream limit and the connect timeout), so a burst
+    // their task (bounded by the session's stream limit and `connect_timeout`), so a burst
     // of opens is queued, not refused.
     let pending = pending.clone();
-    let span = tracing::info_span!("stream", forward = %fwd.name, client = ?client);
+    let timeout = cfg.connect_timeout;
+    // The client's address as written (a field without a value is left out).
+    let span = tracing::info_span!(
+        "stream",
+        forward = %fwd.name,
+        client = client.map(tracing::field::display)
+    );
     tracker.spawn(
         async move {
             let started = Instant::now();
@@ -405,7 +417,7 @@ fn accept_stream(
                 let permit = pending.acquire_owned().await;
                 (connect_target(&fwd).await, permit)
             };
-            let mut local = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, connect).await {
+            let mut local = match tokio::time::timeout(timeout, connect).await {
                 Ok((Ok(local), permit)) => {
                     drop(permit);
                     local
@@ -421,7 +433,7 @@ fn accept_stream(
                     return;
                 }
                 Err(_) => {
-                    warn!(dest = %fwd.target, "connecting to target timed out after {TARGET_CONNECT_TIMEOUT:?}");
+                    warn!(dest = %fwd.target, "connecting to target timed out after {timeout:?} (connect_timeout)");
                     stream.reset(ErrorCode::ConnectFailed);
                     return;
                 }

@@ -35,6 +35,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+mod print;
+pub use print::MASKED_KEY;
+
 /// The tunnel port a gateway listens on when none is given.
 pub const DEFAULT_TUNNEL_PORT: u16 = 7443;
 
@@ -226,6 +229,9 @@ pub struct GatewayConfig {
     pub public_name: Option<String>,
     /// Where the certificate and generated key live.
     pub state_dir: PathBuf,
+    /// Use a state directory that others can change, with a warning, instead of refusing to
+    /// start (default false; see [`crate::state::check_state_dir`]).
+    pub allow_insecure_state: bool,
     /// TLS (default) or plain TCP.
     pub transport: TransportKind,
     /// A CA-signed certificate chain (PEM) to serve instead of the self-signed one.
@@ -277,6 +283,7 @@ impl GatewayConfig {
             public_host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             public_name: None,
             state_dir,
+            allow_insecure_state: false,
             transport: TransportKind::Tls,
             tls_cert: None,
             tls_key: None,
@@ -346,6 +353,9 @@ pub struct AgentConfig {
     pub limits: Limits,
     /// Longest pause between reconnect attempts (default 30 s).
     pub max_backoff: Duration,
+    /// How long connecting to a target may take before the stream is given up (default
+    /// 10 s). A stream waiting for its turn under `max_pending_opens` counts that time too.
+    pub connect_timeout: Duration,
     /// How long streams may drain at shutdown (default 10 s).
     pub grace: Duration,
 }
@@ -445,12 +455,14 @@ fn port_number(s: &str) -> Option<u16> {
     s.trim().parse::<u16>().ok().filter(|p| *p != 0)
 }
 
-/// Whether `h` looks like a host name or an IPv4 address.
+/// Whether `h` looks like a host name or an IPv4 address. A bare number (`8080`) is neither:
+/// it is the first half of Docker's `8080:80`, which the resolver would read as 0.0.31.144.
 fn valid_host(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 253
         && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && !h.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Splits `host:port` or `[ipv6]:port` (port 1-65535); the host comes back without brackets.
@@ -486,11 +498,14 @@ impl Target {
             }
             return Ok(Target::Unix(PathBuf::from(path)));
         }
-        let (host, port) = split_host_port(s).map_err(|why| {
-            format!(
-                "{s:?} is not a target: {why} (use host:port, [ipv6]:port or unix:/path/to.sock)"
-            )
-        })?;
+        let (host, port) =
+            split_host_port(s).map_err(|why| match target_hint(s, &|t| t.to_string()) {
+                Some(hint) => format!("{s:?} is not a target: {hint}"),
+                None => format!(
+                    "{s:?} is not a target: {why} (use host:port, [ipv6]:port or \
+                     unix:/path/to.sock)"
+                ),
+            })?;
         Ok(Target::Tcp { host, port })
     }
 }
@@ -557,6 +572,11 @@ impl fmt::Display for PortRange {
 /// lets the gateway choose. The forward's name is the spec as written (trimmed).
 pub fn parse_forward(spec: &str) -> Result<Forward, String> {
     let spec = spec.trim();
+    parse_forward_as_written(spec)
+        .map_err(|why| forward_hint(spec).map_or(why, |hint| format!("forward {spec:?}: {hint}")))
+}
+
+fn parse_forward_as_written(spec: &str) -> Result<Forward, String> {
     let (public_port, target) = match spec.split_once('=') {
         Some((port, target)) if !spec.starts_with("unix:") => {
             let port = port.trim().parse::<u16>().map_err(|_| {
@@ -576,6 +596,87 @@ pub fn parse_forward(spec: &str) -> Result<Forward, String> {
     })
 }
 
+/// What a forward spec that does not parse was probably meant to be: the habits of Docker
+/// and ssh (`8080:127.0.0.1:80`), the halves swapped, and the target mistakes of
+/// [`target_hint`].
+fn forward_hint(spec: &str) -> Option<String> {
+    let Some((port, target)) = spec.split_once('=').filter(|_| !spec.starts_with("unix:")) else {
+        // Docker's `-p 8080:80` and ssh's `-R 8080:localhost:80`.
+        if let Some((first, rest)) = spec.split_once(':') {
+            if first.parse::<u16>().is_ok() && Target::parse(rest).is_ok() {
+                return Some(format!(
+                    "use `=` between the public port and the target, not `:` as for Docker or \
+                     ssh: write {first}={rest}"
+                ));
+            }
+            if let (Ok(_), Some(local)) = (first.parse::<u16>(), port_number(rest)) {
+                return Some(format!(
+                    "a target needs its host: to publish port {local} of this machine on \
+                     public port {first}, write {first}=127.0.0.1:{local}"
+                ));
+            }
+        }
+        return target_hint(spec, &|t| t.to_string());
+    };
+    let (port, target) = (port.trim(), target.trim());
+    // `127.0.0.1:80=8080`: the halves swapped.
+    if port.parse::<u16>().is_err() && target.parse::<u16>().is_ok() && Target::parse(port).is_ok()
+    {
+        return Some(format!("the public port goes first: write {target}={port}"));
+    }
+    target_hint(target, &|t| format!("{port}={t}"))
+}
+
+/// What a target that does not parse was probably meant to be: a URL, a protocol prefix, a
+/// missing host, or a public port in front. `with` turns a corrected target into the whole
+/// corrected spec.
+fn target_hint(target: &str, with: &dyn Fn(&str) -> String) -> Option<String> {
+    let lower = target.to_ascii_lowercase();
+    if lower.starts_with("udp") || lower.ends_with("/udp") {
+        return Some(
+            "UDP is not supported yet: a forward is a TCP target (host:port) or a unix stream \
+             socket (unix:/path/to.sock)"
+                .into(),
+        );
+    }
+    if let Some((scheme, rest)) = target.split_once("://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let example = match Target::parse(authority) {
+            Ok(t) => format!(": write {}", with(&t.to_string())),
+            Err(_) => format!(", e.g. {}", with("127.0.0.1:80")),
+        };
+        return Some(format!(
+            "no scheme: burrow forwards the bytes of a TCP connection, so the target is \
+             host:port without `{scheme}://`{example}"
+        ));
+    }
+    let bare = if lower.starts_with("tcp:") {
+        target.get(4..)
+    } else {
+        target.strip_suffix("/tcp")
+    };
+    if let Some(bare) = bare.filter(|b| Target::parse(b).is_ok()) {
+        return Some(format!(
+            "drop the `tcp:` or `/tcp`: every host:port target is TCP (write {})",
+            with(bare)
+        ));
+    }
+    let (first, rest) = target.split_once(':')?;
+    if first.is_empty() && port_number(rest).is_some() {
+        return Some(format!(
+            "a target needs its host: write {} (or localhost:{rest})",
+            with(&format!("127.0.0.1:{rest}"))
+        ));
+    }
+    if first.parse::<u16>().is_ok() && Target::parse(rest).is_ok() {
+        return Some(format!(
+            "that reads as PUBLIC_PORT:HOST:PORT; the target is {rest}, and the public port is \
+             set apart (`public_port = {first}`, or `{first}=` in front of a compact spec)"
+        ));
+    }
+    None
+}
+
 /// The name a forward gets when none is given: its spec in the compact form.
 fn forward_name(public_port: u16, target: &Target) -> String {
     if public_port == 0 {
@@ -589,6 +690,20 @@ fn forward_name(public_port: u16, target: &Target) -> String {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|_| format!("{s:?} is not a duration (use e.g. 500ms, 10s, 5m or 1h 30m)"))
+}
+
+/// Parses an agent key, `bk_...`. The error never repeats the text, and a masked key (as
+/// `--print-config` and the gateway print them) is called so.
+pub fn parse_key(s: &str) -> Result<SecretKey, String> {
+    if s.contains("****") {
+        return Err(format!(
+            "this is a masked key ({MASKED_KEY}), not the key itself: put the real key here \
+             (the gateway's state directory holds it in {}, and `burrow gateway \
+             --print-agent-line` prints a line with it)",
+            crate::state::AGENT_KEY_FILE
+        ));
+    }
+    SecretKey::parse(s).map_err(|e| e.to_string())
 }
 
 /// Checks a gateway address, `HOST:PORT` or `[IPV6]:PORT`, and returns it trimmed.
@@ -697,6 +812,8 @@ pub struct GatewaySettings {
     pub public_name: Option<String>,
     /// `state_dir`.
     pub state_dir: Option<PathBuf>,
+    /// `allow_insecure_state`.
+    pub allow_insecure_state: Option<bool>,
     /// `transport`.
     pub transport: Option<TransportKind>,
     /// `tls_cert`.
@@ -731,6 +848,7 @@ impl GatewaySettings {
             public_host: over.public_host.or(self.public_host),
             public_name: over.public_name.or(self.public_name),
             state_dir: over.state_dir.or(self.state_dir),
+            allow_insecure_state: over.allow_insecure_state.or(self.allow_insecure_state),
             transport: over.transport.or(self.transport),
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
@@ -773,6 +891,7 @@ impl GatewaySettings {
         c.tls_cert = self.tls_cert;
         c.tls_key = self.tls_key;
         c.public_name = self.public_name;
+        set(&mut c.allow_insecure_state, self.allow_insecure_state);
         c.agents = self.agents.unwrap_or_default();
         set(&mut c.listen, self.listen);
         set(&mut c.public_host, self.public_host);
@@ -817,6 +936,8 @@ pub struct AgentSettings {
     pub limits: Option<Limits>,
     /// `max_backoff`.
     pub max_backoff: Option<Duration>,
+    /// `connect_timeout`.
+    pub connect_timeout: Option<Duration>,
     /// `grace`.
     pub grace: Option<Duration>,
     /// `log_level`: not part of [`AgentConfig`]; the CLI sets up logging with it.
@@ -835,6 +956,7 @@ impl AgentSettings {
             forwards: over.forwards.or(self.forwards),
             limits: over.limits.or(self.limits),
             max_backoff: over.max_backoff.or(self.max_backoff),
+            connect_timeout: over.connect_timeout.or(self.connect_timeout),
             grace: over.grace.or(self.grace),
             log_level: over.log_level.or(self.log_level),
         }
@@ -853,7 +975,8 @@ impl AgentSettings {
         })?;
         let key = self.key.ok_or_else(|| {
             missing(
-                "no agent key (the gateway prints one at start, or make one with `burrow keygen`)",
+                "no agent key (the gateway prints one at its first start and with \
+                 `burrow gateway --print-agent-line`, or make one with `burrow keygen`)",
                 "--key",
                 "BURROW_KEY (keeps it out of `ps`)",
                 "key",
@@ -884,6 +1007,7 @@ impl AgentSettings {
             forwards,
             limits: self.limits.unwrap_or_default(),
             max_backoff: self.max_backoff.unwrap_or(DEFAULT_MAX_BACKOFF),
+            connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             grace: self.grace.unwrap_or(DEFAULT_GRACE),
         })
     }
@@ -891,6 +1015,8 @@ impl AgentSettings {
 
 /// Default longest pause between an agent's reconnect attempts.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Default time an agent's connect to a target may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time streams may drain at shutdown.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
@@ -1064,7 +1190,7 @@ from_text! {
     }),
     Duration => parse_duration,
     ipnet::IpNet => parse_net,
-    SecretKey => |s: &str| SecretKey::parse(s).map_err(|e| e.to_string()),
+    SecretKey => parse_key,
     KeyHash => |s: &str| KeyHash::parse(s).map_err(|e| e.to_string()),
     Target => Target::parse,
     TransportKind => str::parse,
@@ -1156,6 +1282,7 @@ struct RawGateway {
     public_host: Option<Checked<IpAddr>>,
     public_name: Option<Checked<Name>>,
     state_dir: Option<Checked<PathBuf>>,
+    allow_insecure_state: Option<bool>,
     transport: Option<Checked<TransportKind>>,
     tls_cert: Option<Checked<PathBuf>>,
     tls_key: Option<Checked<PathBuf>>,
@@ -1190,11 +1317,45 @@ struct RawAgent {
     server_name: Option<Checked<Name>>,
     transport: Option<Spanned<Checked<TransportKind>>>,
     max_backoff: Option<Spanned<Checked<Duration>>>,
+    connect_timeout: Option<Spanned<Checked<Duration>>>,
     grace: Option<Checked<Duration>>,
     log_level: Option<Checked<LogLevel>>,
     limits: Option<RawLimits>,
     forward: Option<Vec<Spanned<toml::Value>>>,
-    forwards: Option<Vec<Spanned<RawForward>>>,
+    forwards: Option<Vec<Spanned<ForwardTable>>>,
+}
+
+/// One `[[forwards]]` entry: a table. A string here is a compact spec in the wrong key, one
+/// letter away from `forward`, and is told so.
+struct ForwardTable(RawForward);
+
+impl<'de> Deserialize<'de> for ForwardTable {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = ForwardTable;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table with `target` (and `public_port`, `name` if wanted)")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ForwardTable, E> {
+                Err(E::custom(format!(
+                    "{s:?} is a compact spec, and those go in `forward = [...]` (did you mean \
+                     `forward`?); a [[forwards]] entry is a table with `target = ...`"
+                )))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ForwardTable, A::Error> {
+                RawForward::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ForwardTable)
+            }
+        }
+        d.deserialize_any(Entry)
+    }
 }
 
 /// The file being read: names it in errors and turns byte offsets into lines.
@@ -1234,7 +1395,8 @@ impl Source<'_> {
             } else {
                 key
             };
-            self.error(span, key, explain(inner.message()))
+            let message = explain(&key, inner.message());
+            self.error(span, key, message)
         })
     }
 
@@ -1269,6 +1431,7 @@ impl Source<'_> {
             public_host: inner(raw.public_host),
             public_name: inner(raw.public_name).map(|n| n.0),
             state_dir: inner(raw.state_dir).map(|p| self.resolve(p)),
+            allow_insecure_state: raw.allow_insecure_state,
             transport: inner(raw.transport),
             tls_cert: inner(raw.tls_cert).map(|p| self.resolve(p)),
             tls_key: inner(raw.tls_key).map(|p| self.resolve(p)),
@@ -1337,13 +1500,12 @@ impl Source<'_> {
                      be used to log in)",
                 ))
             }
-            (None, None) => {
-                return Err(self.error(
-                    table,
-                    at,
-                    "set `key_hash` (printed by `burrow keygen`) or the agent's `key`",
-                ))
-            }
+            (None, None) => return Err(self.error(
+                table,
+                at,
+                "set `key_hash` (`burrow keygen` makes a key and its hash; `burrow keygen --hash` \
+                     gives the hash of an existing key) or the agent's `key`",
+            )),
         };
         let grant = AgentGrant {
             name: raw.name.into_inner().0 .0,
@@ -1467,12 +1629,15 @@ impl Source<'_> {
     fn agent(&self, raw: RawAgent) -> Result<AgentSettings, ConfigError> {
         let transport = raw.transport.map(|t| t.into_inner().0);
         let trust = self.trust(raw.fingerprint, raw.ca, transport)?;
-        if let Some(v) = &raw.max_backoff {
-            if v.get_ref().0.is_zero() {
+        for (key, value, default) in [
+            ("max_backoff", &raw.max_backoff, "30s"),
+            ("connect_timeout", &raw.connect_timeout, "10s"),
+        ] {
+            if let Some(v) = value.as_ref().filter(|v| v.get_ref().0.is_zero()) {
                 return Err(self.error(
                     v.span(),
-                    "max_backoff",
-                    "must be more than 0 (default 30s)",
+                    key,
+                    format!("must be more than 0 (default {default})"),
                 ));
             }
         }
@@ -1485,6 +1650,7 @@ impl Source<'_> {
             forwards: self.forwards(raw.forward, raw.forwards)?,
             limits: raw.limits.map(|l| self.limits(l)).transpose()?,
             max_backoff: raw.max_backoff.map(|v| v.into_inner().0),
+            connect_timeout: raw.connect_timeout.map(|v| v.into_inner().0),
             grace: inner(raw.grace),
             log_level: inner(raw.log_level),
         })
@@ -1530,7 +1696,7 @@ impl Source<'_> {
     fn forwards(
         &self,
         compact: Option<Vec<Spanned<toml::Value>>>,
-        tables: Option<Vec<Spanned<RawForward>>>,
+        tables: Option<Vec<Spanned<ForwardTable>>>,
     ) -> Result<Option<Vec<Forward>>, ConfigError> {
         if compact.is_none() && tables.is_none() {
             return Ok(None);
@@ -1539,15 +1705,21 @@ impl Source<'_> {
         let mut at = Vec::new();
         for (i, v) in compact.unwrap_or_default().into_iter().enumerate() {
             let key = format!("forward[{i}]");
-            let f = text(v.get_ref())
-                .and_then(parse_forward)
-                .map_err(|why| self.error(v.span(), key.as_str(), why))?;
+            let f = match v.get_ref() {
+                toml::Value::Table(_) => Err(
+                    "a table belongs in [[forwards]] (did you mean `forwards`?); `forward` takes \
+                     strings such as \"8080=127.0.0.1:80\""
+                        .to_string(),
+                ),
+                other => text(other).and_then(parse_forward),
+            }
+            .map_err(|why| self.error(v.span(), key.as_str(), why))?;
             out.push(f);
             at.push((key, v.span()));
         }
         for (i, v) in tables.unwrap_or_default().into_iter().enumerate() {
             let span = v.span();
-            let raw = v.into_inner();
+            let raw = v.into_inner().0;
             let public_port = inner(raw.public_port).map_or(0, |p| p.0);
             let target = raw.target.0;
             let name = inner(raw.name).map_or_else(|| forward_name(public_port, &target), |n| n.0);
@@ -1664,10 +1836,37 @@ fn key_path(path: &serde_path_to_error::Path) -> String {
     out
 }
 
-/// serde's wording, in the words of a config file, with a suggestion for a misspelt key.
-fn explain(message: &str) -> String {
+/// serde's wording, in the words of a config file, with a suggestion for a misspelt key and
+/// for a value of the wrong shape. `key` is the path of the key at fault.
+fn explain(key: &str, message: &str) -> String {
     if let Some(rest) = message.strip_prefix("missing field ") {
         return format!("missing key {rest}");
+    }
+    if let Some(rest) = message.strip_prefix("invalid type: ") {
+        // "string \"x\", expected a sequence": what was found, then what was expected.
+        let (found, expected) = rest.rsplit_once(", expected ").unwrap_or((rest, ""));
+        let shape = if expected.starts_with("struct ") {
+            "a table".to_string()
+        } else if expected == "a sequence" {
+            "a list in brackets".to_string()
+        } else {
+            expected.to_string()
+        };
+        let hint = match (key, shape.as_str()) {
+            ("forward", "a list in brackets") => {
+                let example = found
+                    .strip_prefix("string ")
+                    .unwrap_or("\"8080=127.0.0.1:80\"");
+                format!(": write forward = [{example}]")
+            }
+            ("forwards", "a list in brackets") => {
+                ": each entry is a [[forwards]] table (two brackets), or use forward = [...]"
+                    .to_string()
+            }
+            (_, "a table") => format!(": write it as a [{key}] section"),
+            _ => String::new(),
+        };
+        return format!("expected {shape}, found {found}{hint}");
     }
     let Some(rest) = message.strip_prefix("unknown field ") else {
         return message.to_string();
@@ -1732,14 +1931,20 @@ mod tests {
     #[test]
     fn explain_suggests_the_closest_key() {
         assert_eq!(
-            explain("unknown field `max_fram`, expected one of `max_frame`, `max_streams`"),
+            explain(
+                "limits",
+                "unknown field `max_fram`, expected one of `max_frame`, `max_streams`"
+            ),
             "unknown key `max_fram`: did you mean `max_frame`?"
         );
         assert_eq!(
-            explain("unknown field `zzz`, expected `name`"),
+            explain("agents[0]", "unknown field `zzz`, expected `name`"),
             "unknown key `zzz` (known here: name)"
         );
-        assert_eq!(explain("missing field `target`"), "missing key `target`");
+        assert_eq!(
+            explain("forwards[0]", "missing field `target`"),
+            "missing key `target`"
+        );
     }
 
     #[test]

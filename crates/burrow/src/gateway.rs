@@ -56,6 +56,8 @@ pub struct Gateway {
     ws_listener: Option<TcpListener>,
     identity: Option<GatewayIdentity>,
     generated: Option<SecretKey>,
+    /// Whether `generated` was made by this start (rather than read from the state).
+    generated_now: bool,
     hub: Arc<Hub>,
 }
 
@@ -137,20 +139,24 @@ fn semaphore(permits: u32) -> Semaphore {
 }
 
 impl Gateway {
-    /// Loads or creates the state (certificate, generated key), binds the tunnel listener.
+    /// Checks the state directory ([`crate::state::check_gateway_state`]), loads or creates
+    /// the state (certificate, generated key), binds the tunnel listener.
     pub async fn bind(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+        crate::state::check_gateway_state(&config).map_err(|e| GatewayError(e.to_string()))?;
         let identity = match config.transport {
             TransportKind::Tcp => None,
             TransportKind::Tls => Some(load_identity(&config)?),
         };
         let mut agents = config.agents.clone();
         let mut generated = None;
+        let mut generated_now = false;
         if agents.is_empty() {
             let (key, created) = crate::state::load_or_create_agent_key(&config.state_dir)
                 .map_err(|e| GatewayError(e.to_string()))?;
             if created {
                 info!(dir = %config.state_dir.display(), "generated a new agent key");
             }
+            generated_now = created;
             agents.push(AgentGrant {
                 name: DEFAULT_AGENT_NAME.into(),
                 key: KeySpec::Key(key.clone()),
@@ -243,6 +249,7 @@ impl Gateway {
             ws_listener,
             identity,
             generated,
+            generated_now,
             hub: Arc::new(Hub {
                 params,
                 grants,
@@ -287,26 +294,22 @@ impl Gateway {
             .map(|i| tls::fingerprint_string(&i.fingerprint))
     }
 
-    /// The `burrow agent ...` command line for the generated key, when the gateway uses one.
-    pub fn agent_command(&self) -> Option<String> {
-        let key = self.generated.as_ref()?;
-        let addr = self.local_addr();
-        let host = match &self.hub.config.public_name {
-            Some(name) => name.clone(),
-            None => match addr.ip() {
-                IpAddr::V6(v6) => format!("[{v6}]"),
-                ip => ip.to_string(),
-            },
-        };
-        let trust = match self.fingerprint() {
-            Some(fp) => format!("--fingerprint {fp}"),
-            None => "--transport tcp".to_string(),
-        };
-        Some(format!(
-            "burrow agent --gateway {host}:{} --key {} {trust}",
-            addr.port(),
-            key.expose()
+    /// The `burrow agent ...` line for the generated key, when the gateway uses one (see
+    /// [`crate::agent_line`]).
+    pub fn agent_line(&self) -> Option<crate::agent_line::AgentLine> {
+        let key = self.generated.clone()?;
+        let public_name = self.hub.config.public_name.as_deref();
+        Some(crate::agent_line::AgentLine::new(
+            public_name,
+            self.local_addr(),
+            key,
+            self.fingerprint(),
         ))
+    }
+
+    /// Whether this start made the generated key (so nobody has seen it yet).
+    pub fn key_created(&self) -> bool {
+        self.generated_now
     }
 
     /// Serves until `shutdown` is cancelled; then stops accepting, lets streams drain for the

@@ -12,10 +12,12 @@
 //! - [`udp`]: UDP flows through the session: public UDP ports, per-flow sockets at the
 //!   agent.
 //! - [`gateway`], [`agent`]: the roles, each with `bind`/`run(shutdown)` style entry points.
+//! - [`agent_line`]: the `burrow agent ...` line a gateway prints for its generated key.
 //! - [`limiter`]: bounded-memory rate limiting of failed authentication per source address.
 //! - [`stats`]: counters of what the gateway served and refused.
 
 pub mod agent;
+pub mod agent_line;
 pub mod config;
 pub mod gateway;
 mod gather;

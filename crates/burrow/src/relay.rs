@@ -299,7 +299,8 @@ pub fn log_end(
     };
     let client = client.map_or_else(|| "-".to_string(), |c| c.to_string());
     let duration_ms = started.elapsed().as_millis() as u64;
-    let error = stats.error.as_deref().unwrap_or("");
+    // `None` leaves the field out: no `error=""` on every clean stream.
+    let error = stats.error.as_deref();
     tracing::info!(
         service,
         client = %client,

@@ -460,6 +460,13 @@ fn provider() -> Arc<CryptoProvider> {
     })
 }
 
+/// The fingerprint of the first certificate in the PEM file `cert` (the leaf), without
+/// loading or making anything else.
+pub fn fingerprint_of_file(cert: &Path) -> Result<[u8; 32], TlsError> {
+    let chain = read_certs(cert, "give the gateway's PEM certificate (leaf first)")?;
+    Ok(fingerprint_of(&chain[0]))
+}
+
 fn open(path: &Path, what: &str) -> Result<BufReader<File>, TlsError> {
     File::open(path)
         .map(BufReader::new)

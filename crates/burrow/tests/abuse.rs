@@ -707,6 +707,7 @@ fn a9_wrong_protocol_version_from_a_gateway() {
             forwards: vec![],
             limits: Limits::default(),
             max_backoff: Duration::from_millis(500),
+            connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
             grace: Duration::from_secs(1),
         };
         let agent = start_agent(cfg);
@@ -1685,6 +1686,7 @@ fn e1_rogue_gateway_cannot_open_unconfigured_or_refused_services() {
             ],
             limits: Limits::default(),
             max_backoff: Duration::from_millis(500),
+            connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
             grace: Duration::from_secs(1),
         };
         let mut agent = start_agent(cfg);

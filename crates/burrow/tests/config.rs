@@ -199,6 +199,11 @@ fn bad_target_in_either_form() {
     let msg = agent_err("[[forwards]]\ntarget = \"::1:80\"\n");
     assert_at(&msg, "conf/agent.toml", 2, "forwards[0].target");
     assert!(msg.contains("brackets"), "{msg}");
+
+    // The public port belongs in `public_port` in a table.
+    let msg = agent_err("[[forwards]]\ntarget = \"8080:127.0.0.1:80\"\n");
+    assert_at(&msg, "conf/agent.toml", 2, "forwards[0].target");
+    assert!(msg.contains("public_port = 8080"), "{msg}");
 }
 
 #[test]
@@ -342,6 +347,8 @@ fn parse_forward_cases() -> Result<(), String> {
         "unix:",
         "8080=",
         "bad host:80",
+        // A bare number is not a host: `8080:80` is Docker's PUBLIC:PORT.
+        "8080:80",
     ] {
         assert!(parse_forward(bad).is_err(), "accepted {bad:?}");
     }
@@ -432,4 +439,32 @@ fn missing_settings_name_flag_env_and_key() {
     .into_config()
     .expect("an agent without forwards is valid");
     assert!(cfg.forwards.is_empty());
+}
+
+/// `to_toml` of each example, with the real keys in place of the masks, parses back as the
+/// same settings.
+#[test]
+fn printed_settings_parse_back_the_same() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("printed.toml");
+
+    let gateway = load_gateway_file(&examples().join("gateway.toml"))?.into_config()?;
+    let mut text = gateway.to_toml(None);
+    for grant in &gateway.agents {
+        if let KeySpec::Key(k) = &grant.key {
+            text = text.replacen(burrow::config::MASKED_KEY, &k.expose(), 1);
+        }
+    }
+    let again = parse_gateway_file(&file, &text)?.into_config()?;
+    assert_eq!(format!("{again:?}"), format!("{gateway:?}"), "{text}");
+    assert_eq!(again.agents, gateway.agents, "{text}");
+
+    let agent = load_agent_file(&examples().join("agent.toml"))?.into_config()?;
+    let text = agent
+        .to_toml()
+        .replace(burrow::config::MASKED_KEY, &agent.key.expose());
+    let again = parse_agent_file(&file, &text)?.into_config()?;
+    assert_eq!(format!("{again:?}"), format!("{agent:?}"), "{text}");
+    assert_eq!(again.key, agent.key);
+    Ok(())
 }

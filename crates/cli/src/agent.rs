@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use burrow::agent::{Agent, AgentStatus, ForwardStatus};
 use burrow::config::{self, AgentSettings, Forward, TransportKind, Trust};
-use burrow::proto::auth::SecretKey;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -20,7 +19,8 @@ pub struct Args {
     #[arg(long, env = "BURROW_GATEWAY", value_name = "HOST:PORT", value_parser = config::parse_gateway_addr)]
     gateway: Option<String>,
 
-    /// The agent key, bk_... (the gateway prints one at start; or `burrow keygen`). Prefer
+    /// The agent key, bk_... (the gateway prints one at its first start and with
+    /// --print-agent-line; or `burrow keygen`). Prefer
     /// BURROW_KEY or the config file: command lines are visible to other local users
     #[arg(long, env = "BURROW_KEY", value_name = "KEY", hide_env_values = true)]
     key: Option<String>,
@@ -44,12 +44,13 @@ pub struct Args {
         env = "BURROW_FORWARD",
         value_name = "SPEC",
         value_delimiter = ',',
-        value_parser = config::parse_forward,
+        value_parser = parse_forward_entry,
         help = "A service to publish: [PUBLIC_PORT=]TARGET, where TARGET is host:port, \
                 [ipv6]:port or unix:/path/to.sock and PUBLIC_PORT 0 or absent lets the gateway \
-                choose. Repeat the flag, or separate specs with commas (also in BURROW_FORWARD)"
+                choose. Repeat the flag, or separate specs with commas (also in BURROW_FORWARD; \
+                empty entries are skipped)"
     )]
-    forwards: Vec<Forward>,
+    forwards: Vec<ForwardEntry>,
 
     /// TLS server name to send [default: the host of --gateway]
     #[arg(long, env = "BURROW_SERVER_NAME", value_name = "NAME")]
@@ -59,8 +60,33 @@ pub struct Args {
     #[arg(long, env = "BURROW_MAX_BACKOFF", value_name = "DURATION", value_parser = config::parse_duration)]
     max_backoff: Option<Duration>,
 
+    /// How long connecting to a target may take before the client's connection is closed,
+    /// e.g. 3s [default: 10s]
+    #[arg(long, env = "BURROW_CONNECT_TIMEOUT", value_name = "DURATION", value_parser = parse_timeout)]
+    connect_timeout: Option<Duration>,
+
     #[command(flatten)]
     common: crate::Common,
+}
+
+/// One `--forward` entry: a spec, or nothing for an empty entry (`BURROW_FORWARD=""`, what
+/// `${X:-}` gives in a compose file, or a trailing comma).
+#[derive(Debug, Clone)]
+struct ForwardEntry(Option<Forward>);
+
+fn parse_forward_entry(s: &str) -> Result<ForwardEntry, String> {
+    if s.trim().is_empty() {
+        return Ok(ForwardEntry(None));
+    }
+    config::parse_forward(s).map(|f| ForwardEntry(Some(f)))
+}
+
+/// A duration of more than zero.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match config::parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0".into()),
+        d => Ok(d),
+    }
 }
 
 fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
@@ -72,7 +98,11 @@ impl Args {
     fn settings(&self) -> anyhow::Result<AgentSettings> {
         // Parsed here rather than by clap, whose errors would echo the key.
         let key = match &self.key {
-            Some(k) => Some(SecretKey::parse(k).context("--key / BURROW_KEY")?),
+            Some(k) => Some(
+                config::parse_key(k)
+                    .map_err(anyhow::Error::msg)
+                    .context("--key / BURROW_KEY")?,
+            ),
             None => None,
         };
         let trust = match (self.fingerprint, &self.ca) {
@@ -89,8 +119,10 @@ impl Args {
             trust,
             transport: self.transport,
             server_name: self.server_name.clone(),
-            forwards: (!self.forwards.is_empty()).then(|| self.forwards.clone()),
+            forwards: Some(self.forwards.iter().filter_map(|f| f.0.clone()).collect())
+                .filter(|f: &Vec<Forward>| !f.is_empty()),
             max_backoff: self.max_backoff,
+            connect_timeout: self.connect_timeout,
             log_level: self.common.log_level,
             ..AgentSettings::default()
         })
@@ -101,11 +133,15 @@ impl Args {
 pub fn main(args: Args) -> anyhow::Result<()> {
     let file = run::load_file(args.common.config.as_deref(), config::load_agent_file)?;
     let file_level = file.log_level;
+    let file_has_key = file.key.is_some();
     let config = file.overlay(args.settings()?).into_config()?;
     if args.common.print_config {
-        return run::print(&format!("{config:#?}"));
+        return run::print(config.to_toml().trim_end());
     }
     run::init_logging(args.common.log_level, file_level)?;
+    if let Some(path) = args.common.config.as_deref().filter(|_| file_has_key) {
+        burrow::state::warn_if_readable_by_others(path);
+    }
     info!(target: run::LOG_TARGET, ?config, "agent settings");
     let grace = config.grace;
     let names: Vec<String> = config.forwards.iter().map(|f| f.name.clone()).collect();

@@ -4,11 +4,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use burrow::agent_line;
 use burrow::config::{self, GatewaySettings, TransportKind};
 use burrow::gateway::Gateway;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::run;
 
@@ -24,7 +25,8 @@ pub struct Args {
     public_host: Option<IpAddr>,
 
     /// Host name agents and clients use to reach this machine, shown in the agent command line
-    /// and in granted addresses [default: the listen address]
+    /// and in granted addresses [default: the listen address; for a wildcard, this host's
+    /// address on its default route]
     #[arg(long, env = "BURROW_PUBLIC_NAME", value_name = "NAME")]
     public_name: Option<String>,
 
@@ -32,6 +34,19 @@ pub struct Args {
     /// root, else $XDG_STATE_HOME/burrow or ~/.local/state/burrow]
     #[arg(long, env = "BURROW_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
+
+    /// Use a state directory that other users can change (its files could be replaced by
+    /// theirs), with a warning, instead of refusing to start [default: false]
+    #[arg(
+        long,
+        env = "BURROW_ALLOW_INSECURE_STATE",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    allow_insecure_state: Option<bool>,
 
     /// Tunnel transport: tls, or tcp only behind a TLS-terminating proxy [default: tls]
     #[arg(long, env = "BURROW_TRANSPORT", value_name = "TRANSPORT", value_parser = transport_parser())]
@@ -61,6 +76,11 @@ pub struct Args {
     #[arg(long = "ws-trusted-proxy", env = "BURROW_WS_TRUSTED_PROXIES", value_name = "NET",
           value_delimiter = ',', value_parser = config::parse_net)]
     ws_trusted_proxies: Vec<ipnet::IpNet>,
+    /// Print the `burrow agent ...` line for the generated key, key included, and exit: the
+    /// running gateway masks the key after its first start. Give the same settings as the
+    /// gateway (state directory, listen port, public name); nothing is bound or created
+    #[arg(long)]
+    print_agent_line: bool,
 
     #[command(flatten)]
     common: crate::Common,
@@ -79,6 +99,7 @@ impl Args {
             public_host: self.public_host,
             public_name: self.public_name.clone(),
             state_dir: self.state_dir.clone(),
+            allow_insecure_state: self.allow_insecure_state,
             transport: self.transport,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
@@ -96,11 +117,32 @@ impl Args {
 pub fn main(args: Args) -> anyhow::Result<()> {
     let file = run::load_file(args.common.config.as_deref(), config::load_gateway_file)?;
     let file_level = file.log_level;
+    let file_has_key = file
+        .agents
+        .iter()
+        .flatten()
+        .any(|a| matches!(a.key, config::KeySpec::Key(_)));
     let config = file.overlay(args.settings()).into_config()?;
     if args.common.print_config {
-        return run::print(&format!("{config:#?}"));
+        // The generated key's hash, when the gateway has made one; unreadable is no reason
+        // not to print the rest.
+        let generated = burrow::state::read_agent_key(&config.state_dir)
+            .ok()
+            .flatten()
+            .map(|k| k.hash());
+        return run::print(config.to_toml(generated.as_ref()).trim_end());
     }
     run::init_logging(args.common.log_level, file_level)?;
+    if let Some(path) = args.common.config.as_deref().filter(|_| file_has_key) {
+        burrow::state::warn_if_readable_by_others(path);
+    }
+    if args.print_agent_line {
+        let line = agent_line::load(&config).map_err(anyhow::Error::msg)?;
+        if let Some(why) = &line.guess {
+            warn!(target: run::LOG_TARGET, "{why}");
+        }
+        return run::print(&line.full());
+    }
     info!(target: run::LOG_TARGET, ?config, "gateway settings");
     let grace = config.grace;
     run::runtime()?.block_on(async move {
@@ -120,9 +162,24 @@ fn announce(gateway: &Gateway) {
     if let Some(fp) = gateway.fingerprint() {
         run::say(&format!("certificate fingerprint: {fp}"));
     }
-    if let Some(command) = gateway.agent_command() {
+    let Some(line) = gateway.agent_line() else {
+        return;
+    };
+    if let Some(why) = &line.guess {
+        warn!(target: run::LOG_TARGET, "{why}");
+    }
+    // The key in full only when it is new: every later start would copy it into the logs
+    // that stdout ends up in (journald, `docker logs`).
+    if gateway.key_created() {
         run::say(&format!(
-            "run this on the agent's host (add --forward for each service):\n{command}"
+            "run this on the agent's host (add --forward for each service):\n{}",
+            line.full()
+        ));
+    } else {
+        run::say(&format!(
+            "run this on the agent's host (add --forward for each service; the key is masked: \
+             `burrow gateway --print-agent-line` with this gateway's settings prints it):\n{}",
+            line.masked()
         ));
     }
 }

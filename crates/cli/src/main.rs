@@ -2,13 +2,14 @@
 //!
 //! - `burrow gateway` runs on a public host; agents dial in and it opens public ports for them.
 //! - `burrow agent` runs next to a private service and publishes it through a gateway.
-//! - `burrow keygen` prints a new agent key and its key hash.
+//! - `burrow keygen` prints a new agent key and its key hash, or the hash of an existing key.
 //!
 //! This crate only parses flags and environment, sets up logging and handles signals; the
 //! roles live in the `burrow` library.
 
 mod agent;
 mod gateway;
+mod keygen;
 mod run;
 
 use std::process::ExitCode;
@@ -28,9 +29,9 @@ use std::process::ExitCode;
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use burrow::config::LogLevel;
-use burrow::proto::auth::SecretKey;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use clap::{Parser, Subcommand};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 /// Burrow: publish a private TCP service through a public gateway.
 #[derive(Debug, Parser)]
@@ -48,8 +49,9 @@ enum Command {
     /// Run an agent next to a private service: it dials the gateway and publishes the service.
     Agent(agent::Args),
     /// Print a new agent key and its key hash: give the key to the agent, and `key_hash` to
-    /// the gateway's `[[agents]]` entry.
-    Keygen,
+    /// the gateway's `[[agents]]` entry. With --hash or --hash-file, print the key hash of an
+    /// existing key.
+    Keygen(keygen::Args),
 }
 
 /// Flags every role has.
@@ -63,7 +65,8 @@ struct Common {
     #[arg(long, env = "BURROW_LOG_LEVEL", value_name = "LEVEL", value_parser = log_level_parser())]
     log_level: Option<LogLevel>,
 
-    /// Print the effective configuration (keys masked) and exit without starting.
+    /// Print the effective configuration as a config file (TOML, keys masked) and exit
+    /// without starting.
     #[arg(long)]
     print_config: bool,
 }
@@ -74,11 +77,14 @@ fn log_level_parser() -> impl TypedValueParser<Value = LogLevel> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(e) => return e,
+    };
     let result = match cli.command {
         Command::Gateway(args) => gateway::main(args),
         Command::Agent(args) => agent::main(args),
-        Command::Keygen => keygen(),
+        Command::Keygen(args) => keygen::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,7 +95,74 @@ fn main() -> ExitCode {
     }
 }
 
-fn keygen() -> anyhow::Result<()> {
-    let key = SecretKey::generate();
-    run::print(&format!("key: {}\nkey_hash: {}", key.expose(), key.hash()))
+/// Parses the command line and the `BURROW_*` variables. A variable that is set but empty
+/// (what `${X:-}` gives in a compose file) counts as unset, and an error about a value that
+/// came from a variable names the variable, not only the flag.
+fn parse() -> Result<Cli, ExitCode> {
+    let mut command = Cli::command();
+    for role in ["gateway", "agent"] {
+        command = command.mut_subcommand(role, |mut sub| {
+            let empty: Vec<clap::Id> = sub
+                .get_arguments()
+                .filter(|a| {
+                    a.get_env()
+                        .and_then(std::env::var_os)
+                        .is_some_and(|v| v.to_string_lossy().trim().is_empty())
+                })
+                .map(|a| a.get_id().clone())
+                .collect();
+            for id in empty {
+                sub = sub.mut_arg(id, |a| a.env(None));
+            }
+            sub
+        });
+    }
+    let parsed = command
+        .clone()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    parsed.map_err(|e| {
+        let Some(text) = from_variable(&command, &e) else {
+            e.exit()
+        };
+        eprint!("{text}");
+        ExitCode::from(2)
+    })
+}
+
+/// `e` reworded to name the variable, when it is about a bad value that came from a
+/// `BURROW_*` variable rather than from the command line.
+fn from_variable(command: &clap::Command, e: &clap::Error) -> Option<String> {
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let on_command_line = std::env::args_os().skip(1).any(|a| {
+        let a = a.to_string_lossy();
+        a.strip_prefix("--")
+            .is_some_and(|a| a == long || a.starts_with(&format!("{long}=")))
+    });
+    if on_command_line {
+        return None;
+    }
+    let var = command
+        .get_subcommands()
+        .flat_map(|sub| sub.get_arguments())
+        .find(|a| a.get_long() == Some(long))?
+        .get_env()?
+        .to_string_lossy()
+        .into_owned();
+    std::env::var_os(&var)?;
+    let text = e.render().to_string();
+    Some(text.replacen(
+        &format!("for '{arg}'"),
+        &format!("in {var} (the variable of --{long})"),
+        1,
+    ))
 }

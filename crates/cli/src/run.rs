@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _};
 use burrow::config::{ConfigError, LogLevel};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// Log target of the CLI's own events (the binary's crate is also called `burrow`).
@@ -94,7 +94,9 @@ impl Signals {
 }
 
 /// Runs a role until it ends by itself or a signal arrives; then cancels `shutdown` and
-/// waits for the role to drain. A second signal stops without waiting.
+/// waits for the role to drain. A second signal stops at once, without waiting: that is a
+/// stop asked for, not a failure, so it too ends in exit status 0 (systemd and container
+/// runtimes read anything else as a crash).
 pub async fn until_signal<E: Display + Send + 'static>(
     role: impl Future<Output = Result<(), E>> + Send + 'static,
     shutdown: CancellationToken,
@@ -112,7 +114,10 @@ pub async fn until_signal<E: Display + Send + 'static>(
     shutdown.cancel();
     tokio::select! {
         ended = &mut task => finished(ended),
-        sig = signals.recv() => bail!("{sig} again: stopped without waiting for open streams"),
+        sig = signals.recv() => {
+            warn!(target: LOG_TARGET, "{sig} again: stopping now, without waiting for open streams");
+            Ok(())
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The `burrow` binary: keygen, configuration errors, flags over environment over file.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -70,7 +70,7 @@ fn forwards_from_environment_are_comma_separated() -> anyhow::Result<()> {
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("\"8080=127.0.0.1:80\""), "{stdout}");
     assert!(stdout.contains("\"unix:/run/app.sock\""), "{stdout}");
-    assert!(stdout.contains("Plain"), "{stdout}");
+    assert!(stdout.contains("transport = \"tcp\""), "{stdout}");
     assert!(!stdout.contains(&KEY[3..]), "key printed: {stdout}");
     Ok(())
 }
@@ -186,5 +186,445 @@ fn gateway_prints_its_address_and_stops_on_sigterm() -> anyhow::Result<()> {
         "{lines:?}"
     );
     assert!(status.success(), "exit {status:?}");
+    Ok(())
+}
+
+/// `burrow agent --print-config` with a working gateway, key and transport, plus `args`.
+fn agent_with(args: &[&str]) -> anyhow::Result<(Output, String, String)> {
+    let mut all = vec![
+        "agent",
+        "--print-config",
+        "--gateway",
+        "gw.example.com:7443",
+        "--transport",
+        "tcp",
+    ];
+    all.extend_from_slice(args);
+    run(burrow(&all).env("BURROW_KEY", KEY))
+}
+
+/// The usual ways of getting a forward wrong each get their own hint, never the IPv6 one.
+#[test]
+fn forward_mistakes_get_a_hint_of_their_own() -> anyhow::Result<()> {
+    for (spec, hints) in [
+        // Docker's and ssh's PORT:HOST:PORT.
+        ("8080:127.0.0.1:80", &["use `=`", "8080=127.0.0.1:80"][..]),
+        ("8080:[::1]:80", &["use `=`", "8080=[::1]:80"]),
+        ("8080:80", &["8080=127.0.0.1:80"]),
+        // A URL instead of host:port.
+        (
+            "8080=http://127.0.0.1:80",
+            &["no scheme", "8080=127.0.0.1:80"],
+        ),
+        (
+            "https://example.com:443/x",
+            &["no scheme", "example.com:443"],
+        ),
+        // UDP, not there yet.
+        ("udp:127.0.0.1:53", &["UDP"]),
+        ("5353=udp:127.0.0.1:53", &["UDP"]),
+        ("53:127.0.0.1:53/udp", &["UDP"]),
+        // Other slips.
+        ("tcp:127.0.0.1:80", &["`tcp:`", "127.0.0.1:80"]),
+        (
+            "127.0.0.1:80=8080",
+            &["public port goes first", "8080=127.0.0.1:80"],
+        ),
+        (":80", &["127.0.0.1:80"]),
+    ] {
+        let (out, _, stderr) = agent_with(&["--forward", spec])?;
+        assert!(!out.status.success(), "{spec} accepted");
+        for hint in hints {
+            assert!(stderr.contains(hint), "{spec}: no {hint:?} in: {stderr}");
+        }
+        assert!(!stderr.contains("IPv6"), "{spec}: IPv6 hint: {stderr}");
+    }
+    // Real IPv6 mistakes keep their hint.
+    let (_, _, stderr) = agent_with(&["--forward", "::1:80"])?;
+    assert!(stderr.contains("brackets"), "{stderr}");
+    Ok(())
+}
+
+/// `forward` takes strings and `[[forwards]]` tables, one letter apart: using one for the
+/// other says so, in the file's words (no internal type names).
+#[test]
+fn forward_and_forwards_mixed_up_in_a_file() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (toml, hint) in [
+        (
+            "forwards = [\"8080=127.0.0.1:80\"]",
+            "did you mean `forward`",
+        ),
+        (
+            "forward = [{ target = \"127.0.0.1:80\" }]",
+            "did you mean `forwards`",
+        ),
+        (
+            "[[forward]]\ntarget = \"127.0.0.1:80\"",
+            "did you mean `forwards`",
+        ),
+        (
+            "forward = \"8080=127.0.0.1:80\"",
+            "forward = [\"8080=127.0.0.1:80\"]",
+        ),
+        ("[forwards]\ntarget = \"127.0.0.1:80\"", "[[forwards]]"),
+        ("limits = 5", "a table"),
+    ] {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, format!("{toml}\n"))?;
+        let (out, _, stderr) = agent_with(&["--config", &path.display().to_string()])?;
+        assert!(!out.status.success(), "{toml} accepted");
+        assert!(stderr.contains(hint), "{toml}: no {hint:?} in: {stderr}");
+        assert!(
+            !stderr.contains("Raw"),
+            "{toml}: internal name in: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+/// An empty variable is what `${X:-}` gives in a compose file: it counts as unset, and empty
+/// entries in BURROW_FORWARD (a trailing comma) are skipped.
+#[test]
+fn empty_environment_values_count_as_unset() -> anyhow::Result<()> {
+    let (out, _, stderr) = run(burrow(&["agent", "--print-config"])
+        .env("BURROW_GATEWAY", "gw.example.com:7443")
+        .env("BURROW_KEY", KEY)
+        .env("BURROW_TRANSPORT", "tcp")
+        .env("BURROW_FORWARD", ""))?;
+    assert!(out.status.success(), "BURROW_FORWARD=\"\": {stderr}");
+
+    let (out, stdout, stderr) = run(burrow(&["agent", "--print-config"])
+        .env("BURROW_GATEWAY", "gw.example.com:7443")
+        .env("BURROW_KEY", KEY)
+        .env("BURROW_TRANSPORT", "tcp")
+        .env("BURROW_FORWARD", "8080=127.0.0.1:80, ,unix:/run/app.sock,"))?;
+    assert!(out.status.success(), "trailing comma: {stderr}");
+    assert!(stdout.contains("8080=127.0.0.1:80"), "{stdout}");
+    assert!(stdout.contains("unix:/run/app.sock"), "{stdout}");
+
+    // An empty variable defers to the file, as an unset one does.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, "listen = \"127.0.0.1:1111\"\n")?;
+    let (out, stdout, stderr) = run(burrow(&["gateway", "--print-config", "--config"])
+        .arg(&path)
+        .env("BURROW_LISTEN", "")
+        .env("BURROW_PUBLIC_NAME", "")
+        .env("BURROW_LOG_LEVEL", ""))?;
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("127.0.0.1:1111"), "{stdout}");
+    Ok(())
+}
+
+/// A bad value from the environment names the variable it came from; from a flag, the flag.
+#[test]
+fn bad_environment_values_name_the_variable() -> anyhow::Result<()> {
+    for (role, var, value) in [
+        ("agent", "BURROW_FORWARD", "8080:127.0.0.1:80"),
+        ("agent", "BURROW_GATEWAY", "nohost"),
+        ("agent", "BURROW_MAX_BACKOFF", "soon"),
+        ("gateway", "BURROW_LISTEN", "7443"),
+        ("gateway", "BURROW_TRANSPORT", "udp"),
+        ("gateway", "BURROW_LOG_LEVEL", "loud"),
+    ] {
+        let (out, _, stderr) = run(burrow(&[role]).env(var, value))?;
+        assert!(!out.status.success(), "{var}={value} accepted");
+        assert!(stderr.contains(var), "{var}={value}: {stderr}");
+    }
+    let (out, _, stderr) = run(&mut burrow(&["agent", "--forward", "8080:127.0.0.1:80"]))?;
+    assert!(!out.status.success());
+    assert!(stderr.contains("--forward"), "{stderr}");
+    assert!(!stderr.contains("BURROW_FORWARD"), "{stderr}");
+    Ok(())
+}
+
+/// `burrow keygen --hash` gives the hash of a key that already exists: from the command line,
+/// from standard input or from a file (the last two keep it out of shell history).
+#[test]
+fn keygen_hash_of_an_existing_key() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let want = format!("key_hash: {}\n", SecretKey::parse(KEY)?.hash());
+    let (out, stdout, stderr) = run(&mut burrow(&["keygen", "--hash", KEY]))?;
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, want);
+
+    for args in [&["keygen", "--hash", "-"][..], &["keygen", "--hash"]] {
+        let mut child = burrow(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(format!("{KEY}\n").as_bytes())?;
+        let out = child.wait_with_output()?;
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert_eq!(String::from_utf8(out.stdout)?, want, "{args:?}");
+    }
+
+    let dir = tempfile::tempdir()?;
+    let key_file = dir.path().join("agent.key");
+    std::fs::write(&key_file, format!("{KEY}\n"))?;
+    let agent_file = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_file,
+        format!("gateway = \"gw.example.com:7443\"\nkey = \"{KEY}\"\n"),
+    )?;
+    for file in [&key_file, &agent_file] {
+        let (out, stdout, stderr) = run(burrow(&["keygen", "--hash-file"]).arg(file))?;
+        assert!(out.status.success(), "{}: {stderr}", file.display());
+        assert_eq!(stdout, want, "{}", file.display());
+    }
+
+    // A broken key is refused without being echoed.
+    let (out, stdout, stderr) = run(&mut burrow(&["keygen", "--hash", "bk_secretbutbroken"]))?;
+    assert!(!out.status.success());
+    assert!(stderr.contains("not a burrow key"), "{stderr}");
+    assert!(
+        !(stdout + &stderr).contains("secretbutbroken"),
+        "key echoed"
+    );
+    Ok(())
+}
+
+/// `--print-config` prints a config file: TOML that, with the real key in place of the mask,
+/// reads back as the same settings (printed again, it is the same text).
+#[test]
+fn print_config_reads_back_as_the_same_settings() -> anyhow::Result<()> {
+    const KEY2: &str = "bk_5JG9gAt6USx2Cm5GCBiq-AdRjUxOI2NSRKwsBWYJGSU";
+    let dir = tempfile::tempdir()?;
+    let gateway_file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &gateway_file,
+        format!(
+            "listen = \"127.0.0.1:9443\"\npublic_name = \"gw.example.com\"\n\
+             state_dir = \"state\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n\
+             lease = \"90s\"\ngrace = \"1500ms\"\n\
+             [heartbeat]\ninterval = \"250ms\"\nmisses = 5\n\
+             [limits]\nmax_streams = 77\nhandshake_timeout = \"3s\"\n\
+             [[agents]]\nname = \"web\"\nkey = \"{KEY2}\"\nports = [8080, \"9000-9100\"]\n\
+             [[agents]]\nname = \"db\"\nkey_hash = \"{}\"\nports = [5432]\n",
+            SecretKey::parse(KEY)?.hash()
+        ),
+    )?;
+    let agent_file = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_file,
+        "[limits]\nmax_frame = 131072\n[[forwards]]\ntarget = \"[::1]:3000\"\nname = \"api\"\n",
+    )?;
+    let cases: [(&str, Vec<String>, &str); 3] = [
+        (
+            "gateway",
+            vec![
+                "--config".into(),
+                gateway_file.display().to_string(),
+                "--public-host".into(),
+                "127.0.0.2".into(),
+            ],
+            KEY2,
+        ),
+        (
+            "agent",
+            vec![
+                "--gateway".into(),
+                "gw.example.com:7443".into(),
+                "--fingerprint".into(),
+                format!("SHA256:{}", "ab".repeat(32)),
+                "--server-name".into(),
+                "sni.example".into(),
+                "--forward".into(),
+                "0=localhost:5000".into(),
+                "--forward".into(),
+                "unix:/run/app.sock".into(),
+            ],
+            KEY,
+        ),
+        (
+            "agent",
+            vec![
+                "--config".into(),
+                agent_file.display().to_string(),
+                "--gateway".into(),
+                "[::1]:7443".into(),
+                "--ca".into(),
+                "ca.pem".into(),
+                "--max-backoff".into(),
+                "2m".into(),
+            ],
+            KEY,
+        ),
+    ];
+    for (i, (role, args, key)) in cases.iter().enumerate() {
+        let mut first = burrow(&[role, "--print-config"]);
+        first
+            .args(args)
+            .env("BURROW_KEY", KEY)
+            .current_dir(dir.path());
+        let (out, printed, stderr) = run(&mut first)?;
+        assert!(out.status.success(), "{role} {args:?}: {stderr}");
+        assert!(printed.contains("\"bk_****\""), "{printed}");
+        assert!(!printed.contains('{'), "not TOML: {printed}");
+        let file = dir.path().join(format!("printed-{i}.toml"));
+        std::fs::write(&file, printed.replace("bk_****", key))?;
+        let (out, again, stderr) = run(burrow(&[role, "--print-config", "--config"]).arg(&file))?;
+        assert!(
+            out.status.success(),
+            "{role}: the printed file is refused: {stderr}\n{printed}"
+        );
+        assert_eq!(again, printed, "{role} {args:?}: read back differently");
+    }
+    Ok(())
+}
+
+/// Zero configuration: `--print-config` shows the agent the gateway accepts, with the hash of
+/// the key it made, which it does not print.
+#[test]
+fn print_config_shows_the_generated_agent() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    let print = || -> anyhow::Result<String> {
+        let (out, stdout, stderr) =
+            run(burrow(&["gateway", "--print-config", "--state-dir"]).arg(&state))?;
+        assert!(out.status.success(), "{stderr}");
+        Ok(stdout)
+    };
+    let before = print()?;
+    assert!(before.contains("first start"), "{before}");
+    assert!(!state.exists(), "--print-config made the state directory");
+    std::fs::create_dir(&state)?;
+    std::fs::write(state.join("agent.key"), format!("{KEY}\n"))?;
+    let after = print()?;
+    let hash = SecretKey::parse(KEY)?.hash().to_string();
+    assert!(
+        after.contains(&format!("#   key_hash = \"{hash}\"")),
+        "{after}"
+    );
+    assert!(after.contains("#   name = \"default\""), "{after}");
+    assert!(!after.contains(&KEY[3..]), "key printed: {after}");
+    Ok(())
+}
+
+/// What a gateway on `state` did within 20 s: `Some(status)` when it exited, `None` when it
+/// started listening (it is then stopped); and its stderr.
+fn gateway_on(
+    state: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<(Option<ExitStatus>, String)> {
+    let mut child = burrow(&["gateway", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+        .arg("--state-dir")
+        .arg(state)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("gateway listening on ") && tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
+        text
+    });
+    let status = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(()) => {
+            child.kill()?;
+            child.wait()?;
+            None
+        }
+        Err(_) => Some(child.wait()?),
+    };
+    let err = err.join().expect("stderr reader");
+    Ok((status, err))
+}
+
+fn chmod(path: &std::path::Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    Ok(std::fs::set_permissions(
+        path,
+        std::fs::Permissions::from_mode(mode),
+    )?)
+}
+
+/// A state directory or state file that another user can write (or that belongs to one) is
+/// refused, naming the problem; `--allow-insecure-state` turns that into a warning. A key file
+/// others can only read is a warning, and says "readable".
+#[test]
+fn state_directory_others_can_change_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    // A first start makes the state.
+    let (status, stderr) = gateway_on(&state, &[])?;
+    assert!(status.is_none(), "fresh state refused: {stderr}");
+    let key = state.join("agent.key");
+
+    chmod(&state, 0o777)?;
+    let (status, stderr) = gateway_on(&state, &[])?;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "mode 777 accepted: {stderr}"
+    );
+    assert!(
+        stderr.contains("can be written by all users (mode 777)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--allow-insecure-state"), "{stderr}");
+
+    let (status, stderr) = gateway_on(&state, &["--allow-insecure-state"])?;
+    assert!(status.is_none(), "--allow-insecure-state refused: {stderr}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("mode 777"),
+        "{stderr}"
+    );
+    chmod(&state, 0o700)?;
+
+    // A planted key: a file others can write is refused, and said to be writable.
+    chmod(&key, 0o666)?;
+    let (status, stderr) = gateway_on(&state, &[])?;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "agent.key 666 accepted: {stderr}"
+    );
+    assert!(
+        stderr.contains("agent.key can be written by all users"),
+        "{stderr}"
+    );
+    chmod(&key, 0o620)?;
+    let (status, stderr) = gateway_on(&state, &[])?;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "agent.key 620 accepted: {stderr}"
+    );
+    assert!(
+        stderr.contains("agent.key can be written by its group"),
+        "{stderr}"
+    );
+
+    // Readable only: a warning that says so, and the gateway starts.
+    chmod(&key, 0o644)?;
+    let (status, stderr) = gateway_on(&state, &[])?;
+    assert!(status.is_none(), "agent.key 644 refused: {stderr}");
+    assert!(stderr.contains("is readable by other users"), "{stderr}");
+    chmod(&key, 0o600)?;
+
+    // Another user's directory (only root can make one here).
+    if std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
+        std::os::unix::fs::chown(&state, Some(65534), None)?;
+        let (status, stderr) = gateway_on(&state, &[])?;
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "foreign owner accepted: {stderr}"
+        );
+        assert!(stderr.contains("belongs to user 65534"), "{stderr}");
+    }
     Ok(())
 }

@@ -521,6 +521,10 @@ impl GatewaySpec {
     }
 
     /// Starts the gateway and waits (30 s) for its address, fingerprint and agent line.
+    ///
+    /// The gateway prints the key in full only when it has just made it; on a restart the
+    /// printed line has it masked, and the key is read from `agent.key` in the state
+    /// directory instead, so [`GatewayProc::agent_line`] is the whole line either way.
     pub async fn start(&self, bin: &Path) -> Result<GatewayProc> {
         let mut proc = Burrow::start(self.command(bin))?;
         let wait = Duration::from_secs(30);
@@ -540,10 +544,10 @@ impl GatewaySpec {
             .trim()
             .to_string();
         let agent_line = if self.expect_agent_line {
-            Some(
-                proc.wait_stdout(|l| l.starts_with("burrow agent "), wait)
-                    .await?,
-            )
+            let line = proc
+                .wait_stdout(|l| l.starts_with("burrow agent "), wait)
+                .await?;
+            Some(self.unmasked(line)?)
         } else {
             None
         };
@@ -553,6 +557,20 @@ impl GatewaySpec {
             fingerprint,
             agent_line,
         })
+    }
+}
+
+impl GatewaySpec {
+    /// `line` with a masked key (`bk_****`) replaced by the key in the state directory.
+    fn unmasked(&self, line: String) -> Result<String> {
+        const MASK: &str = "bk_****";
+        if !line.contains(MASK) {
+            return Ok(line);
+        }
+        let file = self.state_dir.join("agent.key");
+        let key = std::fs::read_to_string(&file)
+            .map_err(|e| Error::Unexpected(format!("{}: {e}", file.display())))?;
+        Ok(line.replace(MASK, key.trim()))
     }
 }
 
@@ -576,7 +594,8 @@ impl GatewayProc {
         &self.fingerprint
     }
 
-    /// The printed `burrow agent ...` line, if the gateway printed one.
+    /// The printed `burrow agent ...` line, if the gateway printed one, with the key in full
+    /// (see [`GatewaySpec::start`]).
     pub fn agent_line(&self) -> Option<&str> {
         self.agent_line.as_deref()
     }

@@ -54,6 +54,7 @@ pub fn agent_config(gw: &TestGateway, forwards: Vec<Forward>) -> AgentConfig {
         forwards,
         limits: Limits::default(),
         max_backoff: Duration::from_millis(500),
+        connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
         grace: Duration::from_secs(2),
     }
 }
@@ -448,7 +449,7 @@ pub async fn start_gateway_with_stats(
     let addr = gw.local_addr();
     let ws = gw.ws_local_addr();
     let fingerprint = gw.fingerprint();
-    let command = gw.agent_command();
+    let command = gw.agent_line().map(|l| l.full());
     let (key, _) = burrow::state::load_or_create_agent_key(&state).unwrap();
     let stop = CancellationToken::new();
     let s = stop.clone();

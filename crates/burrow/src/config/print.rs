@@ -1,0 +1,266 @@
+//! The settings as a config file: what `--print-config` prints.
+//!
+//! The output is TOML that reads back as the same settings, keys masked: put the real key
+//! where it says `bk_****` and it is a working config file. Paths are made absolute, since a
+//! path in a file would be taken from the file's directory. Every struct is taken apart
+//! field by field, so a new setting does not compile until it is printed too.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use burrow_proto::auth::KeyHash;
+
+use super::{
+    forward_name, AgentConfig, AgentGrant, Forward, GatewayConfig, Heartbeat, KeySpec, Limits,
+    PortRange, Trust,
+};
+
+/// What a masked key looks like in the output.
+pub const MASKED_KEY: &str = "bk_****";
+
+/// TOML being written, line by line.
+#[derive(Default)]
+struct Out(String);
+
+impl Out {
+    fn line(&mut self, text: &str) {
+        self.0.push_str(text);
+        self.0.push('\n');
+    }
+
+    fn value(&mut self, key: &str, value: impl Into<toml::Value>) {
+        let _ = writeln!(self.0, "{key} = {}", value.into());
+    }
+
+    fn text(&mut self, key: &str, value: &str) {
+        self.value(key, value);
+    }
+
+    fn duration(&mut self, key: &str, d: Duration) {
+        self.text(key, &humantime::format_duration(d).to_string());
+    }
+
+    fn path(&mut self, key: &str, p: &Path) {
+        let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        self.text(key, &p.to_string_lossy());
+    }
+
+    fn section(&mut self, header: &str) {
+        self.line("");
+        self.line(header);
+    }
+}
+
+fn limits(out: &mut Out, l: &Limits) {
+    let Limits {
+        max_frame,
+        max_streams,
+        max_pending_opens,
+        max_preauth,
+        max_preauth_per_source,
+        max_public_conns,
+        max_public_conns_per_agent,
+        max_ports_per_agent,
+        handshake_timeout,
+        stream_window,
+        max_stream_window,
+        session_window,
+    } = l;
+    out.section("[limits]");
+    out.value("max_frame", i64::from(*max_frame));
+    out.value("max_streams", i64::from(*max_streams));
+    out.value("max_pending_opens", i64::from(*max_pending_opens));
+    out.value("max_preauth", i64::from(*max_preauth));
+    out.value("max_preauth_per_source", i64::from(*max_preauth_per_source));
+    out.value("max_public_conns", i64::from(*max_public_conns));
+    out.value("max_public_conns_per_agent", i64::from(*max_public_conns_per_agent));
+    out.value("max_ports_per_agent", i64::from(*max_ports_per_agent));
+    out.duration("handshake_timeout", *handshake_timeout);
+    out.value("stream_window", i64::from(*stream_window));
+    out.value("max_stream_window", i64::from(*max_stream_window));
+    out.value("session_window", i64::from(*session_window));
+}
+
+fn ports(ranges: &[PortRange]) -> toml::Value {
+    let items = ranges.iter().map(|r| {
+        if r.start == r.end {
+            toml::Value::Integer(i64::from(r.start))
+        } else {
+            toml::Value::String(r.to_string())
+        }
+    });
+    toml::Value::Array(items.collect())
+}
+
+fn grant(out: &mut Out, g: &AgentGrant) {
+    let AgentGrant {
+        name,
+        key,
+        ports: p,
+    } = g;
+    out.section("[[agents]]");
+    out.text("name", name);
+    match key {
+        KeySpec::Key(_) => out.text("key", MASKED_KEY),
+        KeySpec::Hash(h) => out.text("key_hash", &h.to_string()),
+    }
+    out.value("ports", ports(p));
+}
+
+impl GatewayConfig {
+    /// These settings as a gateway config file: TOML that reads back as the same settings,
+    /// with each key masked as [`MASKED_KEY`] and paths made absolute. With no `[[agents]]`,
+    /// a comment shows the agent the gateway then accepts: the key it keeps in its state
+    /// directory, by `generated`'s hash when that key exists already.
+    pub fn to_toml(&self, generated: Option<&KeyHash>) -> String {
+        let GatewayConfig {
+            listen,
+            public_host,
+            public_name,
+            state_dir,
+            allow_insecure_state,
+            transport,
+            tls_cert,
+            tls_key,
+            agents,
+            limits: l,
+            heartbeat,
+            lease,
+            grace,
+            ws_path,
+            ws_listen,
+            ws_trusted_proxies,
+        } = self;
+        let mut out = Out::default();
+        out.line("# burrow gateway: the effective settings (flags, environment, file, defaults).");
+        out.line("# Keys are masked: with the real ones in their place, this is a config file.");
+        out.text("listen", &listen.to_string());
+        out.text("public_host", &public_host.to_string());
+        match public_name {
+            Some(name) => out.text("public_name", name),
+            None => out.line("# public_name: not set (agents are told this host's address)"),
+        }
+        out.path("state_dir", state_dir);
+        out.value("allow_insecure_state", *allow_insecure_state);
+        out.text("transport", transport.as_str());
+        if let Some(p) = tls_cert {
+            out.path("tls_cert", p);
+        }
+        if let Some(p) = tls_key {
+            out.path("tls_key", p);
+        }
+        out.duration("lease", *lease);
+        out.duration("grace", *grace);
+        out.text("ws_path", ws_path);
+        match ws_listen {
+            Some(addr) => out.text("ws_listen", &addr.to_string()),
+            None => out.line("# ws_listen: not set (no plain-HTTP WebSocket listener)"),
+        }
+        let proxies = ws_trusted_proxies.iter().map(|n| toml::Value::from(n.to_string()));
+        out.value("ws_trusted_proxies", toml::Value::Array(proxies.collect()));
+        let Heartbeat { interval, misses } = heartbeat;
+        out.section("[heartbeat]");
+        out.duration("interval", *interval);
+        out.value("misses", i64::from(*misses));
+        limits(&mut out, l);
+        if agents.is_empty() {
+            let key_file = state_dir.join(crate::state::AGENT_KEY_FILE);
+            out.line("");
+            out.line(&format!(
+                "# No [[agents]]: the gateway accepts the key in {} (made at the first start),",
+                key_file.display()
+            ));
+            out.line("# as if this file said:");
+            out.line("#   [[agents]]");
+            out.line(&format!(
+                "#   name = \"{}\"",
+                crate::gateway::DEFAULT_AGENT_NAME
+            ));
+            match generated {
+                Some(h) => out.line(&format!("#   key_hash = \"{h}\"")),
+                None => out.line("#   key_hash = (of the key made at the first start)"),
+            }
+            out.line(&format!(
+                "#   ports = {}",
+                ports(&[PortRange::UNPRIVILEGED])
+            ));
+        }
+        for g in agents {
+            grant(&mut out, g);
+        }
+        out.0
+    }
+}
+
+impl AgentConfig {
+    /// These settings as an agent config file: TOML that reads back as the same settings,
+    /// with the key masked as [`MASKED_KEY`] and paths made absolute.
+    pub fn to_toml(&self) -> String {
+        let AgentConfig {
+            gateway,
+            key: _,
+            trust,
+            server_name,
+            forwards,
+            limits: l,
+            max_backoff,
+            connect_timeout,
+            grace,
+        } = self;
+        let mut out = Out::default();
+        out.line("# burrow agent: the effective settings (flags, environment, file, defaults).");
+        out.line("# The key is masked: with the real one in its place, this is a config file.");
+        out.text("gateway", gateway);
+        out.text("key", MASKED_KEY);
+        match trust {
+            Trust::Fingerprint(fp) => {
+                out.text("transport", "tls");
+                out.text("fingerprint", &crate::tls::fingerprint_string(fp));
+            }
+            Trust::Ca(ca) => {
+                out.text("transport", "tls");
+                out.path("ca", ca);
+            }
+            Trust::System => {
+                out.text("transport", "tls");
+                out.text("ca", "system");
+            }
+            Trust::Plain => out.text("transport", "tcp"),
+        }
+        if let Some(name) = server_name {
+            out.text("server_name", name);
+        }
+        out.duration("max_backoff", *max_backoff);
+        out.duration("connect_timeout", *connect_timeout);
+        out.duration("grace", *grace);
+        // The compact form when every name is a spec that reads back as its forward (the
+        // name of a compact spec is the spec); tables otherwise, which keep any name.
+        let compact = forwards
+            .iter()
+            .all(|f| super::parse_forward(&f.name).as_ref() == Ok(f));
+        if compact {
+            let specs = forwards.iter().map(|f| toml::Value::from(f.name.as_str()));
+            out.value("forward", toml::Value::Array(specs.collect()));
+        }
+        limits(&mut out, l);
+        if !compact {
+            for f in forwards {
+                let Forward {
+                    public_port,
+                    target,
+                    name,
+                } = f;
+                out.section("[[forwards]]");
+                if *public_port != 0 {
+                    out.value("public_port", i64::from(*public_port));
+                }
+                out.text("target", &target.to_string());
+                if *name != forward_name(*public_port, target) {
+                    out.text("name", name);
+                }
+            }
+        }
+        out.0
+    }
+}
