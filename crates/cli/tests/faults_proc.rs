@@ -1251,11 +1251,15 @@ async fn s18_clients_that_never_read_hold_at_most_the_session_window() {
             ("gateway", &gw0, &gw1, &gw2),
             ("agent", &agent0, &agent1, &agent2),
         ] {
+            // On a loaded machine the first wave may not have filled the windows yet when it
+            // is measured, so the second may still add up to them (both ways).
             let second_wave = c.rss_kib.saturating_sub(b.rss_kib);
+            let second_budget = (CLIENTS as u64 / 2) * PER_CONN_KIB + 2 * WINDOW_MIB * 1024;
             assert!(
-                second_wave <= (CLIENTS as u64 / 2) * PER_CONN_KIB,
-                "{who} rss grew {second_wave} KiB for {} more clients that never read, once \
-                 the windows were full (budget {PER_CONN_KIB} KiB per connection)",
+                second_wave <= second_budget,
+                "{who} rss grew {second_wave} KiB for {} more clients that never read (budget \
+                 {PER_CONN_KIB} KiB per connection, plus the windows if the first wave had not \
+                 filled them)",
                 CLIENTS / 2
             );
             let budget_kib = 2 * 2 * WINDOW_MIB * 1024 + CLIENTS as u64 * PER_CONN_KIB;
