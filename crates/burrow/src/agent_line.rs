@@ -27,6 +27,8 @@ pub struct AgentLine {
     pub guess: Option<String>,
     /// `SHA256:...` of the certificate, or `None` on plain TCP.
     pub fingerprint: Option<String>,
+    /// The path the tunnel port takes WebSocket upgrades on (`ws_path`).
+    pub ws_path: String,
     key: SecretKey,
 }
 
@@ -53,8 +55,15 @@ impl AgentLine {
             gateway: format!("{host}:{}", listen.port()),
             guess,
             fingerprint,
+            ws_path: crate::transport::url::DEFAULT_WS_PATH.to_string(),
             key,
         }
+    }
+
+    /// The same line with WebSocket upgrades on `path`.
+    pub fn with_ws_path(mut self, path: &str) -> AgentLine {
+        self.ws_path = path.to_string();
+        self
     }
 
     /// The key in the line.
@@ -72,6 +81,17 @@ impl AgentLine {
         self.with_key(MASKED_KEY)
     }
 
+    /// The line for the session inside a WebSocket (`wss://`, or `ws://` on plain TCP), key
+    /// included: for agents where only HTTP(S) gets out.
+    pub fn full_ws(&self) -> String {
+        self.ws_with_key(&self.key.expose())
+    }
+
+    /// [`AgentLine::full_ws`] with the key masked.
+    pub fn masked_ws(&self) -> String {
+        self.ws_with_key(MASKED_KEY)
+    }
+
     fn with_key(&self, key: &str) -> String {
         let trust = match &self.fingerprint {
             Some(fp) => format!("--fingerprint {fp}"),
@@ -80,6 +100,17 @@ impl AgentLine {
         format!(
             "burrow agent --gateway {} --key {key} {trust}",
             self.gateway
+        )
+    }
+
+    fn ws_with_key(&self, key: &str) -> String {
+        let (scheme, trust) = match &self.fingerprint {
+            Some(fp) => ("wss", format!(" --fingerprint {fp}")),
+            None => ("ws", String::new()),
+        };
+        format!(
+            "burrow agent --gateway {scheme}://{}{} --key {key}{trust}",
+            self.gateway, self.ws_path
         )
     }
 }
@@ -214,7 +245,8 @@ pub fn load(config: &GatewayConfig) -> Result<AgentLine, String> {
         config.listen,
         key,
         fingerprint,
-    ))
+    )
+    .with_ws_path(&config.ws_path))
 }
 
 #[cfg(test)]
@@ -239,6 +271,18 @@ mod tests {
         assert!(line.masked().contains("--key bk_**** --transport tcp"));
         assert!(!line.masked().contains(&line.key().expose()));
         assert!(line.full().contains(&line.key().expose()));
+        assert!(line
+            .masked_ws()
+            .contains("--gateway ws://gw.example.com:7443/burrow --key bk_****"));
+        let tls = line.with_ws_path("/t").clone();
+        let tls = AgentLine {
+            fingerprint: Some("SHA256:ab".into()),
+            ..tls
+        };
+        assert!(tls.full_ws().ends_with(&format!(
+            "--gateway wss://gw.example.com:7443/t --key {} --fingerprint SHA256:ab",
+            tls.key().expose()
+        )));
     }
 
     #[test]

@@ -299,12 +299,15 @@ impl Gateway {
     pub fn agent_line(&self) -> Option<crate::agent_line::AgentLine> {
         let key = self.generated.clone()?;
         let public_name = self.hub.config.public_name.as_deref();
-        Some(crate::agent_line::AgentLine::new(
-            public_name,
-            self.local_addr(),
-            key,
-            self.fingerprint(),
-        ))
+        Some(
+            crate::agent_line::AgentLine::new(
+                public_name,
+                self.local_addr(),
+                key,
+                self.fingerprint(),
+            )
+            .with_ws_path(&self.hub.config.ws_path),
+        )
     }
 
     /// Whether this start made the generated key (so nobody has seen it yet).

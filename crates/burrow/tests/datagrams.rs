@@ -128,7 +128,7 @@ async fn a_datagram_flood_does_not_stall_a_stream() {
             while start.elapsed() < Duration::from_secs(2) && n < 2_000_000 {
                 session.send_datagram(&d);
                 n += 1;
-                if n % 64 == 0 {
+                if n.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             }

@@ -175,11 +175,19 @@ fn announce(gateway: &Gateway) {
             "run this on the agent's host (add --forward for each service):\n{}",
             line.full()
         ));
+        run::say(&format!(
+            "or, where only HTTP(S) gets out, the same session inside a WebSocket:\n{}",
+            line.full_ws()
+        ));
     } else {
         run::say(&format!(
             "run this on the agent's host (add --forward for each service; the key is masked: \
              `burrow gateway --print-agent-line` with this gateway's settings prints it):\n{}",
             line.masked()
+        ));
+        run::say(&format!(
+            "or, where only HTTP(S) gets out, the same session inside a WebSocket:\n{}",
+            line.masked_ws()
         ));
     }
 }

@@ -253,6 +253,29 @@ fn printed_agent_line_works_as_printed_and_carries_traffic() {
     assert!(gw.terminate().success(), "gateway exits 0 on SIGTERM");
 }
 
+/// The gateway also prints the line for the session inside a WebSocket; as printed, plus a
+/// forward, it carries traffic byte-exact.
+#[test]
+fn printed_websocket_agent_line_works_as_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().display().to_string();
+    let (mut gw, _line) = start_gateway(&state);
+    let ws_line = gw.stdout_line(|l| l.starts_with("burrow agent --gateway wss://"));
+    assert!(ws_line.contains("/burrow --key bk_"), "{ws_line}");
+    assert!(ws_line.contains("--fingerprint SHA256:"), "{ws_line}");
+    let echo = echo_server();
+    let mut args = agent_args(&ws_line);
+    args.extend(s(&["--forward", &format!("0=127.0.0.1:{}", echo.port())]));
+    let mut agent = Proc::start(&args);
+    let granted = agent.stdout_line(|l| l.contains(": public address "));
+    let public = granted.rsplit(' ').next().unwrap().to_string();
+    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i * 13 + i / 241) as u8).collect();
+    let (hash, _) = echo_through(&public, &data);
+    assert_eq!(hash, <[u8; 32]>::from(Sha256::digest(&data)));
+    assert!(agent.terminate().success());
+    assert!(gw.terminate().success());
+}
+
 /// The word after `flag` in an agent line.
 fn flag_value(line: &str, flag: &str) -> String {
     let w: Vec<&str> = line.split_whitespace().collect();

@@ -74,7 +74,10 @@ fn limits(out: &mut Out, l: &Limits) {
     out.value("max_preauth", i64::from(*max_preauth));
     out.value("max_preauth_per_source", i64::from(*max_preauth_per_source));
     out.value("max_public_conns", i64::from(*max_public_conns));
-    out.value("max_public_conns_per_agent", i64::from(*max_public_conns_per_agent));
+    out.value(
+        "max_public_conns_per_agent",
+        i64::from(*max_public_conns_per_agent),
+    );
     out.value("max_ports_per_agent", i64::from(*max_ports_per_agent));
     out.duration("handshake_timeout", *handshake_timeout);
     out.value("stream_window", i64::from(*stream_window));
@@ -157,7 +160,9 @@ impl GatewayConfig {
             Some(addr) => out.text("ws_listen", &addr.to_string()),
             None => out.line("# ws_listen: not set (no plain-HTTP WebSocket listener)"),
         }
-        let proxies = ws_trusted_proxies.iter().map(|n| toml::Value::from(n.to_string()));
+        let proxies = ws_trusted_proxies
+            .iter()
+            .map(|n| toml::Value::from(n.to_string()));
         out.value("ws_trusted_proxies", toml::Value::Array(proxies.collect()));
         let Heartbeat { interval, misses } = heartbeat;
         out.section("[heartbeat]");
