@@ -10,6 +10,7 @@
 //! attempt that retrying cannot fix (key refused, certificate mismatch, version mismatch)
 //! stops the agent, so a typo is reported at once instead of retried silently.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use crate::config::{AgentConfig, Forward, Target, Trust};
 use crate::relay::{self, Local};
 use crate::session::{self, handshake, Stream};
 use crate::transport;
+use crate::udp;
 
 /// Errors that stop an agent, phrased for the user.
 #[derive(Debug, thiserror::Error)]
@@ -280,17 +282,16 @@ async fn serve(
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> String {
-    // No UDP services yet: `datagrams` is dropped, so a datagram is a protocol error.
     let session::Started {
         session,
         mut incoming,
         mut control,
-        ..
+        datagrams,
     } = started;
     for (i, fwd) in cfg.forwards.iter().enumerate() {
         let bind = Bind {
             service: i as u32,
-            protocol: Protocol::Tcp,
+            protocol: fwd.protocol,
             port: fwd.public_port,
             name: fwd.name.clone(),
         };
@@ -298,6 +299,37 @@ async fn serve(
     }
     let granted: Arc<std::sync::Mutex<Vec<bool>>> =
         Arc::new(std::sync::Mutex::new(vec![false; cfg.forwards.len()]));
+    // UDP forwards: their flows, each with a socket toward the target. Without any, the
+    // receiver is dropped and a datagram from the gateway is a protocol error.
+    let udp_services: HashMap<u32, udp::UdpService> = cfg
+        .forwards
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.protocol == Protocol::Udp)
+        .filter_map(|(i, f)| match &f.target {
+            Target::Tcp { host, port } => Some((
+                i as u32,
+                udp::UdpService {
+                    name: f.name.clone(),
+                    host: host.clone(),
+                    port: *port,
+                    counters: Arc::default(),
+                },
+            )),
+            Target::Unix(_) => None,
+        })
+        .collect();
+    if udp_services.is_empty() {
+        drop(datagrams);
+    } else {
+        tracker.spawn(udp::serve_agent_flows(
+            session.clone(),
+            datagrams,
+            udp_services,
+            granted.clone(),
+            cfg.udp,
+        ));
+    }
     let pending = Arc::new(Semaphore::new(cfg.limits.max_pending_opens as usize));
     loop {
         tokio::select! {
@@ -391,7 +423,11 @@ fn accept_stream(
         .get(service)
         .copied()
         .unwrap_or(false);
-    let Some(fwd) = cfg.forwards.get(service).filter(|_| allowed).cloned() else {
+    let fwd = cfg
+        .forwards
+        .get(service)
+        .filter(|f| allowed && f.protocol == Protocol::Tcp);
+    let Some(fwd) = fwd.cloned() else {
         warn!(
             service,
             "gateway opened a stream for a service that is not configured here; refused"

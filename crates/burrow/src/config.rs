@@ -28,6 +28,7 @@ use std::time::Duration;
 use burrow_proto::auth::{KeyHash, SecretKey};
 use burrow_proto::flow::MAX_CREDIT;
 use burrow_proto::frame::ABSOLUTE_MAX_PAYLOAD;
+pub use burrow_proto::message::Protocol;
 use burrow_proto::message::{SessionParams, StreamLimits};
 
 use crate::transport::url::{GatewayUrl, Scheme};
@@ -66,24 +67,44 @@ pub enum Target {
     Unix(PathBuf),
 }
 
-/// An inclusive range of public ports (`8080` or `9000-9100`). `Debug` shows the range as
-/// written.
+/// An inclusive range of public ports of one protocol (`8080`, `9000-9100`, `5353/udp`;
+/// a bare number or range is TCP). `Debug` shows the range as written.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
     /// First port.
     pub start: u16,
     /// Last port (inclusive).
     pub end: u16,
+    /// TCP or UDP.
+    pub protocol: Protocol,
 }
 
 impl PortRange {
-    /// Every port from 1024 to 65535: the default grant of the generated key.
+    /// Every TCP port from 1024 to 65535: with [`PortRange::UNPRIVILEGED_UDP`], the default
+    /// grant of the generated key.
     pub const UNPRIVILEGED: PortRange = PortRange {
         start: 1024,
         end: 65535,
+        protocol: Protocol::Tcp,
     };
 
-    /// Whether `port` is inside.
+    /// Every UDP port from 1024 to 65535.
+    pub const UNPRIVILEGED_UDP: PortRange = PortRange {
+        start: 1024,
+        end: 65535,
+        protocol: Protocol::Udp,
+    };
+
+    /// TCP ports `start` to `end`.
+    pub fn tcp(start: u16, end: u16) -> PortRange {
+        PortRange {
+            start,
+            end,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    /// Whether `port` is inside (whatever the protocol).
     pub fn contains(&self, port: u16) -> bool {
         (self.start..=self.end).contains(&port)
     }
@@ -129,9 +150,18 @@ pub struct AgentGrant {
 }
 
 impl AgentGrant {
-    /// Whether this agent may bind `port` (0 = any port of its grant).
+    /// Whether this agent may bind TCP `port` (0 = any port of its grant).
     pub fn allows(&self, port: u16) -> bool {
-        port == 0 || self.ports.iter().any(|r| r.contains(port))
+        self.allows_on(Protocol::Tcp, port)
+    }
+
+    /// Whether this agent may bind `port` of `protocol` (0 = any port of its grant for that
+    /// protocol).
+    pub fn allows_on(&self, protocol: Protocol, port: u16) -> bool {
+        self.ports
+            .iter()
+            .filter(|r| r.protocol == protocol)
+            .any(|r| port == 0 || r.contains(port))
     }
 }
 
@@ -257,6 +287,8 @@ pub struct GatewayConfig {
     /// Proxies whose `X-Forwarded-For` names the agent's address on `ws_listen` (none by
     /// default: the TCP peer is the address).
     pub ws_trusted_proxies: Vec<ipnet::IpNet>,
+    /// `[udp]`: UDP flows (timeouts, limits).
+    pub udp: crate::udp::UdpSettings,
 }
 
 impl GatewayConfig {
@@ -294,6 +326,7 @@ impl GatewayConfig {
             ws_path: crate::transport::url::DEFAULT_WS_PATH.to_string(),
             ws_listen: None,
             ws_trusted_proxies: Vec::new(),
+            udp: crate::udp::UdpSettings::default(),
             grace: Duration::from_secs(10),
         }
     }
@@ -328,6 +361,8 @@ impl Trust {
 /// One service an agent publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
+    /// TCP (streams) or UDP (flows of datagrams).
+    pub protocol: Protocol,
     /// Public port asked for; 0 lets the gateway choose.
     pub public_port: u16,
     /// Where streams go.
@@ -358,6 +393,8 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// How long streams may drain at shutdown (default 10 s).
     pub grace: Duration,
+    /// `[udp]`: UDP flows (timeouts, limits).
+    pub udp: crate::udp::UdpSettings,
 }
 
 /// How much a logger says: `error`, `warn`, `info`, `debug` or `trace`.
@@ -523,8 +560,15 @@ impl fmt::Display for Target {
 impl PortRange {
     /// Parses `8080` or `9000-9100`: ports from 1 to 65535, the first not above the last.
     pub fn parse(s: &str) -> Result<PortRange, String> {
-        let bad = || format!("{s:?} is not a port or range (use 8080 or 9000-9100)");
+        let bad =
+            || format!("{s:?} is not a port or range (use 8080, 9000-9100, or 5353/udp for UDP)");
         let text = s.trim();
+        let (text, protocol) = match text.rsplit_once('/') {
+            Some((t, p)) if p.eq_ignore_ascii_case("udp") => (t, Protocol::Udp),
+            Some((t, p)) if p.eq_ignore_ascii_case("tcp") => (t, Protocol::Tcp),
+            Some(_) => return Err(bad()),
+            None => (text, Protocol::Tcp),
+        };
         let (first, last) = text.split_once('-').unwrap_or((text, text));
         let start = port_number(first).ok_or_else(bad)?;
         let end = port_number(last).ok_or_else(bad)?;
@@ -533,7 +577,11 @@ impl PortRange {
                 "{s:?} runs backwards (write the lower port first: {end}-{start})"
             ));
         }
-        Ok(PortRange { start, end })
+        Ok(PortRange {
+            start,
+            end,
+            protocol,
+        })
     }
 }
 
@@ -559,10 +607,14 @@ impl fmt::Debug for Trust {
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.start == self.end {
-            write!(f, "{}", self.start)
+            write!(f, "{}", self.start)?;
         } else {
-            write!(f, "{}-{}", self.start, self.end)
+            write!(f, "{}-{}", self.start, self.end)?;
         }
+        if self.protocol == Protocol::Udp {
+            f.write_str("/udp")?;
+        }
+        Ok(())
     }
 }
 
@@ -577,7 +629,11 @@ pub fn parse_forward(spec: &str) -> Result<Forward, String> {
 }
 
 fn parse_forward_as_written(spec: &str) -> Result<Forward, String> {
-    let (public_port, target) = match spec.split_once('=') {
+    let (protocol, rest) = match spec.strip_prefix("udp:") {
+        Some(rest) => (Protocol::Udp, rest),
+        None => (Protocol::Tcp, spec),
+    };
+    let (public_port, target) = match rest.split_once('=') {
         Some((port, target)) if !spec.starts_with("unix:") => {
             let port = port.trim().parse::<u16>().map_err(|_| {
                 format!(
@@ -587,11 +643,18 @@ fn parse_forward_as_written(spec: &str) -> Result<Forward, String> {
             })?;
             (port, target)
         }
-        _ => (0, spec),
+        _ => (0, rest),
     };
+    let target = Target::parse(target)?;
+    if protocol == Protocol::Udp && matches!(target, Target::Unix(_)) {
+        return Err(format!(
+            "forward {spec:?}: a UDP forward goes to HOST:PORT, not a unix socket"
+        ));
+    }
     Ok(Forward {
+        protocol,
         public_port,
-        target: Target::parse(target)?,
+        target,
         name: spec.to_string(),
     })
 }
@@ -632,12 +695,14 @@ fn forward_hint(spec: &str) -> Option<String> {
 /// corrected spec.
 fn target_hint(target: &str, with: &dyn Fn(&str) -> String) -> Option<String> {
     let lower = target.to_ascii_lowercase();
-    if lower.starts_with("udp") || lower.ends_with("/udp") {
-        return Some(
-            "UDP is not supported yet: a forward is a TCP target (host:port) or a unix stream \
-             socket (unix:/path/to.sock)"
-                .into(),
-        );
+    if let Some(bare) = target
+        .strip_suffix("/udp")
+        .filter(|b| Target::parse(b).is_ok())
+    {
+        return Some(format!(
+            "a UDP forward is written with `udp:` in front: udp:{}",
+            with(bare)
+        ));
     }
     if let Some((scheme, rest)) = target.split_once("://") {
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
@@ -678,11 +743,16 @@ fn target_hint(target: &str, with: &dyn Fn(&str) -> String) -> Option<String> {
 }
 
 /// The name a forward gets when none is given: its spec in the compact form.
-fn forward_name(public_port: u16, target: &Target) -> String {
-    if public_port == 0 {
-        target.to_string()
+fn forward_name(protocol: Protocol, public_port: u16, target: &Target) -> String {
+    let udp = if protocol == Protocol::Udp {
+        "udp:"
     } else {
-        format!("{public_port}={target}")
+        ""
+    };
+    if public_port == 0 {
+        format!("{udp}{target}")
+    } else {
+        format!("{udp}{public_port}={target}")
     }
 }
 
@@ -838,6 +908,8 @@ pub struct GatewaySettings {
     pub ws_listen: Option<SocketAddr>,
     /// `ws_trusted_proxies`, `--ws-trusted-proxy` (repeated).
     pub ws_trusted_proxies: Option<Vec<ipnet::IpNet>>,
+    /// `[udp]`, complete with defaults for keys the file leaves out.
+    pub udp: Option<crate::udp::UdpSettings>,
 }
 
 impl GatewaySettings {
@@ -861,6 +933,7 @@ impl GatewaySettings {
             ws_path: over.ws_path.or(self.ws_path),
             ws_listen: over.ws_listen.or(self.ws_listen),
             ws_trusted_proxies: over.ws_trusted_proxies.or(self.ws_trusted_proxies),
+            udp: over.udp.or(self.udp),
         }
     }
 
@@ -910,6 +983,7 @@ impl GatewaySettings {
         }
         c.ws_listen = self.ws_listen;
         set(&mut c.ws_trusted_proxies, self.ws_trusted_proxies);
+        set(&mut c.udp, self.udp);
         Ok(c)
     }
 }
@@ -942,6 +1016,8 @@ pub struct AgentSettings {
     pub grace: Option<Duration>,
     /// `log_level`: not part of [`AgentConfig`]; the CLI sets up logging with it.
     pub log_level: Option<LogLevel>,
+    /// `[udp]`, complete with defaults for keys the file leaves out.
+    pub udp: Option<crate::udp::UdpSettings>,
 }
 
 impl AgentSettings {
@@ -959,6 +1035,7 @@ impl AgentSettings {
             connect_timeout: over.connect_timeout.or(self.connect_timeout),
             grace: over.grace.or(self.grace),
             log_level: over.log_level.or(self.log_level),
+            udp: over.udp.or(self.udp),
         }
     }
 
@@ -1009,6 +1086,7 @@ impl AgentSettings {
             max_backoff: self.max_backoff.unwrap_or(DEFAULT_MAX_BACKOFF),
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             grace: self.grace.unwrap_or(DEFAULT_GRACE),
+            udp: self.udp.unwrap_or_default(),
         })
     }
 }
@@ -1190,6 +1268,11 @@ from_text! {
     }),
     Duration => parse_duration,
     ipnet::IpNet => parse_net,
+    Protocol => |s: &str| match s.trim().to_ascii_lowercase().as_str() {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        _ => Err(format!("{s:?} is not a protocol (use \"tcp\" or \"udp\")")),
+    },
     SecretKey => parse_key,
     KeyHash => |s: &str| KeyHash::parse(s).map_err(|e| e.to_string()),
     Target => Target::parse,
@@ -1218,7 +1301,7 @@ impl FromToml for PortRange {
             toml::Value::Integer(i) => u16::try_from(*i)
                 .ok()
                 .filter(|p| *p != 0)
-                .map(|p| PortRange { start: p, end: p })
+                .map(|p| PortRange::tcp(p, p))
                 .ok_or_else(|| format!("{i} is not a port (use 1-65535)")),
             other => Err(format!(
                 "{other} is not a port or range (use 8080 or \"9000-9100\")"
@@ -1295,12 +1378,24 @@ struct RawGateway {
     ws_path: Option<Checked<Name>>,
     ws_listen: Option<Checked<SocketAddr>>,
     ws_trusted_proxies: Option<Vec<Checked<ipnet::IpNet>>>,
+    udp: Option<RawUdp>,
+}
+
+/// `[udp]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUdp {
+    idle: Option<Spanned<Checked<Duration>>>,
+    max_flows: Option<Spanned<u32>>,
+    max_datagram: Option<Spanned<u32>>,
+    queue: Option<Spanned<u32>>,
 }
 
 /// `[[forwards]]` as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawForward {
+    protocol: Option<Checked<Protocol>>,
     public_port: Option<Checked<PublicPort>>,
     target: Checked<Target>,
     name: Option<Checked<Name>>,
@@ -1321,6 +1416,7 @@ struct RawAgent {
     grace: Option<Checked<Duration>>,
     log_level: Option<Checked<LogLevel>>,
     limits: Option<RawLimits>,
+    udp: Option<RawUdp>,
     forward: Option<Vec<Spanned<toml::Value>>>,
     forwards: Option<Vec<Spanned<ForwardTable>>>,
 }
@@ -1438,6 +1534,7 @@ impl Source<'_> {
             agents: raw.agents.map(|a| self.agents(a)).transpose()?,
             limits: raw.limits.map(|l| self.limits(l)).transpose()?,
             heartbeat: raw.heartbeat.map(|h| self.heartbeat(h)).transpose()?,
+            udp: raw.udp.map(|u| self.udp(u)).transpose()?,
             lease: inner(raw.lease),
             grace: inner(raw.grace),
             log_level: inner(raw.log_level),
@@ -1653,7 +1750,43 @@ impl Source<'_> {
             connect_timeout: raw.connect_timeout.map(|v| v.into_inner().0),
             grace: inner(raw.grace),
             log_level: inner(raw.log_level),
+            udp: raw.udp.map(|u| self.udp(u)).transpose()?,
         })
+    }
+
+    /// `[udp]`, each key checked against its range.
+    fn udp(&self, raw: RawUdp) -> Result<crate::udp::UdpSettings, ConfigError> {
+        let mut u = crate::udp::UdpSettings::default();
+        if let Some(v) = raw.idle {
+            u.idle = v.get_ref().0;
+            if u.idle < Duration::from_millis(100) {
+                return Err(self.error(
+                    v.span(),
+                    "udp.idle",
+                    "must be at least 100ms (default 60s)",
+                ));
+            }
+        }
+        let ranged = |v: Option<Spanned<u32>>, key: &str, lo: u32, hi: u32, default: &str| match v {
+            None => Ok(None),
+            Some(v) if (lo..=hi).contains(v.get_ref()) => Ok(Some(*v.get_ref() as usize)),
+            Some(v) => Err(self.error(
+                v.span(),
+                key,
+                format!("must be from {lo} to {hi} (default {default})"),
+            )),
+        };
+        if let Some(n) = ranged(raw.max_flows, "udp.max_flows", 1, 1_000_000, "4096")? {
+            u.max_flows = n;
+        }
+        let max = burrow_proto::message::MAX_DATAGRAM as u32;
+        if let Some(n) = ranged(raw.max_datagram, "udp.max_datagram", 1, max, "65507")? {
+            u.max_datagram = n;
+        }
+        if let Some(n) = ranged(raw.queue, "udp.queue", 4096, 64 << 20, "262144")? {
+            u.queue = n;
+        }
+        Ok(u)
     }
 
     fn trust(
@@ -1720,10 +1853,20 @@ impl Source<'_> {
         for (i, v) in tables.unwrap_or_default().into_iter().enumerate() {
             let span = v.span();
             let raw = v.into_inner().0;
+            let protocol = inner(raw.protocol).unwrap_or(Protocol::Tcp);
             let public_port = inner(raw.public_port).map_or(0, |p| p.0);
             let target = raw.target.0;
-            let name = inner(raw.name).map_or_else(|| forward_name(public_port, &target), |n| n.0);
+            if protocol == Protocol::Udp && matches!(target, Target::Unix(_)) {
+                return Err(self.error(
+                    span,
+                    format!("forwards[{i}].target"),
+                    "a UDP forward goes to HOST:PORT, not a unix socket",
+                ));
+            }
+            let name = inner(raw.name)
+                .map_or_else(|| forward_name(protocol, public_port, &target), |n| n.0);
             out.push(Forward {
+                protocol,
                 public_port,
                 target,
                 name,

@@ -40,6 +40,7 @@ use crate::session::{self, handshake, Session};
 use crate::stats::{bump, GatewayStats, GaugeGuard};
 use crate::tls::{self, GatewayIdentity};
 use crate::transport;
+use crate::udp;
 
 /// Errors that stop a gateway, phrased for the user.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +126,8 @@ struct Route {
     session: Session,
     service: u32,
     name: String,
+    /// The session's UDP flows (shared by its UDP services).
+    flows: Arc<Mutex<udp::GatewayFlows>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -160,7 +163,7 @@ impl Gateway {
             agents.push(AgentGrant {
                 name: DEFAULT_AGENT_NAME.into(),
                 key: KeySpec::Key(key.clone()),
-                ports: vec![PortRange::UNPRIVILEGED],
+                ports: vec![PortRange::UNPRIVILEGED, PortRange::UNPRIVILEGED_UDP],
             });
             generated = Some(key);
         }
@@ -604,8 +607,18 @@ async fn serve_agent(
         let session = started.session;
         // This version opens streams only from the gateway; agent-opened streams are refused.
         drop(started.incoming);
-        // No UDP services yet: a datagram from the agent is then a protocol error.
-        drop(started.datagrams);
+        // Replies of UDP flows: to their clients, through the public sockets. A datagram for
+        // a flow the gateway never opened is a protocol error.
+        let flows = Arc::new(Mutex::new(udp::GatewayFlows::default()));
+        tokio::spawn(
+            udp::dispatch_replies(
+                session.clone(),
+                started.datagrams,
+                flows.clone(),
+                hub.config.udp.idle,
+            )
+            .in_current_span(),
+        );
         let generation = hub.generation.fetch_add(1, Ordering::Relaxed);
         let old = {
             let mut agents = lock(&hub.agents);
@@ -644,7 +657,7 @@ async fn serve_agent(
                                 session.send_control(BindResult { service: bind.service, code: ErrorCode::PortInUse, text }.to_frame());
                             }
                             Ok(bind) => {
-                                let result = bind_port(&hub, &grant, &session, generation, &bind).await;
+                                let result = bind_port(&hub, &grant, (&session, &flows), generation, &bind).await;
                                 session.send_control(result.to_frame());
                             }
                             Err(e) => session.close(e.code, e.detail),
@@ -758,7 +771,7 @@ fn public_text(hub: &Hub, addr: SocketAddr) -> String {
 async fn bind_port(
     hub: &Arc<Hub>,
     grant: &AgentGrant,
-    session: &Session,
+    (session, flows): (&Session, &Arc<Mutex<udp::GatewayFlows>>),
     generation: u64,
     bind: &Bind,
 ) -> BindResult {
@@ -770,20 +783,27 @@ async fn bind_port(
             text,
         }
     };
-    if bind.protocol != Protocol::Tcp {
-        return refuse(
-            ErrorCode::PortNotGranted,
-            "UDP services are not supported by this gateway version".into(),
-        );
-    }
-    if !grant.allows(bind.port) {
+    let proto = match bind.protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    };
+    if !grant.allows_on(bind.protocol, bind.port) {
+        let port = if bind.port == 0 {
+            "no port".to_string()
+        } else {
+            format!("port {}", bind.port)
+        };
         return refuse(
             ErrorCode::PortNotGranted,
             format!(
-                "port {} is not granted to agent `{}` (granted: {})",
-                bind.port,
+                "{proto} {port} is not granted to agent `{}` (granted: {}){}",
                 grant.name,
-                describe_ports(&grant.ports)
+                describe_ports(&grant.ports),
+                if bind.protocol == Protocol::Udp {
+                    "; UDP ports are granted with /udp, as in ports = [\"5353/udp\"]"
+                } else {
+                    ""
+                }
             ),
         );
     }
@@ -791,6 +811,7 @@ async fn bind_port(
         session: session.clone(),
         service: bind.service,
         name: bind.name.clone(),
+        flows: flows.clone(),
     };
     let key = (bind.protocol, bind.name.clone());
     let max_ports = hub.config.limits.max_ports_per_agent;
@@ -817,7 +838,11 @@ async fn bind_port(
                 old.cancel.cancel();
             }
         }
-        if bind.port != 0 && entry.ports.values().any(|p| p.addr.port() == bind.port) {
+        let taken = entry
+            .ports
+            .iter()
+            .any(|((p, _), e)| *p == bind.protocol && e.addr.port() == bind.port);
+        if bind.port != 0 && taken {
             return refuse(
                 ErrorCode::PortInUse,
                 format!(
@@ -834,7 +859,15 @@ async fn bind_port(
     let Some(fd) = hub.public_fds.try_take(0) else {
         return refuse(ErrorCode::LimitExceeded, near_fd_limit(hub));
     };
-    let listener = match listen_public(hub.config.public_host, bind.port, grant).await {
+    let bound = match bind.protocol {
+        Protocol::Tcp => listen_public(hub.config.public_host, bind.port, grant)
+            .await
+            .map(Listener::Tcp),
+        Protocol::Udp => listen_public_udp(hub, bind.port, grant)
+            .await
+            .map(Listener::Udp),
+    };
+    let listener = match bound {
         Ok(l) => l,
         Err(text) => {
             let code = if text.contains("in use") {
@@ -872,15 +905,38 @@ async fn bind_port(
         );
         entry.conns.clone()
     };
-    let port = PublicPort {
-        listener,
-        route,
-        cancel,
-        agent: grant.name.clone(),
-        conns,
-        _fd: fd,
-    };
-    tokio::spawn(accept_public(hub.clone(), port).instrument(tracing::Span::current()));
+    match listener {
+        Listener::Tcp(listener) => {
+            let port = PublicPort {
+                listener,
+                route,
+                cancel,
+                agent: grant.name.clone(),
+                conns,
+                _fd: fd,
+            };
+            tokio::spawn(accept_public(hub.clone(), port).instrument(tracing::Span::current()));
+        }
+        Listener::Udp(socket) => {
+            let routing = move || {
+                lock(&route).clone().map(|r| udp::UdpRoute {
+                    session: r.session,
+                    service: r.service,
+                    name: r.name,
+                    flows: r.flows,
+                })
+            };
+            let counters = Arc::new(udp::UdpCounters::default());
+            let settings = hub.config.udp;
+            tokio::spawn(
+                async move {
+                    udp::serve_public(Arc::new(socket), routing, settings, counters, cancel).await;
+                    drop(fd);
+                }
+                .instrument(tracing::Span::current()),
+            );
+        }
+    }
     let text = public_text(hub, addr);
     info!(service = %bind.name, public = %text, "public port granted");
     BindResult {
@@ -891,16 +947,7 @@ async fn bind_port(
 }
 
 fn describe_ports(ports: &[PortRange]) -> String {
-    let parts: Vec<String> = ports
-        .iter()
-        .map(|r| {
-            if r.start == r.end {
-                r.start.to_string()
-            } else {
-                format!("{}-{}", r.start, r.end)
-            }
-        })
-        .collect();
+    let parts: Vec<String> = ports.iter().map(PortRange::to_string).collect();
     if parts.is_empty() {
         "none".into()
     } else {
@@ -945,6 +992,72 @@ async fn listen_public(host: IpAddr, port: u16, grant: &AgentGrant) -> Result<Tc
     }
     Err(format!(
         "no free port in the agent's grant ({}) on {host}",
+        describe_ports(&grant.ports)
+    ))
+}
+
+/// A bound public port, TCP or UDP.
+enum Listener {
+    Tcp(TcpListener),
+    Udp(tokio::net::UdpSocket),
+}
+
+impl Listener {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr(),
+            Listener::Udp(s) => s.local_addr(),
+        }
+    }
+}
+
+/// Binds a public UDP port: the one asked for, or for port 0 one inside the agent's UDP grant.
+async fn listen_public_udp(
+    hub: &Hub,
+    port: u16,
+    grant: &AgentGrant,
+) -> Result<tokio::net::UdpSocket, String> {
+    let host = hub.config.public_host;
+    let bind = |p: u16| async move {
+        let s = tokio::net::UdpSocket::bind((host, p)).await?;
+        let sock = socket2::SockRef::from(&s);
+        let _ = sock.set_recv_buffer_size(hub.config.udp.queue);
+        let _ = sock.set_send_buffer_size(hub.config.udp.queue);
+        Ok::<_, std::io::Error>(s)
+    };
+    if port != 0 {
+        return bind(port).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                format!(
+                    "UDP port {port} on {host} is in use on the gateway: pick another port or \
+                     stop what uses it"
+                )
+            } else {
+                format!("cannot bind UDP {host}:{port}: {e}")
+            }
+        });
+    }
+    if let Ok(s) = bind(0).await {
+        if s.local_addr()
+            .is_ok_and(|a| grant.allows_on(Protocol::Udp, a.port()))
+        {
+            return Ok(s);
+        }
+    }
+    let mut tried = 0;
+    for range in grant.ports.iter().filter(|r| r.protocol == Protocol::Udp) {
+        for p in range.start.max(1)..=range.end {
+            if tried >= 4096 {
+                break;
+            }
+            tried += 1;
+            if let Ok(s) = bind(p).await {
+                return Ok(s);
+            }
+        }
+    }
+    Err(format!(
+        "no free UDP port in the agent's grant ({}) on {host}",
         describe_ports(&grant.ports)
     ))
 }

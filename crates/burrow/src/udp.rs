@@ -286,7 +286,7 @@ pub struct UdpRoute {
 /// flow limit is reached, or the session's queue is full).
 pub async fn serve_public(
     socket: Arc<UdpSocket>,
-    route: Arc<Mutex<Option<UdpRoute>>>,
+    route: impl Fn() -> Option<UdpRoute>,
     settings: UdpSettings,
     counters: Arc<UdpCounters>,
     cancel: CancellationToken,
@@ -308,7 +308,7 @@ pub async fn serve_public(
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let Some(route) = lock(&route).clone() else {
+        let Some(route) = route() else {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
@@ -418,6 +418,7 @@ pub async fn serve_agent_flows(
     session: Session,
     mut datagrams: mpsc::Receiver<Datagram>,
     services: HashMap<u32, UdpService>,
+    granted: Arc<Mutex<Vec<bool>>>,
     settings: UdpSettings,
 ) {
     let mut flows: HashMap<u32, AgentFlow> = HashMap::new();
@@ -452,11 +453,15 @@ pub async fn serve_agent_flows(
             );
             break;
         };
-        let Some(service) = services.get(&origin.service) else {
+        let is_granted = lock(&granted)
+            .get(origin.service as usize)
+            .copied()
+            .unwrap_or(false);
+        let Some(service) = services.get(&origin.service).filter(|_| is_granted) else {
             session.close(
                 ErrorCode::Protocol,
                 format!(
-                    "datagram for service {}, which is not a UDP service of this agent",
+                    "datagram for service {}, which is not a granted UDP service of this agent",
                     origin.service
                 ),
             );
@@ -483,7 +488,11 @@ pub async fn serve_agent_flows(
             }
         };
         service.counters.flows.fetch_add(1, Ordering::Relaxed);
-        let _ = socket.try_send(&d.data);
+        // Awaited, not `try_send`: a socket this new has no readiness from the runtime yet,
+        // so `try_send` would refuse the flow's first datagram. A UDP send does not wait.
+        if socket.send(&d.data).await.is_err() {
+            service.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
         let stop = CancellationToken::new();
         let first = d.data.len();
         tokio::spawn(agent_flow(

@@ -708,6 +708,7 @@ fn a9_wrong_protocol_version_from_a_gateway() {
             limits: Limits::default(),
             max_backoff: Duration::from_millis(500),
             connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
+            udp: Default::default(),
             grace: Duration::from_secs(1),
         };
         let agent = start_agent(cfg);
@@ -892,12 +893,27 @@ fn b8_one_byte_data_flood_on_a_closed_stream_is_cut() {
 }
 
 #[test]
-fn a10_datagram_frame_is_a_protocol_error_until_udp_exists() {
+fn a10_datagram_for_a_flow_never_opened_is_a_protocol_error() {
     run("a10", async {
         // Flow 1, as a UDP flow's datagram would be tagged.
         let dgram = Frame::new(Kind::Datagram, 0, 1, Bytes::from_static(b"udp payload"));
         let bytes = encode(&[dgram]);
         let ended = malformed(bytes.to_vec(), false, Some(ErrorCode::Protocol)).await;
+        let ga = ended.goaway.expect("a GoAway");
+        assert!(ga.message.contains("datagram"), "{ga:?}");
+    });
+}
+
+#[test]
+fn a11_oversized_datagram_is_a_protocol_error() {
+    run("a11", async {
+        let big = Frame::new(
+            Kind::Datagram,
+            0,
+            1,
+            Bytes::from(vec![0u8; message::MAX_DATAGRAM + 1]),
+        );
+        let ended = malformed(encode(&[big]).to_vec(), false, Some(ErrorCode::Protocol)).await;
         let ga = ended.goaway.expect("a GoAway");
         assert!(ga.message.contains("datagram"), "{ga:?}");
     });
@@ -1687,6 +1703,7 @@ fn e1_rogue_gateway_cannot_open_unconfigured_or_refused_services() {
             limits: Limits::default(),
             max_backoff: Duration::from_millis(500),
             connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
+            udp: Default::default(),
             grace: Duration::from_secs(1),
         };
         let mut agent = start_agent(cfg);

@@ -24,6 +24,7 @@ async fn reconnect_delays_double_up_to_the_cap_with_jitter() {
         limits: Limits::default(),
         max_backoff: max,
         connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
+        udp: Default::default(),
         grace: Duration::from_secs(1),
     };
     let agent = Agent::new(cfg);

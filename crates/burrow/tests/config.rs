@@ -71,16 +71,7 @@ fn gateway_example_has_what_it_says() -> anyhow::Result<()> {
     );
     assert_eq!(
         web.ports,
-        vec![
-            PortRange {
-                start: 8080,
-                end: 8080
-            },
-            PortRange {
-                start: 9000,
-                end: 9100
-            }
-        ]
+        vec![PortRange::tcp(8080, 8080), PortRange::tcp(9000, 9100)]
     );
     assert!(matches!(c.agents[1].key, KeySpec::Key(_)));
     assert_eq!(c.public_name.as_deref(), Some("gw.example.com"));
@@ -312,6 +303,7 @@ fn parse_forward_cases() -> Result<(), String> {
     assert_eq!(
         f,
         Forward {
+            protocol: burrow::config::Protocol::Tcp,
             public_port: 8080,
             target: tcp("127.0.0.1", 80),
             name: "8080=127.0.0.1:80".into()
@@ -365,13 +357,7 @@ fn targets_and_ranges_print_as_written() -> Result<(), String> {
     ] {
         assert_eq!(Target::parse(s)?.to_string(), s);
     }
-    assert_eq!(
-        PortRange::parse("9000-9100")?,
-        PortRange {
-            start: 9000,
-            end: 9100
-        }
-    );
+    assert_eq!(PortRange::parse("9000-9100")?, PortRange::tcp(9000, 9100));
     assert_eq!(PortRange::parse("8080")?.to_string(), "8080");
     assert_eq!(PortRange::parse("9000-9100")?.to_string(), "9000-9100");
     for bad in ["0", "70000", "9100-9000", "1-", "-1", "a-b", ""] {

@@ -312,11 +312,7 @@ async fn port_grants_refuse_outside_range_and_ports_in_use() {
         let mut cfg = gateway_config(dir.path());
         cfg.agents = vec![
             grant("main", &main_key, vec![PortRange::UNPRIVILEGED]),
-            grant(
-                "limited",
-                &limited_key,
-                vec![PortRange { start: lo, end: hi }],
-            ),
+            grant("limited", &limited_key, vec![PortRange::tcp(lo, hi)]),
         ];
         let gw = start_gateway(cfg).await;
         let echo = echo_server().await;

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use burrow_proto::auth::KeyHash;
+use burrow_proto::message::Protocol;
 
 use super::{
     forward_name, AgentConfig, AgentGrant, Forward, GatewayConfig, Heartbeat, KeySpec, Limits,
@@ -85,9 +86,23 @@ fn limits(out: &mut Out, l: &Limits) {
     out.value("session_window", i64::from(*session_window));
 }
 
+fn udp(out: &mut Out, u: &crate::udp::UdpSettings) {
+    let crate::udp::UdpSettings {
+        idle,
+        max_flows,
+        max_datagram,
+        queue,
+    } = u;
+    out.section("[udp]");
+    out.duration("idle", *idle);
+    out.value("max_flows", *max_flows as i64);
+    out.value("max_datagram", *max_datagram as i64);
+    out.value("queue", *queue as i64);
+}
+
 fn ports(ranges: &[PortRange]) -> toml::Value {
     let items = ranges.iter().map(|r| {
-        if r.start == r.end {
+        if r.start == r.end && r.protocol == Protocol::Tcp {
             toml::Value::Integer(i64::from(r.start))
         } else {
             toml::Value::String(r.to_string())
@@ -134,6 +149,7 @@ impl GatewayConfig {
             ws_path,
             ws_listen,
             ws_trusted_proxies,
+            udp: u,
         } = self;
         let mut out = Out::default();
         out.line("# burrow gateway: the effective settings (flags, environment, file, defaults).");
@@ -169,6 +185,7 @@ impl GatewayConfig {
         out.duration("interval", *interval);
         out.value("misses", i64::from(*misses));
         limits(&mut out, l);
+        udp(&mut out, u);
         if agents.is_empty() {
             let key_file = state_dir.join(crate::state::AGENT_KEY_FILE);
             out.line("");
@@ -188,7 +205,7 @@ impl GatewayConfig {
             }
             out.line(&format!(
                 "#   ports = {}",
-                ports(&[PortRange::UNPRIVILEGED])
+                ports(&[PortRange::UNPRIVILEGED, PortRange::UNPRIVILEGED_UDP])
             ));
         }
         for g in agents {
@@ -212,6 +229,7 @@ impl AgentConfig {
             max_backoff,
             connect_timeout,
             grace,
+            udp: u,
         } = self;
         let mut out = Out::default();
         out.line("# burrow agent: the effective settings (flags, environment, file, defaults).");
@@ -249,19 +267,24 @@ impl AgentConfig {
             out.value("forward", toml::Value::Array(specs.collect()));
         }
         limits(&mut out, l);
+        udp(&mut out, u);
         if !compact {
             for f in forwards {
                 let Forward {
+                    protocol,
                     public_port,
                     target,
                     name,
                 } = f;
                 out.section("[[forwards]]");
+                if *protocol == Protocol::Udp {
+                    out.text("protocol", "udp");
+                }
                 if *public_port != 0 {
                     out.value("public_port", i64::from(*public_port));
                 }
                 out.text("target", &target.to_string());
-                if *name != forward_name(*public_port, target) {
+                if *name != forward_name(*protocol, *public_port, target) {
                     out.text("name", name);
                 }
             }

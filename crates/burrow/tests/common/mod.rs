@@ -55,12 +55,14 @@ pub fn agent_config(gw: &TestGateway, forwards: Vec<Forward>) -> AgentConfig {
         limits: Limits::default(),
         max_backoff: Duration::from_millis(500),
         connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
+        udp: Default::default(),
         grace: Duration::from_secs(2),
     }
 }
 
 pub fn forward(public_port: u16, target: SocketAddr) -> Forward {
     Forward {
+        protocol: burrow::config::Protocol::Tcp,
         public_port,
         target: Target::Tcp {
             host: target.ip().to_string(),
@@ -220,6 +222,7 @@ pub async fn wait_status(
 /// A forward to any target with an explicit name (the gateway keys ports by name).
 pub fn forward_named(public_port: u16, target: Target, name: &str) -> Forward {
     Forward {
+        protocol: burrow::config::Protocol::Tcp,
         public_port,
         target,
         name: name.to_string(),

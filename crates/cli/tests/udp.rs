@@ -1,0 +1,315 @@
+//! UDP forwarding through the real binaries: a zero-config gateway (its default grant covers
+//! UDP 1024-65535) and an agent with `--forward udp:HOST:PORT` to a UDP echo server.
+//! Datagrams of every size echo byte-exact; 200 clients at once each get only their own
+//! replies; idle flows end and their sockets go; a grant without `/udp` refuses the UDP
+//! forward with a clear message while the TCP one carries on; an agent that comes back gets
+//! the same public UDP port.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use burrow_testkit::{AgentSpec, GatewaySpec, TcpTarget};
+use tokio::net::UdpSocket;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_burrow"))
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A UDP echo server on loopback: every datagram goes back to its sender.
+async fn udp_echo() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            let Ok((n, from)) = s.recv_from(&mut buf).await else {
+                return;
+            };
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+/// Sends `data` from `sock` to `to` until the echo comes back (UDP may drop one), and
+/// returns it.
+async fn echo(sock: &UdpSocket, to: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 70_000];
+    for _ in 0..20 {
+        sock.send_to(data, to).await.unwrap();
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await
+        {
+            return buf[..n].to_vec();
+        }
+    }
+    panic!("no echo of {} bytes through {to}", data.len());
+}
+
+fn config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let p = dir.join("gateway.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_of_every_size_and_200_clients_each_get_their_own() {
+    let state = tempfile::tempdir().unwrap();
+    let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let target = udp_echo().await;
+    let spec = format!("udp:{target}");
+    let agent = AgentSpec::new(gw.agent_args())
+        .forward(&spec)
+        .start(bin())
+        .await
+        .unwrap();
+    let public = agent.public(0);
+
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for len in [1usize, 512, 1400, 8192, 65_507] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
+        let got = echo(&sock, public, &data).await;
+        assert_eq!(got, data, "{len}-byte datagram echoed byte-exact");
+    }
+
+    // 200 clients at once, each with its own payload: each sees only its own replies.
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        tasks.push(tokio::spawn(async move {
+            let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let data = format!("client {i} says hello").into_bytes();
+            for _ in 0..3 {
+                let got = echo(&s, public, &data).await;
+                assert_eq!(got, data, "client {i} got someone else's reply");
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_flows_end_and_their_sockets_go() {
+    let state = tempfile::tempdir().unwrap();
+    let conf = config(state.path(), "[udp]\nidle = \"300ms\"\n");
+    let gw = GatewaySpec::new(&state.path().join("state"))
+        .config(&conf)
+        .start(bin())
+        .await
+        .unwrap();
+    let target = udp_echo().await;
+    let agent_conf = state.path().join("agent.toml");
+    std::fs::write(&agent_conf, "[udp]\nidle = \"300ms\"\n").unwrap();
+    let mut agent = AgentSpec::new(gw.agent_args())
+        .args(["--config", agent_conf.to_str().unwrap()])
+        .forward(&format!("udp:{target}"))
+        .start(bin())
+        .await
+        .unwrap();
+    let public = agent.public(0);
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(echo(&s, public, b"warm").await, b"warm");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let base = agent.stats().unwrap().fds;
+    let mut clients = Vec::new();
+    for i in 0..50u32 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let data = i.to_be_bytes();
+        assert_eq!(echo(&c, public, &data).await, data);
+        clients.push(c);
+    }
+    let busy = agent.stats().unwrap().fds;
+    assert!(
+        busy >= base + 50,
+        "a socket per flow at the agent: {base} -> {busy}"
+    );
+    // Idle: every flow ends, on both sides, with one line each.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = agent.stats().unwrap().fds;
+        if now <= base + 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "flow sockets did not go: {base} at rest, {busy} busy, {now} now"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent
+        .proc
+        .wait_stderr("flow closed", WAIT)
+        .await
+        .expect("the agent logs each flow's end");
+    let mut gw = gw;
+    gw.proc
+        .wait_stderr("flow closed", WAIT)
+        .await
+        .expect("the gateway logs each flow's end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_without_udp_refuses_the_udp_forward_and_the_tcp_one_carries_on() {
+    let state = tempfile::tempdir().unwrap();
+    let key = burrow::proto::auth::SecretKey::generate();
+    let conf = config(
+        state.path(),
+        &format!(
+            "[[agents]]\nname = \"tcp-only\"\nkey_hash = \"{}\"\nports = [\"20000-60000\"]\n",
+            key.hash()
+        ),
+    );
+    let gw = GatewaySpec::new(&state.path().join("state"))
+        .config(&conf)
+        .expect_agent_line(false)
+        .start(bin())
+        .await
+        .unwrap();
+    let target = udp_echo().await;
+    let echo_tcp = TcpTarget::echo().await.unwrap();
+    let mut args = vec![
+        "agent".to_string(),
+        "--gateway".into(),
+        gw.addr().to_string(),
+        "--fingerprint".into(),
+        gw.fingerprint().to_string(),
+        "--key".into(),
+        key.expose().to_string(),
+    ];
+    args.extend(["--forward".into(), format!("udp:{target}")]);
+    args.extend(["--forward".into(), echo_tcp.addr().to_string()]);
+    let mut agent = burrow_testkit::Burrow::spawn(bin(), &args).unwrap();
+    let refused = agent
+        .wait_stdout(|l| l.starts_with(&format!("forward udp:{target}: ")), WAIT)
+        .await
+        .unwrap();
+    assert!(
+        refused.contains("not granted") && refused.contains("/udp"),
+        "the refusal says what to grant: {refused}"
+    );
+    let granted = agent
+        .wait_stdout(
+            |l| l.starts_with(&format!("forward {}: public address", echo_tcp.addr())),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    let public: SocketAddr = granted.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(burrow_testkit::targets::echo_once(public, b"still here")
+        .await
+        .unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_agent_gets_its_udp_port_back() {
+    let state = tempfile::tempdir().unwrap();
+    let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let target = udp_echo().await;
+    let spec = format!("udp:{target}");
+    let mut agent = AgentSpec::new(gw.agent_args())
+        .forward(&spec)
+        .start(bin())
+        .await
+        .unwrap();
+    let first = agent.public(0);
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(echo(&s, first, b"one").await, b"one");
+    agent.kill().await.unwrap();
+    let agent = AgentSpec::new(gw.agent_args())
+        .forward(&spec)
+        .start(bin())
+        .await
+        .unwrap();
+    assert_eq!(
+        agent.public(0),
+        first,
+        "the same public UDP port, kept by the lease"
+    );
+    assert_eq!(echo(&s, first, b"two").await, b"two");
+}
+
+/// A UDP flood through one service while a TCP echo runs in the same session: the TCP stream
+/// stays byte-exact and its round trips stay quick; the flood's excess is dropped, not queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flood_does_not_stall_tcp_in_the_same_session() {
+    let state = tempfile::tempdir().unwrap();
+    let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let target = udp_echo().await;
+    let tcp = TcpTarget::echo().await.unwrap();
+    let agent = AgentSpec::new(gw.agent_args())
+        .forward(&format!("udp:{target}"))
+        .forward(&tcp.addr().to_string())
+        .start(bin())
+        .await
+        .unwrap();
+    let (udp_pub, tcp_pub) = (agent.public(0), agent.public(1));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut flooders = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        flooders.push(tokio::spawn(async move {
+            let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let data = vec![0x5au8; 1400];
+            let mut sent = 0u64;
+            let started = tokio::time::Instant::now();
+            while !stop.is_cancelled() && started.elapsed() < Duration::from_secs(5) {
+                for _ in 0..64 {
+                    if s.send_to(&data, udp_pub).await.is_ok() {
+                        sent += 1;
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+            sent
+        }));
+    }
+    // Meanwhile: round trips and a bulk echo on the TCP service.
+    let mut c = tokio::net::TcpStream::connect(tcp_pub).await.unwrap();
+    let mut worst = Duration::ZERO;
+    let mut times = Vec::new();
+    for i in 0..200u32 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let msg = i.to_be_bytes();
+        let t = tokio::time::Instant::now();
+        c.write_all(&msg).await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got))
+            .await
+            .expect("a TCP round trip during the flood")
+            .unwrap();
+        assert_eq!(got, msg);
+        let dt = t.elapsed();
+        worst = worst.max(dt);
+        times.push(dt);
+    }
+    let bulk = burrow_testkit::targets::echo_transfer(
+        tcp_pub,
+        &burrow_testkit::targets::EchoOpts::new(8 << 20, 9),
+    )
+    .await
+    .unwrap();
+    stop.cancel();
+    let mut sent = 0;
+    for f in flooders {
+        sent += f.await.unwrap();
+    }
+    times.sort();
+    let p50 = times[times.len() / 2];
+    println!(
+        "UDP flood of {sent} datagrams beside TCP: round trip p50 {p50:?}, worst {worst:?}; \
+         8 MiB echo in {:?}",
+        bulk.elapsed
+    );
+    assert!(bulk.exact, "{bulk:?}");
+    // Generous for a debug build on a shared 2-core machine; an unfair writer makes TCP wait
+    // behind the whole datagram queue for every round trip.
+    assert!(
+        p50 < Duration::from_millis(50),
+        "TCP round trip p50 {p50:?} under the flood"
+    );
+}
