@@ -808,21 +808,29 @@ fn b2_empty_data_flood_is_cut() {
     });
 }
 
+/// The raw agent opens a stream, resets it (the client sees it closed, its id stays known),
+/// then floods frames that `make` builds for that closed stream: the session must be cut
+/// (`LimitExceeded`) while the honest agent carries on.
+async fn flood_on_a_closed_stream(what: &str, make: impl FnOnce(u32) -> Frame) {
+    let fx = Fixture::tcp().await;
+    let mut raw = Raw::agent(fx.gw.addr, &fx.intruder).await;
+    let (mut client, id) = raw_stream(&mut raw).await;
+    raw.send(&[Frame::reset(id, ErrorCode::StreamReset)])
+        .await
+        .unwrap();
+    let r = read_until_closed(&mut client, 0, Duration::from_secs(5)).await;
+    eprintln!("client of the reset stream: {r:?}");
+    let ended = control_flood(&fx, raw, make(id), what, 40_000).await;
+    fx.honest_agent_unaffected().await;
+    ended.expect_goaway(ErrorCode::LimitExceeded);
+}
+
 #[test]
 fn b3_reset_flood_on_a_closed_stream_is_cut() {
-    run("b3", async {
-        let fx = Fixture::tcp().await;
-        let mut raw = Raw::agent(fx.gw.addr, &fx.intruder).await;
-        let (mut client, id) = raw_stream(&mut raw).await;
-        let reset = Frame::reset(id, ErrorCode::StreamReset);
-        raw.send(std::slice::from_ref(&reset)).await.unwrap();
-        // The reset reaches the client: the stream is closed (but its id stays known).
-        let r = read_until_closed(&mut client, 0, Duration::from_secs(5)).await;
-        eprintln!("client of the reset stream: {r:?}");
-        let ended = control_flood(&fx, raw, reset, "reset", 40_000).await;
-        fx.honest_agent_unaffected().await;
-        ended.expect_goaway(ErrorCode::LimitExceeded);
-    });
+    run(
+        "b3",
+        flood_on_a_closed_stream("reset", |id| Frame::reset(id, ErrorCode::StreamReset)),
+    );
 }
 
 #[test]
@@ -858,38 +866,22 @@ fn b6_window_update_flood_is_cut() {
 
 #[test]
 fn b7_empty_fin_flood_on_a_closed_stream_is_cut() {
-    run("b7", async {
-        let fx = Fixture::tcp().await;
-        let mut raw = Raw::agent(fx.gw.addr, &fx.intruder).await;
-        let (mut client, id) = raw_stream(&mut raw).await;
-        raw.send(&[Frame::reset(id, ErrorCode::StreamReset)])
-            .await
-            .unwrap();
-        let r = read_until_closed(&mut client, 0, Duration::from_secs(5)).await;
-        eprintln!("client of the reset stream: {r:?}");
-        let fin = Frame::new(Kind::Data, burrow::proto::frame::FIN, id, Bytes::new());
-        let ended = control_flood(&fx, raw, fin, "empty FIN on a closed stream", 40_000).await;
-        fx.honest_agent_unaffected().await;
-        ended.expect_goaway(ErrorCode::LimitExceeded);
-    });
+    run(
+        "b7",
+        flood_on_a_closed_stream("empty FIN on a closed stream", |id| {
+            Frame::new(Kind::Data, burrow::proto::frame::FIN, id, Bytes::new())
+        }),
+    );
 }
 
 #[test]
 fn b8_one_byte_data_flood_on_a_closed_stream_is_cut() {
-    run("b8", async {
-        let fx = Fixture::tcp().await;
-        let mut raw = Raw::agent(fx.gw.addr, &fx.intruder).await;
-        let (mut client, id) = raw_stream(&mut raw).await;
-        raw.send(&[Frame::reset(id, ErrorCode::StreamReset)])
-            .await
-            .unwrap();
-        let r = read_until_closed(&mut client, 0, Duration::from_secs(5)).await;
-        eprintln!("client of the reset stream: {r:?}");
-        let one = Frame::new(Kind::Data, 0, id, Bytes::from_static(b"x"));
-        let ended = control_flood(&fx, raw, one, "1-byte data on a closed stream", 40_000).await;
-        fx.honest_agent_unaffected().await;
-        ended.expect_goaway(ErrorCode::LimitExceeded);
-    });
+    run(
+        "b8",
+        flood_on_a_closed_stream("1-byte data on a closed stream", |id| {
+            Frame::new(Kind::Data, 0, id, Bytes::from_static(b"x"))
+        }),
+    );
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! stall a stream beside it, and a role that carries no UDP treats one as a protocol error.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -13,23 +15,7 @@ use burrow::session::{self, Started};
 use bytes::{Bytes, BytesMut};
 
 fn pair() -> (Started, Started) {
-    let (a, b) = tokio::io::duplex(1 << 20);
-    let params = SessionParams::default();
-    let gw = session::start(
-        Box::new(a),
-        BytesMut::new(),
-        Side::Gateway,
-        params,
-        "gw".into(),
-    );
-    let ag = session::start(
-        Box::new(b),
-        BytesMut::new(),
-        Side::Client,
-        params,
-        "ag".into(),
-    );
-    (gw, ag)
+    common::session_pair(SessionParams::default())
 }
 
 fn origin() -> Option<Open> {

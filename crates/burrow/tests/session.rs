@@ -1,13 +1,14 @@
 //! The session layer over an in-memory pipe: credit for bytes a stream never read comes back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::Duration;
 
 use burrow::proto::message::{Open, SessionParams};
-use burrow::proto::mux::Side;
 use burrow::proto::ErrorCode;
-use burrow::session::{self, Started, Stream, StreamError};
-use bytes::{Bytes, BytesMut};
+use burrow::session::{Started, Stream, StreamError};
+use bytes::Bytes;
 
 /// Windows so small that one leaked stream's worth of credit stalls the next round.
 fn params() -> SessionParams {
@@ -26,22 +27,7 @@ fn pair() -> (Started, Started) {
 
 /// A gateway session and an agent session over one in-memory pipe.
 fn pair_with(params: SessionParams) -> (Started, Started) {
-    let (a, b) = tokio::io::duplex(1 << 20);
-    let gw = session::start(
-        Box::new(a),
-        BytesMut::new(),
-        Side::Gateway,
-        params,
-        "gw".into(),
-    );
-    let ag = session::start(
-        Box::new(b),
-        BytesMut::new(),
-        Side::Client,
-        params,
-        "ag".into(),
-    );
-    (gw, ag)
+    common::session_pair(params)
 }
 
 /// Opens a stream to service 0 from `side`.

@@ -499,7 +499,7 @@ async fn write_loop(shared: &Shared) -> Option<SessionEnd> {
 fn fill_batch(shared: &Shared, batch: &mut Batch) -> bool {
     let mut guard = shared.lock();
     let st = &mut *guard;
-    while let Some(frame) = st.control.pop_front() {
+    let push = |batch: &mut Batch, frame: &Frame| {
         trace_out(
             shared,
             &frame.header.kind,
@@ -507,6 +507,9 @@ fn fill_batch(shared: &Shared, batch: &mut Batch) -> bool {
             frame.payload.len(),
         );
         batch.push(&frame.header, &frame.payload);
+    };
+    while let Some(frame) = st.control.pop_front() {
+        push(batch, &frame);
     }
     if st.end.is_some() {
         // After the end only the GoAway (and other control frames already queued) go out.
@@ -518,13 +521,7 @@ fn fill_batch(shared: &Shared, batch: &mut Batch) -> bool {
         let dgram = st.dgram_out.pop_front();
         if let Some(frame) = &dgram {
             st.dgram_out_bytes -= frame.payload.len();
-            trace_out(
-                shared,
-                &frame.header.kind,
-                frame.header.stream,
-                frame.payload.len(),
-            );
-            batch.push(&frame.header, &frame.payload);
+            push(batch, frame);
         }
         let Some(id) = st.ready.pop_front() else {
             if dgram.is_none() {

@@ -506,3 +506,21 @@ pub async fn wait_stats(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A gateway session and an agent session over one in-memory pipe (1 MiB of buffer).
+pub fn session_pair(
+    params: burrow::proto::message::SessionParams,
+) -> (burrow::session::Started, burrow::session::Started) {
+    use burrow::proto::mux::Side;
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let start = |io: tokio::io::DuplexStream, side, name: &str| {
+        burrow::session::start(
+            Box::new(io),
+            bytes::BytesMut::new(),
+            side,
+            params,
+            name.into(),
+        )
+    };
+    (start(a, Side::Gateway, "gw"), start(b, Side::Client, "ag"))
+}
