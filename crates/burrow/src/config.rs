@@ -181,7 +181,8 @@ pub struct Limits {
     pub max_preauth_per_source: u32,
     /// Most public client connections open at once on the whole gateway (default 32768).
     pub max_public_conns: u32,
-    /// Most public client connections open at once to one agent's ports (default 8192).
+    /// Most public client connections open at once to one agent's ports (default 16384, a
+    /// session's default stream limit).
     pub max_public_conns_per_agent: u32,
     /// Most public ports one agent holds, bound by its session or reserved on lease
     /// (default 256).
@@ -219,7 +220,7 @@ impl Default for Limits {
             max_preauth: 256,
             max_preauth_per_source: 8,
             max_public_conns: 32768,
-            max_public_conns_per_agent: 8192,
+            max_public_conns_per_agent: 16_384,
             max_ports_per_agent: 256,
             handshake_timeout: Duration::from_secs(10),
             stream_window: p.stream_window,
@@ -1919,7 +1920,7 @@ fn limit_rules(l: &Limits) -> Vec<(&'static [&'static str], bool, String)> {
         (
             &["max_public_conns_per_agent"],
             l.max_public_conns_per_agent >= 1,
-            "must be at least 1 (default 8192)".into(),
+            "must be at least 1 (default 16384)".into(),
         ),
         (
             &["max_ports_per_agent"],
