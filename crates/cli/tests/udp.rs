@@ -116,6 +116,7 @@ async fn idle_flows_end_and_their_sockets_go() {
     assert_eq!(echo(&s, public, b"warm").await, b"warm");
     tokio::time::sleep(Duration::from_millis(900)).await;
     let base = agent.stats().unwrap().fds;
+    let (gw_mem, agent_mem) = (gw.stats().unwrap().rss_kib, agent.stats().unwrap().rss_kib);
     let mut clients = Vec::new();
     for i in 0..50u32 {
         let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -140,6 +141,17 @@ async fn idle_flows_end_and_their_sockets_go() {
             "flow sockets did not go: {base} at rest, {busy} busy, {now} now"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Memory back too (within what the allocator keeps), at both ends.
+    let (gw_after, agent_after) = (gw.stats().unwrap().rss_kib, agent.stats().unwrap().rss_kib);
+    for (who, before, after) in [
+        ("gateway", gw_mem, gw_after),
+        ("agent", agent_mem, agent_after),
+    ] {
+        assert!(
+            after <= before + 2048,
+            "{who} holds {after} KiB after its flows ended, {before} KiB before them"
+        );
     }
     agent
         .proc
