@@ -158,6 +158,9 @@ impl Gateway {
             });
             generated = Some(key);
         }
+        for warning in overlapping_grants(&agents) {
+            warn!("{warning}");
+        }
         let mut grants = HashMap::new();
         for grant in agents {
             let hash = grant.key.hash();
@@ -779,6 +782,26 @@ async fn bind_port(
     // A leased port for the same service comes back as it was.
     {
         let mut agents = lock(&hub.agents);
+        // Grants may overlap (a warning at start says so): name the agent holding the port.
+        let holder = agents
+            .iter()
+            .filter(|(name, _)| **name != grant.name)
+            .find_map(|(name, e)| {
+                e.ports
+                    .values()
+                    .find(|p| bind.port != 0 && p.addr.port() == bind.port)
+                    .map(|p| (name.clone(), p.lease.is_some()))
+            });
+        if let Some((holder, on_lease)) = holder {
+            return refuse(
+                ErrorCode::PortInUse,
+                format!(
+                    "port {} is held by agent `{holder}`{} on this gateway (both agents' grants include it): ask the gateway's operator to give each agent its own ports, or pick another port",
+                    bind.port,
+                    if on_lease { " (reserved for it on lease)" } else { "" }
+                ),
+            );
+        }
         let entry = agents
             .entry(grant.name.clone())
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
@@ -870,6 +893,45 @@ async fn bind_port(
         code: ErrorCode::Normal,
         text,
     }
+}
+
+/// Warnings for agents whose grants share ports: whichever binds a shared port first gets it,
+/// and the other is refused. At most 16 pairs are named.
+fn overlapping_grants(agents: &[AgentGrant]) -> Vec<String> {
+    const MAX_NAMED: usize = 16;
+    let mut out = Vec::new();
+    let mut more = 0usize;
+    for (i, a) in agents.iter().enumerate() {
+        for b in &agents[i + 1..] {
+            let shared: Vec<PortRange> = a
+                .ports
+                .iter()
+                .flat_map(|ra| {
+                    b.ports.iter().filter_map(move |rb| {
+                        let (start, end) = (ra.start.max(rb.start), ra.end.min(rb.end));
+                        (start <= end).then_some(PortRange { start, end })
+                    })
+                })
+                .collect();
+            if shared.is_empty() {
+                continue;
+            }
+            if out.len() == MAX_NAMED {
+                more += 1;
+                continue;
+            }
+            out.push(format!(
+                "agents `{}` and `{}` are both granted ports {}: whichever binds one first holds it, and the other is refused; give each agent its own ports",
+                a.name,
+                b.name,
+                describe_ports(&shared)
+            ));
+        }
+    }
+    if more > 0 {
+        out.push(format!("{more} more pairs of agents share ports"));
+    }
+    out
 }
 
 fn describe_ports(ports: &[PortRange]) -> String {
@@ -1077,6 +1139,42 @@ impl LogThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_grants_are_named() {
+        let grant = |name: &str, ports: &[(u16, u16)]| AgentGrant {
+            name: name.into(),
+            key: KeySpec::Key(SecretKey::generate()),
+            ports: ports
+                .iter()
+                .map(|&(start, end)| PortRange { start, end })
+                .collect(),
+        };
+        let agents = [
+            grant("a", &[(8080, 8080), (9000, 9100)]),
+            grant("b", &[(9050, 9200)]),
+            grant("c", &[(8081, 8089)]),
+            grant("d", &[(8080, 8080), (9200, 9200)]),
+        ];
+        let w = overlapping_grants(&agents);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(
+            w[0].starts_with("agents `a` and `b` are both granted ports 9050-9100:"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("agents `a` and `d` are both granted ports 8080:"),
+            "{w:?}"
+        );
+        assert!(
+            w[2].starts_with("agents `b` and `d` are both granted ports 9200:"),
+            "{w:?}"
+        );
+        let many: Vec<AgentGrant> = (0..10).map(|i| grant(&i.to_string(), &[(1, 2)])).collect();
+        let w = overlapping_grants(&many);
+        assert_eq!(w.len(), 17);
+        assert_eq!(w[16], "29 more pairs of agents share ports");
+    }
 
     #[test]
     fn throttle_lets_one_through_per_second_and_counts_the_rest() {
