@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{AgentGrant, GatewayConfig, KeySpec, PortRange, TransportKind};
+use crate::leases::LeaseBook;
 use crate::limiter::{self, AuthLimiter, FdBudget, FdPermit, PreauthTable, Refusal, Stage};
 use crate::relay::{self, Local};
 use crate::session::{self, handshake, Session};
@@ -87,6 +88,10 @@ struct Hub {
     generation: AtomicU64,
     /// Ids of leases, in the order they started.
     leases: AtomicU64,
+    /// The ports the gateway chose, kept in the state directory; `lease_dirty` wakes the
+    /// task that writes them.
+    lease_book: Mutex<LeaseBook>,
+    lease_dirty: tokio::sync::Notify,
     stats: Arc<GatewayStats>,
 }
 
@@ -116,6 +121,8 @@ struct PortEntry {
     owner: Option<u64>,
     /// The lease it is on while no session routes it (ids grow: the smallest is the oldest).
     lease: Option<u64>,
+    /// The gateway chose it (a bind for port 0): kept in the lease file across restarts.
+    chosen: bool,
 }
 
 #[derive(Clone)]
@@ -241,6 +248,10 @@ impl Gateway {
             .values()
             .map(|g| (g.name.clone(), AgentEntry::new(limits)))
             .collect();
+        let (book, warning) = LeaseBook::load(&config.state_dir);
+        if let Some(w) = warning {
+            warn!("{w}");
+        }
         Ok(Gateway {
             listener,
             ws_listener,
@@ -262,6 +273,8 @@ impl Gateway {
                 stop: CancellationToken::new(),
                 generation: AtomicU64::new(0),
                 leases: AtomicU64::new(0),
+                lease_book: Mutex::new(book),
+                lease_dirty: tokio::sync::Notify::new(),
                 stats: Arc::new(GatewayStats::default()),
                 config,
             }),
@@ -329,6 +342,9 @@ impl Gateway {
             ws: ws.clone(),
             ws_only: false,
         };
+        // Before any agent is served: a returning agent finds its port on lease.
+        restore_leases(&hub).await;
+        let lease_writer = tokio::spawn(write_leases(hub.clone()));
         let on_tunnel_port = accept_loop(hub.clone(), self.listener, tunnel, shutdown.clone());
         let on_ws_listener = async {
             if let Some(listener) = self.ws_listener {
@@ -364,7 +380,160 @@ impl Gateway {
             s.close(ErrorCode::Shutdown, "gateway shutting down");
         }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), hub.tracker.wait()).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), lease_writer).await;
         Ok(())
+    }
+}
+
+impl Hub {
+    /// Keeps the port the gateway chose for `agent`'s `service` across restarts.
+    fn remember_port(&self, agent: &str, service: &str, port: u16) {
+        if !lock(&self.lease_book).set(agent, service, port) {
+            debug!(
+                agent,
+                service,
+                port,
+                "lease file full ({} ports): this port is not kept across a restart",
+                crate::leases::MAX_LEASES
+            );
+        }
+        self.lease_dirty.notify_one();
+    }
+
+    /// Forgets a closed port in the lease file, if the gateway had chosen it.
+    fn forget_port(&self, agent: &str, service: &str, port: &PortEntry) {
+        if port.chosen {
+            lock(&self.lease_book).remove(agent, service, port.addr.port());
+            self.lease_dirty.notify_one();
+        }
+    }
+}
+
+/// Writes the lease file whenever it changed, until the gateway stops (then once more).
+async fn write_leases(hub: Arc<Hub>) {
+    let mut last_error = None;
+    loop {
+        let stopping = tokio::select! {
+            _ = hub.lease_dirty.notified() => false,
+            _ = hub.stop.cancelled() => true,
+        };
+        let (path, text) = {
+            let mut book = lock(&hub.lease_book);
+            (book.path().to_path_buf(), book.render())
+        };
+        if let Some(text) = text {
+            let dir = hub.config.state_dir.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                crate::state::ensure_private_dir(&dir)?;
+                crate::state::write_private_file(&path, text.as_bytes())
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => last_error = None,
+                Ok(Err(e)) => {
+                    let e = e.to_string();
+                    if last_error.as_ref() != Some(&e) {
+                        warn!("cannot keep the chosen public ports for a restart: {e}");
+                    }
+                    last_error = Some(e);
+                }
+                Err(_) => {}
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Binds again, at start, the ports the lease file remembers, each on lease for its agent as
+/// if the agent had just dropped: a returning agent gets the same port. Ports no longer
+/// granted, or taken meanwhile, are forgotten.
+async fn restore_leases(hub: &Arc<Hub>) {
+    let leases = lock(&hub.lease_book).leases();
+    if leases.is_empty() {
+        return;
+    }
+    let by_name: HashMap<&str, &Arc<AgentGrant>> =
+        hub.grants.values().map(|g| (g.name.as_str(), g)).collect();
+    let lease_id = hub.leases.fetch_add(1, Ordering::Relaxed);
+    let mut restored = 0usize;
+    let mut agents = std::collections::HashSet::new();
+    for l in leases {
+        let forget = |why: &str| {
+            info!(agent = %l.agent, service = %l.service, port = l.port, "port chosen before the restart not kept: {why}");
+            lock(&hub.lease_book).remove(&l.agent, &l.service, l.port);
+            hub.lease_dirty.notify_one();
+        };
+        let Some(grant) = by_name.get(l.agent.as_str()) else {
+            forget("no such agent in the config now");
+            continue;
+        };
+        if !grant.allows(l.port) {
+            forget("the port is no longer in the agent's grant");
+            continue;
+        }
+        let full = lock(&hub.agents)
+            .get(&l.agent)
+            .is_some_and(|e| e.ports.len() >= hub.config.limits.max_ports_per_agent as usize);
+        if full {
+            forget("the agent has limits.max_ports_per_agent ports already");
+            continue;
+        }
+        let Some(fd) = hub.public_fds.try_take(0) else {
+            forget("the gateway is near its open-file limit");
+            continue;
+        };
+        let listener = match TcpListener::bind((hub.config.public_host, l.port)).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                forget(&format!("cannot bind it again: {e}"));
+                continue;
+            }
+        };
+        let Ok(addr) = listener.local_addr() else {
+            continue;
+        };
+        let route = Arc::new(Mutex::new(None));
+        let cancel = hub.stop.child_token();
+        let conns = {
+            let mut agents = lock(&hub.agents);
+            let entry = agents
+                .entry(l.agent.clone())
+                .or_insert_with(|| AgentEntry::new(&hub.config.limits));
+            entry.ports.insert(
+                (Protocol::Tcp, l.service.clone()),
+                PortEntry {
+                    addr,
+                    route: route.clone(),
+                    cancel: cancel.clone(),
+                    owner: None,
+                    lease: Some(lease_id),
+                    chosen: true,
+                },
+            );
+            entry.conns.clone()
+        };
+        let port = PublicPort {
+            listener,
+            route,
+            cancel,
+            agent: l.agent.clone(),
+            conns,
+            _fd: fd,
+        };
+        tokio::spawn(accept_public(hub.clone(), port));
+        restored += 1;
+        agents.insert(l.agent.clone());
+    }
+    for agent in agents {
+        spawn_lease_timer(hub, &agent, lease_id);
+    }
+    if restored > 0 {
+        info!(
+            "{restored} public ports chosen before the restart bound again, on lease for {:?} until their agents bind them",
+            hub.config.lease
+        );
     }
 }
 
@@ -683,9 +852,13 @@ fn start_lease(hub: &Arc<Hub>, name: &str, entry: &mut AgentEntry, generation: u
             any = true;
         }
     }
-    if !any {
-        return;
+    if any {
+        spawn_lease_timer(hub, name, lease_id);
     }
+}
+
+/// Closes the ports still on lease `lease_id` when the lease runs out.
+fn spawn_lease_timer(hub: &Arc<Hub>, name: &str, lease_id: u64) {
     let hub = hub.clone();
     let name = name.to_string();
     let lease = hub.config.lease;
@@ -696,12 +869,13 @@ fn start_lease(hub: &Arc<Hub>, name: &str, entry: &mut AgentEntry, generation: u
         }
         let mut agents = lock(&hub.agents);
         if let Some(entry) = agents.get_mut(&name) {
-            entry.ports.retain(|_, port| {
+            entry.ports.retain(|(_, service), port| {
                 if port.lease != Some(lease_id) {
                     return true;
                 }
                 info!(agent = %name, addr = %port.addr, "lease expired; public port closed");
                 port.cancel.cancel();
+                hub.forget_port(&name, service, port);
                 false
             });
         }
@@ -710,7 +884,12 @@ fn start_lease(hub: &Arc<Hub>, name: &str, entry: &mut AgentEntry, generation: u
 
 /// Makes room for one more port of this agent: at `max` ports, closes the one longest on
 /// lease; if every port is bound by a session, says why not.
-fn make_room(entry: &mut AgentEntry, grant: &AgentGrant, max: u32) -> Result<(), String> {
+fn make_room(
+    hub: &Hub,
+    entry: &mut AgentEntry,
+    grant: &AgentGrant,
+    max: u32,
+) -> Result<(), String> {
     while entry.ports.len() >= max as usize {
         let oldest = entry
             .ports
@@ -728,6 +907,7 @@ fn make_room(entry: &mut AgentEntry, grant: &AgentGrant, max: u32) -> Result<(),
         if let Some(port) = entry.ports.remove(&key) {
             info!(addr = %port.addr, "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
             port.cancel.cancel();
+            hub.forget_port(&grant.name, &key.1, &port);
         }
     }
     Ok(())
@@ -820,6 +1000,7 @@ async fn bind_port(
             }
             if let Some(old) = entry.ports.remove(&key) {
                 old.cancel.cancel();
+                hub.forget_port(&grant.name, &bind.name, &old);
             }
         }
         if bind.port != 0 && entry.ports.values().any(|p| p.addr.port() == bind.port) {
@@ -831,7 +1012,7 @@ async fn bind_port(
                 ),
             );
         }
-        if let Err(text) = make_room(entry, grant, max_ports) {
+        if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
         }
     }
@@ -862,8 +1043,12 @@ async fn bind_port(
             .entry(grant.name.clone())
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
         // Another session of this agent may have bound meanwhile.
-        if let Err(text) = make_room(entry, grant, max_ports) {
+        if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
+        }
+        let chosen = bind.port == 0;
+        if chosen {
+            hub.remember_port(&grant.name, &bind.name, addr.port());
         }
         entry.ports.insert(
             key,
@@ -873,6 +1058,7 @@ async fn bind_port(
                 cancel: cancel.clone(),
                 owner: Some(generation),
                 lease: None,
+                chosen,
             },
         );
         entry.conns.clone()
