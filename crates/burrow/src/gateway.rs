@@ -819,7 +819,13 @@ async fn serve_agent(
         {
             bump(&hub.stats.protocol_errors);
         }
-        info!(reason = %end, "agent session ended");
+        if end.lost {
+            warn!(%peer, "agent connection lost: {}", end.detail);
+        } else if matches!(end.code, ErrorCode::Normal | ErrorCode::Shutdown | ErrorCode::Replaced) {
+            info!(%peer, reason = %end, "agent session ended");
+        } else {
+            warn!(%peer, reason = %end, "agent session ended");
+        }
         release(&hub, &name, generation);
     }
     .instrument(span)
