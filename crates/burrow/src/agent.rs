@@ -7,8 +7,9 @@
 //!
 //! Reconnection: after a session ends, the agent waits an exponentially growing, jittered
 //! delay (capped by `max_backoff`) and dials again, forever. Only an error on the very first
-//! attempt that retrying cannot fix (key refused, certificate mismatch, version mismatch)
-//! stops the agent, so a typo is reported at once instead of retried silently.
+//! attempt that retrying cannot fix (key refused, rate-limited for earlier failures,
+//! certificate mismatch, version mismatch) stops the agent, so a typo is reported at once
+//! instead of retried silently; later, a rate-limited agent waits as long as the gateway asks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,6 +117,8 @@ impl Agent {
                 _ = shutdown.cancelled() => break,
                 r = connect(&cfg, tls.clone()) => r,
             };
+            // At least this long before the next attempt (what a rate limit asks for).
+            let mut at_least = Duration::ZERO;
             match dialed {
                 Ok(started) => {
                     let session = started.session.clone();
@@ -150,6 +153,9 @@ impl Agent {
                     if e.fatal && !ever_connected {
                         return Err(AgentError(e.message));
                     }
+                    if let Some(after) = e.retry_after {
+                        at_least = after;
+                    }
                     warn!(gateway = %cfg.gateway, "{}", e.message);
                     self.status
                         .send_modify(|s| s.last_error = Some(e.message.clone()));
@@ -160,7 +166,8 @@ impl Agent {
                 BACKOFF_BASE,
                 cfg.max_backoff,
                 0.5 + fastrand::f64() / 2.0,
-            );
+            )
+            .max(at_least);
             attempt = attempt.saturating_add(1);
             debug!(?delay, attempt, "waiting before reconnecting");
             self.status.send_modify(|s| {
@@ -185,11 +192,32 @@ async fn drain(tracker: &TaskTracker, grace: Duration) {
     }
 }
 
+/// Why an attempt to connect failed.
+#[derive(Debug)]
+struct Failure {
+    /// What went wrong and what to check.
+    message: String,
+    /// Whether retrying cannot help (the agent stops when it never had a session).
+    fatal: bool,
+    /// How long the gateway asked us to wait before trying again.
+    retry_after: Option<Duration>,
+}
+
+impl From<transport::DialError> for Failure {
+    fn from(e: transport::DialError) -> Self {
+        Failure {
+            message: e.message,
+            fatal: e.fatal,
+            retry_after: None,
+        }
+    }
+}
+
 /// Dial, TLS, handshake: a live session or a described error.
 async fn connect(
     cfg: &AgentConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
-) -> Result<session::Started, transport::DialError> {
+) -> Result<session::Started, Failure> {
     let handshake_deadline = cfg.limits.handshake_timeout;
     let attempt = async {
         let url = gateway_url(cfg)?;
@@ -216,21 +244,23 @@ async fn connect(
     };
     tokio::time::timeout(handshake_deadline, attempt)
         .await
-        .map_err(|_| transport::DialError {
+        .map_err(|_| Failure {
             message: format!(
                 "gateway {} did not finish the handshake within {handshake_deadline:?}",
                 cfg.gateway
             ),
             fatal: false,
+            retry_after: None,
         })?
 }
 
 /// The gateway URL to dial: `gateway` as parsed, with the older `--transport tcp` turning a
 /// bare `HOST:PORT` into plain TCP.
-fn gateway_url(cfg: &AgentConfig) -> Result<transport::GatewayUrl, transport::DialError> {
-    let mut url = transport::GatewayUrl::parse(&cfg.gateway).map_err(|e| transport::DialError {
+fn gateway_url(cfg: &AgentConfig) -> Result<transport::GatewayUrl, Failure> {
+    let mut url = transport::GatewayUrl::parse(&cfg.gateway).map_err(|e| Failure {
         message: e.to_string(),
         fatal: true,
+        retry_after: None,
     })?;
     if matches!(cfg.trust, Trust::Plain) && url.scheme == transport::Scheme::Tls {
         url.scheme = transport::Scheme::Tcp;
@@ -238,28 +268,43 @@ fn gateway_url(cfg: &AgentConfig) -> Result<transport::GatewayUrl, transport::Di
     Ok(url)
 }
 
-fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError) -> transport::DialError {
+fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError) -> Failure {
     use handshake::HandshakeError::*;
+    let failure = |message: String, fatal: bool| Failure {
+        message,
+        fatal,
+        retry_after: None,
+    };
     match e {
-        Rejected { code: ErrorCode::AuthFailed, message } => transport::DialError {
-            message: format!(
+        Rejected { code: ErrorCode::AuthFailed, message } => failure(
+            format!(
                 "gateway {} rejected the key ({message}): check --key / BURROW_KEY / `key` in the agent config; it must be a key the gateway accepts (the gateway prints a working `burrow agent` line at start, and `burrow keygen` shows a key's hash for the gateway's config)",
+                cfg.gateway
+            ),
+            true,
+        ),
+        // Stops a fresh agent like a rejected key (its earlier attempts failed); one that had
+        // a session waits as long as the gateway asks.
+        Rejected { code: ErrorCode::RateLimited, message } => Failure {
+            retry_after: handshake::retry_after(&message),
+            message: format!(
+                "gateway {} refused the session: {message}; check --key / BURROW_KEY / `key` in the agent config",
                 cfg.gateway
             ),
             fatal: true,
         },
-        Rejected { code, message } => transport::DialError {
-            message: format!("gateway {} refused the session: {message} ({code})", cfg.gateway),
-            fatal: matches!(code, ErrorCode::UnsupportedVersion),
-        },
-        Protocol(p) => transport::DialError {
-            message: format!("gateway {} broke the protocol: {p}; is it a burrow gateway of the same version?", cfg.gateway),
-            fatal: matches!(p.code, ErrorCode::UnsupportedVersion),
-        },
-        Io(io) => transport::DialError {
-            message: format!("connection to gateway {} failed during the handshake: {io}", cfg.gateway),
-            fatal: false,
-        },
+        Rejected { code, message } => failure(
+            format!("gateway {} refused the session: {message} ({code})", cfg.gateway),
+            matches!(code, ErrorCode::UnsupportedVersion),
+        ),
+        Protocol(p) => failure(
+            format!("gateway {} broke the protocol: {p}; is it a burrow gateway of the same version?", cfg.gateway),
+            matches!(p.code, ErrorCode::UnsupportedVersion),
+        ),
+        Io(io) => failure(
+            format!("connection to gateway {} failed during the handshake: {io}", cfg.gateway),
+            false,
+        ),
     }
 }
 

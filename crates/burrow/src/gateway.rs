@@ -35,7 +35,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{AgentGrant, GatewayConfig, KeySpec, PortRange, TransportKind};
 use crate::leases::LeaseBook;
-use crate::limiter::{self, AuthLimiter, FdBudget, FdPermit, PreauthTable, Refusal, Stage};
+use crate::limiter::{self, Admit, AuthLimiter, FdBudget, FdPermit, PreauthTable, Refusal, Stage};
 use crate::relay::{self, Local};
 use crate::session::{self, handshake, Session};
 use crate::stats::{bump, GatewayStats, GaugeGuard};
@@ -563,9 +563,13 @@ async fn accept_loop(
                 }
             },
         };
-        if !lock(&hub.limiter).allowed(peer.ip(), StdInstant::now()) {
+        if let Admit::Cut { first } = lock(&hub.limiter).admit(peer.ip(), StdInstant::now()) {
             bump(&hub.stats.rate_limited);
-            debug!(%peer, "refused: too many failed handshakes from this address");
+            if first {
+                warn!(%peer, "flood of failed handshakes from this address (over {} at once, then more than one every {:?}): closing its tunnel connections before TLS until it slows down (logged once)", limiter::DEFAULT_SOURCE_BURST, limiter::DEFAULT_SOURCE_REFILL);
+            } else {
+                debug!(%peer, "tunnel connection closed before TLS: too many failed handshakes from this address");
+            }
             continue;
         }
         let evict = CancellationToken::new();
@@ -626,21 +630,49 @@ async fn accept_loop(
             drop(slot);
             match accepted {
                 Ok(Ok((conn, acc))) => {
+                    lock(&hub2.limiter).success(peer.ip(), &acc.key);
                     let peer = conn.peer;
                     serve_agent(hub2, conn, acc, peer).await
                 }
-                Ok(Err(e)) => {
+                Ok(Err(failed)) if failed.rate_limited => {
                     bump(&hub2.stats.handshake_failures);
-                    lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
-                    warn!(%peer, "tunnel handshake failed: {e}");
+                    bump(&hub2.stats.rate_limited);
+                    let key = failed.presented.as_ref();
+                    if lock(&hub2.limiter).refused(peer.ip(), key, StdInstant::now()) {
+                        let whose = match key {
+                            Some(k) => format!("with key {}", k.short()),
+                            None => "with unknown keys".into(),
+                        };
+                        warn!(%peer, "too many failed handshakes from this address {whose} (over {} at once, then 1 every {:?}): refusing them as rate-limited for now; other keys from this address still get in (logged once)", limiter::DEFAULT_BURST, limiter::DEFAULT_REFILL);
+                    } else {
+                        debug!(%peer, "tunnel handshake refused: {}", failed.why);
+                    }
+                }
+                Ok(Err(failed)) => {
+                    bump(&hub2.stats.handshake_failures);
+                    log_failure(&hub2, peer, failed.presented.as_ref(), &failed.why);
                 }
                 Err(_) => {
                     bump(&hub2.stats.handshake_failures);
-                    lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
-                    warn!(%peer, "tunnel handshake timed out after {:?}", hub2.config.limits.handshake_timeout);
+                    let why = format!("timed out after {:?}", hub2.config.limits.handshake_timeout);
+                    log_failure(&hub2, peer, None, &why);
                 }
             }
         });
+    }
+}
+
+/// Charges a failed handshake and logs it: at warn while the source's budget lasts and once
+/// past it, then at debug.
+fn log_failure(hub: &Hub, peer: SocketAddr, presented: Option<&KeyHash>, why: &str) {
+    let now = StdInstant::now();
+    let mut limiter = lock(&hub.limiter);
+    if !limiter.failure(peer.ip(), presented, now) {
+        debug!(%peer, "tunnel handshake failed: {why}");
+    } else if limiter.check(peer.ip(), presented, now).is_some() {
+        warn!(%peer, "tunnel handshake failed: {why} (this address has used up its failure budget for now)");
+    } else {
+        warn!(%peer, "tunnel handshake failed: {why}");
     }
 }
 
@@ -697,48 +729,90 @@ impl Drop for PreauthSlot {
     }
 }
 
+/// Why a tunnel handshake failed, and what to charge it to.
+struct Failed {
+    why: String,
+    /// The key presented, when the gateway knows it (`None`: unknown, or none yet).
+    presented: Option<KeyHash>,
+    /// Refused for being over the failure budget.
+    rate_limited: bool,
+}
+
+impl From<String> for Failed {
+    fn from(why: String) -> Self {
+        Failed {
+            why,
+            presented: None,
+            rate_limited: false,
+        }
+    }
+}
+
 async fn handshake_agent(
     hub: &Hub,
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: &transport::Acceptor,
     slot: &PreauthSlot,
-) -> Result<(transport::Connected, handshake::Accepted), String> {
+) -> Result<(transport::Connected, handshake::Accepted), Failed> {
     // Every client speaks first (a TLS hello, a Burrow preamble, an HTTP request): until a
     // byte arrives, this connection has made no progress and gives way to a newcomer when the
     // table is full.
     match tcp.peek(&mut [0u8; 1]).await {
-        Ok(0) => return Err("closed before sending anything".into()),
+        Ok(0) => return Err(String::from("closed before sending anything").into()),
         Ok(_) => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.to_string().into()),
     }
     slot.advance(Stage::Talking);
     let mut conn = transport::accept(tcp, peer, acceptor)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failed::from(e.to_string()))?;
     slot.advance(Stage::Secured);
     let bindings = conn.bindings;
-    let accepted = handshake::server_bound(&mut conn.io, &bindings, |key, role| {
-        match (hub.grants.get(key), role) {
-            (Some(grant), Role::Agent) => {
-                handshake::Verdict::Accept(grant.name.clone(), hub.params)
-            }
+    // Failures are charged to the source and the key it presents, so one failing agent does
+    // not lock out the others behind the same address; past the budget the refusal says so,
+    // inside TLS, where the agent can read it.
+    let mut presented = None;
+    let verdict = |key: &KeyHash, role: Role| {
+        let grant = hub.grants.get(key);
+        presented = grant.map(|_| *key);
+        let limited = lock(&hub.limiter).check(peer.ip(), presented.as_ref(), StdInstant::now());
+        let limited = |why: &str| limited.map(|after| handshake::rate_limited_message(after, why));
+        match (grant, role) {
+            (Some(grant), Role::Agent) => match limited("key proof does not verify") {
+                None => handshake::Verdict::Accept(grant.name.clone(), hub.params),
+                Some(text) => handshake::Verdict::AcceptIfProven(
+                    grant.name.clone(),
+                    hub.params,
+                    ErrorCode::RateLimited,
+                    text,
+                ),
+            },
             (Some(_), Role::Connector) => handshake::Verdict::Refuse(
                 ErrorCode::AuthFailed,
                 "this key is an agent key; connectors are not enabled on this gateway".into(),
             ),
-            (None, _) => handshake::Verdict::Refuse(
-                ErrorCode::AuthFailed,
-                "key not accepted by this gateway".into(),
-            ),
+            (None, _) => match limited("key not accepted by this gateway") {
+                None => handshake::Verdict::Refuse(
+                    ErrorCode::AuthFailed,
+                    "key not accepted by this gateway".into(),
+                ),
+                Some(text) => handshake::Verdict::Refuse(ErrorCode::RateLimited, text),
+            },
         }
-    })
-    .await
-    .map_err(|e| match e {
-        handshake::HandshakeError::Rejected { message, .. } => {
-            format!("authentication failed: {message}")
-        }
-        other => other.to_string(),
+    };
+    let accepted = handshake::server_bound(&mut conn.io, &bindings, verdict).await;
+    let accepted = accepted.map_err(|e| match e {
+        handshake::HandshakeError::Rejected { code, message } => Failed {
+            why: format!("authentication failed: {message}"),
+            presented,
+            rate_limited: code == ErrorCode::RateLimited,
+        },
+        other => Failed {
+            why: other.to_string(),
+            presented,
+            rate_limited: false,
+        },
     })?;
     Ok((conn, accepted))
 }
@@ -749,7 +823,6 @@ async fn serve_agent(
     acc: handshake::Accepted,
     peer: SocketAddr,
 ) {
-    lock(&hub.limiter).success(peer.ip());
     let Some(grant) = hub.grants.get(&acc.key).cloned() else {
         return;
     };
