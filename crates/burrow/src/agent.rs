@@ -6,10 +6,17 @@
 //! gateway asks, the agent connects nowhere else.
 //!
 //! Reconnection: after a session ends, the agent waits an exponentially growing, jittered
-//! delay (capped by `max_backoff`) and dials again, forever. Only an error on the very first
+//! delay (capped by `max_backoff`) and dials again, forever. An error on the very first
 //! attempt that retrying cannot fix (key refused, rate-limited for earlier failures,
 //! certificate mismatch, version mismatch) stops the agent, so a typo is reported at once
 //! instead of retried silently; later, a rate-limited agent waits as long as the gateway asks.
+//! Two more things stop it at any time: another agent with the same key taking its session
+//! over [`MAX_REPLACED`] times in a row (each within [`REPLACED_WITHIN`] of connecting; it
+//! backs off between them), and every forward refused for a reason that asking again cannot
+//! change (port not granted).
+//!
+//! Forwards the gateway refuses for a reason that may pass (port in use, a limit) are asked
+//! for again in the same session, after [`BIND_RETRY_BASE`] doubling up to `max_backoff`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +33,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{AgentConfig, Forward, Target, Trust};
 use crate::relay::{self, Local};
-use crate::session::{self, handshake, Stream};
+use crate::session::{self, handshake, SessionEnd, Stream};
 use crate::transport;
 
 /// Errors that stop an agent, phrased for the user.
@@ -60,10 +67,30 @@ pub struct AgentStatus {
     pub failed_attempts: u32,
     /// The pause before the next attempt, while the agent is waiting to reconnect.
     pub next_retry: Option<Duration>,
+    /// One entry per configured forward: for one the gateway refused for a reason that may
+    /// pass (its port in use, a limit), the pause before it is asked for again.
+    pub forward_retries: Vec<Option<Duration>>,
+}
+
+impl AgentStatus {
+    /// How many forwards are published (granted) now.
+    pub fn published(&self) -> usize {
+        self.forwards
+            .iter()
+            .filter(|f| matches!(f, ForwardStatus::Granted(_)))
+            .count()
+    }
 }
 
 /// First reconnect delay.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// First pause before a refused forward is asked for again; it doubles up to `max_backoff`.
+pub const BIND_RETRY_BASE: Duration = Duration::from_secs(1);
+/// Takeovers in a row by another agent with the same key after which the agent stops.
+pub const MAX_REPLACED: u32 = 3;
+/// A takeover counts toward [`MAX_REPLACED`] when it comes this soon after the session began;
+/// a session that lasted longer starts the count again.
+pub const REPLACED_WITHIN: Duration = Duration::from_secs(60);
 /// How long connecting to a target may take before the stream is reset.
 pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -85,6 +112,7 @@ impl Agent {
     pub fn new(config: AgentConfig) -> Agent {
         let status = AgentStatus {
             forwards: vec![ForwardStatus::Pending; config.forwards.len()],
+            forward_retries: vec![None; config.forwards.len()],
             ..AgentStatus::default()
         };
         let (status, _) = watch::channel(status);
@@ -96,7 +124,9 @@ impl Agent {
         self.status.subscribe()
     }
 
-    /// Runs until `shutdown`, reconnecting forever once a session has succeeded.
+    /// Runs until `shutdown`, reconnecting forever once a session has succeeded, except when
+    /// nothing can be published or another agent with the same key keeps taking over (see
+    /// the module docs).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let cfg = Arc::new(self.config);
         let tls = match &cfg.trust {
@@ -112,6 +142,8 @@ impl Agent {
         let tracker = TaskTracker::new();
         let mut attempt = 0u32;
         let mut ever_connected = false;
+        // Sessions in a row that another agent with our key took over soon after they began.
+        let mut replaced = 0u32;
         loop {
             let dialed = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -122,6 +154,7 @@ impl Agent {
             match dialed {
                 Ok(started) => {
                     let session = started.session.clone();
+                    let began = Instant::now();
                     ever_connected = true;
                     attempt = 0;
                     self.status.send_modify(|s| {
@@ -131,12 +164,13 @@ impl Agent {
                         s.failed_attempts = 0;
                         s.next_retry = None;
                     });
-                    let end = serve(&cfg, started, &self.status, &tracker, &shutdown).await;
+                    let ended = serve(&cfg, started, &self.status, &tracker, &shutdown).await;
                     self.status.send_modify(|s| {
                         s.connected = false;
                         s.forwards
                             .iter_mut()
                             .for_each(|f| *f = ForwardStatus::Pending);
+                        s.forward_retries.iter_mut().for_each(|r| *r = None);
                     });
                     if shutdown.is_cancelled() {
                         drain(&tracker, cfg.grace).await;
@@ -146,8 +180,50 @@ impl Agent {
                             .await;
                         return Ok(());
                     }
-                    warn!(gateway = %cfg.gateway, "session ended: {end}; reconnecting");
-                    self.status.send_modify(|s| s.last_error = Some(end));
+                    let end = match ended {
+                        Ended::Session(end) => end,
+                        Ended::NothingToPublish(why) => {
+                            session.close(
+                                ErrorCode::Normal,
+                                "agent stopping: every forward was refused",
+                            );
+                            let _ =
+                                tokio::time::timeout(Duration::from_millis(500), session.closed())
+                                    .await;
+                            drain(&tracker, cfg.grace).await;
+                            self.status
+                                .send_modify(|s| s.last_error = Some(why.clone()));
+                            return Err(AgentError(why));
+                        }
+                    };
+                    let text = end.to_string();
+                    let by = (end.by_peer && end.code == ErrorCode::Replaced)
+                        .then(|| replaced_by(&end.detail));
+                    match by {
+                        Some(by) if began.elapsed() < REPLACED_WITHIN => {
+                            replaced += 1;
+                            let by = by.unwrap_or("an unknown address").to_string();
+                            if replaced >= MAX_REPLACED {
+                                let why = format!(
+                                    "another agent with this key is connected from {by}: it took over this agent's session {replaced} times in a row, so this agent stops. Stop the other agent (a stale copy, an old container), or give each agent its own key (`burrow keygen`, and an [[agents]] entry on the gateway)"
+                                );
+                                self.status
+                                    .send_modify(|s| s.last_error = Some(why.clone()));
+                                drain(&tracker, cfg.grace).await;
+                                return Err(AgentError(why));
+                            }
+                            // Back off as after failures, so two agents with one key do not
+                            // take the session from each other several times a second.
+                            attempt = replaced;
+                            warn!(gateway = %cfg.gateway, "session taken over by another agent with this key, connected from {by} ({replaced} of {MAX_REPLACED} in a row before this agent stops)");
+                        }
+                        _ => {
+                            replaced = 0;
+                            // A lost connection reads "connection lost: what happened".
+                            warn!(gateway = %cfg.gateway, "session ended: {text}; reconnecting");
+                        }
+                    }
+                    self.status.send_modify(|s| s.last_error = Some(text));
                 }
                 Err(e) => {
                     if e.fatal && !ever_connected {
@@ -183,6 +259,26 @@ impl Agent {
         drain(&tracker, cfg.grace).await;
         Ok(())
     }
+}
+
+/// How a served session ended.
+enum Ended {
+    /// The session is over (or `shutdown` was cancelled).
+    Session(SessionEnd),
+    /// Every forward was refused for good: the agent stops with this message.
+    NothingToPublish(String),
+}
+
+/// The text of the GoAway a session gets when another agent with its key takes over,
+/// naming the newcomer's address, which the replaced agent reads back for its message.
+pub fn replaced_message(by: std::net::SocketAddr) -> String {
+    format!("another agent with this key connected from {by} and took over this session")
+}
+
+/// The address a [`replaced_message`] names.
+fn replaced_by(detail: &str) -> Option<&str> {
+    let rest = &detail[detail.find(" connected from ")? + " connected from ".len()..];
+    rest.split_whitespace().next()
 }
 
 async fn drain(tracker: &TaskTracker, grace: Duration) {
@@ -308,21 +404,33 @@ fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError) -> Failur
     }
 }
 
-/// Serves one session: binds every forward, relays streams, until the session ends or
-/// `shutdown`. Returns why the session ended.
+/// What the agent knows of one forward in the current session.
+#[derive(Debug, Clone, Default)]
+struct Binding {
+    /// Refused for good (port not granted), with the gateway's reason.
+    refused_for_good: Option<String>,
+    /// Refusals in a row for a reason that may pass.
+    refusals: u32,
+    /// When to ask for it again.
+    retry_at: Option<Instant>,
+}
+
+/// Serves one session: binds every forward, asks again for refused ones with backoff, relays
+/// streams, until the session ends or `shutdown`.
 async fn serve(
     cfg: &Arc<AgentConfig>,
     started: session::Started,
     status: &watch::Sender<AgentStatus>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-) -> String {
+) -> Ended {
     let session::Started {
         session,
         mut incoming,
         mut control,
     } = started;
-    for (i, fwd) in cfg.forwards.iter().enumerate() {
+    let bind = |i: usize| {
+        let fwd = &cfg.forwards[i];
         let bind = Bind {
             service: i as u32,
             protocol: Protocol::Tcp,
@@ -330,14 +438,39 @@ async fn serve(
             name: fwd.name.clone(),
         };
         session.send_control(bind.to_frame());
-    }
+    };
+    (0..cfg.forwards.len()).for_each(bind);
+    let mut bindings = vec![Binding::default(); cfg.forwards.len()];
     let granted: Arc<std::sync::Mutex<Vec<bool>>> =
         Arc::new(std::sync::Mutex::new(vec![false; cfg.forwards.len()]));
     let pending = Arc::new(Semaphore::new(cfg.limits.max_pending_opens as usize));
     loop {
+        let next_retry = bindings.iter().filter_map(|b| b.retry_at).min();
         tokio::select! {
-            _ = shutdown.cancelled() => return "shutdown".into(),
-            end = session.closed() => return end.to_string(),
+            _ = shutdown.cancelled() => return Ended::Session(SessionEnd {
+                code: ErrorCode::Shutdown,
+                detail: "shutdown".into(),
+                by_peer: false,
+                lost: false,
+            }),
+            end = session.closed() => return Ended::Session(end),
+            _ = sleep_until(next_retry), if next_retry.is_some() => {
+                let now = Instant::now();
+                for (i, b) in bindings.iter_mut().enumerate() {
+                    if b.retry_at.is_some_and(|t| t <= now) {
+                        b.retry_at = None;
+                        info!(forward = %cfg.forwards[i].name, "asking the gateway again for the forward it refused");
+                        bind(i);
+                    }
+                }
+                status.send_modify(|s| {
+                    for (r, b) in s.forward_retries.iter_mut().zip(&bindings) {
+                        if b.retry_at.is_none() {
+                            *r = None;
+                        }
+                    }
+                });
+            }
             frame = control.recv() => {
                 let Some(frame) = frame else { continue };
                 if frame.header.kind != Kind::BindResult {
@@ -345,7 +478,12 @@ async fn serve(
                     continue;
                 }
                 match BindResult::decode(&frame.payload) {
-                    Ok(res) => on_bind_result(cfg, &res, status, &granted),
+                    Ok(res) => {
+                        on_bind_result(cfg, &res, status, &granted, &mut bindings);
+                        if let Some(why) = nothing_to_publish(cfg, &bindings) {
+                            return Ended::NothingToPublish(why);
+                        }
+                    }
                     Err(e) => session.close(e.code, e.detail),
                 }
             }
@@ -357,14 +495,44 @@ async fn serve(
     }
 }
 
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// When every forward has been refused for good: why, for the agent's exit message.
+fn nothing_to_publish(cfg: &AgentConfig, bindings: &[Binding]) -> Option<String> {
+    if bindings.is_empty() || bindings.iter().any(|b| b.refused_for_good.is_none()) {
+        return None;
+    }
+    let reasons: Vec<String> = cfg
+        .forwards
+        .iter()
+        .zip(bindings)
+        .map(|(f, b)| {
+            format!(
+                "forward {}: {}",
+                f.name,
+                b.refused_for_good.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    Some(format!(
+        "nothing to publish: the gateway refused every forward, for reasons retrying cannot change ({}); ask the gateway's operator to grant the ports (`ports` of this agent's [[agents]] entry), or change --forward",
+        reasons.join("; ")
+    ))
+}
+
 fn on_bind_result(
     cfg: &AgentConfig,
     res: &BindResult,
     status: &watch::Sender<AgentStatus>,
     granted: &std::sync::Mutex<Vec<bool>>,
+    bindings: &mut [Binding],
 ) {
     let idx = res.service as usize;
-    let Some(fwd) = cfg.forwards.get(idx) else {
+    let (Some(fwd), Some(binding)) = (cfg.forwards.get(idx), bindings.get_mut(idx)) else {
         warn!(
             service = res.service,
             "gateway answered a bind we never asked for; ignored"
@@ -379,17 +547,40 @@ fn on_bind_result(
     {
         *g = ok;
     }
+    binding.retry_at = None;
+    let mut retry = None;
     let new = if ok {
+        binding.refusals = 0;
         let public = public_address(&res.text, &cfg.gateway);
         info!(forward = %fwd.name, dest = %fwd.target, %public, "forward is live");
         ForwardStatus::Granted(public)
     } else {
-        warn!(forward = %fwd.name, "gateway refused the forward: {} ({})", res.text, res.code);
-        ForwardStatus::Refused(format!("{} ({})", res.text, res.code))
+        let why = format!("{} ({})", res.text, res.code);
+        if res.code == ErrorCode::PortNotGranted {
+            // The grant is the gateway's config: asking again changes nothing.
+            warn!(forward = %fwd.name, "gateway refused the forward: {why}; not asking again in this session");
+            binding.refused_for_good = Some(why.clone());
+        } else {
+            // A port in use may be freed, a limit may have room later.
+            let delay = backoff_delay(
+                binding.refusals,
+                BIND_RETRY_BASE,
+                cfg.max_backoff.max(BIND_RETRY_BASE),
+                0.5 + fastrand::f64() / 2.0,
+            );
+            binding.refusals = binding.refusals.saturating_add(1);
+            binding.retry_at = Some(Instant::now() + delay);
+            retry = Some(delay);
+            warn!(forward = %fwd.name, "gateway refused the forward: {why}; asking again in {delay:.1?}");
+        }
+        ForwardStatus::Refused(why)
     };
     status.send_modify(|s| {
         if let Some(f) = s.forwards.get_mut(idx) {
             *f = new;
+        }
+        if let Some(r) = s.forward_retries.get_mut(idx) {
+            *r = retry;
         }
     });
 }

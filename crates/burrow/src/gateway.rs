@@ -47,6 +47,10 @@ use crate::transport;
 #[error("{0}")]
 pub struct GatewayError(pub String);
 
+/// The shortest pause between two requests of one session for a service the gateway refused
+/// (agents retry refused forwards with backoff, starting at a second).
+pub const REBIND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Name of the agent that uses the generated key.
 pub const DEFAULT_AGENT_NAME: &str = "default";
 
@@ -96,7 +100,8 @@ struct Hub {
 }
 
 struct AgentEntry {
-    session: Option<(u64, Session)>,
+    /// The live session: its generation, handle and the agent's address.
+    session: Option<(u64, Session, SocketAddr)>,
     ports: HashMap<(Protocol, String), PortEntry>,
     /// Public connections to this agent's ports (`max_public_conns_per_agent`).
     conns: Arc<Semaphore>,
@@ -374,7 +379,7 @@ impl Gateway {
         }
         let sessions: Vec<Session> = lock(&hub.agents)
             .values()
-            .filter_map(|a| a.session.as_ref().map(|(_, s)| s.clone()))
+            .filter_map(|a| a.session.as_ref().map(|(_, s, _)| s.clone()))
             .collect();
         for s in sessions {
             s.close(ErrorCode::Shutdown, "gateway shutting down");
@@ -682,7 +687,7 @@ async fn wait_for_relays(hub: &Hub) {
         let busy: usize = lock(&hub.agents)
             .values()
             .filter_map(|a| a.session.as_ref())
-            .map(|(_, s)| s.stream_count())
+            .map(|(_, s, _)| s.stream_count())
             .sum();
         if busy == 0 {
             return;
@@ -839,43 +844,62 @@ async fn serve_agent(
             let entry = agents
                 .entry(name.clone())
                 .or_insert_with(|| AgentEntry::new(&hub.config.limits));
-            let old = entry.session.replace((generation, session.clone()));
-            if let Some((old_generation, _)) = &old {
+            let old = entry.session.replace((generation, session.clone(), peer));
+            if let Some((old_generation, ..)) = &old {
                 // Its ports go on lease now: the new session binds again what it still wants.
                 start_lease(&hub, &name, entry, *old_generation);
             }
             old
         };
-        if let Some((_, old)) = old {
-            info!("agent reconnected; replacing its previous session");
-            old.close(ErrorCode::Replaced, "replaced by a newer session of the same agent");
+        if let Some((_, old, old_peer)) = old {
+            // Both addresses: two agents sharing a key take the session from each other, and
+            // each is told who the other is.
+            info!(%peer, previous = %old_peer, "agent connected while a session of its key from {old_peer} was up: replacing its previous session");
+            old.close(ErrorCode::Replaced, crate::agent::replaced_message(peer));
         }
         bump(&hub.stats.sessions);
         let _live = GaugeGuard::new(&hub.stats.active_sessions);
         info!(%peer, key = %acc.key.short(), "agent connected");
         let mut control = started.control;
         // Ports are kept across sessions by service name; one session may use a name once.
-        let mut bound_names = std::collections::HashSet::new();
-        let mut binds_seen = 0usize;
+        // A refused name may be asked for again (the agent retries with backoff), but not
+        // sooner than REBIND_INTERVAL after its last refusal. `None`: granted.
+        let mut names: HashMap<String, Option<Instant>> = HashMap::new();
         loop {
             tokio::select! {
                 frame = control.recv() => match frame {
                     Some(f) if f.header.kind == Kind::Bind => {
-                        match Bind::decode(&f.payload) {
-                            Ok(_) if { binds_seen += 1; binds_seen > burrow_proto::message::MAX_BINDS } => {
-                                session.close(ErrorCode::LimitExceeded, format!("more than {} bind requests in one session", burrow_proto::message::MAX_BINDS));
+                        let bind = match Bind::decode(&f.payload) {
+                            Ok(bind) => bind,
+                            Err(e) => {
+                                session.close(e.code, e.detail);
+                                continue;
                             }
-                            Ok(bind) if !bound_names.insert(bind.name.clone()) => {
-                                let text = format!("another service of this agent is already named `{}`", bind.name);
-                                warn!(service = %bind.name, "bind refused: {text}");
-                                session.send_control(BindResult { service: bind.service, code: ErrorCode::PortInUse, text }.to_frame());
+                        };
+                        let refuse = |code: ErrorCode, text: String| {
+                            warn!(service = %bind.name, "bind refused: {text}");
+                            session.send_control(BindResult { service: bind.service, code, text }.to_frame());
+                        };
+                        match names.get(&bind.name) {
+                            Some(None) => {
+                                refuse(ErrorCode::PortInUse, format!("another service of this agent is already named `{}`", bind.name));
+                                continue;
                             }
-                            Ok(bind) => {
-                                let result = bind_port(&hub, &grant, &session, generation, &bind).await;
-                                session.send_control(result.to_frame());
+                            Some(Some(at)) if at.elapsed() < REBIND_INTERVAL => {
+                                refuse(ErrorCode::LimitExceeded, format!("service `{}` asked for again within {REBIND_INTERVAL:?} of its last refusal", bind.name));
+                                continue;
                             }
-                            Err(e) => session.close(e.code, e.detail),
+                            Some(Some(_)) => {}
+                            None if names.len() >= burrow_proto::message::MAX_BINDS => {
+                                session.close(ErrorCode::LimitExceeded, format!("more than {} services in one session", burrow_proto::message::MAX_BINDS));
+                                continue;
+                            }
+                            None => {}
                         }
+                        let result = bind_port(&hub, &grant, &session, generation, &bind).await;
+                        let refused = (result.code != ErrorCode::Normal).then(Instant::now);
+                        names.insert(bind.name.clone(), refused);
+                        session.send_control(result.to_frame());
                     }
                     Some(f) => session.close(ErrorCode::Protocol, format!("unexpected {:?} from an agent", f.header.kind)),
                     None => break,
@@ -911,7 +935,7 @@ fn release(hub: &Arc<Hub>, name: &str, generation: u64) {
     let Some(entry) = agents.get_mut(name) else {
         return;
     };
-    if matches!(entry.session, Some((g, _)) if g == generation) {
+    if matches!(entry.session, Some((g, ..)) if g == generation) {
         entry.session = None;
     }
     // After a takeover the newer session owns what it bound again; this finds nothing left.

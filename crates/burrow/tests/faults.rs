@@ -372,6 +372,19 @@ async fn port_grants_refuse_outside_range_and_ports_in_use() {
             other => panic!("port {taken_port} already bound: {other:?}"),
         }
 
+        // The status says what is published, and which refusal is asked for again: the port
+        // in use may be freed, the port outside the grant will not be granted.
+        let st = wait_status(
+            &mut limited.status,
+            Duration::from_secs(5),
+            "refused forwards classified",
+            |s| s.forward_retries[2].is_some(),
+        )
+        .await;
+        assert_eq!(st.published(), 1, "{st:?}");
+        assert_eq!(st.forward_retries[0], None, "{st:?}");
+        assert_eq!(st.forward_retries[1], None, "{st:?}");
+
         // The refusals cost nothing else: both agents' live forwards carry traffic.
         let data = pattern(512 * 1024, 131);
         assert_eq!(echo_roundtrip(any, &data).await, sha(&data));
