@@ -6,9 +6,17 @@
 //! gateway asks, the agent connects nowhere else.
 //!
 //! Reconnection: after a session ends, the agent waits an exponentially growing, jittered
-//! delay (capped by `max_backoff`) and dials again, forever. Only an error on the very first
-//! attempt that retrying cannot fix (key refused, certificate mismatch, version mismatch)
-//! stops the agent, so a typo is reported at once instead of retried silently.
+//! delay (capped by `max_backoff`) and dials again, forever. An error on the very first
+//! attempt that retrying cannot fix (key refused, rate-limited for earlier failures,
+//! certificate mismatch, version mismatch) stops the agent, so a typo is reported at once
+//! instead of retried silently; later, a rate-limited agent waits as long as the gateway asks.
+//! Two more things stop it at any time: another agent with the same key taking its session
+//! over [`MAX_REPLACED`] times in a row (each within [`REPLACED_WITHIN`] of connecting; it
+//! backs off between them), and every forward refused for a reason that asking again cannot
+//! change (port not granted).
+//!
+//! Forwards the gateway refuses for a reason that may pass (port in use, a limit) are asked
+//! for again in the same session, after [`BIND_RETRY_BASE`] doubling up to `max_backoff`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +34,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{AgentConfig, Forward, Target, Trust};
 use crate::relay::{self, Local};
-use crate::session::{self, handshake, Stream};
+use crate::session::{self, handshake, SessionEnd, Stream};
 use crate::transport;
 use crate::udp;
 
@@ -61,10 +69,30 @@ pub struct AgentStatus {
     pub failed_attempts: u32,
     /// The pause before the next attempt, while the agent is waiting to reconnect.
     pub next_retry: Option<Duration>,
+    /// One entry per configured forward: for one the gateway refused for a reason that may
+    /// pass (its port in use, a limit), the pause before it is asked for again.
+    pub forward_retries: Vec<Option<Duration>>,
+}
+
+impl AgentStatus {
+    /// How many forwards are published (granted) now.
+    pub fn published(&self) -> usize {
+        self.forwards
+            .iter()
+            .filter(|f| matches!(f, ForwardStatus::Granted(_)))
+            .count()
+    }
 }
 
 /// First reconnect delay.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// First pause before a refused forward is asked for again; it doubles up to `max_backoff`.
+pub const BIND_RETRY_BASE: Duration = Duration::from_secs(1);
+/// Takeovers in a row by another agent with the same key after which the agent stops.
+pub const MAX_REPLACED: u32 = 3;
+/// A takeover counts toward [`MAX_REPLACED`] when it comes this soon after the session began;
+/// a session that lasted longer starts the count again.
+pub const REPLACED_WITHIN: Duration = Duration::from_secs(60);
 
 /// The delay before reconnect attempt `attempt` (0-based): `base * 2^attempt` capped at
 /// `max`, then scaled by `jitter` in `[0.5, 1.0]` so many agents do not return in lockstep.
@@ -84,6 +112,7 @@ impl Agent {
     pub fn new(config: AgentConfig) -> Agent {
         let status = AgentStatus {
             forwards: vec![ForwardStatus::Pending; config.forwards.len()],
+            forward_retries: vec![None; config.forwards.len()],
             ..AgentStatus::default()
         };
         let (status, _) = watch::channel(status);
@@ -95,7 +124,9 @@ impl Agent {
         self.status.subscribe()
     }
 
-    /// Runs until `shutdown`, reconnecting forever once a session has succeeded.
+    /// Runs until `shutdown`, reconnecting forever once a session has succeeded, except when
+    /// nothing can be published or another agent with the same key keeps taking over (see
+    /// the module docs).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let cfg = Arc::new(self.config);
         let tls = match &cfg.trust {
@@ -111,14 +142,19 @@ impl Agent {
         let tracker = TaskTracker::new();
         let mut attempt = 0u32;
         let mut ever_connected = false;
+        // Sessions in a row that another agent with our key took over soon after they began.
+        let mut replaced = 0u32;
         loop {
             let dialed = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = connect(&cfg, tls.clone()) => r,
             };
+            // At least this long before the next attempt (what a rate limit asks for).
+            let mut at_least = Duration::ZERO;
             let why = match dialed {
                 Ok(started) => {
                     let session = started.session.clone();
+                    let began = Instant::now();
                     ever_connected = true;
                     attempt = 0;
                     self.status.send_modify(|s| {
@@ -128,12 +164,13 @@ impl Agent {
                         s.failed_attempts = 0;
                         s.next_retry = None;
                     });
-                    let end = serve(&cfg, started, &self.status, &tracker, &shutdown).await;
+                    let ended = serve(&cfg, started, &self.status, &tracker, &shutdown).await;
                     self.status.send_modify(|s| {
                         s.connected = false;
                         s.forwards
                             .iter_mut()
                             .for_each(|f| *f = ForwardStatus::Pending);
+                        s.forward_retries.iter_mut().for_each(|r| *r = None);
                     });
                     if shutdown.is_cancelled() {
                         drain(&tracker, cfg.grace).await;
@@ -143,13 +180,60 @@ impl Agent {
                             .await;
                         return Ok(());
                     }
-                    self.status
-                        .send_modify(|s| s.last_error = Some(end.clone()));
-                    format!("session ended: {end}")
+                    let end = match ended {
+                        Ended::Session(end) => end,
+                        Ended::NothingToPublish(why) => {
+                            session.close(
+                                ErrorCode::Normal,
+                                "agent stopping: every forward was refused",
+                            );
+                            let _ =
+                                tokio::time::timeout(Duration::from_millis(500), session.closed())
+                                    .await;
+                            drain(&tracker, cfg.grace).await;
+                            self.status
+                                .send_modify(|s| s.last_error = Some(why.clone()));
+                            return Err(AgentError(why));
+                        }
+                    };
+                    let text = end.to_string();
+                    let by = (end.by_peer && end.code == ErrorCode::Replaced)
+                        .then(|| replaced_by(&end.detail));
+                    match by {
+                        Some(by) if began.elapsed() < REPLACED_WITHIN => {
+                            replaced += 1;
+                            let by = by.unwrap_or("an unknown address").to_string();
+                            if replaced >= MAX_REPLACED {
+                                let why = format!(
+                                    "another agent with this key is connected from {by}: it took over this agent's session {replaced} times in a row, so this agent stops. Stop the other agent (a stale copy, an old container), or give each agent its own key (`burrow keygen`, and an [[agents]] entry on the gateway)"
+                                );
+                                self.status
+                                    .send_modify(|s| s.last_error = Some(why.clone()));
+                                drain(&tracker, cfg.grace).await;
+                                return Err(AgentError(why));
+                            }
+                            // Back off as after failures, so two agents with one key do not
+                            // take the session from each other several times a second.
+                            attempt = replaced;
+                            self.status
+                                .send_modify(|s| s.last_error = Some(text.clone()));
+                            format!("session taken over by another agent with this key, connected from {by} ({replaced} of {MAX_REPLACED} in a row before this agent stops)")
+                        }
+                        _ => {
+                            replaced = 0;
+                            self.status
+                                .send_modify(|s| s.last_error = Some(text.clone()));
+                            // A lost connection reads "connection lost: what happened".
+                            format!("session ended: {text}")
+                        }
+                    }
                 }
                 Err(e) => {
                     if e.fatal && !ever_connected {
                         return Err(AgentError(e.message));
+                    }
+                    if let Some(after) = e.retry_after {
+                        at_least = after;
                     }
                     self.status
                         .send_modify(|s| s.last_error = Some(e.message.clone()));
@@ -161,7 +245,8 @@ impl Agent {
                 BACKOFF_BASE,
                 cfg.max_backoff,
                 0.5 + fastrand::f64() / 2.0,
-            );
+            )
+            .max(at_least);
             attempt = attempt.saturating_add(1);
             // Whole milliseconds: "next attempt in 1s 234ms", not in nanoseconds.
             let shown = Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
@@ -186,6 +271,26 @@ impl Agent {
     }
 }
 
+/// How a served session ended.
+enum Ended {
+    /// The session is over (or `shutdown` was cancelled).
+    Session(SessionEnd),
+    /// Every forward was refused for good: the agent stops with this message.
+    NothingToPublish(String),
+}
+
+/// The text of the GoAway a session gets when another agent with its key takes over,
+/// naming the newcomer's address, which the replaced agent reads back for its message.
+pub fn replaced_message(by: std::net::SocketAddr) -> String {
+    format!("another agent with this key connected from {by} and took over this session")
+}
+
+/// The address a [`replaced_message`] names.
+fn replaced_by(detail: &str) -> Option<&str> {
+    let rest = &detail[detail.find(" connected from ")? + " connected from ".len()..];
+    rest.split_whitespace().next()
+}
+
 async fn drain(tracker: &TaskTracker, grace: Duration) {
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -193,11 +298,32 @@ async fn drain(tracker: &TaskTracker, grace: Duration) {
     }
 }
 
+/// Why an attempt to connect failed.
+#[derive(Debug)]
+struct Failure {
+    /// What went wrong and what to check.
+    message: String,
+    /// Whether retrying cannot help (the agent stops when it never had a session).
+    fatal: bool,
+    /// How long the gateway asked us to wait before trying again.
+    retry_after: Option<Duration>,
+}
+
+impl From<transport::DialError> for Failure {
+    fn from(e: transport::DialError) -> Self {
+        Failure {
+            message: e.message,
+            fatal: e.fatal,
+            retry_after: None,
+        }
+    }
+}
+
 /// Dial, TLS, handshake: a live session or a described error.
 async fn connect(
     cfg: &AgentConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
-) -> Result<session::Started, transport::DialError> {
+) -> Result<session::Started, Failure> {
     let handshake_deadline = cfg.limits.handshake_timeout;
     let attempt = async {
         let url = gateway_url(cfg)?;
@@ -224,21 +350,23 @@ async fn connect(
     };
     tokio::time::timeout(handshake_deadline, attempt)
         .await
-        .map_err(|_| transport::DialError {
+        .map_err(|_| Failure {
             message: format!(
                 "gateway {} did not finish the handshake within {handshake_deadline:?}",
                 cfg.gateway
             ),
             fatal: false,
+            retry_after: None,
         })?
 }
 
 /// The gateway URL to dial: `gateway` as parsed, with the older `--transport tcp` turning a
 /// bare `HOST:PORT` into plain TCP.
-fn gateway_url(cfg: &AgentConfig) -> Result<transport::GatewayUrl, transport::DialError> {
-    let mut url = transport::GatewayUrl::parse(&cfg.gateway).map_err(|e| transport::DialError {
+fn gateway_url(cfg: &AgentConfig) -> Result<transport::GatewayUrl, Failure> {
+    let mut url = transport::GatewayUrl::parse(&cfg.gateway).map_err(|e| Failure {
         message: e.to_string(),
         fatal: true,
+        retry_after: None,
     })?;
     if matches!(cfg.trust, Trust::Plain) && url.scheme == transport::Scheme::Tls {
         url.scheme = transport::Scheme::Tcp;
@@ -246,49 +374,76 @@ fn gateway_url(cfg: &AgentConfig) -> Result<transport::GatewayUrl, transport::Di
     Ok(url)
 }
 
-fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError) -> transport::DialError {
+fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError) -> Failure {
     use handshake::HandshakeError::*;
+    let failure = |message: String, fatal: bool| Failure {
+        message,
+        fatal,
+        retry_after: None,
+    };
     match e {
-        Rejected { code: ErrorCode::AuthFailed, message } => transport::DialError {
-            message: format!(
+        Rejected { code: ErrorCode::AuthFailed, message } => failure(
+            format!(
                 "gateway {} rejected the key ({message}): check --key / BURROW_KEY / `key` in the agent config; it must be a key the gateway accepts (`burrow gateway --print-agent-line` on the gateway's host prints a working `burrow agent` line, and `burrow keygen --hash` shows a key's hash for the gateway's `[[agents]]`)",
+                cfg.gateway
+            ),
+            true,
+        ),
+        // Stops a fresh agent like a rejected key (its earlier attempts failed); one that had
+        // a session waits as long as the gateway asks.
+        Rejected { code: ErrorCode::RateLimited, message } => Failure {
+            retry_after: handshake::retry_after(&message),
+            message: format!(
+                "gateway {} refused the session: {message}; check --key / BURROW_KEY / `key` in the agent config",
                 cfg.gateway
             ),
             fatal: true,
         },
-        Rejected { code, message } => transport::DialError {
-            message: format!("gateway {} refused the session: {message} ({code})", cfg.gateway),
+        Rejected { code, message } => failure(
+            format!("gateway {} refused the session: {message} ({code})", cfg.gateway),
             // A wrong version or a transport the listener does not take (Protocol) is a
             // setting to fix, not a hiccup.
-            fatal: matches!(code, ErrorCode::UnsupportedVersion | ErrorCode::Protocol),
-        },
-        Protocol(p) => transport::DialError {
-            message: format!("gateway {} broke the protocol: {p}; is it a burrow gateway of the same version?", cfg.gateway),
-            fatal: matches!(p.code, ErrorCode::UnsupportedVersion),
-        },
-        Io(io) => transport::DialError {
-            message: format!("connection to gateway {} failed during the handshake: {io}", cfg.gateway),
-            fatal: false,
-        },
+            matches!(code, ErrorCode::UnsupportedVersion | ErrorCode::Protocol),
+        ),
+        Protocol(p) => failure(
+            format!("gateway {} broke the protocol: {p}; is it a burrow gateway of the same version?", cfg.gateway),
+            matches!(p.code, ErrorCode::UnsupportedVersion),
+        ),
+        Io(io) => failure(
+            format!("connection to gateway {} failed during the handshake: {io}", cfg.gateway),
+            false,
+        ),
     }
 }
 
-/// Serves one session: binds every forward, relays streams, until the session ends or
-/// `shutdown`. Returns why the session ended.
+/// What the agent knows of one forward in the current session.
+#[derive(Debug, Clone, Default)]
+struct Binding {
+    /// Refused for good (port not granted), with the gateway's reason.
+    refused_for_good: Option<String>,
+    /// Refusals in a row for a reason that may pass.
+    refusals: u32,
+    /// When to ask for it again.
+    retry_at: Option<Instant>,
+}
+
+/// Serves one session: binds every forward, asks again for refused ones with backoff, relays
+/// streams, until the session ends or `shutdown`.
 async fn serve(
     cfg: &Arc<AgentConfig>,
     started: session::Started,
     status: &watch::Sender<AgentStatus>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-) -> String {
+) -> Ended {
     let session::Started {
         session,
         mut incoming,
         mut control,
         datagrams,
     } = started;
-    for (i, fwd) in cfg.forwards.iter().enumerate() {
+    let bind = |i: usize| {
+        let fwd = &cfg.forwards[i];
         let bind = Bind {
             service: i as u32,
             protocol: fwd.protocol,
@@ -296,7 +451,9 @@ async fn serve(
             name: fwd.name.clone(),
         };
         session.send_control(bind.to_frame());
-    }
+    };
+    (0..cfg.forwards.len()).for_each(bind);
+    let mut bindings = vec![Binding::default(); cfg.forwards.len()];
     let granted: Arc<std::sync::Mutex<Vec<bool>>> =
         Arc::new(std::sync::Mutex::new(vec![false; cfg.forwards.len()]));
     // UDP forwards: their flows, each with a socket toward the target. Without any, the
@@ -332,9 +489,32 @@ async fn serve(
     }
     let pending = Arc::new(Semaphore::new(cfg.limits.max_pending_opens as usize));
     loop {
+        let next_retry = bindings.iter().filter_map(|b| b.retry_at).min();
         tokio::select! {
-            _ = shutdown.cancelled() => return "shutdown".into(),
-            end = session.closed() => return end.to_string(),
+            _ = shutdown.cancelled() => return Ended::Session(SessionEnd {
+                code: ErrorCode::Shutdown,
+                detail: "shutdown".into(),
+                by_peer: false,
+                lost: false,
+            }),
+            end = session.closed() => return Ended::Session(end),
+            _ = sleep_until(next_retry), if next_retry.is_some() => {
+                let now = Instant::now();
+                for (i, b) in bindings.iter_mut().enumerate() {
+                    if b.retry_at.is_some_and(|t| t <= now) {
+                        b.retry_at = None;
+                        info!(forward = %cfg.forwards[i].name, "asking the gateway again for the forward it refused");
+                        bind(i);
+                    }
+                }
+                status.send_modify(|s| {
+                    for (r, b) in s.forward_retries.iter_mut().zip(&bindings) {
+                        if b.retry_at.is_none() {
+                            *r = None;
+                        }
+                    }
+                });
+            }
             frame = control.recv() => {
                 let Some(frame) = frame else { continue };
                 if frame.header.kind != Kind::BindResult {
@@ -342,7 +522,12 @@ async fn serve(
                     continue;
                 }
                 match BindResult::decode(&frame.payload) {
-                    Ok(res) => on_bind_result(cfg, &res, status, &granted),
+                    Ok(res) => {
+                        on_bind_result(cfg, &res, status, &granted, &mut bindings);
+                        if let Some(why) = nothing_to_publish(cfg, &bindings) {
+                            return Ended::NothingToPublish(why);
+                        }
+                    }
                     Err(e) => session.close(e.code, e.detail),
                 }
             }
@@ -354,14 +539,44 @@ async fn serve(
     }
 }
 
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// When every forward has been refused for good: why, for the agent's exit message.
+fn nothing_to_publish(cfg: &AgentConfig, bindings: &[Binding]) -> Option<String> {
+    if bindings.is_empty() || bindings.iter().any(|b| b.refused_for_good.is_none()) {
+        return None;
+    }
+    let reasons: Vec<String> = cfg
+        .forwards
+        .iter()
+        .zip(bindings)
+        .map(|(f, b)| {
+            format!(
+                "forward {}: {}",
+                f.name,
+                b.refused_for_good.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    Some(format!(
+        "nothing to publish: the gateway refused every forward, for reasons retrying cannot change ({}); ask the gateway's operator to grant the ports (`ports` of this agent's [[agents]] entry), or change --forward",
+        reasons.join("; ")
+    ))
+}
+
 fn on_bind_result(
     cfg: &AgentConfig,
     res: &BindResult,
     status: &watch::Sender<AgentStatus>,
     granted: &std::sync::Mutex<Vec<bool>>,
+    bindings: &mut [Binding],
 ) {
     let idx = res.service as usize;
-    let Some(fwd) = cfg.forwards.get(idx) else {
+    let (Some(fwd), Some(binding)) = (cfg.forwards.get(idx), bindings.get_mut(idx)) else {
         warn!(
             service = res.service,
             "gateway answered a bind we never asked for; ignored"
@@ -376,17 +591,40 @@ fn on_bind_result(
     {
         *g = ok;
     }
+    binding.retry_at = None;
+    let mut retry = None;
     let new = if ok {
+        binding.refusals = 0;
         let public = public_address(&res.text, &cfg.gateway);
         info!(forward = %fwd.name, dest = %fwd.target, %public, "forward is live");
         ForwardStatus::Granted(public)
     } else {
-        warn!(forward = %fwd.name, "gateway refused the forward: {} ({})", res.text, res.code);
-        ForwardStatus::Refused(format!("{} ({})", res.text, res.code))
+        let why = format!("{} ({})", res.text, res.code);
+        if res.code == ErrorCode::PortNotGranted {
+            // The grant is the gateway's config: asking again changes nothing.
+            warn!(forward = %fwd.name, "gateway refused the forward: {why}; not asking again in this session");
+            binding.refused_for_good = Some(why.clone());
+        } else {
+            // A port in use may be freed, a limit may have room later.
+            let delay = backoff_delay(
+                binding.refusals,
+                BIND_RETRY_BASE,
+                cfg.max_backoff.max(BIND_RETRY_BASE),
+                0.5 + fastrand::f64() / 2.0,
+            );
+            binding.refusals = binding.refusals.saturating_add(1);
+            binding.retry_at = Some(Instant::now() + delay);
+            retry = Some(delay);
+            warn!(forward = %fwd.name, "gateway refused the forward: {why}; asking again in {delay:.1?}");
+        }
+        ForwardStatus::Refused(why)
     };
     status.send_modify(|s| {
         if let Some(f) = s.forwards.get_mut(idx) {
             *f = new;
+        }
+        if let Some(r) = s.forward_retries.get_mut(idx) {
+            *r = retry;
         }
     });
 }

@@ -34,7 +34,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{AgentGrant, GatewayConfig, KeySpec, PortRange, TransportKind};
-use crate::limiter::{self, AuthLimiter, FdBudget, FdPermit, PreauthTable, Refusal, Stage};
+use crate::leases::LeaseBook;
+use crate::limiter::{self, Admit, AuthLimiter, FdBudget, FdPermit, PreauthTable, Refusal, Stage};
 use crate::relay::{self, Local};
 use crate::session::{self, handshake, Session};
 use crate::stats::{bump, GatewayStats, GaugeGuard};
@@ -46,6 +47,10 @@ use crate::udp;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct GatewayError(pub String);
+
+/// The shortest pause between two requests of one session for a service the gateway refused
+/// (agents retry refused forwards with backoff, starting at a second).
+pub const REBIND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Name of the agent that uses the generated key.
 pub const DEFAULT_AGENT_NAME: &str = "default";
@@ -90,11 +95,16 @@ struct Hub {
     generation: AtomicU64,
     /// Ids of leases, in the order they started.
     leases: AtomicU64,
+    /// The ports the gateway chose, kept in the state directory; `lease_dirty` wakes the
+    /// task that writes them.
+    lease_book: Mutex<LeaseBook>,
+    lease_dirty: tokio::sync::Notify,
     stats: Arc<GatewayStats>,
 }
 
 struct AgentEntry {
-    session: Option<(u64, Session)>,
+    /// The live session: its generation, handle and the agent's address.
+    session: Option<(u64, Session, SocketAddr)>,
     ports: HashMap<(Protocol, String), PortEntry>,
     /// Public connections to this agent's ports (`max_public_conns_per_agent`).
     conns: Arc<Semaphore>,
@@ -119,6 +129,8 @@ struct PortEntry {
     owner: Option<u64>,
     /// The lease it is on while no session routes it (ids grow: the smallest is the oldest).
     lease: Option<u64>,
+    /// The gateway chose it (a bind for port 0): kept in the lease file across restarts.
+    chosen: bool,
 }
 
 #[derive(Clone)]
@@ -166,6 +178,9 @@ impl Gateway {
                 ports: vec![PortRange::UNPRIVILEGED, PortRange::UNPRIVILEGED_UDP],
             });
             generated = Some(key);
+        }
+        for warning in overlapping_grants(&agents) {
+            warn!("{warning}");
         }
         let mut grants = HashMap::new();
         for grant in agents {
@@ -247,6 +262,10 @@ impl Gateway {
             .values()
             .map(|g| (g.name.clone(), AgentEntry::new(limits)))
             .collect();
+        let (book, warning) = LeaseBook::load(&config.state_dir);
+        if let Some(w) = warning {
+            warn!("{w}");
+        }
         Ok(Gateway {
             listener,
             ws_listener,
@@ -269,6 +288,8 @@ impl Gateway {
                 stop: CancellationToken::new(),
                 generation: AtomicU64::new(0),
                 leases: AtomicU64::new(0),
+                lease_book: Mutex::new(book),
+                lease_dirty: tokio::sync::Notify::new(),
                 stats: Arc::new(GatewayStats::default()),
                 config,
             }),
@@ -335,6 +356,9 @@ impl Gateway {
             ws: ws.clone(),
             ws_only: false,
         };
+        // Before any agent is served: a returning agent finds its port on lease.
+        restore_leases(&hub).await;
+        let lease_writer = tokio::spawn(write_leases(hub.clone()));
         let on_tunnel_port = accept_loop(hub.clone(), self.listener, tunnel, shutdown.clone());
         let on_ws_listener = async {
             if let Some(listener) = self.ws_listener {
@@ -364,13 +388,166 @@ impl Gateway {
         }
         let sessions: Vec<Session> = lock(&hub.agents)
             .values()
-            .filter_map(|a| a.session.as_ref().map(|(_, s)| s.clone()))
+            .filter_map(|a| a.session.as_ref().map(|(_, s, _)| s.clone()))
             .collect();
         for s in sessions {
             s.close(ErrorCode::Shutdown, "gateway shutting down");
         }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), hub.tracker.wait()).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), lease_writer).await;
         Ok(())
+    }
+}
+
+impl Hub {
+    /// Keeps the port the gateway chose for `agent`'s `service` across restarts.
+    fn remember_port(&self, agent: &str, service: &str, port: u16) {
+        if !lock(&self.lease_book).set(agent, service, port) {
+            debug!(
+                agent,
+                service,
+                port,
+                "lease file full ({} ports): this port is not kept across a restart",
+                crate::leases::MAX_LEASES
+            );
+        }
+        self.lease_dirty.notify_one();
+    }
+
+    /// Forgets a closed port in the lease file, if the gateway had chosen it.
+    fn forget_port(&self, agent: &str, service: &str, port: &PortEntry) {
+        if port.chosen {
+            lock(&self.lease_book).remove(agent, service, port.addr.port());
+            self.lease_dirty.notify_one();
+        }
+    }
+}
+
+/// Writes the lease file whenever it changed, until the gateway stops (then once more).
+async fn write_leases(hub: Arc<Hub>) {
+    let mut last_error = None;
+    loop {
+        let stopping = tokio::select! {
+            _ = hub.lease_dirty.notified() => false,
+            _ = hub.stop.cancelled() => true,
+        };
+        let (path, text) = {
+            let mut book = lock(&hub.lease_book);
+            (book.path().to_path_buf(), book.render())
+        };
+        if let Some(text) = text {
+            let dir = hub.config.state_dir.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                crate::state::ensure_private_dir(&dir)?;
+                crate::state::write_private_file(&path, text.as_bytes())
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => last_error = None,
+                Ok(Err(e)) => {
+                    let e = e.to_string();
+                    if last_error.as_ref() != Some(&e) {
+                        warn!("cannot keep the chosen public ports for a restart: {e}");
+                    }
+                    last_error = Some(e);
+                }
+                Err(_) => {}
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Binds again, at start, the ports the lease file remembers, each on lease for its agent as
+/// if the agent had just dropped: a returning agent gets the same port. Ports no longer
+/// granted, or taken meanwhile, are forgotten.
+async fn restore_leases(hub: &Arc<Hub>) {
+    let leases = lock(&hub.lease_book).leases();
+    if leases.is_empty() {
+        return;
+    }
+    let by_name: HashMap<&str, &Arc<AgentGrant>> =
+        hub.grants.values().map(|g| (g.name.as_str(), g)).collect();
+    let lease_id = hub.leases.fetch_add(1, Ordering::Relaxed);
+    let mut restored = 0usize;
+    let mut agents = std::collections::HashSet::new();
+    for l in leases {
+        let forget = |why: &str| {
+            info!(agent = %l.agent, service = %l.service, port = l.port, "port chosen before the restart not kept: {why}");
+            lock(&hub.lease_book).remove(&l.agent, &l.service, l.port);
+            hub.lease_dirty.notify_one();
+        };
+        let Some(grant) = by_name.get(l.agent.as_str()) else {
+            forget("no such agent in the config now");
+            continue;
+        };
+        if !grant.allows(l.port) {
+            forget("the port is no longer in the agent's grant");
+            continue;
+        }
+        let full = lock(&hub.agents)
+            .get(&l.agent)
+            .is_some_and(|e| e.ports.len() >= hub.config.limits.max_ports_per_agent as usize);
+        if full {
+            forget("the agent has limits.max_ports_per_agent ports already");
+            continue;
+        }
+        let Some(fd) = hub.public_fds.try_take(0) else {
+            forget("the gateway is near its open-file limit");
+            continue;
+        };
+        let listener = match TcpListener::bind((hub.config.public_host, l.port)).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                forget(&format!("cannot bind it again: {e}"));
+                continue;
+            }
+        };
+        let Ok(addr) = listener.local_addr() else {
+            continue;
+        };
+        let route = Arc::new(Mutex::new(None));
+        let cancel = hub.stop.child_token();
+        let conns = {
+            let mut agents = lock(&hub.agents);
+            let entry = agents
+                .entry(l.agent.clone())
+                .or_insert_with(|| AgentEntry::new(&hub.config.limits));
+            entry.ports.insert(
+                (Protocol::Tcp, l.service.clone()),
+                PortEntry {
+                    addr,
+                    route: route.clone(),
+                    cancel: cancel.clone(),
+                    owner: None,
+                    lease: Some(lease_id),
+                    chosen: true,
+                },
+            );
+            entry.conns.clone()
+        };
+        let port = PublicPort {
+            listener,
+            route,
+            cancel,
+            agent: l.agent.clone(),
+            conns,
+            _fd: fd,
+        };
+        tokio::spawn(accept_public(hub.clone(), port));
+        restored += 1;
+        agents.insert(l.agent.clone());
+    }
+    for agent in agents {
+        spawn_lease_timer(hub, &agent, lease_id);
+    }
+    if restored > 0 {
+        info!(
+            "{restored} public ports chosen before the restart bound again, on lease for {:?} until their agents bind them",
+            hub.config.lease
+        );
     }
 }
 
@@ -404,9 +581,20 @@ async fn accept_loop(
         // lock out every agent behind it, so the per-address failure budget applies only where
         // the peer is the client itself.
         let by_address = !acceptor.ws_only;
-        if by_address && !lock(&hub.limiter).allowed(peer.ip(), StdInstant::now()) {
+        let cut = match by_address {
+            true => match lock(&hub.limiter).admit(peer.ip(), StdInstant::now()) {
+                Admit::Cut { first } => Some(first),
+                _ => None,
+            },
+            false => None,
+        };
+        if let Some(first) = cut {
             bump(&hub.stats.rate_limited);
-            debug!(%peer, "refused: too many failed handshakes from this address");
+            if first {
+                warn!(%peer, "flood of failed handshakes from this address (over {} at once, then more than one every {:?}): closing its tunnel connections before TLS until it slows down (logged once)", limiter::DEFAULT_SOURCE_BURST, limiter::DEFAULT_SOURCE_REFILL);
+            } else {
+                debug!(%peer, "tunnel connection closed before TLS: too many failed handshakes from this address");
+            }
             continue;
         }
         let evict = CancellationToken::new();
@@ -469,25 +657,57 @@ async fn accept_loop(
             drop(slot);
             match accepted {
                 Ok(Ok((conn, acc))) => {
+                    lock(&hub2.limiter).success(peer.ip(), &acc.key);
                     let peer = conn.peer;
                     serve_agent(hub2, conn, acc, peer).await
                 }
-                Ok(Err(e)) => {
+                Ok(Err(failed)) if failed.rate_limited => {
+                    bump(&hub2.stats.handshake_failures);
+                    bump(&hub2.stats.rate_limited);
+                    let key = failed.presented.as_ref();
+                    if lock(&hub2.limiter).refused(peer.ip(), key, StdInstant::now()) {
+                        let whose = match key {
+                            Some(k) => format!("with key {}", k.short()),
+                            None => "with unknown keys".into(),
+                        };
+                        warn!(%peer, "too many failed handshakes from this address {whose} (over {} at once, then 1 every {:?}): refusing them as rate-limited for now; other keys from this address still get in (logged once)", limiter::DEFAULT_BURST, limiter::DEFAULT_REFILL);
+                    } else {
+                        debug!(%peer, "tunnel handshake refused: {}", failed.why);
+                    }
+                }
+                Ok(Err(failed)) => {
                     bump(&hub2.stats.handshake_failures);
                     if by_address {
-                        lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
+                        log_failure(&hub2, peer, failed.presented.as_ref(), &failed.why);
+                    } else {
+                        warn!(%peer, "tunnel handshake failed: {}", failed.why);
                     }
-                    warn!(%peer, "tunnel handshake failed: {e}");
                 }
                 Err(_) => {
                     bump(&hub2.stats.handshake_failures);
+                    let why = format!("timed out after {:?}", hub2.config.limits.handshake_timeout);
                     if by_address {
-                        lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
+                        log_failure(&hub2, peer, None, &why);
+                    } else {
+                        warn!(%peer, "tunnel handshake failed: {why}");
                     }
-                    warn!(%peer, "tunnel handshake timed out after {:?}", hub2.config.limits.handshake_timeout);
                 }
             }
         });
+    }
+}
+
+/// Charges a failed handshake and logs it: at warn while the source's budget lasts and once
+/// past it, then at debug.
+fn log_failure(hub: &Hub, peer: SocketAddr, presented: Option<&KeyHash>, why: &str) {
+    let now = StdInstant::now();
+    let mut limiter = lock(&hub.limiter);
+    if !limiter.failure(peer.ip(), presented, now) {
+        debug!(%peer, "tunnel handshake failed: {why}");
+    } else if limiter.check(peer.ip(), presented, now).is_some() {
+        warn!(%peer, "tunnel handshake failed: {why} (this address has used up its failure budget for now)");
+    } else {
+        warn!(%peer, "tunnel handshake failed: {why}");
     }
 }
 
@@ -497,7 +717,7 @@ async fn wait_for_relays(hub: &Hub) {
         let busy: usize = lock(&hub.agents)
             .values()
             .filter_map(|a| a.session.as_ref())
-            .map(|(_, s)| s.stream_count())
+            .map(|(_, s, _)| s.stream_count())
             .sum();
         if busy == 0 {
             return;
@@ -544,48 +764,90 @@ impl Drop for PreauthSlot {
     }
 }
 
+/// Why a tunnel handshake failed, and what to charge it to.
+struct Failed {
+    why: String,
+    /// The key presented, when the gateway knows it (`None`: unknown, or none yet).
+    presented: Option<KeyHash>,
+    /// Refused for being over the failure budget.
+    rate_limited: bool,
+}
+
+impl From<String> for Failed {
+    fn from(why: String) -> Self {
+        Failed {
+            why,
+            presented: None,
+            rate_limited: false,
+        }
+    }
+}
+
 async fn handshake_agent(
     hub: &Hub,
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: &transport::Acceptor,
     slot: &PreauthSlot,
-) -> Result<(transport::Connected, handshake::Accepted), String> {
+) -> Result<(transport::Connected, handshake::Accepted), Failed> {
     // Every client speaks first (a TLS hello, a Burrow preamble, an HTTP request): until a
     // byte arrives, this connection has made no progress and gives way to a newcomer when the
     // table is full.
     match tcp.peek(&mut [0u8; 1]).await {
-        Ok(0) => return Err("closed before sending anything".into()),
+        Ok(0) => return Err(String::from("closed before sending anything").into()),
         Ok(_) => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.to_string().into()),
     }
     slot.advance(Stage::Talking);
     let mut conn = transport::accept(tcp, peer, acceptor)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failed::from(e.to_string()))?;
     slot.advance(Stage::Secured);
     let bindings = conn.bindings;
-    let accepted = handshake::server_bound(&mut conn.io, &bindings, |key, role| {
-        match (hub.grants.get(key), role) {
-            (Some(grant), Role::Agent) => {
-                handshake::Verdict::Accept(grant.name.clone(), hub.params)
-            }
+    // Failures are charged to the source and the key it presents, so one failing agent does
+    // not lock out the others behind the same address; past the budget the refusal says so,
+    // inside TLS, where the agent can read it.
+    let mut presented = None;
+    let verdict = |key: &KeyHash, role: Role| {
+        let grant = hub.grants.get(key);
+        presented = grant.map(|_| *key);
+        let limited = lock(&hub.limiter).check(peer.ip(), presented.as_ref(), StdInstant::now());
+        let limited = |why: &str| limited.map(|after| handshake::rate_limited_message(after, why));
+        match (grant, role) {
+            (Some(grant), Role::Agent) => match limited("key proof does not verify") {
+                None => handshake::Verdict::Accept(grant.name.clone(), hub.params),
+                Some(text) => handshake::Verdict::AcceptIfProven(
+                    grant.name.clone(),
+                    hub.params,
+                    ErrorCode::RateLimited,
+                    text,
+                ),
+            },
             (Some(_), Role::Connector) => handshake::Verdict::Refuse(
                 ErrorCode::AuthFailed,
                 "this key is an agent key; connectors are not enabled on this gateway".into(),
             ),
-            (None, _) => handshake::Verdict::Refuse(
-                ErrorCode::AuthFailed,
-                "key not accepted by this gateway".into(),
-            ),
+            (None, _) => match limited("key not accepted by this gateway") {
+                None => handshake::Verdict::Refuse(
+                    ErrorCode::AuthFailed,
+                    "key not accepted by this gateway".into(),
+                ),
+                Some(text) => handshake::Verdict::Refuse(ErrorCode::RateLimited, text),
+            },
         }
-    })
-    .await
-    .map_err(|e| match e {
-        handshake::HandshakeError::Rejected { message, .. } => {
-            format!("authentication failed: {message}")
-        }
-        other => other.to_string(),
+    };
+    let accepted = handshake::server_bound(&mut conn.io, &bindings, verdict).await;
+    let accepted = accepted.map_err(|e| match e {
+        handshake::HandshakeError::Rejected { code, message } => Failed {
+            why: format!("authentication failed: {message}"),
+            presented,
+            rate_limited: code == ErrorCode::RateLimited,
+        },
+        other => Failed {
+            why: other.to_string(),
+            presented,
+            rate_limited: false,
+        },
     })?;
     Ok((conn, accepted))
 }
@@ -596,7 +858,6 @@ async fn serve_agent(
     acc: handshake::Accepted,
     peer: SocketAddr,
 ) {
-    lock(&hub.limiter).success(peer.ip());
     let Some(grant) = hub.grants.get(&acc.key).cloned() else {
         return;
     };
@@ -625,43 +886,62 @@ async fn serve_agent(
             let entry = agents
                 .entry(name.clone())
                 .or_insert_with(|| AgentEntry::new(&hub.config.limits));
-            let old = entry.session.replace((generation, session.clone()));
-            if let Some((old_generation, _)) = &old {
+            let old = entry.session.replace((generation, session.clone(), peer));
+            if let Some((old_generation, ..)) = &old {
                 // Its ports go on lease now: the new session binds again what it still wants.
                 start_lease(&hub, &name, entry, *old_generation);
             }
             old
         };
-        if let Some((_, old)) = old {
-            info!("agent reconnected; replacing its previous session");
-            old.close(ErrorCode::Replaced, "replaced by a newer session of the same agent");
+        if let Some((_, old, old_peer)) = old {
+            // Both addresses: two agents sharing a key take the session from each other, and
+            // each is told who the other is.
+            info!(%peer, previous = %old_peer, "agent connected while a session of its key from {old_peer} was up: replacing its previous session");
+            old.close(ErrorCode::Replaced, crate::agent::replaced_message(peer));
         }
         bump(&hub.stats.sessions);
         let _live = GaugeGuard::new(&hub.stats.active_sessions);
         info!(%peer, key = %acc.key.short(), "agent connected");
         let mut control = started.control;
         // Ports are kept across sessions by service name; one session may use a name once.
-        let mut bound_names = std::collections::HashSet::new();
-        let mut binds_seen = 0usize;
+        // A refused name may be asked for again (the agent retries with backoff), but not
+        // sooner than REBIND_INTERVAL after its last refusal. `None`: granted.
+        let mut names: HashMap<String, Option<Instant>> = HashMap::new();
         loop {
             tokio::select! {
                 frame = control.recv() => match frame {
                     Some(f) if f.header.kind == Kind::Bind => {
-                        match Bind::decode(&f.payload) {
-                            Ok(_) if { binds_seen += 1; binds_seen > burrow_proto::message::MAX_BINDS } => {
-                                session.close(ErrorCode::LimitExceeded, format!("more than {} bind requests in one session", burrow_proto::message::MAX_BINDS));
+                        let bind = match Bind::decode(&f.payload) {
+                            Ok(bind) => bind,
+                            Err(e) => {
+                                session.close(e.code, e.detail);
+                                continue;
                             }
-                            Ok(bind) if !bound_names.insert(bind.name.clone()) => {
-                                let text = format!("another service of this agent is already named `{}`", bind.name);
-                                warn!(service = %bind.name, "bind refused: {text}");
-                                session.send_control(BindResult { service: bind.service, code: ErrorCode::PortInUse, text }.to_frame());
+                        };
+                        let refuse = |code: ErrorCode, text: String| {
+                            warn!(service = %bind.name, "bind refused: {text}");
+                            session.send_control(BindResult { service: bind.service, code, text }.to_frame());
+                        };
+                        match names.get(&bind.name) {
+                            Some(None) => {
+                                refuse(ErrorCode::PortInUse, format!("another service of this agent is already named `{}`", bind.name));
+                                continue;
                             }
-                            Ok(bind) => {
-                                let result = bind_port(&hub, &grant, (&session, &flows), generation, &bind).await;
-                                session.send_control(result.to_frame());
+                            Some(Some(at)) if at.elapsed() < REBIND_INTERVAL => {
+                                refuse(ErrorCode::LimitExceeded, format!("service `{}` asked for again within {REBIND_INTERVAL:?} of its last refusal", bind.name));
+                                continue;
                             }
-                            Err(e) => session.close(e.code, e.detail),
+                            Some(Some(_)) => {}
+                            None if names.len() >= burrow_proto::message::MAX_BINDS => {
+                                session.close(ErrorCode::LimitExceeded, format!("more than {} services in one session", burrow_proto::message::MAX_BINDS));
+                                continue;
+                            }
+                            None => {}
                         }
+                        let result = bind_port(&hub, &grant, (&session, &flows), generation, &bind).await;
+                        let refused = (result.code != ErrorCode::Normal).then(Instant::now);
+                        names.insert(bind.name.clone(), refused);
+                        session.send_control(result.to_frame());
                     }
                     Some(f) => session.close(ErrorCode::Protocol, format!("unexpected {:?} from an agent", f.header.kind)),
                     None => break,
@@ -678,7 +958,13 @@ async fn serve_agent(
         {
             bump(&hub.stats.protocol_errors);
         }
-        info!(reason = %end, "agent session ended");
+        if end.lost {
+            warn!(%peer, "agent connection lost: {}", end.detail);
+        } else if matches!(end.code, ErrorCode::Normal | ErrorCode::Shutdown | ErrorCode::Replaced) {
+            info!(%peer, reason = %end, "agent session ended");
+        } else {
+            warn!(%peer, reason = %end, "agent session ended");
+        }
         release(&hub, &name, generation);
     }
     .instrument(span)
@@ -691,7 +977,7 @@ fn release(hub: &Arc<Hub>, name: &str, generation: u64) {
     let Some(entry) = agents.get_mut(name) else {
         return;
     };
-    if matches!(entry.session, Some((g, _)) if g == generation) {
+    if matches!(entry.session, Some((g, ..)) if g == generation) {
         entry.session = None;
     }
     // After a takeover the newer session owns what it bound again; this finds nothing left.
@@ -711,9 +997,13 @@ fn start_lease(hub: &Arc<Hub>, name: &str, entry: &mut AgentEntry, generation: u
             any = true;
         }
     }
-    if !any {
-        return;
+    if any {
+        spawn_lease_timer(hub, name, lease_id);
     }
+}
+
+/// Closes the ports still on lease `lease_id` when the lease runs out.
+fn spawn_lease_timer(hub: &Arc<Hub>, name: &str, lease_id: u64) {
     let hub = hub.clone();
     let name = name.to_string();
     let lease = hub.config.lease;
@@ -724,12 +1014,13 @@ fn start_lease(hub: &Arc<Hub>, name: &str, entry: &mut AgentEntry, generation: u
         }
         let mut agents = lock(&hub.agents);
         if let Some(entry) = agents.get_mut(&name) {
-            entry.ports.retain(|_, port| {
+            entry.ports.retain(|(_, service), port| {
                 if port.lease != Some(lease_id) {
                     return true;
                 }
                 info!(agent = %name, addr = %port.addr, "lease expired; public port closed");
                 port.cancel.cancel();
+                hub.forget_port(&name, service, port);
                 false
             });
         }
@@ -738,7 +1029,12 @@ fn start_lease(hub: &Arc<Hub>, name: &str, entry: &mut AgentEntry, generation: u
 
 /// Makes room for one more port of this agent: at `max` ports, closes the one longest on
 /// lease; if every port is bound by a session, says why not.
-fn make_room(entry: &mut AgentEntry, grant: &AgentGrant, max: u32) -> Result<(), String> {
+fn make_room(
+    hub: &Hub,
+    entry: &mut AgentEntry,
+    grant: &AgentGrant,
+    max: u32,
+) -> Result<(), String> {
     while entry.ports.len() >= max as usize {
         let oldest = entry
             .ports
@@ -756,6 +1052,7 @@ fn make_room(entry: &mut AgentEntry, grant: &AgentGrant, max: u32) -> Result<(),
         if let Some(port) = entry.ports.remove(&key) {
             info!(addr = %port.addr, "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
             port.cancel.cancel();
+            hub.forget_port(&grant.name, &key.1, &port);
         }
     }
     Ok(())
@@ -818,6 +1115,26 @@ async fn bind_port(
     // A leased port for the same service comes back as it was.
     {
         let mut agents = lock(&hub.agents);
+        // Grants may overlap (a warning at start says so): name the agent holding the port.
+        let holder = agents
+            .iter()
+            .filter(|(name, _)| **name != grant.name)
+            .find_map(|(name, e)| {
+                e.ports
+                    .values()
+                    .find(|p| bind.port != 0 && p.addr.port() == bind.port)
+                    .map(|p| (name.clone(), p.lease.is_some()))
+            });
+        if let Some((holder, on_lease)) = holder {
+            return refuse(
+                ErrorCode::PortInUse,
+                format!(
+                    "port {} is held by agent `{holder}`{} on this gateway (both agents' grants include it): ask the gateway's operator to give each agent its own ports, or pick another port",
+                    bind.port,
+                    if on_lease { " (reserved for it on lease)" } else { "" }
+                ),
+            );
+        }
         let entry = agents
             .entry(grant.name.clone())
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
@@ -836,6 +1153,7 @@ async fn bind_port(
             }
             if let Some(old) = entry.ports.remove(&key) {
                 old.cancel.cancel();
+                hub.forget_port(&grant.name, &bind.name, &old);
             }
         }
         let taken = entry
@@ -851,7 +1169,7 @@ async fn bind_port(
                 ),
             );
         }
-        if let Err(text) = make_room(entry, grant, max_ports) {
+        if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
         }
     }
@@ -890,8 +1208,14 @@ async fn bind_port(
             .entry(grant.name.clone())
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
         // Another session of this agent may have bound meanwhile.
-        if let Err(text) = make_room(entry, grant, max_ports) {
+        if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
+        }
+        // The lease file keeps chosen TCP ports across a restart; UDP ports keep their lease
+        // while the gateway runs.
+        let chosen = bind.port == 0 && bind.protocol == Protocol::Tcp;
+        if chosen {
+            hub.remember_port(&grant.name, &bind.name, addr.port());
         }
         entry.ports.insert(
             key,
@@ -901,6 +1225,7 @@ async fn bind_port(
                 cancel: cancel.clone(),
                 owner: Some(generation),
                 lease: None,
+                chosen,
             },
         );
         entry.conns.clone()
@@ -944,6 +1269,49 @@ async fn bind_port(
         code: ErrorCode::Normal,
         text,
     }
+}
+
+/// Warnings for agents whose grants share ports: whichever binds a shared port first gets it,
+/// and the other is refused. At most 16 pairs are named.
+fn overlapping_grants(agents: &[AgentGrant]) -> Vec<String> {
+    const MAX_NAMED: usize = 16;
+    let mut out = Vec::new();
+    let mut more = 0usize;
+    for (i, a) in agents.iter().enumerate() {
+        for b in &agents[i + 1..] {
+            let shared: Vec<PortRange> = a
+                .ports
+                .iter()
+                .flat_map(|ra| {
+                    b.ports.iter().filter_map(move |rb| {
+                        let (start, end) = (ra.start.max(rb.start), ra.end.min(rb.end));
+                        (start <= end && ra.protocol == rb.protocol).then_some(PortRange {
+                            start,
+                            end,
+                            protocol: ra.protocol,
+                        })
+                    })
+                })
+                .collect();
+            if shared.is_empty() {
+                continue;
+            }
+            if out.len() == MAX_NAMED {
+                more += 1;
+                continue;
+            }
+            out.push(format!(
+                "agents `{}` and `{}` are both granted ports {}: whichever binds one first holds it, and the other is refused; give each agent its own ports",
+                a.name,
+                b.name,
+                describe_ports(&shared)
+            ));
+        }
+    }
+    if more > 0 {
+        out.push(format!("{more} more pairs of agents share ports"));
+    }
+    out
 }
 
 fn describe_ports(ports: &[PortRange]) -> String {
@@ -1208,6 +1576,42 @@ impl LogThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_grants_are_named() {
+        let grant = |name: &str, ports: &[(u16, u16)]| AgentGrant {
+            name: name.into(),
+            key: KeySpec::Key(SecretKey::generate()),
+            ports: ports
+                .iter()
+                .map(|&(start, end)| PortRange::tcp(start, end))
+                .collect(),
+        };
+        let agents = [
+            grant("a", &[(8080, 8080), (9000, 9100)]),
+            grant("b", &[(9050, 9200)]),
+            grant("c", &[(8081, 8089)]),
+            grant("d", &[(8080, 8080), (9200, 9200)]),
+        ];
+        let w = overlapping_grants(&agents);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(
+            w[0].starts_with("agents `a` and `b` are both granted ports 9050-9100:"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("agents `a` and `d` are both granted ports 8080:"),
+            "{w:?}"
+        );
+        assert!(
+            w[2].starts_with("agents `b` and `d` are both granted ports 9200:"),
+            "{w:?}"
+        );
+        let many: Vec<AgentGrant> = (0..10).map(|i| grant(&i.to_string(), &[(1, 2)])).collect();
+        let w = overlapping_grants(&many);
+        assert_eq!(w.len(), 17);
+        assert_eq!(w[16], "29 more pairs of agents share ports");
+    }
 
     #[test]
     fn throttle_lets_one_through_per_second_and_counts_the_rest() {

@@ -5,6 +5,8 @@
 //! - [`tls`]: the gateway's certificate (self-signed and kept, or CA-signed), fingerprints,
 //!   and the agent's verifiers (pinned fingerprint or CA).
 //! - [`state`]: the gateway's state directory (certificate, generated agent key).
+//! - [`leases`]: the ports the gateway chose for agents, kept in the state directory across
+//!   restarts.
 //! - [`transport`]: dialing and accepting tunnel connections (TCP or TLS).
 //! - [`session`]: the multiplexed session over one connection: handshake, driver task and
 //!   stream handles.
@@ -21,6 +23,7 @@ pub mod agent_line;
 pub mod config;
 pub mod gateway;
 mod gather;
+pub mod leases;
 pub mod limiter;
 pub mod relay;
 pub mod session;

@@ -1,12 +1,21 @@
 //! What sources may hold of the gateway, in bounded memory: failed authentication per source
-//! address ([`AuthLimiter`]), the slots of connections still in their handshake
+//! address and key ([`AuthLimiter`]), the slots of connections still in their handshake
 //! ([`PreauthTable`]), and the process's open-file limit ([`raise_open_files`]).
 //!
-//! Each source gets a small budget of failures that refills slowly; a source past its budget
-//! is turned away before TLS. IPv6 sources are grouped by /64, since one host usually owns a
-//! whole /64 and could otherwise rotate addresses. The table holds at most `max_entries`
-//! sources; when full, the entry idle longest is evicted, so a flood from many addresses costs
-//! bounded memory (and at worst forgets some offenders early).
+//! Failed handshakes are charged to their source address *and* the key hash it presented, so
+//! one failing agent does not lock out the other agents behind the same address (a NAT, a
+//! host running several containers). Every key the gateway knows has a budget of its own per
+//! source; unknown key hashes, and failures before any key is presented (TLS, protocol,
+//! timeouts), share one more budget per source. A source past that budget is still taken
+//! through TLS and told, inside the session, that it is rate-limited and when to retry
+//! ([`AuthLimiter::check`]); a valid proof of a known key is never refused for it. Only a
+//! source failing far more often than any budget allows (a flood) is cut before TLS, where
+//! it costs least ([`AuthLimiter::admit`]).
+//!
+//! IPv6 sources are grouped by /64, since one host usually owns a whole /64 and could
+//! otherwise rotate addresses. Each table holds at most `max_entries` entries; when full, the
+//! entry idle longest is evicted, so a flood from many addresses costs bounded memory (and at
+//! worst forgets some offenders early).
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -15,31 +24,99 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Defaults: 5 failures at once, one more every 10 s, 4096 sources tracked.
+use burrow_proto::auth::KeyHash;
+
+/// Defaults: 5 failures at once per source and key, one more every 10 s; 4096 entries
+/// tracked per table.
 pub const DEFAULT_BURST: u32 = 5;
 /// See [`DEFAULT_BURST`].
 pub const DEFAULT_REFILL: Duration = Duration::from_secs(10);
 /// See [`DEFAULT_BURST`].
 pub const DEFAULT_MAX_ENTRIES: usize = 4096;
+/// Failed or refused attempts a source may make at once, whatever keys it presents, before
+/// its connections are cut before TLS: twenty times the per-key budget, so only a flood gets
+/// there.
+pub const DEFAULT_SOURCE_BURST: u32 = 100;
+/// The source budget refills one attempt per second: ten times the per-key rate.
+pub const DEFAULT_SOURCE_REFILL: Duration = Duration::from_secs(1);
 
+/// A token bucket.
 #[derive(Debug, Clone, Copy)]
-struct Entry {
+struct Bucket {
     tokens: f64,
     last: Instant,
 }
 
-/// The failure budget table.
+impl Bucket {
+    fn full(burst: u32, now: Instant) -> Bucket {
+        Bucket {
+            tokens: f64::from(burst),
+            last: now,
+        }
+    }
+
+    /// The bucket as it stands at `now`.
+    fn refreshed(self, burst: u32, refill: Duration, now: Instant) -> Bucket {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        let gained = dt / refill.as_secs_f64().max(1e-9);
+        Bucket {
+            tokens: (self.tokens + gained).min(f64::from(burst)),
+            last: now,
+        }
+    }
+
+    fn take(&mut self) {
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+
+    /// How long until a whole token is back.
+    fn wait(&self, refill: Duration) -> Duration {
+        refill.mul_f64((1.0 - self.tokens).clamp(0.0, 1.0))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    bucket: Bucket,
+    /// A refusal has been reported for it since it last had its whole budget.
+    warned: bool,
+}
+
+/// What a source presented: a key the gateway knows, or anything else (an unknown key hash,
+/// or no key yet: TLS and protocol failures, timeouts).
+type Class = Option<KeyHash>;
+
+/// Whether a new tunnel connection may go on to TLS, from [`AuthLimiter::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Go on.
+    Allowed,
+    /// Cut it.
+    Cut {
+        /// Whether this is the first cut since the source's budget was last whole: the one
+        /// worth a warning.
+        first: bool,
+    },
+}
+
+/// The failure budget tables.
 #[derive(Debug)]
 pub struct AuthLimiter {
-    entries: HashMap<IpAddr, Entry>,
+    /// Per source and key class.
+    keys: HashMap<(IpAddr, Class), Entry>,
+    /// Per source, every attempt that failed or was refused.
+    sources: HashMap<IpAddr, Entry>,
     max_entries: usize,
     burst: u32,
     refill: Duration,
+    source_burst: u32,
+    source_refill: Duration,
 }
 
 impl Default for AuthLimiter {
     fn default() -> Self {
         AuthLimiter::new(DEFAULT_BURST, DEFAULT_REFILL, DEFAULT_MAX_ENTRIES)
+            .with_source_budget(DEFAULT_SOURCE_BURST, DEFAULT_SOURCE_REFILL)
     }
 }
 
@@ -62,83 +139,161 @@ fn key(ip: IpAddr) -> IpAddr {
     }
 }
 
-impl AuthLimiter {
-    /// A limiter allowing `burst` failures, refilling one per `refill`, tracking at most
-    /// `max_entries` sources.
-    pub fn new(burst: u32, refill: Duration, max_entries: usize) -> Self {
-        AuthLimiter {
-            entries: HashMap::new(),
-            max_entries: max_entries.max(1),
-            burst: burst.max(1),
-            refill,
-        }
-    }
-
-    fn refreshed(&self, e: Entry, now: Instant) -> Entry {
-        let dt = now.saturating_duration_since(e.last).as_secs_f64();
-        let gained = dt / self.refill.as_secs_f64().max(1e-9);
-        Entry {
-            tokens: (e.tokens + gained).min(f64::from(self.burst)),
-            last: now,
-        }
-    }
-
-    /// Whether `ip` may try now.
-    pub fn allowed(&self, ip: IpAddr, now: Instant) -> bool {
-        match self.entries.get(&key(ip)) {
-            Some(e) => self.refreshed(*e, now).tokens >= 1.0,
-            None => true,
-        }
-    }
-
-    /// Records a failure from `ip`.
-    pub fn failure(&mut self, ip: IpAddr, now: Instant) {
-        let k = key(ip);
-        let e = match self.entries.get(&k) {
-            Some(e) => self.refreshed(*e, now),
-            None => {
-                if self.entries.len() >= self.max_entries {
-                    self.evict();
-                }
-                Entry {
-                    tokens: f64::from(self.burst),
-                    last: now,
-                }
-            }
-        };
-        self.entries.insert(
-            k,
-            Entry {
-                tokens: (e.tokens - 1.0).max(0.0),
-                last: now,
-            },
-        );
-    }
-
-    /// Forgets `ip` after a success.
-    pub fn success(&mut self, ip: IpAddr) {
-        self.entries.remove(&key(ip));
-    }
-
-    /// Sources tracked now.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether no source is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    fn evict(&mut self) {
-        if let Some(oldest) = self
-            .entries
+/// Inserts `entry` under `k`, first evicting the entry idle longest when `map` is full.
+fn insert_bounded<K: std::hash::Hash + Eq + Copy>(
+    map: &mut HashMap<K, Entry>,
+    max: usize,
+    k: K,
+    entry: Entry,
+) {
+    if !map.contains_key(&k) && map.len() >= max {
+        if let Some(oldest) = map
             .iter()
-            .min_by_key(|(_, e)| e.last)
+            .min_by_key(|(_, e)| e.bucket.last)
             .map(|(k, _)| *k)
         {
-            self.entries.remove(&oldest);
+            map.remove(&oldest);
         }
+    }
+    map.insert(k, entry);
+}
+
+impl AuthLimiter {
+    /// A limiter allowing `burst` failures per source and key, refilling one per `refill`,
+    /// tracking at most `max_entries` in each table. The source budget is twenty times the
+    /// burst, refilling ten times as fast (see [`AuthLimiter::with_source_budget`]).
+    pub fn new(burst: u32, refill: Duration, max_entries: usize) -> Self {
+        let burst = burst.max(1);
+        AuthLimiter {
+            keys: HashMap::new(),
+            sources: HashMap::new(),
+            max_entries: max_entries.max(1),
+            burst,
+            refill,
+            source_burst: burst.saturating_mul(20),
+            source_refill: refill / 10,
+        }
+    }
+
+    /// Sets the source budget: `burst` failed or refused attempts at once, whatever the keys,
+    /// one more per `refill`; past it, connections are cut before TLS.
+    pub fn with_source_budget(mut self, burst: u32, refill: Duration) -> Self {
+        self.source_burst = burst.max(1);
+        self.source_refill = refill;
+        self
+    }
+
+    fn key_entry(&self, k: &(IpAddr, Class), now: Instant) -> Option<Entry> {
+        self.keys.get(k).map(|e| Entry {
+            bucket: e.bucket.refreshed(self.burst, self.refill, now),
+            warned: e.warned,
+        })
+    }
+
+    fn source_entry(&self, src: IpAddr, now: Instant) -> Option<Entry> {
+        self.sources.get(&src).map(|e| Entry {
+            bucket: e
+                .bucket
+                .refreshed(self.source_burst, self.source_refill, now),
+            warned: e.warned,
+        })
+    }
+
+    /// Whether a new connection from `ip` may go on to TLS: cut only when its source is past
+    /// the source budget (a flood).
+    pub fn admit(&mut self, ip: IpAddr, now: Instant) -> Admit {
+        let src = key(ip);
+        let Some(mut e) = self.source_entry(src, now) else {
+            return Admit::Allowed;
+        };
+        if e.bucket.tokens >= 1.0 {
+            if e.bucket.tokens >= f64::from(self.source_burst) {
+                // Whole again: nothing to remember (a later flood is worth a warning again).
+                self.sources.remove(&src);
+            }
+            return Admit::Allowed;
+        }
+        let first = !e.warned;
+        e.warned = true;
+        // A cut costs the source too, so a flood stays cut while it goes on.
+        e.bucket.take();
+        self.sources.insert(src, e);
+        Admit::Cut { first }
+    }
+
+    /// Whether `ip` may try again with `presented` (a known key's hash, or `None` for an
+    /// unknown key or none yet): `None` if so, else how long until it may.
+    pub fn check(&self, ip: IpAddr, presented: Option<&KeyHash>, now: Instant) -> Option<Duration> {
+        let e = self.key_entry(&(key(ip), presented.copied()), now)?;
+        (e.bucket.tokens < 1.0).then(|| e.bucket.wait(self.refill))
+    }
+
+    /// Records a failed attempt from `ip` with `presented`: charged to the source and key,
+    /// and to the source as a whole. Returns whether it is worth a warning: while the budget
+    /// lasts, and once more when it has run out; the rest is noise from a source already
+    /// reported.
+    pub fn failure(&mut self, ip: IpAddr, presented: Option<&KeyHash>, now: Instant) -> bool {
+        let (within, e) = self.charge(ip, presented, now);
+        let first = !e.warned;
+        if !within {
+            e.warned = true;
+        }
+        within || first
+    }
+
+    /// Records an attempt refused for being over budget (charged as a failure). Returns
+    /// whether it is the first refusal of this source and key since their budget was last
+    /// whole: the one worth a warning.
+    pub fn refused(&mut self, ip: IpAddr, presented: Option<&KeyHash>, now: Instant) -> bool {
+        let (_, e) = self.charge(ip, presented, now);
+        let first = !e.warned;
+        e.warned = true;
+        first
+    }
+
+    /// Charges one failure; says whether the budget had room for it.
+    fn charge(
+        &mut self,
+        ip: IpAddr,
+        presented: Option<&KeyHash>,
+        now: Instant,
+    ) -> (bool, &mut Entry) {
+        let src = key(ip);
+        let mut s = self.source_entry(src, now).unwrap_or(Entry {
+            bucket: Bucket::full(self.source_burst, now),
+            warned: false,
+        });
+        s.bucket.take();
+        insert_bounded(&mut self.sources, self.max_entries, src, s);
+        let k = (src, presented.copied());
+        let mut e = self.key_entry(&k, now).unwrap_or(Entry {
+            bucket: Bucket::full(self.burst, now),
+            warned: false,
+        });
+        if e.bucket.tokens >= f64::from(self.burst) {
+            // Whole again since the last refusal: the next one is worth a warning again.
+            e.warned = false;
+        }
+        let within = e.bucket.tokens >= 1.0;
+        e.bucket.take();
+        insert_bounded(&mut self.keys, self.max_entries, k, e);
+        (within, self.keys.entry(k).or_insert(e))
+    }
+
+    /// Forgets the failures of `ip` with key `hash` after it authenticated. Other keys from
+    /// the same source, and the source's own budget, keep theirs.
+    pub fn success(&mut self, ip: IpAddr, hash: &KeyHash) {
+        self.keys.remove(&(key(ip), Some(*hash)));
+    }
+
+    /// Entries tracked now (source and key entries together).
+    pub fn len(&self) -> usize {
+        self.keys.len() + self.sources.len()
+    }
+
+    /// Whether nothing is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.sources.is_empty()
     }
 }
 
@@ -433,18 +588,68 @@ mod tests {
     use super::*;
 
     #[test]
-    fn budget_runs_out_and_refills() {
+    fn budget_runs_out_and_refills_per_source_and_key() {
         let t0 = Instant::now();
-        let mut l = AuthLimiter::new(3, Duration::from_secs(10), 10);
+        let s = Duration::from_secs;
+        let mut l = AuthLimiter::new(3, s(10), 10);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let known = KeyHash([7; 32]);
         for _ in 0..3 {
-            assert!(l.allowed(ip, t0));
-            l.failure(ip, t0);
+            assert_eq!(l.check(ip, None, t0), None);
+            assert!(
+                l.failure(ip, None, t0),
+                "within the budget: worth a warning"
+            );
         }
-        assert!(!l.allowed(ip, t0));
-        assert!(l.allowed(ip, t0 + Duration::from_secs(10)));
-        l.success(ip);
-        assert!(l.is_empty());
+        // Unknown keys from this source are refused now, and told when to retry.
+        assert_eq!(l.check(ip, None, t0), Some(s(10)));
+        assert!(
+            l.refused(ip, None, t0),
+            "the first refusal is worth a warning"
+        );
+        assert_eq!(l.check(ip, None, t0 + s(4)), Some(s(6)));
+        assert!(!l.refused(ip, None, t0 + s(4)), "later ones are not");
+        // Nor are failures past the budget, once reported.
+        assert!(!l.failure(ip, None, t0 + s(4)));
+        // A known key from the same address is not refused.
+        assert_eq!(l.check(ip, Some(&known), t0), None);
+        // Nor is the address cut before TLS: its source budget is far larger.
+        assert_eq!(l.admit(ip, t0), Admit::Allowed);
+        assert_eq!(l.check(ip, None, t0 + s(14)), None);
+        // Once the budget is whole again, the first failure past it warns again, and then
+        // nothing more.
+        for i in 0..5 {
+            assert_eq!(l.failure(ip, None, t0 + s(60)), i < 4, "failure {i}");
+        }
+        assert!(l.check(ip, None, t0 + s(60)).is_some());
+        assert!(!l.refused(ip, None, t0 + s(60)));
+        // A success forgets that key's failures only.
+        l.failure(ip, Some(&known), t0);
+        l.success(ip, &known);
+        assert!(l.keys.contains_key(&(ip, None)));
+        assert!(!l.keys.contains_key(&(ip, Some(known))));
+    }
+
+    #[test]
+    fn only_a_flood_is_cut_before_tls() {
+        let t0 = Instant::now();
+        let mut l = AuthLimiter::new(5, Duration::from_secs(10), 10)
+            .with_source_budget(20, Duration::from_secs(1));
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..20 {
+            assert_eq!(l.admit(ip, t0), Admit::Allowed);
+            l.failure(ip, None, t0);
+        }
+        assert_eq!(l.admit(ip, t0), Admit::Cut { first: true });
+        assert_eq!(l.admit(ip, t0), Admit::Cut { first: false });
+        // The cuts are charged too: the source must stay quiet to get a token back.
+        assert_eq!(
+            l.admit(ip, t0 + Duration::from_millis(500)),
+            Admit::Cut { first: false }
+        );
+        assert_eq!(l.admit(ip, t0 + Duration::from_secs(2)), Admit::Allowed);
+        // Another address is not affected.
+        assert_eq!(l.admit("192.0.2.2".parse().unwrap(), t0), Admit::Allowed);
     }
 
     #[test]
@@ -453,14 +658,15 @@ mod tests {
         let mut l = AuthLimiter::new(1, Duration::from_secs(60), 100);
         for i in 0..10_000u32 {
             let ip = IpAddr::V4(std::net::Ipv4Addr::from(i));
-            l.failure(ip, t0 + Duration::from_millis(u64::from(i)));
+            let hash = KeyHash([(i % 251) as u8; 32]);
+            l.failure(ip, Some(&hash), t0 + Duration::from_millis(u64::from(i)));
         }
-        assert_eq!(l.len(), 100);
+        assert_eq!(l.len(), 200, "100 key entries and 100 sources");
         let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2::ffff".parse().unwrap();
         let mut l = AuthLimiter::new(1, Duration::from_secs(60), 100);
-        l.failure(a, t0);
-        assert!(!l.allowed(b, t0));
+        l.failure(a, None, t0);
+        assert!(l.check(b, None, t0).is_some());
     }
 
     fn ip(s: &str) -> IpAddr {

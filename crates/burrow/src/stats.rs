@@ -9,7 +9,8 @@ pub struct GatewayStats {
     pub sessions: AtomicU64,
     /// Handshakes that failed (TLS, protocol, bad key) or timed out.
     pub handshake_failures: AtomicU64,
-    /// Tunnel connections dropped because their source exceeded its failure budget.
+    /// Tunnel connections turned away for too many failed handshakes: refused inside TLS as
+    /// rate-limited (their source and key over budget), or cut before TLS (a flood).
     pub rate_limited: AtomicU64,
     /// Tunnel connections dropped because every pre-auth slot was held by a connection that
     /// had made progress.

@@ -1219,7 +1219,7 @@ async fn first_bytes(from: IpAddr, gw: SocketAddr) -> Vec<u8> {
 }
 
 #[test]
-fn c1_failed_handshakes_rate_limited_per_source() {
+fn c1_failed_handshakes_rate_limited_per_source_and_key() {
     run("c1", async {
         let fx = Fixture::tcp().await;
         let gw = fx.gw.addr;
@@ -1261,23 +1261,63 @@ fn c1_failed_handshakes_rate_limited_per_source() {
         };
         let (refused, attempts) = tokio::join!(many, repeat);
         assert_eq!(refused, 600);
-        let challenged = attempts.iter().filter(|a| **a != Attempt::Cut).count();
-        let cut = attempts.len() - challenged;
-        eprintln!("offender: {challenged} of 20 attempts challenged, {cut} cut: {attempts:?}");
-        // 5 failures are allowed at once; one more may slip in while the last failure is being
-        // recorded, or one token may refill (1 per 10 s).
-        assert!(
-            (5..=7).contains(&challenged),
-            "offender challenged {challenged} times"
-        );
+        let failed = attempts
+            .iter()
+            .filter(|a| **a == Attempt::Refused(ErrorCode::AuthFailed))
+            .count();
+        eprintln!("offender: {failed} of 20 attempts refused as a wrong key, then: {attempts:?}");
+        // 5 failures are allowed at once; one token may refill (1 per 10 s). After that the
+        // offender is still taken through the handshake, and told it is rate-limited (before:
+        // cut before any byte, so a failing agent saw only "eof" and retried forever).
+        assert!((5..=6).contains(&failed), "offender refused {failed} times");
         assert!(
             attempts[..5]
                 .iter()
                 .all(|a| *a == Attempt::Refused(ErrorCode::AuthFailed)),
             "the first five are challenged: {attempts:?}"
         );
+        assert!(
+            attempts[failed..]
+                .iter()
+                .all(|a| *a == Attempt::Refused(ErrorCode::RateLimited)),
+            "then rate-limited, inside the handshake: {attempts:?}"
+        );
+        let message = wrong_key_message(offender, gw).await;
+        assert!(
+            message
+                .starts_with("rate-limited: too many failed attempts from your address, retry in ")
+                && handshake::retry_after(&message).is_some_and(|d| d <= Duration::from_secs(10)),
+            "{message}"
+        );
 
-        // Still cut, before any byte of the handshake.
+        // A key the gateway knows still gets in from the offender's address: failures are
+        // counted per address and key.
+        let mut io: BoxIo = Box::new(connect_from(offender, gw).await.unwrap());
+        let ok = within(
+            Duration::from_secs(5),
+            "known key from the offender's address",
+            handshake::client(&mut io, &fx.intruder, Role::Agent, &[0; 32], None),
+        )
+        .await
+        .expect("a known key is not locked out by another key's failures");
+        assert_eq!(ok.0.name, "intruder");
+        drop(io);
+
+        // A flood from the offender is cut before TLS once it is far past every budget
+        // (100 failed attempts, then one a second).
+        let mut flood = 0;
+        let mut cut = false;
+        while flood < 300 && !cut {
+            flood += 1;
+            cut = wrong_key_attempt(offender, gw).await == Attempt::Cut;
+        }
+        eprintln!("offender flood: cut after {flood} more attempts");
+        assert!(cut, "a flood of 300 failed attempts is cut before TLS");
+        assert!(
+            (70..=100).contains(&flood),
+            "cut only far past the per-key budget: after {} attempts in all",
+            flood + 22
+        );
         assert!(
             first_bytes(offender, gw).await.is_empty(),
             "offender gets no preamble"
@@ -1287,16 +1327,37 @@ fn c1_failed_handshakes_rate_limited_per_source() {
         assert_eq!(&fresh[..message::PREAMBLE_LEN], &message::preamble()[..]);
         assert_eq!(fresh[message::PREAMBLE_LEN], Kind::Challenge as u8);
 
-        let after = fx.stats.snapshot();
+        let after = wait_stats(
+            &fx.stats,
+            Duration::from_secs(5),
+            "the known key's session from the offender's address ended",
+            |s| s.active_sessions == 1,
+        )
+        .await;
         eprintln!("stats before {before:?}\n      after  {after:?}");
         assert!(
-            after.rate_limited - before.rate_limited > cut as u64,
-            "each cut connection (and the probe) counted as rate-limited"
+            after.rate_limited - before.rate_limited >= (20 - failed + flood) as u64,
+            "each rate-limited refusal and cut counted"
         );
-        assert!(after.handshake_failures - before.handshake_failures >= 600 + 5);
+        assert!(after.handshake_failures - before.handshake_failures >= 600 + 20);
 
         fx.honest_agent_unaffected().await;
     });
+}
+
+/// A wrong-key attempt from `from` that must be refused; returns the gateway's message.
+async fn wrong_key_message(from: IpAddr, gw: SocketAddr) -> String {
+    let mut io: BoxIo = Box::new(connect_from(from, gw).await.unwrap());
+    match within(
+        Duration::from_secs(10),
+        "wrong-key handshake",
+        handshake::client(&mut io, &SecretKey::generate(), Role::Agent, &[0; 32], None),
+    )
+    .await
+    {
+        Err(handshake::HandshakeError::Rejected { message, .. }) => message,
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
 }
 
 /// Writes our preamble, reads the gateway's preamble and challenge; returns the nonce and

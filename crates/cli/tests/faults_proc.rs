@@ -254,7 +254,19 @@ async fn s1_agent_killed_mid_transfer_frees_every_stream() {
                 "client saw {how} only {after:?} after the kill"
             );
         }
-        gw.wait_stderr("agent session ended", WAIT).await.unwrap();
+        // Said as what it is, at warn, in our words (before: "closed normally", at info,
+        // with the TLS library's message and a URL).
+        let lost = gw.wait_stderr("agent connection lost", WAIT).await.unwrap();
+        assert!(
+            lost.contains("WARN") && lost.contains("process died"),
+            "{lost}"
+        );
+        for line in gw.stderr_lines() {
+            assert!(
+                !line.contains("closed normally") && !line.contains("https://"),
+                "{line}"
+            );
+        }
         stop_cleanly(&mut gw, "gateway").await;
     })
     .await;
@@ -329,13 +341,25 @@ async fn s3_frozen_tunnel_is_dropped_by_heartbeats_and_survived() {
         // A dead link: nothing passes, nothing closes, and new connections hang too.
         let frozen = Instant::now();
         assert_eq!(link.freeze_all(), 1);
-        gw.wait_stderr("agent session ended", WAIT).await.unwrap();
+        // A heartbeat timeout is a lost connection, at warn on both sides.
+        let lost = gw.wait_stderr("agent connection lost", WAIT).await.unwrap();
         let gw_noticed = frozen.elapsed();
+        assert!(
+            lost.contains("WARN") && lost.contains("heartbeat"),
+            "{lost}"
+        );
         let mut buf = [0u8; 4];
         let end = tokio::time::timeout(WAIT, c.read(&mut buf)).await.unwrap();
         let client_noticed = frozen.elapsed();
-        agent.wait_stderr("session ended", WAIT).await.unwrap();
+        let lost = agent
+            .wait_stderr("session ended: connection lost", WAIT)
+            .await
+            .unwrap();
         let agent_noticed = frozen.elapsed();
+        assert!(
+            lost.contains("WARN") && lost.contains("heartbeat"),
+            "{lost}"
+        );
 
         tokio::time::sleep(Duration::from_secs(1)).await;
         let thawed = Instant::now();

@@ -89,18 +89,29 @@ pub(super) async fn run(
 }
 
 pub(super) fn io_end(e: &std::io::Error) -> SessionEnd {
+    use std::io::ErrorKind::*;
+    // In our words: the TLS library's own text for a missing close_notify ends in a URL.
+    let detail = match e.kind() {
+        UnexpectedEof => "the connection ended without a goodbye (the other side's process died, or something on the path closed it)".to_string(),
+        ConnectionReset | ConnectionAborted | BrokenPipe => "the connection was reset (the other side's process died, or its host or something on the path dropped the connection)".to_string(),
+        TimedOut => "the connection timed out (the other side's host is unreachable)".to_string(),
+        _ => format!("the connection failed: {e}"),
+    };
     SessionEnd {
         code: ErrorCode::Normal,
-        detail: format!("connection lost: {e}"),
+        detail,
         by_peer: true,
+        lost: true,
     }
 }
 
+/// The connection closed cleanly but without a GoAway, which every orderly close sends.
 fn peer_closed(detail: &str) -> SessionEnd {
     SessionEnd {
         code: ErrorCode::Normal,
         detail: detail.into(),
         by_peer: true,
+        lost: true,
     }
 }
 
@@ -109,6 +120,7 @@ fn protocol_end(e: ProtocolError) -> SessionEnd {
         code: e.code,
         detail: e.detail,
         by_peer: false,
+        lost: false,
     }
 }
 
@@ -129,7 +141,11 @@ async fn read_loop(
         let mut raw = [0u8; HEADER_LEN];
         match read_full(&mut rd, &mut raw).await {
             Ok(true) => {}
-            Ok(false) => return Some(peer_closed("connection closed by peer")),
+            Ok(false) => {
+                return Some(peer_closed(
+                    "the connection closed without a goodbye (the other side's process died, or something on the path closed it)",
+                ))
+            }
             Err(e) => return Some(io_end(&e)),
         }
         let header = match Header::decode(&raw, max_payload) {
@@ -142,7 +158,7 @@ async fn read_loop(
             match rd.read_buf(&mut payload).await {
                 Ok(0) => {
                     return Some(peer_closed(
-                        "connection closed by peer in the middle of a frame",
+                        "the connection closed in the middle of a frame (the other side's process died, or something on the path closed it)",
                     ))
                 }
                 Ok(_) => {}
@@ -349,6 +365,7 @@ fn handle(
                     ga.message
                 },
                 by_peer: true,
+                lost: false,
             }));
         }
         Kind::Bind | Kind::BindResult => {
@@ -586,8 +603,12 @@ async fn heartbeat_loop(shared: &Shared) -> Option<SessionEnd> {
             if silent > dead_after {
                 return Some(SessionEnd {
                     code: ErrorCode::Timeout,
-                    detail: format!("no frames from the peer for {silent:.1?} (heartbeat)"),
+                    detail: format!(
+                        "nothing heard from the other side for {silent:.1?} (heartbeat: a ping every {interval:?}, {} missed allowed)",
+                        shared.params.heartbeat_misses
+                    ),
                     by_peer: false,
+                    lost: true,
                 });
             }
             if st.control_overflow {
@@ -606,6 +627,7 @@ async fn heartbeat_loop(shared: &Shared) -> Option<SessionEnd> {
                             "no flow-control credit from the peer for {stalled:.1?} while data waits to be sent"
                         ),
                         by_peer: false,
+                        lost: false,
                     });
                 }
             }

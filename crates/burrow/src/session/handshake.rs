@@ -4,6 +4,8 @@
 //! bytes they read past the handshake, which belong to the session. Callers put a deadline on
 //! the whole exchange.
 
+use std::time::Duration;
+
 use burrow_proto::auth::{KeyHash, SecretKey};
 use burrow_proto::message::{
     self, Auth, AuthOk, Challenge, GoAway, Role, SessionParams, StreamLimits,
@@ -189,6 +191,10 @@ fn rejected(frame: &Frame) -> Result<HandshakeError, HandshakeError> {
 pub enum Verdict {
     /// Accepted: the client's name and the session's parameters.
     Accept(String, SessionParams),
+    /// Accepted as [`Verdict::Accept`] if the proof verifies; otherwise refused with this
+    /// code and message instead of the usual `AuthFailed` (a known key over its failure
+    /// budget: a valid proof is never refused for a rate limit).
+    AcceptIfProven(String, SessionParams, ErrorCode, String),
     /// Refused with a code and a message for the client (never naming a secret).
     Refuse(ErrorCode, String),
 }
@@ -259,9 +265,8 @@ pub async fn server_bound(
     // The signature is checked for every claimed key, known or not, so timing does not tell
     // which keys the gateway knows.
     let proof_ok = key.verify(auth.role, &nonce, binding, &auth.signature);
-    let verdict = verify(&key, auth.role);
-    match (proof_ok, verdict) {
-        (true, Verdict::Accept(name, params)) => {
+    match (proof_ok, verify(&key, auth.role)) {
+        (true, Verdict::Accept(name, params) | Verdict::AcceptIfProven(name, params, ..)) => {
             let params = match &auth.limits {
                 Some(l) => params.narrowed(l),
                 None => params,
@@ -279,7 +284,8 @@ pub async fn server_bound(
                 leftover: buf,
             })
         }
-        (_, Verdict::Refuse(code, message)) => {
+        (_, Verdict::Refuse(code, message))
+        | (false, Verdict::AcceptIfProven(_, _, code, message)) => {
             refuse(io, code, &message).await?;
             Err(HandshakeError::Rejected { code, message })
         }
@@ -294,6 +300,26 @@ pub async fn server_bound(
     }
 }
 
+/// The message of a `RateLimited` refusal (`why`: what failed before, e.g. "key not accepted
+/// by this gateway"). It says when to retry, in whole seconds, in the form
+/// [`retry_after`] reads back.
+pub fn rate_limited_message(retry_after: Duration, why: &str) -> String {
+    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    format!(
+        "rate-limited: too many failed attempts from your address, retry in {} s ({why})",
+        secs.max(1)
+    )
+}
+
+/// The pause a [`rate_limited_message`] asks for, if `message` is one.
+pub fn retry_after(message: &str) -> Option<Duration> {
+    let rest = &message[message.find("retry in ")? + "retry in ".len()..];
+    let digits = rest.split(' ').next()?;
+    rest[digits.len()..]
+        .starts_with(" s")
+        .then(|| digits.parse().ok().map(Duration::from_secs))?
+}
+
 async fn refuse(io: &mut BoxIo, code: ErrorCode, message: &str) -> std::io::Result<()> {
     let ga = GoAway {
         code,
@@ -302,4 +328,26 @@ async fn refuse(io: &mut BoxIo, code: ErrorCode, message: &str) -> std::io::Resu
     write_frames(io, &[], &[ga.to_frame()]).await?;
     let _ = io.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limited_message_says_when_to_retry() {
+        let m = rate_limited_message(Duration::from_millis(9_200), "key not accepted");
+        assert_eq!(
+            m,
+            "rate-limited: too many failed attempts from your address, retry in 10 s (key not accepted)"
+        );
+        assert_eq!(retry_after(&m), Some(Duration::from_secs(10)));
+        assert_eq!(
+            retry_after(&rate_limited_message(Duration::ZERO, "x")),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(retry_after("key not accepted by this gateway"), None);
+        assert_eq!(retry_after("retry in soon s"), None);
+        assert_eq!(retry_after("retry in 5"), None);
+    }
 }

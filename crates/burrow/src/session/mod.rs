@@ -80,10 +80,16 @@ pub struct SessionEnd {
     pub detail: String,
     /// Whether the peer ended it (its GoAway, or its connection closing).
     pub by_peer: bool,
+    /// Whether the connection was lost rather than closed: it ended without a GoAway (the
+    /// other process died, the network cut it) or went silent past the heartbeat.
+    pub lost: bool,
 }
 
 impl std::fmt::Display for SessionEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.lost {
+            return write!(f, "connection lost: {}", self.detail);
+        }
         let who = if self.by_peer { "peer" } else { "local" };
         write!(f, "{} ({who}: {})", self.code, self.detail)
     }
@@ -518,6 +524,7 @@ impl Session {
             code,
             detail: detail.into(),
             by_peer: false,
+            lost: false,
         });
     }
 
@@ -528,6 +535,7 @@ impl Session {
             code: ErrorCode::Internal,
             detail: "ended without a reason".into(),
             by_peer: false,
+            lost: false,
         })
     }
 
