@@ -698,10 +698,11 @@ fn target_hint(target: &str, with: &dyn Fn(&str) -> String) -> Option<String> {
     let lower = target.to_ascii_lowercase();
     if let Some(bare) = target
         .strip_suffix("/udp")
+        .or_else(|| target.strip_prefix("udp:"))
         .filter(|b| Target::parse(b).is_ok())
     {
         return Some(format!(
-            "a UDP forward is written with `udp:` in front: udp:{}",
+            "a UDP forward is written with `udp:` in front of it all: udp:{}",
             with(bare)
         ));
     }

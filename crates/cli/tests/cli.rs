@@ -220,10 +220,9 @@ fn forward_mistakes_get_a_hint_of_their_own() -> anyhow::Result<()> {
             "https://example.com:443/x",
             &["no scheme", "example.com:443"],
         ),
-        // UDP, not there yet.
-        ("udp:127.0.0.1:53", &["UDP"]),
-        ("5353=udp:127.0.0.1:53", &["UDP"]),
-        ("53:127.0.0.1:53/udp", &["UDP"]),
+        // UDP is written with `udp:` in front.
+        ("5353=udp:127.0.0.1:53", &["udp:5353=127.0.0.1:53"]),
+        ("127.0.0.1:53/udp", &["udp:127.0.0.1:53"]),
         // Other slips.
         ("tcp:127.0.0.1:80", &["`tcp:`", "127.0.0.1:80"]),
         (
