@@ -96,7 +96,7 @@ async fn datagrams_of_every_size_and_200_clients_each_get_their_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_flows_end_and_their_sockets_go() {
     let state = tempfile::tempdir().unwrap();
-    let conf = config(state.path(), "[udp]\nidle = \"300ms\"\n");
+    let conf = config(state.path(), "[udp]\nidle = \"1s\"\n");
     let gw = GatewaySpec::new(&state.path().join("state"))
         .config(&conf)
         .start(bin())
@@ -104,7 +104,7 @@ async fn idle_flows_end_and_their_sockets_go() {
         .unwrap();
     let target = udp_echo().await;
     let agent_conf = state.path().join("agent.toml");
-    std::fs::write(&agent_conf, "[udp]\nidle = \"300ms\"\n").unwrap();
+    std::fs::write(&agent_conf, "[udp]\nidle = \"1s\"\n").unwrap();
     let mut agent = AgentSpec::new(gw.agent_args())
         .args(["--config", agent_conf.to_str().unwrap()])
         .forward(&format!("udp:{target}"))
@@ -114,15 +114,22 @@ async fn idle_flows_end_and_their_sockets_go() {
     let public = agent.public(0);
     let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     assert_eq!(echo(&s, public, b"warm").await, b"warm");
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let base = agent.stats().unwrap().fds;
     let (gw_mem, agent_mem) = (gw.stats().unwrap().rss_kib, agent.stats().unwrap().rss_kib);
-    let mut clients = Vec::new();
+    // 50 flows at once (well inside the idle time of 1 s).
+    let mut tasks = Vec::new();
     for i in 0..50u32 {
-        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let data = i.to_be_bytes();
-        assert_eq!(echo(&c, public, &data).await, data);
-        clients.push(c);
+        tasks.push(tokio::spawn(async move {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let data = i.to_be_bytes();
+            assert_eq!(echo(&c, public, &data).await, data);
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap());
     }
     let busy = agent.stats().unwrap().fds;
     assert!(
@@ -339,6 +346,7 @@ async fn dig_through_the_tunnel_asks_a_real_dnsmasq() {
     // dnsmasq takes a port number, not an inherited socket: ask the kernel for a free one and
     // start dnsmasq on it, trying again (a few times) if something took it meanwhile.
     let mut dns = None;
+    let mut last_error = String::new();
     for _ in 0..5 {
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
             .unwrap()
@@ -369,8 +377,11 @@ async fn dig_through_the_tunnel_asks_a_real_dnsmasq() {
             dns = Some((child, port));
             break;
         }
+        let out = child.wait_with_output().await.unwrap();
+        last_error = String::from_utf8_lossy(&out.stderr).into_owned();
     }
-    let (_dnsmasq, port) = dns.expect("dnsmasq started on a free port");
+    let (_dnsmasq, port) =
+        dns.unwrap_or_else(|| panic!("dnsmasq did not start on a free port: {last_error}"));
     let state = tempfile::tempdir().unwrap();
     let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
     let agent = AgentSpec::new(gw.agent_args())
