@@ -241,7 +241,11 @@ mod tests {
         .await;
         let mut io = r.unwrap();
         let mut got = [0u8; 20];
-        io.read_exact(&mut got).await.unwrap();
+        // Nothing more comes: lost bytes would show as a timeout, not a hang.
+        tokio::time::timeout(std::time::Duration::from_secs(5), io.read_exact(&mut got))
+            .await
+            .expect("the bytes sent with the 200 were lost")
+            .unwrap();
         assert_eq!(&got, b"GATEWAY-SPEAKS-FIRST");
     }
 

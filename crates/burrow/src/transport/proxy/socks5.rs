@@ -253,7 +253,10 @@ mod tests {
         let (r, seen) = run("socks5h://127.0.0.1:1", 0, 0, 0, b"hello").await;
         let mut io = r.unwrap();
         let mut got = [0u8; 5];
-        io.read_exact(&mut got).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), io.read_exact(&mut got))
+            .await
+            .expect("the bytes sent with the reply were lost")
+            .unwrap();
         assert_eq!(&got, b"hello");
         // The name went to the proxy, then the port.
         assert_eq!(&seen[..seen.len() - 2], b"gw.example.com");
