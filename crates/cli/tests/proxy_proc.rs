@@ -639,7 +639,8 @@ async fn stops_at_once(spec: AgentSpec, secret: &str) -> String {
         !err.contains(secret),
         "the password is in the agent's output: {err}"
     );
-    println!("stopped in {:.2} s: {err}", elapsed.as_secs_f64());
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or("");
+    println!("stopped in {:.2} s: {line}", elapsed.as_secs_f64());
     err
 }
 
