@@ -86,14 +86,23 @@ impl ProxyServer {
     }
 
     /// Checks that the agent's tunnel runs through this server: both ends of a connection
-    /// to its port are established (the agent's socket and the server's).
-    fn assert_carries_the_tunnel(&self) {
-        let n = count_tcp_state(&[self.port()], TcpState::Established).unwrap();
-        assert!(
-            n >= 2,
-            "no established connection through the proxy on port {}",
-            self.port()
-        );
+    /// to its port are established (the agent's socket and the server's). `/proc/net/tcp`
+    /// is not read atomically and can miss an entry while other sockets come and go, so a
+    /// few reads within a second decide.
+    async fn assert_carries_the_tunnel(&self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let n = count_tcp_state(&[self.port()], TcpState::Established).unwrap();
+            if n >= 2 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no established connection through the proxy on port {}",
+                self.port()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -527,7 +536,7 @@ async fn tls_through_danted_socks5() {
             .await
             .unwrap();
         heavy_traffic(&agent, "tls:// through danted").await;
-        socks.assert_carries_the_tunnel();
+        socks.assert_carries_the_tunnel().await;
         // The tunnel really went through danted, to the gateway's tunnel port.
         let gw_port = s.addr.port();
         socks
@@ -553,7 +562,7 @@ async fn tls_through_microsocks_with_a_password() {
             .await
             .unwrap();
         heavy_traffic(&agent, "tls:// through microsocks (user/password)").await;
-        socks.assert_carries_the_tunnel();
+        socks.assert_carries_the_tunnel().await;
         assert!(!line.contains("s3cret"));
         assert!(
             !agent.stderr_lines().iter().any(|l| l.contains("s3cret")),
@@ -573,7 +582,7 @@ async fn wss_through_squid_connect_with_basic_auth() {
         let args = s.agent_args("wss://127.0.0.1:{port}/burrow", &["--proxy", &proxy]);
         let mut agent = s.agent(args).start(bin()).await.unwrap();
         heavy_traffic(&agent, "wss:// through squid (Basic auth)").await;
-        http.assert_carries_the_tunnel();
+        http.assert_carries_the_tunnel().await;
         // Squid logs a tunnel when it ends.
         agent.kill().await.unwrap();
         let gw_port = s.addr.port();
@@ -594,7 +603,7 @@ async fn socks5h_lets_the_proxy_resolve_the_name() {
         let args = s.agent_args("tls://localhost:{port}", &["--proxy", &proxy]);
         let agent = s.agent(args).start(bin()).await.unwrap();
         light_traffic(&agent, "socks5h://").await;
-        socks.assert_carries_the_tunnel();
+        socks.assert_carries_the_tunnel().await;
     })
     .await;
 }
@@ -609,12 +618,12 @@ async fn plain_tcp_and_ws_through_proxies() {
         let args = s.agent_args("tcp://127.0.0.1:{port}", &["--proxy", &via_http]);
         let a = s.agent(args).start(bin()).await.unwrap();
         light_traffic(&a, "tcp:// through squid").await;
-        http.assert_carries_the_tunnel();
+        http.assert_carries_the_tunnel().await;
         let via_socks = format!("socks5://u:p@127.0.0.1:{}", socks.port());
         let args = s.agent_args("ws://127.0.0.1:{port}", &["--proxy", &via_socks]);
         let b = s.agent(args).start(bin()).await.unwrap();
         light_traffic(&b, "ws:// through microsocks").await;
-        socks.assert_carries_the_tunnel();
+        socks.assert_carries_the_tunnel().await;
     })
     .await;
 }
@@ -769,7 +778,7 @@ async fn https_proxy_in_the_environment_is_used() {
             .unwrap();
         assert!(line.contains("(from HTTPS_PROXY)"), "{line}");
         light_traffic(&agent, "HTTPS_PROXY").await;
-        http.assert_carries_the_tunnel();
+        http.assert_carries_the_tunnel().await;
         agent.kill().await.unwrap();
         let gw_port = s.addr.port();
         http.wait_log("access.log", &format!("CONNECT 127.0.0.1:{gw_port} carol "))
