@@ -616,9 +616,12 @@ async fn plain_tcp_and_ws_through_proxies() {
         let s = gateway(&["--transport", "tcp"]).await;
         let via_http = format!("http://127.0.0.1:{}", http.port());
         let args = s.agent_args("tcp://127.0.0.1:{port}", &["--proxy", &via_http]);
-        let a = s.agent(args).start(bin()).await.unwrap();
+        let mut a = s.agent(args).start(bin()).await.unwrap();
         light_traffic(&a, "tcp:// through squid").await;
         http.assert_carries_the_tunnel().await;
+        // Both agents have the gateway's one key: the second would take over the first's
+        // session, and the first take it back, in turn.
+        a.kill().await.unwrap();
         let via_socks = format!("socks5://u:p@127.0.0.1:{}", socks.port());
         let args = s.agent_args("ws://127.0.0.1:{port}", &["--proxy", &via_socks]);
         let b = s.agent(args).start(bin()).await.unwrap();
