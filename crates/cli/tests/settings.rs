@@ -282,6 +282,18 @@ const FLAGS: &[Flag] = &[
         a: ("a.example", Shows("server_name: Some(\"a.example\")")),
         b: ("b.example", Shows("server_name: Some(\"b.example\")")),
     },
+    // The password is masked; `none` is a setting of its own (ignore the environment).
+    Flag {
+        role: Role::Agent,
+        flag: "--proxy",
+        env: "BURROW_PROXY",
+        file: &[AGENT_FILE, "proxy = \"http://f:pw@file.example:3128\""],
+        a: (
+            "socks5h://u:hunter2@a.example:1080",
+            Shows("proxy: Url(socks5h://u:****@a.example:1080)"),
+        ),
+        b: ("none", Shows("proxy: Direct,")),
+    },
     // Commas separate specs, in the variable and in the flag; either replaces the file's list.
     Flag {
         role: Role::Agent,
@@ -532,6 +544,7 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Agent, "fingerprint", FP_A_KEY, "trust: Fingerprint(SHA256:aaaaaaaaaaaaaaaa"),
     (Role::Agent, "ca", "ca = \"/etc/ssl/ca.pem\"", "trust: Ca(\"/etc/ssl/ca.pem\"),"),
     (Role::Agent, "server_name", "server_name = \"sni.example\"", "server_name: Some(\"sni.example\")"),
+    (Role::Agent, "proxy", "proxy = \"socks5://u:pw@sx.example:1081\"", "proxy: Url(socks5://u:****@sx.example:1081)"),
     (Role::Agent, "transport", "transport = \"tcp\"", "trust: Plain,"),
     (Role::Agent, "max_backoff", "max_backoff = \"2m\"", "max_backoff: 120s,"),
     (Role::Agent, "grace", "grace = \"3s\"", "grace: 3s }"),
