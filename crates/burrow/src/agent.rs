@@ -139,6 +139,13 @@ impl Agent {
         if cfg.forwards.is_empty() {
             warn!("no forwards configured: the agent will connect but publish nothing (add --forward [PORT=]TARGET)");
         }
+        // The way to the gateway is decided once: the environment is read at start, as the
+        // process was given it.
+        let url = gateway_url(&cfg).map_err(|e| AgentError(e.message))?;
+        let route = transport::proxy::route(&cfg.proxy, &url, |k| std::env::var(k).ok())
+            .map_err(|e| AgentError(e.to_string()))?;
+        info!(gateway = %url, "connecting {}", route.reason);
+        let proxy = route.proxy;
         let tracker = TaskTracker::new();
         let mut attempt = 0u32;
         let mut ever_connected = false;
@@ -147,7 +154,7 @@ impl Agent {
         loop {
             let dialed = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = connect(&cfg, tls.clone()) => r,
+                r = connect(&cfg, &url, proxy.as_ref(), tls.clone()) => r,
             };
             // At least this long before the next attempt (what a rate limit asks for).
             let mut at_least = Duration::ZERO;
@@ -319,15 +326,17 @@ impl From<transport::DialError> for Failure {
     }
 }
 
-/// Dial, TLS, handshake: a live session or a described error.
+/// Dial (through `proxy`, if any), TLS, handshake: a live session or a described error.
 async fn connect(
     cfg: &AgentConfig,
+    url: &transport::GatewayUrl,
+    proxy: Option<&transport::ProxyUrl>,
     tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<session::Started, Failure> {
     let handshake_deadline = cfg.limits.handshake_timeout;
     let attempt = async {
-        let url = gateway_url(cfg)?;
-        let mut conn = transport::dial(&url, &cfg.trust, tls, cfg.server_name.as_deref()).await?;
+        let mut conn =
+            transport::dial(url, proxy, &cfg.trust, tls, cfg.server_name.as_deref()).await?;
         let limits = cfg.limits.stream_limits();
         let (ok, leftover) = handshake::client_bound(
             &mut conn.io,
@@ -352,8 +361,9 @@ async fn connect(
         .await
         .map_err(|_| Failure {
             message: format!(
-                "gateway {} did not finish the handshake within {handshake_deadline:?}",
-                cfg.gateway
+                "gateway {}{} did not finish the handshake within {handshake_deadline:?}",
+                cfg.gateway,
+                proxy.map_or(String::new(), |p| format!(" (through proxy {p})"))
             ),
             fatal: false,
             retry_after: None,

@@ -31,6 +31,7 @@ use burrow_proto::frame::ABSOLUTE_MAX_PAYLOAD;
 pub use burrow_proto::message::Protocol;
 use burrow_proto::message::{SessionParams, StreamLimits};
 
+use crate::transport::proxy::ProxyChoice;
 use crate::transport::url::{GatewayUrl, Scheme};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
@@ -383,6 +384,8 @@ pub struct AgentConfig {
     pub trust: Trust,
     /// TLS server name to send (default: the host part of `gateway`).
     pub server_name: Option<String>,
+    /// The outbound proxy to reach the gateway through (default: as the environment says).
+    pub proxy: ProxyChoice,
     /// Services.
     pub forwards: Vec<Forward>,
     /// Limits on what the gateway may ask of us.
@@ -1005,6 +1008,8 @@ pub struct AgentSettings {
     pub transport: Option<TransportKind>,
     /// `server_name`.
     pub server_name: Option<String>,
+    /// `proxy`: a proxy URL, or `none`.
+    pub proxy: Option<ProxyChoice>,
     /// `forward` and `[[forwards]]` (files), `--forward` (flags): the highest layer that has
     /// any forwards replaces the lower layers' list.
     pub forwards: Option<Vec<Forward>>,
@@ -1031,6 +1036,7 @@ impl AgentSettings {
             trust: over.trust.or(self.trust),
             transport: over.transport.or(self.transport),
             server_name: over.server_name.or(self.server_name),
+            proxy: over.proxy.or(self.proxy),
             forwards: over.forwards.or(self.forwards),
             limits: over.limits.or(self.limits),
             max_backoff: over.max_backoff.or(self.max_backoff),
@@ -1083,6 +1089,7 @@ impl AgentSettings {
             key,
             trust,
             server_name: self.server_name,
+            proxy: self.proxy.unwrap_or_default(),
             forwards,
             limits: self.limits.unwrap_or_default(),
             max_backoff: self.max_backoff.unwrap_or(DEFAULT_MAX_BACKOFF),
@@ -1280,6 +1287,7 @@ from_text! {
     Target => Target::parse,
     TransportKind => str::parse,
     LogLevel => str::parse,
+    ProxyChoice => |s: &str| ProxyChoice::parse(s).map_err(|e| e.to_string()),
     GatewayAddr => |s: &str| parse_gateway_addr(s).map(GatewayAddr),
     Fingerprint => |s: &str| {
         crate::tls::parse_fingerprint(s).map(Fingerprint).map_err(|e| e.to_string())
@@ -1412,6 +1420,7 @@ struct RawAgent {
     fingerprint: Option<Spanned<Checked<Fingerprint>>>,
     ca: Option<Spanned<Checked<PathBuf>>>,
     server_name: Option<Checked<Name>>,
+    proxy: Option<Checked<ProxyChoice>>,
     transport: Option<Spanned<Checked<TransportKind>>>,
     max_backoff: Option<Spanned<Checked<Duration>>>,
     connect_timeout: Option<Spanned<Checked<Duration>>>,
@@ -1746,6 +1755,7 @@ impl Source<'_> {
             trust,
             transport,
             server_name: inner(raw.server_name).map(|n| n.0),
+            proxy: inner(raw.proxy),
             forwards: self.forwards(raw.forward, raw.forwards)?,
             limits: raw.limits.map(|l| self.limits(l)).transpose()?,
             max_backoff: raw.max_backoff.map(|v| v.into_inner().0),

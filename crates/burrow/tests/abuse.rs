@@ -704,6 +704,7 @@ fn a9_wrong_protocol_version_from_a_gateway() {
             key: SecretKey::generate(),
             trust: Trust::Plain,
             server_name: None,
+            proxy: burrow::transport::ProxyChoice::Direct,
             forwards: vec![],
             limits: Limits::default(),
             max_backoff: Duration::from_millis(500),
@@ -1422,7 +1423,7 @@ async fn tunnel(gw: &TestGateway) -> (BoxIo, [u8; 32]) {
             let trust = Trust::Fingerprint(burrow::tls::parse_fingerprint(fp).unwrap());
             let tls = burrow::tls::client_config(&trust).unwrap();
             let url = burrow::transport::GatewayUrl::parse(&gw.addr.to_string()).unwrap();
-            let c = burrow::transport::dial(&url, &trust, Some(tls), None)
+            let c = burrow::transport::dial(&url, None, &trust, Some(tls), None)
                 .await
                 .unwrap();
             (c.io, c.bindings.connection)
@@ -1749,6 +1750,7 @@ fn e1_rogue_gateway_cannot_open_unconfigured_or_refused_services() {
             key: SecretKey::generate(),
             trust: Trust::Plain,
             server_name: None,
+            proxy: burrow::transport::ProxyChoice::Direct,
             forwards: vec![
                 forward_named(0, echo_target(t0), "granted"),
                 forward_named(0, echo_target(t1), "refused"),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use burrow::agent::{Agent, AgentStatus, ForwardStatus};
 use burrow::config::{self, AgentSettings, Forward, TransportKind, Trust};
+use burrow::transport::ProxyChoice;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -55,6 +56,13 @@ pub struct Args {
     /// TLS server name to send [default: the host of --gateway]
     #[arg(long, env = "BURROW_SERVER_NAME", value_name = "NAME")]
     server_name: Option<String>,
+
+    /// Reach the gateway through a proxy: socks5://[USER:PASS@]HOST:PORT (the agent resolves
+    /// the gateway's name), socks5h://... (the proxy does), http://[USER:PASS@]HOST:PORT (HTTP
+    /// CONNECT), or none to ignore HTTPS_PROXY and ALL_PROXY [default: HTTPS_PROXY, ALL_PROXY
+    /// and NO_PROXY, as curl reads them]
+    #[arg(long, env = "BURROW_PROXY", value_name = "URL", hide_env_values = true)]
+    proxy: Option<String>,
 
     /// Longest pause between reconnect attempts, e.g. 30s or 2m [default: 30s]
     #[arg(long, env = "BURROW_MAX_BACKOFF", value_name = "DURATION", value_parser = config::parse_duration)]
@@ -113,12 +121,18 @@ impl Args {
             (None, Some(ca)) => Some(Trust::ca(ca.clone())),
             (None, None) => None,
         };
+        // Also outside clap, whose errors would echo a password in the URL.
+        let proxy = match &self.proxy {
+            Some(p) => Some(ProxyChoice::parse(p).context("--proxy / BURROW_PROXY")?),
+            None => None,
+        };
         Ok(AgentSettings {
             gateway: self.gateway.clone(),
             key,
             trust,
             transport: self.transport,
             server_name: self.server_name.clone(),
+            proxy,
             forwards: Some(self.forwards.iter().filter_map(|f| f.0.clone()).collect())
                 .filter(|f: &Vec<Forward>| !f.is_empty()),
             max_backoff: self.max_backoff,

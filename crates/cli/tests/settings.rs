@@ -273,6 +273,18 @@ const FLAGS: &[Flag] = &[
         a: ("a.example", Shows("server_name = \"a.example\"")),
         b: ("b.example", Shows("server_name = \"b.example\"")),
     },
+    // The password is masked; `none` is a setting of its own (ignore the environment).
+    Flag {
+        role: Role::Agent,
+        flag: "--proxy",
+        env: "BURROW_PROXY",
+        file: &[AGENT_FILE, "proxy = \"http://f:pw@file.example:3128\""],
+        a: (
+            "socks5h://u:hunter2@a.example:1080",
+            Shows("proxy = \"socks5h://u:****@a.example:1080\""),
+        ),
+        b: ("none", Shows("proxy = \"none\"")),
+    },
     // Commas separate specs, in the variable and in the flag; either replaces the file's list.
     Flag {
         role: Role::Agent,
@@ -564,6 +576,7 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Agent, "max_backoff", "max_backoff = \"2m\"", "max_backoff = \"2m\""),
     (Role::Agent, "grace", "grace = \"3s\"", "grace = \"3s\""),
     (Role::Agent, "connect_timeout", "connect_timeout = \"2500ms\"", "connect_timeout = \"2s 500ms\""),
+    (Role::Agent, "proxy", "proxy = \"socks5://u:pw@sx.example:1081\"", "proxy = \"socks5://u:****@sx.example:1081\""),
     (Role::Agent, "forward", "forward = [\"8080=127.0.0.1:80\", \"unix:/run/app.sock\"]", TWO_FORWARDS),
     (Role::Agent, "forwards.public_port", API, "[[forwards]]\npublic_port = 9000"),
     (Role::Agent, "forwards.target", API, "target = \"[::1]:3000\""),

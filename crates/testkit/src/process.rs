@@ -71,11 +71,24 @@ fn lines(r: impl Read + Send + 'static) -> mpsc::UnboundedReceiver<String> {
 }
 
 impl Burrow {
-    /// A command for `bin` with `RUST_LOG` removed (so the parent's setting does not leak in)
-    /// and no standard input; add arguments and environment, then [`Burrow::start`].
+    /// A command for `bin` with `RUST_LOG` and the proxy variables an agent reads
+    /// (`HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, either case) removed, so the parent's settings
+    /// do not leak in, and no standard input; add arguments and environment, then
+    /// [`Burrow::start`].
     pub fn command(bin: &Path) -> Command {
         let mut cmd = Command::new(bin);
         cmd.env_remove("RUST_LOG").stdin(Stdio::null());
+        for var in [
+            "https_proxy",
+            "HTTPS_PROXY",
+            "all_proxy",
+            "ALL_PROXY",
+            "no_proxy",
+            "NO_PROXY",
+            "BURROW_PROXY",
+        ] {
+            cmd.env_remove(var);
+        }
         cmd
     }
 

@@ -230,6 +230,7 @@ impl AgentConfig {
             connect_timeout,
             grace,
             udp: u,
+            proxy,
         } = self;
         let mut out = Out::default();
         out.line("# burrow agent: the effective settings (flags, environment, file, defaults).");
@@ -253,6 +254,14 @@ impl AgentConfig {
         }
         if let Some(name) = server_name {
             out.text("server_name", name);
+        }
+        match proxy {
+            crate::transport::ProxyChoice::Environment => out.line(
+                "# proxy: not set (HTTPS_PROXY, ALL_PROXY and NO_PROXY are followed, as curl does)",
+            ),
+            crate::transport::ProxyChoice::Direct => out.text("proxy", "none"),
+            // The password is masked, like the key.
+            crate::transport::ProxyChoice::Url(url) => out.text("proxy", &url.to_string()),
         }
         out.duration("max_backoff", *max_backoff);
         out.duration("connect_timeout", *connect_timeout);

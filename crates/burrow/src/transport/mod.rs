@@ -1,8 +1,8 @@
 //! Tunnel connections: dialing the gateway and accepting agents.
 //!
 //! Transports are layers that compose, each turning a connection into another one: TCP
-//! (`tcp`), then TLS (`tls`), then a WebSocket ([`ws`]), chosen in one place ([`dial`])
-//! from the parsed gateway URL ([`url`]). Every stack ends in a [`Connected`]: an ordered byte
+//! (`tcp`, straight or through an outbound [`proxy`]), then TLS (`tls`), then a WebSocket
+//! ([`ws`]), chosen in one place ([`dial`]) from the parsed gateway URL ([`url`]). Every stack ends in a [`Connected`]: an ordered byte
 //! stream plus the channel bindings that authentication signs. The rest of the code does not
 //! know which layers carried it.
 //!
@@ -11,6 +11,7 @@
 //! and puts them back in front of the stream ([`Prefixed`]).
 
 mod prefixed;
+pub mod proxy;
 mod tcp;
 mod tls;
 pub mod url;
@@ -25,6 +26,7 @@ use tokio::net::TcpStream;
 
 use crate::config::Trust;
 pub use prefixed::Prefixed;
+pub use proxy::{ProxyChoice, ProxyUrl};
 pub use tcp::{host_part, tune};
 pub use url::{GatewayUrl, Scheme};
 
@@ -52,7 +54,8 @@ pub struct Connected {
     pub io: BoxIo,
     /// What the key proof is bound to.
     pub bindings: Bindings,
-    /// The remote address: of the TCP connection, or the client a trusted proxy names.
+    /// The remote address: of the TCP connection (at the agent, the outbound proxy's when
+    /// there is one), or the client a trusted proxy names.
     pub peer: SocketAddr,
 }
 
@@ -67,15 +70,17 @@ pub struct DialError {
     pub fatal: bool,
 }
 
-/// Dials the gateway at `url` and stacks the layers it names: TCP, then TLS unless the
-/// scheme is plain, then a WebSocket for `ws://` and `wss://`.
+/// Dials the gateway at `url` and stacks the layers it names: TCP (through `proxy`, if
+/// given), then TLS unless the scheme is plain, then a WebSocket for `ws://` and `wss://`.
+/// TLS's server name and the WebSocket's host are the gateway's, proxy or not.
 pub async fn dial(
     url: &GatewayUrl,
+    proxy: Option<&ProxyUrl>,
     trust: &Trust,
     tls_config: Option<Arc<rustls::ClientConfig>>,
     server_name: Option<&str>,
 ) -> Result<Connected, DialError> {
-    let (io, peer) = tcp::connect(url).await?;
+    let (io, peer) = tcp::connect(url, proxy).await?;
     let (io, connection) = match (url.scheme.tls(), tls_config) {
         (true, Some(mut config)) => {
             if url.scheme.websocket() {

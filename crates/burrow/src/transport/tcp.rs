@@ -1,10 +1,12 @@
-//! The TCP layer: the connection every transport starts from.
+//! The TCP layer: the connection every transport starts from, straight to the gateway or
+//! through a proxy ([`super::proxy`]).
 
 use std::net::SocketAddr;
 
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
+use super::proxy::{self, ProxyUrl};
 use super::url::GatewayUrl;
 use super::{BoxIo, DialError};
 
@@ -14,8 +16,11 @@ use super::{BoxIo, DialError};
 /// without a system call for each.
 const READ_BUFFER: usize = 256 * 1024;
 
+/// A TCP connection with its read buffer.
+pub(super) type Buffered = BufReader<TcpStream>;
+
 /// The tunnel connection with its read buffer.
-pub(super) fn buffered(tcp: TcpStream) -> BufReader<TcpStream> {
+pub(super) fn buffered(tcp: TcpStream) -> Buffered {
     BufReader::with_capacity(READ_BUFFER, tcp)
 }
 
@@ -25,8 +30,15 @@ pub fn tune(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
 }
 
-/// Connects to the gateway named by `url`; returns the buffered connection and its peer.
-pub(super) async fn connect(url: &GatewayUrl) -> Result<(BoxIo, SocketAddr), DialError> {
+/// Connects to the gateway named by `url`, through `proxy` if one is given; returns the
+/// buffered connection and its peer (the proxy, if there is one).
+pub(super) async fn connect(
+    url: &GatewayUrl,
+    proxy: Option<&ProxyUrl>,
+) -> Result<(BoxIo, SocketAddr), DialError> {
+    if let Some(proxy) = proxy {
+        return proxy::connect(proxy, url).await;
+    }
     let addr = url.authority();
     let tcp = TcpStream::connect(&addr).await.map_err(|e| DialError {
         message: format!("cannot reach gateway {addr}: {e}"),

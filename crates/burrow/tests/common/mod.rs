@@ -51,6 +51,7 @@ pub fn agent_config(gw: &TestGateway, forwards: Vec<Forward>) -> AgentConfig {
         key: gw.key.clone(),
         trust,
         server_name: None,
+        proxy: burrow::transport::ProxyChoice::Direct,
         forwards,
         limits: Limits::default(),
         max_backoff: Duration::from_millis(500),
