@@ -237,6 +237,14 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        // Our accept can come before the flood's connect has returned and been counted: wait
+        // for the count (bounded) before stopping it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while flood.counts().connects.load(Ordering::Relaxed) < 7
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let report = flood.stop().await;
         assert_eq!(report.connects, 7, "{report}");
         assert_eq!(report.cuts, 1, "{report}");
