@@ -12,7 +12,7 @@
 //! [`UdpSettings::idle`] without a datagram either way, on each side by its own clock; their
 //! sockets and memory go with them, and each logs one line.
 //!
-//! The flow tables ([`GatewayFlows`], [`AgentFlows`]) are plain data with time as an argument;
+//! The gateway's flow table ([`GatewayFlows`]) is plain data with time as an argument;
 //! the tasks around them ([`serve_public`], [`dispatch_replies`], [`serve_agent_flows`]) do the
 //! I/O.
 
