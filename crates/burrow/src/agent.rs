@@ -23,6 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+mod admin;
+
+use crate::admin::metrics::{Refused, SessionMeta, Tally, OTHER};
 use crate::config::{AgentConfig, Forward, Target, Trust};
 use crate::relay::{self, Local};
 use crate::session::{self, handshake, Stream};
@@ -75,6 +78,8 @@ pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, jitter: f64) -
 pub struct Agent {
     config: AgentConfig,
     status: watch::Sender<AgentStatus>,
+    /// What the admin server shows beyond `status`.
+    tally: Arc<Tally>,
 }
 
 impl Agent {
@@ -85,7 +90,20 @@ impl Agent {
             ..AgentStatus::default()
         };
         let (status, _) = watch::channel(status);
-        Agent { config, status }
+        Agent {
+            config,
+            status,
+            tally: Arc::new(Tally::new("agent")),
+        }
+    }
+
+    /// What the admin server ([`crate::admin`]) shows of this agent.
+    pub fn report(&self) -> Arc<dyn crate::admin::Report> {
+        Arc::new(admin::AgentReport {
+            config: self.config.clone(),
+            status: self.status.subscribe(),
+            tally: self.tally.clone(),
+        })
     }
 
     /// Watches the agent's status.
@@ -110,13 +128,19 @@ impl Agent {
         let mut attempt = 0u32;
         let mut ever_connected = false;
         loop {
+            let dialing = Instant::now();
             let dialed = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = connect(&cfg, tls.clone()) => r,
+                r = connect(&cfg, tls.clone(), &self.tally) => r,
             };
             let why = match dialed {
                 Ok(started) => {
                     let session = started.session.clone();
+                    self.tally.handshake_took(dialing.elapsed());
+                    let generation = self.status.borrow().sessions;
+                    let scheme = gateway_url(&cfg).map_or("?", |u| u.scheme.name());
+                    let meta = SessionMeta::new(generation, &cfg.gateway, scheme, session.clone());
+                    self.tally.session_up("", meta);
                     ever_connected = true;
                     attempt = 0;
                     self.status.send_modify(|s| {
@@ -126,7 +150,21 @@ impl Agent {
                         s.failed_attempts = 0;
                         s.next_retry = None;
                     });
-                    let end = serve(&cfg, started, &self.status, &tracker, &shutdown).await;
+                    let end = serve(
+                        &cfg,
+                        started,
+                        &self.status,
+                        &tracker,
+                        &shutdown,
+                        &self.tally,
+                    )
+                    .await;
+                    let ended = session.end().unwrap_or_else(|| session::SessionEnd {
+                        code: ErrorCode::Shutdown,
+                        detail: end.clone(),
+                        by_peer: false,
+                    });
+                    self.tally.session_down("", generation, &ended);
                     self.status.send_modify(|s| {
                         s.connected = false;
                         s.forwards
@@ -151,6 +189,7 @@ impl Agent {
                     }
                     self.status
                         .send_modify(|s| s.last_error = Some(e.message.clone()));
+                    self.tally.agent_error("", &e.message);
                     e.message
                 }
             };
@@ -195,6 +234,7 @@ async fn drain(tracker: &TaskTracker, grace: Duration) {
 async fn connect(
     cfg: &AgentConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
+    tally: &Tally,
 ) -> Result<session::Started, transport::DialError> {
     let handshake_deadline = cfg.limits.handshake_timeout;
     let attempt = async {
@@ -211,6 +251,7 @@ async fn connect(
         .await
         .map_err(|e| describe_handshake(cfg, e))?;
         info!(gateway = %cfg.gateway, name = %ok.name, "connected to gateway");
+        tally.set_name("", &ok.name);
         let started = session::start(
             conn.io,
             leftover,
@@ -279,6 +320,7 @@ async fn serve(
     status: &watch::Sender<AgentStatus>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
+    tally: &Arc<Tally>,
 ) -> String {
     // No UDP services yet: `datagrams` is dropped, so a datagram is a protocol error.
     let session::Started {
@@ -316,7 +358,7 @@ async fn serve(
             }
             stream = incoming.recv() => {
                 let Some(stream) = stream else { continue };
-                accept_stream(cfg, stream, &granted, &pending, tracker);
+                accept_stream(cfg, stream, &granted, &pending, tracker, tally);
             }
         }
     }
@@ -382,6 +424,7 @@ fn accept_stream(
     granted: &std::sync::Mutex<Vec<bool>>,
     pending: &Arc<Semaphore>,
     tracker: &TaskTracker,
+    tally: &Arc<Tally>,
 ) {
     let service = stream.info().service as usize;
     let client = stream.info().client;
@@ -392,6 +435,8 @@ fn accept_stream(
         .copied()
         .unwrap_or(false);
     let Some(fwd) = cfg.forwards.get(service).filter(|_| allowed).cloned() else {
+        let name = cfg.forwards.get(service).map_or(OTHER, |f| f.name.as_str());
+        tally.refused("", name, Refused::NotAllowed);
         warn!(
             service,
             "gateway opened a stream for a service that is not configured here; refused"
@@ -410,6 +455,8 @@ fn accept_stream(
         forward = %fwd.name,
         client = client.map(tracing::field::display)
     );
+    let meter = tally.stream("", &fwd.name);
+    let tally = tally.clone();
     tracker.spawn(
         async move {
             let started = Instant::now();
@@ -423,23 +470,25 @@ fn accept_stream(
                     local
                 }
                 Ok((Err(e), _)) => {
-                    let code = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                        ErrorCode::ConnectRefused
+                    let (code, why) = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                        (ErrorCode::ConnectRefused, Refused::ConnectRefused)
                     } else {
-                        ErrorCode::ConnectFailed
+                        (ErrorCode::ConnectFailed, Refused::ConnectFailed)
                     };
+                    tally.refused("", &fwd.name, why);
                     warn!(dest = %fwd.target, "cannot connect to target: {e}");
                     stream.reset(code);
                     return;
                 }
                 Err(_) => {
+                    tally.refused("", &fwd.name, Refused::ConnectTimeout);
                     warn!(dest = %fwd.target, "connecting to target timed out after {timeout:?} (connect_timeout)");
                     stream.reset(ErrorCode::ConnectFailed);
                     return;
                 }
             };
             debug!(dest = %fwd.target, "stream opened");
-            let stats = relay::relay(&stream, &mut local).await;
+            let stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(false))).await;
             relay::log_end(&fwd.name, client, &stats, started, relay::LocalIs::Target);
         }
         .instrument(span),

@@ -35,8 +35,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+mod ops;
 mod print;
+pub use ops::{read_key_file, LogFormat};
 pub use print::MASKED_KEY;
+
+use crate::admin::{AdminConfig, AdminToken};
 
 /// The tunnel port a gateway listens on when none is given.
 pub const DEFAULT_TUNNEL_PORT: u16 = 7443;
@@ -257,6 +261,8 @@ pub struct GatewayConfig {
     /// Proxies whose `X-Forwarded-For` names the agent's address on `ws_listen` (none by
     /// default: the TCP peer is the address).
     pub ws_trusted_proxies: Vec<ipnet::IpNet>,
+    /// The admin server (`admin`, `admin_token`; off by default).
+    pub admin: AdminConfig,
 }
 
 impl GatewayConfig {
@@ -295,6 +301,7 @@ impl GatewayConfig {
             ws_listen: None,
             ws_trusted_proxies: Vec::new(),
             grace: Duration::from_secs(10),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -358,6 +365,10 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// How long streams may drain at shutdown (default 10 s).
     pub grace: Duration,
+    /// Where `key` was read from (`key_file`), if from a file.
+    pub key_file: Option<PathBuf>,
+    /// The admin server (`admin`, `admin_token`; off by default).
+    pub admin: AdminConfig,
 }
 
 /// How much a logger says: `error`, `warn`, `info`, `debug` or `trace`.
@@ -838,6 +849,12 @@ pub struct GatewaySettings {
     pub ws_listen: Option<SocketAddr>,
     /// `ws_trusted_proxies`, `--ws-trusted-proxy` (repeated).
     pub ws_trusted_proxies: Option<Vec<ipnet::IpNet>>,
+    /// `admin`, `--admin`.
+    pub admin: Option<SocketAddr>,
+    /// `admin_token`, `--admin-token`.
+    pub admin_token: Option<AdminToken>,
+    /// `log_format`: not part of [`GatewayConfig`]; the CLI sets up logging with it.
+    pub log_format: Option<LogFormat>,
 }
 
 impl GatewaySettings {
@@ -861,6 +878,9 @@ impl GatewaySettings {
             ws_path: over.ws_path.or(self.ws_path),
             ws_listen: over.ws_listen.or(self.ws_listen),
             ws_trusted_proxies: over.ws_trusted_proxies.or(self.ws_trusted_proxies),
+            admin: over.admin.or(self.admin),
+            admin_token: over.admin_token.or(self.admin_token),
+            log_format: over.log_format.or(self.log_format),
         }
     }
 
@@ -910,6 +930,11 @@ impl GatewaySettings {
         }
         c.ws_listen = self.ws_listen;
         set(&mut c.ws_trusted_proxies, self.ws_trusted_proxies);
+        c.admin = AdminConfig {
+            listen: self.admin,
+            token: self.admin_token,
+        };
+        c.admin.check().map_err(ConfigError::Value)?;
         Ok(c)
     }
 }
@@ -942,14 +967,32 @@ pub struct AgentSettings {
     pub grace: Option<Duration>,
     /// `log_level`: not part of [`AgentConfig`]; the CLI sets up logging with it.
     pub log_level: Option<LogLevel>,
+    /// `key_file`, `--key-file`: the key read from a file. With `key`, one setting: the
+    /// highest layer that names either wins.
+    pub key_file: Option<PathBuf>,
+    /// `admin`, `--admin`.
+    pub admin: Option<SocketAddr>,
+    /// `admin_token`, `--admin-token`.
+    pub admin_token: Option<AdminToken>,
+    /// `log_format`: not part of [`AgentConfig`]; the CLI sets up logging with it.
+    pub log_format: Option<LogFormat>,
 }
 
 impl AgentSettings {
     /// `over` on top of `self`: every field `over` sets wins.
     pub fn overlay(self, over: AgentSettings) -> AgentSettings {
+        let (key, key_file) = if over.key.is_some() || over.key_file.is_some() {
+            (over.key, over.key_file)
+        } else {
+            (self.key, self.key_file)
+        };
         AgentSettings {
             gateway: over.gateway.or(self.gateway),
-            key: over.key.or(self.key),
+            key,
+            key_file,
+            admin: over.admin.or(self.admin),
+            admin_token: over.admin_token.or(self.admin_token),
+            log_format: over.log_format.or(self.log_format),
             trust: over.trust.or(self.trust),
             transport: over.transport.or(self.transport),
             server_name: over.server_name.or(self.server_name),
@@ -973,15 +1016,30 @@ impl AgentSettings {
                 "gateway",
             )
         })?;
-        let key = self.key.ok_or_else(|| {
-            missing(
-                "no agent key (the gateway prints one at its first start and with \
-                 `burrow gateway --print-agent-line`, or make one with `burrow keygen`)",
-                "--key",
-                "BURROW_KEY (keeps it out of `ps`)",
-                "key",
-            )
-        })?;
+        let key = match (self.key, &self.key_file) {
+            (Some(_), Some(file)) => {
+                return Err(ConfigError::Value(format!(
+                    "both a key (--key, BURROW_KEY) and a key file ({}) are set: use one",
+                    file.display()
+                )))
+            }
+            (Some(key), None) => key,
+            (None, Some(file)) => read_key_file(file)?,
+            (None, None) => {
+                return Err(missing(
+                    "no agent key (the gateway prints one at its first start and with \
+                     `burrow gateway --print-agent-line`, or make one with `burrow keygen`)",
+                    "--key-file FILE or --key",
+                    "BURROW_KEY_FILE or BURROW_KEY (both keep it out of `ps`)",
+                    "key_file` or `key",
+                ))
+            }
+        };
+        let admin = AdminConfig {
+            listen: self.admin,
+            token: self.admin_token,
+        };
+        admin.check().map_err(ConfigError::Value)?;
         let url = GatewayUrl::parse(&gateway).map_err(|e| ConfigError::Value(e.to_string()))?;
         let transport = match (url.scheme, self.transport) {
             (Scheme::Wss, Some(TransportKind::Tcp)) => {
@@ -1009,6 +1067,8 @@ impl AgentSettings {
             max_backoff: self.max_backoff.unwrap_or(DEFAULT_MAX_BACKOFF),
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             grace: self.grace.unwrap_or(DEFAULT_GRACE),
+            key_file: self.key_file,
+            admin,
         })
     }
 }
@@ -1295,6 +1355,9 @@ struct RawGateway {
     ws_path: Option<Checked<Name>>,
     ws_listen: Option<Checked<SocketAddr>>,
     ws_trusted_proxies: Option<Vec<Checked<ipnet::IpNet>>>,
+    admin: Option<Checked<SocketAddr>>,
+    admin_token: Option<Checked<AdminToken>>,
+    log_format: Option<Checked<LogFormat>>,
 }
 
 /// `[[forwards]]` as written.
@@ -1323,6 +1386,10 @@ struct RawAgent {
     limits: Option<RawLimits>,
     forward: Option<Vec<Spanned<toml::Value>>>,
     forwards: Option<Vec<Spanned<ForwardTable>>>,
+    key_file: Option<Spanned<Checked<PathBuf>>>,
+    admin: Option<Checked<SocketAddr>>,
+    admin_token: Option<Checked<AdminToken>>,
+    log_format: Option<Checked<LogFormat>>,
 }
 
 /// One `[[forwards]]` entry: a table. A string here is a compact spec in the wrong key, one
@@ -1446,6 +1513,9 @@ impl Source<'_> {
             ws_trusted_proxies: raw
                 .ws_trusted_proxies
                 .map(|v| v.into_iter().map(|c| c.0).collect()),
+            admin: inner(raw.admin),
+            admin_token: inner(raw.admin_token),
+            log_format: inner(raw.log_format),
         })
     }
 
@@ -1641,9 +1711,20 @@ impl Source<'_> {
                 ));
             }
         }
+        if let (Some(_), Some(file)) = (&raw.key, &raw.key_file) {
+            return Err(self.error(
+                file.span(),
+                "key_file",
+                "set `key` or `key_file`, not both (key_file keeps the key out of this file)",
+            ));
+        }
         Ok(AgentSettings {
             gateway: inner(raw.gateway).map(|g| g.0),
             key: inner(raw.key),
+            key_file: raw.key_file.map(|f| self.resolve(f.into_inner().0)),
+            admin: inner(raw.admin),
+            admin_token: inner(raw.admin_token),
+            log_format: inner(raw.log_format),
             trust,
             transport,
             server_name: inner(raw.server_name).map(|n| n.0),

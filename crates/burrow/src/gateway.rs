@@ -33,6 +33,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+mod admin;
+
+use crate::admin::metrics::{AuthFailure, Refused, SessionMeta, Tally};
 use crate::config::{AgentGrant, GatewayConfig, KeySpec, PortRange, TransportKind};
 use crate::limiter::{self, AuthLimiter, FdBudget, FdPermit, PreauthTable, Refusal, Stage};
 use crate::relay::{self, Local};
@@ -90,6 +93,8 @@ struct Hub {
     /// Ids of leases, in the order they started.
     leases: AtomicU64,
     stats: Arc<GatewayStats>,
+    /// What the admin server shows beyond `stats`.
+    tally: Arc<Tally>,
 }
 
 struct AgentEntry {
@@ -267,6 +272,7 @@ impl Gateway {
                 generation: AtomicU64::new(0),
                 leases: AtomicU64::new(0),
                 stats: Arc::new(GatewayStats::default()),
+                tally: Arc::new(Tally::new("gateway")),
                 config,
             }),
         })
@@ -275,6 +281,11 @@ impl Gateway {
     /// The gateway's counters (shared: they keep counting while it runs).
     pub fn stats(&self) -> Arc<GatewayStats> {
         self.hub.stats.clone()
+    }
+
+    /// What the admin server ([`crate::admin`]) shows of this gateway.
+    pub fn report(&self) -> Arc<dyn crate::admin::Report> {
+        Arc::new(admin::GatewayReport(self.hub.clone(), self.local_addr()))
     }
 
     /// The tunnel listener's address.
@@ -403,6 +414,7 @@ async fn accept_loop(
         let by_address = !acceptor.ws_only;
         if by_address && !lock(&hub.limiter).allowed(peer.ip(), StdInstant::now()) {
             bump(&hub.stats.rate_limited);
+            hub.tally.auth_failure(AuthFailure::RateLimited, peer, "");
             debug!(%peer, "refused: too many failed handshakes from this address");
             continue;
         }
@@ -451,7 +463,13 @@ async fn accept_loop(
         };
         let hub2 = hub.clone();
         let acceptor = acceptor.clone();
+        let transport = if acceptor.ws_only {
+            "ws-listen"
+        } else {
+            hub.config.transport.as_str()
+        };
         hub.tracker.spawn(async move {
+            let accepted_at = Instant::now();
             let accepted = tokio::select! {
                 _ = evict.cancelled() => {
                     // Not charged to the source: giving way is not a failure.
@@ -467,10 +485,12 @@ async fn accept_loop(
             match accepted {
                 Ok(Ok((conn, acc))) => {
                     let peer = conn.peer;
-                    serve_agent(hub2, conn, acc, peer).await
+                    hub2.tally.handshake_took(accepted_at.elapsed());
+                    serve_agent(hub2, conn, acc, peer, transport).await
                 }
-                Ok(Err(e)) => {
+                Ok(Err((why, e))) => {
                     bump(&hub2.stats.handshake_failures);
+                    hub2.tally.auth_failure(why, peer, &format!("tunnel handshake failed: {e}"));
                     if by_address {
                         lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
                     }
@@ -478,6 +498,7 @@ async fn accept_loop(
                 }
                 Err(_) => {
                     bump(&hub2.stats.handshake_failures);
+                    hub2.tally.auth_failure(AuthFailure::Timeout, peer, "tunnel handshake timed out");
                     if by_address {
                         lock(&hub2.limiter).failure(peer.ip(), StdInstant::now());
                     }
@@ -547,22 +568,25 @@ async fn handshake_agent(
     peer: SocketAddr,
     acceptor: &transport::Acceptor,
     slot: &PreauthSlot,
-) -> Result<(transport::Connected, handshake::Accepted), String> {
+) -> Result<(transport::Connected, handshake::Accepted), (AuthFailure, String)> {
+    let failed = |e: String| (AuthFailure::Handshake, e);
     // Every client speaks first (a TLS hello, a Burrow preamble, an HTTP request): until a
     // byte arrives, this connection has made no progress and gives way to a newcomer when the
     // table is full.
     match tcp.peek(&mut [0u8; 1]).await {
-        Ok(0) => return Err("closed before sending anything".into()),
+        Ok(0) => return Err(failed("closed before sending anything".into())),
         Ok(_) => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(failed(e.to_string())),
     }
     slot.advance(Stage::Talking);
     let mut conn = transport::accept(tcp, peer, acceptor)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failed(e.to_string()))?;
     slot.advance(Stage::Secured);
     let bindings = conn.bindings;
+    let mut unknown = false;
     let accepted = handshake::server_bound(&mut conn.io, &bindings, |key, role| {
+        unknown = !hub.grants.contains_key(key);
         match (hub.grants.get(key), role) {
             (Some(grant), Role::Agent) => {
                 handshake::Verdict::Accept(grant.name.clone(), hub.params)
@@ -579,10 +603,15 @@ async fn handshake_agent(
     })
     .await
     .map_err(|e| match e {
-        handshake::HandshakeError::Rejected { message, .. } => {
-            format!("authentication failed: {message}")
+        handshake::HandshakeError::Rejected { code, message } => {
+            let why = match code {
+                _ if unknown => AuthFailure::UnknownKey,
+                ErrorCode::AuthFailed => AuthFailure::BadProof,
+                _ => AuthFailure::Handshake,
+            };
+            (why, format!("authentication failed: {message}"))
         }
-        other => other.to_string(),
+        other => failed(other.to_string()),
     })?;
     Ok((conn, accepted))
 }
@@ -592,6 +621,7 @@ async fn serve_agent(
     conn: transport::Connected,
     acc: handshake::Accepted,
     peer: SocketAddr,
+    transport: &'static str,
 ) {
     lock(&hub.limiter).success(peer.ip());
     let Some(grant) = hub.grants.get(&acc.key).cloned() else {
@@ -624,6 +654,7 @@ async fn serve_agent(
             old.close(ErrorCode::Replaced, "replaced by a newer session of the same agent");
         }
         bump(&hub.stats.sessions);
+        hub.tally.session_up(&name, SessionMeta::new(generation, peer, transport, session.clone()));
         let _live = GaugeGuard::new(&hub.stats.active_sessions);
         info!(%peer, key = %acc.key.short(), "agent connected");
         let mut control = started.control;
@@ -666,6 +697,7 @@ async fn serve_agent(
             bump(&hub.stats.protocol_errors);
         }
         info!(reason = %end, "agent session ended");
+        hub.tally.session_down(&name, generation, &end);
         release(&hub, &name, generation);
     }
     .instrument(span)
@@ -764,6 +796,10 @@ async fn bind_port(
 ) -> BindResult {
     let refuse = |code: ErrorCode, text: String| {
         warn!(service = %bind.name, "bind refused: {text}");
+        hub.tally.agent_error(
+            &grant.name,
+            &format!("bind of {} refused: {text}", bind.name),
+        );
         BindResult {
             service: bind.service,
             code,
@@ -877,6 +913,7 @@ async fn bind_port(
         route,
         cancel,
         agent: grant.name.clone(),
+        service: bind.name.clone(),
         conns,
         _fd: fd,
     };
@@ -956,6 +993,8 @@ struct PublicPort {
     cancel: CancellationToken,
     /// The agent's name and its public connections.
     agent: String,
+    /// The service's name, as first bound (for metrics).
+    service: String,
     conns: Arc<Semaphore>,
     /// The listener's descriptor in the public budget.
     _fd: FdPermit,
@@ -1014,6 +1053,8 @@ async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
         };
         let Some(route) = lock(&port.route).clone() else {
             bump(&hub.stats.no_session);
+            hub.tally
+                .refused(&port.agent, &port.service, Refused::NoSession);
             debug!(%client, "no agent session for this port right now; closing the connection");
             continue;
         };
@@ -1021,6 +1062,8 @@ async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
             Ok(p) => p,
             Err(why) => {
                 bump(&hub.stats.public_refused);
+                hub.tally
+                    .refused(&port.agent, &route.name, Refused::PublicLimit);
                 if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
                     warn!(%client, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
                 }
@@ -1037,6 +1080,8 @@ async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
             Ok(s) => s,
             Err(e) => {
                 bump(&hub.stats.streams_refused);
+                hub.tally
+                    .refused(&port.agent, &route.name, Refused::StreamLimit);
                 if let Some(skipped) = refusals.allow(Instant::now()) {
                     warn!(%client, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
                 }
@@ -1045,6 +1090,7 @@ async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
             }
         };
         bump(&hub.stats.streams);
+        let meter = hub.tally.stream(&port.agent, &route.name);
         let hub2 = hub.clone();
         hub.tracker.spawn(
             async move {
@@ -1052,7 +1098,8 @@ async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
                 let _live = GaugeGuard::new(&hub2.stats.active_streams);
                 let started = Instant::now();
                 let mut local = Local::Tcp(tcp);
-                let stats = relay::relay(&stream, &mut local).await;
+                let stats =
+                    relay::relay_metered(&stream, &mut local, Some(meter.meter(true))).await;
                 relay::log_end(
                     &route.name,
                     Some(client),

@@ -56,6 +56,8 @@ pub fn agent_config(gw: &TestGateway, forwards: Vec<Forward>) -> AgentConfig {
         max_backoff: Duration::from_millis(500),
         connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
         grace: Duration::from_secs(2),
+        key_file: None,
+        admin: Default::default(),
     }
 }
 
