@@ -902,3 +902,462 @@ async fn status_page_in_headless_chromium_shows_the_agent_its_service_and_bytes(
     })
     .await;
 }
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Datagrams on a notify socket, as text, until one contains `needle` (within `WAIT`).
+async fn notified(sock: &tokio::net::UnixDatagram, seen: &mut Vec<String>, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = tokio::time::timeout_at(deadline, sock.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} within {WAIT:?}; got {seen:?}"))
+            .unwrap();
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        seen.push(msg.clone());
+        if msg.lines().any(|l| l == needle || l.starts_with(needle)) {
+            return msg;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sd_notify_ready_once_listening_watchdog_and_stopping() {
+    within("sd_notify", async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = tokio::net::UnixDatagram::bind(&path).unwrap();
+        let mut gw = GatewaySpec::new(&dir.path().join("state"))
+            .args(["--admin", "127.0.0.1:0"])
+            .env("NOTIFY_SOCKET", path.to_str().unwrap())
+            .env("WATCHDOG_USEC", "200000")
+            .start(bin())
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let ready = notified(&sock, &mut seen, "READY=1").await;
+        // The status names the bound port: READY came after the bind.
+        assert!(
+            ready.contains(&format!("STATUS=listening for agents on {}", gw.addr())),
+            "{ready:?}"
+        );
+        let admin = admin_addr(&mut gw).await;
+        TcpStream::connect(gw.addr()).await.unwrap();
+        TcpStream::connect(admin).await.unwrap();
+        let t0 = Instant::now();
+        notified(&sock, &mut seen, "WATCHDOG=1").await;
+        notified(&sock, &mut seen, "WATCHDOG=1").await;
+        let watchdog = t0.elapsed();
+        assert!(watchdog < Duration::from_secs(2), "{watchdog:?}");
+        gw.signal(Signal::Term).unwrap();
+        let stopping = notified(&sock, &mut seen, "STOPPING=1").await;
+        assert!(stopping.contains("STATUS=shutting down"), "{stopping:?}");
+        assert!(gw.wait_exit(WAIT).await.unwrap().success());
+
+        // The agent, on an abstract socket: ready at start, then its session in STATUS=.
+        let name = format!("burrow-test-{}-{}", std::process::id(), fastrand_u64());
+        use std::os::linux::net::SocketAddrExt as _;
+        let abs = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes());
+        let std_sock = std::os::unix::net::UnixDatagram::bind_addr(&abs.unwrap()).unwrap();
+        std_sock.set_nonblocking(true).unwrap();
+        let sock = tokio::net::UnixDatagram::from_std(std_sock).unwrap();
+        let gw = GatewaySpec::new(&dir.path().join("state"))
+            .start(bin())
+            .await
+            .unwrap();
+        let echo_target = TcpTarget::echo().await.unwrap();
+        let agent = AgentSpec::new(gw.agent_args())
+            .forward(&echo_target.addr().to_string())
+            .env("NOTIFY_SOCKET", &format!("@{name}"))
+            .start(bin())
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        notified(&sock, &mut seen, "READY=1").await;
+        // Each change of the session or a forward updates it, until the forward is live.
+        while !notified(&sock, &mut seen, "STATUS=connected to")
+            .await
+            .contains("1 of 1 forwards live")
+        {}
+        drop(agent);
+        println!(
+            "sd_notify: {} datagrams; two watchdog pings in {watchdog:?}",
+            seen.len()
+        );
+    })
+    .await;
+}
+
+/// A number for unique names.
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish()
+}
+
+#[test]
+fn systemd_units_verify() {
+    let Ok(out) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        println!("SKIPPED: systemd-analyze is not installed; the unit files were not verified");
+        return;
+    };
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    for unit in ["burrow-gateway.service", "burrow-agent.service"] {
+        let text = std::fs::read_to_string(repo().join("contrib/systemd").join(unit)).unwrap();
+        assert!(text.contains("Type=notify"), "{unit}");
+        assert!(text.contains("ExecStart=/usr/local/bin/burrow "), "{unit}");
+        // Verified with this build in place of the installed binary.
+        let path = dir.path().join(unit);
+        std::fs::write(
+            &path,
+            text.replace("/usr/local/bin/burrow", bin().to_str().unwrap()),
+        )
+        .unwrap();
+        let out = std::process::Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.trim().is_empty(),
+            "{unit}: {err}"
+        );
+        // And its sandbox: systemd's own score (0 best, 10 worst).
+        let out = std::process::Command::new("systemd-analyze")
+            .args(["security", "--offline=yes"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(score) = text
+            .lines()
+            .find_map(|l| l.split("exposure level for ").nth(1))
+            .and_then(|l| l.split(": ").nth(1))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|s| s.parse::<f64>().ok())
+        {
+            assert!(score <= 2.0, "{unit}: exposure {score}");
+            println!("{unit}: verified; exposure level {score}");
+        } else {
+            println!("{unit}: verified (this systemd-analyze cannot score it offline)");
+        }
+    }
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_a_line() {
+    within("json logs", async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gw = GatewaySpec::new(&dir.path().join("state"))
+            .args(["--log-format", "json"])
+            .start(bin())
+            .await
+            .unwrap();
+        let line = gw
+            .wait_stderr("gateway listening for agents", WAIT)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["message"], "gateway listening for agents");
+        assert_eq!(v["listen"], gw.addr().to_string());
+        assert!(v["timestamp"].is_string());
+        gw.signal(Signal::Term).unwrap();
+        gw.wait_exit(WAIT).await.unwrap();
+        for l in gw.stderr_lines() {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        }
+    })
+    .await;
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    for (shell, marker) in [
+        ("bash", "_burrow()"),
+        ("zsh", "#compdef burrow"),
+        ("fish", "complete -c burrow"),
+    ] {
+        let out = std::process::Command::new(bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains(marker), "{shell}: {marker} missing");
+        for flag in ["--admin", "--key-file", "--log-format", "--forward"] {
+            assert!(
+                text.contains(flag.trim_start_matches('-')),
+                "{shell}: {flag}"
+            );
+        }
+    }
+    let out = std::process::Command::new(bin())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[tokio::test]
+async fn key_file_keeps_the_key_out_of_the_command_line() {
+    within("key file", async {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = GatewaySpec::new(&dir.path().join("state"))
+            .start(bin())
+            .await
+            .unwrap();
+        let key = gw.key().unwrap();
+        let key_file = dir.path().join("agent.key");
+        std::fs::write(&key_file, format!("{key}\n")).unwrap();
+        let mut args = gw.agent_args();
+        let i = args.iter().position(|a| a == "--key").unwrap();
+        args.drain(i..i + 2);
+        args.extend(["--key-file".into(), key_file.display().to_string()]);
+        let echo_target = TcpTarget::echo().await.unwrap();
+        let agent = AgentSpec::new(args.clone())
+            .forward(&echo_target.addr().to_string())
+            .start(bin())
+            .await
+            .unwrap();
+        echo(agent.public(0), 100_000, 5).await;
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", agent.pid())).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        assert!(
+            !cmdline.contains(&key[..12]),
+            "the key is in the command line"
+        );
+        // The file is readable by others: a warning says so.
+        let mut agent = agent;
+        agent
+            .wait_stderr("readable by other users", WAIT)
+            .await
+            .unwrap();
+
+        let run = |extra: &[&str]| {
+            std::process::Command::new(bin())
+                .args(&args)
+                .args(extra)
+                .env_remove("BURROW_KEY")
+                .output()
+                .unwrap()
+        };
+        let out = run(&["--print-config"]);
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            printed.contains(&format!("key_file = \"{}\"", key_file.display())),
+            "{printed}"
+        );
+        assert!(!printed.contains("bk_"), "{printed}");
+        let out = run(&["--key", &key, "--print-config"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("both a key"), "{err}");
+        std::fs::write(&key_file, "not-a-key-secret-text").unwrap();
+        let out = run(&["--print-config"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("does not hold an agent key"), "{err}");
+        assert!(!err.contains("not-a-key-secret-text"), "{err}");
+    })
+    .await;
+}
+
+/// One service of a compose file: its `command:`, `environment:` entries and healthcheck
+/// `test:`, read from the YAML as written in this repository (block lists of `KEY=VALUE`,
+/// flow lists of strings).
+#[derive(Debug, Default)]
+struct ComposeService {
+    command: Vec<String>,
+    environment: Vec<(String, String)>,
+    healthcheck: Vec<String>,
+}
+
+fn flow_list(s: &str) -> Vec<String> {
+    s.trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split(',')
+        .map(|w| w.trim().trim_matches('"').to_string())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+fn compose_service(file: &str, service: &str) -> ComposeService {
+    let text = std::fs::read_to_string(repo().join(file)).unwrap();
+    let mut out = ComposeService::default();
+    let mut in_service = false;
+    let mut in_env = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        if indent == 2 {
+            in_service = line.trim() == format!("{service}:");
+            in_env = false;
+            continue;
+        }
+        if indent == 0 {
+            in_service = false;
+            continue;
+        }
+        if !in_service {
+            continue;
+        }
+        let item = line.trim();
+        if indent == 4 {
+            in_env = item == "environment:";
+            if let Some(c) = item.strip_prefix("command:") {
+                out.command = flow_list(c);
+            }
+            continue;
+        }
+        if let Some(t) = item.strip_prefix("test:") {
+            out.healthcheck = flow_list(t);
+        }
+        if in_env {
+            let entry = item.strip_prefix("- ").unwrap();
+            let (k, v) = entry.split_once('=').unwrap();
+            out.environment.push((k.to_string(), v.to_string()));
+        }
+    }
+    assert!(!out.command.is_empty(), "{file}: no command for {service}");
+    assert!(!out.environment.is_empty(), "{file}: no environment");
+    out
+}
+
+/// `${NAME:-default}`, `${NAME:?message}` and `${NAME}` as compose reads them, with `given`
+/// as the shell's environment. A required variable the test does not give fails the test.
+fn substitute(value: &str, given: &[(&str, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let end = rest[i..].find('}').unwrap() + i;
+        let expr = &rest[i + 2..end];
+        let (name, op) = match expr.find([':', '-', '?']) {
+            Some(j) => (&expr[..j], &expr[j..]),
+            None => (expr, ""),
+        };
+        let set = given
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty());
+        let v = match (set, op) {
+            (Some(v), _) => v,
+            (None, op) if op.starts_with(":-") => op[2..].to_string(),
+            (None, op) if op.starts_with(":?") => panic!("{name} is required: {}", &op[2..]),
+            (None, _) => String::new(),
+        };
+        out.push_str(&v);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The compose service's command with its environment (and nothing else).
+fn compose_command(svc: &ComposeService, given: &[(&str, String)]) -> std::process::Command {
+    let mut cmd = Burrow::command(bin());
+    cmd.env_clear().args(&svc.command);
+    for (k, v) in &svc.environment {
+        cmd.env(k, substitute(v, given));
+    }
+    cmd
+}
+
+#[tokio::test]
+async fn compose_environment_starts_a_gateway_and_an_agent_that_carry_traffic() {
+    within("compose", async {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        // What an operator exports before `docker compose up`, with loopback and port 0 in
+        // place of the host's addresses.
+        let gw_svc = compose_service("docker-compose.gateway.yml", "gateway");
+        let gw_env = [
+            ("BURROW_PUBLIC_NAME", "127.0.0.1".to_string()),
+            ("BURROW_LISTEN", "127.0.0.1:0".to_string()),
+            ("BURROW_PUBLIC_HOST", "127.0.0.1".to_string()),
+            ("BURROW_STATE_DIR", state.display().to_string()),
+            ("BURROW_ADMIN", "127.0.0.1:0".to_string()),
+        ];
+        let mut gw = Burrow::start(compose_command(&gw_svc, &gw_env)).unwrap();
+        let listening = gw
+            .wait_stdout(|l| l.starts_with("gateway listening on "), WAIT)
+            .await
+            .unwrap();
+        let addr: SocketAddr = listening["gateway listening on ".len()..].parse().unwrap();
+        let fp = gw
+            .wait_stdout(|l| l.starts_with("certificate fingerprint: "), WAIT)
+            .await
+            .unwrap()["certificate fingerprint: ".len()..]
+            .to_string();
+        let line = gw
+            .wait_stdout(|l| l.starts_with("burrow agent "), WAIT)
+            .await
+            .unwrap();
+        let key = line
+            .split_whitespace()
+            .skip_while(|w| *w != "--key")
+            .nth(1)
+            .unwrap()
+            .to_string();
+        let gw_admin = admin_addr(&mut gw).await;
+        // The compose file logs JSON.
+        let first = gw.wait_stderr("gateway listening", WAIT).await.unwrap();
+        serde_json::from_str::<serde_json::Value>(&first).unwrap();
+
+        let echo_target = TcpTarget::echo().await.unwrap();
+        let ag_svc = compose_service("docker-compose.agent.yml", "agent");
+        let ag_env = [
+            ("BURROW_GATEWAY", addr.to_string()),
+            ("BURROW_KEY", key),
+            ("BURROW_FINGERPRINT", fp),
+            ("BURROW_FORWARD", format!("{}", echo_target.addr())),
+            ("BURROW_ADMIN", "127.0.0.1:0".to_string()),
+        ];
+        let mut agent = Burrow::start(compose_command(&ag_svc, &ag_env)).unwrap();
+        let spec = echo_target.addr().to_string();
+        let public = burrow_testkit::wait_public(&mut agent, &[spec], WAIT)
+            .await
+            .unwrap();
+        echo(public[0], 200_000, 11).await;
+        let agent_admin = admin_addr(&mut agent).await;
+
+        // The healthchecks, with each container's environment.
+        for (svc, env, admin) in [
+            (&gw_svc, &gw_env[..], gw_admin),
+            (&ag_svc, &ag_env[..], agent_admin),
+        ] {
+            assert_eq!(svc.healthcheck.first().map(String::as_str), Some("CMD"));
+            assert_eq!(svc.healthcheck.get(1).map(String::as_str), Some("burrow"));
+            let mut check = std::process::Command::new(bin());
+            check.env_clear().args(&svc.healthcheck[2..]);
+            for (k, v) in &svc.environment {
+                check.env(k, substitute(v, env));
+            }
+            // The admin server bound port 0 here; the container's would be 7444.
+            check.env("BURROW_ADMIN", admin.to_string());
+            let out = check.output().unwrap();
+            assert!(
+                out.status.success(),
+                "healthcheck: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let names: Vec<&str> = gw_svc.environment.iter().map(|(k, _)| k.as_str()).collect();
+        println!("compose: gateway from {names:?}, agent from its file; 200,000 bytes echoed");
+    })
+    .await;
+}
