@@ -11,7 +11,7 @@
 //! Files are read strictly: an unknown key or a bad value is an error that names the file, the
 //! line and the key, e.g. `gateway.toml line 7, key agents[0].ports[1]: "70000" is not a port
 //! or range (use 8080 or 9000-9100)`. Relative paths in a file (`state_dir`, `tls_cert`,
-//! `tls_key`, `ca`) are taken relative to the file's directory; `unix:` targets are used as
+//! `tls_key`, `ca`, `key_file`) are taken relative to the file's directory; `unix:` targets are used as
 //! written.
 //!
 //! The grammar of single values is shared by flags and files: [`parse_forward`],
