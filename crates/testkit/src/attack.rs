@@ -237,6 +237,11 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        // The server can accept before the flood's connect returns and counts it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while flood.counts().connects.load(Ordering::Relaxed) < 7 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let report = flood.stop().await;
         assert_eq!(report.connects, 7, "{report}");
         assert_eq!(report.cuts, 1, "{report}");
