@@ -229,6 +229,17 @@ pub struct Board {
     pub last_error: Option<Event>,
 }
 
+#[derive(Debug, Default)]
+struct Datagrams {
+    live: BTreeMap<(String, u64), Session>,
+    ended: [u64; 4],
+}
+
+fn datagram_counts(s: &Session) -> [u64; 4] {
+    let c: &DatagramCounters = s.datagram_counters();
+    [&c.sent, &c.dropped_out, &c.received, &c.dropped_in].map(|v| v.load(Ordering::Relaxed))
+}
+
 /// The counters one role keeps for its admin server.
 #[derive(Debug)]
 pub struct Tally {
@@ -239,8 +250,10 @@ pub struct Tally {
     auth: [AtomicU64; AuthFailure::ALL.len()],
     handshake: Histogram,
     rtt: Histogram,
-    /// Datagram counts of sessions that have ended: sent, dropped out, received, dropped in.
-    dgrams: [AtomicU64; 4],
+    /// Datagram counts: the sessions up now, and the sums of those that have ended (sent,
+    /// dropped out, received, dropped in), under one lock so a session that ends is never
+    /// counted twice or not at all.
+    dgrams: Mutex<Datagrams>,
     errors: Mutex<VecDeque<Event>>,
     boards: Mutex<BTreeMap<String, Board>>,
 }
@@ -298,7 +311,7 @@ impl Tally {
             rtt: Histogram::new([
                 0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
-            dgrams: Default::default(),
+            dgrams: Mutex::default(),
             errors: Mutex::new(VecDeque::new()),
             boards: Mutex::new(BTreeMap::new()),
         }
@@ -367,6 +380,9 @@ impl Tally {
                 t.rtt.observe(rtt.as_secs_f64());
             }
         }));
+        lock(&self.dgrams)
+            .live
+            .insert((name.to_string(), meta.generation), meta.session.clone());
         let mut boards = lock(&self.boards);
         let board = boards.entry(name.to_string()).or_default();
         board.sessions += 1;
@@ -378,17 +394,17 @@ impl Tally {
     pub fn session_down(&self, name: &str, generation: u64, end: &SessionEnd) {
         let by = if end.by_peer { "peer" } else { "local" };
         *lock(&self.ends).entry((snake(end.code), by)).or_default() += 1;
-        let mut boards = lock(&self.boards);
-        let board = boards.entry(name.to_string()).or_default();
-        if let Some(meta) = board.session.take_if(|m| m.generation == generation) {
-            let c: &DatagramCounters = meta.session.datagram_counters();
-            for (i, v) in [&c.sent, &c.dropped_out, &c.received, &c.dropped_in]
-                .iter()
-                .enumerate()
-            {
-                self.dgrams[i].fetch_add(v.load(Ordering::Relaxed), Ordering::Relaxed);
+        {
+            let mut d = lock(&self.dgrams);
+            if let Some(s) = d.live.remove(&(name.to_string(), generation)) {
+                for (sum, n) in d.ended.iter_mut().zip(datagram_counts(&s)) {
+                    *sum += n;
+                }
             }
         }
+        let mut boards = lock(&self.boards);
+        let board = boards.entry(name.to_string()).or_default();
+        board.session.take_if(|m| m.generation == generation);
         if !matches!(
             end.code,
             ErrorCode::Normal | ErrorCode::Shutdown | ErrorCode::Replaced
@@ -455,20 +471,14 @@ impl Tally {
             .collect()
     }
 
-    /// Datagrams of live `sessions` and of sessions that have ended: sent, dropped on the
-    /// way out, received, dropped on arrival.
-    pub fn datagrams<'a>(&self, sessions: impl Iterator<Item = &'a Session>) -> [u64; 4] {
-        let mut out = [0u64; 4];
-        for (o, c) in out.iter_mut().zip(&self.dgrams) {
-            *o = c.load(Ordering::Relaxed);
-        }
-        for s in sessions {
-            let c = s.datagram_counters();
-            for (o, v) in out
-                .iter_mut()
-                .zip([&c.sent, &c.dropped_out, &c.received, &c.dropped_in])
-            {
-                *o += v.load(Ordering::Relaxed);
+    /// Datagrams of every session, up or ended: sent, dropped on the way out, received,
+    /// dropped on arrival.
+    pub fn datagrams(&self) -> [u64; 4] {
+        let d = lock(&self.dgrams);
+        let mut out = d.ended;
+        for s in d.live.values() {
+            for (o, n) in out.iter_mut().zip(datagram_counts(s)) {
+                *o += n;
             }
         }
         out

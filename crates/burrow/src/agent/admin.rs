@@ -142,14 +142,8 @@ impl Report for AgentReport {
 impl Collector for AgentReport {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = self.status.borrow().clone();
-        let board = self.tally.board("");
-        let live = board
-            .session
-            .as_ref()
-            .filter(|_| st.connected)
-            .map(|m| m.session.clone());
         self.tally
-            .encode_common(&mut e, false, self.tally.datagrams(live.iter()))?;
+            .encode_common(&mut e, false, self.tally.datagrams())?;
         let m = e.encode_descriptor(
             "burrow_connected",
             "Whether the agent has a session with its gateway (1) or not (0)",

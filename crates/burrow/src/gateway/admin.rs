@@ -162,7 +162,7 @@ impl Collector for GatewayReport {
         let s = hub.stats.snapshot();
         let sessions = self.live_sessions();
         hub.tally
-            .encode_common(&mut e, true, hub.tally.datagrams(sessions.iter()))?;
+            .encode_common(&mut e, true, hub.tally.datagrams())?;
         let (bound, leased) = {
             let agents = lock(&hub.agents);
             let mut bound = 0i64;
