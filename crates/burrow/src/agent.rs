@@ -32,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+mod admin;
+
+use crate::admin::metrics::{Refused, SessionMeta, Tally, OTHER};
 use crate::config::{AgentConfig, Forward, Target, Trust};
 use crate::relay::{self, Local};
 use crate::session::{self, handshake, SessionEnd, Stream};
@@ -105,6 +108,8 @@ pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, jitter: f64) -
 pub struct Agent {
     config: AgentConfig,
     status: watch::Sender<AgentStatus>,
+    /// What the admin server shows beyond `status`.
+    tally: Arc<Tally>,
 }
 
 impl Agent {
@@ -116,7 +121,20 @@ impl Agent {
             ..AgentStatus::default()
         };
         let (status, _) = watch::channel(status);
-        Agent { config, status }
+        Agent {
+            config,
+            status,
+            tally: Arc::new(Tally::new("agent")),
+        }
+    }
+
+    /// What the admin server ([`crate::admin`]) shows of this agent.
+    pub fn report(&self) -> Arc<dyn crate::admin::Report> {
+        Arc::new(admin::AgentReport {
+            config: self.config.clone(),
+            status: self.status.subscribe(),
+            tally: self.tally.clone(),
+        })
     }
 
     /// Watches the agent's status.
@@ -152,9 +170,10 @@ impl Agent {
         // Sessions in a row that another agent with our key took over soon after they began.
         let mut replaced = 0u32;
         loop {
+            let dialing = Instant::now();
             let dialed = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = connect(&cfg, &url, proxy.as_ref(), tls.clone()) => r,
+                r = connect(&cfg, &url, proxy.as_ref(), tls.clone(), &self.tally) => r,
             };
             // At least this long before the next attempt (what a rate limit asks for).
             let mut at_least = Duration::ZERO;
@@ -162,6 +181,15 @@ impl Agent {
                 Ok(started) => {
                     let session = started.session.clone();
                     let began = Instant::now();
+                    self.tally.handshake_took(dialing.elapsed());
+                    let generation = self.status.borrow().sessions;
+                    let meta = SessionMeta::new(
+                        generation,
+                        &cfg.gateway,
+                        url.scheme.name(),
+                        session.clone(),
+                    );
+                    self.tally.session_up("", meta);
                     ever_connected = true;
                     attempt = 0;
                     self.status.send_modify(|s| {
@@ -171,7 +199,22 @@ impl Agent {
                         s.failed_attempts = 0;
                         s.next_retry = None;
                     });
-                    let ended = serve(&cfg, started, &self.status, &tracker, &shutdown).await;
+                    let ended = serve(
+                        &cfg,
+                        started,
+                        &self.status,
+                        &tracker,
+                        &shutdown,
+                        &self.tally,
+                    )
+                    .await;
+                    let for_tally = session.end().unwrap_or_else(|| session::SessionEnd {
+                        code: ErrorCode::Shutdown,
+                        detail: "agent stopping".into(),
+                        by_peer: false,
+                        lost: false,
+                    });
+                    self.tally.session_down("", generation, &for_tally);
                     self.status.send_modify(|s| {
                         s.connected = false;
                         s.forwards
@@ -244,6 +287,7 @@ impl Agent {
                     }
                     self.status
                         .send_modify(|s| s.last_error = Some(e.message.clone()));
+                    self.tally.agent_error("", &e.message);
                     e.message
                 }
             };
@@ -332,6 +376,7 @@ async fn connect(
     url: &transport::GatewayUrl,
     proxy: Option<&transport::ProxyUrl>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    tally: &Tally,
 ) -> Result<session::Started, Failure> {
     let handshake_deadline = cfg.limits.handshake_timeout;
     let attempt = async {
@@ -348,6 +393,7 @@ async fn connect(
         .await
         .map_err(|e| describe_handshake(cfg, e))?;
         info!(gateway = %cfg.gateway, name = %ok.name, "connected to gateway");
+        tally.set_name("", &ok.name);
         let started = session::start(
             conn.io,
             leftover,
@@ -445,6 +491,7 @@ async fn serve(
     status: &watch::Sender<AgentStatus>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
+    tally: &Arc<Tally>,
 ) -> Ended {
     let session::Started {
         session,
@@ -543,7 +590,7 @@ async fn serve(
             }
             stream = incoming.recv() => {
                 let Some(stream) = stream else { continue };
-                accept_stream(cfg, stream, &granted, &pending, tracker);
+                accept_stream(cfg, stream, &granted, &pending, tracker, tally);
             }
         }
     }
@@ -662,6 +709,7 @@ fn accept_stream(
     granted: &std::sync::Mutex<Vec<bool>>,
     pending: &Arc<Semaphore>,
     tracker: &TaskTracker,
+    tally: &Arc<Tally>,
 ) {
     let service = stream.info().service as usize;
     let client = stream.info().client;
@@ -676,6 +724,8 @@ fn accept_stream(
         .get(service)
         .filter(|f| allowed && f.protocol == Protocol::Tcp);
     let Some(fwd) = fwd.cloned() else {
+        let name = cfg.forwards.get(service).map_or(OTHER, |f| f.name.as_str());
+        tally.refused("", name, Refused::NotAllowed);
         warn!(
             service,
             "gateway opened a stream for a service that is not configured here; refused"
@@ -694,6 +744,8 @@ fn accept_stream(
         forward = %fwd.name,
         client = client.map(tracing::field::display)
     );
+    let meter = tally.stream("", &fwd.name);
+    let tally = tally.clone();
     tracker.spawn(
         async move {
             let started = Instant::now();
@@ -707,23 +759,25 @@ fn accept_stream(
                     local
                 }
                 Ok((Err(e), _)) => {
-                    let code = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                        ErrorCode::ConnectRefused
+                    let (code, why) = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                        (ErrorCode::ConnectRefused, Refused::ConnectRefused)
                     } else {
-                        ErrorCode::ConnectFailed
+                        (ErrorCode::ConnectFailed, Refused::ConnectFailed)
                     };
+                    tally.refused("", &fwd.name, why);
                     warn!(dest = %fwd.target, "cannot connect to target: {e}");
                     stream.reset(code);
                     return;
                 }
                 Err(_) => {
+                    tally.refused("", &fwd.name, Refused::ConnectTimeout);
                     warn!(dest = %fwd.target, "connecting to target timed out after {timeout:?} (connect_timeout)");
                     stream.reset(ErrorCode::ConnectFailed);
                     return;
                 }
             };
             debug!(dest = %fwd.target, "stream opened");
-            let stats = relay::relay(&stream, &mut local).await;
+            let stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(false))).await;
             relay::log_end(&fwd.name, client, &stats, started, relay::LocalIs::Target);
         }
         .instrument(span),

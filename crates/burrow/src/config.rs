@@ -11,7 +11,7 @@
 //! Files are read strictly: an unknown key or a bad value is an error that names the file, the
 //! line and the key, e.g. `gateway.toml line 7, key agents[0].ports[1]: "70000" is not a port
 //! or range (use 8080 or 9000-9100)`. Relative paths in a file (`state_dir`, `tls_cert`,
-//! `tls_key`, `ca`) are taken relative to the file's directory; `unix:` targets are used as
+//! `tls_key`, `ca`, `key_file`) are taken relative to the file's directory; `unix:` targets are used as
 //! written.
 //!
 //! The grammar of single values is shared by flags and files: [`parse_forward`],
@@ -37,8 +37,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+mod ops;
 mod print;
+pub use ops::{read_key_file, LogFormat};
 pub use print::MASKED_KEY;
+
+use crate::admin::{AdminConfig, AdminToken};
 
 /// The tunnel port a gateway listens on when none is given.
 pub const DEFAULT_TUNNEL_PORT: u16 = 7443;
@@ -291,6 +295,8 @@ pub struct GatewayConfig {
     pub ws_trusted_proxies: Vec<ipnet::IpNet>,
     /// `[udp]`: UDP flows (timeouts, limits).
     pub udp: crate::udp::UdpSettings,
+    /// The admin server (`admin`, `admin_token`; off by default).
+    pub admin: AdminConfig,
 }
 
 impl GatewayConfig {
@@ -330,6 +336,7 @@ impl GatewayConfig {
             ws_trusted_proxies: Vec::new(),
             udp: crate::udp::UdpSettings::default(),
             grace: Duration::from_secs(10),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -399,6 +406,10 @@ pub struct AgentConfig {
     pub grace: Duration,
     /// `[udp]`: UDP flows (timeouts, limits).
     pub udp: crate::udp::UdpSettings,
+    /// Where `key` was read from (`key_file`), if from a file.
+    pub key_file: Option<PathBuf>,
+    /// The admin server (`admin`, `admin_token`; off by default).
+    pub admin: AdminConfig,
 }
 
 /// How much a logger says: `error`, `warn`, `info`, `debug` or `trace`.
@@ -915,6 +926,12 @@ pub struct GatewaySettings {
     pub ws_trusted_proxies: Option<Vec<ipnet::IpNet>>,
     /// `[udp]`, complete with defaults for keys the file leaves out.
     pub udp: Option<crate::udp::UdpSettings>,
+    /// `admin`, `--admin`.
+    pub admin: Option<SocketAddr>,
+    /// `admin_token`, `--admin-token`.
+    pub admin_token: Option<AdminToken>,
+    /// `log_format`: not part of [`GatewayConfig`]; the CLI sets up logging with it.
+    pub log_format: Option<LogFormat>,
 }
 
 impl GatewaySettings {
@@ -939,6 +956,9 @@ impl GatewaySettings {
             ws_listen: over.ws_listen.or(self.ws_listen),
             ws_trusted_proxies: over.ws_trusted_proxies.or(self.ws_trusted_proxies),
             udp: over.udp.or(self.udp),
+            admin: over.admin.or(self.admin),
+            admin_token: over.admin_token.or(self.admin_token),
+            log_format: over.log_format.or(self.log_format),
         }
     }
 
@@ -989,6 +1009,11 @@ impl GatewaySettings {
         c.ws_listen = self.ws_listen;
         set(&mut c.ws_trusted_proxies, self.ws_trusted_proxies);
         set(&mut c.udp, self.udp);
+        c.admin = AdminConfig {
+            listen: self.admin,
+            token: self.admin_token,
+        };
+        c.admin.check().map_err(ConfigError::Value)?;
         Ok(c)
     }
 }
@@ -1025,14 +1050,32 @@ pub struct AgentSettings {
     pub log_level: Option<LogLevel>,
     /// `[udp]`, complete with defaults for keys the file leaves out.
     pub udp: Option<crate::udp::UdpSettings>,
+    /// `key_file`, `--key-file`: the key read from a file. With `key`, one setting: the
+    /// highest layer that names either wins.
+    pub key_file: Option<PathBuf>,
+    /// `admin`, `--admin`.
+    pub admin: Option<SocketAddr>,
+    /// `admin_token`, `--admin-token`.
+    pub admin_token: Option<AdminToken>,
+    /// `log_format`: not part of [`AgentConfig`]; the CLI sets up logging with it.
+    pub log_format: Option<LogFormat>,
 }
 
 impl AgentSettings {
     /// `over` on top of `self`: every field `over` sets wins.
     pub fn overlay(self, over: AgentSettings) -> AgentSettings {
+        let (key, key_file) = if over.key.is_some() || over.key_file.is_some() {
+            (over.key, over.key_file)
+        } else {
+            (self.key, self.key_file)
+        };
         AgentSettings {
             gateway: over.gateway.or(self.gateway),
-            key: over.key.or(self.key),
+            key,
+            key_file,
+            admin: over.admin.or(self.admin),
+            admin_token: over.admin_token.or(self.admin_token),
+            log_format: over.log_format.or(self.log_format),
             trust: over.trust.or(self.trust),
             transport: over.transport.or(self.transport),
             server_name: over.server_name.or(self.server_name),
@@ -1058,15 +1101,30 @@ impl AgentSettings {
                 "gateway",
             )
         })?;
-        let key = self.key.ok_or_else(|| {
-            missing(
-                "no agent key (the gateway prints one at its first start and with \
-                 `burrow gateway --print-agent-line`, or make one with `burrow keygen`)",
-                "--key",
-                "BURROW_KEY (keeps it out of `ps`)",
-                "key",
-            )
-        })?;
+        let key = match (self.key, &self.key_file) {
+            (Some(_), Some(file)) => {
+                return Err(ConfigError::Value(format!(
+                    "both a key (--key, BURROW_KEY) and a key file ({}) are set: use one",
+                    file.display()
+                )))
+            }
+            (Some(key), None) => key,
+            (None, Some(file)) => read_key_file(file)?,
+            (None, None) => {
+                return Err(missing(
+                    "no agent key (the gateway prints one at its first start and with \
+                     `burrow gateway --print-agent-line`, or make one with `burrow keygen`)",
+                    "--key-file FILE or --key",
+                    "BURROW_KEY_FILE or BURROW_KEY (both keep it out of `ps`)",
+                    "key_file` or `key",
+                ))
+            }
+        };
+        let admin = AdminConfig {
+            listen: self.admin,
+            token: self.admin_token,
+        };
+        admin.check().map_err(ConfigError::Value)?;
         let url = GatewayUrl::parse(&gateway).map_err(|e| ConfigError::Value(e.to_string()))?;
         let transport = match (url.scheme, self.transport) {
             (Scheme::Wss, Some(TransportKind::Tcp)) => {
@@ -1096,6 +1154,8 @@ impl AgentSettings {
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             grace: self.grace.unwrap_or(DEFAULT_GRACE),
             udp: self.udp.unwrap_or_default(),
+            key_file: self.key_file,
+            admin,
         })
     }
 }
@@ -1389,6 +1449,9 @@ struct RawGateway {
     ws_listen: Option<Checked<SocketAddr>>,
     ws_trusted_proxies: Option<Vec<Checked<ipnet::IpNet>>>,
     udp: Option<RawUdp>,
+    admin: Option<Checked<SocketAddr>>,
+    admin_token: Option<Checked<AdminToken>>,
+    log_format: Option<Checked<LogFormat>>,
 }
 
 /// `[udp]` as written.
@@ -1430,6 +1493,10 @@ struct RawAgent {
     udp: Option<RawUdp>,
     forward: Option<Vec<Spanned<toml::Value>>>,
     forwards: Option<Vec<Spanned<ForwardTable>>>,
+    key_file: Option<Spanned<Checked<PathBuf>>>,
+    admin: Option<Checked<SocketAddr>>,
+    admin_token: Option<Checked<AdminToken>>,
+    log_format: Option<Checked<LogFormat>>,
 }
 
 /// One `[[forwards]]` entry: a table. A string here is a compact spec in the wrong key, one
@@ -1554,6 +1621,9 @@ impl Source<'_> {
             ws_trusted_proxies: raw
                 .ws_trusted_proxies
                 .map(|v| v.into_iter().map(|c| c.0).collect()),
+            admin: inner(raw.admin),
+            admin_token: inner(raw.admin_token),
+            log_format: inner(raw.log_format),
         })
     }
 
@@ -1749,9 +1819,20 @@ impl Source<'_> {
                 ));
             }
         }
+        if let (Some(_), Some(file)) = (&raw.key, &raw.key_file) {
+            return Err(self.error(
+                file.span(),
+                "key_file",
+                "set `key` or `key_file`, not both (key_file keeps the key out of this file)",
+            ));
+        }
         Ok(AgentSettings {
             gateway: inner(raw.gateway).map(|g| g.0),
             key: inner(raw.key),
+            key_file: raw.key_file.map(|f| self.resolve(f.into_inner().0)),
+            admin: inner(raw.admin),
+            admin_token: inner(raw.admin_token),
+            log_format: inner(raw.log_format),
             trust,
             transport,
             server_name: inner(raw.server_name).map(|n| n.0),

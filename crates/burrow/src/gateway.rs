@@ -33,6 +33,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+mod admin;
+
+use crate::admin::metrics::{AuthFailure, Refused, SessionMeta, Tally};
 use crate::config::{AgentGrant, GatewayConfig, KeySpec, PortRange, TransportKind};
 use crate::leases::LeaseBook;
 use crate::limiter::{self, Admit, AuthLimiter, FdBudget, FdPermit, PreauthTable, Refusal, Stage};
@@ -100,6 +103,8 @@ struct Hub {
     lease_book: Mutex<LeaseBook>,
     lease_dirty: tokio::sync::Notify,
     stats: Arc<GatewayStats>,
+    /// What the admin server shows beyond `stats`.
+    tally: Arc<Tally>,
 }
 
 struct AgentEntry {
@@ -291,6 +296,7 @@ impl Gateway {
                 lease_book: Mutex::new(book),
                 lease_dirty: tokio::sync::Notify::new(),
                 stats: Arc::new(GatewayStats::default()),
+                tally: Arc::new(Tally::new("gateway")),
                 config,
             }),
         })
@@ -299,6 +305,11 @@ impl Gateway {
     /// The gateway's counters (shared: they keep counting while it runs).
     pub fn stats(&self) -> Arc<GatewayStats> {
         self.hub.stats.clone()
+    }
+
+    /// What the admin server ([`crate::admin`]) shows of this gateway.
+    pub fn report(&self) -> Arc<dyn crate::admin::Report> {
+        Arc::new(admin::GatewayReport(self.hub.clone(), self.local_addr()))
     }
 
     /// The tunnel listener's address.
@@ -533,6 +544,7 @@ async fn restore_leases(hub: &Arc<Hub>) {
             route,
             cancel,
             agent: l.agent.clone(),
+            service: l.service.clone(),
             conns,
             _fd: fd,
         };
@@ -590,6 +602,7 @@ async fn accept_loop(
         };
         if let Some(first) = cut {
             bump(&hub.stats.rate_limited);
+            hub.tally.auth_failure(AuthFailure::RateLimited, peer, "");
             if first {
                 warn!(%peer, "flood of failed handshakes from this address (over {} at once, then more than one every {:?}): closing its tunnel connections before TLS until it slows down (logged once)", limiter::DEFAULT_SOURCE_BURST, limiter::DEFAULT_SOURCE_REFILL);
             } else {
@@ -642,7 +655,13 @@ async fn accept_loop(
         };
         let hub2 = hub.clone();
         let acceptor = acceptor.clone();
+        let transport = if acceptor.ws_only {
+            "ws-listen"
+        } else {
+            hub.config.transport.as_str()
+        };
         hub.tracker.spawn(async move {
+            let accepted_at = Instant::now();
             let accepted = tokio::select! {
                 _ = evict.cancelled() => {
                     // Not charged to the source: giving way is not a failure.
@@ -659,11 +678,13 @@ async fn accept_loop(
                 Ok(Ok((conn, acc))) => {
                     lock(&hub2.limiter).success(peer.ip(), &acc.key);
                     let peer = conn.peer;
-                    serve_agent(hub2, conn, acc, peer).await
+                    hub2.tally.handshake_took(accepted_at.elapsed());
+                    serve_agent(hub2, conn, acc, peer, transport).await
                 }
                 Ok(Err(failed)) if failed.rate_limited => {
                     bump(&hub2.stats.handshake_failures);
                     bump(&hub2.stats.rate_limited);
+                    hub2.tally.auth_failure(AuthFailure::RateLimited, peer, &failed.why);
                     let key = failed.presented.as_ref();
                     if lock(&hub2.limiter).refused(peer.ip(), key, StdInstant::now()) {
                         let whose = match key {
@@ -677,6 +698,7 @@ async fn accept_loop(
                 }
                 Ok(Err(failed)) => {
                     bump(&hub2.stats.handshake_failures);
+                    hub2.tally.auth_failure(failed.kind, peer, &format!("tunnel handshake failed: {}", failed.why));
                     if by_address {
                         log_failure(&hub2, peer, failed.presented.as_ref(), &failed.why);
                     } else {
@@ -686,6 +708,7 @@ async fn accept_loop(
                 Err(_) => {
                     bump(&hub2.stats.handshake_failures);
                     let why = format!("timed out after {:?}", hub2.config.limits.handshake_timeout);
+                    hub2.tally.auth_failure(AuthFailure::Timeout, peer, "tunnel handshake timed out");
                     if by_address {
                         log_failure(&hub2, peer, None, &why);
                     } else {
@@ -767,6 +790,8 @@ impl Drop for PreauthSlot {
 /// Why a tunnel handshake failed, and what to charge it to.
 struct Failed {
     why: String,
+    /// What kind of failure, for the metrics.
+    kind: AuthFailure,
     /// The key presented, when the gateway knows it (`None`: unknown, or none yet).
     presented: Option<KeyHash>,
     /// Refused for being over the failure budget.
@@ -777,6 +802,7 @@ impl From<String> for Failed {
     fn from(why: String) -> Self {
         Failed {
             why,
+            kind: AuthFailure::Handshake,
             presented: None,
             rate_limited: false,
         }
@@ -840,11 +866,18 @@ async fn handshake_agent(
     let accepted = accepted.map_err(|e| match e {
         handshake::HandshakeError::Rejected { code, message } => Failed {
             why: format!("authentication failed: {message}"),
+            kind: match code {
+                ErrorCode::RateLimited => AuthFailure::RateLimited,
+                _ if presented.is_none() => AuthFailure::UnknownKey,
+                ErrorCode::AuthFailed => AuthFailure::BadProof,
+                _ => AuthFailure::Handshake,
+            },
             presented,
             rate_limited: code == ErrorCode::RateLimited,
         },
         other => Failed {
             why: other.to_string(),
+            kind: AuthFailure::Handshake,
             presented,
             rate_limited: false,
         },
@@ -857,6 +890,7 @@ async fn serve_agent(
     conn: transport::Connected,
     acc: handshake::Accepted,
     peer: SocketAddr,
+    transport: &'static str,
 ) {
     let Some(grant) = hub.grants.get(&acc.key).cloned() else {
         return;
@@ -900,6 +934,7 @@ async fn serve_agent(
             old.close(ErrorCode::Replaced, crate::agent::replaced_message(peer));
         }
         bump(&hub.stats.sessions);
+        hub.tally.session_up(&name, SessionMeta::new(generation, peer, transport, session.clone()));
         let _live = GaugeGuard::new(&hub.stats.active_sessions);
         info!(%peer, key = %acc.key.short(), "agent connected");
         let mut control = started.control;
@@ -965,6 +1000,7 @@ async fn serve_agent(
         } else {
             warn!(%peer, reason = %end, "agent session ended");
         }
+        hub.tally.session_down(&name, generation, &end);
         release(&hub, &name, generation);
     }
     .instrument(span)
@@ -1074,6 +1110,10 @@ async fn bind_port(
 ) -> BindResult {
     let refuse = |code: ErrorCode, text: String| {
         warn!(service = %bind.name, "bind refused: {text}");
+        hub.tally.agent_error(
+            &grant.name,
+            &format!("bind of {} refused: {text}", bind.name),
+        );
         BindResult {
             service: bind.service,
             code,
@@ -1237,6 +1277,7 @@ async fn bind_port(
                 route,
                 cancel,
                 agent: grant.name.clone(),
+                service: bind.name.clone(),
                 conns,
                 _fd: fd,
             };
@@ -1437,6 +1478,8 @@ struct PublicPort {
     cancel: CancellationToken,
     /// The agent's name and its public connections.
     agent: String,
+    /// The service's name, as first bound (for metrics).
+    service: String,
     conns: Arc<Semaphore>,
     /// The listener's descriptor in the public budget.
     _fd: FdPermit,
@@ -1495,6 +1538,8 @@ async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
         };
         let Some(route) = lock(&port.route).clone() else {
             bump(&hub.stats.no_session);
+            hub.tally
+                .refused(&port.agent, &port.service, Refused::NoSession);
             debug!(%client, "no agent session for this port right now; closing the connection");
             continue;
         };
@@ -1502,6 +1547,8 @@ async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
             Ok(p) => p,
             Err(why) => {
                 bump(&hub.stats.public_refused);
+                hub.tally
+                    .refused(&port.agent, &route.name, Refused::PublicLimit);
                 if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
                     warn!(%client, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
                 }
@@ -1518,6 +1565,8 @@ async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
             Ok(s) => s,
             Err(e) => {
                 bump(&hub.stats.streams_refused);
+                hub.tally
+                    .refused(&port.agent, &route.name, Refused::StreamLimit);
                 if let Some(skipped) = refusals.allow(Instant::now()) {
                     warn!(%client, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
                 }
@@ -1526,6 +1575,7 @@ async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
             }
         };
         bump(&hub.stats.streams);
+        let meter = hub.tally.stream(&port.agent, &route.name);
         let hub2 = hub.clone();
         hub.tracker.spawn(
             async move {
@@ -1533,7 +1583,8 @@ async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
                 let _live = GaugeGuard::new(&hub2.stats.active_streams);
                 let started = Instant::now();
                 let mut local = Local::Tcp(tcp);
-                let stats = relay::relay(&stream, &mut local).await;
+                let stats =
+                    relay::relay_metered(&stream, &mut local, Some(meter.meter(true))).await;
                 relay::log_end(
                     &route.name,
                     Some(client),

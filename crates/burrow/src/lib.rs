@@ -17,7 +17,9 @@
 //! - [`agent_line`]: the `burrow agent ...` line a gateway prints for its generated key.
 //! - [`limiter`]: bounded-memory rate limiting of failed authentication per source address.
 //! - [`stats`]: counters of what the gateway served and refused.
+//! - [`admin`]: the admin server: Prometheus metrics, the status as JSON, a status page.
 
+pub mod admin;
 pub mod agent;
 pub mod agent_line;
 pub mod config;

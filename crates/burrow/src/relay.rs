@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 
 use burrow_proto::ErrorCode;
@@ -179,8 +180,26 @@ enum Broke {
     Stream(StreamError),
 }
 
+/// Counters a relay adds its bytes to as they move (for metrics), besides its [`RelayStats`].
+#[derive(Debug, Clone, Copy)]
+pub struct Meter<'a> {
+    /// Bytes read from the local socket.
+    pub from_local: &'a AtomicU64,
+    /// Bytes written to the local socket.
+    pub to_local: &'a AtomicU64,
+}
+
 /// Relays until both directions have finished or either side fails.
 pub async fn relay(stream: &Stream, local: &mut Local) -> RelayStats {
+    relay_metered(stream, local, None).await
+}
+
+/// [`relay`], adding the bytes to `meter` as they move.
+pub async fn relay_metered(
+    stream: &Stream,
+    local: &mut Local,
+    meter: Option<Meter<'_>>,
+) -> RelayStats {
     let (mut reader, writer) = local.halves();
     let mut from_local = 0u64;
     let mut to_local = 0u64;
@@ -217,6 +236,9 @@ pub async fn relay(stream: &Stream, local: &mut Local) -> RelayStats {
                 return Ok::<(), Broke>(());
             }
             from_local += n as u64;
+            if let Some(m) = meter {
+                m.from_local.fetch_add(n as u64, Ordering::Relaxed);
+            }
             // While the socket keeps filling the buffer, chunks are cut from it and the rest
             // is read into next. Once a read drains the socket, the connection may stay idle
             // for hours: it must not keep the buffer (with thousands of idle connections
@@ -248,6 +270,9 @@ pub async fn relay(stream: &Stream, local: &mut Local) -> RelayStats {
                     stream.release(n);
                     written.map_err(Broke::Local)?;
                     to_local += n as u64;
+                    if let Some(m) = meter {
+                        m.to_local.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                 }
                 Ok(false) => {
                     writer.shutdown_write();

@@ -711,6 +711,8 @@ fn a9_wrong_protocol_version_from_a_gateway() {
             connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
             udp: Default::default(),
             grace: Duration::from_secs(1),
+            key_file: None,
+            admin: Default::default(),
         };
         let agent = start_agent(cfg);
         let err = within(Duration::from_secs(10), "agent gives up", agent.task)
@@ -1760,6 +1762,8 @@ fn e1_rogue_gateway_cannot_open_unconfigured_or_refused_services() {
             connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
             udp: Default::default(),
             grace: Duration::from_secs(1),
+            key_file: None,
+            admin: Default::default(),
         };
         let mut agent = start_agent(cfg);
 

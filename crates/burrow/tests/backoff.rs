@@ -27,6 +27,8 @@ async fn reconnect_delays_double_up_to_the_cap_with_jitter() {
         connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
         udp: Default::default(),
         grace: Duration::from_secs(1),
+        key_file: None,
+        admin: Default::default(),
     };
     let agent = Agent::new(cfg);
     let mut status = agent.status();

@@ -21,10 +21,15 @@ pub struct Args {
     gateway: Option<String>,
 
     /// The agent key, bk_... (the gateway prints one at its first start and with
-    /// --print-agent-line; or `burrow keygen`). Prefer
-    /// BURROW_KEY or the config file: command lines are visible to other local users
+    /// --print-agent-line; or `burrow keygen`). Prefer --key-file,
+    /// BURROW_KEY or the config file: command lines are visible to other local users (`ps`)
     #[arg(long, env = "BURROW_KEY", value_name = "KEY", hide_env_values = true)]
     key: Option<String>,
+
+    /// Read the agent key from FILE (just the key, bk_..., as `burrow keygen` prints it or
+    /// the gateway keeps it in agent.key): keeps it out of `ps` and of the environment
+    #[arg(long, env = "BURROW_KEY_FILE", value_name = "FILE")]
+    key_file: Option<PathBuf>,
 
     /// Pin the gateway's certificate, SHA256:HEX (the gateway prints it at start)
     #[arg(long, env = "BURROW_FINGERPRINT", value_name = "SHA256:HEX", value_parser = parse_fingerprint)]
@@ -138,6 +143,10 @@ impl Args {
             max_backoff: self.max_backoff,
             connect_timeout: self.connect_timeout,
             log_level: self.common.log_level,
+            key_file: self.key_file.clone(),
+            admin: self.common.admin,
+            admin_token: self.common.admin_token()?,
+            log_format: self.common.log_format,
             ..AgentSettings::default()
         })
     }
@@ -147,12 +156,20 @@ impl Args {
 pub fn main(args: Args) -> anyhow::Result<()> {
     let file = run::load_file(args.common.config.as_deref(), config::load_agent_file)?;
     let file_level = file.log_level;
+    let log_format = args
+        .common
+        .log_format
+        .or(file.log_format)
+        .unwrap_or_default();
     let file_has_key = file.key.is_some();
     let config = file.overlay(args.settings()?).into_config()?;
     if args.common.print_config {
         return run::print(config.to_toml().trim_end());
     }
-    run::init_logging(args.common.log_level, file_level)?;
+    run::init_logging(args.common.log_level, file_level, log_format)?;
+    if let Some(path) = &config.key_file {
+        burrow::state::warn_if_readable_by_others(path);
+    }
     if let Some(path) = args.common.config.as_deref().filter(|_| file_has_key) {
         burrow::state::warn_if_readable_by_others(path);
     }
@@ -161,8 +178,18 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let names: Vec<String> = config.forwards.iter().map(|f| f.name.clone()).collect();
     run::runtime()?.block_on(async move {
         let signals = run::Signals::install()?;
+        let gateway = config.gateway.clone();
+        let admin = config.admin.clone();
         let agent = Agent::new(config);
+        let admin = burrow::admin::AdminServer::bind(&admin, agent.report())
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("cannot start the agent")?;
+        run::start_admin(admin);
         tokio::spawn(print_forwards(agent.status(), names));
+        crate::notify::ready(&format!("connecting to {gateway}"));
+        crate::notify::spawn_agent_status(agent.status(), gateway);
+        crate::notify::spawn_watchdog();
         let shutdown = CancellationToken::new();
         run::until_signal(agent.run(shutdown.clone()), shutdown, signals, grace).await
     })

@@ -93,8 +93,8 @@ pub fn transport_parser() -> impl TypedValueParser<Value = TransportKind> {
 
 impl Args {
     /// The layer flags and environment make.
-    fn settings(&self) -> GatewaySettings {
-        GatewaySettings {
+    fn settings(&self) -> anyhow::Result<GatewaySettings> {
+        Ok(GatewaySettings {
             listen: self.listen,
             public_host: self.public_host,
             public_name: self.public_name.clone(),
@@ -108,8 +108,11 @@ impl Args {
             ws_listen: self.ws_listen,
             ws_trusted_proxies: (!self.ws_trusted_proxies.is_empty())
                 .then(|| self.ws_trusted_proxies.clone()),
+            admin: self.common.admin,
+            admin_token: self.common.admin_token()?,
+            log_format: self.common.log_format,
             ..GatewaySettings::default()
-        }
+        })
     }
 }
 
@@ -117,12 +120,17 @@ impl Args {
 pub fn main(args: Args) -> anyhow::Result<()> {
     let file = run::load_file(args.common.config.as_deref(), config::load_gateway_file)?;
     let file_level = file.log_level;
+    let log_format = args
+        .common
+        .log_format
+        .or(file.log_format)
+        .unwrap_or_default();
     let file_has_key = file
         .agents
         .iter()
         .flatten()
         .any(|a| matches!(a.key, config::KeySpec::Key(_)));
-    let config = file.overlay(args.settings()).into_config()?;
+    let config = file.overlay(args.settings()?).into_config()?;
     if args.common.print_config {
         // The generated key's hash, when the gateway has made one; unreadable is no reason
         // not to print the rest.
@@ -132,7 +140,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             .map(|k| k.hash());
         return run::print(config.to_toml(generated.as_ref()).trim_end());
     }
-    run::init_logging(args.common.log_level, file_level)?;
+    run::init_logging(args.common.log_level, file_level, log_format)?;
     if let Some(path) = args.common.config.as_deref().filter(|_| file_has_key) {
         burrow::state::warn_if_readable_by_others(path);
     }
@@ -145,12 +153,20 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     }
     info!(target: run::LOG_TARGET, ?config, "gateway settings");
     let grace = config.grace;
+    let admin = config.admin.clone();
     run::runtime()?.block_on(async move {
         let signals = run::Signals::install()?;
         let gateway = Gateway::bind(config)
             .await
             .context("cannot start the gateway")?;
+        let admin = burrow::admin::AdminServer::bind(&admin, gateway.report())
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("cannot start the gateway")?;
         announce(&gateway);
+        run::start_admin(admin);
+        crate::notify::ready(&format!("listening for agents on {}", gateway.local_addr()));
+        crate::notify::spawn_watchdog();
         let shutdown = CancellationToken::new();
         run::until_signal(gateway.run(shutdown.clone()), shutdown, signals, grace).await
     })

@@ -3,6 +3,8 @@
 //! - `burrow gateway` runs on a public host; agents dial in and it opens public ports for them.
 //! - `burrow agent` runs next to a private service and publishes it through a gateway.
 //! - `burrow keygen` prints a new agent key and its key hash, or the hash of an existing key.
+//! - `burrow status` shows a running gateway's or agent's status (from its admin server).
+//! - `burrow completions SHELL` prints a shell completion script.
 //!
 //! This crate only parses flags and environment, sets up logging and handles signals; the
 //! roles live in the `burrow` library.
@@ -10,7 +12,9 @@
 mod agent;
 mod gateway;
 mod keygen;
+mod notify;
 mod run;
+mod status;
 
 use std::process::ExitCode;
 
@@ -28,7 +32,7 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-use burrow::config::LogLevel;
+use burrow::config::{LogFormat, LogLevel};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
@@ -52,6 +56,16 @@ enum Command {
     /// the gateway's `[[agents]]` entry. With --hash or --hash-file, print the key hash of an
     /// existing key.
     Keygen(keygen::Args),
+    /// Show a running gateway's or agent's status as tables: agents, sessions, services,
+    /// streams, bytes and recent errors (read from its admin server, --admin)
+    Status(status::Args),
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell), e.g.
+    /// `burrow completions bash > /etc/bash_completion.d/burrow`
+    Completions {
+        /// The shell.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Flags every role has.
@@ -69,6 +83,44 @@ struct Common {
     /// without starting.
     #[arg(long)]
     print_config: bool,
+
+    /// Log format: text, or json (one object a line, for log shippers) [default: text]
+    #[arg(long, env = "BURROW_LOG_FORMAT", value_name = "FORMAT", value_parser = log_format_parser())]
+    log_format: Option<LogFormat>,
+
+    /// Serve /metrics (Prometheus), /api/status (JSON) and a status page at / on this address,
+    /// usually 127.0.0.1:7444 [default: off]
+    #[arg(long, env = "BURROW_ADMIN", value_name = "ADDR")]
+    admin: Option<std::net::SocketAddr>,
+
+    /// Token the admin server asks for (`Authorization: Bearer TOKEN`), at least 16
+    /// characters; required when --admin is not a loopback address
+    #[arg(
+        long,
+        env = "BURROW_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
+}
+
+impl Common {
+    /// `--admin-token`, checked (the error never repeats the token).
+    fn admin_token(&self) -> anyhow::Result<Option<burrow::admin::AdminToken>> {
+        use anyhow::Context as _;
+        self.admin_token
+            .as_deref()
+            .map(|t| {
+                burrow::admin::AdminToken::parse(t)
+                    .map_err(anyhow::Error::msg)
+                    .context("--admin-token / BURROW_ADMIN_TOKEN")
+            })
+            .transpose()
+    }
+}
+
+fn log_format_parser() -> impl TypedValueParser<Value = LogFormat> {
+    PossibleValuesParser::new(["text", "json"]).try_map(|s| s.parse::<LogFormat>())
 }
 
 fn log_level_parser() -> impl TypedValueParser<Value = LogLevel> {
@@ -85,6 +137,12 @@ fn main() -> ExitCode {
         Command::Gateway(args) => gateway::main(args),
         Command::Agent(args) => agent::main(args),
         Command::Keygen(args) => keygen::main(args),
+        Command::Status(args) => status::main(args),
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "burrow", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,7 +158,7 @@ fn main() -> ExitCode {
 /// came from a variable names the variable, not only the flag.
 fn parse() -> Result<Cli, ExitCode> {
     let mut command = Cli::command();
-    for role in ["gateway", "agent"] {
+    for role in ["gateway", "agent", "status"] {
         command = command.mut_subcommand(role, |mut sub| {
             let empty: Vec<clap::Id> = sub
                 .get_arguments()

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use burrow::config::{ConfigError, LogLevel};
+use burrow::config::{ConfigError, LogFormat, LogLevel};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -42,8 +42,12 @@ pub fn load_file<T: Default>(
 }
 
 /// Sets up logging to stderr: `--log-level`/`BURROW_LOG_LEVEL`, else `RUST_LOG`, else the
-/// file's `log_level`, else info.
-pub fn init_logging(flag: Option<LogLevel>, file: Option<LogLevel>) -> anyhow::Result<()> {
+/// file's `log_level`, else info; as text, or as one JSON object a line (`format`).
+pub fn init_logging(
+    flag: Option<LogLevel>,
+    file: Option<LogLevel>,
+    format: LogFormat,
+) -> anyhow::Result<()> {
     let rust_log = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty());
@@ -54,12 +58,28 @@ pub fn init_logging(flag: Option<LogLevel>, file: Option<LogLevel>) -> anyhow::R
         })?,
         (None, None) => EnvFilter::new(file.unwrap_or_default().as_str()),
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Fields at the top level, beside `timestamp`, `level`, `target` and `message`; the
+        // spans (agent, stream) as `span` and `spans`.
+        LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
+    }
     Ok(())
+}
+
+/// Serves the admin server, if there is one, for as long as the process runs, and prints its
+/// address (`admin listening on http://ADDR`).
+pub fn start_admin(admin: Option<burrow::admin::AdminServer>) {
+    let Some(admin) = admin else {
+        return;
+    };
+    if let Some(addr) = admin.local_addr() {
+        say(&format!("admin listening on http://{addr}"));
+    }
+    tokio::spawn(admin.run(CancellationToken::new()));
 }
 
 /// A multi-threaded tokio runtime.
@@ -111,6 +131,7 @@ pub async fn until_signal<E: Display + Send + 'static>(
             "{sig}: shutting down; open streams get up to {grace:?} to finish (signal again to stop now)"
         ),
     }
+    crate::notify::stopping();
     shutdown.cancel();
     tokio::select! {
         ended = &mut task => finished(ended),

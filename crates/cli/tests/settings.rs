@@ -162,6 +162,23 @@ const FLAGS: &[Flag] = &[
     // Gateway.
     Flag {
         role: Role::Gateway,
+        flag: "--admin",
+        env: "BURROW_ADMIN",
+        file: &["admin = \"127.0.0.1:7000\""],
+        a: ("127.0.0.1:4444", Shows("admin = \"127.0.0.1:4444\"")),
+        b: ("[::1]:5555", Shows("admin = \"[::1]:5555\"")),
+    },
+    // The token is masked, so the other value is one that is refused.
+    Flag {
+        role: Role::Gateway,
+        flag: "--admin-token",
+        env: "BURROW_ADMIN_TOKEN",
+        file: &[],
+        a: ("a-long-enough-admin-token", Shows("admin_token = \"****\"")),
+        b: ("short", Refused("the admin token is too short")),
+    },
+    Flag {
+        role: Role::Gateway,
         flag: "--listen",
         env: "BURROW_LISTEN",
         file: &["listen = \"127.0.0.1:7000\""],
@@ -238,6 +255,23 @@ const FLAGS: &[Flag] = &[
         file: &[AGENT_FILE],
         a: ("env.example:7443", Shows("gateway = \"env.example:7443\"")),
         b: ("[::1]:7443", Shows("gateway = \"[::1]:7443\"")),
+    },
+    Flag {
+        role: Role::Agent,
+        flag: "--admin",
+        env: "BURROW_ADMIN",
+        file: &[AGENT_FILE, "admin = \"127.0.0.1:7000\""],
+        a: ("127.0.0.1:4444", Shows("admin = \"127.0.0.1:4444\"")),
+        b: ("[::1]:5555", Shows("admin = \"[::1]:5555\"")),
+    },
+    // The token is masked, so the other value is one that is refused.
+    Flag {
+        role: Role::Agent,
+        flag: "--admin-token",
+        env: "BURROW_ADMIN_TOKEN",
+        file: &[AGENT_FILE],
+        a: ("a-long-enough-admin-token", Shows("admin_token = \"****\"")),
+        b: ("short", Refused("the admin token is too short")),
     },
     // The key is masked, so the other value is one that is refused.
     Flag {
@@ -567,6 +601,8 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Gateway, "agents.key_hash", ALICE, "key_hash = \"bkh_tjpv6pJLLHVz98RUc4z1VaSnbUDW0Nm1UIIbnZ4xzos\""),
     (Role::Gateway, "agents.key", BOB, "name = \"bob\"\nkey = \"bk_****\""),
     (Role::Gateway, "agents.ports", ALICE, "ports = [8080, \"9000-9100\"]"),
+    (Role::Both, "admin", "admin = \"127.0.0.1:4569\"", "admin = \"127.0.0.1:4569\""),
+    (Role::Both, "admin_token", "admin_token = \"a-long-enough-admin-token\"", "admin_token = \"****\""),
     (Role::Agent, "gateway", "gateway = \"gw.example:9443\"", "gateway = \"gw.example:9443\""),
     (Role::Agent, "key", "key = \"bk_5JG9gAt6USx2Cm5GCBiq-AdRjUxOI2NSRKwsBWYJGSU\"", "key = \"bk_****\""),
     (Role::Agent, "fingerprint", FP_A_KEY, FINGERPRINT_A),
@@ -583,8 +619,9 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Agent, "forwards.name", API, "name = \"api\""),
 ];
 
-/// Keys tested elsewhere: `log_level` in [`LOG_LEVELS`].
-const KEYS_TESTED_ELSEWHERE: &[&str] = &["log_level"];
+/// Keys tested elsewhere: `log_level` in [`LOG_LEVELS`]; `log_format` and `key_file` in
+/// `ops.rs` (JSON logs, the key file), since `--print-config` cannot show them statically.
+const KEYS_TESTED_ELSEWHERE: &[&str] = &["log_level", "log_format", "key_file"];
 
 /// The file for `role` with `toml`: agents get the lines of [`AGENT_FILE`] whose key `toml`
 /// leaves unset (no fingerprint when it sets `ca` or `transport`).

@@ -12,6 +12,8 @@ use std::time::Duration;
 use burrow_proto::auth::KeyHash;
 use burrow_proto::message::Protocol;
 
+use crate::admin::AdminConfig;
+
 use super::{
     forward_name, AgentConfig, AgentGrant, Forward, GatewayConfig, Heartbeat, KeySpec, Limits,
     PortRange, Trust,
@@ -100,6 +102,21 @@ fn udp(out: &mut Out, u: &crate::udp::UdpSettings) {
     out.value("queue", *queue as i64);
 }
 
+/// `admin` and `admin_token` (masked).
+fn admin(out: &mut Out, a: &AdminConfig) {
+    let AdminConfig { listen, token } = a;
+    match listen {
+        Some(addr) => out.text("admin", &addr.to_string()),
+        None => out.line("# admin: not set (no admin server; e.g. admin = \"127.0.0.1:7444\")"),
+    }
+    if token.is_some() {
+        out.text("admin_token", MASKED_TOKEN);
+    }
+}
+
+/// What a masked admin token looks like in the output.
+pub const MASKED_TOKEN: &str = "****";
+
 fn ports(ranges: &[PortRange]) -> toml::Value {
     let items = ranges.iter().map(|r| {
         if r.start == r.end && r.protocol == Protocol::Tcp {
@@ -150,6 +167,7 @@ impl GatewayConfig {
             ws_listen,
             ws_trusted_proxies,
             udp: u,
+            admin,
         } = self;
         let mut out = Out::default();
         out.line("# burrow gateway: the effective settings (flags, environment, file, defaults).");
@@ -180,6 +198,7 @@ impl GatewayConfig {
             .iter()
             .map(|n| toml::Value::from(n.to_string()));
         out.value("ws_trusted_proxies", toml::Value::Array(proxies.collect()));
+        self::admin(&mut out, admin);
         let Heartbeat { interval, misses } = heartbeat;
         out.section("[heartbeat]");
         out.duration("interval", *interval);
@@ -231,12 +250,17 @@ impl AgentConfig {
             grace,
             udp: u,
             proxy,
+            key_file,
+            admin,
         } = self;
         let mut out = Out::default();
         out.line("# burrow agent: the effective settings (flags, environment, file, defaults).");
         out.line("# The key is masked: with the real one in its place, this is a config file.");
         out.text("gateway", gateway);
-        out.text("key", MASKED_KEY);
+        match key_file {
+            Some(p) => out.path("key_file", p),
+            None => out.text("key", MASKED_KEY),
+        }
         match trust {
             Trust::Fingerprint(fp) => {
                 out.text("transport", "tls");
@@ -266,6 +290,7 @@ impl AgentConfig {
         out.duration("max_backoff", *max_backoff);
         out.duration("connect_timeout", *connect_timeout);
         out.duration("grace", *grace);
+        self::admin(&mut out, admin);
         // The compact form when every name is a spec that reads back as its forward (the
         // name of a compact spec is the spec); tables otherwise, which keep any name.
         let compact = forwards

@@ -343,6 +343,9 @@ fn handle(
                             .saturating_duration_since(sent_at)
                             .max(Duration::from_micros(10));
                         st.ping_sent = None;
+                        if let Some(observe) = shared.rtt_observer.get() {
+                            observe(st.rtt);
+                        }
                     }
                 }
             } else {

@@ -71,6 +71,9 @@ pub fn control_queue_cap(params: &SessionParams) -> usize {
     MAX_QUEUED_CONTROL.max(2 * params.max_streams as usize)
 }
 
+/// What [`Session::on_rtt`] calls with each round-trip time.
+pub type RttObserver = Box<dyn Fn(Duration) + Send + Sync>;
+
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionEnd {
@@ -269,6 +272,8 @@ pub(crate) struct Shared {
     params: SessionParams,
     /// Datagram counts.
     dgrams: DatagramCounters,
+    /// Called with each RTT measured (for metrics).
+    rtt_observer: std::sync::OnceLock<RttObserver>,
     name: String,
     /// Lets the driver, which borrows `Shared`, hand out new stream handles.
     self_ref: Weak<Shared>,
@@ -431,6 +436,7 @@ pub fn start(
         ended: CancellationToken::new(),
         params,
         dgrams: DatagramCounters::default(),
+        rtt_observer: std::sync::OnceLock::new(),
         name,
         self_ref: self_ref.clone(),
     });
@@ -577,6 +583,12 @@ impl Session {
             held,
             slots: st.slots.len(),
         }
+    }
+
+    /// Calls `f` with each round-trip time measured from now on (one per heartbeat). Only
+    /// the first observer set is kept.
+    pub fn on_rtt(&self, f: RttObserver) {
+        let _ = self.shared.rtt_observer.set(f);
     }
 
     /// The latest measured round-trip time.

@@ -58,6 +58,8 @@ pub fn agent_config(gw: &TestGateway, forwards: Vec<Forward>) -> AgentConfig {
         connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
         udp: Default::default(),
         grace: Duration::from_secs(2),
+        key_file: None,
+        admin: Default::default(),
     }
 }
 

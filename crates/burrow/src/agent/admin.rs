@@ -1,0 +1,187 @@
+//! What the agent shows its admin server: its session, each forward's state and counters,
+//! and the metrics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use tokio::sync::watch;
+
+use super::{AgentStatus, ForwardStatus};
+use crate::admin::metrics::{unix_secs, ServiceTally, Tally};
+use crate::admin::status::{AgentRow, Reconnect, ServiceRow, SessionRow, Status, Totals};
+use crate::admin::Report;
+use crate::config::AgentConfig;
+
+/// The agent's side of its admin server.
+pub(super) struct AgentReport {
+    pub(super) config: AgentConfig,
+    pub(super) status: watch::Receiver<AgentStatus>,
+    pub(super) tally: Arc<Tally>,
+}
+
+impl std::fmt::Debug for AgentReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentReport")
+    }
+}
+
+fn row(name: &str, t: Option<&Arc<ServiceTally>>) -> ServiceRow {
+    use std::sync::atomic::Ordering::Relaxed;
+    let r =
+        |f: fn(&ServiceTally) -> &std::sync::atomic::AtomicU64| t.map_or(0, |t| f(t).load(Relaxed));
+    ServiceRow {
+        name: name.to_string(),
+        public: None,
+        target: None,
+        state: String::new(),
+        error: None,
+        streams_current: r(|t| &t.streams_current),
+        streams_total: r(|t| &t.streams_total),
+        streams_refused: t.map_or(0, |t| t.refused_total()),
+        bytes_to_service: r(|t| &t.bytes_to_service),
+        bytes_to_client: r(|t| &t.bytes_to_client),
+    }
+}
+
+impl Report for AgentReport {
+    fn status(&self) -> Status {
+        let st = self.status.borrow().clone();
+        let services: HashMap<String, Arc<ServiceTally>> = self
+            .tally
+            .services()
+            .into_iter()
+            .map(|((_, s), t)| (s, t))
+            .collect();
+        let board = self.tally.board("");
+        let session = board
+            .session
+            .as_ref()
+            .filter(|_| st.connected)
+            .map(|m| SessionRow {
+                transport: m.transport.clone(),
+                address: m.peer.clone(),
+                since: unix_secs(m.since),
+                rtt_ms: m.rtt().map(|d| d.as_secs_f64() * 1000.0),
+                streams: m.session.stream_count() as u64,
+            });
+        let forwards = self
+            .config
+            .forwards
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let mut r = row(&f.name, services.get(&f.name));
+                r.target = Some(f.target.to_string());
+                match st.forwards.get(i) {
+                    Some(ForwardStatus::Granted(public)) => {
+                        r.state = "granted".into();
+                        r.public = Some(public.clone());
+                    }
+                    Some(ForwardStatus::Refused(why)) => {
+                        r.state = "refused".into();
+                        r.error = Some(why.clone());
+                    }
+                    Some(ForwardStatus::Pending) | None => r.state = "pending".into(),
+                }
+                r
+            })
+            .collect();
+        let mut totals = Totals {
+            agents_connected: u64::from(st.connected),
+            sessions: st.sessions,
+            ..Totals::default()
+        };
+        for (name, t) in &services {
+            totals.add(&row(name, Some(t)));
+        }
+        let started = self.tally.started();
+        Status {
+            role: "agent".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started: unix_secs(started),
+            uptime_secs: SystemTime::now()
+                .duration_since(started)
+                .map_or(0, |d| d.as_secs()),
+            listen: None,
+            gateway: Some(self.config.gateway.clone()),
+            reconnect: (!st.connected).then(|| Reconnect {
+                failed_attempts: st.failed_attempts,
+                next_retry_ms: st
+                    .next_retry
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            }),
+            agents: vec![AgentRow {
+                name: board.name.clone().unwrap_or_else(|| "this agent".into()),
+                key: Some(self.config.key.hash().short()),
+                connected: st.connected,
+                session,
+                sessions: st.sessions,
+                services: forwards,
+                last_error: board.last_error.clone(),
+            }],
+            totals,
+            recent_errors: self.tally.recent_errors(),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        crate::admin::metrics::render(AgentReport {
+            config: self.config.clone(),
+            status: self.status.clone(),
+            tally: self.tally.clone(),
+        })
+    }
+}
+
+impl Collector for AgentReport {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let st = self.status.borrow().clone();
+        self.tally
+            .encode_common(&mut e, false, self.tally.datagrams())?;
+        let m = e.encode_descriptor(
+            "burrow_connected",
+            "Whether the agent has a session with its gateway (1) or not (0)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(st.connected)).encode(m)?;
+        let m = e.encode_descriptor(
+            "burrow_sessions",
+            "Sessions established with the gateway",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(st.sessions).encode(m)?;
+        let m = e.encode_descriptor(
+            "burrow_connect_failures_current",
+            "Failed attempts to reach the gateway since the last session",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(st.failed_attempts)).encode(m)?;
+        let mut m = e.encode_descriptor(
+            "burrow_forwards",
+            "Forwards by state: pending (not answered yet), granted, refused",
+            None,
+            MetricType::Gauge,
+        )?;
+        let mut counts = [0i64; 3];
+        for f in &st.forwards {
+            counts[match f {
+                ForwardStatus::Pending => 0,
+                ForwardStatus::Granted(_) => 1,
+                ForwardStatus::Refused(_) => 2,
+            }] += 1;
+        }
+        for (state, n) in ["pending", "granted", "refused"].iter().zip(counts) {
+            ConstGauge::new(n).encode(m.encode_family(&[("state", *state)])?)?;
+        }
+        Ok(())
+    }
+}
