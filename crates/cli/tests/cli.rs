@@ -1,6 +1,7 @@
 //! The `burrow` binary: keygen, configuration errors, flags over environment over file.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -626,4 +627,28 @@ fn state_directory_others_can_change_is_refused() -> anyhow::Result<()> {
         assert!(stderr.contains("belongs to user 65534"), "{stderr}");
     }
     Ok(())
+}
+
+/// What Cargo.toml promises ships with the source: the licences it names, and a release
+/// profile without debug info (56 MB of it made the binary hard to ship; 8 MB without).
+#[test]
+fn licences_named_in_cargo_toml_exist_and_the_release_profile_is_lean() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let manifest: toml::Value = manifest.parse().unwrap();
+    let licence = manifest["workspace"]["package"]["license"]
+        .as_str()
+        .unwrap();
+    assert_eq!(licence, "MIT OR Apache-2.0");
+    for (file, needle) in [
+        ("LICENSE-MIT", "Permission is hereby granted"),
+        ("LICENSE-APACHE", "Apache License"),
+    ] {
+        let text = std::fs::read_to_string(root.join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e} (Cargo.toml names this licence)"));
+        assert!(text.contains(needle), "{file} holds the licence text");
+    }
+    let release = &manifest["profile"]["release"];
+    assert_eq!(release["debug"].as_bool(), Some(false), "{release:?}");
+    assert_eq!(release["strip"].as_str(), Some("debuginfo"), "{release:?}");
 }
