@@ -40,6 +40,7 @@ mod targets;
 mod throughput;
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
@@ -129,6 +130,7 @@ impl Tunnelled {
         settings: &Settings,
         bin: &Path,
         transport: Transport,
+        gateway_config: Option<&Path>,
         held: Option<SocketAddr>,
     ) -> anyhow::Result<Tunnelled> {
         let targets = Targets::start(settings.write_len).await?;
@@ -143,7 +145,7 @@ impl Tunnelled {
             bin,
             transport,
             &published,
-            settings.gateway_config.as_deref(),
+            gateway_config,
             settings.agent_config.as_deref(),
         )
         .await
@@ -225,11 +227,18 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
     } else {
         Some(EchoProcess::start().await?)
     };
+    let own_config = match held_limit(settings) {
+        Some(limit) => Some(held_config(limit)?),
+        None => None,
+    };
+    let gateway_config = (settings.gateway_config.as_deref())
+        .or_else(|| own_config.as_ref().map(tempfile::NamedTempFile::path));
     // The memory rows go through the first tunnel.
     let mut tunnels = Vec::new();
     for (i, &transport) in settings.transports.iter().enumerate() {
         let held = held.as_ref().filter(|_| i == 0).map(|h| h.addr);
-        tunnels.push(Tunnelled::start(settings, bin, transport, held).await?);
+        let started = Tunnelled::start(settings, bin, transport, gateway_config, held).await?;
+        tunnels.push(started);
     }
     let bench = Bench {
         settings,
@@ -483,6 +492,36 @@ impl Bench<'_> {
     }
 }
 
+/// Connections the bench itself may hold through one agent besides the memory rows' (warm-up,
+/// workloads, a level's stragglers).
+const HELD_SLACK: u32 = 1024;
+
+/// The public connection limit per agent (`[limits] max_public_conns_per_agent`) the bench
+/// gives its gateways so the memory rows' largest level fits: when those rows run and the
+/// caller gave no gateway config. The gateway's default (8192) is below the full run's 10,000.
+fn held_limit(s: &Settings) -> Option<u32> {
+    let most = s.conns.iter().copied().max()?;
+    s.gateway_config
+        .is_none()
+        .then(|| most.saturating_add(HELD_SLACK))
+}
+
+/// A gateway config file that raises the per-agent public connection limit to `limit`.
+fn held_config(limit: u32) -> anyhow::Result<tempfile::NamedTempFile> {
+    let mut file = tempfile::Builder::new()
+        .prefix("burrow-bench-gateway")
+        .suffix(".toml")
+        .tempfile()
+        .context("cannot create the gateway config file")?;
+    writeln!(
+        file,
+        "# burrow-bench: the memory rows hold this many connections through one agent.\n\
+         [limits]\nmax_public_conns_per_agent = {limit}"
+    )
+    .context("cannot write the gateway config file")?;
+    Ok(file)
+}
+
 /// The settings line of the report.
 fn describe(s: &Settings) -> String {
     let list = |items: &[u32]| {
@@ -517,10 +556,43 @@ fn describe(s: &Settings) -> String {
     if !s.relay {
         line.push_str("; 2-hop relay reference skipped");
     }
+    if let Some(limit) = held_limit(s) {
+        line.push_str(&format!(
+            "; gateways run with [limits] max_public_conns_per_agent = {limit}"
+        ));
+    }
     for (who, config) in [("gateway", &s.gateway_config), ("agent", &s.agent_config)] {
         if let Some(path) = config {
             line.push_str(&format!("; {who} config {}", path.display()));
         }
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str]) -> Settings {
+        options::Args::parse_from(std::iter::once("b").chain(args.iter().copied())).settings()
+    }
+
+    #[test]
+    fn the_memory_rows_fit_the_gateways_connection_limit() {
+        // The full run holds 10,000 connections through one agent.
+        assert_eq!(held_limit(&settings(&[])), Some(10_000 + HELD_SLACK));
+        assert_eq!(
+            held_limit(&settings(&["--conns", "20,5"])),
+            Some(20 + HELD_SLACK)
+        );
+        // The caller's config is theirs to size; no memory rows, no limit to raise.
+        assert_eq!(held_limit(&settings(&["--gateway-config", "g.toml"])), None);
+        assert_eq!(held_limit(&settings(&["--skip-memory"])), None);
+        let file = held_config(123).unwrap();
+        let text = std::fs::read_to_string(file.path()).unwrap();
+        assert!(
+            text.contains("[limits]\nmax_public_conns_per_agent = 123\n"),
+            "{text}"
+        );
+    }
 }
