@@ -2,11 +2,13 @@
 //! and the same workloads through the tunnel, over a direct connection, and through a
 //! reference of two plain TCP relays in separate processes (the same hops without encryption
 //! or multiplexing), then prints one markdown table with medians, spread and the ratios to
-//! direct and to the reference.
+//! direct and to the reference. With `--transport`, each transport (tls, wss, tcp, ws) is a
+//! tunnel of its own, measured round-robin with the others, and compared with the tls one.
 //!
 //! ```text
-//! cargo run --release -p burrow-bench            # full run, a few minutes
-//! cargo run --release -p burrow-bench -- --quick # CI smoke run, seconds
+//! cargo run --release -p burrow-bench                            # full run, a few minutes
+//! cargo run --release -p burrow-bench -- --quick                 # CI smoke run, seconds
+//! cargo run --release -p burrow-bench -- --transport tls,wss,tcp,ws
 //! ```
 //!
 //! It is not a timed test: it exits non-zero only when a correctness check fails (bytes lost,
@@ -15,7 +17,8 @@
 //!
 //! # Layout
 //! - `options`: flags and their defaults (`--quick` picks the small ones).
-//! - `procs`: finds or builds `burrow`, runs the gateway and agent, reads what they print.
+//! - `procs`: finds or builds `burrow`, runs a gateway and agent pair over one transport,
+//!   reads what they print.
 //! - `targets`: echo, sink and source services inside the bench; `echo_proc`: an echo in a
 //!   child process for the memory rows, so that 10,000 connections fit the open-file limit.
 //! - `relay_proc`: the 2-hop reference, two forwarding child processes in a row.
@@ -36,6 +39,8 @@ mod sys;
 mod targets;
 mod throughput;
 
+use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
@@ -48,9 +53,9 @@ use clap::Parser as _;
 use crate::echo_proc::EchoProcess;
 use crate::memory::Rss;
 use crate::options::Settings;
-use crate::procs::Tunnel;
+use crate::procs::{Transport, Tunnel};
 use crate::relay_proc::RelayChain;
-use crate::report::{Cpu, Latency, RelayCpu, Results, Route, Throughput};
+use crate::report::{Cpu, CpuUse, Latency, Results, Route, Throughput};
 use crate::targets::Targets;
 use crate::throughput::{Direction, Endpoints, Workload};
 
@@ -104,13 +109,64 @@ fn run(settings: &Settings) -> anyhow::Result<Results> {
     Ok(results)
 }
 
-/// The public addresses of the tunnelled targets.
-struct Public {
+/// One tunnel: targets of its own (so its downloads have their own ledger) behind a gateway
+/// and agent pair over one transport.
+struct Tunnelled {
+    transport: Transport,
+    targets: Targets,
+    tunnel: Tunnel,
+    /// The public addresses of the targets.
     echo: SocketAddr,
     sink: SocketAddr,
     source: SocketAddr,
-    /// The echo child of the memory rows, when they run.
+    /// The public address of the memory rows' echo child, on the tunnel they go through.
     held: Option<SocketAddr>,
+}
+
+impl Tunnelled {
+    /// Starts the targets, then the gateway and agent publishing them and `held` (the echo
+    /// child of the memory rows, when they go through this tunnel).
+    async fn start(
+        settings: &Settings,
+        bin: &Path,
+        transport: Transport,
+        gateway_config: Option<&Path>,
+        held: Option<SocketAddr>,
+    ) -> anyhow::Result<Tunnelled> {
+        let targets = Targets::start(settings.write_len).await?;
+        let mut published = vec![targets.echo, targets.sink, targets.source];
+        published.extend(held);
+        eprintln!(
+            "bench: starting {} gateway and agent over {}",
+            bin.display(),
+            transport.name()
+        );
+        let tunnel = Tunnel::start(
+            bin,
+            transport,
+            &published,
+            gateway_config,
+            settings.agent_config.as_deref(),
+        )
+        .await
+        .with_context(|| format!("the {} tunnel did not start", transport.name()))?;
+        let [echo, sink, source, ..] = tunnel.public[..] else {
+            bail!(
+                "the agent printed {} addresses, not {}",
+                tunnel.public.len(),
+                published.len()
+            );
+        };
+        Ok(Tunnelled {
+            transport,
+            held: tunnel.public.get(3).copied(),
+            targets,
+            tunnel,
+            echo,
+            sink,
+            source,
+        })
+    }
 }
 
 /// The reference path: targets of its own (so its downloads have their own ledger, as the
@@ -149,17 +205,17 @@ struct Way<'a> {
     echo: SocketAddr,
 }
 
-/// Starts the targets, the relay reference and the tunnel, runs every section, and stops the
-/// tunnel and the relays.
+/// Starts the targets, the relay reference and a tunnel per transport, runs every section,
+/// and stops the tunnels and the relays.
 async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result<Results> {
     let mut results = Results {
         machine: Some(sys::Machine::describe(fd_limit)),
         settings: describe(settings),
+        transports: settings.transports.clone(),
         relay: settings.relay,
         ..Results::default()
     };
     let direct = Targets::start(settings.write_len).await?;
-    let tunnelled = Targets::start(settings.write_len).await?;
     let relayed = if settings.relay {
         eprintln!("bench: starting the 2-hop relay reference");
         Some(Relayed::start(settings.write_len).await?)
@@ -171,33 +227,30 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
     } else {
         Some(EchoProcess::start().await?)
     };
-    let mut published = vec![tunnelled.echo, tunnelled.sink, tunnelled.source];
-    published.extend(held.as_ref().map(|h| h.addr));
-    eprintln!("bench: starting {} gateway and agent", bin.display());
-    let tunnel = Tunnel::start(
-        bin,
-        &published,
-        settings.gateway_config.as_deref(),
-        settings.agent_config.as_deref(),
-    )
-    .await?;
-    let public = Public {
-        echo: tunnel.public[0],
-        sink: tunnel.public[1],
-        source: tunnel.public[2],
-        held: tunnel.public.get(3).copied(),
+    let own_config = match held_limit(settings) {
+        Some(limit) => Some(held_config(limit)?),
+        None => None,
     };
+    let gateway_config = (settings.gateway_config.as_deref())
+        .or_else(|| own_config.as_ref().map(tempfile::NamedTempFile::path));
+    // The memory rows go through the first tunnel.
+    let mut tunnels = Vec::new();
+    for (i, &transport) in settings.transports.iter().enumerate() {
+        let held = held.as_ref().filter(|_| i == 0).map(|h| h.addr);
+        let started = Tunnelled::start(settings, bin, transport, gateway_config, held).await?;
+        tunnels.push(started);
+    }
     let bench = Bench {
         settings,
         direct: &direct,
-        tunnelled: &tunnelled,
-        public: &public,
-        tunnel: &tunnel,
+        tunnels: &tunnels,
         relayed: relayed.as_ref(),
         fd_limit,
     };
     let outcome = bench.sections(&mut results, held.as_mut()).await;
-    results.notes.extend(tunnel.stop().await);
+    for t in tunnels {
+        results.notes.extend(t.tunnel.stop().await);
+    }
     if let Some(relayed) = relayed {
         results.notes.extend(relayed.chain.stop().await);
     }
@@ -209,9 +262,8 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
 struct Bench<'a> {
     settings: &'a Settings,
     direct: &'a Targets,
-    tunnelled: &'a Targets,
-    public: &'a Public,
-    tunnel: &'a Tunnel,
+    /// One per transport, in the order of `--transport`; never empty.
+    tunnels: &'a [Tunnelled],
     /// `None` when the reference is skipped.
     relayed: Option<&'a Relayed>,
     fd_limit: u64,
@@ -226,14 +278,16 @@ impl Bench<'_> {
         self.warm_up(results).await;
         self.throughput(results).await?;
         self.latency(results).await;
-        if let (Some(held), Some(addr)) = (held, self.public.held) {
-            self.memory(results, held, addr).await?;
+        if let (Some(held), Some(via)) = (held, self.tunnels.first()) {
+            if let Some(addr) = via.held {
+                self.memory(results, held, via, addr).await?;
+            }
         }
         Ok(())
     }
 
     /// Every route measured, in the order each workload runs them: direct, the relay
-    /// reference, the tunnel.
+    /// reference, then each tunnel.
     fn ways(&self) -> Vec<Way<'_>> {
         let mut ways = vec![Way {
             route: Route::Direct,
@@ -251,15 +305,15 @@ impl Bench<'_> {
                 echo: relayed.echo,
             });
         }
-        ways.push(Way {
-            route: Route::Tunnel,
+        ways.extend(self.tunnels.iter().map(|t| Way {
+            route: Route::Tunnel(t.transport),
             to: Endpoints {
-                sink: self.public.sink,
-                source: self.public.source,
-                ledger: &self.tunnelled.ledger,
+                sink: t.sink,
+                source: t.source,
+                ledger: &t.targets.ledger,
             },
-            echo: self.public.echo,
-        });
+            echo: t.echo,
+        }));
         ways
     }
 
@@ -289,8 +343,9 @@ impl Bench<'_> {
         }
     }
 
-    /// Every throughput workload on every route (direct, relay, tunnel), round after round;
-    /// and the CPU time of the gateway and agent, and of the relays, over the whole section.
+    /// Every throughput workload on every route (direct, relay, each tunnel), round after
+    /// round; and the CPU time of each gateway and agent pair, and of the relays, over the
+    /// whole section.
     async fn throughput(&self, results: &mut Results) -> anyhow::Result<()> {
         let s = self.settings;
         let chunk: Arc<[u8]> = pattern::buffer(s.write_len).into();
@@ -319,15 +374,22 @@ impl Bench<'_> {
                     _ => None,
                 },
                 direct: Vec::new(),
-                tunnel: Vec::new(),
+                tunnel: Default::default(),
                 relay: Vec::new(),
             })
             .collect();
         let ways = self.ways();
         let relay_cpu = || self.relayed.map(|r| r.chain.cpu_seconds()).transpose();
-        let cpu_before = self.tunnel.cpu_seconds()?;
+        let tunnel_cpu = || -> anyhow::Result<Vec<f64>> {
+            self.tunnels
+                .iter()
+                .map(|t| t.tunnel.cpu_seconds())
+                .collect()
+        };
+        let cpu_before = tunnel_cpu()?;
         let relay_cpu_before = relay_cpu()?;
-        let (mut tunnel_bytes, mut relay_bytes) = (0, 0);
+        let mut tunnel_bytes = BTreeMap::<Transport, u64>::new();
+        let mut relay_bytes = 0;
         for round in 1..=s.rounds {
             eprintln!("bench: throughput, round {round}/{}", s.rounds);
             for (work, row) in workloads.iter().zip(&mut rows) {
@@ -338,7 +400,9 @@ impl Bench<'_> {
                             match way.route {
                                 Route::Direct => {}
                                 Route::Relay => relay_bytes += t.bytes,
-                                Route::Tunnel => tunnel_bytes += t.bytes,
+                                Route::Tunnel(transport) => {
+                                    *tunnel_bytes.entry(transport).or_default() += t.bytes;
+                                }
                             }
                         }
                         Err(e) => results.failures.push(format!(
@@ -350,25 +414,28 @@ impl Bench<'_> {
                 }
             }
         }
-        let seconds = self.tunnel.cpu_seconds()? - cpu_before;
+        let tunnel = (self.tunnels.iter())
+            .zip(tunnel_cpu()?.into_iter().zip(cpu_before))
+            .map(|(t, (after, before))| {
+                let seconds = after - before;
+                let bytes = tunnel_bytes.get(&t.transport).copied().unwrap_or_default();
+                (t.transport, CpuUse { seconds, bytes })
+            })
+            .collect();
         let relay = match (relay_cpu()?, relay_cpu_before) {
-            (Some(after), Some(before)) => Some(RelayCpu {
+            (Some(after), Some(before)) => Some(CpuUse {
                 seconds: after - before,
                 bytes: relay_bytes,
             }),
             _ => None,
         };
-        results.cpu = Some(Cpu {
-            seconds,
-            tunnel_bytes,
-            relay,
-        });
+        results.cpu = Some(Cpu { tunnel, relay });
         results.throughput = rows;
         Ok(())
     }
 
-    /// Request/response and connect + first byte on every route (direct, relay, tunnel), round
-    /// after round.
+    /// Request/response and connect + first byte on every route (direct, relay, each tunnel),
+    /// round after round.
     async fn latency(&self, results: &mut Results) {
         let s = self.settings;
         let (mut rr, mut connect) = (Latency::default(), Latency::default());
@@ -395,18 +462,21 @@ impl Bench<'_> {
         results.connect = connect;
     }
 
-    /// Idle memory, then each number of held connections to `addr`, the public address of
-    /// the echo child `held`.
+    /// Idle memory of tunnel `via`, then each number of held connections to `addr`, the
+    /// public address there of the echo child `held`.
     async fn memory(
         &self,
         results: &mut Results,
         held: &mut EchoProcess,
+        via: &Tunnelled,
         addr: SocketAddr,
     ) -> anyhow::Result<()> {
-        results.idle = Some(Rss::settled(self.tunnel).await?);
+        let tunnel = &via.tunnel;
+        results.memory_transport = Some(via.transport);
+        results.idle = Some(Rss::settled(tunnel).await?);
         for &n in &self.settings.conns {
             eprintln!("bench: memory, {n} idle connections");
-            match memory::level(addr, n, self.tunnel, held, self.fd_limit).await {
+            match memory::level(addr, n, tunnel, held, self.fd_limit).await {
                 Ok(level) => {
                     let held = report::thousands(n);
                     for (why, count) in &level.failures {
@@ -422,6 +492,36 @@ impl Bench<'_> {
     }
 }
 
+/// Connections the bench itself may hold through one agent besides the memory rows' (warm-up,
+/// workloads, a level's stragglers).
+const HELD_SLACK: u32 = 1024;
+
+/// The public connection limit per agent (`[limits] max_public_conns_per_agent`) the bench
+/// gives its gateways so the memory rows' largest level fits: when those rows run and the
+/// caller gave no gateway config. The gateway's default (8192) is below the full run's 10,000.
+fn held_limit(s: &Settings) -> Option<u32> {
+    let most = s.conns.iter().copied().max()?;
+    s.gateway_config
+        .is_none()
+        .then(|| most.saturating_add(HELD_SLACK))
+}
+
+/// A gateway config file that raises the per-agent public connection limit to `limit`.
+fn held_config(limit: u32) -> anyhow::Result<tempfile::NamedTempFile> {
+    let mut file = tempfile::Builder::new()
+        .prefix("burrow-bench-gateway")
+        .suffix(".toml")
+        .tempfile()
+        .context("cannot create the gateway config file")?;
+    writeln!(
+        file,
+        "# burrow-bench: the memory rows hold this many connections through one agent.\n\
+         [limits]\nmax_public_conns_per_agent = {limit}"
+    )
+    .context("cannot write the gateway config file")?;
+    Ok(file)
+}
+
 /// The settings line of the report.
 fn describe(s: &Settings) -> String {
     let list = |items: &[u32]| {
@@ -432,9 +532,15 @@ fn describe(s: &Settings) -> String {
             .join(",")
     };
     let mut line = format!(
-        "{}{} round(s); throughput runs of {:?} with {} KiB writes, parallel streams {}; {} \
-         request/response round trips and {} connects per round; idle connections {}",
+        "{}transports {}; {} round(s); throughput runs of {:?} with {} KiB writes, parallel \
+         streams {}; {} request/response round trips and {} connects per round; idle \
+         connections {}",
         if s.quick { "quick; " } else { "" },
+        s.transports
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(","),
         s.rounds,
         s.duration,
         s.write_len / 1024,
@@ -450,10 +556,43 @@ fn describe(s: &Settings) -> String {
     if !s.relay {
         line.push_str("; 2-hop relay reference skipped");
     }
+    if let Some(limit) = held_limit(s) {
+        line.push_str(&format!(
+            "; gateways run with [limits] max_public_conns_per_agent = {limit}"
+        ));
+    }
     for (who, config) in [("gateway", &s.gateway_config), ("agent", &s.agent_config)] {
         if let Some(path) = config {
             line.push_str(&format!("; {who} config {}", path.display()));
         }
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str]) -> Settings {
+        options::Args::parse_from(std::iter::once("b").chain(args.iter().copied())).settings()
+    }
+
+    #[test]
+    fn the_memory_rows_fit_the_gateways_connection_limit() {
+        // The full run holds 10,000 connections through one agent.
+        assert_eq!(held_limit(&settings(&[])), Some(10_000 + HELD_SLACK));
+        assert_eq!(
+            held_limit(&settings(&["--conns", "20,5"])),
+            Some(20 + HELD_SLACK)
+        );
+        // The caller's config is theirs to size; no memory rows, no limit to raise.
+        assert_eq!(held_limit(&settings(&["--gateway-config", "g.toml"])), None);
+        assert_eq!(held_limit(&settings(&["--skip-memory"])), None);
+        let file = held_config(123).unwrap();
+        let text = std::fs::read_to_string(file.path()).unwrap();
+        assert!(
+            text.contains("[limits]\nmax_public_conns_per_agent = 123\n"),
+            "{text}"
+        );
+    }
 }

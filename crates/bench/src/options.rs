@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+
+use crate::procs::Transport;
 
 /// Runs the same workloads through a real `burrow` gateway and agent, over a direct loopback
 /// connection, and through two plain TCP relays in separate processes (the cost of the two
@@ -48,6 +50,12 @@ pub struct Args {
     #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     conns: Option<Vec<u32>>,
 
+    /// Tunnel transports to measure, each through a gateway and agent of its own, round-robin
+    /// in the same rounds: tls, wss, tcp, ws, or all [default: tls; quick: tls,wss]. The
+    /// memory rows use the first one.
+    #[arg(long, value_name = "T,...", value_delimiter = ',')]
+    transport: Option<Vec<TransportArg>>,
+
     /// Leave out the memory rows
     #[arg(long)]
     skip_memory: bool,
@@ -79,6 +87,41 @@ pub struct Args {
     pub serve_relay: Option<Vec<SocketAddr>>,
 }
 
+/// A `--transport` item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    /// TLS 1.3 to the tunnel port
+    Tls,
+    /// WebSocket inside TLS, to the same port
+    Wss,
+    /// Plain TCP (the gateway runs --transport tcp)
+    Tcp,
+    /// WebSocket over plain TCP (the gateway runs --transport tcp)
+    Ws,
+    /// All four: tls,wss,tcp,ws
+    All,
+}
+
+/// The transports `items` name, in their order, each once.
+fn transports(items: &[TransportArg]) -> Vec<Transport> {
+    let mut list = Vec::new();
+    for item in items {
+        let named: &[Transport] = match item {
+            TransportArg::Tls => &[Transport::Tls],
+            TransportArg::Wss => &[Transport::Wss],
+            TransportArg::Tcp => &[Transport::Tcp],
+            TransportArg::Ws => &[Transport::Ws],
+            TransportArg::All => &Transport::ALL,
+        };
+        for t in named {
+            if !list.contains(t) {
+                list.push(*t);
+            }
+        }
+    }
+    list
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     match humantime::parse_duration(s.trim()) {
         Ok(d) if !d.is_zero() => Ok(d),
@@ -101,6 +144,8 @@ pub struct Settings {
     pub conns: Vec<u32>,
     /// Whether to measure the 2-hop relay reference.
     pub relay: bool,
+    /// The tunnels to measure, in order, each once; never empty.
+    pub transports: Vec<Transport>,
     pub json: Option<PathBuf>,
     pub gateway_config: Option<PathBuf>,
     pub agent_config: Option<PathBuf>,
@@ -131,6 +176,12 @@ impl Args {
             connect_iters: self.connect_iters.unwrap_or(pick(2_000, 100)),
             conns,
             relay: !self.skip_relay,
+            transports: match self.transport {
+                Some(items) => transports(&items),
+                // The quick run is CI's smoke test: it goes through the WebSocket path too.
+                None if quick => vec![Transport::Tls, Transport::Wss],
+                None => vec![Transport::Tls],
+            },
             json: self.json,
             gateway_config: self.gateway_config,
             agent_config: self.agent_config,
@@ -159,6 +210,24 @@ mod tests {
         assert_eq!(s.duration, Duration::from_millis(250));
         assert!(Args::try_parse_from(["b", "--duration", "0s"]).is_err());
         assert!(Args::try_parse_from(["b", "--rounds", "0"]).is_err());
+    }
+
+    #[test]
+    fn transport_lists() {
+        use Transport::{Tcp, Tls, Ws, Wss};
+        assert_eq!(Args::parse_from(["b"]).settings().transports, vec![Tls]);
+        assert_eq!(
+            Args::parse_from(["b", "--quick"]).settings().transports,
+            vec![Tls, Wss]
+        );
+        let s = Args::parse_from(["b", "--quick", "--transport", "ws"]).settings();
+        assert_eq!(s.transports, vec![Ws]);
+        let s = Args::parse_from(["b", "--transport", "wss,tls,wss"]).settings();
+        assert_eq!(s.transports, vec![Wss, Tls]);
+        let s = Args::parse_from(["b", "--transport", "tcp", "--transport", "all"]).settings();
+        assert_eq!(s.transports, vec![Tcp, Tls, Wss, Ws]);
+        assert!(Args::try_parse_from(["b", "--transport", "quic"]).is_err());
+        assert!(Args::try_parse_from(["b", "--transport", ""]).is_err());
     }
 
     #[test]

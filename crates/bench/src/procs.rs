@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
+use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
@@ -20,6 +21,9 @@ const STARTUP_LIMIT: Duration = Duration::from_secs(30);
 const KEPT_LINES: usize = 20;
 /// Stderr lines of a child copied to the bench's stderr as they come.
 const ECHOED_LINES: usize = 20;
+/// What the gateway and agent warn at start on a plain transport, which the bench asked for:
+/// not worth a note.
+const PLAIN_WARNING: &str = "the tunnel is NOT encrypted";
 
 /// The `burrow` binary to run: `$BURROW_BIN` if set; else, under cargo (`$CARGO` set), a
 /// fresh release build in the same target directory as this bench; else an existing one there.
@@ -222,12 +226,14 @@ impl Proc {
         // Let the capture tasks read what the pipes still hold.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let err = self.stderr.borrow();
-        if !err.lines.is_empty() {
+        let unexpected: Vec<&String> = (err.lines.iter())
+            .filter(|l| !l.contains(PLAIN_WARNING))
+            .collect();
+        if let Some(first) = unexpected.first() {
             notes.push(format!(
-                "{} wrote {} line(s) to stderr; the first: `{}`",
+                "{} wrote {} line(s) to stderr; the first: `{first}`",
                 self.name,
-                err.lines.len(),
-                err.lines[0]
+                unexpected.len(),
             ));
         }
         let out = self.stdout.borrow();
@@ -250,6 +256,91 @@ impl Proc {
     }
 }
 
+/// How the agent reaches the gateway: each is a gateway and agent pair of its own in one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// TLS 1.3 straight to the tunnel port (a bare `HOST:PORT`): the default.
+    Tls,
+    /// A WebSocket inside TLS, to the same tunnel port (`wss://HOST:PORT/burrow`).
+    Wss,
+    /// Plain TCP (`tcp://`); the gateway runs `--transport tcp`.
+    Tcp,
+    /// A WebSocket over plain TCP (`ws://HOST:PORT/burrow`); the gateway runs
+    /// `--transport tcp`.
+    Ws,
+}
+
+/// The WebSocket path the bench's gateways answer on (passed as `--ws-path`).
+const WS_PATH: &str = "/burrow";
+
+impl Transport {
+    /// Every transport, in the order `all` measures them.
+    pub const ALL: [Transport; 4] = [
+        Transport::Tls,
+        Transport::Wss,
+        Transport::Tcp,
+        Transport::Ws,
+    ];
+
+    /// The name on the command line and in the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tls => "tls",
+            Transport::Wss => "wss",
+            Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+        }
+    }
+
+    /// The route's name in failure messages.
+    pub fn route_name(self) -> &'static str {
+        match self {
+            Transport::Tls => "tunnel (tls)",
+            Transport::Wss => "tunnel (wss)",
+            Transport::Tcp => "tunnel (tcp)",
+            Transport::Ws => "tunnel (ws)",
+        }
+    }
+
+    /// The names of this pair's processes, in notes and in front of their stderr lines.
+    fn process_names(self) -> (&'static str, &'static str) {
+        match self {
+            Transport::Tls => ("tls gateway", "tls agent"),
+            Transport::Wss => ("wss gateway", "wss agent"),
+            Transport::Tcp => ("tcp gateway", "tcp agent"),
+            Transport::Ws => ("ws gateway", "ws agent"),
+        }
+    }
+
+    /// Whether the session runs over TLS (so the gateway has a certificate to pin).
+    fn tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
+
+    /// The gateway's flags for this transport.
+    fn gateway_args(self) -> Vec<String> {
+        let mut args = Vec::new();
+        if !self.tls() {
+            args.extend(strings(["--transport", "tcp"]));
+        }
+        if matches!(self, Transport::Wss | Transport::Ws) {
+            args.extend(strings(["--ws-path", WS_PATH]));
+        }
+        args
+    }
+
+    /// What the agent dials, from the `HOST:PORT` the gateway printed.
+    fn agent_url(self, host_port: &str) -> String {
+        match self {
+            Transport::Tls => host_port.to_string(),
+            Transport::Wss => format!("wss://{host_port}{WS_PATH}"),
+            Transport::Tcp => format!("tcp://{host_port}"),
+            Transport::Ws => format!("ws://{host_port}{WS_PATH}"),
+        }
+    }
+}
+
 /// A gateway and an agent publishing some targets, each in its own process.
 pub struct Tunnel {
     pub gateway: Proc,
@@ -261,14 +352,16 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Starts a zero-config gateway on loopback, then an agent that publishes `targets`, and
-    /// waits until every forward is granted.
+    /// Starts a zero-config gateway on loopback for `transport`, then an agent that dials it
+    /// that way and publishes `targets`, and waits until every forward is granted.
     pub async fn start(
         bin: &Path,
+        transport: Transport,
         targets: &[SocketAddr],
         gateway_config: Option<&Path>,
         agent_config: Option<&Path>,
     ) -> anyhow::Result<Tunnel> {
+        let (gateway_name, agent_name) = transport.process_names();
         let state = tempfile::tempdir().context("cannot create a state directory")?;
         let mut args = strings([
             "gateway",
@@ -281,10 +374,11 @@ impl Tunnel {
             "--state-dir",
         ]);
         args.push(state.path().display().to_string());
+        args.extend(transport.gateway_args());
         if let Some(config) = gateway_config {
             args.extend(["--config".to_string(), config.display().to_string()]);
         }
-        let mut gateway = Proc::spawn("gateway", bin, &args, &[])?;
+        let mut gateway = Proc::spawn(gateway_name, bin, &args, &[])?;
         let invite = gateway
             .wait_stdout("a `burrow agent ...` line", |lines| {
                 lines
@@ -294,10 +388,18 @@ impl Tunnel {
             })
             .await??;
 
-        let mut args = strings(["agent", "--log-level", "warn", "--gateway", &invite.gateway]);
-        // A gateway on plain TCP (set in its config) prints no fingerprint.
-        if let Some(fingerprint) = &invite.fingerprint {
-            args.extend(["--fingerprint".to_string(), fingerprint.clone()]);
+        let url = transport.agent_url(&invite.gateway);
+        let mut args = strings(["agent", "--log-level", "warn", "--gateway", &url]);
+        match (&invite.fingerprint, transport.tls()) {
+            (Some(fingerprint), true) => {
+                args.extend(["--fingerprint".to_string(), fingerprint.clone()]);
+            }
+            (None, true) => bail!(
+                "the {gateway_name} printed no certificate fingerprint, so it runs plain TCP \
+                 (`transport = \"tcp\"` in --gateway-config?): measure plain TCP with \
+                 --transport tcp or ws instead"
+            ),
+            (_, false) => {}
         }
         let specs: Vec<String> = targets.iter().map(SocketAddr::to_string).collect();
         for spec in &specs {
@@ -307,7 +409,7 @@ impl Tunnel {
             args.extend(["--config".to_string(), config.display().to_string()]);
         }
         // The key goes in the environment, where other local users cannot see it.
-        let mut agent = Proc::spawn("agent", bin, &args, &[("BURROW_KEY", &invite.key)])?;
+        let mut agent = Proc::spawn(agent_name, bin, &args, &[("BURROW_KEY", &invite.key)])?;
         let public = agent
             .wait_stdout("a public address for every forward", |lines| {
                 specs
@@ -411,6 +513,23 @@ mod tests {
         let plain = Invite::parse("--gateway h:1 --key k --transport tcp").unwrap();
         assert_eq!(plain.fingerprint, None);
         assert!(Invite::parse("--gateway h:1 --transport tcp").is_err());
+    }
+
+    #[test]
+    fn each_transport_dials_its_own_way() {
+        let hp = "127.0.0.1:4000";
+        assert_eq!(Transport::Tls.agent_url(hp), "127.0.0.1:4000");
+        assert_eq!(Transport::Wss.agent_url(hp), "wss://127.0.0.1:4000/burrow");
+        assert_eq!(Transport::Tcp.agent_url(hp), "tcp://127.0.0.1:4000");
+        assert_eq!(Transport::Ws.agent_url(hp), "ws://127.0.0.1:4000/burrow");
+        // Only the plain ones need the gateway on plain TCP; only the WebSocket ones a path.
+        assert!(Transport::Tls.gateway_args().is_empty());
+        assert_eq!(Transport::Wss.gateway_args(), ["--ws-path", "/burrow"]);
+        assert_eq!(Transport::Tcp.gateway_args(), ["--transport", "tcp"]);
+        assert_eq!(
+            Transport::Ws.gateway_args(),
+            ["--transport", "tcp", "--ws-path", "/burrow"]
+        );
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The results, the targets they are held against, and the markdown table.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::latency::Percentiles;
 use crate::memory::{Level, Rss};
+use crate::procs::Transport;
 use crate::stats::{spread, Spread};
 use crate::sys::Machine;
 
@@ -14,9 +16,13 @@ use crate::sys::Machine;
 pub struct Results {
     pub machine: Option<Machine>,
     pub settings: String,
+    /// The tunnels measured, in the order each round ran them.
+    pub transports: Vec<Transport>,
     pub throughput: Vec<Throughput>,
     pub request_response: Latency,
     pub connect: Latency,
+    /// The tunnel the memory rows went through.
+    pub memory_transport: Option<Transport>,
     pub idle: Option<Rss>,
     pub memory: Vec<Level>,
     pub cpu: Option<Cpu>,
@@ -35,7 +41,8 @@ pub struct Throughput {
     pub streams: u32,
     pub target_ratio: Option<f64>,
     pub direct: Vec<f64>,
-    pub tunnel: Vec<f64>,
+    /// Each tunnel's rounds.
+    pub tunnel: BTreeMap<Transport, Vec<f64>>,
     /// Empty when the reference was skipped.
     pub relay: Vec<f64>,
 }
@@ -45,7 +52,7 @@ impl Throughput {
     pub fn side(&mut self, route: Route) -> &mut Vec<f64> {
         match route {
             Route::Direct => &mut self.direct,
-            Route::Tunnel => &mut self.tunnel,
+            Route::Tunnel(t) => self.tunnel.entry(t).or_default(),
             Route::Relay => &mut self.relay,
         }
     }
@@ -55,7 +62,8 @@ impl Throughput {
 #[derive(Debug, Default, Serialize)]
 pub struct Latency {
     pub direct: Vec<Percentiles>,
-    pub tunnel: Vec<Percentiles>,
+    /// Each tunnel's rounds.
+    pub tunnel: BTreeMap<Transport, Vec<Percentiles>>,
     /// Empty when the reference was skipped.
     pub relay: Vec<Percentiles>,
 }
@@ -65,7 +73,7 @@ impl Latency {
     pub fn side(&mut self, route: Route) -> &mut Vec<Percentiles> {
         match route {
             Route::Direct => &mut self.direct,
-            Route::Tunnel => &mut self.tunnel,
+            Route::Tunnel(t) => self.tunnel.entry(t).or_default(),
             Route::Relay => &mut self.relay,
         }
     }
@@ -78,8 +86,8 @@ pub enum Route {
     Direct,
     /// Through the two plain TCP relays: the reference.
     Relay,
-    /// Through the gateway and the agent.
-    Tunnel,
+    /// Through a gateway and an agent, over one transport.
+    Tunnel(Transport),
 }
 
 impl Route {
@@ -88,31 +96,32 @@ impl Route {
         match self {
             Route::Direct => "direct",
             Route::Relay => "relay",
-            Route::Tunnel => "tunnel",
+            Route::Tunnel(t) => t.route_name(),
         }
     }
 }
 
-/// Gateway plus agent CPU over the throughput section, and the relays' over the same section.
-#[derive(Debug, Clone, Copy, Serialize)]
+/// CPU over the throughput section: each tunnel's gateway plus agent, and the relays'.
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Cpu {
-    pub seconds: f64,
-    pub tunnel_bytes: u64,
+    pub tunnel: BTreeMap<Transport, CpuUse>,
     /// `None` when the reference was skipped.
-    pub relay: Option<RelayCpu>,
+    pub relay: Option<CpuUse>,
 }
 
-/// Relay 1 plus relay 2 CPU over the throughput section.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct RelayCpu {
+/// CPU seconds of a pair of processes, and the bytes the throughput workloads moved through
+/// them.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CpuUse {
     pub seconds: f64,
-    /// Bytes the throughput workloads moved through the relays.
     pub bytes: u64,
 }
 
-/// Seconds per GB (10^9 bytes).
-fn per_gb(seconds: f64, bytes: u64) -> f64 {
-    seconds / (bytes as f64 / 1e9).max(1e-9)
+impl CpuUse {
+    /// Seconds per GB (10^9 bytes).
+    fn per_gb(self) -> f64 {
+        self.seconds / (self.bytes as f64 / 1e9).max(1e-9)
+    }
 }
 
 /// The target ratio for single streams and for 8 parallel ones (tunnel / direct, at least).
@@ -123,12 +132,22 @@ const RR_P99_RATIO: f64 = 3.0;
 const CONNECT_P50_RATIO: f64 = 3.0;
 const KIB_PER_CONN: f64 = 10.0;
 const CPU_PER_GB: f64 = 1.0;
+/// What a WebSocket inside TLS may cost against plain TLS in the same run: throughput (every
+/// workload) at least this share of the tls tunnel's, request/response p50 at most this
+/// multiple.
+const WSS_THROUGHPUT_VS_TLS: f64 = 0.90;
+const WSS_RR_P50_VS_TLS: f64 = 1.10;
 
 /// A target and whether it was met.
+#[derive(Debug, Clone, Copy)]
 enum Goal {
     None,
+    /// Against tunnel / direct.
     RatioAtLeast(f64),
     RatioAtMost(f64),
+    /// Against this tunnel / the tls tunnel.
+    VsTlsAtLeast(f64),
+    VsTlsAtMost(f64),
     AtMost(f64, &'static str),
     All,
 }
@@ -139,6 +158,8 @@ impl Goal {
             Goal::None => "—".into(),
             Goal::RatioAtLeast(r) => format!("≥ {r:.2}x"),
             Goal::RatioAtMost(r) => format!("≤ {r:.1}x"),
+            Goal::VsTlsAtLeast(r) => format!("≥ {r:.2}x tls"),
+            Goal::VsTlsAtMost(r) => format!("≤ {r:.2}x tls"),
             Goal::AtMost(v, unit) => format!("≤ {v} {unit}"),
             Goal::All => "all".into(),
         }
@@ -149,8 +170,8 @@ impl Goal {
         let Some(v) = value else { return "—" };
         let ok = match *self {
             Goal::None => return "—",
-            Goal::RatioAtLeast(r) => v >= r,
-            Goal::RatioAtMost(r) | Goal::AtMost(r, _) => v <= r,
+            Goal::RatioAtLeast(r) | Goal::VsTlsAtLeast(r) => v >= r,
+            Goal::RatioAtMost(r) | Goal::VsTlsAtMost(r) | Goal::AtMost(r, _) => v <= r,
             Goal::All => v >= 1.0,
         };
         if ok {
@@ -159,10 +180,46 @@ impl Goal {
             "**no**"
         }
     }
+
+    /// Which ratio of a comparison row the goal is held against.
+    fn pick(&self, vs_direct: Option<f64>, vs_tls: Option<f64>) -> Option<f64> {
+        match self {
+            Goal::VsTlsAtLeast(_) | Goal::VsTlsAtMost(_) => vs_tls,
+            _ => vs_direct,
+        }
+    }
+}
+
+/// The targets of one comparison: for the tls tunnel (against direct) and for the wss one
+/// (against tls).
+#[derive(Debug, Clone, Copy)]
+struct Goals {
+    tls: Goal,
+    wss: Goal,
+}
+
+impl Goals {
+    fn tls(tls: Goal) -> Goals {
+        Goals {
+            tls,
+            wss: Goal::None,
+        }
+    }
+
+    /// The goal of `transport`'s row. The wss target needs the tls tunnel measured beside it.
+    fn of(&self, transport: Transport, tls_ran: bool) -> Goal {
+        match transport {
+            Transport::Tls => self.tls,
+            Transport::Wss if tls_ran => self.wss,
+            _ => Goal::None,
+        }
+    }
 }
 
 /// The cells of one row between the metric and the target.
 struct Cells<'a> {
+    /// Which tunnel the row is about.
+    transport: &'a str,
     direct: &'a str,
     tunnel: &'a str,
     relay: &'a str,
@@ -170,83 +227,156 @@ struct Cells<'a> {
     ratio: &'a str,
     /// Tunnel / relay.
     vs_relay: &'a str,
+    /// This tunnel / the tls tunnel.
+    vs_tls: &'a str,
 }
 
 impl<'a> Cells<'a> {
-    /// A row about the tunnel alone.
-    fn tunnel(tunnel: &'a str, ratio: &'a str) -> Cells<'a> {
+    /// A row about one tunnel alone.
+    fn tunnel(transport: &'a str, tunnel: &'a str, ratio: &'a str) -> Cells<'a> {
         Cells {
+            transport,
             direct: "—",
             tunnel,
             relay: "—",
             ratio,
             vs_relay: "—",
+            vs_tls: "—",
         }
     }
+}
+
+/// Which columns a table has besides the ones every table has.
+#[derive(Debug, Clone, Copy)]
+struct Columns {
+    /// The 2-hop relay and tunnel / relay.
+    relay: bool,
+    /// Which tunnel a row is about: shown unless the tls tunnel alone ran.
+    transport: bool,
+    /// This tunnel / the tls tunnel: when tls and another transport ran.
+    vs_tls: bool,
 }
 
 struct Table {
     text: String,
-    /// Whether the relay columns are shown.
-    relay: bool,
+    columns: Columns,
 }
 
 impl Table {
-    fn new(relay: bool) -> Table {
-        let text = if relay {
-            "| metric | direct | tunnel | 2-hop relay | ratio (or per-connection) | tunnel / relay \
-             | target | met? |\n|---|---:|---:|---:|---:|---:|---|---|\n"
-        } else {
-            "| metric | direct | tunnel | ratio (or per-connection) | target | met? |\n\
-             |---|---:|---:|---:|---|---|\n"
+    fn new(columns: Columns) -> Table {
+        let mut t = Table {
+            text: String::new(),
+            columns,
         };
-        Table {
-            text: text.into(),
+        let head = Cells {
+            transport: "transport",
+            direct: "direct",
+            tunnel: "tunnel",
+            relay: "2-hop relay",
+            ratio: "ratio (or per-connection)",
+            vs_relay: "tunnel / relay",
+            vs_tls: "tunnel / tls",
+        };
+        let head = t.cells("metric", &head, "target", "met?").join(" | ");
+        let rule = Cells {
+            transport: "---",
+            direct: "---:",
+            tunnel: "---:",
+            relay: "---:",
+            ratio: "---:",
+            vs_relay: "---:",
+            vs_tls: "---:",
+        };
+        let rule = t.cells("---", &rule, "---", "---").join("|");
+        let _ = write!(t.text, "| {head} |\n|{rule}|\n");
+        t
+    }
+
+    /// The cells of one line, in the columns the table has.
+    fn cells<'c>(
+        &self,
+        metric: &'c str,
+        cells: &Cells<'c>,
+        goal: &'c str,
+        met: &'c str,
+    ) -> Vec<&'c str> {
+        let Columns {
             relay,
+            transport,
+            vs_tls,
+        } = self.columns;
+        let mut line = vec![metric];
+        if transport {
+            line.push(cells.transport);
         }
+        line.push(cells.direct);
+        line.push(cells.tunnel);
+        if relay {
+            line.push(cells.relay);
+        }
+        line.push(cells.ratio);
+        if relay {
+            line.push(cells.vs_relay);
+        }
+        if vs_tls {
+            line.push(cells.vs_tls);
+        }
+        line.extend([goal, met]);
+        line
     }
 
     fn row(&mut self, metric: &str, cells: &Cells<'_>, goal: &Goal, value: Option<f64>) {
-        let Cells {
-            direct,
-            tunnel,
-            relay,
-            ratio,
-            vs_relay,
-        } = cells;
-        let (goal, met) = (goal.text(), goal.met(value));
-        let _ = if self.relay {
-            writeln!(
-                self.text,
-                "| {metric} | {direct} | {tunnel} | {relay} | {ratio} | {vs_relay} | {goal} | \
-                 {met} |"
-            )
-        } else {
-            writeln!(
-                self.text,
-                "| {metric} | {direct} | {tunnel} | {ratio} | {goal} | {met} |"
-            )
-        };
+        let goal_text = goal.text();
+        let line = self
+            .cells(metric, cells, &goal_text, goal.met(value))
+            .join(" | ");
+        let _ = writeln!(self.text, "| {line} |");
     }
 
-    /// A direct/tunnel/relay comparison of per-round values; `decimals` for the values. The
-    /// goal is held against tunnel / direct.
-    fn compare(&mut self, metric: &str, rounds: [&[f64]; 3], decimals: usize, goal: &Goal) {
-        let [d, t, r] = rounds.map(spread);
-        let ratio = ratio(t, d);
-        self.row(
-            metric,
-            &Cells {
-                direct: &show(d, decimals),
-                tunnel: &show(t, decimals),
-                relay: &show(r, decimals),
-                ratio: &show_ratio(ratio),
-                vs_relay: &show_ratio(self::ratio(t, r)),
-            },
-            goal,
-            ratio,
-        );
+    /// A direct/tunnel/relay comparison of per-round values, one row per tunnel in `order`;
+    /// `decimals` for the values.
+    fn compare(
+        &mut self,
+        metric: &str,
+        sides: Sides<'_, f64>,
+        order: &[Transport],
+        decimals: usize,
+        goals: Goals,
+    ) {
+        let [d, r] = [sides.direct, sides.relay].map(spread);
+        let of = |t: Transport| spread(sides.tunnel.get(&t).map_or(&[][..], Vec::as_slice));
+        let tls = order.contains(&Transport::Tls).then(|| of(Transport::Tls));
+        for &transport in order {
+            let t = of(transport);
+            let vs_direct = ratio(t, d);
+            let vs_tls = match (transport, tls) {
+                (Transport::Tls, _) | (_, None) => None,
+                (_, Some(tls)) => ratio(t, tls),
+            };
+            let goal = goals.of(transport, tls.is_some());
+            self.row(
+                metric,
+                &Cells {
+                    transport: transport.name(),
+                    direct: &show(d, decimals),
+                    tunnel: &show(t, decimals),
+                    relay: &show(r, decimals),
+                    ratio: &show_ratio(vs_direct),
+                    vs_relay: &show_ratio(self::ratio(t, r)),
+                    vs_tls: &show_ratio(vs_tls),
+                },
+                &goal,
+                goal.pick(vs_direct, vs_tls),
+            );
+        }
     }
+}
+
+/// The per-round values of every route for one metric.
+struct Sides<'a, T> {
+    direct: &'a [T],
+    tunnel: &'a BTreeMap<Transport, Vec<T>>,
+    relay: &'a [T],
 }
 
 /// The ratio of two medians, when both exist and the divisor is above zero.
@@ -299,7 +429,22 @@ impl Results {
             );
         }
         let _ = writeln!(out, "settings: {}", self.settings);
-        out.push_str("values: median over rounds (min–max); ratio = tunnel / direct; TLS on");
+        out.push_str("values: median over rounds (min–max); ratio = tunnel / direct");
+        if self.columns().transport {
+            out.push_str(
+                "; transport = how the agent reaches the gateway, each through a gateway and \
+                 agent of its own, measured in the same rounds (tls: TLS 1.3; wss: WebSocket \
+                 inside TLS; tcp: plain TCP; ws: WebSocket over plain TCP)",
+            );
+            if self.columns().vs_tls {
+                out.push_str("; tunnel / tls = against the tls tunnel's median");
+            }
+            if let Some(t) = self.memory_transport.filter(|_| !self.memory.is_empty()) {
+                let _ = write!(out, "; memory rows through the {} tunnel", t.name());
+            }
+        } else {
+            out.push_str("; TLS on");
+        }
         if self.relay {
             out.push_str(
                 "; 2-hop relay = two plain TCP forwarders in separate processes, no encryption, \
@@ -326,91 +471,125 @@ impl Results {
         out
     }
 
-    fn table(&self) -> String {
-        let mut t = Table::new(self.relay);
-        for w in &self.throughput {
-            let goal = w.target_ratio.map_or(Goal::None, Goal::RatioAtLeast);
-            t.compare(
-                &format!("throughput, {} (Gbit/s)", w.label),
-                [&w.direct, &w.tunnel, &w.relay],
-                2,
-                &goal,
-            );
+    /// The tunnels to show: those measured, or (in a results value built by hand) tls.
+    fn order(&self) -> &[Transport] {
+        if self.transports.is_empty() {
+            &[Transport::Tls]
+        } else {
+            &self.transports
         }
-        self.latency_rows(
-            &mut t,
-            "request/response 64 B",
-            &self.request_response,
-            RR_P50_RATIO,
-            Some(RR_P99_RATIO),
-        );
-        self.latency_rows(
-            &mut t,
-            "connect + first byte",
-            &self.connect,
-            CONNECT_P50_RATIO,
-            None,
-        );
+    }
+
+    fn columns(&self) -> Columns {
+        let order = self.order();
+        Columns {
+            relay: self.relay,
+            transport: order != [Transport::Tls],
+            vs_tls: order.len() > 1 && order.contains(&Transport::Tls),
+        }
+    }
+
+    fn table(&self) -> String {
+        let mut t = Table::new(self.columns());
+        let order = self.order();
+        for w in &self.throughput {
+            let goals = Goals {
+                tls: w.target_ratio.map_or(Goal::None, Goal::RatioAtLeast),
+                wss: Goal::VsTlsAtLeast(WSS_THROUGHPUT_VS_TLS),
+            };
+            let sides = Sides {
+                direct: &w.direct,
+                tunnel: &w.tunnel,
+                relay: &w.relay,
+            };
+            let metric = format!("throughput, {} (Gbit/s)", w.label);
+            t.compare(&metric, sides, order, 2, goals);
+        }
+        let rr = Goals {
+            tls: Goal::RatioAtMost(RR_P50_RATIO),
+            wss: Goal::VsTlsAtMost(WSS_RR_P50_VS_TLS),
+        };
+        let rr99 = Goals::tls(Goal::RatioAtMost(RR_P99_RATIO));
+        let name = "request/response 64 B";
+        self.latency_rows(&mut t, name, &self.request_response, rr, rr99);
+        let connect = Goals::tls(Goal::RatioAtMost(CONNECT_P50_RATIO));
+        let none = Goals::tls(Goal::None);
+        self.latency_rows(&mut t, "connect + first byte", &self.connect, connect, none);
         self.memory_rows(&mut t);
-        if let Some(cpu) = self.cpu {
-            self.cpu_row(&mut t, cpu);
+        if let Some(cpu) = &self.cpu {
+            self.cpu_rows(&mut t, cpu);
         }
         t.text
     }
 
-    /// The gateway's and agent's CPU per GB, next to the relays' when they ran.
-    fn cpu_row(&self, t: &mut Table, cpu: Cpu) {
-        let tunnel = per_gb(cpu.seconds, cpu.tunnel_bytes);
-        let relay = cpu.relay.map(|r| per_gb(r.seconds, r.bytes));
+    /// Each tunnel's gateway and agent CPU per GB, next to the relays' when they ran.
+    fn cpu_rows(&self, t: &mut Table, cpu: &Cpu) {
+        let relay = cpu.relay.map(CpuUse::per_gb);
         let metric = if self.relay {
             "CPU, gateway + agent; relay 1 + 2 (s per GB through each)"
         } else {
             "CPU, gateway + agent (s per GB through the tunnel)"
         };
-        t.row(
-            metric,
-            &Cells {
-                direct: "—",
-                tunnel: &format!("{tunnel:.2}"),
-                relay: &relay.map_or_else(|| "—".into(), |r| format!("{r:.2}")),
-                ratio: &format!(
-                    "{:.1} s / {:.1} GB",
-                    cpu.seconds,
-                    cpu.tunnel_bytes as f64 / 1e9
-                ),
-                vs_relay: &relay
-                    .filter(|&r| r > 0.0)
-                    .map_or_else(|| "—".into(), |r| format!("{:.1}x", tunnel / r)),
-            },
-            &Goal::AtMost(CPU_PER_GB, "s/GB"),
-            Some(tunnel),
-        );
+        let tls = cpu.tunnel.get(&Transport::Tls).map(|c| c.per_gb());
+        for &transport in self.order() {
+            let Some(&used) = cpu.tunnel.get(&transport) else {
+                continue;
+            };
+            let tunnel = used.per_gb();
+            let by = |other: Option<f64>| {
+                other
+                    .filter(|&o| o > 0.0)
+                    .map_or_else(|| "—".into(), |o| format!("{:.2}x", tunnel / o))
+            };
+            // The target is the tls tunnel's, the default.
+            let goal = match transport {
+                Transport::Tls => Goal::AtMost(CPU_PER_GB, "s/GB"),
+                _ => Goal::None,
+            };
+            t.row(
+                metric,
+                &Cells {
+                    transport: transport.name(),
+                    direct: "—",
+                    tunnel: &format!("{tunnel:.2}"),
+                    relay: &relay.map_or_else(|| "—".into(), |r| format!("{r:.2}")),
+                    ratio: &format!("{:.1} s / {:.1} GB", used.seconds, used.bytes as f64 / 1e9),
+                    vs_relay: &by(relay),
+                    vs_tls: &by(tls.filter(|_| transport != Transport::Tls)),
+                },
+                &goal,
+                Some(tunnel),
+            );
+        }
     }
 
-    fn latency_rows(&self, t: &mut Table, name: &str, l: &Latency, p50: f64, p99: Option<f64>) {
-        let p = |v: &[Percentiles], f: fn(&Percentiles) -> f64| v.iter().map(f).collect::<Vec<_>>();
-        let p50s = |v: &[Percentiles]| p(v, |x| x.p50_us);
-        let p99s = |v: &[Percentiles]| p(v, |x| x.p99_us);
-        t.compare(
-            &format!("{name}, p50 (µs)"),
-            [&p50s(&l.direct), &p50s(&l.tunnel), &p50s(&l.relay)],
-            1,
-            &Goal::RatioAtMost(p50),
-        );
-        t.compare(
-            &format!("{name}, p99 (µs)"),
-            [&p99s(&l.direct), &p99s(&l.tunnel), &p99s(&l.relay)],
-            1,
-            &p99.map_or(Goal::None, Goal::RatioAtMost),
-        );
+    fn latency_rows(&self, t: &mut Table, name: &str, l: &Latency, p50: Goals, p99: Goals) {
+        type Pick = fn(&Percentiles) -> f64;
+        let (at_50, at_99): (Pick, Pick) = (|x| x.p50_us, |x| x.p99_us);
+        for (label, pick, goals) in [("p50", at_50, p50), ("p99", at_99, p99)] {
+            let values = |v: &[Percentiles]| v.iter().map(pick).collect::<Vec<_>>();
+            let tunnel = l
+                .tunnel
+                .iter()
+                .map(|(&t, v)| (t, values(v)))
+                .collect::<BTreeMap<_, _>>();
+            let sides = Sides {
+                direct: &values(&l.direct),
+                tunnel: &tunnel,
+                relay: &values(&l.relay),
+            };
+            let metric = format!("{name}, {label} (µs)");
+            t.compare(&metric, sides, self.order(), 1, goals);
+        }
     }
 
     fn memory_rows(&self, t: &mut Table) {
+        let via = self.memory_transport.unwrap_or(Transport::Tls).name();
         if let Some(idle) = self.idle {
             for (who, kib) in [("gateway", idle.gateway_kib), ("agent", idle.agent_kib)] {
                 t.row(
                     &format!("RSS idle, {who} (KiB)"),
-                    &Cells::tunnel(&kib.to_string(), "—"),
+                    &Cells::tunnel(via, &kib.to_string(), "—"),
                     &Goal::None,
                     None,
                 );
@@ -422,7 +601,7 @@ impl Results {
             if let Some(why) = &level.skipped {
                 t.row(
                     &format!("{n} idle connections"),
-                    &Cells::tunnel(why, "—"),
+                    &Cells::tunnel(via, why, "—"),
                     &Goal::None,
                     None,
                 );
@@ -435,7 +614,7 @@ impl Results {
                 ] {
                     t.row(
                         &format!("RSS with {n} idle connections, {who} (KiB)"),
-                        &Cells::tunnel(&kib.to_string(), &format!("{per:.2} KiB/conn")),
+                        &Cells::tunnel(via, &kib.to_string(), &format!("{per:.2} KiB/conn")),
                         &goal,
                         Some(per),
                     );
@@ -448,7 +627,11 @@ impl Results {
             };
             t.row(
                 &format!("{n} idle connections established"),
-                &Cells::tunnel(&format!("{}/{}", level.succeeded, level.attempted), "—"),
+                &Cells::tunnel(
+                    via,
+                    &format!("{}/{}", level.succeeded, level.attempted),
+                    "—",
+                ),
                 &Goal::All,
                 Some(all),
             );
@@ -459,6 +642,11 @@ impl Results {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values for the tls tunnel alone.
+    fn tls<T>(v: T) -> BTreeMap<Transport, T> {
+        BTreeMap::from([(Transport::Tls, v)])
+    }
 
     #[test]
     fn formats_numbers() {
@@ -488,7 +676,7 @@ mod tests {
                 streams: 1,
                 target_ratio: Some(SINGLE_STREAM_RATIO),
                 direct: vec![10.0, 12.0],
-                tunnel: vec![4.0],
+                tunnel: tls(vec![4.0]),
                 relay: Vec::new(),
             }],
             failures: vec!["boom".into()],
@@ -498,6 +686,12 @@ mod tests {
         assert!(text.contains("| throughput, upload, 1 stream (Gbit/s) | 11.00 (10.00–12.00) | 4.00 | 0.36x | ≥ 0.30x | yes |"), "{text}");
         assert!(text.contains("1 check(s) FAILED"));
         assert!(!text.contains("relay"), "{text}");
+        // The tls tunnel alone: no transport column, no ratio to tls.
+        assert!(
+            text.contains("| metric | direct | tunnel | ratio (or per-connection) | target | met? |\n|---|---:|---:|---:|---|---|\n"),
+            "{text}"
+        );
+        assert!(text.contains("TLS on"), "{text}");
     }
 
     #[test]
@@ -508,13 +702,15 @@ mod tests {
                 streams: 1,
                 target_ratio: Some(SINGLE_STREAM_RATIO),
                 direct: vec![10.0],
-                tunnel: vec![4.0],
+                tunnel: tls(vec![4.0]),
                 relay: vec![8.0],
             }],
             cpu: Some(Cpu {
-                seconds: 2.0,
-                tunnel_bytes: 4_000_000_000,
-                relay: Some(RelayCpu {
+                tunnel: tls(CpuUse {
+                    seconds: 2.0,
+                    bytes: 4_000_000_000,
+                }),
+                relay: Some(CpuUse {
                     seconds: 0.5,
                     bytes: 5_000_000_000,
                 }),
@@ -534,7 +730,7 @@ mod tests {
         assert!(text.contains("| metric | direct | tunnel | 2-hop relay | ratio (or per-connection) | tunnel / relay | target | met? |"), "{text}");
         assert!(text.contains("| throughput, upload, 1 stream (Gbit/s) | 10.00 | 4.00 | 8.00 | 0.40x | 0.50x | ≥ 0.30x | yes |"), "{text}");
         assert!(
-            text.contains("| 0.50 | 0.10 | 2.0 s / 4.0 GB | 5.0x | ≤ 1 s/GB | yes |"),
+            text.contains("| 0.50 | 0.10 | 2.0 s / 4.0 GB | 5.00x | ≤ 1 s/GB | yes |"),
             "{text}"
         );
         assert!(
@@ -547,6 +743,100 @@ mod tests {
         let text = results.render();
         assert!(
             text.contains("| 10.00 | 4.00 | failed | 0.40x | — |"),
+            "{text}"
+        );
+    }
+
+    /// Per-round values of one workload for several tunnels.
+    fn tunnels(values: &[(Transport, &[f64])]) -> BTreeMap<Transport, Vec<f64>> {
+        values.iter().map(|(t, v)| (*t, v.to_vec())).collect()
+    }
+
+    fn percentiles(p50_us: f64) -> Vec<Percentiles> {
+        vec![Percentiles {
+            p50_us,
+            p99_us: p50_us * 2.0,
+        }]
+    }
+
+    #[test]
+    fn renders_a_row_per_transport_with_the_ratio_to_tls() {
+        use Transport::{Tcp, Tls, Wss};
+        let results = Results {
+            transports: vec![Tls, Wss, Tcp],
+            throughput: vec![Throughput {
+                label: "upload, 1 stream".into(),
+                streams: 1,
+                target_ratio: Some(SINGLE_STREAM_RATIO),
+                direct: vec![10.0],
+                tunnel: tunnels(&[(Tls, &[4.0]), (Wss, &[3.0]), (Tcp, &[5.0])]),
+                relay: Vec::new(),
+            }],
+            request_response: Latency {
+                direct: percentiles(100.0),
+                tunnel: [(Tls, percentiles(200.0)), (Wss, percentiles(210.0))].into(),
+                relay: Vec::new(),
+            },
+            memory_transport: Some(Tls),
+            idle: Some(Rss {
+                gateway_kib: 100,
+                agent_kib: 200,
+            }),
+            cpu: Some(Cpu {
+                tunnel: [
+                    (
+                        Tls,
+                        CpuUse {
+                            seconds: 2.0,
+                            bytes: 4_000_000_000,
+                        },
+                    ),
+                    (
+                        Wss,
+                        CpuUse {
+                            seconds: 3.0,
+                            bytes: 4_000_000_000,
+                        },
+                    ),
+                ]
+                .into(),
+                relay: None,
+            }),
+            ..Results::default()
+        };
+        let text = results.render();
+        assert!(text.contains("| metric | transport | direct | tunnel | ratio (or per-connection) | tunnel / tls | target | met? |"), "{text}");
+        // tls is held against direct; wss against tls (3/4 = 0.75x, short of 0.90x); tcp has
+        // no target of its own.
+        let rows = [
+            "| throughput, upload, 1 stream (Gbit/s) | tls | 10.00 | 4.00 | 0.40x | — | ≥ 0.30x | yes |",
+            "| throughput, upload, 1 stream (Gbit/s) | wss | 10.00 | 3.00 | 0.30x | 0.75x | ≥ 0.90x tls | **no** |",
+            "| throughput, upload, 1 stream (Gbit/s) | tcp | 10.00 | 5.00 | 0.50x | 1.25x | — | — |",
+            // 210/200 = 1.05x, within 1.10x; p99 has no wss target.
+            "| request/response 64 B, p50 (µs) | wss | 100.0 | 210.0 | 2.10x | 1.05x | ≤ 1.10x tls | yes |",
+            "| request/response 64 B, p99 (µs) | wss | 200.0 | 420.0 | 2.10x | 1.05x | — | — |",
+            // tcp ran no latency rounds here: it shows as failed, without ratios.
+            "| request/response 64 B, p50 (µs) | tcp | 100.0 | failed | — | — | — | — |",
+            "| RSS idle, gateway (KiB) | tls | — | 100 | — | — | — | — |",
+            "| CPU, gateway + agent (s per GB through the tunnel) | wss | — | 0.75 | 3.0 s / 4.0 GB | 1.50x | — | — |",
+        ];
+        for row in rows {
+            assert!(text.contains(row), "no `{row}` in:\n{text}");
+        }
+        assert!(
+            text.contains("tunnel / tls = against the tls tunnel"),
+            "{text}"
+        );
+
+        // Without tls there is nothing to hold wss against.
+        let mut results = results;
+        results.transports = vec![Wss];
+        let text = results.render();
+        assert!(!text.contains("tunnel / tls"), "{text}");
+        assert!(
+            text.contains(
+                "| throughput, upload, 1 stream (Gbit/s) | wss | 10.00 | 3.00 | 0.30x | — | — |"
+            ),
             "{text}"
         );
     }
