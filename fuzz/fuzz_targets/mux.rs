@@ -308,7 +308,9 @@ fn peer_data(
         LenSel::Raw(n) => n,
     };
     let n = u64::from(len);
-    if len == 0 && !fin {
+    // Charged like control frames: empty frames without FIN, and anything for a stream that
+    // is not open (late bytes, or floods of them on dead streams).
+    if (len == 0 && !fin) || !m.is_open(id) {
         m.charged += 1;
     }
     let got = mux.on_data(id, len, fin, now);
