@@ -7,8 +7,9 @@ use super::{BoxIo, DialError};
 use crate::config::Trust;
 
 /// Encrypted bytes rustls may hold before a write must reach the socket. Its default of
-/// 64 KiB splits each of the session writer's batches (up to 256 KiB) into four system calls.
-const TLS_SEND_BUFFER: usize = 256 * 1024;
+/// 64 KiB splits each of the session writer's batches (up to 256 KiB plus frame headers) into
+/// several system calls; 512 KiB takes a whole batch (and its WebSocket header) in one.
+const TLS_SEND_BUFFER: usize = 512 * 1024;
 
 /// Runs the client side of TLS over `io` to `server_name`; returns the stream and its
 /// channel binding.

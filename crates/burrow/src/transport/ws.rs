@@ -33,14 +33,18 @@ use super::{BoxIo, DialError};
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// Largest HTTP request head the gateway reads before answering 431.
 const MAX_HEAD: usize = 8 * 1024;
-/// Largest message we build from one vectored write.
-const WRITE_MESSAGE: usize = 256 * 1024;
+/// Largest message we build from one vectored write: above the session's largest batch
+/// (256 KiB plus frame headers), so each batch is one message.
+const WRITE_MESSAGE: usize = 512 * 1024;
 
 fn config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
         .write_buffer_size(0)
+        // tungstenite zero-fills its read buffer up to this on every read: a TLS record's
+        // worth, not its 128 KiB default, for every small message.
+        .read_buffer_size(16 * 1024)
 }
 
 /// A WebSocket as a byte stream: binary messages in order, concatenated.
@@ -148,7 +152,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.ws).poll_flush(cx).map_err(ws_error)
+        ready!(Pin::new(&mut self.ws).poll_flush(cx)).map_err(ws_error)?;
+        // tokio-tungstenite keeps the waker of the last flush and wakes it on read readiness
+        // too: a stream task that flushed a request would be woken by its own response, on
+        // the other thread, for nothing (a futex per round trip, in the bench). With nothing
+        // left to write, a second flush returns at once and leaves a waker that does nothing.
+        let mut quiet = Context::from_waker(std::task::Waker::noop());
+        let _ = Pin::new(&mut self.ws).poll_flush(&mut quiet);
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
