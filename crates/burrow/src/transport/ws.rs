@@ -3,8 +3,8 @@
 //!
 //! Framing is tokio-tungstenite's; this module adds the two ends of the HTTP upgrade and
 //! [`WsIo`], which turns binary messages into the byte stream the session expects. Each write
-//! of the session (a batch of up to 256 KiB of frames) becomes one binary message, so the
-//! WebSocket framing costs a few bytes per batch, not per frame. Pings are answered by
+//! of the session (a batch of up to 256 KiB of frames plus their headers) becomes one binary
+//! message, so the WebSocket framing costs a few bytes per batch, not per frame. Pings are answered by
 //! tungstenite; a close frame is a clean end of stream.
 //!
 //! The gateway reads the HTTP request head itself rather than through tungstenite's server
@@ -28,8 +28,9 @@ use super::prefixed::Prefixed;
 use super::url::GatewayUrl;
 use super::{BoxIo, DialError};
 
-/// Largest WebSocket message (and frame) accepted. The session writes at most 256 KiB per
-/// message; a peer sending more is cut off rather than buffered.
+/// Largest WebSocket message (and frame) accepted. The session writes at most one batch
+/// (256 KiB of frames plus headers) per message; a peer sending more is cut off rather than
+/// buffered.
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// Largest HTTP request head the gateway reads before answering 431.
 const MAX_HEAD: usize = 8 * 1024;
