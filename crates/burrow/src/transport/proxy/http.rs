@@ -135,7 +135,7 @@ fn refusal(
     let status = format!("HTTP {code} {reason}");
     let status = status.trim_end();
     let (hint, fatal) = match code {
-        // A proxy should answer 407, but some (tinyproxy) say 401 to wrong credentials.
+        // A proxy should answer 407, but some small HTTP proxies say 401 to wrong credentials.
         401 | 407 => {
             let basic =
                 schemes.is_empty() || schemes.iter().any(|s| s.eq_ignore_ascii_case("basic"));
