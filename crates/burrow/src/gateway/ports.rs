@@ -1,0 +1,609 @@
+//! Public ports: binding them within the grant, the listeners and the public connections
+//! they take.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use burrow_proto::message::{Bind, BindResult, Open, Protocol};
+use burrow_proto::ErrorCode;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use super::{lock, AgentEntry, Hub, LogThrottle, PortEntry, Route};
+use crate::admin::metrics::Refused;
+use crate::config::{AgentGrant, PortRange};
+use crate::limiter::FdPermit;
+use crate::relay::{self, Local};
+use crate::session::Session;
+use crate::stats::{bump, GaugeGuard};
+use crate::transport;
+use crate::udp;
+
+/// Makes room for one more port of this agent: at `max` ports, closes the one longest on
+/// lease; if every port is bound by a session, says why not.
+pub(super) fn make_room(
+    hub: &Hub,
+    entry: &mut AgentEntry,
+    grant: &AgentGrant,
+    max: u32,
+) -> Result<(), String> {
+    while entry.ports.len() >= max as usize {
+        let oldest = entry
+            .ports
+            .iter()
+            .filter_map(|(k, p)| p.lease.map(|l| (l, k)))
+            .min_by_key(|(l, _)| *l)
+            .map(|(_, k)| k.clone());
+        let Some(key) = oldest else {
+            return Err(format!(
+                "agent `{}` already holds {} public ports, the most one agent may hold (limits.max_ports_per_agent on the gateway)",
+                grant.name,
+                entry.ports.len()
+            ));
+        };
+        if let Some(port) = entry.ports.remove(&key) {
+            info!(addr = %port.addr, "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
+            port.cancel.cancel();
+            hub.forget_port(&grant.name, &key.1, &port);
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn public_text(hub: &Hub, addr: SocketAddr) -> String {
+    match &hub.config.public_name {
+        Some(name) => format!("{name}:{}", addr.port()),
+        None => addr.to_string(),
+    }
+}
+
+pub(super) async fn bind_port(
+    hub: &Arc<Hub>,
+    grant: &AgentGrant,
+    (session, flows): (&Session, &Arc<Mutex<udp::GatewayFlows>>),
+    generation: u64,
+    bind: &Bind,
+) -> BindResult {
+    let refuse = |code: ErrorCode, text: String| {
+        warn!(service = %bind.name, "bind refused: {text}");
+        hub.tally.agent_error(
+            &grant.name,
+            &format!("bind of {} refused: {text}", bind.name),
+        );
+        BindResult {
+            service: bind.service,
+            code,
+            text,
+        }
+    };
+    let proto = match bind.protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    };
+    if !grant.allows_on(bind.protocol, bind.port) {
+        let port = if bind.port == 0 {
+            "no port".to_string()
+        } else {
+            format!("port {}", bind.port)
+        };
+        return refuse(
+            ErrorCode::PortNotGranted,
+            format!(
+                "{proto} {port} is not granted to agent `{}` (granted: {}){}",
+                grant.name,
+                describe_ports(&grant.ports),
+                if bind.protocol == Protocol::Udp {
+                    "; UDP ports are granted with /udp, as in ports = [\"5353/udp\"]"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    let route = Route {
+        session: session.clone(),
+        service: bind.service,
+        name: bind.name.clone(),
+        flows: flows.clone(),
+    };
+    let key = (bind.protocol, bind.name.clone());
+    let max_ports = hub.config.limits.max_ports_per_agent;
+    // A leased port for the same service comes back as it was.
+    {
+        let mut agents = lock(&hub.agents);
+        // Grants may overlap (a warning at start says so): name the agent holding the port.
+        let holder = agents
+            .iter()
+            .filter(|(name, _)| **name != grant.name)
+            .find_map(|(name, e)| {
+                e.ports
+                    .values()
+                    .find(|p| bind.port != 0 && p.addr.port() == bind.port)
+                    .map(|p| (name.clone(), p.lease.is_some()))
+            });
+        if let Some((holder, on_lease)) = holder {
+            return refuse(
+                ErrorCode::PortInUse,
+                format!(
+                    "port {} is held by agent `{holder}`{} on this gateway (both agents' grants include it): ask the gateway's operator to give each agent its own ports, or pick another port",
+                    bind.port,
+                    if on_lease { " (reserved for it on lease)" } else { "" }
+                ),
+            );
+        }
+        let entry = agents
+            .entry(grant.name.clone())
+            .or_insert_with(|| AgentEntry::new(&hub.config.limits));
+        if let Some(existing) = entry.ports.get_mut(&key) {
+            if bind.port == 0 || bind.port == existing.addr.port() {
+                *lock(&existing.route) = Some(route);
+                existing.owner = Some(generation);
+                existing.lease = None;
+                let text = public_text(hub, existing.addr);
+                info!(service = %bind.name, public = %text, "public port granted (kept from lease)");
+                return BindResult {
+                    service: bind.service,
+                    code: ErrorCode::Normal,
+                    text,
+                };
+            }
+            if let Some(old) = entry.ports.remove(&key) {
+                old.cancel.cancel();
+                hub.forget_port(&grant.name, &bind.name, &old);
+            }
+        }
+        let taken = entry
+            .ports
+            .iter()
+            .any(|((p, _), e)| *p == bind.protocol && e.addr.port() == bind.port);
+        if bind.port != 0 && taken {
+            return refuse(
+                ErrorCode::PortInUse,
+                format!(
+                    "port {} is already used by another service of this agent",
+                    bind.port
+                ),
+            );
+        }
+        if let Err(text) = make_room(hub, entry, grant, max_ports) {
+            return refuse(ErrorCode::LimitExceeded, text);
+        }
+    }
+    // A listener holds a descriptor: it may not eat into what agent logins need.
+    let Some(fd) = hub.public_fds.try_take(0) else {
+        return refuse(ErrorCode::LimitExceeded, near_fd_limit(hub));
+    };
+    let bound = match bind.protocol {
+        Protocol::Tcp => listen_public(hub.config.public_host, bind.port, grant)
+            .await
+            .map(Listener::Tcp),
+        Protocol::Udp => listen_public_udp(hub, bind.port, grant)
+            .await
+            .map(Listener::Udp),
+    };
+    let listener = match bound {
+        Ok(l) => l,
+        Err(text) => {
+            let code = if text.contains("in use") {
+                ErrorCode::PortInUse
+            } else {
+                ErrorCode::PortNotGranted
+            };
+            return refuse(code, text);
+        }
+    };
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return refuse(ErrorCode::Internal, e.to_string()),
+    };
+    let route = Arc::new(Mutex::new(Some(route)));
+    let cancel = hub.stop.child_token();
+    let conns = {
+        let mut agents = lock(&hub.agents);
+        let entry = agents
+            .entry(grant.name.clone())
+            .or_insert_with(|| AgentEntry::new(&hub.config.limits));
+        // Another session of this agent may have bound meanwhile.
+        if let Err(text) = make_room(hub, entry, grant, max_ports) {
+            return refuse(ErrorCode::LimitExceeded, text);
+        }
+        // The lease file keeps chosen TCP ports across a restart; UDP ports keep their lease
+        // while the gateway runs.
+        let chosen = bind.port == 0 && bind.protocol == Protocol::Tcp;
+        if chosen {
+            hub.remember_port(&grant.name, &bind.name, addr.port());
+        }
+        entry.ports.insert(
+            key,
+            PortEntry {
+                addr,
+                route: route.clone(),
+                cancel: cancel.clone(),
+                owner: Some(generation),
+                lease: None,
+                chosen,
+            },
+        );
+        entry.conns.clone()
+    };
+    match listener {
+        Listener::Tcp(listener) => {
+            let port = PublicPort {
+                listener,
+                route,
+                cancel,
+                agent: grant.name.clone(),
+                service: bind.name.clone(),
+                conns,
+                _fd: fd,
+            };
+            tokio::spawn(accept_public(hub.clone(), port).instrument(tracing::Span::current()));
+        }
+        Listener::Udp(socket) => {
+            let routing = move || {
+                lock(&route).clone().map(|r| udp::UdpRoute {
+                    session: r.session,
+                    service: r.service,
+                    name: r.name,
+                    flows: r.flows,
+                })
+            };
+            let counters = Arc::new(udp::UdpCounters::default());
+            let settings = hub.config.udp;
+            tokio::spawn(
+                async move {
+                    udp::serve_public(Arc::new(socket), routing, settings, counters, cancel).await;
+                    drop(fd);
+                }
+                .instrument(tracing::Span::current()),
+            );
+        }
+    }
+    let text = public_text(hub, addr);
+    info!(service = %bind.name, public = %text, "public port granted");
+    BindResult {
+        service: bind.service,
+        code: ErrorCode::Normal,
+        text,
+    }
+}
+
+/// Warnings for agents whose grants share ports: whichever binds a shared port first gets it,
+/// and the other is refused. At most 16 pairs are named.
+pub(super) fn overlapping_grants(agents: &[AgentGrant]) -> Vec<String> {
+    const MAX_NAMED: usize = 16;
+    let mut out = Vec::new();
+    let mut more = 0usize;
+    for (i, a) in agents.iter().enumerate() {
+        for b in &agents[i + 1..] {
+            let shared: Vec<PortRange> = a
+                .ports
+                .iter()
+                .flat_map(|ra| {
+                    b.ports.iter().filter_map(move |rb| {
+                        let (start, end) = (ra.start.max(rb.start), ra.end.min(rb.end));
+                        (start <= end && ra.protocol == rb.protocol).then_some(PortRange {
+                            start,
+                            end,
+                            protocol: ra.protocol,
+                        })
+                    })
+                })
+                .collect();
+            if shared.is_empty() {
+                continue;
+            }
+            if out.len() == MAX_NAMED {
+                more += 1;
+                continue;
+            }
+            out.push(format!(
+                "agents `{}` and `{}` are both granted ports {}: whichever binds one first holds it, and the other is refused; give each agent its own ports",
+                a.name,
+                b.name,
+                describe_ports(&shared)
+            ));
+        }
+    }
+    if more > 0 {
+        out.push(format!("{more} more pairs of agents share ports"));
+    }
+    out
+}
+
+pub(super) fn describe_ports(ports: &[PortRange]) -> String {
+    let parts: Vec<String> = ports.iter().map(PortRange::to_string).collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Binds a public port: the one asked for, or for port 0 one inside the agent's grant.
+pub(super) async fn listen_public(
+    host: IpAddr,
+    port: u16,
+    grant: &AgentGrant,
+) -> Result<TcpListener, String> {
+    let in_use = |p: u16| {
+        format!(
+            "port {p} on {host} is in use on the gateway: pick another port or stop what uses it"
+        )
+    };
+    if port != 0 {
+        return TcpListener::bind((host, port)).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                in_use(port)
+            } else {
+                format!("cannot bind {host}:{port}: {e}")
+            }
+        });
+    }
+    // Let the OS pick when that lands inside the grant (the usual case: the default grant
+    // covers the whole ephemeral range).
+    if let Ok(l) = TcpListener::bind((host, 0)).await {
+        if l.local_addr().is_ok_and(|a| grant.allows(a.port())) {
+            return Ok(l);
+        }
+    }
+    let mut tried = 0;
+    for range in &grant.ports {
+        for p in range.start.max(1)..=range.end {
+            if tried >= 4096 {
+                break;
+            }
+            tried += 1;
+            if let Ok(l) = TcpListener::bind((host, p)).await {
+                return Ok(l);
+            }
+        }
+    }
+    Err(format!(
+        "no free port in the agent's grant ({}) on {host}",
+        describe_ports(&grant.ports)
+    ))
+}
+
+/// A bound public port, TCP or UDP.
+pub(super) enum Listener {
+    Tcp(TcpListener),
+    Udp(tokio::net::UdpSocket),
+}
+
+impl Listener {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr(),
+            Listener::Udp(s) => s.local_addr(),
+        }
+    }
+}
+
+/// Binds a public UDP port: the one asked for, or for port 0 one inside the agent's UDP grant.
+pub(super) async fn listen_public_udp(
+    hub: &Hub,
+    port: u16,
+    grant: &AgentGrant,
+) -> Result<tokio::net::UdpSocket, String> {
+    let host = hub.config.public_host;
+    let bind = |p: u16| async move {
+        let s = tokio::net::UdpSocket::bind((host, p)).await?;
+        let sock = socket2::SockRef::from(&s);
+        let _ = sock.set_recv_buffer_size(hub.config.udp.queue);
+        let _ = sock.set_send_buffer_size(hub.config.udp.queue);
+        Ok::<_, std::io::Error>(s)
+    };
+    if port != 0 {
+        return bind(port).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                format!(
+                    "UDP port {port} on {host} is in use on the gateway: pick another port or \
+                     stop what uses it"
+                )
+            } else {
+                format!("cannot bind UDP {host}:{port}: {e}")
+            }
+        });
+    }
+    if let Ok(s) = bind(0).await {
+        if s.local_addr()
+            .is_ok_and(|a| grant.allows_on(Protocol::Udp, a.port()))
+        {
+            return Ok(s);
+        }
+    }
+    let mut tried = 0;
+    for range in grant.ports.iter().filter(|r| r.protocol == Protocol::Udp) {
+        for p in range.start.max(1)..=range.end {
+            if tried >= 4096 {
+                break;
+            }
+            tried += 1;
+            if let Ok(s) = bind(p).await {
+                return Ok(s);
+            }
+        }
+    }
+    Err(format!(
+        "no free UDP port in the agent's grant ({}) on {host}",
+        describe_ports(&grant.ports)
+    ))
+}
+
+/// What a public port's accept loop holds: dropping it closes the port.
+pub(super) struct PublicPort {
+    pub(super) listener: TcpListener,
+    pub(super) route: Arc<Mutex<Option<Route>>>,
+    pub(super) cancel: CancellationToken,
+    /// The agent's name and its public connections.
+    pub(super) agent: String,
+    /// The service's name, as first bound (for metrics).
+    pub(super) service: String,
+    pub(super) conns: Arc<Semaphore>,
+    /// The listener's descriptor in the public budget.
+    pub(super) _fd: FdPermit,
+}
+
+/// Why a public connection or port is refused near the open-file limit.
+pub(super) fn near_fd_limit(hub: &Hub) -> String {
+    format!(
+        "the gateway is near its open-file limit ({} descriptors are kept for agent logins): raise the limit (`ulimit -Hn`, LimitNOFILE=) or lower limits.max_public_conns",
+        hub.fds.tunnel
+    )
+}
+
+/// The permits one public connection holds: the agent's, the gateway's, a descriptor.
+type PublicPermits = (OwnedSemaphorePermit, OwnedSemaphorePermit, FdPermit);
+
+/// Takes the permits for one more public connection to an agent with `conns`, or says which
+/// limit refuses it.
+pub(super) fn take_public(
+    hub: &Hub,
+    conns: &Arc<Semaphore>,
+    agent: &str,
+) -> Result<PublicPermits, String> {
+    let l = &hub.config.limits;
+    let per_agent = conns.clone().try_acquire_owned().map_err(|_| {
+        format!(
+            "agent `{agent}` has {} public connections open (limits.max_public_conns_per_agent)",
+            l.max_public_conns_per_agent
+        )
+    })?;
+    let gateway = hub.public_conns.clone().try_acquire_owned().map_err(|_| {
+        format!(
+            "the gateway has {} public connections open (limits.max_public_conns)",
+            l.max_public_conns
+        )
+    })?;
+    let fd = hub
+        .public_fds
+        .try_take(hub.fds.ports)
+        .ok_or_else(|| near_fd_limit(hub))?;
+    Ok((per_agent, gateway, fd))
+}
+
+pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
+    let mut refusals = LogThrottle::default();
+    let mut accept_errors = LogThrottle::default();
+    loop {
+        let (tcp, client) = tokio::select! {
+            _ = port.cancel.cancelled() => return,
+            r = port.listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    if let Some(skipped) = accept_errors.allow(Instant::now()) {
+                        warn!(similar_since_last = skipped, "accept on public port failed: {e}");
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(route) = lock(&port.route).clone() else {
+            bump(&hub.stats.no_session);
+            hub.tally
+                .refused(&port.agent, &port.service, Refused::NoSession);
+            debug!(%client, "no agent session for this port right now; closing the connection");
+            continue;
+        };
+        let permits = match take_public(&hub, &port.conns, &port.agent) {
+            Ok(p) => p,
+            Err(why) => {
+                bump(&hub.stats.public_refused);
+                hub.tally
+                    .refused(&port.agent, &route.name, Refused::PublicLimit);
+                if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
+                    warn!(%client, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
+                }
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+                continue;
+            }
+        };
+        transport::tune(&tcp);
+        let open = Open {
+            service: route.service,
+            client: Some(client),
+        };
+        let stream = match route.session.open(&open) {
+            Ok(s) => s,
+            Err(e) => {
+                bump(&hub.stats.streams_refused);
+                hub.tally
+                    .refused(&port.agent, &route.name, Refused::StreamLimit);
+                if let Some(skipped) = refusals.allow(Instant::now()) {
+                    warn!(%client, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
+                }
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+                continue;
+            }
+        };
+        bump(&hub.stats.streams);
+        let meter = hub.tally.stream(&port.agent, &route.name);
+        let hub2 = hub.clone();
+        hub.tracker.spawn(
+            async move {
+                let _permits = permits;
+                let _live = GaugeGuard::new(&hub2.stats.active_streams);
+                let started = Instant::now();
+                let mut local = Local::Tcp(tcp);
+                let stats =
+                    relay::relay_metered(&stream, &mut local, Some(meter.meter(true))).await;
+                relay::log_end(
+                    &route.name,
+                    Some(client),
+                    &stats,
+                    started,
+                    relay::LocalIs::Client,
+                );
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KeySpec;
+    use burrow_proto::auth::SecretKey;
+
+    #[test]
+    fn overlapping_grants_are_named() {
+        let grant = |name: &str, ports: &[(u16, u16)]| AgentGrant {
+            name: name.into(),
+            key: KeySpec::Key(SecretKey::generate()),
+            ports: ports
+                .iter()
+                .map(|&(start, end)| PortRange::tcp(start, end))
+                .collect(),
+        };
+        let agents = [
+            grant("a", &[(8080, 8080), (9000, 9100)]),
+            grant("b", &[(9050, 9200)]),
+            grant("c", &[(8081, 8089)]),
+            grant("d", &[(8080, 8080), (9200, 9200)]),
+        ];
+        let w = overlapping_grants(&agents);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(
+            w[0].starts_with("agents `a` and `b` are both granted ports 9050-9100:"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("agents `a` and `d` are both granted ports 8080:"),
+            "{w:?}"
+        );
+        assert!(
+            w[2].starts_with("agents `b` and `d` are both granted ports 9200:"),
+            "{w:?}"
+        );
+        let many: Vec<AgentGrant> = (0..10).map(|i| grant(&i.to_string(), &[(1, 2)])).collect();
+        let w = overlapping_grants(&many);
+        assert_eq!(w.len(), 17);
+        assert_eq!(w[16], "29 more pairs of agents share ports");
+    }
+}
