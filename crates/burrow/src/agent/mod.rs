@@ -1,0 +1,369 @@
+//! The agent role: dials the gateway, authenticates, asks for its public ports, and relays
+//! each stream the gateway opens to the matching local target.
+//!
+//! The gateway only names a service id in each Open; the target comes from the agent's own
+//! configuration, and only services the gateway granted accept streams. So whatever the
+//! gateway asks, the agent connects nowhere else.
+//!
+//! Reconnection: after a session ends, the agent waits an exponentially growing, jittered
+//! delay (capped by `max_backoff`) and dials again, forever. An error on the very first
+//! attempt that retrying cannot fix (key refused, rate-limited for earlier failures,
+//! certificate mismatch, version mismatch) stops the agent, so a typo is reported at once
+//! instead of retried silently; later, a rate-limited agent waits as long as the gateway asks.
+//! Two more things stop it at any time: another agent with the same key taking its session
+//! over [`MAX_REPLACED`] times in a row (each within [`REPLACED_WITHIN`] of connecting; it
+//! backs off between them), and every forward refused for a reason that asking again cannot
+//! change (port not granted).
+//!
+//! Forwards the gateway refuses for a reason that may pass (port in use, a limit) are asked
+//! for again in the same session, after [`BIND_RETRY_BASE`] doubling up to `max_backoff`.
+//!
+//! The parts: `dial` (reaching the gateway and describing what failed), `forwards` (one
+//! session's binds and streams) and `admin` (what the admin server reads).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_proto::ErrorCode;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+mod admin;
+mod dial;
+mod forwards;
+
+use dial::{connect, gateway_url};
+use forwards::serve;
+
+use crate::admin::metrics::{SessionMeta, Tally};
+use crate::config::{AgentConfig, Trust};
+use crate::session::{self, SessionEnd};
+use crate::transport;
+
+/// Errors that stop an agent, phrased for the user.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AgentError(pub String);
+
+/// What became of one forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardStatus {
+    /// Not answered yet.
+    Pending,
+    /// Granted: the public address clients use.
+    Granted(String),
+    /// Refused, with the reason.
+    Refused(String),
+}
+
+/// The agent's view of its session, for status and tests.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AgentStatus {
+    /// A session is up.
+    pub connected: bool,
+    /// Sessions established so far.
+    pub sessions: u64,
+    /// One entry per configured forward, in order.
+    pub forwards: Vec<ForwardStatus>,
+    /// The last error, if the agent is between sessions.
+    pub last_error: Option<String>,
+    /// Failed attempts since the last session (resets when a session is established).
+    pub failed_attempts: u32,
+    /// The pause before the next attempt, while the agent is waiting to reconnect.
+    pub next_retry: Option<Duration>,
+    /// One entry per configured forward: for one the gateway refused for a reason that may
+    /// pass (its port in use, a limit), the pause before it is asked for again.
+    pub forward_retries: Vec<Option<Duration>>,
+}
+
+impl AgentStatus {
+    /// How many forwards are published (granted) now.
+    pub fn published(&self) -> usize {
+        self.forwards
+            .iter()
+            .filter(|f| matches!(f, ForwardStatus::Granted(_)))
+            .count()
+    }
+}
+
+/// First reconnect delay.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// First pause before a refused forward is asked for again; it doubles up to `max_backoff`.
+pub const BIND_RETRY_BASE: Duration = Duration::from_secs(1);
+/// Takeovers in a row by another agent with the same key after which the agent stops.
+pub const MAX_REPLACED: u32 = 3;
+/// A takeover counts toward [`MAX_REPLACED`] when it comes this soon after the session began;
+/// a session that lasted longer starts the count again.
+pub const REPLACED_WITHIN: Duration = Duration::from_secs(60);
+
+/// The delay before reconnect attempt `attempt` (0-based): `base * 2^attempt` capped at
+/// `max`, then scaled by `jitter` in `[0.5, 1.0]` so many agents do not return in lockstep.
+pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, jitter: f64) -> Duration {
+    let exp = base.saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
+    exp.min(max).mul_f64(jitter.clamp(0.5, 1.0))
+}
+
+/// An agent, ready to [`Agent::run`].
+pub struct Agent {
+    config: AgentConfig,
+    status: watch::Sender<AgentStatus>,
+    /// What the admin server shows beyond `status`.
+    tally: Arc<Tally>,
+}
+
+impl Agent {
+    /// An agent with `config`.
+    pub fn new(config: AgentConfig) -> Agent {
+        let status = AgentStatus {
+            forwards: vec![ForwardStatus::Pending; config.forwards.len()],
+            forward_retries: vec![None; config.forwards.len()],
+            ..AgentStatus::default()
+        };
+        let (status, _) = watch::channel(status);
+        Agent {
+            config,
+            status,
+            tally: Arc::new(Tally::new("agent")),
+        }
+    }
+
+    /// What the admin server ([`crate::admin`]) shows of this agent.
+    pub fn report(&self) -> Arc<dyn crate::admin::Report> {
+        Arc::new(admin::AgentReport {
+            config: self.config.clone(),
+            status: self.status.subscribe(),
+            tally: self.tally.clone(),
+        })
+    }
+
+    /// Watches the agent's status.
+    pub fn status(&self) -> watch::Receiver<AgentStatus> {
+        self.status.subscribe()
+    }
+
+    /// Runs until `shutdown`, reconnecting forever once a session has succeeded, except when
+    /// nothing can be published or another agent with the same key keeps taking over (see
+    /// the module docs).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let cfg = Arc::new(self.config);
+        let tls = match &cfg.trust {
+            Trust::Plain => {
+                warn!("plain transport (tcp:// or ws://): the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
+                None
+            }
+            trust => Some(crate::tls::client_config(trust).map_err(|e| AgentError(e.to_string()))?),
+        };
+        if cfg.forwards.is_empty() {
+            warn!("no forwards configured: the agent will connect but publish nothing (add --forward [PORT=]TARGET)");
+        }
+        // The way to the gateway is decided once: the environment is read at start, as the
+        // process was given it.
+        let url = gateway_url(&cfg).map_err(|e| AgentError(e.message))?;
+        let route = transport::proxy::route(&cfg.proxy, &url, |k| std::env::var(k).ok())
+            .map_err(|e| AgentError(e.to_string()))?;
+        info!(gateway = %url, "connecting {}", route.reason);
+        let proxy = route.proxy;
+        let tracker = TaskTracker::new();
+        let mut attempt = 0u32;
+        let mut ever_connected = false;
+        // Sessions in a row that another agent with our key took over soon after they began.
+        let mut replaced = 0u32;
+        loop {
+            let dialing = Instant::now();
+            let dialed = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = connect(&cfg, &url, proxy.as_ref(), tls.clone(), &self.tally) => r,
+            };
+            // At least this long before the next attempt (what a rate limit asks for).
+            let mut at_least = Duration::ZERO;
+            let why = match dialed {
+                Ok(started) => {
+                    let session = started.session.clone();
+                    let began = Instant::now();
+                    self.tally.handshake_took(dialing.elapsed());
+                    let generation = self.status.borrow().sessions;
+                    let meta = SessionMeta::new(
+                        generation,
+                        &cfg.gateway,
+                        url.scheme.name(),
+                        session.clone(),
+                    );
+                    self.tally.session_up("", meta);
+                    ever_connected = true;
+                    attempt = 0;
+                    self.status.send_modify(|s| {
+                        s.connected = true;
+                        s.sessions += 1;
+                        s.last_error = None;
+                        s.failed_attempts = 0;
+                        s.next_retry = None;
+                    });
+                    let ended = serve(
+                        &cfg,
+                        started,
+                        &self.status,
+                        &tracker,
+                        &shutdown,
+                        &self.tally,
+                    )
+                    .await;
+                    let for_tally = session.end().unwrap_or_else(|| session::SessionEnd {
+                        code: ErrorCode::Shutdown,
+                        detail: "agent stopping".into(),
+                        by_peer: false,
+                        lost: false,
+                    });
+                    self.tally.session_down("", generation, &for_tally);
+                    self.status.send_modify(|s| {
+                        s.connected = false;
+                        s.forwards
+                            .iter_mut()
+                            .for_each(|f| *f = ForwardStatus::Pending);
+                        s.forward_retries.iter_mut().for_each(|r| *r = None);
+                    });
+                    if shutdown.is_cancelled() {
+                        drain(&tracker, cfg.grace).await;
+                        session.close(ErrorCode::Shutdown, "agent shutting down");
+                        // Give the GoAway a moment to leave.
+                        let _ = tokio::time::timeout(Duration::from_millis(500), session.closed())
+                            .await;
+                        return Ok(());
+                    }
+                    let end = match ended {
+                        Ended::Session(end) => end,
+                        Ended::NothingToPublish(why) => {
+                            session.close(
+                                ErrorCode::Normal,
+                                "agent stopping: every forward was refused",
+                            );
+                            let _ =
+                                tokio::time::timeout(Duration::from_millis(500), session.closed())
+                                    .await;
+                            drain(&tracker, cfg.grace).await;
+                            self.status
+                                .send_modify(|s| s.last_error = Some(why.clone()));
+                            return Err(AgentError(why));
+                        }
+                    };
+                    let text = end.to_string();
+                    let by = (end.by_peer && end.code == ErrorCode::Replaced)
+                        .then(|| replaced_by(&end.detail));
+                    match by {
+                        Some(by) if began.elapsed() < REPLACED_WITHIN => {
+                            replaced += 1;
+                            let by = by.unwrap_or("an unknown address").to_string();
+                            if replaced >= MAX_REPLACED {
+                                let why = format!(
+                                    "another agent with this key is connected from {by}: it took over this agent's session {replaced} times in a row, so this agent stops. Stop the other agent (a stale copy, an old container), or give each agent its own key (`burrow keygen`, and an [[agents]] entry on the gateway)"
+                                );
+                                self.status
+                                    .send_modify(|s| s.last_error = Some(why.clone()));
+                                drain(&tracker, cfg.grace).await;
+                                return Err(AgentError(why));
+                            }
+                            // Back off as after failures, so two agents with one key do not
+                            // take the session from each other several times a second.
+                            attempt = replaced;
+                            self.status
+                                .send_modify(|s| s.last_error = Some(text.clone()));
+                            format!("session taken over by another agent with this key, connected from {by} ({replaced} of {MAX_REPLACED} in a row before this agent stops)")
+                        }
+                        _ => {
+                            replaced = 0;
+                            self.status
+                                .send_modify(|s| s.last_error = Some(text.clone()));
+                            // A lost connection reads "connection lost: what happened".
+                            format!("session ended: {text}")
+                        }
+                    }
+                }
+                Err(e) => {
+                    if e.fatal && !ever_connected {
+                        return Err(AgentError(e.message));
+                    }
+                    if let Some(after) = e.retry_after {
+                        at_least = after;
+                    }
+                    self.status
+                        .send_modify(|s| s.last_error = Some(e.message.clone()));
+                    self.tally.agent_error("", &e.message);
+                    e.message
+                }
+            };
+            let delay = backoff_delay(
+                attempt,
+                BACKOFF_BASE,
+                cfg.max_backoff,
+                0.5 + fastrand::f64() / 2.0,
+            )
+            .max(at_least);
+            attempt = attempt.saturating_add(1);
+            // Whole milliseconds: "next attempt in 1s 234ms", not in nanoseconds.
+            let shown = Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+            warn!(
+                gateway = %cfg.gateway,
+                "{why}; next attempt in {}",
+                humantime::format_duration(shown)
+            );
+            debug!(?delay, attempt, "waiting before reconnecting");
+            self.status.send_modify(|s| {
+                s.failed_attempts = attempt;
+                s.next_retry = Some(delay);
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            self.status.send_modify(|s| s.next_retry = None);
+        }
+        drain(&tracker, cfg.grace).await;
+        Ok(())
+    }
+}
+
+/// How a served session ended.
+enum Ended {
+    /// The session is over (or `shutdown` was cancelled).
+    Session(SessionEnd),
+    /// Every forward was refused for good: the agent stops with this message.
+    NothingToPublish(String),
+}
+
+/// The text of the GoAway a session gets when another agent with its key takes over,
+/// naming the newcomer's address, which the replaced agent reads back for its message.
+pub fn replaced_message(by: std::net::SocketAddr) -> String {
+    format!("another agent with this key connected from {by} and took over this session")
+}
+
+/// The address a [`replaced_message`] names.
+fn replaced_by(detail: &str) -> Option<&str> {
+    let rest = &detail[detail.find(" connected from ")? + " connected from ".len()..];
+    rest.split_whitespace().next()
+}
+
+async fn drain(tracker: &TaskTracker, grace: Duration) {
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!("grace period over; closing the remaining streams");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let base = Duration::from_millis(500);
+        let max = Duration::from_secs(30);
+        assert_eq!(backoff_delay(0, base, max, 1.0), base);
+        assert_eq!(backoff_delay(3, base, max, 1.0), Duration::from_secs(4));
+        assert_eq!(backoff_delay(30, base, max, 1.0), max);
+        assert_eq!(backoff_delay(30, base, max, 0.5), max / 2);
+        // Jitter outside [0.5, 1] is clamped.
+        assert_eq!(backoff_delay(0, base, max, 0.0), base / 2);
+    }
+}
