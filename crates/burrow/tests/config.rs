@@ -306,7 +306,9 @@ fn parse_forward_cases() -> Result<(), String> {
             protocol: burrow::config::Protocol::Tcp,
             public_port: 8080,
             target: tcp("127.0.0.1", 80),
-            name: "8080=127.0.0.1:80".into()
+            name: "8080=127.0.0.1:80".into(),
+            proxy_protocol: None,
+            public_path: None,
         }
     );
     assert_eq!(parse_forward("localhost:3000")?.public_port, 0);
@@ -452,5 +454,63 @@ fn printed_settings_parse_back_the_same() -> anyhow::Result<()> {
     let again = parse_agent_file(&file, &text)?.into_config()?;
     assert_eq!(format!("{again:?}"), format!("{agent:?}"), "{text}");
     assert_eq!(again.key, agent.key);
+    Ok(())
+}
+
+#[test]
+fn proxy_protocol_after_a_spec_and_in_a_table() -> Result<(), String> {
+    use burrow::config::ProxyProtocol;
+    let f = parse_forward("8080=127.0.0.1:80?proxy_protocol=v2")?;
+    assert_eq!(f.proxy_protocol, Some(ProxyProtocol::V2));
+    assert_eq!(f.public_port, 8080);
+    // The name leaves the options out: turning one on keeps the port the gateway keeps.
+    assert_eq!(f.name, "8080=127.0.0.1:80");
+    let f = parse_forward("unix:/run/app.sock?proxy_protocol=v1")?;
+    assert_eq!(f.target, Target::Unix("/run/app.sock".into()));
+    assert_eq!(f.proxy_protocol, Some(ProxyProtocol::V1));
+    // A `?` that starts no option stays in a unix path.
+    let f = parse_forward("unix:/tmp/odd?name.sock")?;
+    assert_eq!(f.target, Target::Unix("/tmp/odd?name.sock".into()));
+    assert_eq!(f.proxy_protocol, None);
+    for (spec, says) in [
+        (
+            "127.0.0.1:80?proxy_protocol",
+            "say which PROXY protocol version",
+        ),
+        (
+            "127.0.0.1:80?proxy_protocol=v3",
+            "is not a PROXY protocol version",
+        ),
+        (
+            "127.0.0.1:80?proxy_protcol=v2",
+            "unknown option `proxy_protcol`",
+        ),
+        (
+            "udp:127.0.0.1:53?proxy_protocol=v2",
+            "a UDP forward cannot carry one",
+        ),
+    ] {
+        let e = parse_forward(spec).unwrap_err();
+        assert!(e.contains(says), "{spec}: {e}");
+    }
+    let s = parse_agent_file(
+        Path::new("a.toml"),
+        "[[forwards]]\ntarget = \"127.0.0.1:80\"\nproxy_protocol = \"v1\"\n\n\
+         [[forwards]]\ntarget = \"unix:/run/app.sock\"\nproxy_protocol = 2\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let pp: Vec<_> = s
+        .forwards
+        .unwrap()
+        .iter()
+        .map(|f| f.proxy_protocol)
+        .collect();
+    assert_eq!(pp, [Some(ProxyProtocol::V1), Some(ProxyProtocol::V2)]);
+    let e = agent_err("[[forwards]]\ntarget = \"127.0.0.1:80\"\nproxy_protocol = \"v9\"\n");
+    assert_at(&e, "conf/agent.toml", 3, "forwards[0].proxy_protocol");
+    let e = agent_err(
+        "[[forwards]]\nprotocol = \"udp\"\ntarget = \"127.0.0.1:53\"\nproxy_protocol = \"v1\"\n",
+    );
+    assert_at(&e, "conf/agent.toml", 4, "forwards[0].proxy_protocol");
     Ok(())
 }

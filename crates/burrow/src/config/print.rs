@@ -309,6 +309,8 @@ impl AgentConfig {
                     public_port,
                     target,
                     name,
+                    proxy_protocol,
+                    public_path,
                 } = f;
                 out.section("[[forwards]]");
                 if *protocol == Protocol::Udp {
@@ -317,9 +319,15 @@ impl AgentConfig {
                 if *public_port != 0 {
                     out.value("public_port", i64::from(*public_port));
                 }
+                if let Some(path) = public_path {
+                    out.text("public_path", &path.to_string_lossy());
+                }
                 out.text("target", &target.to_string());
-                if *name != forward_name(*protocol, *public_port, target) {
+                if *name != forward_name(*protocol, *public_port, public_path.as_deref(), target) {
                     out.text("name", name);
+                }
+                if let Some(pp) = proxy_protocol {
+                    out.text("proxy_protocol", pp.as_str());
                 }
             }
         }
