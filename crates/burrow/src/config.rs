@@ -153,7 +153,15 @@ pub struct AgentGrant {
     pub key: KeySpec,
     /// Public ports it may bind.
     pub ports: Vec<PortRange>,
+    /// Unix socket paths it may listen on as public endpoints (`paths`, none by default).
+    pub paths: Vec<crate::paths::PathPattern>,
+    /// Mode of the sockets it creates there (`socket_mode`, default 0660: the gateway's
+    /// user and group may connect).
+    pub socket_mode: u32,
 }
+
+/// Mode of a public unix socket unless the grant says otherwise: owner and group.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 
 impl AgentGrant {
     /// Whether this agent may bind TCP `port` (0 = any port of its grant).
@@ -1518,6 +1526,26 @@ impl FromToml for ProxyProtocol {
     }
 }
 
+impl FromToml for crate::paths::PathPattern {
+    fn from_toml(v: &toml::Value) -> Result<Self, String> {
+        crate::paths::PathPattern::parse(text(v)?)
+    }
+}
+
+/// A socket's mode: an octal integer (`0o660`) or the same as a string (`"0660"`), with no
+/// bits past `0o777` (no setuid, setgid or sticky bit) and not readable or writable by others
+/// unless asked for.
+fn socket_mode(v: &toml::Value) -> Result<u32, String> {
+    let mode = match v {
+        toml::Value::Integer(i) => u32::try_from(*i).ok(),
+        toml::Value::String(s) => u32::from_str_radix(s.trim().trim_start_matches("0o"), 8).ok(),
+        _ => None,
+    };
+    mode.filter(|m| *m <= 0o777).ok_or_else(|| {
+        format!("{v} is not a socket mode (write it in octal: socket_mode = 0o660 or \"0660\")")
+    })
+}
+
 impl FromToml for PublicPort {
     fn from_toml(v: &toml::Value) -> Result<Self, String> {
         v.as_integer()
@@ -1536,7 +1564,9 @@ struct RawGrant {
     name: Spanned<Checked<Name>>,
     key: Option<Spanned<Checked<SecretKey>>>,
     key_hash: Option<Spanned<Checked<KeyHash>>>,
-    ports: Spanned<Vec<Spanned<toml::Value>>>,
+    ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    paths: Option<Vec<Spanned<Checked<crate::paths::PathPattern>>>>,
+    socket_mode: Option<Spanned<toml::Value>>,
 }
 
 /// `[heartbeat]` as written.
@@ -1825,10 +1855,34 @@ impl Source<'_> {
                      gives the hash of an existing key) or the agent's `key`",
             )),
         };
+        let paths: Vec<_> = raw
+            .paths
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.into_inner().0)
+            .collect();
+        let ports =
+            match raw.ports {
+                Some(ports) => self.ports(&format!("{at}.ports"), ports)?,
+                None if !paths.is_empty() => Vec::new(),
+                None => return Err(self.error(
+                    table,
+                    at,
+                    "missing key `ports`: grant at least one port (ports = [8080, \"9000-9100\"]) \
+                     or unix socket path (paths = [\"/run/burrow/*.sock\"])",
+                )),
+            };
+        let socket_mode = match raw.socket_mode {
+            None => DEFAULT_SOCKET_MODE,
+            Some(v) => socket_mode(v.get_ref())
+                .map_err(|why| self.error(v.span(), format!("{at}.socket_mode"), why))?,
+        };
         let grant = AgentGrant {
             name: raw.name.into_inner().0 .0,
             key,
-            ports: self.ports(&format!("{at}.ports"), raw.ports)?,
+            ports,
+            paths,
+            socket_mode,
         };
         Ok((grant, key_span, key_name))
     }

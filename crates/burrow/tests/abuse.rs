@@ -299,6 +299,8 @@ fn grant(name: &str, key: &SecretKey) -> AgentGrant {
         name: name.into(),
         key: KeySpec::Key(key.clone()),
         ports: vec![PortRange::UNPRIVILEGED],
+        paths: Vec::new(),
+        socket_mode: burrow::config::DEFAULT_SOCKET_MODE,
     }
 }
 

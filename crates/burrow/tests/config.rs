@@ -514,3 +514,78 @@ fn proxy_protocol_after_a_spec_and_in_a_table() -> Result<(), String> {
     assert_at(&e, "conf/agent.toml", 4, "forwards[0].proxy_protocol");
     Ok(())
 }
+
+#[test]
+fn unix_public_endpoints_in_specs_tables_and_grants() -> Result<(), String> {
+    let f = parse_forward("unix:/run/burrow/docker.sock=unix:/var/run/docker.sock")?;
+    assert_eq!(f.public_path, Some("/run/burrow/docker.sock".into()));
+    assert_eq!(f.target, Target::Unix("/var/run/docker.sock".into()));
+    assert_eq!(
+        f.name,
+        "unix:/run/burrow/docker.sock=unix:/var/run/docker.sock"
+    );
+    let f = parse_forward("unix:/run/burrow/web.sock=127.0.0.1:80?proxy_protocol=v2")?;
+    assert_eq!(f.public_path, Some("/run/burrow/web.sock".into()));
+    assert_eq!(f.public_port, 0);
+    // A target whose own path holds `=` is still a target.
+    let f = parse_forward("unix:/tmp/a=b.sock")?;
+    assert_eq!(
+        (f.public_path, f.target),
+        (None, Target::Unix("/tmp/a=b.sock".into()))
+    );
+    for (spec, says) in [
+        ("unix:run/x.sock=127.0.0.1:80", "write it absolute"),
+        ("unix:/run/../x.sock=127.0.0.1:80", "`..` component"),
+        (
+            "udp:unix:/run/x.sock=127.0.0.1:53",
+            "a UDP forward's public end is a port",
+        ),
+    ] {
+        let e = parse_forward(spec).unwrap_err();
+        assert!(e.contains(says), "{spec}: {e}");
+    }
+    let s = parse_agent_file(
+        Path::new("a.toml"),
+        "[[forwards]]\npublic_path = \"/run/burrow/app.sock\"\ntarget = \"127.0.0.1:80\"\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let f = &s.forwards.unwrap()[0];
+    assert_eq!(f.public_path, Some("/run/burrow/app.sock".into()));
+    assert_eq!(f.name, "unix:/run/burrow/app.sock=127.0.0.1:80");
+    let e = agent_err(
+        "[[forwards]]\npublic_port = 80\npublic_path = \"/run/a.sock\"\ntarget = \"127.0.0.1:80\"\n",
+    );
+    assert_at(&e, "conf/agent.toml", 3, "forwards[0].public_path");
+    let e = agent_err(
+        "forward = [\"unix:/run/a.sock=127.0.0.1:80\", \"unix:/run/a.sock=127.0.0.1:81\"]\n",
+    );
+    assert!(
+        e.contains("public socket /run/a.sock is asked for by both"),
+        "{e}"
+    );
+
+    let g = parse_gateway_file(
+        Path::new("gw.toml"),
+        &format!(
+            "[[agents]]\nname = \"a\"\nkey = \"{KEY}\"\npaths = [\"/run/burrow/*.sock\"]\n\
+             socket_mode = 0o600\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let grant = &g.agents.unwrap()[0];
+    assert!(grant.ports.is_empty(), "paths alone are a grant");
+    assert_eq!(grant.paths[0].as_str(), "/run/burrow/*.sock");
+    assert_eq!(grant.socket_mode, 0o600);
+    let e = gateway_err(&format!(
+        "[[agents]]\nname = \"a\"\nkey = \"{KEY}\"\nports = [80]\npaths = [\"run/*.sock\"]\n"
+    ));
+    assert_at(&e, "conf/gw.toml", 5, "agents[0].paths[0]");
+    assert!(e.contains("it must be absolute"), "{e}");
+    let e = gateway_err(&format!(
+        "[[agents]]\nname = \"a\"\nkey = \"{KEY}\"\npaths = [\"/run/*.sock\"]\nsocket_mode = \"4777\"\n"
+    ));
+    assert_at(&e, "conf/gw.toml", 5, "agents[0].socket_mode");
+    let e = gateway_err(&format!("[[agents]]\nname = \"a\"\nkey = \"{KEY}\"\n"));
+    assert!(e.contains("grant at least one port"), "{e}");
+    Ok(())
+}

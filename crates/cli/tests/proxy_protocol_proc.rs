@@ -176,3 +176,89 @@ async fn an_ipv6_client_is_reported_as_such() {
     }
     drop(gw);
 }
+
+/// A fresh key from `burrow keygen`.
+fn keygen() -> String {
+    let out = std::process::Command::new(bin())
+        .arg("keygen")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("key: "))
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_unix_endpoint_has_no_address_to_pass_on() {
+    let nginx = Nginx::proxy_protocol_echo().await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = keygen();
+    let conf = tmp.path().join("gateway.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[agents]]\nname = \"local\"\nkey = \"{key}\"\npaths = [\"{}/*.sock\"]\n",
+            tmp.path().display()
+        ),
+    )
+    .unwrap();
+    let gw = GatewaySpec::new(&tmp.path().join("state"))
+        .config(&conf)
+        .expect_agent_line(false)
+        .start(bin())
+        .await
+        .unwrap();
+    let port = nginx.addr().port();
+    let (v1, v2) = (tmp.path().join("v1.sock"), tmp.path().join("v2.sock"));
+    let args = vec![
+        "agent".to_string(),
+        "--gateway".into(),
+        gw.addr().to_string(),
+        "--key".into(),
+        key,
+        "--fingerprint".into(),
+        gw.fingerprint().to_string(),
+    ];
+    let mut agent = burrow_testkit::Burrow::start(
+        AgentSpec::new(args)
+            .forward(&format!(
+                "unix:{}=127.0.0.1:{port}?proxy_protocol=v1",
+                v1.display()
+            ))
+            .forward(&format!(
+                "unix:{}=127.0.0.1:{port}?proxy_protocol=v2",
+                v2.display()
+            ))
+            .command(bin()),
+    )
+    .unwrap();
+    for sock in [&v1, &v2] {
+        let want = format!("public address unix:{}", sock.display());
+        agent
+            .wait_stdout(|l| l.contains(&want), Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    for (sock, what) in [(&v1, "v1 UNKNOWN"), (&v2, "v2 LOCAL")] {
+        let mut c = tokio::net::UnixStream::connect(sock).await.unwrap();
+        c.write_all(b"GET / HTTP/1.0\r\nHost: burrow\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut answer))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        // nginx accepts the header and, told to use the connection's own addresses, has none.
+        assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer:?}");
+        assert!(
+            answer.contains("addr= port= remote=127.0.0.1"),
+            "{what}: {answer:?}"
+        );
+    }
+    drop(gw);
+}

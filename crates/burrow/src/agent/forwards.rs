@@ -173,7 +173,7 @@ pub(super) fn nothing_to_publish(cfg: &AgentConfig, bindings: &[Binding]) -> Opt
         })
         .collect();
     Some(format!(
-        "nothing to publish: the gateway refused every forward, for reasons retrying cannot change ({}); ask the gateway's operator to grant the ports (`ports` of this agent's [[agents]] entry), or change --forward",
+        "nothing to publish: the gateway refused every forward, for reasons retrying cannot change ({}); ask the gateway's operator to grant the ports or unix socket paths (`ports`, `paths` of this agent's [[agents]] entry), or change --forward",
         reasons.join("; ")
     ))
 }

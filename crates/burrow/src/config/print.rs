@@ -133,6 +133,8 @@ fn grant(out: &mut Out, g: &AgentGrant) {
         name,
         key,
         ports: p,
+        paths,
+        socket_mode,
     } = g;
     out.section("[[agents]]");
     out.text("name", name);
@@ -140,7 +142,14 @@ fn grant(out: &mut Out, g: &AgentGrant) {
         KeySpec::Key(_) => out.text("key", MASKED_KEY),
         KeySpec::Hash(h) => out.text("key_hash", &h.to_string()),
     }
-    out.value("ports", ports(p));
+    if !p.is_empty() || paths.is_empty() {
+        out.value("ports", ports(p));
+    }
+    if !paths.is_empty() {
+        let list = paths.iter().map(|p| toml::Value::from(p.as_str()));
+        out.value("paths", toml::Value::Array(list.collect()));
+        out.line(&format!("socket_mode = 0o{socket_mode:03o}"));
+    }
 }
 
 impl GatewayConfig {
