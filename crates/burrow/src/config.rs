@@ -40,8 +40,10 @@ use toml::Spanned;
 
 mod ops;
 mod print;
+mod run;
 pub use ops::{read_key_file, LogFormat};
 pub use print::MASKED_KEY;
+pub use run::{load_run_file, parse_run_file, Instance, InstanceSettings, Role, RunFile, ROLES};
 
 use crate::admin::{AdminConfig, AdminToken};
 
