@@ -53,8 +53,11 @@ pub struct Args {
         value_parser = parse_forward_entry,
         help = "A service to publish: [PUBLIC_PORT=]TARGET, where TARGET is host:port, \
                 [ipv6]:port or unix:/path/to.sock and PUBLIC_PORT 0 or absent lets the gateway \
-                choose. Repeat the flag, or separate specs with commas (also in BURROW_FORWARD; \
-                empty entries are skipped)"
+                choose; unix:/PATH=TARGET for a unix socket on the gateway (where its grant \
+                allows the path); udp:[PUBLIC_PORT=]HOST:PORT for UDP. Add \
+                '?proxy_protocol=v1' or 'v2' (quoted) to send the target a PROXY protocol \
+                header with the client's address. Repeat the flag, or separate specs with \
+                commas (also in BURROW_FORWARD; empty entries are skipped)"
     )]
     forwards: Vec<ForwardEntry>,
 
