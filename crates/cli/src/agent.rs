@@ -53,8 +53,11 @@ pub struct Args {
         value_parser = parse_forward_entry,
         help = "A service to publish: [PUBLIC_PORT=]TARGET, where TARGET is host:port, \
                 [ipv6]:port or unix:/path/to.sock and PUBLIC_PORT 0 or absent lets the gateway \
-                choose. Repeat the flag, or separate specs with commas (also in BURROW_FORWARD; \
-                empty entries are skipped)"
+                choose; unix:/PATH=TARGET for a unix socket on the gateway (where its grant \
+                allows the path); udp:[PUBLIC_PORT=]HOST:PORT for UDP. Add \
+                '?proxy_protocol=v1' or 'v2' (quoted) to send the target a PROXY protocol \
+                header with the client's address. Repeat the flag, or separate specs with \
+                commas (also in BURROW_FORWARD; empty entries are skipped)"
     )]
     forwards: Vec<ForwardEntry>,
 
@@ -186,7 +189,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)
             .context("cannot start the agent")?;
         run::start_admin(admin);
-        tokio::spawn(print_forwards(agent.status(), names));
+        tokio::spawn(print_forwards(agent.status(), names, String::new()));
         crate::notify::ready(&format!("connecting to {gateway}"));
         crate::notify::spawn_agent_status(agent.status(), gateway);
         crate::notify::spawn_watchdog();
@@ -195,8 +198,13 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// Prints each forward's status whenever it changes to granted or refused.
-async fn print_forwards(mut status: watch::Receiver<AgentStatus>, names: Vec<String>) {
+/// Prints each forward's status whenever it changes to granted or refused, each line after
+/// `prefix` (an instance's name in `burrow run`).
+pub(crate) async fn print_forwards(
+    mut status: watch::Receiver<AgentStatus>,
+    names: Vec<String>,
+    prefix: String,
+) {
     let mut shown: Vec<ForwardStatus> = Vec::new();
     loop {
         let now = status.borrow_and_update().forwards.clone();
@@ -207,9 +215,11 @@ async fn print_forwards(mut status: watch::Receiver<AgentStatus>, names: Vec<Str
             let name = names.get(i).map_or("?", String::as_str);
             match st {
                 ForwardStatus::Granted(addr) => {
-                    run::say(&format!("forward {name}: public address {addr}"))
+                    run::say(&format!("{prefix}forward {name}: public address {addr}"))
                 }
-                ForwardStatus::Refused(why) => run::say(&format!("forward {name}: refused: {why}")),
+                ForwardStatus::Refused(why) => {
+                    run::say(&format!("{prefix}forward {name}: refused: {why}"))
+                }
                 ForwardStatus::Pending => {}
             }
         }

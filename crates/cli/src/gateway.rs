@@ -163,7 +163,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)
             .context("cannot start the gateway")?;
-        announce(&gateway);
+        announce(&gateway, "");
         run::start_admin(admin);
         crate::notify::ready(&format!("listening for agents on {}", gateway.local_addr()));
         crate::notify::spawn_watchdog();
@@ -172,11 +172,17 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// Prints what an operator needs to connect agents.
-fn announce(gateway: &Gateway) {
-    run::say(&format!("gateway listening on {}", gateway.local_addr()));
+/// Prints what an operator needs to connect agents, each line after `prefix` (an
+/// instance's name in `burrow run`).
+pub(crate) fn announce(gateway: &Gateway, prefix: &str) {
+    let say = |text: &str| {
+        for line in text.lines() {
+            run::say(&format!("{prefix}{line}"));
+        }
+    };
+    say(&format!("gateway listening on {}", gateway.local_addr()));
     if let Some(fp) = gateway.fingerprint() {
-        run::say(&format!("certificate fingerprint: {fp}"));
+        say(&format!("certificate fingerprint: {fp}"));
     }
     let Some(line) = gateway.agent_line() else {
         return;
@@ -187,21 +193,21 @@ fn announce(gateway: &Gateway) {
     // The key in full only when it is new: every later start would copy it into the logs
     // that stdout ends up in (journald, `docker logs`).
     if gateway.key_created() {
-        run::say(&format!(
+        say(&format!(
             "run this on the agent's host (add --forward for each service):\n{}",
             line.full()
         ));
-        run::say(&format!(
+        say(&format!(
             "or, where only HTTP(S) gets out, the same session inside a WebSocket:\n{}",
             line.full_ws()
         ));
     } else {
-        run::say(&format!(
+        say(&format!(
             "run this on the agent's host (add --forward for each service; the key is masked: \
              `burrow gateway --print-agent-line` with this gateway's settings prints it):\n{}",
             line.masked()
         ));
-        run::say(&format!(
+        say(&format!(
             "or, where only HTTP(S) gets out, the same session inside a WebSocket:\n{}",
             line.masked_ws()
         ));

@@ -172,6 +172,9 @@ pub struct Bind {
     pub port: u16,
     /// A label for logs.
     pub name: String,
+    /// A unix socket path on the gateway to listen on instead of a port (`port` is then 0).
+    /// Sent after the name, only when set; a gateway grants paths explicitly.
+    pub path: Option<String>,
 }
 
 /// Gateway to agent: the answer to a [`Bind`].
@@ -511,6 +514,9 @@ impl Bind {
         b.put_u8(self.protocol as u8);
         b.put_u16(self.port);
         put_string(&mut b, &self.name);
+        if let Some(path) = &self.path {
+            put_string(&mut b, path);
+        }
         Frame::new(Kind::Bind, 0, 0, b.freeze())
     }
     /// From a payload.
@@ -522,11 +528,19 @@ impl Bind {
             1 => Protocol::Udp,
             other => return Err(bad("bind", format_args!("unknown protocol {other}"))),
         };
+        let port = r.u16()?;
+        let name = r.string()?;
+        let path = if r.buf.is_empty() {
+            None
+        } else {
+            Some(r.string()?)
+        };
         Ok(Bind {
             service,
             protocol,
-            port: r.u16()?,
-            name: r.string()?,
+            port,
+            name,
+            path,
         })
     }
 }
@@ -669,8 +683,15 @@ mod tests {
             protocol: Protocol::Tcp,
             port: 8080,
             name: "web".into(),
+            path: None,
         };
         assert_eq!(Bind::decode(&bind.to_frame().payload).unwrap(), bind);
+        let unix = Bind {
+            path: Some("/run/burrow/docker.sock".into()),
+            port: 0,
+            ..bind
+        };
+        assert_eq!(Bind::decode(&unix.to_frame().payload).unwrap(), unix);
         let res = BindResult {
             service: 2,
             code: ErrorCode::PortInUse,

@@ -15,8 +15,9 @@
 //!   `/proc/net/tcp`.
 //! - [`attack`]: raw attack clients, bounded in count and time ([`IdleFlood`]: idle
 //!   connections from several loopback addresses, re-opened as they are cut).
-//! - [`nginx`]: a real nginx on a port the test holds ([`Nginx`]), restartable in place;
-//!   [`pki`]: a throwaway CA and `localhost` certificates for it ([`Pki`]).
+//! - [`nginx`]: a real nginx on a port the test holds ([`Nginx`]), restartable in place
+//!   (also one that answers with the address a PROXY protocol header named);
+//!   [`haproxy`]: a real HAProxy reading the PROXY protocol ([`Haproxy`]); [`pki`]: a throwaway CA and `localhost` certificates for it ([`Pki`]).
 //! - [`targets`]: services to publish ([`TcpTarget`]: echo, sink, source), a fast
 //!   deterministic [`Pattern`], SHA-256, and an echo client that checks every byte.
 //!
@@ -44,6 +45,7 @@
 //! ```
 
 pub mod attack;
+pub mod haproxy;
 pub mod nginx;
 pub mod pki;
 pub mod process;
@@ -51,6 +53,7 @@ pub mod proxy;
 pub mod targets;
 
 pub use attack::{FloodOpts, IdleFlood};
+pub use haproxy::Haproxy;
 pub use nginx::Nginx;
 pub use pki::Pki;
 pub use process::{

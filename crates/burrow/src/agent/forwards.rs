@@ -55,6 +55,10 @@ pub(super) async fn serve(
             protocol: fwd.protocol,
             port: fwd.public_port,
             name: fwd.name.clone(),
+            path: fwd
+                .public_path
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
         };
         session.send_control(bind.to_frame());
     };
@@ -169,7 +173,7 @@ pub(super) fn nothing_to_publish(cfg: &AgentConfig, bindings: &[Binding]) -> Opt
         })
         .collect();
     Some(format!(
-        "nothing to publish: the gateway refused every forward, for reasons retrying cannot change ({}); ask the gateway's operator to grant the ports (`ports` of this agent's [[agents]] entry), or change --forward",
+        "nothing to publish: the gateway refused every forward, for reasons retrying cannot change ({}); ask the gateway's operator to grant the ports or unix socket paths (`ports`, `paths` of this agent's [[agents]] entry), or change --forward",
         reasons.join("; ")
     ))
 }
@@ -300,7 +304,14 @@ pub(super) fn accept_stream(
             let started = Instant::now();
             let connect = async {
                 let permit = pending.acquire_owned().await;
-                (connect_target(&fwd).await, permit)
+                let mut local = connect_target(&fwd).await;
+                // The PROXY header goes first, before any byte of the client's.
+                if let (Ok(l), Some(version)) = (&mut local, fwd.proxy_protocol) {
+                    if let Err(e) = crate::proxy_protocol::send(l, version, client).await {
+                        local = Err(e);
+                    }
+                }
+                (local, permit)
             };
             let mut local = match tokio::time::timeout(timeout, connect).await {
                 Ok((Ok(local), permit)) => {

@@ -133,6 +133,8 @@ fn grant(out: &mut Out, g: &AgentGrant) {
         name,
         key,
         ports: p,
+        paths,
+        socket_mode,
     } = g;
     out.section("[[agents]]");
     out.text("name", name);
@@ -140,7 +142,14 @@ fn grant(out: &mut Out, g: &AgentGrant) {
         KeySpec::Key(_) => out.text("key", MASKED_KEY),
         KeySpec::Hash(h) => out.text("key_hash", &h.to_string()),
     }
-    out.value("ports", ports(p));
+    if !p.is_empty() || paths.is_empty() {
+        out.value("ports", ports(p));
+    }
+    if !paths.is_empty() {
+        let list = paths.iter().map(|p| toml::Value::from(p.as_str()));
+        out.value("paths", toml::Value::Array(list.collect()));
+        out.line(&format!("socket_mode = 0o{socket_mode:03o}"));
+    }
 }
 
 impl GatewayConfig {
@@ -309,6 +318,8 @@ impl AgentConfig {
                     public_port,
                     target,
                     name,
+                    proxy_protocol,
+                    public_path,
                 } = f;
                 out.section("[[forwards]]");
                 if *protocol == Protocol::Udp {
@@ -317,9 +328,15 @@ impl AgentConfig {
                 if *public_port != 0 {
                     out.value("public_port", i64::from(*public_port));
                 }
+                if let Some(path) = public_path {
+                    out.text("public_path", &path.to_string_lossy());
+                }
                 out.text("target", &target.to_string());
-                if *name != forward_name(*protocol, *public_port, target) {
+                if *name != forward_name(*protocol, *public_port, public_path.as_deref(), target) {
                     out.text("name", name);
+                }
+                if let Some(pp) = proxy_protocol {
+                    out.text("proxy_protocol", pp.as_str());
                 }
             }
         }

@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use super::{lock, public_text, Hub};
+use super::{lock, Hub};
 use crate::admin::metrics::{unix_secs, AuthFailure, ServiceTally};
 use crate::admin::status::{AgentRow, ServiceRow, SessionRow, Status, Totals};
 use crate::admin::Report;
@@ -105,7 +105,7 @@ impl Report for GatewayReport {
                                 "leased"
                             };
                             let t = services.get(&(name.clone(), svc.clone()));
-                            row(svc, Some(public_text(hub, port.addr)), state, t)
+                            row(svc, Some(port.shown(hub)), state, t)
                         })
                         .collect()
                 })

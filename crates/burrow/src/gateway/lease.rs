@@ -114,6 +114,7 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
                     owner: None,
                     lease: Some(lease_id),
                     chosen: true,
+                    path: None,
                 },
             );
             entry.conns.clone()
@@ -189,7 +190,7 @@ pub(super) fn spawn_lease_timer(hub: &Arc<Hub>, name: &str, lease_id: u64) {
                 if port.lease != Some(lease_id) {
                     return true;
                 }
-                info!(agent = %name, addr = %port.addr, "lease expired; public port closed");
+                info!(agent = %name, addr = %port.shown(&hub), "lease expired; public port closed");
                 port.cancel.cancel();
                 hub.forget_port(&name, service, port);
                 false

@@ -41,6 +41,7 @@ mod admin;
 mod lease;
 mod ports;
 mod serve;
+mod unix;
 
 use accept::accept_loop;
 use lease::{restore_leases, write_leases};
@@ -146,6 +147,18 @@ struct PortEntry {
     lease: Option<u64>,
     /// The gateway chose it (a bind for port 0): kept in the lease file across restarts.
     chosen: bool,
+    /// A unix socket endpoint (`addr` is then unused): its path.
+    path: Option<std::path::PathBuf>,
+}
+
+impl PortEntry {
+    /// What clients reach: `unix:PATH`, or the public address.
+    fn shown(&self, hub: &Hub) -> String {
+        match &self.path {
+            Some(p) => format!("unix:{}", p.display()),
+            None => public_text(hub, self.addr),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -191,6 +204,9 @@ impl Gateway {
                 name: DEFAULT_AGENT_NAME.into(),
                 key: KeySpec::Key(key.clone()),
                 ports: vec![PortRange::UNPRIVILEGED, PortRange::UNPRIVILEGED_UDP],
+                // No unix socket paths: a zero-config gateway creates no files.
+                paths: Vec::new(),
+                socket_mode: crate::config::DEFAULT_SOCKET_MODE,
             });
             generated = Some(key);
         }

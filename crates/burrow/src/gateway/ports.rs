@@ -45,7 +45,7 @@ pub(super) fn make_room(
             ));
         };
         if let Some(port) = entry.ports.remove(&key) {
-            info!(addr = %port.addr, "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
+            info!(addr = %port.shown(hub), "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
             port.cancel.cancel();
             hub.forget_port(&grant.name, &key.1, &port);
         }
@@ -79,6 +79,9 @@ pub(super) async fn bind_port(
             text,
         }
     };
+    if bind.path.is_some() {
+        return super::unix::bind_path(hub, grant, session, generation, bind).await;
+    }
     let proto = match bind.protocol {
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",
@@ -138,7 +141,8 @@ pub(super) async fn bind_port(
             .entry(grant.name.clone())
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
         if let Some(existing) = entry.ports.get_mut(&key) {
-            if bind.port == 0 || bind.port == existing.addr.port() {
+            let same = bind.port == 0 || bind.port == existing.addr.port();
+            if same && existing.path.is_none() {
                 *lock(&existing.route) = Some(route);
                 existing.owner = Some(generation);
                 existing.lease = None;
@@ -225,6 +229,7 @@ pub(super) async fn bind_port(
                 owner: Some(generation),
                 lease: None,
                 chosen,
+                path: None,
             },
         );
         entry.conns.clone()
@@ -580,6 +585,8 @@ mod tests {
                 .iter()
                 .map(|&(start, end)| PortRange::tcp(start, end))
                 .collect(),
+            paths: Vec::new(),
+            socket_mode: crate::config::DEFAULT_SOCKET_MODE,
         };
         let agents = [
             grant("a", &[(8080, 8080), (9000, 9100)]),
