@@ -112,11 +112,6 @@ pub(super) async fn accept_loop(
         };
         let hub2 = hub.clone();
         let acceptor = acceptor.clone();
-        let transport = if acceptor.ws_only {
-            "ws-listen"
-        } else {
-            hub.config.transport.as_str()
-        };
         hub.tracker.spawn(async move {
             let accepted_at = Instant::now();
             let accepted = tokio::select! {
@@ -135,6 +130,14 @@ pub(super) async fn accept_loop(
                 Ok(Ok((conn, acc))) => {
                     lock(&hub2.limiter).success(peer.ip(), &acc.key);
                     let peer = conn.peer;
+                    // What carried the session: a WebSocket upgrade on the tunnel port is
+                    // `wss` (or `ws` on a plain tunnel port), not the port's transport.
+                    let transport = match (acceptor.ws_only, conn.websocket, acceptor.tls.is_some()) {
+                        (true, ..) => "ws-listen",
+                        (false, true, true) => "wss",
+                        (false, true, false) => "ws",
+                        (false, false, _) => hub2.config.transport.as_str(),
+                    };
                     hub2.tally.handshake_took(accepted_at.elapsed());
                     serve_agent(hub2, conn, acc, peer, transport).await
                 }
