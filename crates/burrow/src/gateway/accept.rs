@@ -260,10 +260,21 @@ pub(super) async fn handshake_agent(
     // inside TLS, where the agent can read it.
     let mut presented = None;
     let verdict = |key: &KeyHash, role: Role| {
-        let grant = hub.grants.get(key);
-        presented = grant.map(|_| *key);
+        // A token's key that was revoked or has expired is refused as such (to whoever proves
+        // it: to anyone else it is an unknown key).
+        let ended = lock(&hub.tokens)
+            .by_hash(key)
+            .and_then(|t| t.refusal(std::time::SystemTime::now()));
+        let grant = hub.grants().get(key).filter(|_| ended.is_none()).cloned();
+        presented = grant.as_ref().map(|_| *key);
         let limited = lock(&hub.limiter).check(peer.ip(), presented.as_ref(), StdInstant::now());
         let limited = |why: &str| limited.map(|after| handshake::rate_limited_message(after, why));
+        if let Some(text) = ended {
+            return match limited("key not accepted by this gateway") {
+                None => handshake::Verdict::RefuseIfProven(ErrorCode::KeyRevoked, text),
+                Some(text) => handshake::Verdict::Refuse(ErrorCode::RateLimited, text),
+            };
+        }
         match (grant, role) {
             (Some(grant), Role::Agent) => match limited("key proof does not verify") {
                 None => handshake::Verdict::Accept(grant.name.clone(), hub.params),
@@ -293,6 +304,7 @@ pub(super) async fn handshake_agent(
             why: format!("authentication failed: {message}"),
             kind: match code {
                 ErrorCode::RateLimited => AuthFailure::RateLimited,
+                ErrorCode::KeyRevoked => AuthFailure::Revoked,
                 _ if presented.is_none() => AuthFailure::UnknownKey,
                 ErrorCode::AuthFailed => AuthFailure::BadProof,
                 _ => AuthFailure::Handshake,
