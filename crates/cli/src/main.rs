@@ -4,6 +4,7 @@
 //! - `burrow agent` runs next to a private service and publishes it through a gateway.
 //! - `burrow keygen` prints a new agent key and its key hash, or the hash of an existing key.
 //! - `burrow status` shows a running gateway's or agent's status (from its admin server).
+//! - `burrow token` makes, lists and revokes a running gateway's agent tokens (the same).
 //! - `burrow completions SHELL` prints a shell completion script.
 //!
 //! This crate only parses flags and environment, sets up logging and handles signals; the
@@ -15,6 +16,7 @@ mod keygen;
 mod notify;
 mod run;
 mod status;
+mod token;
 
 use std::process::ExitCode;
 
@@ -59,6 +61,9 @@ enum Command {
     /// Show a running gateway's or agent's status as tables: agents, sessions, services,
     /// streams, bytes and recent errors (read from its admin server, --admin)
     Status(status::Args),
+    /// Make, list and revoke agent keys a running gateway accepts beside its config's
+    /// [[agents]], without a restart (through its admin server, --admin, with its token)
+    Token(token::Args),
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell), e.g.
     /// `burrow completions bash > /etc/bash_completion.d/burrow`
     Completions {
@@ -138,6 +143,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent::main(args),
         Command::Keygen(args) => keygen::main(args),
         Command::Status(args) => status::main(args),
+        Command::Token(args) => token::main(args),
         Command::Completions { shell } => {
             let mut command = Cli::command();
             clap_complete::generate(shell, &mut command, "burrow", &mut std::io::stdout());
@@ -158,7 +164,7 @@ fn main() -> ExitCode {
 /// came from a variable names the variable, not only the flag.
 fn parse() -> Result<Cli, ExitCode> {
     let mut command = Cli::command();
-    for role in ["gateway", "agent", "status"] {
+    for role in ["gateway", "agent", "status", "token"] {
         command = command.mut_subcommand(role, |mut sub| {
             let empty: Vec<clap::Id> = sub
                 .get_arguments()
