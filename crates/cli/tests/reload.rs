@@ -261,8 +261,13 @@ async fn gateway_reload_adds_removes_rekeys_and_narrows_and_leaves_the_rest_alon
         let before = status(admin).await;
         let keep_since = agent(&before, "keep")["session"]["since"].clone();
 
-        // 8 MiB through `keep`, held half done across the reload.
+        // 8 MiB through `keep`, held half done across the reload; and a connection to the
+        // port the narrowed grant leaves out.
         let held = held_transfer(a_keep.public(0), 8 << 20, 1).await;
+        let mut outside = TcpStream::connect(closed_port).await.unwrap();
+        outside.write_all(b"ping").await.unwrap();
+        let mut four = [0u8; 4];
+        outside.read_exact(&mut four).await.unwrap();
 
         // `gone` removed, `rekey` with a new key, `narrow` without its second port,
         // `fresh` added, `keep` as it was; and a setting that takes a restart.
@@ -303,6 +308,12 @@ async fn gateway_reload_adds_removes_rekeys_and_narrows_and_leaves_the_rest_alon
         let t_rekey = until_closed(a_rekey.public(0), "rekey's port").await;
         let t_narrow = until_closed(closed_port, "narrow's second port").await;
         println!("ports closed {t_gone:?}, {t_rekey:?}, {t_narrow:?} after the answer");
+        // That port's connection is closed too (EOF or a reset), not left to hang.
+        let mut rest = [0u8; 1];
+        let ended = tokio::time::timeout(Duration::from_secs(5), outside.read(&mut rest))
+            .await
+            .expect("the connection to the port outside the grant was closed");
+        assert!(!matches!(ended, Ok(n) if n > 0), "{ended:?}");
         a_gone
             .wait_stderr("was removed from the gateway's config", WAIT)
             .await
