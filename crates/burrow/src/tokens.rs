@@ -26,6 +26,8 @@ pub const MAX_TOKENS: usize = 1024;
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// Longest token name.
 pub const MAX_NAME: usize = 64;
+/// Longest expiry: a hundred years (further dates are not written in RFC 3339's four digits).
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// One token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +118,15 @@ impl Token {
 
 /// A time as RFC 3339 in UTC, to the second.
 pub fn stamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    use std::fmt::Write as _;
+    // humantime's formatter panics before 1970 and errs after 9999: neither is ever written.
+    let mut out = String::new();
+    if t < SystemTime::UNIX_EPOCH
+        || write!(out, "{}", humantime::format_rfc3339_seconds(t)).is_err()
+    {
+        return "(out of range)".into();
+    }
+    out
 }
 
 /// Checks a token name: 1 to [`MAX_NAME`] letters, digits, `-`, `_`, `.` or `@`.
@@ -296,13 +306,13 @@ impl TokenBook {
         if ttl.is_some_and(|t| t.is_zero()) {
             return Err("--expires must be more than 0".into());
         }
-        let expires = match ttl {
-            Some(t) => Some(
-                now.checked_add(t)
-                    .ok_or_else(|| format!("--expires {t:?} is too far away"))?,
-            ),
-            None => None,
-        };
+        if ttl.is_some_and(|t| t > MAX_TTL) {
+            return Err(
+                "--expires may be at most 100 years (leave it out for a token that does not expire)"
+                    .into(),
+            );
+        }
+        let expires = ttl.and_then(|t| now.checked_add(t));
         if self.tokens.len() >= MAX_TOKENS {
             // Room goes to the new one at the cost of the token that ended first.
             let oldest = self
@@ -448,6 +458,11 @@ mod tests {
             .create("bad name", ports(), None, now, |_| false)
             .is_err());
         assert!(book.create("x", vec![], None, now, |_| false).is_err());
+        let far = Some(Duration::from_secs(u64::MAX / 4));
+        let err = book
+            .create("far", ports(), far, now, |_| false)
+            .unwrap_err();
+        assert!(err.contains("at most 100 years"), "{err}");
         let (_, short) = book
             .create("short", ports(), Some(Duration::from_secs(2)), now, |_| {
                 false

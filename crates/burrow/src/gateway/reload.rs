@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use burrow_proto::auth::KeyHash;
 use burrow_proto::message::BindResult;
 use burrow_proto::ErrorCode;
 use tracing::{info, warn};
@@ -141,12 +142,12 @@ pub(super) struct Applied {
 }
 
 /// Makes `new` the agents in force: swaps the set, then closes what it no longer grants.
-/// `why(name)` is the code and message a removed agent's session is closed with. The caller
-/// holds `hub.changing`.
+/// `why(name, key)` is the code and message a removed agent's session is closed with. The
+/// caller holds `hub.changing`.
 pub(super) fn apply(
     hub: &Arc<Hub>,
     new: Grants,
-    why: &dyn Fn(&str) -> (ErrorCode, String),
+    why: &dyn Fn(&str, &KeyHash) -> (ErrorCode, String),
 ) -> Applied {
     let by_name = |g: &Grants| -> BTreeMap<String, Arc<AgentGrant>> {
         g.values().map(|a| (a.name.clone(), a.clone())).collect()
@@ -161,7 +162,7 @@ pub(super) fn apply(
     for (name, was) in &old {
         match now.get(name) {
             None => {
-                let (code, text) = why(name);
+                let (code, text) = why(name, &was.key.hash());
                 let what = drop_agent(hub, &mut agents, name, code, &text);
                 applied
                     .changes
@@ -316,18 +317,23 @@ pub(super) fn unbind_port(hub: &Hub, name: &str, generation: u64, service: u32) 
     true
 }
 
-/// How the session of a token's agent that is no longer accepted ends.
-fn token_reasons(tokens: &TokenBook, now: SystemTime) -> BTreeMap<String, String> {
+/// How the session of a token's agent that is no longer accepted ends, by its key.
+fn token_reasons(
+    tokens: &TokenBook,
+    now: SystemTime,
+) -> std::collections::HashMap<KeyHash, String> {
     tokens
         .tokens()
         .iter()
-        .filter_map(|t| t.refusal(now).map(|why| (t.name.clone(), why)))
+        .filter_map(|t| t.refusal(now).map(|why| (t.key_hash, why)))
         .collect()
 }
 
 /// The reason a removed agent's session gets: its token's end, or the config.
-fn removal<'a>(reasons: &'a BTreeMap<String, String>) -> impl Fn(&str) -> (ErrorCode, String) + 'a {
-    move |name: &str| match reasons.get(name) {
+fn removal(
+    reasons: &std::collections::HashMap<KeyHash, String>,
+) -> impl Fn(&str, &KeyHash) -> (ErrorCode, String) + '_ {
+    move |name: &str, key: &KeyHash| match reasons.get(key) {
         Some(why) => (ErrorCode::KeyRevoked, why.clone()),
         None => (
             ErrorCode::AuthFailed,
@@ -520,5 +526,43 @@ impl GatewayHandle {
         refresh_tokens(hub).map_err(|e| ApiError::new(500, e))?;
         warn!(token = %name, "token revoked: its agent's session is closed and its key refused");
         Ok(hub.token_row(&token, now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burrow_proto::auth::SecretKey;
+
+    fn grant(name: &str, key: &SecretKey) -> AgentGrant {
+        AgentGrant {
+            name: name.into(),
+            key: KeySpec::Hash(key.hash()),
+            ports: vec![PortRange::tcp(9000, 9010)],
+        }
+    }
+
+    #[test]
+    fn tokens_and_config_agents_may_not_share_a_name_or_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tokens = TokenBook::empty(dir.path());
+        let now = SystemTime::now();
+        let (key, _) = tokens
+            .create("ci", vec![PortRange::tcp(9000, 9000)], None, now, |_| false)
+            .unwrap();
+        let web = SecretKey::generate();
+        let grants = merge(&[grant("web", &web)], &tokens, now).unwrap();
+        assert_eq!(grants.len(), 2);
+        assert_eq!(grants[&key.hash()].name, "ci");
+        let err = merge(&[grant("ci", &SecretKey::generate())], &tokens, now).unwrap_err();
+        assert!(err.contains("has the name of a token"), "{err}");
+        let err = merge(&[grant("other", &key)], &tokens, now).unwrap_err();
+        assert!(err.contains("has the key of the config's agent"), "{err}");
+        let err = merge(&[grant("a", &web), grant("b", &web)], &tokens, now).unwrap_err();
+        assert!(err.contains("share the same key"), "{err}");
+        // A revoked token is not accepted, and its name is free for the config.
+        tokens.revoke("ci", now).unwrap();
+        let grants = merge(&[grant("ci", &SecretKey::generate())], &tokens, now).unwrap();
+        assert_eq!(grants.len(), 1);
     }
 }
