@@ -132,7 +132,7 @@ pub fn reloader<T: 'static>(
             Ok(report) => {
                 info!(target: LOG_TARGET, "{report}");
                 for key in &report.restart_needed {
-                    warn!(target: LOG_TARGET, "{}: `{key}` changed, but it takes a restart: left as it was", path.display());
+                    warn!(target: LOG_TARGET, "{}: `{key}` changed, but it needs a restart: left as it was", path.display());
                 }
                 Ok(report)
             }
