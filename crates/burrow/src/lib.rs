@@ -36,6 +36,7 @@ pub mod session;
 pub mod state;
 pub mod stats;
 pub mod tls;
+pub mod tokens;
 pub mod transport;
 pub mod udp;
 

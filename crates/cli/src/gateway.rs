@@ -130,7 +130,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .iter()
         .flatten()
         .any(|a| matches!(a.key, config::KeySpec::Key(_)));
-    let config = file.overlay(args.settings()?).into_config()?;
+    let layer = args.settings()?;
+    let file_logs = (file.log_level, file.log_format);
+    let config = file.overlay(layer.clone()).into_config()?;
     if args.common.print_config {
         // The generated key's hash, when the gateway has made one; unreadable is no reason
         // not to print the rest.
@@ -164,7 +166,28 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)
             .context("cannot start the gateway")?;
         announce(&gateway, "");
-        run::start_admin(admin);
+        let handle = gateway.handle();
+        let reload = run::reloader(
+            args.common.config.clone(),
+            config::load_gateway_file,
+            move |file: GatewaySettings| {
+                let logs = (file.log_level, file.log_format);
+                let config = file
+                    .overlay(layer.clone())
+                    .into_config()
+                    .map_err(|e| e.to_string())?;
+                let mut report = handle.reload(config)?;
+                if logs.0 != file_logs.0 {
+                    report.restart_needed.push("log_level".into());
+                }
+                if logs.1 != file_logs.1 {
+                    report.restart_needed.push("log_format".into());
+                }
+                Ok(report)
+            },
+        );
+        run::reload_on_sighup(reload.clone())?;
+        run::start_admin(admin, reload, "");
         crate::notify::ready(&format!("listening for agents on {}", gateway.local_addr()));
         crate::notify::spawn_watchdog();
         let shutdown = CancellationToken::new();

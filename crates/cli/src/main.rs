@@ -6,6 +6,7 @@
 //!   process.
 //! - `burrow keygen` prints a new agent key and its key hash, or the hash of an existing key.
 //! - `burrow status` shows a running gateway's or agent's status (from its admin server).
+//! - `burrow token` makes, lists and revokes a running gateway's agent tokens (the same).
 //! - `burrow completions SHELL` prints a shell completion script.
 //!
 //! This crate only parses flags and environment, sets up logging and handles signals; the
@@ -18,6 +19,7 @@ mod multi;
 mod notify;
 mod run;
 mod status;
+mod token;
 
 use std::process::ExitCode;
 
@@ -65,6 +67,9 @@ enum Command {
     /// Show a running gateway's or agent's status as tables: agents, sessions, services,
     /// streams, bytes and recent errors (read from its admin server, --admin)
     Status(status::Args),
+    /// Make, list and revoke agent keys a running gateway accepts beside its config's
+    /// [[agents]], without a restart (through its admin server, --admin, with its token)
+    Token(token::Args),
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell), e.g.
     /// `burrow completions bash > /etc/bash_completion.d/burrow`
     Completions {
@@ -145,6 +150,7 @@ fn main() -> ExitCode {
         Command::Run(args) => multi::main(args),
         Command::Keygen(args) => keygen::main(args),
         Command::Status(args) => status::main(args),
+        Command::Token(args) => token::main(args),
         Command::Completions { shell } => {
             let mut command = Cli::command();
             clap_complete::generate(shell, &mut command, "burrow", &mut std::io::stdout());
@@ -165,7 +171,7 @@ fn main() -> ExitCode {
 /// came from a variable names the variable, not only the flag.
 fn parse() -> Result<Cli, ExitCode> {
     let mut command = Cli::command();
-    for role in ["gateway", "agent", "run", "status"] {
+    for role in ["gateway", "agent", "run", "status", "token"] {
         command = command.mut_subcommand(role, |mut sub| {
             let empty: Vec<clap::Id> = sub
                 .get_arguments()

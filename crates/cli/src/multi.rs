@@ -140,6 +140,15 @@ fn warn_process_wide(level: bool, format: bool, name: &str) {
 /// Starts every instance on its own runtime and waits for them, or for a signal.
 async fn supervise(ready: Vec<Ready>, mut failed: Vec<String>) -> anyhow::Result<()> {
     let mut signals = run::Signals::install()?;
+    // Reload is per role file for now: SIGHUP is logged and changes nothing here (its
+    // default would end every instance).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            warn!(target: LOG_TARGET, "SIGHUP: `burrow run` does not reload its file yet; restart it to apply a change (`burrow gateway` and `burrow agent` reload theirs)");
+        }
+    });
     let shutdown = CancellationToken::new();
     let (done, mut ended) = tokio::sync::mpsc::channel(ready.len());
     let workers = workers_each(ready.len());
@@ -259,33 +268,21 @@ async fn serve(r: Ready, shutdown: CancellationToken) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)
                 .context("cannot start the gateway")?;
             crate::gateway::announce(&gateway, &prefix);
-            start_admin(admin, &prefix);
+            run::start_admin(admin, None, &prefix);
             gateway.run(shutdown).await?;
         }
         RoleConfig::Agent(config) => {
             info!(target: LOG_TARGET, ?config, "agent settings");
-            let names: Vec<String> = config.forwards.iter().map(|f| f.name.clone()).collect();
             let admin = config.admin.clone();
             let agent = Agent::new(*config);
             let admin = burrow::admin::AdminServer::bind(&admin, agent.report())
                 .await
                 .map_err(anyhow::Error::msg)
                 .context("cannot start the agent")?;
-            start_admin(admin, &prefix);
-            tokio::spawn(crate::agent::print_forwards(agent.status(), names, prefix));
+            run::start_admin(admin, None, &prefix);
+            tokio::spawn(crate::agent::print_forwards(agent.status(), prefix));
             agent.run(shutdown).await?;
         }
     }
     Ok(())
-}
-
-/// [`run::start_admin`], its line after `prefix`.
-fn start_admin(admin: Option<burrow::admin::AdminServer>, prefix: &str) {
-    let Some(admin) = admin else {
-        return;
-    };
-    if let Some(addr) = admin.local_addr() {
-        run::say(&format!("{prefix}admin listening on http://{addr}"));
-    }
-    tokio::spawn(admin.run(CancellationToken::new()));
 }

@@ -29,6 +29,8 @@ pub enum Signal {
     Int,
     /// SIGKILL: the process dies at once; the kernel closes its sockets.
     Kill,
+    /// SIGHUP: read the config file again.
+    Hup,
 }
 
 impl Signal {
@@ -37,6 +39,7 @@ impl Signal {
             Signal::Term => rustix::process::Signal::TERM,
             Signal::Int => rustix::process::Signal::INT,
             Signal::Kill => rustix::process::Signal::KILL,
+            Signal::Hup => rustix::process::Signal::HUP,
         }
     }
 }

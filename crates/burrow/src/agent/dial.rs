@@ -21,6 +21,9 @@ pub(super) struct Failure {
     pub(super) message: String,
     /// Whether retrying cannot help (the agent stops when it never had a session).
     pub(super) fatal: bool,
+    /// Whether retrying can never help, even after a session (a revoked key): the agent
+    /// stops whenever it meets this.
+    pub(super) for_good: bool,
     /// How long the gateway asked us to wait before trying again.
     pub(super) retry_after: Option<Duration>,
 }
@@ -30,19 +33,21 @@ impl From<transport::DialError> for Failure {
         Failure {
             message: e.message,
             fatal: e.fatal,
+            for_good: false,
             retry_after: None,
         }
     }
 }
 
-/// Dial (through `proxy`, if any), TLS, handshake: a live session or a described error.
+/// Dial (through `proxy`, if any), TLS, handshake: a live session and the features the
+/// gateway offers ([`burrow_proto::message::AuthOk::features`]), or a described error.
 pub(super) async fn connect(
     cfg: &AgentConfig,
     url: &transport::GatewayUrl,
     proxy: Option<&transport::ProxyUrl>,
     tls: Option<Arc<rustls::ClientConfig>>,
     tally: &Tally,
-) -> Result<session::Started, Failure> {
+) -> Result<(session::Started, u32), Failure> {
     let handshake_deadline = cfg.limits.handshake_timeout;
     let attempt = async {
         let mut conn =
@@ -66,7 +71,7 @@ pub(super) async fn connect(
             ok.params,
             cfg.gateway.clone(),
         );
-        Ok(started)
+        Ok((started, ok.features))
     };
     tokio::time::timeout(handshake_deadline, attempt)
         .await
@@ -77,6 +82,7 @@ pub(super) async fn connect(
                 proxy.map_or(String::new(), |p| format!(" (through proxy {p})"))
             ),
             fatal: false,
+            for_good: false,
             retry_after: None,
         })?
 }
@@ -87,6 +93,7 @@ pub(super) fn gateway_url(cfg: &AgentConfig) -> Result<transport::GatewayUrl, Fa
     let mut url = transport::GatewayUrl::parse(&cfg.gateway).map_err(|e| Failure {
         message: e.to_string(),
         fatal: true,
+        for_good: false,
         retry_after: None,
     })?;
     if matches!(cfg.trust, Trust::Plain) && url.scheme == transport::Scheme::Tls {
@@ -100,6 +107,7 @@ pub(super) fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError
     let failure = |message: String, fatal: bool| Failure {
         message,
         fatal,
+        for_good: false,
         retry_after: None,
     };
     match e {
@@ -119,6 +127,14 @@ pub(super) fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError
                 cfg.gateway
             ),
             fatal: true,
+            for_good: false,
+        },
+        // The gateway's operator ended this key: no attempt will ever succeed.
+        Rejected { code: ErrorCode::KeyRevoked, message } => Failure {
+            message: format!("gateway {} refused the key: {message}", cfg.gateway),
+            fatal: true,
+            for_good: true,
+            retry_after: None,
         },
         Rejected { code, message } => failure(
             format!("gateway {} refused the session: {message} ({code})", cfg.gateway),

@@ -17,9 +17,13 @@
 //!
 //! Forwards the gateway refuses for a reason that may pass (port in use, a limit) are asked
 //! for again in the same session, after [`BIND_RETRY_BASE`] doubling up to `max_backoff`.
+//! A key the gateway revoked (or whose token expired) stops the agent whenever it is told so.
+//!
+//! The forwards can change while it runs ([`AgentHandle::reload`]): the session binds the
+//! added ones and gives the removed ones back, leaving the others alone.
 //!
 //! The parts: `dial` (reaching the gateway and describing what failed), `forwards` (one
-//! session's binds and streams) and `admin` (what the admin server reads).
+//! session's binds and streams, and reloads) and `admin` (what the admin server reads).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,8 +42,9 @@ mod forwards;
 use dial::{connect, gateway_url};
 use forwards::serve;
 
+use crate::admin::api::ReloadReport;
 use crate::admin::metrics::{SessionMeta, Tally};
-use crate::config::{AgentConfig, Trust};
+use crate::config::{AgentConfig, Forward, Trust};
 use crate::session::{self, SessionEnd};
 use crate::transport;
 
@@ -66,6 +71,8 @@ pub struct AgentStatus {
     pub connected: bool,
     /// Sessions established so far.
     pub sessions: u64,
+    /// One entry per configured forward, in order: its name.
+    pub names: Vec<String>,
     /// One entry per configured forward, in order.
     pub forwards: Vec<ForwardStatus>,
     /// The last error, if the agent is between sessions.
@@ -109,24 +116,29 @@ pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, jitter: f64) -
 /// An agent, ready to [`Agent::run`].
 pub struct Agent {
     config: AgentConfig,
-    status: watch::Sender<AgentStatus>,
+    status: Arc<watch::Sender<AgentStatus>>,
     /// What the admin server shows beyond `status`.
     tally: Arc<Tally>,
+    /// The forwards in force (a reload changes them).
+    forwards: Arc<watch::Sender<Arc<Vec<Forward>>>>,
 }
 
 impl Agent {
     /// An agent with `config`.
     pub fn new(config: AgentConfig) -> Agent {
         let status = AgentStatus {
+            names: config.forwards.iter().map(|f| f.name.clone()).collect(),
             forwards: vec![ForwardStatus::Pending; config.forwards.len()],
             forward_retries: vec![None; config.forwards.len()],
             ..AgentStatus::default()
         };
         let (status, _) = watch::channel(status);
+        let (forwards, _) = watch::channel(Arc::new(config.forwards.clone()));
         Agent {
             config,
-            status,
+            status: Arc::new(status),
             tally: Arc::new(Tally::new("agent")),
+            forwards: Arc::new(forwards),
         }
     }
 
@@ -136,7 +148,17 @@ impl Agent {
             config: self.config.clone(),
             status: self.status.subscribe(),
             tally: self.tally.clone(),
+            forwards: self.forwards.subscribe(),
         })
+    }
+
+    /// A handle that changes the running agent's forwards ([`AgentHandle::reload`]).
+    pub fn handle(&self) -> AgentHandle {
+        AgentHandle {
+            config: Arc::new(self.config.clone()),
+            status: self.status.clone(),
+            forwards: self.forwards.clone(),
+        }
     }
 
     /// Watches the agent's status.
@@ -167,6 +189,7 @@ impl Agent {
         info!(gateway = %url, "connecting {}", route.reason);
         let proxy = route.proxy;
         let tracker = TaskTracker::new();
+        let mut forwards = self.forwards.subscribe();
         let mut attempt = 0u32;
         let mut ever_connected = false;
         // Sessions in a row that another agent with our key took over soon after they began.
@@ -180,7 +203,7 @@ impl Agent {
             // At least this long before the next attempt (what a rate limit asks for).
             let mut at_least = Duration::ZERO;
             let why = match dialed {
-                Ok(started) => {
+                Ok((started, features)) => {
                     let session = started.session.clone();
                     let began = Instant::now();
                     self.tally.handshake_took(dialing.elapsed());
@@ -204,6 +227,8 @@ impl Agent {
                     let ended = serve(
                         &cfg,
                         started,
+                        features & burrow_proto::message::FEATURE_UNBIND != 0,
+                        &mut forwards,
                         &self.status,
                         &tracker,
                         &shutdown,
@@ -248,6 +273,14 @@ impl Agent {
                             return Err(AgentError(why));
                         }
                     };
+                    if end.by_peer && end.code == ErrorCode::KeyRevoked {
+                        let why =
+                            format!("gateway {} closed the session: {}", cfg.gateway, end.detail);
+                        self.status
+                            .send_modify(|s| s.last_error = Some(why.clone()));
+                        drain(&tracker, cfg.grace).await;
+                        return Err(AgentError(why));
+                    }
                     let text = end.to_string();
                     let by = (end.by_peer && end.code == ErrorCode::Replaced)
                         .then(|| replaced_by(&end.detail));
@@ -281,7 +314,7 @@ impl Agent {
                     }
                 }
                 Err(e) => {
-                    if e.fatal && !ever_connected {
+                    if e.fatal && (!ever_connected || e.for_good) {
                         return Err(AgentError(e.message));
                     }
                     if let Some(after) = e.retry_after {
@@ -322,6 +355,98 @@ impl Agent {
         drain(&tracker, cfg.grace).await;
         Ok(())
     }
+}
+
+/// Changes a running agent's forwards.
+#[derive(Clone)]
+pub struct AgentHandle {
+    /// The settings it started with.
+    config: Arc<AgentConfig>,
+    status: Arc<watch::Sender<AgentStatus>>,
+    forwards: Arc<watch::Sender<Arc<Vec<Forward>>>>,
+}
+
+impl std::fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentHandle")
+    }
+}
+
+impl AgentHandle {
+    /// Makes `new`'s forwards the ones in force: the session binds the added ones and gives
+    /// the removed ones back (a changed forward is both); reports the other settings that
+    /// changed as needing a restart, and leaves them as they were.
+    pub fn reload(&self, new: AgentConfig) -> Result<ReloadReport, String> {
+        let old = self.forwards.borrow().clone();
+        let mut changes = Vec::new();
+        for f in old.iter().filter(|f| !new.forwards.contains(f)) {
+            changes.push(format!("forward {} removed", f.name));
+        }
+        for f in new.forwards.iter().filter(|f| !old.contains(f)) {
+            changes.push(format!("forward {} added", f.name));
+        }
+        let unchanged = old.iter().filter(|f| new.forwards.contains(f)).count();
+        if *old != new.forwards {
+            let list = Arc::new(new.forwards.clone());
+            self.forwards.send_replace(list.clone());
+            // A session shows the new list itself once it follows it; between sessions, show
+            // it now.
+            self.status.send_modify(|s| {
+                if s.connected {
+                    return;
+                }
+                s.names = list.iter().map(|f| f.name.clone()).collect();
+                s.forwards = vec![ForwardStatus::Pending; list.len()];
+                s.forward_retries = vec![None; list.len()];
+            });
+        }
+        Ok(ReloadReport {
+            file: String::new(),
+            changes,
+            unchanged,
+            restart_needed: restart_needed(&self.config, &new),
+        })
+    }
+}
+
+/// The settings of `new` that differ from `old` and take a restart (all but the forwards).
+/// Every field is named, so that a new setting cannot be left out of this list unnoticed.
+fn restart_needed(old: &AgentConfig, new: &AgentConfig) -> Vec<String> {
+    let AgentConfig {
+        gateway,
+        key,
+        trust,
+        server_name,
+        proxy,
+        forwards: _,
+        limits,
+        max_backoff,
+        connect_timeout,
+        grace,
+        udp,
+        key_file,
+        admin,
+    } = new;
+    let mut out = Vec::new();
+    let mut differs = |same: bool, key: &str| {
+        if !same {
+            out.push(key.to_string());
+        }
+    };
+    differs(*gateway == old.gateway, "gateway");
+    differs(key.hash() == old.key.hash(), "key");
+    differs(*key_file == old.key_file, "key_file");
+    differs(*trust == old.trust, "fingerprint/ca");
+    differs(*server_name == old.server_name, "server_name");
+    differs(*proxy == old.proxy, "proxy");
+    differs(*limits == old.limits, "limits");
+    differs(*max_backoff == old.max_backoff, "max_backoff");
+    differs(*connect_timeout == old.connect_timeout, "connect_timeout");
+    differs(*grace == old.grace, "grace");
+    differs(*udp == old.udp, "udp");
+    differs(admin.listen == old.admin.listen, "admin");
+    differs(admin.token == old.admin.token, "admin_token");
+    out
 }
 
 /// How a served session ended.

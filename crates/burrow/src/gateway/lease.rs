@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use burrow_proto::message::Protocol;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::ports::{accept_public, PublicPort};
@@ -58,8 +59,9 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
     if leases.is_empty() {
         return;
     }
+    let grants = hub.grants();
     let by_name: HashMap<&str, &Arc<AgentGrant>> =
-        hub.grants.values().map(|g| (g.name.as_str(), g)).collect();
+        grants.values().map(|g| (g.name.as_str(), g)).collect();
     let lease_id = hub.leases.fetch_add(1, Ordering::Relaxed);
     let mut restored = 0usize;
     let mut agents = std::collections::HashSet::new();
@@ -100,6 +102,7 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
         };
         let route = Arc::new(Mutex::new(None));
         let cancel = hub.stop.child_token();
+        let close = CancellationToken::new();
         let conns = {
             let mut agents = lock(&hub.agents);
             let entry = agents
@@ -111,6 +114,7 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
                     addr,
                     route: route.clone(),
                     cancel: cancel.clone(),
+                    close: close.clone(),
                     owner: None,
                     lease: Some(lease_id),
                     chosen: true,
@@ -123,6 +127,7 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
             listener,
             route,
             cancel,
+            close,
             agent: l.agent.clone(),
             service: l.service.clone(),
             conns,

@@ -16,10 +16,14 @@
 //! they may use only the descriptors left after a reserve for the tunnel port, so agents can
 //! always log in ([`limiter::share_descriptors`]).
 //!
+//! The agents it accepts can change while it runs: a reload of the config file or a token
+//! made or revoked swaps the whole set at once, then closes what is no longer granted and
+//! only that (`reload`).
+//!
 //! The parts: `accept` (the tunnel port, up to an authenticated session), `serve` (one
 //! session: its binds and its end), `ports` (public listeners and their connections), `lease`
-//! (ports kept for a dropped agent, and across restarts) and `admin` (what the admin server
-//! reads).
+//! (ports kept for a dropped agent, and across restarts), `reload` (a new set of agents:
+//! from the config file, or from the tokens) and `admin` (what the admin server reads).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,12 +44,14 @@ mod accept;
 mod admin;
 mod lease;
 mod ports;
+mod reload;
 mod serve;
 mod unix;
 
 use accept::accept_loop;
 use lease::{restore_leases, write_leases};
 use ports::{overlapping_grants, public_text};
+pub use reload::GatewayHandle;
 
 use crate::admin::metrics::Tally;
 use crate::config::{AgentGrant, GatewayConfig, KeySpec, PortRange, TransportKind};
@@ -54,6 +60,7 @@ use crate::limiter::{self, AuthLimiter, FdBudget, PreauthTable};
 use crate::session::Session;
 use crate::stats::GatewayStats;
 use crate::tls::{self, GatewayIdentity};
+use crate::tokens::TokenBook;
 use crate::transport;
 use crate::udp;
 
@@ -85,7 +92,17 @@ pub struct Gateway {
 struct Hub {
     config: GatewayConfig,
     params: SessionParams,
-    grants: HashMap<KeyHash, Arc<AgentGrant>>,
+    /// The agents accepted now, by key: the config's (or the generated key's) and the active
+    /// tokens'. Swapped whole by a reload or a token change; read through [`Hub::grants`].
+    grants: Mutex<Arc<Grants>>,
+    /// The config's agents in force (or the generated key's), for the next reload.
+    config_agents: Mutex<Vec<AgentGrant>>,
+    /// Tokens issued at run time (`burrow token create`).
+    tokens: Mutex<TokenBook>,
+    /// Wakes the task that ends tokens when they expire.
+    tokens_changed: tokio::sync::Notify,
+    /// Held while the set of agents changes, so that changes apply one after the other.
+    changing: Mutex<()>,
     agents: Mutex<HashMap<String, AgentEntry>>,
     limiter: Mutex<AuthLimiter>,
     /// Connections in their handshake; the token closes one that has to give way.
@@ -136,11 +153,17 @@ impl AgentEntry {
     }
 }
 
+/// The agents a gateway accepts, by key hash.
+type Grants = HashMap<KeyHash, Arc<AgentGrant>>;
+
 struct PortEntry {
     addr: SocketAddr,
     route: Arc<Mutex<Option<Route>>>,
     /// Stops this port's listener.
     cancel: CancellationToken,
+    /// Closes this port's public connections (a grant narrowed, an agent removed); not
+    /// cancelled at shutdown, where they drain.
+    close: CancellationToken,
     /// The generation of the session that bound it, while one routes it.
     owner: Option<u64>,
     /// The lease it is on while no session routes it (ids grow: the smallest is the oldest).
@@ -210,19 +233,13 @@ impl Gateway {
             });
             generated = Some(key);
         }
+        let config_agents = agents.clone();
         for warning in overlapping_grants(&agents) {
             warn!("{warning}");
         }
-        let mut grants = HashMap::new();
-        for grant in agents {
-            let hash = grant.key.hash();
-            if let Some(prev) = grants.insert(hash, Arc::new(grant)) {
-                return Err(GatewayError(format!(
-                    "agents `{}` and another entry share the same key: give each agent its own key (`burrow keygen`)",
-                    prev.name
-                )));
-            }
-        }
+        let tokens = TokenBook::load(&config.state_dir).map_err(GatewayError)?;
+        let grants =
+            reload::merge(&agents, &tokens, std::time::SystemTime::now()).map_err(GatewayError)?;
         let listener = TcpListener::bind(config.listen).await.map_err(|e| {
             GatewayError(format!(
                 "cannot listen on {}: {e}{}",
@@ -305,7 +322,11 @@ impl Gateway {
             generated_now,
             hub: Arc::new(Hub {
                 params,
-                grants,
+                grants: Mutex::new(Arc::new(grants)),
+                config_agents: Mutex::new(config_agents),
+                tokens: Mutex::new(tokens),
+                tokens_changed: tokio::sync::Notify::new(),
+                changing: Mutex::new(()),
                 agents: Mutex::new(agents),
                 limiter: Mutex::new(AuthLimiter::default()),
                 preauth: Mutex::new(preauth),
@@ -335,7 +356,20 @@ impl Gateway {
 
     /// What the admin server ([`crate::admin`]) shows of this gateway.
     pub fn report(&self) -> Arc<dyn crate::admin::Report> {
-        Arc::new(admin::GatewayReport(self.hub.clone(), self.local_addr()))
+        Arc::new(admin::GatewayReport {
+            hub: self.hub.clone(),
+            listen: self.local_addr(),
+            fingerprint: self.fingerprint(),
+        })
+    }
+
+    /// A handle that changes the running gateway's agents: a reload of its config, tokens.
+    pub fn handle(&self) -> GatewayHandle {
+        GatewayHandle {
+            hub: self.hub.clone(),
+            listen: self.local_addr(),
+            fingerprint: self.fingerprint(),
+        }
     }
 
     /// The tunnel listener's address.
@@ -396,6 +430,7 @@ impl Gateway {
         // Before any agent is served: a returning agent finds its port on lease.
         restore_leases(&hub).await;
         let lease_writer = tokio::spawn(write_leases(hub.clone()));
+        tokio::spawn(reload::expire_tokens(hub.clone()));
         let on_tunnel_port = accept_loop(hub.clone(), self.listener, tunnel, shutdown.clone());
         let on_ws_listener = async {
             if let Some(listener) = self.ws_listener {
@@ -437,6 +472,11 @@ impl Gateway {
 }
 
 impl Hub {
+    /// The agents accepted now.
+    fn grants(&self) -> Arc<Grants> {
+        lock(&self.grants).clone()
+    }
+
     /// Keeps the port the gateway chose for `agent`'s `service` across restarts.
     fn remember_port(&self, agent: &str, service: &str, port: u16) {
         if !lock(&self.lease_book).set(agent, service, port) {

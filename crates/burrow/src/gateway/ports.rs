@@ -205,11 +205,19 @@ pub(super) async fn bind_port(
     };
     let route = Arc::new(Mutex::new(Some(route)));
     let cancel = hub.stop.child_token();
+    let close = CancellationToken::new();
     let conns = {
         let mut agents = lock(&hub.agents);
         let entry = agents
             .entry(grant.name.clone())
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
+        // The session may have ended, or its agent been removed (a reload), meanwhile.
+        if !matches!(entry.session, Some((g, ..)) if g == generation) {
+            return refuse(
+                ErrorCode::Replaced,
+                "this session ended before its port was bound".into(),
+            );
+        }
         // Another session of this agent may have bound meanwhile.
         if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
@@ -226,6 +234,7 @@ pub(super) async fn bind_port(
                 addr,
                 route: route.clone(),
                 cancel: cancel.clone(),
+                close: close.clone(),
                 owner: Some(generation),
                 lease: None,
                 chosen,
@@ -240,6 +249,7 @@ pub(super) async fn bind_port(
                 listener,
                 route,
                 cancel,
+                close,
                 agent: grant.name.clone(),
                 service: bind.name.clone(),
                 conns,
@@ -256,7 +266,7 @@ pub(super) async fn bind_port(
                     flows: r.flows,
                 })
             };
-            let counters = Arc::new(udp::UdpCounters::default());
+            let counters = hub.tally.udp(&grant.name, &bind.name);
             let settings = hub.config.udp;
             tokio::spawn(
                 async move {
@@ -444,6 +454,8 @@ pub(super) struct PublicPort {
     pub(super) listener: TcpListener,
     pub(super) route: Arc<Mutex<Option<Route>>>,
     pub(super) cancel: CancellationToken,
+    /// Closes the port's connections ([`PortEntry::close`](super::PortEntry)).
+    pub(super) close: CancellationToken,
     /// The agent's name and its public connections.
     pub(super) agent: String,
     /// The service's name, as first bound (for metrics).
@@ -549,14 +561,21 @@ pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
         bump(&hub.stats.streams);
         let meter = hub.tally.stream(&port.agent, &route.name);
         let hub2 = hub.clone();
+        let close = port.close.clone();
         hub.tracker.spawn(
             async move {
                 let _permits = permits;
                 let _live = GaugeGuard::new(&hub2.stats.active_streams);
                 let started = Instant::now();
                 let mut local = Local::Tcp(tcp);
-                let stats =
-                    relay::relay_metered(&stream, &mut local, Some(meter.meter(true))).await;
+                let stats = tokio::select! {
+                    stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(true))) => stats,
+                    _ = close.cancelled() => {
+                        stream.reset(ErrorCode::PortNotGranted);
+                        debug!(%client, service = %route.name, "connection closed: its port is no longer granted");
+                        return;
+                    }
+                };
                 relay::log_end(
                     &route.name,
                     Some(client),

@@ -162,6 +162,7 @@ pub(super) async fn bind_path(
     };
     let route = Arc::new(Mutex::new(Some(route)));
     let cancel = hub.stop.child_token();
+    let close = CancellationToken::new();
     let conns = {
         let mut agents = lock(&hub.agents);
         let entry = agents
@@ -176,6 +177,7 @@ pub(super) async fn bind_path(
                 addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
                 route: route.clone(),
                 cancel: cancel.clone(),
+                close: close.clone(),
                 owner: Some(generation),
                 lease: None,
                 chosen: false,
@@ -189,6 +191,7 @@ pub(super) async fn bind_path(
         _file: file,
         route,
         cancel,
+        close,
         agent: grant.name.clone(),
         service: bind.name.clone(),
         conns,
@@ -316,6 +319,8 @@ struct UnixPort {
     _file: SocketFile,
     route: Arc<Mutex<Option<Route>>>,
     cancel: CancellationToken,
+    /// Closes the endpoint's connections (its path is no longer granted).
+    close: CancellationToken,
     agent: String,
     service: String,
     conns: Arc<tokio::sync::Semaphore>,
@@ -382,6 +387,7 @@ async fn accept_unix(hub: Arc<Hub>, port: UnixPort) {
         bump(&hub.stats.streams);
         let meter = hub.tally.stream(&port.agent, &route.name);
         let hub2 = hub.clone();
+        let close = port.close.clone();
         let span = tracing::info_span!("unix_client", peer = %peer);
         hub.tracker.spawn(
             async move {
@@ -389,8 +395,14 @@ async fn accept_unix(hub: Arc<Hub>, port: UnixPort) {
                 let _live = GaugeGuard::new(&hub2.stats.active_streams);
                 let started = Instant::now();
                 let mut local = Local::Unix(conn);
-                let stats =
-                    relay::relay_metered(&stream, &mut local, Some(meter.meter(true))).await;
+                let stats = tokio::select! {
+                    stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(true))) => stats,
+                    _ = close.cancelled() => {
+                        stream.reset(ErrorCode::PortNotGranted);
+                        debug!(service = %route.name, "connection closed: its path is no longer granted");
+                        return;
+                    }
+                };
                 relay::log_end(&route.name, None, &stats, started, relay::LocalIs::Client);
             }
             .instrument(span),

@@ -371,7 +371,7 @@ fn handle(
                 lost: false,
             }));
         }
-        Kind::Bind | Kind::BindResult => {
+        Kind::Bind | Kind::BindResult | Kind::Unbind => {
             shared.lock().mux.on_control(now.into_std())?;
             if inbound.control.try_send(frame).is_err() {
                 return Err(ProtocolError::new(

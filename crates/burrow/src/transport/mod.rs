@@ -57,6 +57,9 @@ pub struct Connected {
     /// The remote address: of the TCP connection (at the agent, the outbound proxy's when
     /// there is one), or the client a trusted proxy names.
     pub peer: SocketAddr,
+    /// The session runs inside a WebSocket (`ws://`, `wss://`, or an upgrade the gateway
+    /// took), for the status's transport column.
+    pub websocket: bool,
 }
 
 /// Why dialing failed. `fatal` errors will not fix themselves by retrying (a certificate
@@ -117,6 +120,7 @@ pub async fn dial(
             proxied,
         },
         peer,
+        websocket: url.scheme.websocket(),
     })
 }
 
@@ -178,6 +182,7 @@ pub async fn accept(
                 proxied: None,
             },
             peer,
+            websocket: false,
         });
     }
     let up = ws::server(io, peer, &acceptor.ws)
@@ -193,5 +198,6 @@ pub async fn accept(
             proxied,
         },
         peer: up.client,
+        websocket: true,
     })
 }
