@@ -557,6 +557,8 @@ mod tests {
             name: name.into(),
             key: KeySpec::Hash(key.hash()),
             ports: vec![PortRange::tcp(9000, 9010)],
+            paths: Vec::new(),
+            socket_mode: crate::config::DEFAULT_SOCKET_MODE,
         }
     }
 
