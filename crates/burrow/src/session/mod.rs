@@ -8,13 +8,14 @@
 //!
 //! - [`mux`]: Burrow's own multiplexer over one ordered byte stream (TCP, TLS, WebSocket):
 //!   frames, per-stream and per-session credit, a writer serving streams round-robin.
-//! - `quic`: a QUIC connection, where each stream is a QUIC stream and each datagram a QUIC
+//! - [`quic`]: a QUIC connection, where each stream is a QUIC stream and each datagram a QUIC
 //!   datagram, with QUIC's own flow control.
 //!
 //! Static dispatch: both are enums over the two, so a call costs one match.
 
 pub mod handshake;
 pub mod mux;
+pub mod quic;
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -152,6 +153,8 @@ pub fn start(
 pub enum Session {
     /// Burrow's multiplexer over a byte stream.
     Mux(mux::Session),
+    /// A QUIC connection.
+    Quic(quic::Session),
 }
 
 /// Calls the same method on whichever implementation `$self` holds.
@@ -159,6 +162,7 @@ macro_rules! each {
     ($self:expr, $s:ident => $e:expr) => {
         match $self {
             Session::Mux($s) => $e,
+            Session::Quic($s) => $e,
         }
     };
 }
@@ -167,7 +171,10 @@ impl Session {
     /// Opens a stream to the peer. The open is queued at once, so the caller may send at once
     /// (the first bytes travel right behind it).
     pub fn open(&self, open: &Open) -> Result<Stream, OpenError> {
-        each!(self, s => s.open(open).map(Stream::Mux))
+        match self {
+            Session::Mux(s) => s.open(open).map(Stream::Mux),
+            Session::Quic(s) => s.open(open).map(Stream::Quic),
+        }
     }
 
     /// Queues a datagram unless the datagram queue is full, it is too large, or the session is
@@ -214,12 +221,22 @@ impl Session {
 
     /// Stream slots still held (open streams plus ones flushing their last bytes).
     pub fn slot_count(&self) -> usize {
-        each!(self, s => s.slot_count())
+        match self {
+            Session::Mux(s) => s.slot_count(),
+            Session::Quic(s) => s.stream_count(),
+        }
     }
 
     /// The session's flow-control figures now (see [`CreditSnapshot`]).
+    /// Over QUIC, whose windows quinn keeps, all zeros but `slots`.
     pub fn credit(&self) -> CreditSnapshot {
-        each!(self, s => s.credit())
+        match self {
+            Session::Mux(s) => s.credit(),
+            Session::Quic(s) => CreditSnapshot {
+                slots: s.stream_count(),
+                ..CreditSnapshot::default()
+            },
+        }
     }
 
     /// Calls `f` with each round-trip time measured from now on (one per heartbeat). Only
@@ -248,6 +265,7 @@ impl Session {
     pub fn carrier(&self) -> &'static str {
         match self {
             Session::Mux(_) => "mux",
+            Session::Quic(_) => "quic",
         }
     }
 }
@@ -260,12 +278,15 @@ impl Session {
 pub enum Stream {
     /// A stream of Burrow's multiplexer.
     Mux(mux::Stream),
+    /// A QUIC bidirectional stream.
+    Quic(quic::Stream),
 }
 
 macro_rules! each_stream {
     ($self:expr, $s:ident => $e:expr) => {
         match $self {
             Stream::Mux($s) => $e,
+            Stream::Quic($s) => $e,
         }
     };
 }

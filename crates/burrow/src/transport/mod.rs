@@ -12,6 +12,7 @@
 
 mod prefixed;
 pub mod proxy;
+pub mod quic;
 mod tcp;
 mod tls;
 pub mod url;
@@ -57,6 +58,34 @@ pub struct Connected {
     /// The remote address: of the TCP connection (at the agent, the outbound proxy's when
     /// there is one), or the client a trusted proxy names.
     pub peer: SocketAddr,
+    /// Set when QUIC carries the session: `io` is then its control stream, and the session's
+    /// streams and datagrams are the connection's own.
+    pub quic: Option<quinn::Connection>,
+}
+
+impl Connected {
+    /// Starts the session on this authenticated connection (`leftover`: bytes the handshake
+    /// read past its end): Burrow's mux over the byte stream, or QUIC's own streams.
+    pub fn start(
+        self,
+        leftover: bytes::BytesMut,
+        side: burrow_proto::mux::Side,
+        params: burrow_proto::message::SessionParams,
+        name: String,
+    ) -> crate::session::Started {
+        match self.quic {
+            None => crate::session::start(self.io, leftover, side, params, name),
+            Some(conn) => crate::session::quic::start(conn, self.io, leftover, side, params, name),
+        }
+    }
+
+    /// Which transport carries the connection, for logs: `"quic"` or `"tcp"`.
+    pub fn carrier(&self) -> &'static str {
+        match self.quic {
+            Some(_) => "quic",
+            None => "tcp",
+        }
+    }
 }
 
 /// Why dialing failed. `fatal` errors will not fix themselves by retrying (a certificate
@@ -80,6 +109,23 @@ pub async fn dial(
     tls_config: Option<Arc<rustls::ClientConfig>>,
     server_name: Option<&str>,
 ) -> Result<Connected, DialError> {
+    if url.scheme == Scheme::Quic {
+        let Some(config) = tls_config else {
+            return Err(DialError {
+                message: format!("{url} needs TLS settings: give --fingerprint or --ca"),
+                fatal: true,
+            });
+        };
+        if proxy.is_some() {
+            return Err(DialError {
+                message: format!("{url}: QUIC runs over UDP and cannot go through --proxy; use tls:// or wss:// through a proxy"),
+                fatal: true,
+            });
+        }
+        let name = server_name.unwrap_or(&url.host);
+        let params = burrow_proto::message::SessionParams::default();
+        return quic::dial(url, config, name, trust, &params).await;
+    }
     let (io, peer) = tcp::connect(url, proxy).await?;
     let (io, connection) = match (url.scheme.tls(), tls_config) {
         (true, Some(mut config)) => {
@@ -117,6 +163,7 @@ pub async fn dial(
             proxied,
         },
         peer,
+        quic: None,
     })
 }
 
@@ -178,6 +225,7 @@ pub async fn accept(
                 proxied: None,
             },
             peer,
+            quic: None,
         });
     }
     let up = ws::server(io, peer, &acceptor.ws)
@@ -193,5 +241,6 @@ pub async fn accept(
             proxied,
         },
         peer: up.client,
+        quic: None,
     })
 }

@@ -1,0 +1,219 @@
+//! QUIC (quinn, rustls on ring): dialing the gateway over UDP, taking agents' connections,
+//! and Burrow's limits as QUIC's own.
+//!
+//! A QUIC connection ends in a [`Connected`] like any other transport: its `io` is the first
+//! bidirectional stream (opened by the agent), which carries the handshake and then control
+//! frames, and its binding is the QUIC connection's TLS exporter. [`Connected::start`] then
+//! runs the session on the connection itself ([`crate::session::quic`]).
+//!
+//! Limits, from the session parameters:
+//! - streams: `max_streams` concurrent bidirectional streams, no unidirectional ones;
+//! - windows: a stream may have `max_stream_window` (capped at `session_window`) unread, the
+//!   connection `session_window` across all its streams, so streams x window never exceeds
+//!   the session budget; the send window is the same;
+//! - liveness: a keep-alive every heartbeat interval, an idle timeout of interval x misses;
+//! - datagrams: [`crate::session::DATAGRAM_QUEUE`] bytes queued each way;
+//! - before authentication: one stream (the control stream) and a [`PREAUTH_WINDOW`]
+//!   connection window, raised to the above once the key proof checks out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_proto::message::SessionParams;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::VarInt;
+
+use super::url::GatewayUrl;
+use super::{Bindings, BoxIo, Connected, DialError};
+use crate::config::Trust;
+use crate::session::DATAGRAM_QUEUE;
+
+/// Connection-wide receive window before the agent has authenticated: enough for the
+/// handshake on the control stream, so a client that never authenticates holds little.
+pub const PREAUTH_WINDOW: u32 = 64 * 1024;
+/// With `auto://`, how long the agent waits for QUIC once TLS is up before it settles for
+/// TLS (QUIC is tried first and TLS at the same time; whichever authenticates first within
+/// this bound after TLS does, QUIC preferred).
+pub const AUTO_FALLBACK: Duration = Duration::from_secs(3);
+/// With `auto://` on TLS, how long before the agent tries QUIC again on its own.
+pub const AUTO_RETRY_QUIC: Duration = Duration::from_secs(60);
+
+/// The QUIC transport settings for sessions with `params`, at their pre-authentication
+/// limits (see the module docs).
+pub fn transport_config(params: &SessionParams) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    let heartbeat = Duration::from_millis(u64::from(params.heartbeat_ms.max(100)));
+    let idle = heartbeat * params.heartbeat_misses.max(1);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(
+            params
+                .max_stream_window
+                .min(params.session_window)
+                .max(1024),
+        ))
+        .receive_window(VarInt::from_u32(PREAUTH_WINDOW))
+        .send_window(u64::from(params.session_window))
+        .keep_alive_interval(Some(heartbeat))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok())
+        .datagram_receive_buffer_size(Some(DATAGRAM_QUEUE))
+        .datagram_send_buffer_size(DATAGRAM_QUEUE);
+    t
+}
+
+/// Raises an authenticated connection's limits from the pre-authentication ones.
+pub(crate) fn open_limits(conn: &quinn::Connection, params: &SessionParams) {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(params.max_streams));
+    conn.set_receive_window(VarInt::from_u32(params.session_window));
+}
+
+/// The gateway's QUIC server settings over its TLS settings (certificate, ALPN).
+pub fn server_config(
+    tls: Arc<rustls::ServerConfig>,
+    params: &SessionParams,
+) -> Result<quinn::ServerConfig, String> {
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| format!("the TLS settings cannot serve QUIC: {e}"))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(params)));
+    Ok(config)
+}
+
+/// The channel binding of a QUIC connection: its TLS exporter for
+/// [`burrow_proto::auth::EXPORTER_LABEL`] (as over TLS).
+pub fn binding(conn: &quinn::Connection) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, burrow_proto::auth::EXPORTER_LABEL, b"")
+        .map_err(|_| "cannot derive the QUIC connection's channel binding".to_string())?;
+    Ok(out)
+}
+
+/// The control stream as a byte stream.
+fn control_io(send: quinn::SendStream, recv: quinn::RecvStream) -> BoxIo {
+    Box::new(tokio::io::join(recv, send))
+}
+
+/// Dials the gateway over QUIC: resolves the host, binds a UDP socket of the same family,
+/// runs the QUIC handshake (the certificate checked as over TLS) and opens the control
+/// stream.
+pub async fn dial(
+    url: &GatewayUrl,
+    tls: Arc<rustls::ClientConfig>,
+    server_name: &str,
+    trust: &Trust,
+    params: &SessionParams,
+) -> Result<Connected, DialError> {
+    let authority = url.authority();
+    let net = |message: String| DialError {
+        message,
+        fatal: false,
+    };
+    let remote = tokio::net::lookup_host(&authority)
+        .await
+        .map_err(|e| net(format!("cannot resolve gateway {authority}: {e}")))?
+        .next()
+        .ok_or_else(|| net(format!("gateway {authority} resolves to no address")))?;
+    let local: SocketAddr = match remote {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let endpoint = quinn::Endpoint::client(local)
+        .map_err(|e| net(format!("cannot open a UDP socket for QUIC: {e}")))?;
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| DialError {
+        message: format!("the TLS settings cannot dial QUIC: {e}"),
+        fatal: true,
+    })?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(params)));
+    let name = crate::tls::server_name(server_name)
+        .map(|n| n.to_str().into_owned())
+        .map_err(|e| DialError {
+            message: format!("{e}: set --server-name"),
+            fatal: true,
+        })?;
+    let connecting = endpoint
+        .connect_with(config, remote, &name)
+        .map_err(|e| DialError {
+            message: format!("QUIC to {authority}: {e}"),
+            fatal: true,
+        })?;
+    let conn = connecting
+        .await
+        .map_err(|e| describe_connect_error(&authority, &e, trust))?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| net(format!("QUIC with {authority}: {e}")))?;
+    let connection = binding(&conn).map_err(|e| DialError {
+        message: format!("QUIC with {authority}: {e}"),
+        fatal: true,
+    })?;
+    Ok(Connected {
+        io: control_io(send, recv),
+        bindings: Bindings {
+            connection,
+            proxied: None,
+        },
+        peer: remote,
+        quic: Some(conn),
+    })
+}
+
+/// A failed QUIC handshake in words for the user; certificate failures are fatal, as over
+/// TLS, and a fingerprint mismatch reads as it does there.
+fn describe_connect_error(authority: &str, e: &quinn::ConnectionError, trust: &Trust) -> DialError {
+    let text = e.to_string();
+    if let quinn::ConnectionError::TransportError(t) = e {
+        if let Some(at) = t.reason.find("gateway certificate fingerprint") {
+            let why = t.reason[at..].trim_end_matches(')').to_string();
+            return DialError {
+                message: format!("QUIC with {authority} failed: {why}"),
+                fatal: true,
+            };
+        }
+        if t.reason.contains("certificate") {
+            let hint = match trust {
+                Trust::Fingerprint(_) => "check --fingerprint",
+                _ => "check --ca and --server-name",
+            };
+            return DialError {
+                message: format!("QUIC with {authority} failed: {}: {hint}", t.reason),
+                fatal: true,
+            };
+        }
+    }
+    let hint = match e {
+        quinn::ConnectionError::TimedOut => {
+            ": no answer over UDP (is UDP to the gateway's port blocked? try tls:// or auto://)"
+        }
+        _ => "",
+    };
+    DialError {
+        message: format!("QUIC with {authority} failed: {text}{hint}"),
+        fatal: false,
+    }
+}
+
+/// The gateway's side: completes the QUIC handshake of an incoming connection and takes
+/// its control stream. The caller bounds the time it may take.
+pub async fn accept(incoming: quinn::Incoming) -> Result<Connected, super::AcceptError> {
+    let peer = incoming.remote_address();
+    let err = |e: String| super::AcceptError(format!("QUIC: {e}"));
+    let conn = incoming
+        .accept()
+        .map_err(|e| err(e.to_string()))?
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let (send, recv) = conn.accept_bi().await.map_err(|e| err(e.to_string()))?;
+    let connection = binding(&conn).map_err(err)?;
+    Ok(Connected {
+        io: control_io(send, recv),
+        bindings: Bindings {
+            connection,
+            proxied: None,
+        },
+        peer,
+        quic: Some(conn),
+    })
+}

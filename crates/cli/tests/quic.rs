@@ -1,0 +1,212 @@
+//! QUIC through the real binaries: a zero-config gateway serves QUIC on UDP at its tunnel
+//! port's number, and agents dial `quic://` (or `auto://`). Each tunnelled connection is one
+//! QUIC stream, each UDP datagram one QUIC datagram.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use burrow_testkit::targets::{echo_transfer, EchoOpts};
+use burrow_testkit::{AgentSpec, GatewayProc, GatewaySpec, TcpTarget};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_burrow"))
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The agent arguments for `quic://` to `gw`.
+fn quic_args(gw: &GatewayProc) -> Vec<String> {
+    gw.agent_args_url("quic", gw.addr())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_byte_exact_and_the_log_says_quic() {
+    let state = tempfile::tempdir().unwrap();
+    let mut gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let want = format!(
+        "burrow agent --gateway quic://127.0.0.1:{} ",
+        gw.addr().port()
+    );
+    gw.proc
+        .wait_stdout(|l| l.starts_with(&want), WAIT)
+        .await
+        .expect("the gateway prints the QUIC agent line");
+    let target = TcpTarget::echo().await.unwrap();
+    let mut agent = AgentSpec::new(quic_args(&gw))
+        .forward(&target.addr().to_string())
+        .start(bin())
+        .await
+        .unwrap();
+    agent
+        .wait_stderr("carrier=\"quic\"", WAIT)
+        .await
+        .or(agent.wait_stderr("carrier=quic", WAIT).await)
+        .expect("the agent logs that QUIC carries the session");
+    let t = tokio::time::timeout(
+        Duration::from_secs(120),
+        echo_transfer(agent.public(0), &EchoOpts::new(64 << 20, 7)),
+    )
+    .await
+    .expect("64 MiB each way within 2 minutes")
+    .unwrap();
+    assert!(
+        t.exact,
+        "64 MiB each way byte-exact over QUIC: {} of {} bytes back",
+        t.received, t.bytes
+    );
+    eprintln!("64 MiB each way over quic:// in {:?}", t.elapsed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_streams_and_half_close() {
+    let state = tempfile::tempdir().unwrap();
+    let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let target = TcpTarget::echo().await.unwrap();
+    let agent = AgentSpec::new(quic_args(&gw))
+        .forward(&target.addr().to_string())
+        .start(bin())
+        .await
+        .unwrap();
+    let public = agent.public(0);
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        tasks.push(tokio::spawn(async move {
+            echo_transfer(public, &EchoOpts::new(64 * 1024 + i * 97, i)).await
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let t = tokio::time::timeout(WAIT, t)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(t.exact, "stream {i} echoed byte-exact");
+    }
+    // Half-close: the client finishes its direction, and still reads the whole echo after.
+    let mut c = TcpStream::connect(public).await.unwrap();
+    c.write_all(b"half-closed, still answered").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"half-closed, still answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_does_not_stall_a_parallel_bulk_stream() {
+    let state = tempfile::tempdir().unwrap();
+    let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let source = TcpTarget::source(None, 3).await.unwrap();
+    let echo = TcpTarget::echo().await.unwrap();
+    let agent = AgentSpec::new(quic_args(&gw))
+        .forward(&source.addr().to_string())
+        .forward(&echo.addr().to_string())
+        .start(bin())
+        .await
+        .unwrap();
+    // A client of the endless source that never reads: its stream's window fills and stays
+    // full.
+    let stalled = TcpStream::connect(agent.public(0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = tokio::time::timeout(
+        Duration::from_secs(60),
+        echo_transfer(agent.public(1), &EchoOpts::new(16 << 20, 5)),
+    )
+    .await
+    .expect("the bulk stream is not held up by the stalled one")
+    .unwrap();
+    assert!(
+        t.exact,
+        "16 MiB each way byte-exact beside a stalled stream"
+    );
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_key_and_wrong_fingerprint_are_refused_with_the_cause() {
+    let state = tempfile::tempdir().unwrap();
+    let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let key = gw.key().unwrap();
+    let other = burrow::proto::auth::SecretKey::generate().expose();
+    let args: Vec<String> = quic_args(&gw)
+        .into_iter()
+        .map(|a| if a == key { other.clone() } else { a })
+        .collect();
+    let mut agent = burrow_testkit::Burrow::spawn(bin(), &args).unwrap();
+    agent
+        .wait_stderr("rejected the key", WAIT)
+        .await
+        .expect("a wrong key over QUIC is refused, naming the key");
+    let status = agent.wait_exit(WAIT).await.unwrap();
+    assert!(!status.success(), "the agent stops on a rejected key");
+
+    let fp = gw.fingerprint().to_string();
+    let wrong = format!("SHA256:{}", "00".repeat(32));
+    let args: Vec<String> = quic_args(&gw)
+        .into_iter()
+        .map(|a| if a == fp { wrong.clone() } else { a })
+        .collect();
+    let mut agent = burrow_testkit::Burrow::spawn(bin(), &args).unwrap();
+    let line = agent
+        .wait_stderr("gateway certificate fingerprint is", WAIT)
+        .await
+        .expect("a wrong fingerprint over QUIC is refused, naming the fingerprint");
+    assert!(line.contains("check --fingerprint"), "{line}");
+    let status = agent.wait_exit(WAIT).await.unwrap();
+    assert!(!status.success(), "the agent stops on a wrong fingerprint");
+}
+
+/// A UDP echo server on loopback.
+async fn udp_echo() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            let Ok((n, from)) = s.recv_from(&mut buf).await else {
+                return;
+            };
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_echo_over_quic_datagrams() {
+    let state = tempfile::tempdir().unwrap();
+    let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let target = udp_echo().await;
+    let agent = AgentSpec::new(quic_args(&gw))
+        .forward(&format!("udp:{target}"))
+        .start(bin())
+        .await
+        .unwrap();
+    let public = agent.public(0);
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    for len in [1usize, 100, 512, 1100] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+        let mut got = None;
+        for _ in 0..20 {
+            sock.send_to(&data, public).await.unwrap();
+            if let Ok(Ok((n, _))) =
+                tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await
+            {
+                got = Some(buf[..n].to_vec());
+                break;
+            }
+        }
+        assert_eq!(
+            got.as_deref(),
+            Some(&data[..]),
+            "{len}-byte datagram echoed over QUIC"
+        );
+    }
+}
