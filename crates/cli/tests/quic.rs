@@ -5,10 +5,12 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use burrow_testkit::targets::{echo_transfer, EchoOpts};
-use burrow_testkit::{AgentSpec, GatewayProc, GatewaySpec, TcpTarget};
+use burrow_testkit::{AgentSpec, GatewayProc, GatewaySpec, TcpTarget, UdpFaultProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -209,4 +211,180 @@ async fn udp_echo_over_quic_datagrams() {
             "{len}-byte datagram echoed over QUIC"
         );
     }
+}
+
+/// The UDP address the gateway printed for QUIC.
+fn quic_addr(gw: &mut GatewayProc) -> SocketAddr {
+    let lines = gw.proc.stdout_lines().to_vec();
+    let line = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("gateway listening for QUIC on UDP "))
+        .expect("the gateway prints its QUIC address");
+    line.trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mib_byte_exact_with_two_percent_loss_both_ways() {
+    let state = tempfile::tempdir().unwrap();
+    let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let proxy = UdpFaultProxy::start("127.0.0.1:0".parse().unwrap(), gw.addr())
+        .await
+        .unwrap();
+    let target = TcpTarget::echo().await.unwrap();
+    let agent = AgentSpec::new(gw.agent_args_url("quic", proxy.addr()))
+        .forward(&target.addr().to_string())
+        .start(bin())
+        .await
+        .unwrap();
+    proxy.control().set_loss(2.0);
+    let t = tokio::time::timeout(
+        Duration::from_secs(90),
+        echo_transfer(agent.public(0), &EchoOpts::new(16 << 20, 11)),
+    )
+    .await
+    .expect("16 MiB each way with 2% loss within 90 s")
+    .unwrap();
+    let dropped = proxy.control().dropped.load(Ordering::Relaxed);
+    assert!(t.exact, "16 MiB each way byte-exact with 2% loss");
+    assert!(dropped > 100, "the proxy dropped datagrams: {dropped}");
+    eprintln!(
+        "16 MiB each way, 2% loss ({dropped} datagrams dropped): {:?}",
+        t.elapsed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_address_changes_mid_transfer_and_the_transfer_completes() {
+    let state = tempfile::tempdir().unwrap();
+    let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let proxy = UdpFaultProxy::start("127.0.0.1:0".parse().unwrap(), gw.addr())
+        .await
+        .unwrap();
+    let target = TcpTarget::echo().await.unwrap();
+    let agent = AgentSpec::new(gw.agent_args_url("quic", proxy.addr()))
+        .forward(&target.addr().to_string())
+        .start(bin())
+        .await
+        .unwrap();
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut opts = EchoOpts::new(32 << 20, 13);
+    opts.progress = Some(progress.clone());
+    let public = agent.public(0);
+    let transfer = tokio::spawn(async move { echo_transfer(public, &opts).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while progress.load(Ordering::Relaxed) < 4 << 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the transfer started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every datagram from now on leaves from another port: the gateway sees the agent move.
+    proxy.control().rebind();
+    let t = tokio::time::timeout(Duration::from_secs(90), transfer)
+        .await
+        .expect("the transfer completes after the address change")
+        .unwrap()
+        .unwrap();
+    assert!(
+        t.exact,
+        "32 MiB each way byte-exact across the address change"
+    );
+    let upstreams = proxy.control().upstreams.load(Ordering::Relaxed);
+    assert_eq!(
+        upstreams, 2,
+        "the agent's datagrams came from a second address after the change"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_tls_when_udp_is_blocked_and_uses_quic_once_it_passes() {
+    let state = tempfile::tempdir().unwrap();
+    let mut gw = GatewaySpec::new(state.path())
+        .args(["--quic-listen", "127.0.0.1:0"])
+        .start(bin())
+        .await
+        .unwrap();
+    let tunnel = gw.addr();
+    let quic = quic_addr(&mut gw);
+    // UDP at the tunnel port's number goes through the proxy to the gateway's QUIC.
+    let proxy = UdpFaultProxy::start(tunnel, quic).await.unwrap();
+    proxy.control().set_blackhole(true);
+    let target = TcpTarget::echo().await.unwrap();
+    let began = tokio::time::Instant::now();
+    let mut agent = AgentSpec::new(gw.agent_args_url("auto", tunnel))
+        .forward(&target.addr().to_string())
+        .start(bin())
+        .await
+        .unwrap();
+    let took = began.elapsed();
+    agent
+        .wait_stderr("the session runs over TLS", WAIT)
+        .await
+        .expect("the log says TLS carries the session, and why");
+    // README: within AUTO_FALLBACK (2 s) plus the TLS handshake; a debug build on a busy
+    // machine gets some slack.
+    assert!(took < Duration::from_secs(8), "up over TLS in {took:?}");
+    assert!(
+        burrow_testkit::targets::echo_once(agent.public(0), b"over tls")
+            .await
+            .unwrap()
+    );
+
+    // UDP passes again; the gateway restarts (same ports), and the agent's reconnect finds
+    // QUIC.
+    proxy.control().set_blackhole(false);
+    gw.proc.kill().await.unwrap();
+    let _gw2 = GatewaySpec::new(state.path())
+        .listen(tunnel)
+        .args(["--quic-listen".to_string(), quic.to_string()])
+        .start(bin())
+        .await
+        .unwrap();
+    agent
+        .wait_stderr("the session runs over QUIC", Duration::from_secs(60))
+        .await
+        .expect("a later reconnect uses QUIC once UDP passes");
+    agent.wait_regranted(WAIT).await.unwrap();
+    assert!(
+        burrow_testkit::targets::echo_once(agent.public(0), b"over quic")
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_gateway_restart_the_agent_comes_back_over_quic() {
+    let state = tempfile::tempdir().unwrap();
+    let mut gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let tunnel = gw.addr();
+    let target = TcpTarget::echo().await.unwrap();
+    let mut agent = AgentSpec::new(quic_args(&gw))
+        .forward(&target.addr().to_string())
+        .start(bin())
+        .await
+        .unwrap();
+    assert!(
+        burrow_testkit::targets::echo_once(agent.public(0), b"before")
+            .await
+            .unwrap()
+    );
+    gw.proc.kill().await.unwrap();
+    let _gw2 = GatewaySpec::new(state.path())
+        .listen(tunnel)
+        .start(bin())
+        .await
+        .unwrap();
+    agent.wait_regranted(Duration::from_secs(60)).await.unwrap();
+    let lines = agent.proc.stderr_lines().join("\n");
+    assert_eq!(
+        lines.matches("connected to gateway").count(),
+        2,
+        "the agent connected again by itself: {lines}"
+    );
+    assert!(
+        burrow_testkit::targets::echo_once(agent.public(0), b"after")
+            .await
+            .unwrap()
+    );
 }

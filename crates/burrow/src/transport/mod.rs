@@ -109,6 +109,9 @@ pub async fn dial(
     tls_config: Option<Arc<rustls::ClientConfig>>,
     server_name: Option<&str>,
 ) -> Result<Connected, DialError> {
+    if url.scheme == Scheme::Auto {
+        return Box::pin(quic::dial_auto(url, proxy, trust, tls_config, server_name)).await;
+    }
     if url.scheme == Scheme::Quic {
         let Some(config) = tls_config else {
             return Err(DialError {

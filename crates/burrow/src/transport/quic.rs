@@ -32,12 +32,13 @@ use crate::session::DATAGRAM_QUEUE;
 /// Connection-wide receive window before the agent has authenticated: enough for the
 /// handshake on the control stream, so a client that never authenticates holds little.
 pub const PREAUTH_WINDOW: u32 = 64 * 1024;
-/// With `auto://`, how long the agent waits for QUIC once TLS is up before it settles for
-/// TLS (QUIC is tried first and TLS at the same time; whichever authenticates first within
-/// this bound after TLS does, QUIC preferred).
-pub const AUTO_FALLBACK: Duration = Duration::from_secs(3);
-/// With `auto://` on TLS, how long before the agent tries QUIC again on its own.
-pub const AUTO_RETRY_QUIC: Duration = Duration::from_secs(60);
+/// With `auto://`, how long QUIC has to connect before the agent settles for TLS (which it
+/// dials [`AUTO_TLS_AFTER`] into the attempt, beside QUIC).
+pub const AUTO_FALLBACK: Duration = Duration::from_secs(2);
+/// With `auto://`, QUIC's head start before TLS is dialled beside it: a path where UDP gets
+/// through answers QUIC within a round trip, so TLS is then never dialled (a TLS connection
+/// dropped unauthenticated would count as a failed handshake at the gateway).
+pub const AUTO_TLS_AFTER: Duration = Duration::from_millis(250);
 
 /// The QUIC transport settings for sessions with `params`, at their pre-authentication
 /// limits (see the module docs).
@@ -77,6 +78,8 @@ pub fn server_config(
         .map_err(|e| format!("the TLS settings cannot serve QUIC: {e}"))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(params)));
+    // An agent whose address changes (a new network, a NAT rebinding) keeps its session.
+    config.migration(true);
     Ok(config)
 }
 
@@ -158,6 +161,85 @@ pub async fn dial(
         peer: remote,
         quic: Some(conn),
     })
+}
+
+/// `auto://`: QUIC, with TLS dialled beside it after [`AUTO_TLS_AFTER`]; QUIC if it connects
+/// within [`AUTO_FALLBACK`], else TLS. Through an outbound proxy, TLS only (QUIC is UDP).
+/// Every connect tries QUIC again, so a session that fell back to TLS comes back over QUIC
+/// at its next reconnect once UDP passes.
+pub(super) async fn dial_auto(
+    url: &GatewayUrl,
+    proxy: Option<&super::ProxyUrl>,
+    trust: &Trust,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    server_name: Option<&str>,
+) -> Result<Connected, DialError> {
+    let with = |scheme| GatewayUrl {
+        scheme,
+        ..url.clone()
+    };
+    let (quic_url, tls_url) = (with(super::Scheme::Quic), with(super::Scheme::Tls));
+    if proxy.is_some() {
+        tracing::info!(gateway = %url, "auto://: through an outbound proxy, so TLS (QUIC runs over UDP, which a proxy does not carry)");
+        return super::dial(&tls_url, proxy, trust, tls, server_name).await;
+    }
+    let started = tokio::time::Instant::now();
+    let quic = super::dial(&quic_url, None, trust, tls.clone(), server_name);
+    let tls_dial = async {
+        tokio::time::sleep(AUTO_TLS_AFTER).await;
+        super::dial(&tls_url, None, trust, tls, server_name).await
+    };
+    let fallback = tokio::time::sleep(AUTO_FALLBACK);
+    tokio::pin!(quic, tls_dial, fallback);
+    let mut quic_failed: Option<DialError> = None;
+    let mut tls_ready: Option<Connected> = None;
+    let mut tls_failed: Option<DialError> = None;
+    loop {
+        tokio::select! {
+            r = &mut quic, if quic_failed.is_none() => match r {
+                Ok(c) => {
+                    tracing::info!(gateway = %url, "auto://: QUIC connected in {:?}: the session runs over QUIC", started.elapsed());
+                    return Ok(c);
+                }
+                Err(e) if e.fatal => return Err(e),
+                Err(e) => {
+                    if let Some(c) = tls_ready.take() {
+                        tracing::info!(gateway = %url, "auto://: QUIC failed ({}): the session runs over TLS; QUIC is tried again at the next connect", e.message);
+                        return Ok(c);
+                    }
+                    if let Some(t) = tls_failed.take() {
+                        return Err(DialError { message: format!("{} (and over QUIC: {})", t.message, e.message), fatal: t.fatal });
+                    }
+                    quic_failed = Some(e);
+                }
+            },
+            r = &mut tls_dial, if tls_ready.is_none() && tls_failed.is_none() => match r {
+                Ok(c) => {
+                    if let Some(e) = &quic_failed {
+                        tracing::info!(gateway = %url, "auto://: QUIC failed ({}): the session runs over TLS; QUIC is tried again at the next connect", e.message);
+                        return Ok(c);
+                    }
+                    if fallback.is_elapsed() {
+                        tracing::info!(gateway = %url, "auto://: no QUIC answer within {AUTO_FALLBACK:?} (is UDP blocked?): the session runs over TLS; QUIC is tried again at the next connect");
+                        return Ok(c);
+                    }
+                    tls_ready = Some(c);
+                }
+                Err(e) => {
+                    if let Some(q) = quic_failed.take() {
+                        return Err(DialError { message: format!("{} (and over QUIC: {})", e.message, q.message), fatal: e.fatal });
+                    }
+                    tls_failed = Some(e);
+                }
+            },
+            () = &mut fallback, if tls_ready.is_some() => {
+                tracing::info!(gateway = %url, "auto://: no QUIC answer within {AUTO_FALLBACK:?} (is UDP blocked?): the session runs over TLS; QUIC is tried again at the next connect");
+                if let Some(c) = tls_ready.take() {
+                    return Ok(c);
+                }
+            }
+        }
+    }
 }
 
 /// A failed QUIC handshake in words for the user; certificate failures are fatal, as over
