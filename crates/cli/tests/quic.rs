@@ -377,14 +377,84 @@ async fn after_a_gateway_restart_the_agent_comes_back_over_quic() {
         .unwrap();
     agent.wait_regranted(Duration::from_secs(60)).await.unwrap();
     let lines = agent.proc.stderr_lines().join("\n");
+    let quic_sessions = lines
+        .lines()
+        .filter(|l| l.contains("connected to gateway") && l.contains("quic"))
+        .count();
     assert_eq!(
-        lines.matches("connected to gateway").count(),
-        2,
-        "the agent connected again by itself: {lines}"
+        quic_sessions, 2,
+        "the agent came back by itself over QUIC: {lines}"
     );
     assert!(
         burrow_testkit::targets::echo_once(agent.public(0), b"after")
             .await
             .unwrap()
     );
+}
+
+/// The DNS test of the UDP forwards (`udp.rs`), over QUIC datagrams: a real dnsmasq answers
+/// `dig` through the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_over_quic_asks_a_real_dnsmasq() {
+    for tool in ["/usr/sbin/dnsmasq", "/usr/bin/dig"] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} missing: install Debian's dnsmasq-base and dnsutils (.ci/run does)"
+        );
+    }
+    let mut dns = None;
+    for _ in 0..5 {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = tokio::process::Command::new("/usr/sbin/dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--pid-file=",
+                "--log-facility=-",
+                &format!("--port={port}"),
+                "--address=/tunnel.test/192.0.2.53",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start dnsmasq");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if child.try_wait().unwrap().is_none() {
+            dns = Some((child, port));
+            break;
+        }
+    }
+    let (_dnsmasq, port) = dns.expect("dnsmasq started on a free port");
+    let state = tempfile::tempdir().unwrap();
+    let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let agent = AgentSpec::new(quic_args(&gw))
+        .forward(&format!("udp:127.0.0.1:{port}"))
+        .start(bin())
+        .await
+        .unwrap();
+    let out = tokio::process::Command::new("/usr/bin/dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &agent.public(0).port().to_string(),
+            "+short",
+            "+tries=5",
+            "+time=1",
+            "www.tunnel.test",
+            "A",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(answer.trim(), "192.0.2.53", "dig over QUIC: {answer}");
 }

@@ -91,7 +91,7 @@ pub(super) async fn accept_loop(
                     .await
                     .map_err(|e| Failed::from(e.to_string()))?;
                 slot.advance(Stage::Secured);
-                let quic = conn.quic.clone();
+                let quic = conn.quic.as_ref().map(|l| l.conn.clone());
                 match authenticate(&hub2, conn, peer).await {
                     Ok(x) => Ok(x),
                     Err(failed) => {

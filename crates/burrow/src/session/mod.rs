@@ -260,6 +260,14 @@ impl Session {
         each!(self, s => s.peer_name())
     }
 
+    /// The QUIC session, when QUIC carries this one.
+    pub fn as_quic(&self) -> Option<&quic::Session> {
+        match self {
+            Session::Quic(s) => Some(s),
+            Session::Mux(_) => None,
+        }
+    }
+
     /// What carries the session: `"mux"` (Burrow's multiplexer over TCP, TLS or a WebSocket)
     /// or `"quic"`.
     pub fn carrier(&self) -> &'static str {

@@ -50,6 +50,8 @@ const MAX_REASON: usize = 512;
 /// State shared by a session's handles and tasks.
 struct Inner {
     conn: quinn::Connection,
+    /// The agent's endpoint (see [`Session::rebind`]).
+    endpoint: Option<quinn::Endpoint>,
     params: SessionParams,
     name: String,
     /// Frames for the control stream's writer.
@@ -154,13 +156,14 @@ impl std::fmt::Debug for Session {
 /// (the handshake already ran on it; `leftover` holds bytes read past it). Raises the
 /// connection's limits from the pre-authentication ones to `params`.
 pub fn start(
-    conn: quinn::Connection,
+    link: crate::transport::quic::Link,
     control: BoxIo,
     leftover: BytesMut,
     side: Side,
     params: SessionParams,
     name: String,
 ) -> Started {
+    let conn = link.conn;
     crate::transport::quic::open_limits(&conn, &params);
     let (control_tx, control_rx) = mpsc::channel(CONTROL_BACKLOG);
     let (accept_tx, incoming) = mpsc::channel(ACCEPT_BACKLOG);
@@ -168,6 +171,7 @@ pub fn start(
     let (dgram_tx, datagrams) = mpsc::channel(DATAGRAM_BACKLOG);
     let inner = Arc::new(Inner {
         conn: conn.clone(),
+        endpoint: link.endpoint,
         params,
         name,
         control_out: control_tx,
@@ -579,6 +583,23 @@ impl Session {
         &self.inner.name
     }
 
+    /// Moves the agent's side of the connection to `socket` (a new local address, as when the
+    /// host changes networks): QUIC migrates the connection, and open streams carry on.
+    /// An error at the gateway, whose endpoint serves every agent.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
+        match &self.inner.endpoint {
+            Some(e) => e.rebind(socket),
+            None => Err(std::io::Error::other(
+                "only the agent's side of a QUIC session can rebind",
+            )),
+        }
+    }
+
+    /// The agent endpoint's local address (`None` at the gateway).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.endpoint.as_ref()?.local_addr().ok()
+    }
+
     /// The QUIC connection (for its statistics and address).
     pub fn connection(&self) -> &quinn::Connection {
         &self.inner.conn
@@ -734,7 +755,7 @@ impl Stream {
         })
     }
 
-    /// Waits for data, then moves what quinn holds (up to [`RECV_CHUNKS`] chunks) into
+    /// Waits for data, then moves what quinn holds (up to 64 chunks) into
     /// `out`. `Ok(false)` at the peer's FIN.
     pub async fn recv_many(
         &self,
@@ -767,7 +788,7 @@ impl Stream {
     pub fn release(&self, _n: usize) {}
 
     /// Waits for the stream to be open and grants up to `max` bytes (at most
-    /// [`RESERVE_CHUNK`]); the window itself is waited for in [`Stream::send_reserved`].
+    /// 256 KiB); the window itself is waited for in [`Stream::send_reserved`].
     pub async fn reserve(&self, max: usize) -> Result<usize, StreamError> {
         self.check()?;
         if self.flags().finished {

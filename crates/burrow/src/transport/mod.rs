@@ -60,7 +60,7 @@ pub struct Connected {
     pub peer: SocketAddr,
     /// Set when QUIC carries the session: `io` is then its control stream, and the session's
     /// streams and datagrams are the connection's own.
-    pub quic: Option<quinn::Connection>,
+    pub quic: Option<quic::Link>,
 }
 
 impl Connected {
@@ -75,7 +75,7 @@ impl Connected {
     ) -> crate::session::Started {
         match self.quic {
             None => crate::session::start(self.io, leftover, side, params, name),
-            Some(conn) => crate::session::quic::start(conn, self.io, leftover, side, params, name),
+            Some(link) => crate::session::quic::start(link, self.io, leftover, side, params, name),
         }
     }
 

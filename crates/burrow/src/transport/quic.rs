@@ -29,6 +29,16 @@ use super::{Bindings, BoxIo, Connected, DialError};
 use crate::config::Trust;
 use crate::session::DATAGRAM_QUEUE;
 
+/// A QUIC connection, and at the agent the endpoint (UDP socket) it runs on.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// The agent's endpoint, which [`crate::session::quic::Session::rebind`] moves to
+    /// another socket; `None` at the gateway (one endpoint serves every agent).
+    pub endpoint: Option<quinn::Endpoint>,
+}
+
 /// Connection-wide receive window before the agent has authenticated: enough for the
 /// handshake on the control stream, so a client that never authenticates holds little.
 pub const PREAUTH_WINDOW: u32 = 64 * 1024;
@@ -159,7 +169,10 @@ pub async fn dial(
             proxied: None,
         },
         peer: remote,
-        quic: Some(conn),
+        quic: Some(Link {
+            conn,
+            endpoint: Some(endpoint),
+        }),
     })
 }
 
@@ -296,6 +309,9 @@ pub async fn accept(incoming: quinn::Incoming) -> Result<Connected, super::Accep
             proxied: None,
         },
         peer,
-        quic: Some(conn),
+        quic: Some(Link {
+            conn,
+            endpoint: None,
+        }),
     })
 }
