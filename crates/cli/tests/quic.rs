@@ -458,3 +458,48 @@ async fn dig_over_quic_asks_a_real_dnsmasq() {
     let answer = String::from_utf8_lossy(&out.stdout);
     assert_eq!(answer.trim(), "192.0.2.53", "dig over QUIC: {answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_on_tls_tries_quic_again_by_itself_while_idle() {
+    let state = tempfile::tempdir().unwrap();
+    let mut gw = GatewaySpec::new(state.path())
+        .args(["--quic-listen", "127.0.0.1:0"])
+        .start(bin())
+        .await
+        .unwrap();
+    let tunnel = gw.addr();
+    let quic = quic_addr(&mut gw);
+    let proxy = UdpFaultProxy::start(tunnel, quic).await.unwrap();
+    proxy.control().set_blackhole(true);
+    let target = TcpTarget::echo().await.unwrap();
+    let mut agent = AgentSpec::new(gw.agent_args_url("auto", tunnel))
+        .env("BURROW_AUTO_RETRY_QUIC", "1s")
+        .forward(&target.addr().to_string())
+        .start(bin())
+        .await
+        .unwrap();
+    agent
+        .wait_stderr("the session runs over TLS", WAIT)
+        .await
+        .unwrap();
+    proxy.control().set_blackhole(false);
+    agent
+        .wait_stderr("QUIC passes again", WAIT)
+        .await
+        .expect("the agent on TLS notices by itself that QUIC passes");
+    agent
+        .wait_stderr("the session runs over QUIC", WAIT)
+        .await
+        .expect("and reconnects over QUIC");
+    agent.wait_regranted(WAIT).await.unwrap();
+    assert!(
+        burrow_testkit::targets::echo_once(agent.public(0), b"over quic")
+            .await
+            .unwrap()
+    );
+    let failures = gw.proc.stderr_lines().join("\n");
+    assert!(
+        !failures.contains("handshake failed"),
+        "the probe is not a failed handshake at the gateway: {failures}"
+    );
+}

@@ -120,6 +120,9 @@ pub(super) async fn accept_loop(
                     hub2.tally.handshake_took(accepted_at.elapsed());
                     serve_agent(hub2, conn, acc, peer, "quic").await
                 }
+                Ok(Err(failed)) if failed.why == transport::quic::PROBE => {
+                    debug!(%peer, "{}", failed.why);
+                }
                 Ok(Err(failed)) => {
                     bump(&hub2.stats.handshake_failures);
                     hub2.tally.auth_failure(

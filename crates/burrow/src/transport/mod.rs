@@ -61,6 +61,8 @@ pub struct Connected {
     /// Set when QUIC carries the session: `io` is then its control stream, and the session's
     /// streams and datagrams are the connection's own.
     pub quic: Option<quic::Link>,
+    /// An `auto://` session that fell back to TLS: how to try QUIC again while it is idle.
+    pub retry_quic: Option<quic::RetryQuic>,
 }
 
 impl Connected {
@@ -73,10 +75,14 @@ impl Connected {
         params: burrow_proto::message::SessionParams,
         name: String,
     ) -> crate::session::Started {
-        match self.quic {
+        let started = match self.quic {
             None => crate::session::start(self.io, leftover, side, params, name),
             Some(link) => crate::session::quic::start(link, self.io, leftover, side, params, name),
+        };
+        if let Some(retry) = self.retry_quic {
+            tokio::spawn(retry.watch(started.session.clone()));
         }
+        started
     }
 
     /// Which transport carries the connection, for logs: `"quic"` or `"tcp"`.
@@ -167,6 +173,7 @@ pub async fn dial(
         },
         peer,
         quic: None,
+        retry_quic: None,
     })
 }
 
@@ -229,6 +236,7 @@ pub async fn accept(
             },
             peer,
             quic: None,
+            retry_quic: None,
         });
     }
     let up = ws::server(io, peer, &acceptor.ws)
@@ -245,5 +253,6 @@ pub async fn accept(
         },
         peer: up.client,
         quic: None,
+        retry_quic: None,
     })
 }

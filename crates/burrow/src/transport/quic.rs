@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use burrow_proto::message::SessionParams;
+use burrow_proto::ErrorCode;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::VarInt;
 
@@ -28,6 +29,69 @@ use super::url::GatewayUrl;
 use super::{Bindings, BoxIo, Connected, DialError};
 use crate::config::Trust;
 use crate::session::DATAGRAM_QUEUE;
+
+/// With `auto://` on TLS, how often the agent checks whether QUIC passes again (while the
+/// session has no open stream); `BURROW_AUTO_RETRY_QUIC` (a duration such as `30s`) changes it.
+pub const AUTO_RETRY_QUIC: Duration = Duration::from_secs(60);
+/// The CONNECTION_CLOSE reason of a probe (the gateway counts no failure for it).
+const PROBE_REASON: &[u8] = b"auto:// probe";
+
+/// What [`accept`] says of an `auto://` agent's probe (a QUIC handshake it closes at once,
+/// to learn whether UDP passes): not a failed handshake.
+pub const PROBE: &str = "an auto:// agent checked that QUIC passes";
+
+/// How to dial QUIC again from an `auto://` session that fell back to TLS.
+#[derive(Clone)]
+pub struct RetryQuic {
+    url: GatewayUrl,
+    trust: Trust,
+    tls: Arc<rustls::ClientConfig>,
+    server_name: Option<String>,
+    every: Duration,
+}
+
+impl std::fmt::Debug for RetryQuic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryQuic").field("url", &self.url).finish()
+    }
+}
+
+impl RetryQuic {
+    /// While `session` (over TLS) lives: every [`AUTO_RETRY_QUIC`], if no stream is open,
+    /// completes a QUIC handshake with the gateway (no authentication) and, when it works,
+    /// closes the session so that the agent's reconnect comes up over QUIC. Open streams are
+    /// never cut for it.
+    pub(crate) async fn watch(self, session: crate::session::Session) {
+        loop {
+            tokio::select! {
+                _ = session.closed() => return,
+                _ = tokio::time::sleep(self.every) => {}
+            }
+            if session.stream_count() > 0 {
+                continue;
+            }
+            let name = self.server_name.as_deref().unwrap_or(&self.url.host);
+            let params = SessionParams::default();
+            let probe = dial(&self.url, self.tls.clone(), name, &self.trust, &params);
+            let Ok(Ok(c)) = tokio::time::timeout(AUTO_FALLBACK, probe).await else {
+                tracing::debug!(gateway = %self.url, "auto://: QUIC still does not pass; staying on TLS");
+                continue;
+            };
+            if let Some(link) = &c.quic {
+                link.conn
+                    .close(VarInt::from_u32(ErrorCode::Normal as u32), PROBE_REASON);
+            }
+            if session.stream_count() == 0 {
+                tracing::info!(gateway = %self.url, "auto://: QUIC passes again: ending the idle TLS session to reconnect over QUIC");
+                session.close(
+                    ErrorCode::Normal,
+                    "auto://: QUIC passes again, reconnecting over it",
+                );
+                return;
+            }
+        }
+    }
+}
 
 /// A QUIC connection, and at the agent the endpoint (UDP socket) it runs on.
 #[derive(Debug, Clone)]
@@ -173,6 +237,7 @@ pub async fn dial(
             conn,
             endpoint: Some(endpoint),
         }),
+        retry_quic: None,
     })
 }
 
@@ -192,6 +257,20 @@ pub(super) async fn dial_auto(
         ..url.clone()
     };
     let (quic_url, tls_url) = (with(super::Scheme::Quic), with(super::Scheme::Tls));
+    let retry = tls.clone().map(|tls| RetryQuic {
+        url: quic_url.clone(),
+        trust: trust.clone(),
+        tls,
+        server_name: server_name.map(str::to_string),
+        every: std::env::var("BURROW_AUTO_RETRY_QUIC")
+            .ok()
+            .and_then(|v| humantime::parse_duration(&v).ok())
+            .unwrap_or(AUTO_RETRY_QUIC),
+    });
+    let on_tls = |mut c: Connected| {
+        c.retry_quic = retry.clone();
+        c
+    };
     if proxy.is_some() {
         tracing::info!(gateway = %url, "auto://: through an outbound proxy, so TLS (QUIC runs over UDP, which a proxy does not carry)");
         return super::dial(&tls_url, proxy, trust, tls, server_name).await;
@@ -217,8 +296,8 @@ pub(super) async fn dial_auto(
                 Err(e) if e.fatal => return Err(e),
                 Err(e) => {
                     if let Some(c) = tls_ready.take() {
-                        tracing::info!(gateway = %url, "auto://: QUIC failed ({}): the session runs over TLS; QUIC is tried again at the next connect", e.message);
-                        return Ok(c);
+                        tracing::info!(gateway = %url, "auto://: QUIC failed ({}): the session runs over TLS; QUIC is tried again at the next connect, and while the session is idle", e.message);
+                        return Ok(on_tls(c));
                     }
                     if let Some(t) = tls_failed.take() {
                         return Err(DialError { message: format!("{} (and over QUIC: {})", t.message, e.message), fatal: t.fatal });
@@ -229,12 +308,12 @@ pub(super) async fn dial_auto(
             r = &mut tls_dial, if tls_ready.is_none() && tls_failed.is_none() => match r {
                 Ok(c) => {
                     if let Some(e) = &quic_failed {
-                        tracing::info!(gateway = %url, "auto://: QUIC failed ({}): the session runs over TLS; QUIC is tried again at the next connect", e.message);
-                        return Ok(c);
+                        tracing::info!(gateway = %url, "auto://: QUIC failed ({}): the session runs over TLS; QUIC is tried again at the next connect, and while the session is idle", e.message);
+                        return Ok(on_tls(c));
                     }
                     if fallback.is_elapsed() {
-                        tracing::info!(gateway = %url, "auto://: no QUIC answer within {AUTO_FALLBACK:?} (is UDP blocked?): the session runs over TLS; QUIC is tried again at the next connect");
-                        return Ok(c);
+                        tracing::info!(gateway = %url, "auto://: no QUIC answer within {AUTO_FALLBACK:?} (is UDP blocked?): the session runs over TLS; QUIC is tried again at the next connect, and while the session is idle");
+                        return Ok(on_tls(c));
                     }
                     tls_ready = Some(c);
                 }
@@ -246,9 +325,9 @@ pub(super) async fn dial_auto(
                 }
             },
             () = &mut fallback, if tls_ready.is_some() => {
-                tracing::info!(gateway = %url, "auto://: no QUIC answer within {AUTO_FALLBACK:?} (is UDP blocked?): the session runs over TLS; QUIC is tried again at the next connect");
+                tracing::info!(gateway = %url, "auto://: no QUIC answer within {AUTO_FALLBACK:?} (is UDP blocked?): the session runs over TLS; QUIC is tried again at the next connect, and while the session is idle");
                 if let Some(c) = tls_ready.take() {
-                    return Ok(c);
+                    return Ok(on_tls(c));
                 }
             }
         }
@@ -300,7 +379,12 @@ pub async fn accept(incoming: quinn::Incoming) -> Result<Connected, super::Accep
         .map_err(|e| err(e.to_string()))?
         .await
         .map_err(|e| err(e.to_string()))?;
-    let (send, recv) = conn.accept_bi().await.map_err(|e| err(e.to_string()))?;
+    let (send, recv) = conn.accept_bi().await.map_err(|e| match &e {
+        quinn::ConnectionError::ApplicationClosed(c) if c.reason.as_ref() == PROBE_REASON => {
+            super::AcceptError(PROBE.into())
+        }
+        _ => err(e.to_string()),
+    })?;
     let connection = binding(&conn).map_err(err)?;
     Ok(Connected {
         io: control_io(send, recv),
@@ -313,5 +397,6 @@ pub async fn accept(incoming: quinn::Incoming) -> Result<Connected, super::Accep
             conn,
             endpoint: None,
         }),
+        retry_quic: None,
     })
 }
