@@ -25,6 +25,7 @@ use burrow_proto::message::{Datagram, GoAway, Open, SessionParams};
 use burrow_proto::mux::{ControlBudget, Side};
 use burrow_proto::{Decoder, ErrorCode, Frame, Kind, StreamId};
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use quinn::VarInt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -40,7 +41,8 @@ use crate::transport::BoxIo;
 /// Most bytes [`Stream::reserve`] grants at once. QUIC's flow control is inside quinn, so a
 /// relay blocked on a full window holds at most this much read ahead of it per stream.
 const RESERVE_CHUNK: usize = 256 * 1024;
-/// Chunks taken from quinn in one [`Stream::recv_many`].
+/// Most chunks taken from quinn in one [`Stream::recv_many`] (one waited for, the rest only
+/// if already there).
 const RECV_CHUNKS: usize = 64;
 /// How long the peer has to send a stream's Open frame once it opened the stream.
 const OPEN_DEADLINE: Duration = Duration::from_secs(10);
@@ -755,12 +757,12 @@ impl Stream {
         })
     }
 
-    /// Waits for data, then moves what quinn holds (up to 64 chunks) into
-    /// `out`. `Ok(false)` at the peer's FIN.
+    /// Waits for data, then moves what quinn already holds (up to 64 chunks, and `max` bytes
+    /// past the first) into `out`. `Ok(false)` at the peer's FIN.
     pub async fn recv_many(
         &self,
         out: &mut impl Extend<Bytes>,
-        _max: usize,
+        max: usize,
     ) -> Result<bool, StreamError> {
         self.check()?;
         let mut guard = self.inner.recv.lock().await;
@@ -770,10 +772,24 @@ impl Stream {
             return Ok(true);
         }
         let recv = half.get().await?;
-        let mut chunks: [Bytes; RECV_CHUNKS] = std::array::from_fn(|_| Bytes::new());
-        match recv.read_chunks(&mut chunks).await {
-            Ok(Some(n)) => {
-                out.extend(chunks.into_iter().take(n));
+        match recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(c)) => {
+                let mut taken = c.bytes.len();
+                out.extend(Some(c.bytes));
+                // Whatever else quinn already holds, without waiting (nothing is lost when
+                // the poll finds nothing: read_chunk is cancel-safe).
+                for _ in 1..RECV_CHUNKS {
+                    if taken >= max {
+                        break;
+                    }
+                    match recv.read_chunk(max - taken, true).now_or_never() {
+                        Some(Ok(Some(c))) => {
+                            taken += c.bytes.len();
+                            out.extend(Some(c.bytes));
+                        }
+                        _ => break,
+                    }
+                }
                 Ok(true)
             }
             Ok(None) => {
