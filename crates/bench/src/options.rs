@@ -229,7 +229,9 @@ mod tests {
         assert_eq!(s.transports, vec![Wss, Tls]);
         let s = Args::parse_from(["b", "--transport", "tcp", "--transport", "all"]).settings();
         assert_eq!(s.transports, vec![Tcp, Tls, Wss, Ws]);
-        assert!(Args::try_parse_from(["b", "--transport", "quic"]).is_err());
+        let s = Args::parse_from(["b", "--transport", "tls,quic"]).settings();
+        assert_eq!(s.transports, vec![Tls, Transport::Quic]);
+        assert!(Args::try_parse_from(["b", "--transport", "h3"]).is_err());
         assert!(Args::try_parse_from(["b", "--transport", ""]).is_err());
     }
 
