@@ -301,6 +301,10 @@ pub struct GatewayConfig {
     /// A plain-HTTP WebSocket listener meant to sit behind a TLS-terminating reverse proxy or
     /// CDN (off by default).
     pub ws_listen: Option<SocketAddr>,
+    /// Whether agents may also dial over QUIC, on UDP (on by default; needs TLS).
+    pub quic: bool,
+    /// Where QUIC listens (default: the tunnel address, on UDP).
+    pub quic_listen: Option<SocketAddr>,
     /// Proxies whose `X-Forwarded-For` names the agent's address on `ws_listen` (none by
     /// default: the TCP peer is the address).
     pub ws_trusted_proxies: Vec<ipnet::IpNet>,
@@ -344,6 +348,8 @@ impl GatewayConfig {
             lease: Duration::from_secs(60),
             ws_path: crate::transport::url::DEFAULT_WS_PATH.to_string(),
             ws_listen: None,
+            quic: true,
+            quic_listen: None,
             ws_trusted_proxies: Vec::new(),
             udp: crate::udp::UdpSettings::default(),
             grace: Duration::from_secs(10),
@@ -1057,6 +1063,10 @@ pub struct GatewaySettings {
     pub ws_path: Option<String>,
     /// `ws_listen`, `--ws-listen`.
     pub ws_listen: Option<SocketAddr>,
+    /// `quic`, `--no-quic`.
+    pub quic: Option<bool>,
+    /// `quic_listen`, `--quic-listen`.
+    pub quic_listen: Option<SocketAddr>,
     /// `ws_trusted_proxies`, `--ws-trusted-proxy` (repeated).
     pub ws_trusted_proxies: Option<Vec<ipnet::IpNet>>,
     /// `[udp]`, complete with defaults for keys the file leaves out.
@@ -1089,6 +1099,8 @@ impl GatewaySettings {
             log_level: over.log_level.or(self.log_level),
             ws_path: over.ws_path.or(self.ws_path),
             ws_listen: over.ws_listen.or(self.ws_listen),
+            quic: over.quic.or(self.quic),
+            quic_listen: over.quic_listen.or(self.quic_listen),
             ws_trusted_proxies: over.ws_trusted_proxies.or(self.ws_trusted_proxies),
             udp: over.udp.or(self.udp),
             admin: over.admin.or(self.admin),
@@ -1142,6 +1154,8 @@ impl GatewaySettings {
             c.ws_path = path;
         }
         c.ws_listen = self.ws_listen;
+        set(&mut c.quic, self.quic);
+        c.quic_listen = self.quic_listen;
         set(&mut c.ws_trusted_proxies, self.ws_trusted_proxies);
         set(&mut c.udp, self.udp);
         c.admin = AdminConfig {
@@ -1271,6 +1285,14 @@ impl AgentSettings {
             // The URL says it: tcp:// and ws:// carry no TLS of their own.
             (Scheme::Tcp | Scheme::Ws, _) => Some(TransportKind::Tcp),
             (Scheme::Tls | Scheme::Wss, t) => t,
+            // QUIC always runs TLS 1.3 inside it.
+            (Scheme::Quic | Scheme::Auto, Some(TransportKind::Tcp)) => {
+                return Err(ConfigError::Value(format!(
+                    "the gateway {url} runs TLS inside QUIC, but the transport is set to tcp: \
+                     remove --transport tcp (BURROW_TRANSPORT, `transport`), or use tcp://"
+                )))
+            }
+            (Scheme::Quic | Scheme::Auto, t) => t,
         };
         let trust = resolve_trust(transport, self.trust)?;
         // No forwards is allowed: the agent then only checks that it can connect and
@@ -1617,6 +1639,8 @@ struct RawGateway {
     agents: Option<Vec<Spanned<RawGrant>>>,
     ws_path: Option<Checked<Name>>,
     ws_listen: Option<Checked<SocketAddr>>,
+    quic: Option<bool>,
+    quic_listen: Option<Checked<SocketAddr>>,
     ws_trusted_proxies: Option<Vec<Checked<ipnet::IpNet>>>,
     udp: Option<RawUdp>,
     admin: Option<Checked<SocketAddr>>,
@@ -1790,6 +1814,8 @@ impl Source<'_> {
             log_level: inner(raw.log_level),
             ws_path: inner(raw.ws_path).map(|n| n.0),
             ws_listen: inner(raw.ws_listen),
+            quic: raw.quic,
+            quic_listen: inner(raw.quic_listen),
             ws_trusted_proxies: raw
                 .ws_trusted_proxies
                 .map(|v| v.into_iter().map(|c| c.0).collect()),

@@ -76,6 +76,15 @@ pub struct Args {
     #[arg(long = "ws-trusted-proxy", env = "BURROW_WS_TRUSTED_PROXIES", value_name = "NET",
           value_delimiter = ',', value_parser = config::parse_net)]
     ws_trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Do not serve QUIC (agents' quic:// and auto://); by default the gateway serves it on
+    /// UDP at the tunnel port's number
+    #[arg(long, env = "BURROW_NO_QUIC")]
+    no_quic: bool,
+
+    /// Serve QUIC on this UDP address instead of the tunnel port's [default: --listen, on UDP]
+    #[arg(long, env = "BURROW_QUIC_LISTEN", value_name = "ADDR")]
+    quic_listen: Option<SocketAddr>,
     /// Print the `burrow agent ...` line for the generated key, key included, and exit: the
     /// running gateway masks the key after its first start. Give the same settings as the
     /// gateway (state directory, listen port, public name); nothing is bound or created
@@ -106,6 +115,8 @@ impl Args {
             log_level: self.common.log_level,
             ws_path: self.ws_path.clone(),
             ws_listen: self.ws_listen,
+            quic: self.no_quic.then_some(false),
+            quic_listen: self.quic_listen,
             ws_trusted_proxies: (!self.ws_trusted_proxies.is_empty())
                 .then(|| self.ws_trusted_proxies.clone()),
             admin: self.common.admin,
@@ -204,6 +215,9 @@ pub(crate) fn announce(gateway: &Gateway, prefix: &str) {
         }
     };
     say(&format!("gateway listening on {}", gateway.local_addr()));
+    if let Some(addr) = gateway.quic_local_addr() {
+        say(&format!("gateway listening for QUIC on UDP {addr}"));
+    }
     if let Some(fp) = gateway.fingerprint() {
         say(&format!("certificate fingerprint: {fp}"));
     }
@@ -224,6 +238,11 @@ pub(crate) fn announce(gateway: &Gateway, prefix: &str) {
             "or, where only HTTP(S) gets out, the same session inside a WebSocket:\n{}",
             line.full_ws()
         ));
+        if let Some(quic) = line.full_quic() {
+            say(&format!(
+                "or over QUIC (UDP; better on lossy links and when the agent's address changes):\n{quic}"
+            ));
+        }
     } else {
         say(&format!(
             "run this on the agent's host (add --forward for each service; the key is masked: \
@@ -234,5 +253,10 @@ pub(crate) fn announce(gateway: &Gateway, prefix: &str) {
             "or, where only HTTP(S) gets out, the same session inside a WebSocket:\n{}",
             line.masked_ws()
         ));
+        if let Some(quic) = line.masked_quic() {
+            run::say(&format!(
+                "or over QUIC (UDP; better on lossy links and when the agent's address changes):\n{quic}"
+            ));
+        }
     }
 }

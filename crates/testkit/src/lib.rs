@@ -9,6 +9,8 @@
 //! - [`proxy`]: [`FaultProxy`], a TCP proxy placed between agent and gateway (or client and
 //!   gateway) that adds delay, throttles, freezes (a blackhole), cuts (FIN) and resets (RST)
 //!   on command.
+//! - [`udp_proxy`]: [`UdpFaultProxy`], the same for UDP (QUIC): drops a share of datagrams
+//!   both ways, blackholes, or rebinds its upstream sockets (the agent's address changes).
 //! - [`process`]: [`Burrow`], a running `burrow` process with its stdout and stderr lines;
 //!   [`ProcStats`] (memory, file descriptors, threads from `/proc`); starting a zero-config
 //!   gateway and an agent and reading back their addresses; TCP socket states from
@@ -51,6 +53,7 @@ pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod targets;
+pub mod udp_proxy;
 
 pub use attack::{FloodOpts, IdleFlood};
 pub use haproxy::Haproxy;
@@ -62,6 +65,7 @@ pub use process::{
 };
 pub use proxy::{FaultControl, FaultProxy};
 pub use targets::{sha256, Pattern, TcpTarget};
+pub use udp_proxy::{UdpFaultControl, UdpFaultProxy};
 
 use std::time::Duration;
 

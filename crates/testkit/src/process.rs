@@ -654,6 +654,18 @@ impl GatewayProc {
         args
     }
 
+    /// [`agent_args`](Self::agent_args) with `--gateway SCHEME://ADDR` (e.g. `quic` and
+    /// this gateway's address: it serves QUIC on UDP at the tunnel port's number).
+    pub fn agent_args_url(&self, scheme: &str, addr: SocketAddr) -> Vec<String> {
+        let mut args = self.agent_args();
+        if let Some(i) = args.iter().position(|a| a == "--gateway") {
+            if let Some(v) = args.get_mut(i + 1) {
+                *v = format!("{scheme}://{addr}");
+            }
+        }
+        args
+    }
+
     /// See [`Burrow::stats`].
     pub fn stats(&self) -> Result<ProcStats> {
         self.proc.stats()

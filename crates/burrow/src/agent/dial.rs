@@ -62,15 +62,9 @@ pub(super) async fn connect(
         )
         .await
         .map_err(|e| describe_handshake(cfg, e))?;
-        info!(gateway = %cfg.gateway, name = %ok.name, "connected to gateway");
+        info!(gateway = %cfg.gateway, name = %ok.name, carrier = conn.carrier(), "connected to gateway");
         tally.set_name("", &ok.name);
-        let started = session::start(
-            conn.io,
-            leftover,
-            Side::Client,
-            ok.params,
-            cfg.gateway.clone(),
-        );
+        let started = conn.start(leftover, Side::Client, ok.params, cfg.gateway.clone());
         Ok((started, ok.features))
     };
     tokio::time::timeout(handshake_deadline, attempt)

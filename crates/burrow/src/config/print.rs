@@ -174,6 +174,8 @@ impl GatewayConfig {
             grace,
             ws_path,
             ws_listen,
+            quic,
+            quic_listen,
             ws_trusted_proxies,
             udp: u,
             admin,
@@ -202,6 +204,11 @@ impl GatewayConfig {
         match ws_listen {
             Some(addr) => out.text("ws_listen", &addr.to_string()),
             None => out.line("# ws_listen: not set (no plain-HTTP WebSocket listener)"),
+        }
+        out.value("quic", *quic);
+        match quic_listen {
+            Some(addr) => out.text("quic_listen", &addr.to_string()),
+            None => out.line("# quic_listen: not set (QUIC on UDP at the listen address)"),
         }
         let proxies = ws_trusted_proxies
             .iter()

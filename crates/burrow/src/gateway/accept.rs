@@ -201,7 +201,11 @@ pub(super) struct PreauthSlot {
 }
 
 impl PreauthSlot {
-    fn advance(&self, stage: Stage) {
+    pub(super) fn new(hub: Arc<Hub>, id: u64) -> Self {
+        PreauthSlot { hub, id }
+    }
+
+    pub(super) fn advance(&self, stage: Stage) {
         lock(&self.hub.preauth).advance(self.id, stage);
     }
 }
@@ -214,13 +218,13 @@ impl Drop for PreauthSlot {
 
 /// Why a tunnel handshake failed, and what to charge it to.
 pub(super) struct Failed {
-    why: String,
+    pub(super) why: String,
     /// What kind of failure, for the metrics.
-    kind: AuthFailure,
+    pub(super) kind: AuthFailure,
     /// The key presented, when the gateway knows it (`None`: unknown, or none yet).
-    presented: Option<KeyHash>,
+    pub(super) presented: Option<KeyHash>,
     /// Refused for being over the failure budget.
-    rate_limited: bool,
+    pub(super) rate_limited: bool,
 }
 
 impl From<String> for Failed {
@@ -250,10 +254,19 @@ pub(super) async fn handshake_agent(
         Err(e) => return Err(e.to_string().into()),
     }
     slot.advance(Stage::Talking);
-    let mut conn = transport::accept(tcp, peer, acceptor)
+    let conn = transport::accept(tcp, peer, acceptor)
         .await
         .map_err(|e| Failed::from(e.to_string()))?;
     slot.advance(Stage::Secured);
+    authenticate(hub, conn, peer).await
+}
+
+/// The key proof over a secured connection (TLS, WebSocket or QUIC's control stream).
+pub(super) async fn authenticate(
+    hub: &Hub,
+    mut conn: transport::Connected,
+    peer: SocketAddr,
+) -> Result<(transport::Connected, handshake::Accepted), Failed> {
     let bindings = conn.bindings;
     // Failures are charged to the source and the key it presents, so one failing agent does
     // not lock out the others behind the same address; past the budget the refusal says so,

@@ -44,6 +44,7 @@ mod accept;
 mod admin;
 mod lease;
 mod ports;
+mod quic;
 mod reload;
 mod serve;
 mod unix;
@@ -81,6 +82,8 @@ pub struct Gateway {
     listener: TcpListener,
     /// `ws_listen`: WebSocket only, plain HTTP, behind a TLS-terminating proxy.
     ws_listener: Option<TcpListener>,
+    /// QUIC on UDP (on unless `quic = false` or plain TCP).
+    quic: Option<quinn::Endpoint>,
     identity: Option<GatewayIdentity>,
     generated: Option<SecretKey>,
     /// Whether `generated` was made by this start (rather than read from the state).
@@ -268,6 +271,16 @@ impl Gateway {
             warn!("plain TCP transport: the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
         }
         let params = config.session_params();
+        let quic = match (&identity, config.quic) {
+            (Some(id), true) => Some(quic::bind(
+                config
+                    .quic_listen
+                    .unwrap_or_else(|| listener.local_addr().unwrap_or(config.listen)),
+                id.server_config.clone(),
+                &params,
+            )?),
+            _ => None,
+        };
         let limits = &config.limits;
         let files = limiter::raise_open_files();
         let hard = if files.hard == u64::MAX {
@@ -317,6 +330,7 @@ impl Gateway {
         Ok(Gateway {
             listener,
             ws_listener,
+            quic,
             identity,
             generated,
             generated_now,
@@ -377,6 +391,11 @@ impl Gateway {
         self.listener.local_addr().unwrap_or(self.hub.config.listen)
     }
 
+    /// The UDP address QUIC is served on, if it is.
+    pub fn quic_local_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|e| e.local_addr().ok())
+    }
+
     /// The address the `ws_listen` listener is bound to, if there is one.
     pub fn ws_local_addr(&self) -> Option<SocketAddr> {
         self.ws_listener.as_ref().and_then(|l| l.local_addr().ok())
@@ -401,7 +420,8 @@ impl Gateway {
                 key,
                 self.fingerprint(),
             )
-            .with_ws_path(&self.hub.config.ws_path),
+            .with_ws_path(&self.hub.config.ws_path)
+            .with_quic_port(self.quic_local_addr().map(|a| a.port())),
         )
     }
 
@@ -445,7 +465,12 @@ impl Gateway {
                 accept_loop(hub.clone(), listener, acceptor, shutdown.clone()).await;
             }
         };
-        tokio::join!(on_tunnel_port, on_ws_listener);
+        let on_quic = async {
+            if let Some(endpoint) = self.quic {
+                quic::accept_loop(hub.clone(), endpoint, shutdown.clone()).await;
+            }
+        };
+        tokio::join!(on_tunnel_port, on_ws_listener, on_quic);
         info!(
             "shutting down: no new connections; draining streams for up to {:?}",
             hub.config.grace

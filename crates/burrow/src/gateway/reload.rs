@@ -100,6 +100,8 @@ pub(super) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
         ws_trusted_proxies,
         udp,
         admin,
+        quic,
+        quic_listen,
     } = new;
     let mut out = Vec::new();
     let mut differs = |same: bool, key: &str| {
@@ -129,6 +131,8 @@ pub(super) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
         "ws_trusted_proxies",
     );
     differs(*udp == old.udp, "udp");
+    differs(*quic == old.quic, "quic");
+    differs(*quic_listen == old.quic_listen, "quic_listen");
     differs(admin.listen == old.admin.listen, "admin");
     differs(admin.token == old.admin.token, "admin_token");
     out

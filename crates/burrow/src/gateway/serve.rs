@@ -16,7 +16,7 @@ use super::ports::bind_port;
 use super::reload::unbind_port;
 use super::{lock, AgentEntry, Hub, REBIND_INTERVAL};
 use crate::admin::metrics::SessionMeta;
-use crate::session::{self, handshake};
+use crate::session::handshake;
 use crate::stats::{bump, GaugeGuard};
 use crate::transport;
 use crate::udp;
@@ -34,7 +34,7 @@ pub(super) async fn serve_agent(
     let name = acc.name.clone();
     let span = tracing::info_span!("agent", name = %name);
     async move {
-        let started = session::start(conn.io, acc.leftover, Side::Gateway, acc.params, name.clone());
+        let started = conn.start(acc.leftover, Side::Gateway, acc.params, name.clone());
         let session = started.session;
         // This version opens streams only from the gateway; agent-opened streams are refused.
         drop(started.incoming);
