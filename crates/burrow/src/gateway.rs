@@ -412,8 +412,8 @@ impl Gateway {
 
 impl Hub {
     /// Keeps the port the gateway chose for `agent`'s `service` across restarts.
-    fn remember_port(&self, agent: &str, service: &str, port: u16) {
-        if !lock(&self.lease_book).set(agent, service, port) {
+    fn remember_port(&self, agent: &str, protocol: Protocol, service: &str, port: u16) {
+        if !lock(&self.lease_book).set(agent, protocol, service, port) {
             debug!(
                 agent,
                 service,
@@ -426,9 +426,9 @@ impl Hub {
     }
 
     /// Forgets a closed port in the lease file, if the gateway had chosen it.
-    fn forget_port(&self, agent: &str, service: &str, port: &PortEntry) {
+    fn forget_port(&self, agent: &str, (protocol, service): &(Protocol, String), port: &PortEntry) {
         if port.chosen {
-            lock(&self.lease_book).remove(agent, service, port.addr.port());
+            lock(&self.lease_book).remove(agent, *protocol, service, port.addr.port());
             self.lease_dirty.notify_one();
         }
     }
@@ -487,14 +487,14 @@ async fn restore_leases(hub: &Arc<Hub>) {
     for l in leases {
         let forget = |why: &str| {
             info!(agent = %l.agent, service = %l.service, port = l.port, "port chosen before the restart not kept: {why}");
-            lock(&hub.lease_book).remove(&l.agent, &l.service, l.port);
+            lock(&hub.lease_book).remove(&l.agent, l.protocol, &l.service, l.port);
             hub.lease_dirty.notify_one();
         };
         let Some(grant) = by_name.get(l.agent.as_str()) else {
             forget("no such agent in the config now");
             continue;
         };
-        if !grant.allows(l.port) {
+        if !grant.allows_on(l.protocol, l.port) {
             forget("the port is no longer in the agent's grant");
             continue;
         }
@@ -509,7 +509,16 @@ async fn restore_leases(hub: &Arc<Hub>) {
             forget("the gateway is near its open-file limit");
             continue;
         };
-        let listener = match TcpListener::bind((hub.config.public_host, l.port)).await {
+        let bound = match l.protocol {
+            Protocol::Tcp => TcpListener::bind((hub.config.public_host, l.port))
+                .await
+                .map(Listener::Tcp)
+                .map_err(|e| e.to_string()),
+            Protocol::Udp => listen_public_udp(hub, l.port, grant)
+                .await
+                .map(Listener::Udp),
+        };
+        let listener = match bound {
             Ok(listener) => listener,
             Err(e) => {
                 forget(&format!("cannot bind it again: {e}"));
@@ -527,7 +536,7 @@ async fn restore_leases(hub: &Arc<Hub>) {
                 .entry(l.agent.clone())
                 .or_insert_with(|| AgentEntry::new(&hub.config.limits));
             entry.ports.insert(
-                (Protocol::Tcp, l.service.clone()),
+                (l.protocol, l.service.clone()),
                 PortEntry {
                     addr,
                     route: route.clone(),
@@ -539,16 +548,21 @@ async fn restore_leases(hub: &Arc<Hub>) {
             );
             entry.conns.clone()
         };
-        let port = PublicPort {
-            listener,
-            route,
-            cancel,
-            agent: l.agent.clone(),
-            service: l.service.clone(),
-            conns,
-            _fd: fd,
-        };
-        tokio::spawn(accept_public(hub.clone(), port));
+        match listener {
+            Listener::Tcp(listener) => {
+                let port = PublicPort {
+                    listener,
+                    route,
+                    cancel,
+                    agent: l.agent.clone(),
+                    service: l.service.clone(),
+                    conns,
+                    _fd: fd,
+                };
+                tokio::spawn(accept_public(hub.clone(), port));
+            }
+            Listener::Udp(socket) => serve_udp_port(hub, socket, route, cancel, fd),
+        }
         restored += 1;
         agents.insert(l.agent.clone());
     }
@@ -1050,13 +1064,13 @@ fn spawn_lease_timer(hub: &Arc<Hub>, name: &str, lease_id: u64) {
         }
         let mut agents = lock(&hub.agents);
         if let Some(entry) = agents.get_mut(&name) {
-            entry.ports.retain(|(_, service), port| {
+            entry.ports.retain(|key, port| {
                 if port.lease != Some(lease_id) {
                     return true;
                 }
                 info!(agent = %name, addr = %port.addr, "lease expired; public port closed");
                 port.cancel.cancel();
-                hub.forget_port(&name, service, port);
+                hub.forget_port(&name, key, port);
                 false
             });
         }
@@ -1088,7 +1102,7 @@ fn make_room(
         if let Some(port) = entry.ports.remove(&key) {
             info!(addr = %port.addr, "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
             port.cancel.cancel();
-            hub.forget_port(&grant.name, &key.1, &port);
+            hub.forget_port(&grant.name, &key, &port);
         }
     }
     Ok(())
@@ -1193,7 +1207,7 @@ async fn bind_port(
             }
             if let Some(old) = entry.ports.remove(&key) {
                 old.cancel.cancel();
-                hub.forget_port(&grant.name, &bind.name, &old);
+                hub.forget_port(&grant.name, &key, &old);
             }
         }
         let taken = entry
@@ -1251,11 +1265,10 @@ async fn bind_port(
         if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
         }
-        // The lease file keeps chosen TCP ports across a restart; UDP ports keep their lease
-        // while the gateway runs.
-        let chosen = bind.port == 0 && bind.protocol == Protocol::Tcp;
+        // The lease file keeps chosen ports, TCP and UDP, across a restart.
+        let chosen = bind.port == 0;
         if chosen {
-            hub.remember_port(&grant.name, &bind.name, addr.port());
+            hub.remember_port(&grant.name, bind.protocol, &bind.name, addr.port());
         }
         entry.ports.insert(
             key,
@@ -1283,25 +1296,7 @@ async fn bind_port(
             };
             tokio::spawn(accept_public(hub.clone(), port).instrument(tracing::Span::current()));
         }
-        Listener::Udp(socket) => {
-            let routing = move || {
-                lock(&route).clone().map(|r| udp::UdpRoute {
-                    session: r.session,
-                    service: r.service,
-                    name: r.name,
-                    flows: r.flows,
-                })
-            };
-            let counters = Arc::new(udp::UdpCounters::default());
-            let settings = hub.config.udp;
-            tokio::spawn(
-                async move {
-                    udp::serve_public(Arc::new(socket), routing, settings, counters, cancel).await;
-                    drop(fd);
-                }
-                .instrument(tracing::Span::current()),
-            );
-        }
+        Listener::Udp(socket) => serve_udp_port(hub, socket, route, cancel, fd),
     }
     let text = public_text(hub, addr);
     info!(service = %bind.name, public = %text, "public port granted");
@@ -1403,6 +1398,34 @@ async fn listen_public(host: IpAddr, port: u16, grant: &AgentGrant) -> Result<Tc
         "no free port in the agent's grant ({}) on {host}",
         describe_ports(&grant.ports)
     ))
+}
+
+/// Serves a public UDP port until `cancel`, to whichever session `route` names; its
+/// descriptor permit `fd` goes with it.
+fn serve_udp_port(
+    hub: &Hub,
+    socket: tokio::net::UdpSocket,
+    route: Arc<Mutex<Option<Route>>>,
+    cancel: CancellationToken,
+    fd: FdPermit,
+) {
+    let routing = move || {
+        lock(&route).clone().map(|r| udp::UdpRoute {
+            session: r.session,
+            service: r.service,
+            name: r.name,
+            flows: r.flows,
+        })
+    };
+    let counters = Arc::new(udp::UdpCounters::default());
+    let settings = hub.config.udp;
+    tokio::spawn(
+        async move {
+            udp::serve_public(Arc::new(socket), routing, settings, counters, cancel).await;
+            drop(fd);
+        }
+        .instrument(tracing::Span::current()),
+    );
 }
 
 /// A bound public port, TCP or UDP.

@@ -412,3 +412,71 @@ async fn dig_through_the_tunnel_asks_a_real_dnsmasq() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Whether a datagram sent to `to` comes back from it within a short wait (a few tries).
+async fn udp_answers(sock: &UdpSocket, to: SocketAddr) -> bool {
+    let mut buf = [0u8; 64];
+    for _ in 0..5 {
+        sock.send_to(b"ping", to).await.unwrap();
+        if let Ok(Ok((n, from))) =
+            tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await
+        {
+            return from == to && &buf[..n] == b"ping";
+        }
+    }
+    false
+}
+
+/// UDP ports the gateway chose survive a gateway restart, as TCP ones do: the lease file keeps
+/// them by agent, protocol and service, beside the TCP ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chosen_udp_ports_survive_a_gateway_restart() {
+    use burrow_testkit::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut gw = GatewaySpec::new(&state).start(bin()).await.unwrap();
+    let target = udp_echo().await;
+    let tcp = TcpTarget::echo().await.unwrap();
+    let mut agent = AgentSpec::new(gw.agent_args())
+        .args(["--max-backoff", "1s"])
+        .forward(&tcp.addr().to_string())
+        .forward(&format!("udp:{target}"))
+        .start(bin())
+        .await
+        .unwrap();
+    let (tcp_port, udp_port) = (agent.public(0), agent.public(1));
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert!(
+        udp_answers(&client, udp_port).await,
+        "UDP through {udp_port}"
+    );
+
+    let addr = gw.addr();
+    gw.signal(Signal::Term).unwrap();
+    assert!(gw.wait_exit(WAIT).await.unwrap().success());
+    let leases = std::fs::read_to_string(state.join("leases.toml")).unwrap();
+    assert!(
+        leases.contains(&format!("port = {}", udp_port.port()))
+            && leases.contains("protocol = \"udp\"")
+            && leases.matches("[[lease]]").count() == 2,
+        "a TCP and a UDP lease: {leases}"
+    );
+    let _gw = GatewaySpec::new(&state)
+        .listen(addr)
+        .start(bin())
+        .await
+        .unwrap();
+    let again = agent.wait_regranted(WAIT).await.unwrap();
+    assert_eq!(
+        again,
+        [tcp_port, udp_port],
+        "the same TCP and UDP ports after the gateway's restart"
+    );
+    assert!(
+        udp_answers(&client, udp_port).await,
+        "datagrams flow again through {udp_port}"
+    );
+    assert!(burrow_testkit::targets::echo_once(tcp_port, b"tcp")
+        .await
+        .unwrap());
+}
