@@ -1174,10 +1174,13 @@ async fn bind_port(
             .iter()
             .filter(|(name, _)| **name != grant.name)
             .find_map(|(name, e)| {
+                // Of the same protocol: TCP and UDP port P are two ports.
                 e.ports
-                    .values()
-                    .find(|p| bind.port != 0 && p.addr.port() == bind.port)
-                    .map(|p| (name.clone(), p.lease.is_some()))
+                    .iter()
+                    .find(|((proto, _), p)| {
+                        *proto == bind.protocol && bind.port != 0 && p.addr.port() == bind.port
+                    })
+                    .map(|(_, p)| (name.clone(), p.lease.is_some()))
             });
         if let Some((holder, on_lease)) = holder {
             return refuse(

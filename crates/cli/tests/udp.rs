@@ -480,3 +480,60 @@ async fn chosen_udp_ports_survive_a_gateway_restart() {
         .await
         .unwrap());
 }
+
+/// A TCP port and a UDP port of the same number are two ports: an agent may bind UDP port P
+/// while another agent holds TCP port P (their grants overlap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_port_of_the_number_another_agent_holds_for_tcp_is_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ka, kb) = (
+        burrow::proto::auth::SecretKey::generate(),
+        burrow::proto::auth::SecretKey::generate(),
+    );
+    let grant = "ports = [\"1024-65535\", \"1024-65535/udp\"]";
+    let conf = config(
+        dir.path(),
+        &format!(
+            "[[agents]]\nname = \"a\"\nkey_hash = \"{}\"\n{grant}\n\n\
+             [[agents]]\nname = \"b\"\nkey_hash = \"{}\"\n{grant}\n",
+            ka.hash(),
+            kb.hash()
+        ),
+    );
+    let gw = GatewaySpec::new(&dir.path().join("state"))
+        .config(&conf)
+        .expect_agent_line(false)
+        .start(bin())
+        .await
+        .unwrap();
+    let args = |key: &burrow::proto::auth::SecretKey| {
+        vec![
+            "agent".to_string(),
+            "--gateway".into(),
+            gw.addr().to_string(),
+            "--fingerprint".into(),
+            gw.fingerprint().to_string(),
+            "--key".into(),
+            key.expose().to_string(),
+        ]
+    };
+    let tcp = TcpTarget::echo().await.unwrap();
+    let a = AgentSpec::new(args(&ka))
+        .forward(&tcp.addr().to_string())
+        .start(bin())
+        .await
+        .unwrap();
+    let port = a.public(0).port();
+    let target = udp_echo().await;
+    let b = AgentSpec::new(args(&kb))
+        .forward(&format!("udp:{port}={target}"))
+        .start(bin())
+        .await
+        .expect("UDP port P granted to b while a holds TCP port P");
+    assert_eq!(b.public(0).port(), port);
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert!(udp_answers(&client, b.public(0)).await);
+    assert!(burrow_testkit::targets::echo_once(a.public(0), b"tcp")
+        .await
+        .unwrap());
+}
