@@ -537,3 +537,105 @@ async fn a_udp_port_of_the_number_another_agent_holds_for_tcp_is_granted() {
         .await
         .unwrap());
 }
+
+/// A gateway and an agent with `[udp] idle = "1s"` on both sides, the agent forwarding UDP
+/// to `target`.
+async fn with_short_idle(
+    dir: &Path,
+    target: SocketAddr,
+) -> (burrow_testkit::GatewayProc, burrow_testkit::AgentProc) {
+    let conf = config(dir, "[udp]\nidle = \"1s\"\n");
+    let gw = GatewaySpec::new(&dir.join("state"))
+        .config(&conf)
+        .start(bin())
+        .await
+        .unwrap();
+    let agent_conf = dir.join("agent.toml");
+    std::fs::write(&agent_conf, "[udp]\nidle = \"1s\"\n").unwrap();
+    let agent = AgentSpec::new(gw.agent_args())
+        .args(["--config", agent_conf.to_str().unwrap()])
+        .forward(&format!("udp:{target}"))
+        .start(bin())
+        .await
+        .unwrap();
+    (gw, agent)
+}
+
+/// Each flow logs one line at info when it ends, at both ends: its service, the client's
+/// address (which reached the agent with the flow's first datagram), datagrams and bytes each
+/// way, drops and duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_flow_logs_its_client_and_counts_each_way_when_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = udp_echo().await;
+    let (mut gw, mut agent) = with_short_idle(dir.path(), target).await;
+    let public = agent.public(0);
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = [0u8; 512];
+    for i in 0..5u8 {
+        client.send_to(&[i; 100], public).await.unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .expect("an echo on loopback")
+            .unwrap();
+        assert_eq!(&buf[..n], &[i; 100]);
+    }
+    let me = client.local_addr().unwrap();
+    for (who, line) in [
+        (
+            "gateway",
+            gw.proc.wait_stderr("flow closed", WAIT).await.unwrap(),
+        ),
+        (
+            "agent",
+            agent.proc.wait_stderr("flow closed", WAIT).await.unwrap(),
+        ),
+    ] {
+        assert!(line.contains(" INFO "), "{who}: {line}");
+        for field in [
+            format!("service=\"udp:{target}\""),
+            format!("client={me}"),
+            "datagrams_to_service=5".into(),
+            "bytes_to_service=500".into(),
+            "datagrams_to_client=5".into(),
+            "bytes_to_client=500".into(),
+            "dropped=0".into(),
+            "duration_ms=".into(),
+        ] {
+            assert!(
+                line.contains(&field),
+                "{who}'s line has no `{field}`: {line}"
+            );
+        }
+    }
+}
+
+/// A flow whose target never answers (syslog, metrics) is kept open by the client's
+/// datagrams: it stays one flow, one socket toward the target, for as long as they come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_to_a_target_that_never_answers_stays_open_while_the_client_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = sink.local_addr().unwrap();
+    let (_gw, agent) = with_short_idle(dir.path(), target).await;
+    let public = agent.public(0);
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Fifteen datagrams 200 ms apart: three seconds, three times the idle timeout.
+    let mut sources = std::collections::BTreeSet::new();
+    let mut buf = [0u8; 64];
+    for i in 0..15u8 {
+        client.send_to(&[i], public).await.unwrap();
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), sink.recv_from(&mut buf))
+            .await
+            .expect("the datagram reached the target")
+            .unwrap();
+        assert_eq!(&buf[..n], &[i]);
+        sources.insert(from);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        sources.len(),
+        1,
+        "one flow, one socket toward the target: {sources:?}"
+    );
+}
