@@ -466,21 +466,29 @@ pub async fn serve_agent_flows(
     settings: UdpSettings,
 ) {
     let mut flows: HashMap<u32, AgentFlow> = HashMap::new();
-    let (ended_tx, mut ended) = mpsc::channel::<u32>(64);
+    // A flow's task cancels its token when the flow ends; the sweep then frees its socket.
+    // (A channel of ended flows, bounded, lost some when many ended at once: their sockets
+    // stayed open for the session's life.)
+    let mut sweep = tokio::time::interval(sweep_period(settings.idle));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let d = tokio::select! {
             d = datagrams.recv() => match d {
                 Some(d) => d,
                 None => break,
             },
-            Some(id) = ended.recv() => {
-                flows.remove(&id);
+            _ = sweep.tick() => {
+                flows.retain(|_, f| !f.stop.is_cancelled());
                 continue;
             }
             _ = session.closed() => break,
         };
         if d.data.len() > settings.max_datagram {
             continue;
+        }
+        // A flow that ended since the last sweep: its datagram opens it again.
+        if flows.get(&d.flow).is_some_and(|f| f.stop.is_cancelled()) {
+            flows.remove(&d.flow);
         }
         if let Some(f) = flows.get(&d.flow) {
             let service = &services[&f.service];
@@ -517,7 +525,7 @@ pub async fn serve_agent_flows(
         };
         let open = flows
             .values()
-            .filter(|f| f.service == origin.service)
+            .filter(|f| f.service == origin.service && !f.stop.is_cancelled())
             .count();
         if open >= settings.max_flows {
             service
@@ -557,7 +565,7 @@ pub async fn serve_agent_flows(
             idle: settings.idle,
             out: out.clone(),
         };
-        tokio::spawn(agent_flow(flow, stop.clone(), ended_tx.clone()));
+        tokio::spawn(agent_flow(flow, stop.clone()));
         flows.insert(
             d.flow,
             AgentFlow {
@@ -606,7 +614,7 @@ struct ReplyFlow {
 
 /// One flow's replies: target to gateway, until the flow has been idle both ways for `idle`
 /// (no reply from the target, and no datagram toward it). Then it logs the flow's line.
-async fn agent_flow(f: ReplyFlow, stop: CancellationToken, ended: mpsc::Sender<u32>) {
+async fn agent_flow(f: ReplyFlow, stop: CancellationToken) {
     let mut counts = FlowCounts::default();
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     let mut last_reply = f.out.started;
@@ -646,7 +654,8 @@ async fn agent_flow(f: ReplyFlow, stop: CancellationToken, ended: mpsc::Sender<u
             },
         }
     }
-    let _ = ended.try_send(f.flow);
+    // Tells the dispatcher this flow is over (and stops nothing else: the loop is done).
+    stop.cancel();
     counts.to_service = f.out.datagrams.load(Ordering::Relaxed);
     counts.bytes_to_service = f.out.bytes.load(Ordering::Relaxed);
     counts.dropped += f.out.dropped.load(Ordering::Relaxed);
