@@ -620,20 +620,21 @@ async fn a_udp_port_of_the_number_another_agent_holds_for_tcp_is_granted() {
         .unwrap());
 }
 
-/// A gateway and an agent with `[udp] idle = "1s"` on both sides, the agent forwarding UDP
-/// to `target`.
-async fn with_short_idle(
+/// A gateway and an agent with `[udp] idle = "1s"` on both sides (and `gateway` and `agent`,
+/// more lines of `[udp]` for each), the agent forwarding UDP to `target`.
+async fn with_udp_settings(
     dir: &Path,
     target: SocketAddr,
+    (gateway, agent): (&str, &str),
 ) -> (burrow_testkit::GatewayProc, burrow_testkit::AgentProc) {
-    let conf = config(dir, "[udp]\nidle = \"1s\"\n");
+    let conf = config(dir, &format!("[udp]\nidle = \"1s\"\n{gateway}"));
     let gw = GatewaySpec::new(&dir.join("state"))
         .config(&conf)
         .start(bin())
         .await
         .unwrap();
     let agent_conf = dir.join("agent.toml");
-    std::fs::write(&agent_conf, "[udp]\nidle = \"1s\"\n").unwrap();
+    std::fs::write(&agent_conf, format!("[udp]\nidle = \"1s\"\n{agent}")).unwrap();
     let agent = AgentSpec::new(gw.agent_args())
         .args(["--config", agent_conf.to_str().unwrap()])
         .forward(&format!("udp:{target}"))
@@ -650,7 +651,7 @@ async fn with_short_idle(
 async fn each_flow_logs_its_client_and_counts_each_way_when_it_ends() {
     let dir = tempfile::tempdir().unwrap();
     let target = udp_echo().await;
-    let (mut gw, mut agent) = with_short_idle(dir.path(), target).await;
+    let (mut gw, mut agent) = with_udp_settings(dir.path(), target, ("", "")).await;
     let public = agent.public(0);
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut buf = [0u8; 512];
@@ -699,7 +700,7 @@ async fn a_flow_to_a_target_that_never_answers_stays_open_while_the_client_sends
     let dir = tempfile::tempdir().unwrap();
     let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let target = sink.local_addr().unwrap();
-    let (_gw, agent) = with_short_idle(dir.path(), target).await;
+    let (_gw, agent) = with_udp_settings(dir.path(), target, ("", "")).await;
     let public = agent.public(0);
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     // Fifteen datagrams 200 ms apart: three seconds, three times the idle timeout.
@@ -720,4 +721,58 @@ async fn a_flow_to_a_target_that_never_answers_stays_open_while_the_client_sends
         1,
         "one flow, one socket toward the target: {sources:?}"
     );
+}
+
+/// Whether a datagram from `sock` to `to` is echoed within `wait` (one try).
+async fn echoed_once(sock: &UdpSocket, to: SocketAddr, wait: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    sock.send_to(b"hi", to).await.unwrap();
+    matches!(
+        tokio::time::timeout(wait, sock.recv_from(&mut buf)).await,
+        Ok(Ok((2, _)))
+    )
+}
+
+/// `max_flows` reached, at the gateway or at the agent: a new client's datagrams are dropped
+/// and the flows already open carry on; once they have ended, a new client gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_limit_drops_new_flows_and_the_others_carry_on() {
+    tokio::join!(
+        flow_limit("gateway", ("max_flows = 2\n", "")),
+        flow_limit("agent", ("", "max_flows = 2\n")),
+    );
+}
+
+async fn flow_limit(side: &str, settings: (&str, &str)) {
+    let dir = tempfile::tempdir().unwrap();
+    let target = udp_echo().await;
+    let (_gw, agent) = with_udp_settings(dir.path(), target, settings).await;
+    let public = agent.public(0);
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    for c in &clients[..2] {
+        assert_eq!(
+            echo(c, public, b"in").await,
+            b"in",
+            "{side}: within the limit"
+        );
+    }
+    for _ in 0..3 {
+        assert!(
+            !echoed_once(&clients[2], public, Duration::from_millis(300)).await,
+            "{side}: a third flow past max_flows = 2 is dropped"
+        );
+    }
+    for c in &clients[..2] {
+        assert!(
+            echoed_once(c, public, Duration::from_secs(5)).await,
+            "{side}: the two open flows carry on"
+        );
+    }
+    // Once they have been idle for a second, they end; a new flow fits again. (Its earlier
+    // datagrams were dropped, not queued: only this one is echoed.)
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(echo(&clients[2], public, b"now").await, b"now", "{side}");
 }
