@@ -604,8 +604,26 @@ impl Bench<'_> {
                         rate, s.rounds
                     );
                     for way in &ways {
+                        // The kernel's drop counts of the gateway's public socket and the sink's.
+                        let tunnelled = way.tunnel.is_some();
+                        let drops = || {
+                            let at_gateway = if tunnelled {
+                                sys::udp_drops(way.sink.port())
+                            } else {
+                                Some(0)
+                            };
+                            at_gateway.zip(sys::udp_drops(targets.sink.port()))
+                        };
+                        let before = drops();
                         match self.udp_run(targets, way, len, Some(rate), &mut row).await {
                             Ok(r) => {
+                                let losses = row.paced.entry(way.route.name().into()).or_default();
+                                losses.sent += r.sent;
+                                losses.lost += r.sent - r.received;
+                                if let (Some(b), Some(a)) = (before, drops()) {
+                                    losses.gateway_socket += a.0.saturating_sub(b.0);
+                                    losses.sink_socket += a.1.saturating_sub(b.1);
+                                }
                                 if r.offered() < rate * 0.95 {
                                     results.notes.push(format!(
                                         "UDP {len} B, {}, round {round}: the client sent {:.0} \
@@ -623,6 +641,9 @@ impl Bench<'_> {
                         }
                     }
                 }
+            }
+            for (route, losses) in &row.paced {
+                results.notes.extend(losses.note(len, route));
             }
             results.udp.push(row);
         }

@@ -118,6 +118,42 @@ pub struct Udp {
     pub loss: RouteValues,
     /// Gateway + agent CPU over all runs of this size, and the bytes they delivered.
     pub cpu: BTreeMap<Transport, CpuUse>,
+    /// Where the paced runs' datagrams were lost, summed over rounds, by route name.
+    pub paced: BTreeMap<String, Losses>,
+}
+
+/// The datagrams of the paced runs on one route: sent, lost, and lost where the kernel
+/// counts it (a full receive buffer; read from `/proc/net/udp`).
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct Losses {
+    pub sent: u64,
+    pub lost: u64,
+    /// At the gateway's public socket (none on the direct route).
+    pub gateway_socket: u64,
+    /// At the sink's socket.
+    pub sink_socket: u64,
+}
+
+impl Losses {
+    /// A note saying where the losses were, if there were any.
+    pub fn note(&self, len: usize, route: &str) -> Option<String> {
+        if self.lost == 0 {
+            return None;
+        }
+        let inside = self
+            .lost
+            .saturating_sub(self.gateway_socket + self.sink_socket);
+        Some(format!(
+            "UDP {} B at the fixed rate, {route}: {} of {} datagrams lost; the kernel dropped \
+             {} at the gateway's public socket and {} at the sink's (receive buffers full), \
+             {inside} went elsewhere (inside the tunnel, or the agent's socket toward the sink)",
+            thousands(len as u32),
+            self.lost,
+            self.sent,
+            self.gateway_socket,
+            self.sink_socket,
+        ))
+    }
 }
 
 /// The ways from a client to a target that the bench compares.
@@ -913,6 +949,7 @@ mod tests {
                 seconds: 3.0,
                 bytes: 2_000_000_000,
             }),
+            paced: BTreeMap::new(),
         };
         let results = Results {
             udp: vec![udp(1400, 0.5), udp(64, 7.0)],
@@ -934,6 +971,16 @@ mod tests {
             assert!(text.contains(row), "no `{row}` in:\n{text}");
         }
         assert_eq!(Goal::Below(1.0, "%").met(Some(1.0)), "**no**");
+        let losses = Losses {
+            sent: 1000,
+            lost: 10,
+            gateway_socket: 7,
+            sink_socket: 0,
+        };
+        let note = losses.note(1400, "tunnel (tls)").unwrap();
+        assert!(note.contains("10 of 1000 datagrams lost; the kernel dropped 7 at the gateway's public socket and 0 at the sink's"), "{note}");
+        assert!(note.contains("3 went elsewhere"), "{note}");
+        assert!(Losses::default().note(64, "direct").is_none());
     }
 
     /// Per-round values of one workload for several tunnels.
