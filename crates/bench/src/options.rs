@@ -64,6 +64,10 @@ pub struct Args {
     #[arg(long)]
     skip_relay: bool,
 
+    /// Leave out the UDP rows
+    #[arg(long)]
+    skip_udp: bool,
+
     /// Also write the raw results as JSON to FILE
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -133,6 +137,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The datagram sizes of the UDP rows, bytes: a full Ethernet-sized payload, and a small one
+/// where the cost per datagram dominates.
+pub const UDP_SIZES: [usize; 2] = [1400, 64];
+
 /// What to run, with every default filled in.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -147,6 +155,8 @@ pub struct Settings {
     pub conns: Vec<u32>,
     /// Whether to measure the 2-hop relay reference.
     pub relay: bool,
+    /// Whether to measure UDP (datagrams of each of [`UDP_SIZES`] bytes).
+    pub udp: bool,
     /// The tunnels to measure, in order, each once; never empty.
     pub transports: Vec<Transport>,
     pub json: Option<PathBuf>,
@@ -179,6 +189,7 @@ impl Args {
             connect_iters: self.connect_iters.unwrap_or(pick(2_000, 100)),
             conns,
             relay: !self.skip_relay,
+            udp: !self.skip_udp,
             transports: match self.transport {
                 Some(items) => transports(&items),
                 // The quick run is CI's smoke test: it goes through the WebSocket path too.
@@ -239,6 +250,11 @@ mod tests {
     fn relay_flags() {
         assert!(Args::parse_from(["b"]).settings().relay);
         assert!(!Args::parse_from(["b", "--skip-relay"]).settings().relay);
+        assert!(
+            Args::parse_from(["b", "--quick"]).settings().udp,
+            "CI's run has UDP rows"
+        );
+        assert!(!Args::parse_from(["b", "--skip-udp"]).settings().udp);
         let a = Args::parse_from(["b", "--serve-relay", "127.0.0.1:1", "127.0.0.1:2"]);
         let want: Vec<SocketAddr> = vec![
             "127.0.0.1:1".parse().unwrap(),

@@ -503,8 +503,8 @@ impl Hub {
     }
 
     /// Keeps the port the gateway chose for `agent`'s `service` across restarts.
-    fn remember_port(&self, agent: &str, service: &str, port: u16) {
-        if !lock(&self.lease_book).set(agent, service, port) {
+    fn remember_port(&self, agent: &str, protocol: Protocol, service: &str, port: u16) {
+        if !lock(&self.lease_book).set(agent, protocol, service, port) {
             debug!(
                 agent,
                 service,
@@ -517,9 +517,9 @@ impl Hub {
     }
 
     /// Forgets a closed port in the lease file, if the gateway had chosen it.
-    fn forget_port(&self, agent: &str, service: &str, port: &PortEntry) {
+    fn forget_port(&self, agent: &str, protocol: Protocol, service: &str, port: &PortEntry) {
         if port.chosen {
-            lock(&self.lease_book).remove(agent, service, port.addr.port());
+            lock(&self.lease_book).remove(agent, protocol, service, port.addr.port());
             self.lease_dirty.notify_one();
         }
     }

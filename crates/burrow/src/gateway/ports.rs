@@ -47,7 +47,7 @@ pub(super) fn make_room(
         if let Some(port) = entry.ports.remove(&key) {
             info!(addr = %port.shown(hub), "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
             port.cancel.cancel();
-            hub.forget_port(&grant.name, &key.1, &port);
+            hub.forget_port(&grant.name, key.0, &key.1, &port);
         }
     }
     Ok(())
@@ -122,10 +122,13 @@ pub(super) async fn bind_port(
             .iter()
             .filter(|(name, _)| **name != grant.name)
             .find_map(|(name, e)| {
+                // Of the same protocol: TCP and UDP port P are two ports.
                 e.ports
-                    .values()
-                    .find(|p| bind.port != 0 && p.addr.port() == bind.port)
-                    .map(|p| (name.clone(), p.lease.is_some()))
+                    .iter()
+                    .find(|((proto, _), p)| {
+                        *proto == bind.protocol && bind.port != 0 && p.addr.port() == bind.port
+                    })
+                    .map(|(_, p)| (name.clone(), p.lease.is_some()))
             });
         if let Some((holder, on_lease)) = holder {
             return refuse(
@@ -156,7 +159,7 @@ pub(super) async fn bind_port(
             }
             if let Some(old) = entry.ports.remove(&key) {
                 old.cancel.cancel();
-                hub.forget_port(&grant.name, &bind.name, &old);
+                hub.forget_port(&grant.name, bind.protocol, &bind.name, &old);
             }
         }
         let taken = entry
@@ -222,11 +225,10 @@ pub(super) async fn bind_port(
         if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
         }
-        // The lease file keeps chosen TCP ports across a restart; UDP ports keep their lease
-        // while the gateway runs.
-        let chosen = bind.port == 0 && bind.protocol == Protocol::Tcp;
+        // The lease file keeps chosen ports, TCP and UDP, across a restart.
+        let chosen = bind.port == 0;
         if chosen {
-            hub.remember_port(&grant.name, &bind.name, addr.port());
+            hub.remember_port(&grant.name, bind.protocol, &bind.name, addr.port());
         }
         entry.ports.insert(
             key,
@@ -258,23 +260,7 @@ pub(super) async fn bind_port(
             tokio::spawn(accept_public(hub.clone(), port).instrument(tracing::Span::current()));
         }
         Listener::Udp(socket) => {
-            let routing = move || {
-                lock(&route).clone().map(|r| udp::UdpRoute {
-                    session: r.session,
-                    service: r.service,
-                    name: r.name,
-                    flows: r.flows,
-                })
-            };
-            let counters = hub.tally.udp(&grant.name, &bind.name);
-            let settings = hub.config.udp;
-            tokio::spawn(
-                async move {
-                    udp::serve_public(Arc::new(socket), routing, settings, counters, cancel).await;
-                    drop(fd);
-                }
-                .instrument(tracing::Span::current()),
-            );
+            serve_udp_port(hub, socket, route, cancel, fd, &grant.name, &bind.name)
         }
     }
     let text = public_text(hub, addr);
@@ -383,6 +369,36 @@ pub(super) async fn listen_public(
     ))
 }
 
+/// Serves a public UDP port of `agent`'s `service` until `cancel`, to whichever session
+/// `route` names; its descriptor permit `fd` goes with it.
+pub(super) fn serve_udp_port(
+    hub: &Hub,
+    socket: tokio::net::UdpSocket,
+    route: Arc<Mutex<Option<Route>>>,
+    cancel: CancellationToken,
+    fd: FdPermit,
+    agent: &str,
+    service: &str,
+) {
+    let routing = move || {
+        lock(&route).clone().map(|r| udp::UdpRoute {
+            session: r.session,
+            service: r.service,
+            name: r.name,
+            flows: r.flows,
+        })
+    };
+    let counters = hub.tally.udp(agent, service);
+    let settings = hub.config.udp;
+    tokio::spawn(
+        async move {
+            udp::serve_public(Arc::new(socket), routing, settings, counters, cancel).await;
+            drop(fd);
+        }
+        .instrument(tracing::Span::current()),
+    );
+}
+
 /// A bound public port, TCP or UDP.
 pub(super) enum Listener {
     Tcp(TcpListener),
@@ -390,7 +406,7 @@ pub(super) enum Listener {
 }
 
 impl Listener {
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+    pub(super) fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
             Listener::Tcp(l) => l.local_addr(),
             Listener::Udp(s) => s.local_addr(),

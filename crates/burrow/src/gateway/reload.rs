@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use burrow_proto::auth::KeyHash;
-use burrow_proto::message::BindResult;
+use burrow_proto::message::{BindResult, Protocol};
 use burrow_proto::ErrorCode;
 use tracing::{info, warn};
 
@@ -221,8 +221,8 @@ fn drop_agent(
         session.close(code, text);
     }
     let ports = entry.ports.len();
-    for ((_, service), port) in entry.ports {
-        close_port(hub, name, &service, &port, None);
+    for ((protocol, service), port) in entry.ports {
+        close_port(hub, name, protocol, &service, &port, None);
     }
     match (had_session, ports) {
         (false, 0) => String::new(),
@@ -257,7 +257,7 @@ fn narrow(
                 crate::paths::describe(&grant.paths)
             );
             info!(agent = %name, %service, path = %text, "unix endpoint outside the agent's new grant: closed, with its connections");
-            close_port(hub, name, service, port, Some(why));
+            close_port(hub, name, *protocol, service, port, Some(why));
             closed.push(format!("unix:{text}"));
             return false;
         }
@@ -276,7 +276,7 @@ fn narrow(
             describe_ports(&grant.ports)
         );
         info!(agent = %name, %service, port = %shown, "port outside the agent's new grant: closed, with its connections");
-        close_port(hub, name, service, port, Some(text));
+        close_port(hub, name, *protocol, service, port, Some(text));
         closed.push(shown);
         false
     });
@@ -289,13 +289,14 @@ fn narrow(
 pub(super) fn close_port(
     hub: &Hub,
     agent: &str,
+    protocol: Protocol,
     service: &str,
     port: &PortEntry,
     tell: Option<String>,
 ) {
     port.cancel.cancel();
     port.close.cancel();
-    hub.forget_port(agent, service, port);
+    hub.forget_port(agent, protocol, service, port);
     let route = lock(&port.route).take();
     if let Some(route) = route {
         lock(&route.flows).end_service(route.service);
@@ -332,7 +333,7 @@ pub(super) fn unbind_port(hub: &Hub, name: &str, generation: u64, service: u32) 
         return false;
     };
     if let Some(port) = entry.ports.remove(&key) {
-        close_port(hub, name, &key.1, &port, None);
+        close_port(hub, name, key.0, &key.1, &port, None);
     }
     true
 }

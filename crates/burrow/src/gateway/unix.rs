@@ -137,7 +137,7 @@ pub(super) async fn bind_path(
             }
             if let Some(old) = entry.ports.remove(&key) {
                 old.cancel.cancel();
-                hub.forget_port(&grant.name, &bind.name, &old);
+                hub.forget_port(&grant.name, bind.protocol, &bind.name, &old);
             }
         }
         if entry.ports.values().any(|p| p.path.as_ref() == Some(&path)) {
