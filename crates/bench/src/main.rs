@@ -304,9 +304,11 @@ impl Bench<'_> {
         results: &mut Results,
         held: Option<&mut EchoProcess>,
     ) -> anyhow::Result<()> {
-        self.warm_up(results).await;
-        self.throughput(results).await?;
-        self.latency(results).await;
+        if self.settings.tcp {
+            self.warm_up(results).await;
+            self.throughput(results).await?;
+            self.latency(results).await;
+        }
         if let (Some(held), Some(via)) = (held, self.tunnels.first()) {
             if let Some(addr) = via.held {
                 self.memory(results, held, via, addr).await?;
@@ -711,10 +713,11 @@ fn describe(s: &Settings) -> String {
             .join(",")
     };
     let mut line = format!(
-        "{}transports {}; {} round(s); throughput runs of {:?} with {} KiB writes, parallel \
+        "{}{}transports {}; {} round(s); throughput runs of {:?} with {} KiB writes, parallel \
          streams {}; {} request/response round trips and {} connects per round; idle \
          connections {}",
         if s.quick { "quick; " } else { "" },
+        if s.tcp { "" } else { "UDP only; " },
         s.transports
             .iter()
             .map(|t| t.name())

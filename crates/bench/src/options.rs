@@ -68,6 +68,11 @@ pub struct Args {
     #[arg(long)]
     skip_udp: bool,
 
+    /// Only the UDP rows (no TCP throughput, latency, memory or relay), e.g. to compare
+    /// `[udp]` settings given with --gateway-config and --agent-config
+    #[arg(long, conflicts_with = "skip_udp")]
+    only_udp: bool,
+
     /// Also write the raw results as JSON to FILE
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -157,6 +162,8 @@ pub struct Settings {
     pub relay: bool,
     /// Whether to measure UDP (datagrams of each of [`UDP_SIZES`] bytes).
     pub udp: bool,
+    /// Whether to measure the TCP workloads (throughput, latency).
+    pub tcp: bool,
     /// The tunnels to measure, in order, each once; never empty.
     pub transports: Vec<Transport>,
     pub json: Option<PathBuf>,
@@ -169,7 +176,7 @@ impl Args {
     pub fn settings(self) -> Settings {
         let quick = self.quick;
         let pick = |full, small| if quick { small } else { full };
-        let conns = match (self.skip_memory, self.conns) {
+        let conns = match (self.skip_memory || self.only_udp, self.conns) {
             (true, _) => Vec::new(),
             (false, Some(list)) => list,
             (false, None) if quick => vec![100, 500],
@@ -188,8 +195,9 @@ impl Args {
             rr_iters: self.rr_iters.unwrap_or(pick(20_000, 500)),
             connect_iters: self.connect_iters.unwrap_or(pick(2_000, 100)),
             conns,
-            relay: !self.skip_relay,
+            relay: !self.skip_relay && !self.only_udp,
             udp: !self.skip_udp,
+            tcp: !self.only_udp,
             transports: match self.transport {
                 Some(items) => transports(&items),
                 // The quick run is CI's smoke test: it goes through the WebSocket path too.
@@ -255,6 +263,9 @@ mod tests {
             "CI's run has UDP rows"
         );
         assert!(!Args::parse_from(["b", "--skip-udp"]).settings().udp);
+        let s = Args::parse_from(["b", "--only-udp"]).settings();
+        assert!(s.udp && !s.tcp && !s.relay && s.conns.is_empty());
+        assert!(Args::try_parse_from(["b", "--only-udp", "--skip-udp"]).is_err());
         let a = Args::parse_from(["b", "--serve-relay", "127.0.0.1:1", "127.0.0.1:2"]);
         let want: Vec<SocketAddr> = vec![
             "127.0.0.1:1".parse().unwrap(),
