@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use burrow_testkit::{AgentSpec, GatewaySpec, TcpTarget};
+use burrow_testkit::{AgentSpec, Dnsmasq, GatewaySpec, TcpTarget};
 use tokio::net::UdpSocket;
 
 fn bin() -> &'static Path {
@@ -419,79 +419,19 @@ async fn a_udp_flood_does_not_stall_tcp_in_the_same_session() {
 /// asked with `dig` through the tunnel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dig_through_the_tunnel_asks_a_real_dnsmasq() {
-    for tool in ["/usr/sbin/dnsmasq", "/usr/bin/dig"] {
-        assert!(
-            Path::new(tool).exists(),
-            "{tool} missing: install Debian's dnsmasq-base and dnsutils (.ci/run does)"
-        );
-    }
-    // dnsmasq takes a port number, not an inherited socket: ask the kernel for a free one and
-    // start dnsmasq on it, trying again (a few times) if something took it meanwhile.
-    let mut dns = None;
-    let mut last_error = String::new();
-    for _ in 0..5 {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = tokio::process::Command::new("/usr/sbin/dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--pid-file=",
-                "--log-facility=-",
-                &format!("--port={port}"),
-                "--address=/tunnel.test/192.0.2.53",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start dnsmasq");
-        // Up once it answers; gone at once when the port was taken.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        if child.try_wait().unwrap().is_none() {
-            dns = Some((child, port));
-            break;
-        }
-        let out = child.wait_with_output().await.unwrap();
-        last_error = String::from_utf8_lossy(&out.stderr).into_owned();
-    }
-    let (_dnsmasq, port) =
-        dns.unwrap_or_else(|| panic!("dnsmasq did not start on a free port: {last_error}"));
+    let dns = Dnsmasq::start().await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
     let agent = AgentSpec::new(gw.agent_args())
-        .forward(&format!("udp:127.0.0.1:{port}"))
+        .forward(&format!("udp:127.0.0.1:{}", dns.port()))
         .start(bin())
         .await
         .unwrap();
-    let public = agent.public(0);
-    let out = tokio::process::Command::new("/usr/bin/dig")
-        .args([
-            "@127.0.0.1",
-            "-p",
-            &public.port().to_string(),
-            "+short",
-            "+tries=5",
-            "+time=1",
-            "www.tunnel.test",
-            "A",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let answer = String::from_utf8_lossy(&out.stdout);
+    let (answer, stderr) = burrow_testkit::dns::dig(agent.public(0)).await.unwrap();
     assert_eq!(
-        answer.trim(),
-        "192.0.2.53",
-        "dig through the tunnel: {answer} {}",
-        String::from_utf8_lossy(&out.stderr)
+        answer,
+        burrow_testkit::dns::ADDRESS,
+        "dig through the tunnel: {answer} {stderr}"
     );
 }
 
