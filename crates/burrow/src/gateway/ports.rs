@@ -522,6 +522,13 @@ pub(super) fn take_public(
 pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
     let mut refusals = LogThrottle::default();
     let mut accept_errors = LogThrottle::default();
+    let end = Endpoint {
+        route: &port.route,
+        close: &port.close,
+        agent: &port.agent,
+        service: &port.service,
+        conns: &port.conns,
+    };
     loop {
         let (tcp, client) = tokio::select! {
             _ = port.cancel.cancelled() => return,
@@ -536,72 +543,107 @@ pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
                 }
             },
         };
-        let Some(route) = lock(&port.route).clone() else {
-            bump(&hub.stats.no_session);
-            hub.tally
-                .refused(&port.agent, &port.service, Refused::NoSession);
-            debug!(%client, "no agent session for this port right now; closing the connection");
-            continue;
-        };
-        let permits = match take_public(&hub, &port.conns, &port.agent) {
-            Ok(p) => p,
-            Err(why) => {
-                bump(&hub.stats.public_refused);
-                hub.tally
-                    .refused(&port.agent, &route.name, Refused::PublicLimit);
-                if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
-                    warn!(%client, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
-                }
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
-                continue;
-            }
-        };
         transport::tune(&tcp);
-        let open = Open {
-            service: route.service,
-            client: Some(client),
-        };
-        let stream = match route.session.open(&open) {
-            Ok(s) => s,
-            Err(e) => {
-                bump(&hub.stats.streams_refused);
-                hub.tally
-                    .refused(&port.agent, &route.name, Refused::StreamLimit);
-                if let Some(skipped) = refusals.allow(Instant::now()) {
-                    warn!(%client, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
-                }
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
-                continue;
-            }
-        };
-        bump(&hub.stats.streams);
-        let meter = hub.tally.stream(&port.agent, &route.name);
-        let hub2 = hub.clone();
-        let close = port.close.clone();
-        hub.tracker.spawn(
-            async move {
-                let _permits = permits;
-                let _live = GaugeGuard::new(&hub2.stats.active_streams);
-                let started = Instant::now();
-                let mut local = Local::Tcp(tcp);
-                let stats = tokio::select! {
-                    stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(true))) => stats,
-                    _ = close.cancelled() => {
-                        stream.reset(ErrorCode::PortNotGranted);
-                        debug!(%client, service = %route.name, "connection closed: its port is no longer granted");
-                        return;
-                    }
-                };
-                relay::log_end(
-                    &route.name,
-                    Some(client),
-                    &stats,
-                    started,
-                    relay::LocalIs::Client,
-                );
-            }
-            .instrument(tracing::Span::current()),
+        serve_public_conn(
+            &hub,
+            &end,
+            &mut refusals,
+            Local::Tcp(tcp),
+            Some(client),
+            &client,
+            tracing::Span::current(),
         );
+    }
+}
+
+/// What a public endpoint (a TCP port or a unix socket) gives each of its connections.
+pub(super) struct Endpoint<'a> {
+    pub(super) route: &'a Mutex<Option<Route>>,
+    /// Closes the endpoint's connections (it is no longer granted).
+    pub(super) close: &'a CancellationToken,
+    pub(super) agent: &'a str,
+    pub(super) service: &'a str,
+    pub(super) conns: &'a Arc<Semaphore>,
+}
+
+/// One accepted public connection: the session routing its endpoint, the connection limits,
+/// a stream in that session, then the relay, in a tracked task. `client` travels in the Open;
+/// `peer` names the client in log lines; `span` is the relay's.
+pub(super) fn serve_public_conn(
+    hub: &Arc<Hub>,
+    end: &Endpoint<'_>,
+    refusals: &mut LogThrottle,
+    local: Local,
+    client: Option<std::net::SocketAddr>,
+    peer: &dyn std::fmt::Display,
+    span: tracing::Span,
+) {
+    let Some(route) = lock(end.route).clone() else {
+        bump(&hub.stats.no_session);
+        hub.tally
+            .refused(end.agent, end.service, Refused::NoSession);
+        debug!(%peer, "no agent session for this endpoint right now; closing the connection");
+        return;
+    };
+    let permits = match take_public(hub, end.conns, end.agent) {
+        Ok(p) => p,
+        Err(why) => {
+            bump(&hub.stats.public_refused);
+            hub.tally
+                .refused(end.agent, &route.name, Refused::PublicLimit);
+            if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
+                warn!(%peer, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
+            }
+            reset(local);
+            return;
+        }
+    };
+    let open = Open {
+        service: route.service,
+        client,
+    };
+    let stream = match route.session.open(&open) {
+        Ok(s) => s,
+        Err(e) => {
+            bump(&hub.stats.streams_refused);
+            hub.tally
+                .refused(end.agent, &route.name, Refused::StreamLimit);
+            if let Some(skipped) = refusals.allow(Instant::now()) {
+                warn!(%peer, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
+            }
+            reset(local);
+            return;
+        }
+    };
+    bump(&hub.stats.streams);
+    let meter = hub.tally.stream(end.agent, &route.name);
+    let hub2 = hub.clone();
+    let close = end.close.clone();
+    let peer = peer.to_string();
+    hub.tracker.spawn(
+        async move {
+            let _permits = permits;
+            let _live = GaugeGuard::new(&hub2.stats.active_streams);
+            let started = Instant::now();
+            let mut local = local;
+            let stats = tokio::select! {
+                stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(true))) => stats,
+                _ = close.cancelled() => {
+                    stream.reset(ErrorCode::PortNotGranted);
+                    debug!(%peer, service = %route.name, "connection closed: its endpoint is no longer granted");
+                    return;
+                }
+            };
+            relay::log_end(&route.name, client, &stats, started, relay::LocalIs::Client);
+        }
+        .instrument(span),
+    );
+}
+
+/// Drops a refused connection; a TCP one with a reset, so the client knows at once.
+fn reset(local: Local) {
+    if let Local::Tcp(tcp) = &local {
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
     }
 }
 
