@@ -5,8 +5,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::floor::Floor;
 use crate::latency::Percentiles;
 use crate::memory::{Level, Rss};
+use crate::peers::Peer;
 use crate::procs::Transport;
 use crate::stats::{spread, Spread};
 use crate::sys::Machine;
@@ -30,6 +32,10 @@ pub struct Results {
     pub udp: Vec<Udp>,
     /// Whether the 2-hop relay reference was measured.
     pub relay: bool,
+    /// The other tunnels measured (`--peers`), in the order each round ran them.
+    pub peers: Vec<Peer>,
+    /// The crypto floor: sealing and opening with the TLS session's AEAD.
+    pub floor: Option<Floor>,
     /// Oddities worth a look that are not failures.
     pub notes: Vec<String>,
     /// Failed correctness checks: any makes the bench exit non-zero.
@@ -47,6 +53,8 @@ pub struct Throughput {
     pub tunnel: BTreeMap<Transport, Vec<f64>>,
     /// Empty when the reference was skipped.
     pub relay: Vec<f64>,
+    /// Each peer's rounds (`--peers`).
+    pub peer: BTreeMap<Peer, Vec<f64>>,
 }
 
 impl Throughput {
@@ -56,6 +64,7 @@ impl Throughput {
             Route::Direct => &mut self.direct,
             Route::Tunnel(t) => self.tunnel.entry(t).or_default(),
             Route::Relay => &mut self.relay,
+            Route::Peer(p) => self.peer.entry(p).or_default(),
         }
     }
 }
@@ -68,6 +77,8 @@ pub struct Latency {
     pub tunnel: BTreeMap<Transport, Vec<Percentiles>>,
     /// Empty when the reference was skipped.
     pub relay: Vec<Percentiles>,
+    /// Each peer's rounds (`--peers`).
+    pub peer: BTreeMap<Peer, Vec<Percentiles>>,
 }
 
 impl Latency {
@@ -77,6 +88,7 @@ impl Latency {
             Route::Direct => &mut self.direct,
             Route::Tunnel(t) => self.tunnel.entry(t).or_default(),
             Route::Relay => &mut self.relay,
+            Route::Peer(p) => self.peer.entry(p).or_default(),
         }
     }
 }
@@ -95,7 +107,7 @@ impl RouteValues {
         match route {
             Route::Direct => self.direct.push(value),
             Route::Tunnel(t) => self.tunnel.entry(t).or_default().push(value),
-            Route::Relay => {}
+            Route::Relay | Route::Peer(_) => {}
         }
     }
 }
@@ -165,6 +177,8 @@ pub enum Route {
     Relay,
     /// Through a gateway and an agent, over one transport.
     Tunnel(Transport),
+    /// Through another tunnel (`--peers`).
+    Peer(Peer),
 }
 
 impl Route {
@@ -174,6 +188,7 @@ impl Route {
             Route::Direct => "direct",
             Route::Relay => "relay",
             Route::Tunnel(t) => t.route_name(),
+            Route::Peer(p) => p.name(),
         }
     }
 }
@@ -184,6 +199,8 @@ pub struct Cpu {
     pub tunnel: BTreeMap<Transport, CpuUse>,
     /// `None` when the reference was skipped.
     pub relay: Option<CpuUse>,
+    /// Each peer's server and client processes (`--peers`).
+    pub peer: BTreeMap<Peer, CpuUse>,
 }
 
 /// CPU seconds of a pair of processes, and the bytes the throughput workloads moved through
@@ -196,7 +213,7 @@ pub struct CpuUse {
 
 impl CpuUse {
     /// Seconds per GB (10^9 bytes).
-    fn per_gb(self) -> f64 {
+    pub fn per_gb(self) -> f64 {
         self.seconds / (self.bytes as f64 / 1e9).max(1e-9)
     }
 }
@@ -574,6 +591,7 @@ impl Results {
         }
         out.push_str("\n\n");
         out.push_str(&self.table());
+        out.push_str(&crate::side_by_side::render(self));
         if !self.notes.is_empty() {
             out.push_str("\nnotes:\n");
             for note in &self.notes {
@@ -863,6 +881,7 @@ mod tests {
                 direct: vec![10.0, 12.0],
                 tunnel: tls(vec![4.0]),
                 relay: Vec::new(),
+                peer: BTreeMap::new(),
             }],
             failures: vec!["boom".into()],
             ..Results::default()
@@ -889,6 +908,7 @@ mod tests {
                 direct: vec![10.0],
                 tunnel: tls(vec![4.0]),
                 relay: vec![8.0],
+                peer: BTreeMap::new(),
             }],
             cpu: Some(Cpu {
                 tunnel: tls(CpuUse {
@@ -899,6 +919,7 @@ mod tests {
                     seconds: 0.5,
                     bytes: 5_000_000_000,
                 }),
+                peer: BTreeMap::new(),
             }),
             idle: Some(Rss {
                 gateway_kib: 100,
@@ -1007,11 +1028,13 @@ mod tests {
                 direct: vec![10.0],
                 tunnel: tunnels(&[(Tls, &[4.0]), (Wss, &[3.0]), (Tcp, &[5.0])]),
                 relay: Vec::new(),
+                peer: BTreeMap::new(),
             }],
             request_response: Latency {
                 direct: percentiles(100.0),
                 tunnel: [(Tls, percentiles(200.0)), (Wss, percentiles(210.0))].into(),
                 relay: Vec::new(),
+                peer: BTreeMap::new(),
             },
             memory_transport: Some(Tls),
             idle: Some(Rss {
@@ -1037,6 +1060,7 @@ mod tests {
                 ]
                 .into(),
                 relay: None,
+                peer: BTreeMap::new(),
             }),
             ..Results::default()
         };
