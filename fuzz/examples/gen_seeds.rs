@@ -115,6 +115,7 @@ fn frames() -> Vec<(&'static str, Frame)> {
                 protocol: Protocol::Tcp,
                 port: 8080,
                 name: "web".into(),
+                group: None,
             }
             .to_frame(),
         ),

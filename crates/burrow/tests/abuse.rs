@@ -566,6 +566,7 @@ async fn raw_stream(raw: &mut Raw) -> (TcpStream, u32) {
         protocol: Protocol::Tcp,
         port: 0,
         name: "raw".into(),
+        group: None,
     };
     raw.send(&[bind.to_frame()]).await.unwrap();
     let res = BindResult::decode(&raw.next(Kind::BindResult).await.payload).unwrap();
@@ -704,6 +705,7 @@ fn a9_wrong_protocol_version_from_a_gateway() {
             key: SecretKey::generate(),
             trust: Trust::Plain,
             server_name: None,
+            extra_gateways: Vec::new(),
             proxy: burrow::transport::ProxyChoice::Direct,
             forwards: vec![],
             limits: Limits::default(),
@@ -846,6 +848,7 @@ fn b4_duplicate_bind_flood_is_cut() {
             protocol: Protocol::Tcp,
             port: 0,
             name: "same".into(),
+            group: None,
         };
         // All at once: cut by the 512 binds allowed to wait, if not by the budget.
         let ended = control_flood(&fx, raw, bind.to_frame(), "duplicate bind", 512).await;
@@ -1752,6 +1755,7 @@ fn e1_rogue_gateway_cannot_open_unconfigured_or_refused_services() {
             key: SecretKey::generate(),
             trust: Trust::Plain,
             server_name: None,
+            extra_gateways: Vec::new(),
             proxy: burrow::transport::ProxyChoice::Direct,
             forwards: vec![
                 forward_named(0, echo_target(t0), "granted"),

@@ -16,9 +16,11 @@ use crate::run;
 /// Flags of `burrow agent`; each also reads `BURROW_<FLAG>`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The gateway's tunnel address, HOST:PORT
-    #[arg(long, env = "BURROW_GATEWAY", value_name = "HOST:PORT", value_parser = config::parse_gateway_addr)]
-    gateway: Option<String>,
+    /// The gateway's tunnel address, HOST:PORT or a URL. Repeat it (or separate addresses
+    /// with commas) to keep a session with each of several gateways and publish the same
+    /// forwards on each
+    #[arg(long, env = "BURROW_GATEWAY", value_name = "HOST:PORT", value_delimiter = ',', value_parser = config::parse_gateway_addr)]
+    gateway: Vec<String>,
 
     /// The agent key, bk_... (the gateway prints one at its first start and with
     /// --print-agent-line; or `burrow keygen`). Prefer --key-file,
@@ -31,13 +33,16 @@ pub struct Args {
     #[arg(long, env = "BURROW_KEY_FILE", value_name = "FILE")]
     key_file: Option<PathBuf>,
 
-    /// Pin the gateway's certificate, SHA256:HEX (the gateway prints it at start)
-    #[arg(long, env = "BURROW_FINGERPRINT", value_name = "SHA256:HEX", value_parser = parse_fingerprint)]
-    fingerprint: Option<[u8; 32]>,
+    /// Pin the gateway's certificate, SHA256:HEX (the gateway prints it at start). With
+    /// several gateways: once for all, or once per gateway in the order of --gateway
+    #[arg(long, env = "BURROW_FINGERPRINT", value_name = "SHA256:HEX", value_delimiter = ',', value_parser = parse_fingerprint)]
+    fingerprint: Vec<[u8; 32]>,
 
-    /// Trust a CA bundle (PEM) that signed the gateway's certificate, instead of --fingerprint
-    #[arg(long, env = "BURROW_CA", value_name = "FILE")]
-    ca: Option<PathBuf>,
+    /// Trust a CA bundle (PEM) that signed the gateway's certificate, instead of
+    /// --fingerprint; `system` for the system's store. With several gateways: once for all,
+    /// or once per gateway in order
+    #[arg(long, env = "BURROW_CA", value_name = "FILE", value_delimiter = ',')]
+    ca: Vec<PathBuf>,
 
     /// Tunnel transport: tls, or tcp only when the gateway sits behind a TLS-terminating
     /// proxy (no --fingerprint or --ca then) [default: tls]
@@ -49,14 +54,14 @@ pub struct Args {
         long = "forward",
         env = "BURROW_FORWARD",
         value_name = "SPEC",
-        value_delimiter = ',',
-        value_parser = parse_forward_entry,
-        help = "A service to publish: [PUBLIC_PORT=]TARGET, where TARGET is host:port, \
-                [ipv6]:port or unix:/path/to.sock and PUBLIC_PORT 0 or absent lets the gateway \
-                choose. Repeat the flag, or separate specs with commas (also in BURROW_FORWARD; \
-                empty entries are skipped)"
+        value_parser = parse_forward_entries,
+        help = "A service to publish: [PUBLIC_PORT=]TARGET[,group=NAME], where TARGET is \
+                host:port, [ipv6]:port or unix:/path/to.sock and PUBLIC_PORT 0 or absent lets \
+                the gateway choose; ,group=NAME shares the public port with the other agents \
+                whose forward names the group. Repeat the flag, or separate specs with commas \
+                (also in BURROW_FORWARD; empty entries are skipped)"
     )]
-    forwards: Vec<ForwardEntry>,
+    forwards: Vec<ForwardEntries>,
 
     /// TLS server name to send [default: the host of --gateway]
     #[arg(long, env = "BURROW_SERVER_NAME", value_name = "NAME")]
@@ -82,16 +87,18 @@ pub struct Args {
     common: crate::Common,
 }
 
-/// One `--forward` entry: a spec, or nothing for an empty entry (`BURROW_FORWARD=""`, what
-/// `${X:-}` gives in a compose file, or a trailing comma).
+/// One `--forward` value: specs separated by commas, each with its `,key=value` options
+/// ([`config::split_forward_list`]); empty entries (`BURROW_FORWARD=""`, what `${X:-}` gives
+/// in a compose file, or a trailing comma) are skipped.
 #[derive(Debug, Clone)]
-struct ForwardEntry(Option<Forward>);
+struct ForwardEntries(Vec<Forward>);
 
-fn parse_forward_entry(s: &str) -> Result<ForwardEntry, String> {
-    if s.trim().is_empty() {
-        return Ok(ForwardEntry(None));
-    }
-    config::parse_forward(s).map(|f| ForwardEntry(Some(f)))
+fn parse_forward_entries(s: &str) -> Result<ForwardEntries, String> {
+    config::split_forward_list(s)
+        .iter()
+        .map(|spec| config::parse_forward(spec))
+        .collect::<Result<_, _>>()
+        .map(ForwardEntries)
 }
 
 /// A duration of more than zero.
@@ -118,13 +125,15 @@ impl Args {
             ),
             None => None,
         };
-        let trust = match (self.fingerprint, &self.ca) {
-            (Some(_), Some(_)) => bail!(
-                "--fingerprint (BURROW_FINGERPRINT) and --ca (BURROW_CA) are both set: use one"
+        let trust = match (self.fingerprint.as_slice(), self.ca.as_slice()) {
+            ([_, ..], [_, ..]) => bail!(
+                "--fingerprint (BURROW_FINGERPRINT) and --ca (BURROW_CA) are both set: use one \
+                 (for gateways checked in different ways, give each its own in the config \
+                 file's `gateways` tables)"
             ),
-            (Some(fp), None) => Some(Trust::Fingerprint(fp)),
-            (None, Some(ca)) => Some(Trust::ca(ca.clone())),
-            (None, None) => None,
+            ([], []) => None,
+            (fps, []) => Some(fps.iter().map(|fp| Trust::Fingerprint(*fp)).collect()),
+            ([], cas) => Some(cas.iter().map(|ca| Trust::ca(ca.clone())).collect()),
         };
         // Also outside clap, whose errors would echo a password in the URL.
         let proxy = match &self.proxy {
@@ -132,13 +141,19 @@ impl Args {
             None => None,
         };
         Ok(AgentSettings {
-            gateway: self.gateway.clone(),
+            gateways: Some(
+                self.gateway
+                    .iter()
+                    .map(config::GatewaySetting::new)
+                    .collect(),
+            )
+            .filter(|g: &Vec<_>| !g.is_empty()),
             key,
             trust,
             transport: self.transport,
             server_name: self.server_name.clone(),
             proxy,
-            forwards: Some(self.forwards.iter().filter_map(|f| f.0.clone()).collect())
+            forwards: Some(self.forwards.iter().flat_map(|f| f.0.clone()).collect())
                 .filter(|f: &Vec<Forward>| !f.is_empty()),
             max_backoff: self.max_backoff,
             connect_timeout: self.connect_timeout,

@@ -172,6 +172,10 @@ pub struct Bind {
     pub port: u16,
     /// A label for logs.
     pub name: String,
+    /// The group this service joins: agents whose binds name the same group share one public
+    /// port, and its clients are spread over them. Sent only when set (an older agent sends
+    /// none, and an older gateway reads none).
+    pub group: Option<String>,
 }
 
 /// Gateway to agent: the answer to a [`Bind`].
@@ -511,6 +515,9 @@ impl Bind {
         b.put_u8(self.protocol as u8);
         b.put_u16(self.port);
         put_string(&mut b, &self.name);
+        if let Some(group) = &self.group {
+            put_string(&mut b, group);
+        }
         Frame::new(Kind::Bind, 0, 0, b.freeze())
     }
     /// From a payload.
@@ -522,11 +529,20 @@ impl Bind {
             1 => Protocol::Udp,
             other => return Err(bad("bind", format_args!("unknown protocol {other}"))),
         };
+        let port = r.u16()?;
+        let name = r.string()?;
+        // The group is optional (an older agent sends none).
+        let group = if r.buf.is_empty() {
+            None
+        } else {
+            Some(r.string()?)
+        };
         Ok(Bind {
             service,
             protocol,
-            port: r.u16()?,
-            name: r.string()?,
+            port,
+            name,
+            group,
         })
     }
 }
@@ -669,8 +685,14 @@ mod tests {
             protocol: Protocol::Tcp,
             port: 8080,
             name: "web".into(),
+            group: None,
         };
         assert_eq!(Bind::decode(&bind.to_frame().payload).unwrap(), bind);
+        let grouped = Bind {
+            group: Some("web-pool".into()),
+            ..bind.clone()
+        };
+        assert_eq!(Bind::decode(&grouped.to_frame().payload).unwrap(), grouped);
         let res = BindResult {
             service: 2,
             code: ErrorCode::PortInUse,

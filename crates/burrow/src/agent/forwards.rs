@@ -55,6 +55,7 @@ pub(super) async fn serve(
             protocol: fwd.protocol,
             port: fwd.public_port,
             name: fwd.name.clone(),
+            group: fwd.group.clone(),
         };
         session.send_control(bind.to_frame());
     };

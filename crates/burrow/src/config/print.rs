@@ -15,8 +15,8 @@ use burrow_proto::message::Protocol;
 use crate::admin::AdminConfig;
 
 use super::{
-    forward_name, AgentConfig, AgentGrant, Forward, GatewayConfig, Heartbeat, KeySpec, Limits,
-    PortRange, Trust,
+    forward_name, AgentConfig, AgentGrant, Forward, GatewayConfig, GatewayEndpoint, GroupGrant,
+    Heartbeat, KeySpec, Limits, PortRange, Trust,
 };
 
 /// What a masked key looks like in the output.
@@ -159,6 +159,7 @@ impl GatewayConfig {
             tls_cert,
             tls_key,
             agents,
+            groups,
             limits: l,
             heartbeat,
             lease,
@@ -230,8 +231,47 @@ impl GatewayConfig {
         for g in agents {
             grant(&mut out, g);
         }
+        for g in groups {
+            let GroupGrant { name, agents } = g;
+            out.section("[[groups]]");
+            out.text("name", name);
+            let names = agents.iter().map(|a| toml::Value::from(a.as_str()));
+            out.value("agents", toml::Value::Array(names.collect()));
+        }
         out.0
     }
+}
+
+/// One gateway of several as a `gateways` table: `url`, its trust, its server name. A plain
+/// one is written `tcp://` (or `ws://`) so that it reads back as plain without `transport`.
+fn gateway_table(g: &GatewayEndpoint) -> toml::Value {
+    let mut t = toml::map::Map::new();
+    let url = match (&g.trust, g.gateway.split_once("://")) {
+        (Trust::Plain, None) => format!("tcp://{}", g.gateway),
+        (Trust::Plain, Some(("tls", rest))) => format!("tcp://{rest}"),
+        _ => g.gateway.clone(),
+    };
+    t.insert("url".into(), url.into());
+    match &g.trust {
+        Trust::Fingerprint(fp) => {
+            t.insert(
+                "fingerprint".into(),
+                crate::tls::fingerprint_string(fp).into(),
+            );
+        }
+        Trust::Ca(ca) => {
+            let ca = std::path::absolute(ca).unwrap_or_else(|_| ca.clone());
+            t.insert("ca".into(), ca.to_string_lossy().into_owned().into());
+        }
+        Trust::System => {
+            t.insert("ca".into(), "system".into());
+        }
+        Trust::Plain => {}
+    }
+    if let Some(name) = &g.server_name {
+        t.insert("server_name".into(), name.clone().into());
+    }
+    toml::Value::Table(t)
 }
 
 impl AgentConfig {
@@ -243,6 +283,7 @@ impl AgentConfig {
             key: _,
             trust,
             server_name,
+            extra_gateways,
             forwards,
             limits: l,
             max_backoff,
@@ -256,12 +297,26 @@ impl AgentConfig {
         let mut out = Out::default();
         out.line("# burrow agent: the effective settings (flags, environment, file, defaults).");
         out.line("# The key is masked: with the real one in its place, this is a config file.");
-        out.text("gateway", gateway);
+        if !extra_gateways.is_empty() {
+            // Each gateway as a table with its own trust, which reads back as the same.
+            let first = GatewayEndpoint {
+                gateway: gateway.clone(),
+                trust: trust.clone(),
+                server_name: server_name.clone(),
+            };
+            let tables = std::iter::once(&first)
+                .chain(extra_gateways)
+                .map(gateway_table);
+            out.value("gateways", toml::Value::Array(tables.collect()));
+        } else {
+            out.text("gateway", gateway);
+        }
         match key_file {
             Some(p) => out.path("key_file", p),
             None => out.text("key", MASKED_KEY),
         }
         match trust {
+            _ if !extra_gateways.is_empty() => {}
             Trust::Fingerprint(fp) => {
                 out.text("transport", "tls");
                 out.text("fingerprint", &crate::tls::fingerprint_string(fp));
@@ -276,7 +331,7 @@ impl AgentConfig {
             }
             Trust::Plain => out.text("transport", "tcp"),
         }
-        if let Some(name) = server_name {
+        if let Some(name) = server_name.as_ref().filter(|_| extra_gateways.is_empty()) {
             out.text("server_name", name);
         }
         match proxy {
@@ -309,6 +364,7 @@ impl AgentConfig {
                     public_port,
                     target,
                     name,
+                    group,
                 } = f;
                 out.section("[[forwards]]");
                 if *protocol == Protocol::Udp {
@@ -320,6 +376,9 @@ impl AgentConfig {
                 out.text("target", &target.to_string());
                 if *name != forward_name(*protocol, *public_port, target) {
                     out.text("name", name);
+                }
+                if let Some(group) = group {
+                    out.text("group", group);
                 }
             }
         }

@@ -51,6 +51,7 @@ pub fn agent_config(gw: &TestGateway, forwards: Vec<Forward>) -> AgentConfig {
         key: gw.key.clone(),
         trust,
         server_name: None,
+        extra_gateways: Vec::new(),
         proxy: burrow::transport::ProxyChoice::Direct,
         forwards,
         limits: Limits::default(),
@@ -72,6 +73,7 @@ pub fn forward(public_port: u16, target: SocketAddr) -> Forward {
             port: target.port(),
         },
         name: format!("fwd-{}", target.port()),
+        group: None,
     }
 }
 
@@ -229,6 +231,7 @@ pub fn forward_named(public_port: u16, target: Target, name: &str) -> Forward {
         public_port,
         target,
         name: name.to_string(),
+        group: None,
     }
 }
 
