@@ -31,6 +31,9 @@ pub struct Lease {
     pub service: String,
     /// The port the gateway chose.
     pub port: u16,
+    /// The group the port was chosen for, if any: its other members join it after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -44,7 +47,7 @@ struct File {
 #[derive(Debug)]
 pub struct LeaseBook {
     path: PathBuf,
-    ports: BTreeMap<(String, String), u16>,
+    ports: BTreeMap<(String, String), (u16, Option<String>)>,
     /// Changed since the last [`LeaseBook::render`].
     dirty: bool,
 }
@@ -80,7 +83,9 @@ impl LeaseBook {
                 skipped += 1;
                 continue;
             }
-            book.ports.insert((l.agent, l.service), l.port);
+            // A group name that is not one is dropped (the port is kept).
+            let group = l.group.and_then(|g| crate::config::parse_group(&g).ok());
+            book.ports.insert((l.agent, l.service), (l.port, group));
         }
         let warning = (skipped > 0).then(|| {
             format!(
@@ -95,24 +100,27 @@ impl LeaseBook {
     pub fn leases(&self) -> Vec<Lease> {
         self.ports
             .iter()
-            .map(|((agent, service), port)| Lease {
+            .map(|((agent, service), (port, group))| Lease {
                 agent: agent.clone(),
                 service: service.clone(),
                 port: *port,
+                group: group.clone(),
             })
             .collect()
     }
 
-    /// Remembers that `agent`'s `service` got `port`. False when the book is full.
-    pub fn set(&mut self, agent: &str, service: &str, port: u16) -> bool {
+    /// Remembers that `agent`'s `service` (of `group`, if any) got `port`. False when the
+    /// book is full.
+    pub fn set(&mut self, agent: &str, service: &str, port: u16, group: Option<&str>) -> bool {
         let key = (agent.to_string(), service.to_string());
-        if self.ports.get(&key) == Some(&port) {
+        let value = (port, group.map(str::to_string));
+        if self.ports.get(&key) == Some(&value) {
             return true;
         }
         if !self.ports.contains_key(&key) && self.ports.len() >= MAX_LEASES {
             return false;
         }
-        self.ports.insert(key, port);
+        self.ports.insert(key, value);
         self.dirty = true;
         true
     }
@@ -120,7 +128,7 @@ impl LeaseBook {
     /// Forgets `agent`'s `service`, if it is remembered with `port`.
     pub fn remove(&mut self, agent: &str, service: &str, port: u16) {
         let key = (agent.to_string(), service.to_string());
-        if self.ports.get(&key) == Some(&port) {
+        if self.ports.get(&key).is_some_and(|(p, _)| *p == port) {
             self.ports.remove(&key);
             self.dirty = true;
         }
@@ -174,8 +182,8 @@ mod tests {
         let (mut book, warning) = LeaseBook::load(tmp.path());
         assert!(warning.is_none());
         assert!(book.render().is_none(), "nothing changed");
-        assert!(book.set("default", "127.0.0.1:80", 40000));
-        assert!(book.set("b", "a \"quoted\" name", 40001));
+        assert!(book.set("default", "127.0.0.1:80", 40000, None));
+        assert!(book.set("b", "a \"quoted\" name", 40001, Some("web")));
         book.remove("b", "a \"quoted\" name", 1); // another port: kept
         let text = book.render().unwrap();
         std::fs::write(tmp.path().join(LEASE_FILE), &text).unwrap();
@@ -183,14 +191,16 @@ mod tests {
         assert!(warning.is_none(), "{warning:?}");
         assert_eq!(back.leases(), book.leases());
         assert_eq!(back.leases().len(), 2);
+        let grouped: Vec<_> = back.leases().into_iter().filter_map(|l| l.group).collect();
+        assert_eq!(grouped, ["web"]);
         book.remove("default", "127.0.0.1:80", 40000);
         assert_eq!(book.leases().len(), 1);
 
         for i in 0..MAX_LEASES {
-            book.set("x", &i.to_string(), 1000);
+            book.set("x", &i.to_string(), 1000, None);
         }
         assert_eq!(book.leases().len(), MAX_LEASES);
-        assert!(!book.set("x", "one more", 1000), "full");
+        assert!(!book.set("x", "one more", 1000, None), "full");
     }
 
     #[test]

@@ -281,12 +281,12 @@ pub struct UdpRoute {
     pub flows: Arc<Mutex<GatewayFlows>>,
 }
 
-/// Serves one public UDP port until `cancel`: each client datagram goes to the routed
-/// session's flow for that client (or is dropped and counted when there is no session, the
-/// flow limit is reached, or the session's queue is full).
+/// Serves one public UDP port until `cancel`: each client datagram goes to the flow for that
+/// client in the session `route` gives for the client (or is dropped and counted when there is
+/// no session, the flow limit is reached, or the session's queue is full).
 pub async fn serve_public(
     socket: Arc<UdpSocket>,
-    route: impl Fn() -> Option<UdpRoute>,
+    route: impl Fn(SocketAddr) -> Option<UdpRoute>,
     settings: UdpSettings,
     counters: Arc<UdpCounters>,
     cancel: CancellationToken,
@@ -308,7 +308,7 @@ pub async fn serve_public(
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let Some(route) = route() else {
+        let Some(route) = route(client) else {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };

@@ -339,7 +339,10 @@ fn service_row(s: &ServiceRow, who: String) -> Vec<String> {
         s.name.clone(),
         who,
         s.public.clone().unwrap_or_else(|| "-".into()),
-        s.state.clone(),
+        match &s.group {
+            Some(g) => format!("{} (group {g})", s.state),
+            None => s.state.clone(),
+        },
         s.streams_current.to_string(),
         s.streams_total.to_string(),
         s.streams_refused.to_string(),

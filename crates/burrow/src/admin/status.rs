@@ -91,6 +91,9 @@ pub struct ServiceRow {
     /// Gateway: `bound` (a session routes it) or `leased` (reserved for the agent). Agent:
     /// `pending`, `granted` or `refused`.
     pub state: String,
+    /// The group whose port it shares, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// Why it was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

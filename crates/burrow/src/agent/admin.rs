@@ -40,6 +40,7 @@ fn row(name: &str, t: Option<&Arc<ServiceTally>>) -> ServiceRow {
         public: None,
         target: None,
         state: String::new(),
+        group: None,
         error: None,
         streams_current: r(|t| &t.streams_current),
         streams_total: r(|t| &t.streams_total),
@@ -78,6 +79,7 @@ impl Report for AgentReport {
             .map(|(i, f)| {
                 let mut r = row(&f.name, services.get(&f.name));
                 r.target = Some(f.target.to_string());
+                r.group = f.group.clone();
                 match st.forwards.get(i) {
                     Some(ForwardStatus::Granted(public)) => {
                         r.state = "granted".into();

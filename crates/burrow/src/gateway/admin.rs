@@ -40,6 +40,7 @@ pub(crate) fn row(
         public,
         target: None,
         state: state.to_string(),
+        group: None,
         error: None,
         streams_current: r(|t| &t.streams_current),
         streams_total: r(|t| &t.streams_total),
@@ -105,7 +106,9 @@ impl Report for GatewayReport {
                                 "leased"
                             };
                             let t = services.get(&(name.clone(), svc.clone()));
-                            row(svc, Some(public_text(hub, port.addr)), state, t)
+                            let mut r = row(svc, Some(public_text(hub, port.addr)), state, t);
+                            r.group = lock(&port.route).group.clone();
+                            r
                         })
                         .collect()
                 })

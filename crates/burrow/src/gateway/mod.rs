@@ -16,10 +16,14 @@
 //! they may use only the descriptors left after a reserve for the tunnel port, so agents can
 //! always log in ([`limiter::share_descriptors`]).
 //!
+//! Agents may share a public port in a group (their binds name the same group): new clients
+//! are spread over the group's live sessions, and the port stays bound while any member holds
+//! it ([`groups`]).
+//!
 //! The parts: `accept` (the tunnel port, up to an authenticated session), `serve` (one
-//! session: its binds and its end), `ports` (public listeners and their connections), `lease`
-//! (ports kept for a dropped agent, and across restarts) and `admin` (what the admin server
-//! reads).
+//! session: its binds and its end), `ports` (public listeners and their connections),
+//! `groups` (who a port's clients go to), `lease` (ports kept for a dropped agent, and across
+//! restarts) and `admin` (what the admin server reads).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,6 +42,7 @@ use tracing::{debug, info, warn};
 
 mod accept;
 mod admin;
+mod groups;
 mod lease;
 mod ports;
 mod serve;
@@ -137,8 +142,9 @@ impl AgentEntry {
 
 struct PortEntry {
     addr: SocketAddr,
-    route: Arc<Mutex<Option<Route>>>,
-    /// Stops this port's listener.
+    /// The sessions its clients go to; shared with the other members' entries in a group.
+    route: Arc<Mutex<groups::Routes>>,
+    /// Stops this port's listener (shared in a group, like `route`).
     cancel: CancellationToken,
     /// The generation of the session that bound it, while one routes it.
     owner: Option<u64>,
@@ -146,6 +152,18 @@ struct PortEntry {
     lease: Option<u64>,
     /// The gateway chose it (a bind for port 0): kept in the lease file across restarts.
     chosen: bool,
+}
+
+impl PortEntry {
+    /// Lets go of the port after the entry was taken out of its agent's table: closes the
+    /// listener unless another member of its group still holds it. True when closed.
+    fn close(&self) -> bool {
+        let last = lock(&self.route).release();
+        if last {
+            self.cancel.cancel();
+        }
+        last
+    }
 }
 
 #[derive(Clone)]
@@ -194,7 +212,7 @@ impl Gateway {
             });
             generated = Some(key);
         }
-        for warning in overlapping_grants(&agents) {
+        for warning in overlapping_grants(&agents, &config.groups) {
             warn!("{warning}");
         }
         let mut grants = HashMap::new();
@@ -421,9 +439,9 @@ impl Gateway {
 }
 
 impl Hub {
-    /// Keeps the port the gateway chose for `agent`'s `service` across restarts.
-    fn remember_port(&self, agent: &str, service: &str, port: u16) {
-        if !lock(&self.lease_book).set(agent, service, port) {
+    /// Keeps the port the gateway chose for `agent`'s `service` (of `group`) across restarts.
+    fn remember_port(&self, agent: &str, service: &str, port: u16, group: Option<&str>) {
+        if !lock(&self.lease_book).set(agent, service, port, group) {
             debug!(
                 agent,
                 service,
