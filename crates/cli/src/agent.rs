@@ -193,7 +193,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let names: Vec<String> = config.forwards.iter().map(|f| f.name.clone()).collect();
     run::runtime()?.block_on(async move {
         let signals = run::Signals::install()?;
-        let gateway = config.gateway.clone();
+        let gateways: Vec<String> = config.gateways().into_iter().map(|g| g.gateway).collect();
         let admin = config.admin.clone();
         let agent = Agent::new(config);
         let admin = burrow::admin::AdminServer::bind(&admin, agent.report())
@@ -201,17 +201,28 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)
             .context("cannot start the agent")?;
         run::start_admin(admin);
-        tokio::spawn(print_forwards(agent.status(), names));
-        crate::notify::ready(&format!("connecting to {gateway}"));
-        crate::notify::spawn_agent_status(agent.status(), gateway);
+        // With several gateways, each line names the gateway it is about.
+        let several = gateways.len() > 1;
+        for (status, gateway) in agent.statuses().into_iter().zip(&gateways) {
+            let label = several.then(|| gateway.clone());
+            tokio::spawn(print_forwards(status, names.clone(), label));
+        }
+        crate::notify::ready(&format!("connecting to {}", gateways.join(", ")));
+        crate::notify::spawn_agent_status(agent.statuses(), gateways);
         crate::notify::spawn_watchdog();
         let shutdown = CancellationToken::new();
         run::until_signal(agent.run(shutdown.clone()), shutdown, signals, grace).await
     })
 }
 
-/// Prints each forward's status whenever it changes to granted or refused.
-async fn print_forwards(mut status: watch::Receiver<AgentStatus>, names: Vec<String>) {
+/// Prints each forward's status with one gateway whenever it changes to granted or refused;
+/// `gateway` names it in each line (for an agent with several).
+async fn print_forwards(
+    mut status: watch::Receiver<AgentStatus>,
+    names: Vec<String>,
+    gateway: Option<String>,
+) {
+    let on = gateway.map_or_else(String::new, |g| format!(" (gateway {g})"));
     let mut shown: Vec<ForwardStatus> = Vec::new();
     loop {
         let now = status.borrow_and_update().forwards.clone();
@@ -222,9 +233,11 @@ async fn print_forwards(mut status: watch::Receiver<AgentStatus>, names: Vec<Str
             let name = names.get(i).map_or("?", String::as_str);
             match st {
                 ForwardStatus::Granted(addr) => {
-                    run::say(&format!("forward {name}: public address {addr}"))
+                    run::say(&format!("forward {name}: public address {addr}{on}"))
                 }
-                ForwardStatus::Refused(why) => run::say(&format!("forward {name}: refused: {why}")),
+                ForwardStatus::Refused(why) => {
+                    run::say(&format!("forward {name}: refused{on}: {why}"))
+                }
                 ForwardStatus::Pending => {}
             }
         }

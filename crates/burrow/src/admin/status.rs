@@ -20,10 +20,12 @@ pub struct Status {
     /// Gateway: the tunnel listener's address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
-    /// Agent: the gateway it dials.
+    /// Agent: the gateway it dials (several: all of them, comma-separated; each has its own
+    /// row in `agents`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
-    /// Agent: while it is between sessions, how it is retrying.
+    /// Agent with one gateway: while it is between sessions, how it is retrying (with
+    /// several, each row of `agents` has its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconnect: Option<Reconnect>,
     /// Gateway: every agent it knows (configured or seen); agent: itself.
@@ -61,6 +63,15 @@ pub struct AgentRow {
     pub services: Vec<ServiceRow>,
     /// The last thing that went wrong for it.
     pub last_error: Option<Event>,
+    /// Agent: the gateway this row is about (one row per gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Agent: while this gateway's session is down, how it is retrying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect: Option<Reconnect>,
+    /// Agent: why it gave up on this gateway for good (it carries on with the others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// A live session.

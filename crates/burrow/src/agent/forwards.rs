@@ -36,6 +36,7 @@ pub(super) struct Binding {
 /// streams, until the session ends or `shutdown`.
 pub(super) async fn serve(
     cfg: &Arc<AgentConfig>,
+    gateway: &str,
     started: session::Started,
     status: &watch::Sender<AgentStatus>,
     tracker: &TaskTracker,
@@ -130,7 +131,7 @@ pub(super) async fn serve(
                 }
                 match BindResult::decode(&frame.payload) {
                     Ok(res) => {
-                        on_bind_result(cfg, &res, status, &granted, &mut bindings);
+                        on_bind_result(cfg, gateway, &res, status, &granted, &mut bindings);
                         if let Some(why) = nothing_to_publish(cfg, &bindings) {
                             return Ended::NothingToPublish(why);
                         }
@@ -177,6 +178,7 @@ pub(super) fn nothing_to_publish(cfg: &AgentConfig, bindings: &[Binding]) -> Opt
 
 pub(super) fn on_bind_result(
     cfg: &AgentConfig,
+    gateway: &str,
     res: &BindResult,
     status: &watch::Sender<AgentStatus>,
     granted: &std::sync::Mutex<Vec<bool>>,
@@ -202,7 +204,7 @@ pub(super) fn on_bind_result(
     let mut retry = None;
     let new = if ok {
         binding.refusals = 0;
-        let public = public_address(&res.text, &cfg.gateway);
+        let public = public_address(&res.text, gateway);
         info!(forward = %fwd.name, dest = %fwd.target, %public, "forward is live");
         ForwardStatus::Granted(public)
     } else {

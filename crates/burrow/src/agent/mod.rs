@@ -18,6 +18,12 @@
 //! Forwards the gateway refuses for a reason that may pass (port in use, a limit) are asked
 //! for again in the same session, after [`BIND_RETRY_BASE`] doubling up to `max_backoff`.
 //!
+//! Several gateways: the agent keeps a session with each (its *uplinks*), publishes the same
+//! forwards on each, and reconnects to each on its own, with its own backoff. Every log line
+//! of an uplink is in a `gateway` span naming it, and each has its own [`AgentStatus`]. The
+//! rules above that stop the agent stop one uplink; the agent stops when every uplink has
+//! stopped so.
+//!
 //! The parts: `dial` (reaching the gateway and describing what failed), `forwards` (one
 //! session's binds and streams) and `admin` (what the admin server reads).
 
@@ -29,7 +35,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 mod admin;
 mod dial;
@@ -39,7 +45,7 @@ use dial::{connect, gateway_url};
 use forwards::serve;
 
 use crate::admin::metrics::{SessionMeta, Tally};
-use crate::config::{AgentConfig, Trust};
+use crate::config::{AgentConfig, GatewayEndpoint, Trust};
 use crate::session::{self, SessionEnd};
 use crate::transport;
 
@@ -59,7 +65,7 @@ pub enum ForwardStatus {
     Refused(String),
 }
 
-/// The agent's view of its session, for status and tests.
+/// The agent's view of its session with one gateway, for status and tests.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AgentStatus {
     /// A session is up.
@@ -77,6 +83,8 @@ pub struct AgentStatus {
     /// One entry per configured forward: for one the gateway refused for a reason that may
     /// pass (its port in use, a limit), the pause before it is asked for again.
     pub forward_retries: Vec<Option<Duration>>,
+    /// Why the agent gave up on this gateway for good (it carries on with its others).
+    pub stopped: Option<String>,
 }
 
 impl AgentStatus {
@@ -109,23 +117,30 @@ pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, jitter: f64) -
 /// An agent, ready to [`Agent::run`].
 pub struct Agent {
     config: AgentConfig,
-    status: watch::Sender<AgentStatus>,
-    /// What the admin server shows beyond `status`.
+    /// One per gateway, in the order of [`AgentConfig::gateways`].
+    statuses: Vec<watch::Sender<AgentStatus>>,
+    /// What the admin server shows beyond the statuses.
     tally: Arc<Tally>,
 }
 
 impl Agent {
     /// An agent with `config`.
     pub fn new(config: AgentConfig) -> Agent {
-        let status = AgentStatus {
-            forwards: vec![ForwardStatus::Pending; config.forwards.len()],
-            forward_retries: vec![None; config.forwards.len()],
-            ..AgentStatus::default()
-        };
-        let (status, _) = watch::channel(status);
+        let statuses = config
+            .gateways()
+            .iter()
+            .map(|_| {
+                let status = AgentStatus {
+                    forwards: vec![ForwardStatus::Pending; config.forwards.len()],
+                    forward_retries: vec![None; config.forwards.len()],
+                    ..AgentStatus::default()
+                };
+                watch::channel(status).0
+            })
+            .collect();
         Agent {
             config,
-            status,
+            statuses,
             tally: Arc::new(Tally::new("agent")),
         }
     }
@@ -134,39 +149,109 @@ impl Agent {
     pub fn report(&self) -> Arc<dyn crate::admin::Report> {
         Arc::new(admin::AgentReport {
             config: self.config.clone(),
-            status: self.status.subscribe(),
+            statuses: self.statuses(),
             tally: self.tally.clone(),
         })
     }
 
-    /// Watches the agent's status.
+    /// Watches the agent's status with its (first) gateway.
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
-        self.status.subscribe()
+        self.statuses[0].subscribe()
     }
 
-    /// Runs until `shutdown`, reconnecting forever once a session has succeeded, except when
-    /// nothing can be published or another agent with the same key keeps taking over (see
-    /// the module docs).
+    /// Watches the agent's status with each gateway, in the order of
+    /// [`AgentConfig::gateways`].
+    pub fn statuses(&self) -> Vec<watch::Receiver<AgentStatus>> {
+        self.statuses.iter().map(watch::Sender::subscribe).collect()
+    }
+
+    /// Runs until `shutdown`, reconnecting to each gateway forever once a session with it has
+    /// succeeded, except when nothing can be published there or another agent with the same
+    /// key keeps taking over (see the module docs). Stops with an error when every gateway has
+    /// failed for good.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let cfg = Arc::new(self.config);
-        let tls = match &cfg.trust {
+        if cfg.forwards.is_empty() {
+            warn!("no forwards configured: the agent will connect but publish nothing (add --forward [PORT=]TARGET)");
+        }
+        let gateways = cfg.gateways();
+        let several = gateways.len() > 1;
+        let uplinks = gateways.into_iter().zip(&self.statuses).map(|(gw, status)| {
+            let span = tracing::info_span!("gateway", gateway = %gw.gateway);
+            let link = Uplink {
+                cfg: cfg.clone(),
+                gw,
+                status,
+                tally: &self.tally,
+                tracker: TaskTracker::new(),
+            };
+            let shutdown = shutdown.clone();
+            async move {
+                let ended = link.run(&shutdown).await;
+                if let Err(e) = &ended {
+                    link.status.send_modify(|s| s.stopped = Some(e.0.clone()));
+                    if several {
+                        error!("{e}; the agent stops trying this gateway and carries on with the others");
+                    }
+                }
+                ended.map_err(|e| (link.gw.gateway, e))
+            }
+            .instrument(span)
+        });
+        let ended = futures_util::future::join_all(uplinks).await;
+        let failed: Vec<(String, AgentError)> = ended.into_iter().filter_map(Result::err).collect();
+        match failed.len() {
+            0 => Ok(()),
+            // Stopped by a signal, or some still ran until then.
+            n if n < cfg.gateways().len() => Ok(()),
+            1 => Err(failed
+                .into_iter()
+                .next()
+                .map_or(AgentError(String::new()), |(_, e)| e)),
+            _ => Err(AgentError(format!(
+                "every gateway failed: {}",
+                failed
+                    .iter()
+                    .map(|(g, e)| format!("gateway {g}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))),
+        }
+    }
+}
+
+/// The agent's session with one gateway, and what it needs to keep it.
+struct Uplink<'a> {
+    cfg: Arc<AgentConfig>,
+    gw: GatewayEndpoint,
+    status: &'a watch::Sender<AgentStatus>,
+    tally: &'a Arc<Tally>,
+    /// Its streams, drained when it stops.
+    tracker: TaskTracker,
+}
+
+impl Uplink<'_> {
+    /// Dials, serves and redials this gateway until `shutdown`, or an error that retrying
+    /// cannot fix.
+    async fn run(&self, shutdown: &CancellationToken) -> Result<(), AgentError> {
+        let cfg = &self.cfg;
+        let gw = &self.gw;
+        let tally = self.tally;
+        let tracker = &self.tracker;
+        let tls = match &gw.trust {
             Trust::Plain => {
                 warn!("plain transport (tcp:// or ws://): the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
                 None
             }
             trust => Some(crate::tls::client_config(trust).map_err(|e| AgentError(e.to_string()))?),
         };
-        if cfg.forwards.is_empty() {
-            warn!("no forwards configured: the agent will connect but publish nothing (add --forward [PORT=]TARGET)");
-        }
         // The way to the gateway is decided once: the environment is read at start, as the
         // process was given it.
-        let url = gateway_url(&cfg).map_err(|e| AgentError(e.message))?;
+        let url = gateway_url(gw).map_err(|e| AgentError(e.message))?;
         let route = transport::proxy::route(&cfg.proxy, &url, |k| std::env::var(k).ok())
             .map_err(|e| AgentError(e.to_string()))?;
-        info!(gateway = %url, "connecting {}", route.reason);
+        info!("connecting {}", route.reason);
         let proxy = route.proxy;
-        let tracker = TaskTracker::new();
         let mut attempt = 0u32;
         let mut ever_connected = false;
         // Sessions in a row that another agent with our key took over soon after they began.
@@ -175,7 +260,7 @@ impl Agent {
             let dialing = Instant::now();
             let dialed = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = connect(&cfg, &url, proxy.as_ref(), tls.clone(), &self.tally) => r,
+                r = connect(cfg, gw, &url, proxy.as_ref(), tls.clone(), tally) => r,
             };
             // At least this long before the next attempt (what a rate limit asks for).
             let mut at_least = Duration::ZERO;
@@ -183,15 +268,15 @@ impl Agent {
                 Ok(started) => {
                     let session = started.session.clone();
                     let began = Instant::now();
-                    self.tally.handshake_took(dialing.elapsed());
+                    tally.handshake_took(dialing.elapsed());
                     let generation = self.status.borrow().sessions;
                     let meta = SessionMeta::new(
                         generation,
-                        &cfg.gateway,
+                        &gw.gateway,
                         url.scheme.name(),
                         session.clone(),
                     );
-                    self.tally.session_up("", meta);
+                    tally.session_up(&gw.gateway, meta);
                     ever_connected = true;
                     attempt = 0;
                     self.status.send_modify(|s| {
@@ -202,12 +287,13 @@ impl Agent {
                         s.next_retry = None;
                     });
                     let ended = serve(
-                        &cfg,
+                        cfg,
+                        &gw.gateway,
                         started,
-                        &self.status,
-                        &tracker,
-                        &shutdown,
-                        &self.tally,
+                        self.status,
+                        tracker,
+                        shutdown,
+                        tally,
                     )
                     .await;
                     let for_tally = session.end().unwrap_or_else(|| session::SessionEnd {
@@ -216,7 +302,7 @@ impl Agent {
                         by_peer: false,
                         lost: false,
                     });
-                    self.tally.session_down("", generation, &for_tally);
+                    tally.session_down(&gw.gateway, generation, &for_tally);
                     self.status.send_modify(|s| {
                         s.connected = false;
                         s.forwards
@@ -225,7 +311,7 @@ impl Agent {
                         s.forward_retries.iter_mut().for_each(|r| *r = None);
                     });
                     if shutdown.is_cancelled() {
-                        drain(&tracker, cfg.grace).await;
+                        drain(tracker, cfg.grace).await;
                         session.close(ErrorCode::Shutdown, "agent shutting down");
                         // Give the GoAway a moment to leave.
                         let _ = tokio::time::timeout(Duration::from_millis(500), session.closed())
@@ -242,7 +328,7 @@ impl Agent {
                             let _ =
                                 tokio::time::timeout(Duration::from_millis(500), session.closed())
                                     .await;
-                            drain(&tracker, cfg.grace).await;
+                            drain(tracker, cfg.grace).await;
                             self.status
                                 .send_modify(|s| s.last_error = Some(why.clone()));
                             return Err(AgentError(why));
@@ -261,7 +347,7 @@ impl Agent {
                                 );
                                 self.status
                                     .send_modify(|s| s.last_error = Some(why.clone()));
-                                drain(&tracker, cfg.grace).await;
+                                drain(tracker, cfg.grace).await;
                                 return Err(AgentError(why));
                             }
                             // Back off as after failures, so two agents with one key do not
@@ -282,6 +368,9 @@ impl Agent {
                 }
                 Err(e) => {
                     if e.fatal && !ever_connected {
+                        self.status
+                            .send_modify(|s| s.last_error = Some(e.message.clone()));
+                        tally.agent_error(&gw.gateway, &e.message);
                         return Err(AgentError(e.message));
                     }
                     if let Some(after) = e.retry_after {
@@ -289,7 +378,7 @@ impl Agent {
                     }
                     self.status
                         .send_modify(|s| s.last_error = Some(e.message.clone()));
-                    self.tally.agent_error("", &e.message);
+                    tally.agent_error(&gw.gateway, &e.message);
                     e.message
                 }
             };
@@ -304,7 +393,6 @@ impl Agent {
             // Whole milliseconds: "next attempt in 1s 234ms", not in nanoseconds.
             let shown = Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
             warn!(
-                gateway = %cfg.gateway,
                 "{why}; next attempt in {}",
                 humantime::format_duration(shown)
             );
@@ -319,7 +407,7 @@ impl Agent {
             }
             self.status.send_modify(|s| s.next_retry = None);
         }
-        drain(&tracker, cfg.grace).await;
+        drain(tracker, cfg.grace).await;
         Ok(())
     }
 }

@@ -122,6 +122,9 @@ impl Report for GatewayReport {
                 sessions: board.sessions,
                 services: svc,
                 last_error: board.last_error,
+                gateway: None,
+                reconnect: None,
+                stopped: None,
             });
         }
         drop(agents_table);
