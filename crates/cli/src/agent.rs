@@ -203,15 +203,27 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         run::start_admin(admin);
         // With several gateways, each line names the gateway it is about.
         let several = gateways.len() > 1;
-        for (status, gateway) in agent.statuses().into_iter().zip(&gateways) {
-            let label = several.then(|| gateway.clone());
-            tokio::spawn(print_forwards(status, names.clone(), label));
-        }
+        let printers: Vec<_> = agent
+            .statuses()
+            .into_iter()
+            .zip(&gateways)
+            .map(|(status, gateway)| {
+                let label = several.then(|| gateway.clone());
+                tokio::spawn(print_forwards(status, names.clone(), label))
+            })
+            .collect();
         crate::notify::ready(&format!("connecting to {}", gateways.join(", ")));
         crate::notify::spawn_agent_status(agent.statuses(), gateways);
         crate::notify::spawn_watchdog();
         let shutdown = CancellationToken::new();
-        run::until_signal(agent.run(shutdown.clone()), shutdown, signals, grace).await
+        let ended = run::until_signal(agent.run(shutdown.clone()), shutdown, signals, grace).await;
+        // An agent that stopped by itself has dropped its statuses, so the printers end: let
+        // them print its last answers first, such as the refusals it stops on.
+        if ended.is_err() {
+            let printed = futures_util::future::join_all(printers);
+            let _ = tokio::time::timeout(Duration::from_secs(1), printed).await;
+        }
+        ended
     })
 }
 

@@ -305,9 +305,12 @@ impl Uplink<'_> {
                     tally.session_down(&gw.gateway, generation, &for_tally);
                     self.status.send_modify(|s| {
                         s.connected = false;
-                        s.forwards
-                            .iter_mut()
-                            .for_each(|f| *f = ForwardStatus::Pending);
+                        // The refusals it stops on stay: they are its last answer.
+                        if !matches!(ended, Ended::NothingToPublish(_)) {
+                            s.forwards
+                                .iter_mut()
+                                .for_each(|f| *f = ForwardStatus::Pending);
+                        }
                         s.forward_retries.iter_mut().for_each(|r| *r = None);
                     });
                     if shutdown.is_cancelled() {
