@@ -343,10 +343,14 @@ pub fn render(st: &Status, now: SystemTime) -> String {
                     .as_ref()
                     .map(|e| format!("{}: refused{on}: {e}", s.name))
             });
+            let who = match (per_gateway, &a.gateway) {
+                (true, Some(g)) => format!("{} on gateway {g}", a.name),
+                _ => a.name.clone(),
+            };
             let last = a
                 .last_error
                 .iter()
-                .map(|e| format!("{}: last error {}: {}", a.name, ago(now, e.at), e.text));
+                .map(move |e| format!("{who}: last error {}: {}", ago(now, e.at), e.text));
             refused.chain(last).collect::<Vec<_>>()
         })
         .collect();

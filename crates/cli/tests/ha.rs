@@ -1,0 +1,678 @@
+//! High availability through the real binary (issue "scale out"): several agents publish one
+//! service in a group, and one agent keeps sessions with two gateways behind a real nginx
+//! (Debian's package, `stream` module). `docs/testing.md` has the figures.
+//!
+//! - Two agents in one group: 400 connections spread 40-60% each; one agent killed, after
+//!   the gateway notices (short heartbeats) no new connection fails and each is byte-exact;
+//!   the agent restarted rejoins and gets new connections again.
+//! - Group binds refused with a reason the agent prints (its grant lacks the port, another
+//!   group's port, not a member of a declared group), the group unaffected.
+//! - UDP in a group: each client's flow stays with one member.
+//! - One agent on two gateways behind nginx's passive checks: byte-exact; one gateway killed,
+//!   clients keep being served through the other, none hangs; the gateway restarted, the
+//!   agent reconnects by itself. Its status names each gateway.
+//! - The HAProxy example passes `haproxy -c`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_testkit::targets::{echo_transfer, EchoOpts};
+use burrow_testkit::{AgentSpec, Burrow, GatewayProc, GatewaySpec, Nginx, Signal, TcpTarget};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
+
+/// Upper bound for a whole test, so a hang fails instead of blocking the run.
+const TEST_LIMIT: Duration = Duration::from_secs(120);
+/// How long a process gets to print what we wait for.
+const WAIT: Duration = Duration::from_secs(30);
+/// How long one client connection may take before it counts as hung.
+const CLIENT_LIMIT: Duration = Duration::from_secs(10);
+/// The gateways' heartbeat: a silent peer is dropped within 200 ms × 3 (+ one interval).
+const HEARTBEAT: &str = "[heartbeat]\ninterval = \"200ms\"\nmisses = 3\n";
+const HEARTBEAT_BOUND: Duration = Duration::from_millis(800);
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_burrow"))
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(TEST_LIMIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: did not finish within {TEST_LIMIT:?}"),
+    }
+}
+
+/// A fresh key and its hash from `burrow keygen`.
+fn keygen() -> (String, String) {
+    let out = std::process::Command::new(bin())
+        .arg("keygen")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    (field("key: "), field("key_hash: "))
+}
+
+/// The agent arguments for `key` against `gw`.
+fn agent_args(gw: &GatewayProc, key: &str) -> Vec<String> {
+    [
+        "agent",
+        "--gateway",
+        &gw.addr().to_string(),
+        "--key",
+        key,
+        "--fingerprint",
+        gw.fingerprint(),
+        "--max-backoff",
+        "1s",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `n` echo connections to `addr`, `parallel` at a time, of a few KiB each (sizes and
+/// contents differ): every one must come back byte-exact within [`CLIENT_LIMIT`].
+async fn clients(addr: SocketAddr, n: u64, parallel: usize, seed: u64) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(parallel));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let permit = limit.clone().acquire_owned().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let opts = EchoOpts::new(1024 + (i * 397) % 6000, seed + i);
+            let r = tokio::time::timeout(CLIENT_LIMIT, echo_transfer(addr, &opts)).await;
+            match r {
+                Ok(Ok(t)) if t.exact => Ok(()),
+                Ok(Ok(t)) => Err(format!("connection {i}: not byte-exact: {t:?}")),
+                Ok(Err(e)) => Err(format!("connection {i}: {e}")),
+                Err(_) => Err(format!("connection {i}: hung for {CLIENT_LIMIT:?}")),
+            }
+        }));
+    }
+    let mut failed = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            failed.push(e);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {n} connections failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
+/// A gateway config granting each of `agents` (name, key) every unprivileged port, with
+/// short heartbeats and `extra`.
+fn gateway_config(dir: &Path, agents: &[(&str, &str)], extra: &str) -> PathBuf {
+    let mut text = format!("lease = \"5s\"\n{HEARTBEAT}{extra}\n");
+    for (name, key) in agents {
+        text.push_str(&format!(
+            "[[agents]]\nname = \"{name}\"\nkey = \"{key}\"\nports = [\"1024-65535\", \"1024-65535/udp\"]\n\n"
+        ));
+    }
+    let p = dir.join("gateway.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Waits until the gateway has logged the end of agent `name`'s session; returns the line.
+async fn session_end_logged(gw: &mut Burrow, name: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    let span = format!("agent{{name={name}}}");
+    loop {
+        let found = gw
+            .stderr_lines()
+            .iter()
+            .find(|l| {
+                l.contains(&span) && (l.contains("connection lost") || l.contains("session ended"))
+            })
+            .cloned();
+        if let Some(l) = found {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not log the end of {name}'s session: {:?}",
+            gw.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Several agents, one service
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_in_a_group_share_the_load_and_fail_over() {
+    within("group", async {
+        let tmp = tempfile::tempdir().unwrap();
+        let (ka, _) = keygen();
+        let (kb, _) = keygen();
+        let cfg = gateway_config(tmp.path(), &[("a", &ka), ("b", &kb)], "");
+        let mut gw = GatewaySpec::new(&tmp.path().join("state"))
+            .config(&cfg)
+            .expect_agent_line(false)
+            .start(bin())
+            .await
+            .unwrap();
+        let (ea, eb) = (
+            TcpTarget::echo().await.unwrap(),
+            TcpTarget::echo().await.unwrap(),
+        );
+        // The first member lets the gateway choose the port; the second names it.
+        let a = AgentSpec::new(agent_args(&gw, &ka))
+            .forward(&format!("0={},group=web", ea.addr()))
+            .start(bin())
+            .await
+            .unwrap();
+        let public = a.public(0);
+        let b_spec = AgentSpec::new(agent_args(&gw, &kb)).forward(&format!(
+            "{}={},group=web",
+            public.port(),
+            eb.addr()
+        ));
+        let b = b_spec.start(bin()).await.unwrap();
+        assert_eq!(b.public(0), public, "both members publish one port");
+        gw.wait_stderr("joined (group `web`, 2 members)", WAIT)
+            .await
+            .unwrap();
+
+        // 400 connections, 16 at a time: each agent gets 40-60%.
+        let started = Instant::now();
+        clients(public, 400, 16, 1).await;
+        let (na, nb) = (ea.accepted(), eb.accepted());
+        println!(
+            "400 connections in {:?}: {na} to agent a, {nb} to agent b",
+            started.elapsed()
+        );
+        assert_eq!(na + nb, 400);
+        assert!((160..=240).contains(&na), "a got {na} of 400, b {nb}");
+
+        // Agent b killed: once the gateway notices, every new connection goes to a.
+        let mut b = b;
+        let killed = Instant::now();
+        b.kill().await.unwrap();
+        let line = session_end_logged(&mut gw, "b").await;
+        let noticed = killed.elapsed();
+        println!("the gateway noticed b's end after {noticed:?}: {line}");
+        assert!(
+            noticed < HEARTBEAT_BOUND + Duration::from_millis(500),
+            "noticed after {noticed:?}, past the heartbeat bound {HEARTBEAT_BOUND:?}"
+        );
+        clients(public, 200, 16, 1000).await;
+        assert_eq!(ea.accepted(), na + 200, "every new connection went to a");
+        assert_eq!(eb.accepted(), nb);
+
+        // b restarted: it rejoins, and new connections are spread again.
+        let b = b_spec.start(bin()).await.unwrap();
+        assert_eq!(b.public(0), public);
+        let (na, nb) = (ea.accepted(), eb.accepted());
+        clients(public, 200, 16, 2000).await;
+        let (da, db) = (ea.accepted() - na, eb.accepted() - nb);
+        println!("after b rejoined: {da} to a, {db} to b");
+        assert!(
+            (80..=120).contains(&db),
+            "b got {db} of 200 after rejoining, a {da}"
+        );
+        drop(a);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_binds_refused_with_a_reason_leave_the_group_alone() {
+    within("refusals", async {
+        let tmp = tempfile::tempdir().unwrap();
+        let keys: Vec<(String, String)> = (0..5).map(|_| keygen()).collect();
+        // c's grant has only port 1024, which the gateway will not choose for the group.
+        let mut text = format!("{HEARTBEAT}[[groups]]\nname = \"web\"\nagents = [\"a\", \"b\", \"c\"]\n\n");
+        for (name, (key, _)) in ["a", "b", "c", "d", "e"].iter().zip(&keys) {
+            let ports = if *name == "c" { "[1024]" } else { "[\"1025-65535\"]" };
+            text.push_str(&format!(
+                "[[agents]]\nname = \"{name}\"\nkey = \"{key}\"\nports = {ports}\n\n"
+            ));
+        }
+        let cfg = tmp.path().join("gateway.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let gw = GatewaySpec::new(&tmp.path().join("state"))
+            .config(&cfg)
+            .expect_agent_line(false)
+            .start(bin())
+            .await
+            .unwrap();
+        let echoes: Vec<TcpTarget> = echoes(5).await;
+        let key = |i: usize| keys[i].0.as_str();
+        let a = AgentSpec::new(agent_args(&gw, key(0)))
+            .forward(&format!("0={},group=web", echoes[0].addr()))
+            .start(bin())
+            .await
+            .unwrap();
+        let port = a.public(0).port();
+        let b = AgentSpec::new(agent_args(&gw, key(1)))
+            .forward(&format!("0={},group=web", echoes[1].addr()))
+            .start(bin())
+            .await
+            .unwrap();
+        assert_eq!(b.public(0).port(), port, "port 0 in a group takes the group's port");
+
+        // c: its grant lacks the port, asked for by number or as the group's (port 0).
+        let by_number = format!("{port}={},group=web", echoes[2].addr());
+        let as_group = format!("0={},group=web", echoes[2].addr());
+        let mut c = Burrow::start(
+            AgentSpec::new(agent_args(&gw, key(2)))
+                .forward(&by_number)
+                .forward(&as_group)
+                .command(bin()),
+        )
+        .unwrap();
+        let st = c.wait_exit(WAIT).await.unwrap();
+        assert!(!st.success(), "c publishes nothing and stops");
+        let out = c.stdout_lines().join("\n");
+        assert!(
+            out.contains(&format!(
+                "forward {by_number}: refused: TCP port {port} is not granted to agent `c` (granted: 1024)"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "forward {as_group}: refused: group `web` is on port {port} of this gateway: TCP port {port} is not granted to agent `c`"
+            )),
+            "{out}"
+        );
+        // d: another group's name on the port.
+        let spec = format!("{port}={},group=api", echoes[3].addr());
+        let mut d = Burrow::start(AgentSpec::new(agent_args(&gw, key(3))).forward(&spec).command(bin()))
+            .unwrap();
+        let line = d
+            .wait_stdout(|l| l.starts_with(&format!("forward {spec}: refused")), WAIT)
+            .await
+            .unwrap();
+        assert!(
+            line.contains(&format!(
+                "port {port} is the public port of group `web` on this gateway, and this forward is in group `api`: a forward joins a group only with the same group name"
+            )),
+            "{line}"
+        );
+        // e: a member of no declared group.
+        let spec = format!("{port}={},group=web", echoes[4].addr());
+        let mut e = Burrow::start(AgentSpec::new(agent_args(&gw, key(4))).forward(&spec).command(bin()))
+            .unwrap();
+        let line = e
+            .wait_stdout(|l| l.starts_with(&format!("forward {spec}: refused")), WAIT)
+            .await
+            .unwrap();
+        assert!(
+            line.contains("agent `e` is not a member of group `web` on this gateway (its [[groups]] entry lets in a, b, c)"),
+            "{line}"
+        );
+
+        // The group is unaffected: served by a and b only.
+        clients(a.public(0), 60, 4, 7).await;
+        let got: Vec<u64> = echoes.iter().map(TcpTarget::accepted).collect();
+        println!("60 connections after the refusals: {got:?} (a, b, c, d, e)");
+        assert_eq!(got[0] + got[1], 60, "{got:?}");
+        assert!(got[0] > 0 && got[1] > 0, "{got:?}");
+        assert_eq!(&got[2..], [0, 0, 0], "{got:?}");
+        drop((b, d, e));
+    })
+    .await;
+}
+
+async fn echoes(n: usize) -> Vec<TcpTarget> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(TcpTarget::echo().await.unwrap());
+    }
+    v
+}
+
+/// A UDP service answering each datagram with `tag` and the datagram.
+async fn tagged_udp_echo(tag: &'static [u8]) -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let reply = [tag, &buf[..n]].concat();
+            let _ = sock.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_in_a_group_stay_with_one_member() {
+    within("udp group", async {
+        let tmp = tempfile::tempdir().unwrap();
+        let (ka, _) = keygen();
+        let (kb, _) = keygen();
+        let cfg = gateway_config(tmp.path(), &[("a", &ka), ("b", &kb)], "");
+        let gw = GatewaySpec::new(&tmp.path().join("state"))
+            .config(&cfg)
+            .expect_agent_line(false)
+            .start(bin())
+            .await
+            .unwrap();
+        let (ua, ub) = (tagged_udp_echo(b"A").await, tagged_udp_echo(b"B").await);
+        let a = AgentSpec::new(agent_args(&gw, &ka))
+            .forward(&format!("udp:0={ua},group=dns"))
+            .start(bin())
+            .await
+            .unwrap();
+        let public = a.public(0);
+        let b = AgentSpec::new(agent_args(&gw, &kb))
+            .forward(&format!("udp:{}={ub},group=dns", public.port()))
+            .start(bin())
+            .await
+            .unwrap();
+        assert_eq!(b.public(0), public);
+        // 40 clients, 5 datagrams each: every reply of a client comes from one member, and
+        // both members have clients.
+        let mut per_member = [0usize; 2];
+        for c in 0..40u32 {
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut tags = Vec::new();
+            for i in 0..5u32 {
+                let msg = format!("client {c} datagram {i}");
+                let mut buf = vec![0u8; 2048];
+                // UDP may drop: ask again a few times.
+                let mut got = None;
+                for _ in 0..20 {
+                    sock.send_to(msg.as_bytes(), public).await.unwrap();
+                    if let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_millis(250), sock.recv(&mut buf)).await
+                    {
+                        got = Some(buf[..n].to_vec());
+                        break;
+                    }
+                }
+                let got = got.unwrap_or_else(|| panic!("no reply to {msg}"));
+                assert_eq!(&got[1..], msg.as_bytes());
+                tags.push(got[0]);
+            }
+            tags.dedup();
+            assert_eq!(
+                tags.len(),
+                1,
+                "client {c}'s flow moved between members: {tags:?}"
+            );
+            per_member[usize::from(tags[0] == b'B')] += 1;
+        }
+        println!(
+            "UDP: 40 clients pinned, {} to a, {} to b",
+            per_member[0], per_member[1]
+        );
+        assert!(per_member[0] > 0 && per_member[1] > 0, "{per_member:?}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// One agent, two gateways, nginx in front
+
+/// The nginx example with its gateways' addresses replaced by `upstreams` and its listener by
+/// the one nginx is handed: the body of its `stream {}` block.
+fn nginx_example(upstreams: [SocketAddr; 2]) -> String {
+    let text = std::fs::read_to_string(examples().join("nginx-stream.conf")).unwrap();
+    let text = text
+        .replace("203.0.113.10:8080", &upstreams[0].to_string())
+        .replace("198.51.100.20:8080", &upstreams[1].to_string())
+        .replace("listen 8080;", "listen {listen};");
+    assert!(text.contains("{listen}") && text.contains(&upstreams[1].to_string()));
+    let start = text.find("stream {").expect("a stream block") + "stream {".len();
+    let end = text.rfind('}').unwrap();
+    text[start..end].to_string()
+}
+
+/// Waits for the agent's `forward SPEC: public address ADDR (gateway G)` line for each of
+/// `gateways` (in any order); returns the addresses in the order of `gateways`.
+async fn public_on(agent: &mut Burrow, spec: &str, gateways: &[SocketAddr]) -> Vec<SocketAddr> {
+    let prefix = format!("forward {spec}: public address ");
+    let mut found: Vec<Option<SocketAddr>> = vec![None; gateways.len()];
+    while found.iter().any(Option::is_none) {
+        let line = agent
+            .wait_stdout(|l| l.starts_with(&prefix), WAIT)
+            .await
+            .unwrap();
+        let rest = &line[prefix.len()..];
+        for (i, g) in gateways.iter().enumerate() {
+            if let Some(addr) = rest.strip_suffix(&format!(" (gateway {g})")) {
+                found[i] = Some(addr.parse().unwrap());
+            }
+        }
+    }
+    found.into_iter().flatten().collect()
+}
+
+/// A gateway for the agent `edge` with key hash `hash`, in `dir`.
+fn edge_gateway(dir: &Path, hash: &str) -> GatewaySpec {
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{HEARTBEAT}[[agents]]\nname = \"edge\"\nkey_hash = \"{hash}\"\nports = [\"1024-65535\"]\n"
+        ),
+    )
+    .unwrap();
+    GatewaySpec::new(&dir.join("state"))
+        .config(&cfg)
+        .expect_agent_line(false)
+}
+
+/// The agent's status as `burrow status --json` prints it.
+fn status_json(admin: SocketAddr) -> serde_json::Value {
+    let out = std::process::Command::new(bin())
+        .args(["status", "--json", "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Each gateway's row: (gateway, connected).
+fn gateway_rows(st: &serde_json::Value) -> Vec<(String, bool)> {
+    st["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["gateway"].as_str().unwrap().to_string(),
+                a["connected"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_on_two_gateways_behind_nginx() {
+    within("two gateways", async {
+        let tmp = tempfile::tempdir().unwrap();
+        let (key, hash) = keygen();
+        let (d1, d2) = (tmp.path().join("gw1"), tmp.path().join("gw2"));
+        std::fs::create_dir_all(&d1).unwrap();
+        std::fs::create_dir_all(&d2).unwrap();
+        let mut gw1 = edge_gateway(&d1, &hash).start(bin()).await.unwrap();
+        let mut gw2 = edge_gateway(&d2, &hash).start(bin()).await.unwrap();
+        let (g1, g2) = (gw1.addr(), gw2.addr());
+        assert_ne!(
+            gw1.fingerprint(),
+            gw2.fingerprint(),
+            "each has its own certificate"
+        );
+        let echo = TcpTarget::echo().await.unwrap();
+        let spec = format!("0={}", echo.addr());
+        let mut agent = Burrow::start(
+            AgentSpec::new(
+                [
+                    "agent",
+                    "--gateway",
+                    &g1.to_string(),
+                    "--gateway",
+                    &g2.to_string(),
+                    "--fingerprint",
+                    gw1.fingerprint(),
+                    "--fingerprint",
+                    gw2.fingerprint(),
+                    "--key",
+                    &key,
+                    "--max-backoff",
+                    "1s",
+                    "--admin",
+                    "127.0.0.1:0",
+                ]
+                .map(String::from)
+                .to_vec(),
+            )
+            .forward(&spec)
+            .command(bin()),
+        )
+        .unwrap();
+        let [p1, p2] = public_on(&mut agent, &spec, &[g1, g2]).await[..] else {
+            unreachable!()
+        };
+        let admin: SocketAddr = agent
+            .stdout_lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("admin listening on http://"))
+            .expect("the admin line comes first")
+            .trim()
+            .parse()
+            .unwrap();
+        let rows = gateway_rows(&status_json(admin));
+        assert_eq!(rows, [(g1.to_string(), true), (g2.to_string(), true)]);
+
+        let mut nginx = Nginx::start_stream(&nginx_example([p1, p2])).await.unwrap();
+        let front = nginx.addr();
+
+        // Through nginx, byte-exact, spread over both gateways.
+        let started = Instant::now();
+        clients(front, 100, 4, 1).await;
+        let count = |gw: &mut Burrow| {
+            gw.stderr_lines()
+                .iter()
+                .filter(|l| l.contains("stream closed"))
+                .count()
+        };
+        let (s1, s2) = (count(&mut gw1), count(&mut gw2));
+        println!(
+            "100 connections through nginx in {:?}: {s1} via gateway 1, {s2} via gateway 2",
+            started.elapsed()
+        );
+        assert!(s1 > 0 && s2 > 0, "nginx used both gateways: {s1}, {s2}");
+
+        // An established stream through gateway 1 ends with it.
+        let mut held = tokio::net::TcpStream::connect(p1).await.unwrap();
+        held.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        held.read_exact(&mut one).await.unwrap();
+
+        // Gateway 1 killed.
+        let killed = Instant::now();
+        gw1.kill().await.unwrap();
+        let ended = tokio::time::timeout(CLIENT_LIMIT, held.read(&mut one)).await;
+        assert!(
+            matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+            "the stream through the killed gateway ends: {ended:?}"
+        );
+        let lost = agent.wait_stderr("connection lost", WAIT).await.unwrap();
+        println!(
+            "agent noticed gateway 1 gone after {:?}: {lost}",
+            killed.elapsed()
+        );
+        assert!(lost.contains(&g1.to_string()), "{lost}");
+        // Clients through nginx keep being served, through gateway 2; none hangs.
+        let started = Instant::now();
+        clients(front, 100, 4, 500).await;
+        println!(
+            "100 connections through nginx with gateway 1 down: all served in {:?}",
+            started.elapsed()
+        );
+        // Every agent line about the lost gateway names it, and none names the other.
+        agent.wait_stderr("next attempt in", WAIT).await.unwrap();
+        for l in agent.stderr_lines() {
+            if l.contains("connection lost") || l.contains("next attempt in") {
+                assert!(
+                    l.contains(&g1.to_string()) && !l.contains(&g2.to_string()),
+                    "{l}"
+                );
+            }
+        }
+        let st = status_json(admin);
+        assert_eq!(
+            gateway_rows(&st),
+            [(g1.to_string(), false), (g2.to_string(), true)]
+        );
+        assert!(st["agents"][0]["reconnect"].is_object(), "{st}");
+        let table = std::process::Command::new(bin())
+            .args(["status", "--admin", &admin.to_string()])
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&table.stdout).to_string();
+        println!("{table}");
+        assert!(
+            table.contains(&format!("gateway {g1}: not connected")),
+            "{table}"
+        );
+
+        // Gateway 1 restarted on its address and state: the agent comes back by itself, to
+        // the same public port (the gateway chose it and kept it).
+        let gw1 = edge_gateway(&d1, &hash)
+            .listen(g1)
+            .start(bin())
+            .await
+            .unwrap();
+        let back = public_on(&mut agent, &spec, &[g1]).await;
+        assert_eq!(back, [p1]);
+        clients(p1, 20, 4, 900).await;
+        clients(front, 50, 4, 1000).await;
+        let rows = gateway_rows(&status_json(admin));
+        assert_eq!(rows, [(g1.to_string(), true), (g2.to_string(), true)]);
+        gw2.signal(Signal::Term).unwrap();
+        drop(gw1);
+        nginx.stop();
+    })
+    .await;
+}
+
+#[test]
+fn haproxy_example_is_valid() {
+    let path = examples().join("haproxy.cfg");
+    let out = std::process::Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run haproxy ({e}): install Debian's haproxy package (.ci/run does)")
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "haproxy -c refused {}: {text}",
+        path.display()
+    );
+    assert!(text.contains("Configuration file is valid"), "{text}");
+}
