@@ -581,6 +581,45 @@ async fn raw_stream(raw: &mut Raw) -> (TcpStream, u32) {
 }
 
 #[test]
+fn a12_group_names_from_the_wire_are_checked() {
+    run("a12", async {
+        let fx = Fixture::tcp().await;
+        let mut raw = Raw::agent(fx.gw.addr, &fx.intruder).await;
+        // A name the agent's config would not take (too long, or not a name), and a group bind
+        // on the honest agent's port, which is in no group: refused, the session goes on.
+        let binds = [
+            (Some("x".repeat(1000)), 0, "not a group name"),
+            (Some("web pool".to_string()), 0, "not a group name"),
+            (
+                Some("web".to_string()),
+                fx.public.port(),
+                "outside any group",
+            ),
+        ];
+        for (i, (group, port, says)) in binds.into_iter().enumerate() {
+            let bind = Bind {
+                service: i as u32,
+                protocol: Protocol::Tcp,
+                port,
+                name: format!("g{i}"),
+                group,
+            };
+            raw.send(&[bind.to_frame()]).await.unwrap();
+            let res = BindResult::decode(&raw.next(Kind::BindResult).await.payload).unwrap();
+            assert_ne!(res.code, ErrorCode::Normal, "{res:?}");
+            assert!(res.text.contains(says), "{says}: {res:?}");
+        }
+        assert!(!raw.is_closed(), "refusals, not a violation");
+        let before = fx.stats.snapshot();
+        // Both halves go: the reader task holds the other.
+        raw.end.abort();
+        drop(raw);
+        fx.session_gone(before, false).await;
+        fx.honest_agent_unaffected().await;
+    });
+}
+
+#[test]
 fn a8_data_past_the_stream_window_is_flow_control() {
     run("a8", async {
         let fx = Fixture::tcp().await;

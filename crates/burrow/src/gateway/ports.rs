@@ -164,6 +164,16 @@ pub(super) async fn bind_port(
     }
     let group = bind.group.as_deref();
     if let Some(group) = group {
+        // What an agent sends: names as the agent's config takes them, nothing longer.
+        if crate::config::parse_group(group).as_deref() != Ok(group) {
+            return refuse(
+                ErrorCode::PortNotGranted,
+                format!(
+                    "that is not a group name: use 1 to {} letters, digits, `.`, `_` or `-`",
+                    crate::config::MAX_GROUP_NAME
+                ),
+            );
+        }
         if let Err(text) = group_admits(hub, group, &grant.name) {
             return refuse(ErrorCode::PortNotGranted, text);
         }
