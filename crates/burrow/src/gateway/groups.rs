@@ -84,6 +84,11 @@ impl Routes {
         self.holders += 1;
     }
 
+    /// Whether entries of other agents hold the port too (members of its group).
+    pub(super) fn shared(&self) -> bool {
+        self.holders > 1
+    }
+
     /// An entry lets go of the port: true when it was the last (close the listener).
     pub(super) fn release(&mut self) -> bool {
         self.holders = self.holders.saturating_sub(1);

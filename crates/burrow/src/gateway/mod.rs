@@ -18,7 +18,7 @@
 //!
 //! Agents may share a public port in a group (their binds name the same group): new clients
 //! are spread over the group's live sessions, and the port stays bound while any member holds
-//! it ([`groups`]).
+//! it (`groups.rs`).
 //!
 //! The parts: `accept` (the tunnel port, up to an authenticated session), `serve` (one
 //! session: its binds and its end), `ports` (public listeners and their connections),

@@ -242,11 +242,15 @@ pub(super) async fn bind_port(
             let same_listener = held
                 .as_ref()
                 .is_none_or(|h| Arc::ptr_eq(&h.route, &existing.route));
-            if same_port && same_listener {
+            // A port shared with a group stays the group's: a bind naming another group (or
+            // none) gives it up; one this agent holds alone takes the group the bind names.
+            let fits = {
+                let routes = lock(&existing.route);
+                routes.group == bind.group || !routes.shared()
+            };
+            if same_port && same_listener && fits {
                 let members = {
                     let mut routes = lock(&existing.route);
-                    // Nobody else holds it (or they are in this group): it takes the group
-                    // this bind names.
                     routes.group = bind.group.clone();
                     routes.join(member);
                     routes.len()
