@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use burrow_testkit::targets::{echo_transfer, EchoOpts};
+use burrow_testkit::targets::{echo_bytes, Pattern};
 use burrow_testkit::{AgentSpec, Burrow, GatewayProc, GatewaySpec, Nginx, Signal, TcpTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
@@ -88,17 +88,23 @@ fn agent_args(gw: &GatewayProc, key: &str) -> Vec<String> {
 /// `n` echo connections to `addr`, `parallel` at a time, of a few KiB each (sizes and
 /// contents differ): every one must come back byte-exact within [`CLIENT_LIMIT`].
 async fn clients(addr: SocketAddr, n: u64, parallel: usize, seed: u64) {
+    // One pattern for all (making one costs a 1 MiB block), each connection its own slice.
+    let pattern = Pattern::new(seed);
     let limit = Arc::new(tokio::sync::Semaphore::new(parallel));
     let mut tasks = Vec::new();
     for i in 0..n {
         let permit = limit.clone().acquire_owned().await.unwrap();
+        let data = pattern.bytes(i * 7919, 1024 + (i as usize * 397) % 6000);
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
-            let opts = EchoOpts::new(1024 + (i * 397) % 6000, seed + i);
-            let r = tokio::time::timeout(CLIENT_LIMIT, echo_transfer(addr, &opts)).await;
+            let r = tokio::time::timeout(CLIENT_LIMIT, echo_bytes(addr, &data)).await;
             match r {
-                Ok(Ok(t)) if t.exact => Ok(()),
-                Ok(Ok(t)) => Err(format!("connection {i}: not byte-exact: {t:?}")),
+                Ok(Ok(back)) if back == data => Ok(()),
+                Ok(Ok(back)) => Err(format!(
+                    "connection {i}: not byte-exact: {} bytes sent, {} back",
+                    data.len(),
+                    back.len()
+                )),
                 Ok(Err(e)) => Err(format!("connection {i}: {e}")),
                 Err(_) => Err(format!("connection {i}: hung for {CLIENT_LIMIT:?}")),
             }
@@ -194,9 +200,9 @@ async fn two_agents_in_a_group_share_the_load_and_fail_over() {
             .await
             .unwrap();
 
-        // 400 connections, 16 at a time: each agent gets 40-60%.
+        // 400 connections, 32 at a time: each agent gets 40-60%.
         let started = Instant::now();
-        clients(public, 400, 16, 1).await;
+        clients(public, 400, 32, 1).await;
         let (na, nb) = (ea.accepted(), eb.accepted());
         println!(
             "400 connections in {:?}: {na} to agent a, {nb} to agent b",
@@ -216,7 +222,7 @@ async fn two_agents_in_a_group_share_the_load_and_fail_over() {
             noticed < HEARTBEAT_BOUND + Duration::from_millis(500),
             "noticed after {noticed:?}, past the heartbeat bound {HEARTBEAT_BOUND:?}"
         );
-        clients(public, 200, 16, 1000).await;
+        clients(public, 200, 32, 1000).await;
         assert_eq!(ea.accepted(), na + 200, "every new connection went to a");
         assert_eq!(eb.accepted(), nb);
 
@@ -224,7 +230,7 @@ async fn two_agents_in_a_group_share_the_load_and_fail_over() {
         let b = b_spec.start(bin()).await.unwrap();
         assert_eq!(b.public(0), public);
         let (na, nb) = (ea.accepted(), eb.accepted());
-        clients(public, 200, 16, 2000).await;
+        clients(public, 200, 32, 2000).await;
         let (da, db) = (ea.accepted() - na, eb.accepted() - nb);
         println!("after b rejoined: {da} to a, {db} to b");
         assert!(
@@ -605,6 +611,12 @@ async fn one_agent_on_two_gateways_behind_nginx() {
         println!(
             "100 connections through nginx with gateway 1 down: all served in {:?}",
             started.elapsed()
+        );
+        // nginx did try the dead gateway, and passed the client on.
+        let log = nginx.log_text();
+        assert!(
+            log.contains("Connection refused") && log.contains("while connecting to upstream"),
+            "{log}"
         );
         // Every agent line about the lost gateway names it, and none names the other.
         agent.wait_stderr("next attempt in", WAIT).await.unwrap();
