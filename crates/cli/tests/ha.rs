@@ -688,3 +688,65 @@ fn haproxy_example_is_valid() {
     );
     assert!(text.contains("Configuration file is valid"), "{text}");
 }
+
+/// The forms a user writes: `BURROW_GATEWAY` and `BURROW_FINGERPRINT` comma-separated,
+/// `--forward SPEC,group=NAME` (also inside a comma-separated list), as `--print-config` shows.
+#[test]
+fn several_gateways_and_groups_from_flags_and_environment() {
+    const FP1: &str = "SHA256:415e49090663bd175c79524f06bcc79761d84319e3daf9c9c197b6787c6544a0";
+    const FP2: &str = "SHA256:00000000000000000000000000000000000000000000000000000000000000aa";
+    let (key, _) = keygen();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Burrow::command(bin());
+        cmd.args(["agent", "--print-config", "--key", &key])
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = run(
+        &["--forward", "8080=127.0.0.1:80,group=web,0=127.0.0.1:81"],
+        &[
+            ("BURROW_GATEWAY", "gw1.example:7443,gw2.example:7443"),
+            ("BURROW_FINGERPRINT", &format!("{FP1},{FP2}")),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!(
+            "gateways = [{{ url = \"gw1.example:7443\", fingerprint = \"{FP1}\" }}, {{ url = \"gw2.example:7443\", fingerprint = \"{FP2}\" }}]"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("forward = [\"8080=127.0.0.1:80,group=web\", \"0=127.0.0.1:81\"]"),
+        "{out}"
+    );
+    // Two fingerprints for three gateways, and an unknown option, are errors that say so.
+    let (ok, _, err) = run(
+        &["--gateway", "a:1", "--gateway", "b:2", "--gateway", "c:3"],
+        &[("BURROW_FINGERPRINT", &format!("{FP1},{FP2}"))],
+    );
+    assert!(
+        !ok && err.contains("2 fingerprints or CAs for 3 gateways"),
+        "{err}"
+    );
+    let (ok, _, err) = run(
+        &[
+            "--gateway",
+            "a:1",
+            "--fingerprint",
+            FP1,
+            "--forward",
+            "80=x:1,colour=red",
+        ],
+        &[],
+    );
+    assert!(!ok && err.contains("unknown option `colour`"), "{err}");
+}

@@ -242,36 +242,33 @@ impl GatewayConfig {
     }
 }
 
-/// One gateway of several as a `gateways` table: `url`, its trust, its server name. A plain
-/// one is written `tcp://` (or `ws://`) so that it reads back as plain without `transport`.
-fn gateway_table(g: &GatewayEndpoint) -> toml::Value {
-    let mut t = toml::map::Map::new();
+/// One gateway of several as an inline `gateways` table: `url`, its trust, its server name
+/// (in that order: toml's own tables would sort the keys). A plain one is written `tcp://` (or
+/// `ws://`) so that it reads back as plain without `transport`.
+fn gateway_table(g: &GatewayEndpoint) -> String {
     let url = match (&g.trust, g.gateway.split_once("://")) {
         (Trust::Plain, None) => format!("tcp://{}", g.gateway),
         (Trust::Plain, Some(("tls", rest))) => format!("tcp://{rest}"),
         _ => g.gateway.clone(),
     };
-    t.insert("url".into(), url.into());
+    let mut fields = vec![("url", url)];
     match &g.trust {
-        Trust::Fingerprint(fp) => {
-            t.insert(
-                "fingerprint".into(),
-                crate::tls::fingerprint_string(fp).into(),
-            );
-        }
+        Trust::Fingerprint(fp) => fields.push(("fingerprint", crate::tls::fingerprint_string(fp))),
         Trust::Ca(ca) => {
             let ca = std::path::absolute(ca).unwrap_or_else(|_| ca.clone());
-            t.insert("ca".into(), ca.to_string_lossy().into_owned().into());
+            fields.push(("ca", ca.to_string_lossy().into_owned()));
         }
-        Trust::System => {
-            t.insert("ca".into(), "system".into());
-        }
+        Trust::System => fields.push(("ca", "system".into())),
         Trust::Plain => {}
     }
     if let Some(name) = &g.server_name {
-        t.insert("server_name".into(), name.clone().into());
+        fields.push(("server_name", name.clone()));
     }
-    toml::Value::Table(t)
+    let fields: Vec<String> = fields
+        .into_iter()
+        .map(|(k, v)| format!("{k} = {}", toml::Value::from(v)))
+        .collect();
+    format!("{{ {} }}", fields.join(", "))
 }
 
 impl AgentConfig {
@@ -304,10 +301,11 @@ impl AgentConfig {
                 trust: trust.clone(),
                 server_name: server_name.clone(),
             };
-            let tables = std::iter::once(&first)
+            let tables: Vec<String> = std::iter::once(&first)
                 .chain(extra_gateways)
-                .map(gateway_table);
-            out.value("gateways", toml::Value::Array(tables.collect()));
+                .map(gateway_table)
+                .collect();
+            out.line(&format!("gateways = [{}]", tables.join(", ")));
         } else {
             out.text("gateway", gateway);
         }
