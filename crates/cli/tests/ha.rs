@@ -665,6 +665,77 @@ async fn one_agent_on_two_gateways_behind_nginx() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_fails_for_good_stops_only_its_own_session() {
+    within("one bad gateway", async {
+        let tmp = tempfile::tempdir().unwrap();
+        let gw = GatewaySpec::new(&tmp.path().join("state"))
+            .start(bin())
+            .await
+            .unwrap();
+        let key = gw.key().unwrap();
+        let good = gw.addr().to_string();
+        // The same gateway under another name, pinned to a certificate it does not have.
+        let bad = format!("localhost:{}", gw.addr().port());
+        let wrong = format!("SHA256:{}", "ab".repeat(32));
+        let echo = TcpTarget::echo().await.unwrap();
+        let spec = echo.addr().to_string();
+        let args = |gateways: [&str; 2], fps: [&str; 2]| {
+            AgentSpec::new(
+                [
+                    "agent",
+                    "--gateway",
+                    gateways[0],
+                    "--gateway",
+                    gateways[1],
+                    "--fingerprint",
+                    fps[0],
+                    "--fingerprint",
+                    fps[1],
+                    "--key",
+                    &key,
+                ]
+                .map(String::from)
+                .to_vec(),
+            )
+            .forward(&spec)
+        };
+        // One good gateway, one that can never work: the agent serves through the good one.
+        let mut agent =
+            Burrow::start(args([&good, &bad], [gw.fingerprint(), &wrong]).command(bin())).unwrap();
+        let line = agent
+            .wait_stderr(
+                "stops trying this gateway and carries on with the 1 others",
+                WAIT,
+            )
+            .await
+            .unwrap();
+        assert!(
+            line.contains(&format!("gateway{{gateway={bad}}}")),
+            "{line}"
+        );
+        assert!(line.contains("fingerprint"), "{line}");
+        let public = public_on(&mut agent, &spec, &[gw.addr()]).await[0];
+        clients(public, 20, 4, 3).await;
+        assert!(
+            agent.wait_exit(Duration::from_millis(300)).await.is_err(),
+            "still running"
+        );
+        // Two that can never work: it stops, naming both.
+        let mut agent =
+            Burrow::start(args([&good, &bad], [&wrong, &wrong]).command(bin())).unwrap();
+        let st = agent.wait_exit(WAIT).await.unwrap();
+        assert!(!st.success());
+        let err = agent.stderr_lines().join("\n");
+        assert!(
+            err.contains(&format!("error: every gateway failed: gateway {good}: "))
+                && err.contains(&format!("; gateway {bad}: ")),
+            "{err}"
+        );
+    })
+    .await;
+}
+
 #[test]
 fn haproxy_example_is_valid() {
     let path = examples().join("haproxy.cfg");

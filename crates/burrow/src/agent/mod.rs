@@ -176,6 +176,8 @@ impl Agent {
         }
         let gateways = cfg.gateways();
         let several = gateways.len() > 1;
+        // Uplinks still running, for the message of one that gives up.
+        let running = &std::sync::atomic::AtomicUsize::new(gateways.len());
         let uplinks = gateways.into_iter().zip(&self.statuses).map(|(gw, status)| {
             let span = tracing::info_span!("gateway", gateway = %gw.gateway);
             let link = Uplink {
@@ -188,10 +190,11 @@ impl Agent {
             let shutdown = shutdown.clone();
             async move {
                 let ended = link.run(&shutdown).await;
+                let left = running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) - 1;
                 if let Err(e) = &ended {
                     link.status.send_modify(|s| s.stopped = Some(e.0.clone()));
-                    if several {
-                        error!("{e}; the agent stops trying this gateway and carries on with the others");
+                    if several && left > 0 {
+                        error!("{e}; the agent stops trying this gateway and carries on with the {left} others");
                     }
                 }
                 ended.map_err(|e| (link.gw.gateway, e))
