@@ -105,6 +105,7 @@ fn frames() -> Vec<(&'static str, Frame)> {
             AuthOk {
                 name: "home".into(),
                 params: small_params(),
+                features: burrow_proto::message::FEATURES,
             }
             .to_frame(),
         ),
@@ -115,7 +116,20 @@ fn frames() -> Vec<(&'static str, Frame)> {
                 protocol: Protocol::Tcp,
                 port: 8080,
                 name: "web".into(),
+                path: None,
                 group: None,
+            }
+            .to_frame(),
+        ),
+        (
+            "bind_grouped",
+            Bind {
+                service: 2,
+                protocol: Protocol::Tcp,
+                port: 0,
+                name: "api".into(),
+                path: None,
+                group: Some("web-pool".into()),
             }
             .to_frame(),
         ),

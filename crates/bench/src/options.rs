@@ -51,8 +51,8 @@ pub struct Args {
     conns: Option<Vec<u32>>,
 
     /// Tunnel transports to measure, each through a gateway and agent of its own, round-robin
-    /// in the same rounds: tls, wss, tcp, ws, or all [default: tls; quick: tls,wss]. The
-    /// memory rows use the first one.
+    /// in the same rounds: tls, wss, tcp, ws, quic, or all (the first four) [default: tls;
+    /// quick: tls,wss]. The memory rows use the first one.
     #[arg(long, value_name = "T,...", value_delimiter = ',')]
     transport: Option<Vec<TransportArg>>,
 
@@ -98,6 +98,8 @@ enum TransportArg {
     Tcp,
     /// WebSocket over plain TCP (the gateway runs --transport tcp)
     Ws,
+    /// QUIC over UDP to the tunnel port's number (not in `all`)
+    Quic,
     /// All four: tls,wss,tcp,ws
     All,
 }
@@ -111,6 +113,7 @@ fn transports(items: &[TransportArg]) -> Vec<Transport> {
             TransportArg::Wss => &[Transport::Wss],
             TransportArg::Tcp => &[Transport::Tcp],
             TransportArg::Ws => &[Transport::Ws],
+            TransportArg::Quic => &[Transport::Quic],
             TransportArg::All => &Transport::ALL,
         };
         for t in named {
@@ -226,7 +229,9 @@ mod tests {
         assert_eq!(s.transports, vec![Wss, Tls]);
         let s = Args::parse_from(["b", "--transport", "tcp", "--transport", "all"]).settings();
         assert_eq!(s.transports, vec![Tcp, Tls, Wss, Ws]);
-        assert!(Args::try_parse_from(["b", "--transport", "quic"]).is_err());
+        let s = Args::parse_from(["b", "--transport", "tls,quic"]).settings();
+        assert_eq!(s.transports, vec![Tls, Transport::Quic]);
+        assert!(Args::try_parse_from(["b", "--transport", "h3"]).is_err());
         assert!(Args::try_parse_from(["b", "--transport", ""]).is_err());
     }
 

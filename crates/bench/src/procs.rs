@@ -269,6 +269,8 @@ pub enum Transport {
     /// A WebSocket over plain TCP (`ws://HOST:PORT/burrow`); the gateway runs
     /// `--transport tcp`.
     Ws,
+    /// QUIC (`quic://`) to the gateway's UDP port of the tunnel port's number.
+    Quic,
 }
 
 /// The WebSocket path the bench's gateways answer on (passed as `--ws-path`).
@@ -290,6 +292,7 @@ impl Transport {
             Transport::Wss => "wss",
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",
+            Transport::Quic => "quic",
         }
     }
 
@@ -300,6 +303,7 @@ impl Transport {
             Transport::Wss => "tunnel (wss)",
             Transport::Tcp => "tunnel (tcp)",
             Transport::Ws => "tunnel (ws)",
+            Transport::Quic => "tunnel (quic)",
         }
     }
 
@@ -310,12 +314,13 @@ impl Transport {
             Transport::Wss => ("wss gateway", "wss agent"),
             Transport::Tcp => ("tcp gateway", "tcp agent"),
             Transport::Ws => ("ws gateway", "ws agent"),
+            Transport::Quic => ("quic gateway", "quic agent"),
         }
     }
 
     /// Whether the session runs over TLS (so the gateway has a certificate to pin).
     fn tls(self) -> bool {
-        matches!(self, Transport::Tls | Transport::Wss)
+        matches!(self, Transport::Tls | Transport::Wss | Transport::Quic)
     }
 
     /// The gateway's flags for this transport.
@@ -337,6 +342,7 @@ impl Transport {
             Transport::Wss => format!("wss://{host_port}{WS_PATH}"),
             Transport::Tcp => format!("tcp://{host_port}"),
             Transport::Ws => format!("ws://{host_port}{WS_PATH}"),
+            Transport::Quic => format!("quic://{host_port}"),
         }
     }
 }

@@ -11,6 +11,8 @@
 //! - [`session`]: the multiplexed session over one connection: handshake, driver task and
 //!   stream handles.
 //! - [`relay`]: copying bytes between a stream and a local socket, with half-close.
+//! - [`paths`]: unix socket paths as public endpoints, and the patterns that grant them.
+//! - [`proxy_protocol`]: the PROXY protocol header an agent writes to a target first.
 //! - [`udp`]: UDP flows through the session: public UDP ports, per-flow sockets at the
 //!   agent.
 //! - [`gateway`], [`agent`]: the roles, each with `bind`/`run(shutdown)` style entry points.
@@ -27,11 +29,14 @@ pub mod gateway;
 mod gather;
 pub mod leases;
 pub mod limiter;
+pub mod paths;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod session;
 pub mod state;
 pub mod stats;
 pub mod tls;
+pub mod tokens;
 pub mod transport;
 pub mod udp;
 

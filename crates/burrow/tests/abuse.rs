@@ -299,6 +299,8 @@ fn grant(name: &str, key: &SecretKey) -> AgentGrant {
         name: name.into(),
         key: KeySpec::Key(key.clone()),
         ports: vec![PortRange::UNPRIVILEGED],
+        paths: Vec::new(),
+        socket_mode: burrow::config::DEFAULT_SOCKET_MODE,
     }
 }
 
@@ -566,6 +568,7 @@ async fn raw_stream(raw: &mut Raw) -> (TcpStream, u32) {
         protocol: Protocol::Tcp,
         port: 0,
         name: "raw".into(),
+        path: None,
         group: None,
     };
     raw.send(&[bind.to_frame()]).await.unwrap();
@@ -602,6 +605,7 @@ fn a12_group_names_from_the_wire_are_checked() {
                 protocol: Protocol::Tcp,
                 port,
                 name: format!("g{i}"),
+                path: None,
                 group,
             };
             raw.send(&[bind.to_frame()]).await.unwrap();
@@ -609,6 +613,19 @@ fn a12_group_names_from_the_wire_are_checked() {
             assert_ne!(res.code, ErrorCode::Normal, "{res:?}");
             assert!(res.text.contains(says), "{says}: {res:?}");
         }
+        // A unix socket endpoint in a group: refused too (a group shares a port).
+        let bind = Bind {
+            service: 9,
+            protocol: Protocol::Tcp,
+            port: 0,
+            name: "u".into(),
+            path: Some("/tmp/burrow-a12.sock".into()),
+            group: Some("web".into()),
+        };
+        raw.send(&[bind.to_frame()]).await.unwrap();
+        let res = BindResult::decode(&raw.next(Kind::BindResult).await.payload).unwrap();
+        assert_eq!(res.code, ErrorCode::PortNotGranted, "{res:?}");
+        assert!(res.text.contains("cannot join one"), "{res:?}");
         assert!(!raw.is_closed(), "refusals, not a violation");
         let before = fx.stats.snapshot();
         // Both halves go: the reader task holds the other.
@@ -887,6 +904,7 @@ fn b4_duplicate_bind_flood_is_cut() {
             protocol: Protocol::Tcp,
             port: 0,
             name: "same".into(),
+            path: None,
             group: None,
         };
         // All at once: cut by the 512 binds allowed to wait, if not by the budget.

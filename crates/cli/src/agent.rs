@@ -54,14 +54,19 @@ pub struct Args {
         long = "forward",
         env = "BURROW_FORWARD",
         value_name = "SPEC",
-        value_parser = parse_forward_entries,
-        help = "A service to publish: [PUBLIC_PORT=]TARGET[,group=NAME], where TARGET is \
-                host:port, [ipv6]:port or unix:/path/to.sock and PUBLIC_PORT 0 or absent lets \
-                the gateway choose; ,group=NAME shares the public port with the other agents \
-                whose forward names the group. Repeat the flag, or separate specs with commas \
-                (also in BURROW_FORWARD; empty entries are skipped)"
+        value_delimiter = ',',
+        value_parser = parse_forward_entry,
+        help = "A service to publish: [PUBLIC_PORT=]TARGET, where TARGET is host:port, \
+                [ipv6]:port or unix:/path/to.sock and PUBLIC_PORT 0 or absent lets the gateway \
+                choose; unix:/PATH=TARGET for a unix socket on the gateway (where its grant \
+                allows the path); udp:[PUBLIC_PORT=]HOST:PORT for UDP. Add \
+                '?proxy_protocol=v1' or 'v2' (quoted) to send the target a PROXY protocol \
+                header with the client's address, '?group=NAME' to share the public port with \
+                the other agents whose forward names the group (options combine with &). \
+                Repeat the flag, or separate specs with commas (also in BURROW_FORWARD; empty \
+                entries are skipped)"
     )]
-    forwards: Vec<ForwardEntries>,
+    forwards: Vec<ForwardEntry>,
 
     /// TLS server name to send [default: the host of --gateway]
     #[arg(long, env = "BURROW_SERVER_NAME", value_name = "NAME")]
@@ -87,18 +92,16 @@ pub struct Args {
     common: crate::Common,
 }
 
-/// One `--forward` value: specs separated by commas, each with its `,key=value` options
-/// ([`config::split_forward_list`]); empty entries (`BURROW_FORWARD=""`, what `${X:-}` gives
-/// in a compose file, or a trailing comma) are skipped.
+/// One `--forward` entry: a spec, or nothing for an empty entry (`BURROW_FORWARD=""`, what
+/// `${X:-}` gives in a compose file, or a trailing comma).
 #[derive(Debug, Clone)]
-struct ForwardEntries(Vec<Forward>);
+struct ForwardEntry(Option<Forward>);
 
-fn parse_forward_entries(s: &str) -> Result<ForwardEntries, String> {
-    config::split_forward_list(s)
-        .iter()
-        .map(|spec| config::parse_forward(spec))
-        .collect::<Result<_, _>>()
-        .map(ForwardEntries)
+fn parse_forward_entry(s: &str) -> Result<ForwardEntry, String> {
+    if s.trim().is_empty() {
+        return Ok(ForwardEntry(None));
+    }
+    config::parse_forward(s).map(|f| ForwardEntry(Some(f)))
 }
 
 /// A duration of more than zero.
@@ -153,7 +156,7 @@ impl Args {
             transport: self.transport,
             server_name: self.server_name.clone(),
             proxy,
-            forwards: Some(self.forwards.iter().flat_map(|f| f.0.clone()).collect())
+            forwards: Some(self.forwards.iter().filter_map(|f| f.0.clone()).collect())
                 .filter(|f: &Vec<Forward>| !f.is_empty()),
             max_backoff: self.max_backoff,
             connect_timeout: self.connect_timeout,
@@ -177,7 +180,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .or(file.log_format)
         .unwrap_or_default();
     let file_has_key = file.key.is_some();
-    let config = file.overlay(args.settings()?).into_config()?;
+    let layer = args.settings()?;
+    let file_logs = (file.log_level, file.log_format);
+    let config = file.overlay(layer.clone()).into_config()?;
     if args.common.print_config {
         return run::print(config.to_toml().trim_end());
     }
@@ -190,7 +195,6 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     }
     info!(target: run::LOG_TARGET, ?config, "agent settings");
     let grace = config.grace;
-    let names: Vec<String> = config.forwards.iter().map(|f| f.name.clone()).collect();
     run::runtime()?.block_on(async move {
         let signals = run::Signals::install()?;
         let gateways: Vec<String> = config.gateways().into_iter().map(|g| g.gateway).collect();
@@ -200,7 +204,28 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)
             .context("cannot start the agent")?;
-        run::start_admin(admin);
+        let handle = agent.handle();
+        let reload = run::reloader(
+            args.common.config.clone(),
+            config::load_agent_file,
+            move |file: AgentSettings| {
+                let logs = (file.log_level, file.log_format);
+                let config = file
+                    .overlay(layer.clone())
+                    .into_config()
+                    .map_err(|e| e.to_string())?;
+                let mut report = handle.reload(config)?;
+                if logs.0 != file_logs.0 {
+                    report.restart_needed.push("log_level".into());
+                }
+                if logs.1 != file_logs.1 {
+                    report.restart_needed.push("log_format".into());
+                }
+                Ok(report)
+            },
+        );
+        run::reload_on_sighup(reload.clone())?;
+        run::start_admin(admin, reload, "");
         // With several gateways, each line names the gateway it is about.
         let several = gateways.len() > 1;
         let printers: Vec<_> = agent
@@ -209,7 +234,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             .zip(&gateways)
             .map(|(status, gateway)| {
                 let label = several.then(|| gateway.clone());
-                tokio::spawn(print_forwards(status, names.clone(), label))
+                tokio::spawn(print_forwards(status, String::new(), label))
             })
             .collect();
         crate::notify::ready(&format!("connecting to {}", gateways.join(", ")));
@@ -227,33 +252,36 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// Prints each forward's status with one gateway whenever it changes to granted or refused;
-/// `gateway` names it in each line (for an agent with several).
-async fn print_forwards(
+/// Prints each forward's status with one gateway whenever it changes to granted or refused,
+/// each line after `prefix` (an instance's name in `burrow run`); `gateway` names the gateway
+/// in each line (for an agent with several).
+pub(crate) async fn print_forwards(
     mut status: watch::Receiver<AgentStatus>,
-    names: Vec<String>,
+    prefix: String,
     gateway: Option<String>,
 ) {
     let on = gateway.map_or_else(String::new, |g| format!(" (gateway {g})"));
-    let mut shown: Vec<ForwardStatus> = Vec::new();
+    let mut shown: std::collections::HashMap<String, ForwardStatus> = Default::default();
     loop {
-        let now = status.borrow_and_update().forwards.clone();
-        for (i, st) in now.iter().enumerate() {
-            if shown.get(i) == Some(st) {
+        let (names, now) = {
+            let s = status.borrow_and_update();
+            (s.names.clone(), s.forwards.clone())
+        };
+        for (name, st) in names.iter().zip(&now) {
+            if shown.get(name) == Some(st) {
                 continue;
             }
-            let name = names.get(i).map_or("?", String::as_str);
             match st {
-                ForwardStatus::Granted(addr) => {
-                    run::say(&format!("forward {name}: public address {addr}{on}"))
-                }
+                ForwardStatus::Granted(addr) => run::say(&format!(
+                    "{prefix}forward {name}: public address {addr}{on}"
+                )),
                 ForwardStatus::Refused(why) => {
-                    run::say(&format!("forward {name}: refused{on}: {why}"))
+                    run::say(&format!("{prefix}forward {name}: refused{on}: {why}"))
                 }
                 ForwardStatus::Pending => {}
             }
         }
-        shown = now;
+        shown = names.into_iter().zip(now).collect();
         if status.changed().await.is_err() {
             return;
         }

@@ -184,13 +184,13 @@ async fn two_agents_in_a_group_share_the_load_and_fail_over() {
         );
         // The first member lets the gateway choose the port; the second names it.
         let a = AgentSpec::new(agent_args(&gw, &ka))
-            .forward(&format!("0={},group=web", ea.addr()))
+            .forward(&format!("0={}?group=web", ea.addr()))
             .start(bin())
             .await
             .unwrap();
         let public = a.public(0);
         let b_spec = AgentSpec::new(agent_args(&gw, &kb)).forward(&format!(
-            "{}={},group=web",
+            "{}={}?group=web",
             public.port(),
             eb.addr()
         ));
@@ -266,21 +266,24 @@ async fn group_binds_refused_with_a_reason_leave_the_group_alone() {
         let echoes: Vec<TcpTarget> = echoes(5).await;
         let key = |i: usize| keys[i].0.as_str();
         let a = AgentSpec::new(agent_args(&gw, key(0)))
-            .forward(&format!("0={},group=web", echoes[0].addr()))
+            .forward(&format!("0={}?group=web", echoes[0].addr()))
             .start(bin())
             .await
             .unwrap();
         let port = a.public(0).port();
         let b = AgentSpec::new(agent_args(&gw, key(1)))
-            .forward(&format!("0={},group=web", echoes[1].addr()))
+            .forward(&format!("0={}?group=web", echoes[1].addr()))
             .start(bin())
             .await
             .unwrap();
         assert_eq!(b.public(0).port(), port, "port 0 in a group takes the group's port");
 
         // c: its grant lacks the port, asked for by number or as the group's (port 0).
-        let by_number = format!("{port}={},group=web", echoes[2].addr());
-        let as_group = format!("0={},group=web", echoes[2].addr());
+        let by_number = format!("{port}={}?group=web", echoes[2].addr());
+        let as_group = format!("0={}?group=web", echoes[2].addr());
+        // A forward's name is its spec without the options.
+        let name = |spec: &str| spec.split('?').next().unwrap().to_string();
+        let (by_number_name, as_group_name) = (name(&by_number), name(&as_group));
         let mut c = Burrow::start(
             AgentSpec::new(agent_args(&gw, key(2)))
                 .forward(&by_number)
@@ -293,22 +296,22 @@ async fn group_binds_refused_with_a_reason_leave_the_group_alone() {
         let out = c.stdout_lines().join("\n");
         assert!(
             out.contains(&format!(
-                "forward {by_number}: refused: TCP port {port} is not granted to agent `c` (granted: 1024)"
+                "forward {by_number_name}: refused: TCP port {port} is not granted to agent `c` (granted: 1024)"
             )),
             "{out}"
         );
         assert!(
             out.contains(&format!(
-                "forward {as_group}: refused: group `web` is on port {port} of this gateway: TCP port {port} is not granted to agent `c`"
+                "forward {as_group_name}: refused: group `web` is on port {port} of this gateway: TCP port {port} is not granted to agent `c`"
             )),
             "{out}"
         );
         // d: another group's name on the port.
-        let spec = format!("{port}={},group=api", echoes[3].addr());
+        let spec = format!("{port}={}?group=api", echoes[3].addr());
         let mut d = Burrow::start(AgentSpec::new(agent_args(&gw, key(3))).forward(&spec).command(bin()))
             .unwrap();
         let line = d
-            .wait_stdout(|l| l.starts_with(&format!("forward {spec}: refused")), WAIT)
+            .wait_stdout(|l| l.starts_with(&format!("forward {}: refused", name(&spec))), WAIT)
             .await
             .unwrap();
         assert!(
@@ -318,11 +321,11 @@ async fn group_binds_refused_with_a_reason_leave_the_group_alone() {
             "{line}"
         );
         // e: a member of no declared group.
-        let spec = format!("{port}={},group=web", echoes[4].addr());
+        let spec = format!("{port}={}?group=web", echoes[4].addr());
         let mut e = Burrow::start(AgentSpec::new(agent_args(&gw, key(4))).forward(&spec).command(bin()))
             .unwrap();
         let line = e
-            .wait_stdout(|l| l.starts_with(&format!("forward {spec}: refused")), WAIT)
+            .wait_stdout(|l| l.starts_with(&format!("forward {}: refused", name(&spec))), WAIT)
             .await
             .unwrap();
         assert!(
@@ -379,13 +382,13 @@ async fn udp_flows_in_a_group_stay_with_one_member() {
             .unwrap();
         let (ua, ub) = (tagged_udp_echo(b"A").await, tagged_udp_echo(b"B").await);
         let a = AgentSpec::new(agent_args(&gw, &ka))
-            .forward(&format!("udp:0={ua},group=dns"))
+            .forward(&format!("udp:0={ua}?group=dns"))
             .start(bin())
             .await
             .unwrap();
         let public = a.public(0);
         let b = AgentSpec::new(agent_args(&gw, &kb))
-            .forward(&format!("udp:{}={ub},group=dns", public.port()))
+            .forward(&format!("udp:{}={ub}?group=dns", public.port()))
             .start(bin())
             .await
             .unwrap();
@@ -761,7 +764,7 @@ fn haproxy_example_is_valid() {
 }
 
 /// The forms a user writes: `BURROW_GATEWAY` and `BURROW_FINGERPRINT` comma-separated,
-/// `--forward SPEC,group=NAME` (also inside a comma-separated list), as `--print-config` shows.
+/// `--forward SPEC?group=NAME` (also inside a comma-separated list), as `--print-config` shows.
 #[test]
 fn several_gateways_and_groups_from_flags_and_environment() {
     const FP1: &str = "SHA256:415e49090663bd175c79524f06bcc79761d84319e3daf9c9c197b6787c6544a0";
@@ -782,7 +785,7 @@ fn several_gateways_and_groups_from_flags_and_environment() {
         )
     };
     let (ok, out, err) = run(
-        &["--forward", "8080=127.0.0.1:80,group=web,0=127.0.0.1:81"],
+        &["--forward", "8080=127.0.0.1:80?group=web,0=127.0.0.1:81"],
         &[
             ("BURROW_GATEWAY", "gw1.example:7443,gw2.example:7443"),
             ("BURROW_FINGERPRINT", &format!("{FP1},{FP2}")),
@@ -795,8 +798,15 @@ fn several_gateways_and_groups_from_flags_and_environment() {
         )),
         "{out}"
     );
+    // A forward with an option is printed as a table (its name leaves the option out).
     assert!(
-        out.contains("forward = [\"8080=127.0.0.1:80,group=web\", \"0=127.0.0.1:81\"]"),
+        out.contains(
+            "[[forwards]]\npublic_port = 8080\ntarget = \"127.0.0.1:80\"\ngroup = \"web\"\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("[[forwards]]\ntarget = \"127.0.0.1:81\"\n"),
         "{out}"
     );
     // Two fingerprints for three gateways, and an unknown option, are errors that say so.
@@ -815,9 +825,98 @@ fn several_gateways_and_groups_from_flags_and_environment() {
             "--fingerprint",
             FP1,
             "--forward",
-            "80=x:1,colour=red",
+            "80=x:1?group=a&colour=red",
         ],
         &[],
     );
     assert!(!ok && err.contains("unknown option `colour`"), "{err}");
+}
+
+/// A reload of an agent with two gateways changes the forwards on both sessions: the added
+/// one is bound on each, the removed one given back on each; a changed list of gateways is
+/// reported as needing a restart and left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_forwards_on_every_gateway() {
+    within("reload on two gateways", async {
+        let tmp = tempfile::tempdir().unwrap();
+        let (key, hash) = keygen();
+        let (d1, d2) = (tmp.path().join("gw1"), tmp.path().join("gw2"));
+        std::fs::create_dir_all(&d1).unwrap();
+        std::fs::create_dir_all(&d2).unwrap();
+        let gw1 = edge_gateway(&d1, &hash).start(bin()).await.unwrap();
+        let gw2 = edge_gateway(&d2, &hash).start(bin()).await.unwrap();
+        let (g1, g2) = (gw1.addr(), gw2.addr());
+        let (e1, e2) = (
+            TcpTarget::echo().await.unwrap(),
+            TcpTarget::echo().await.unwrap(),
+        );
+        let (keep, added) = (format!("0={}", e1.addr()), format!("0={}", e2.addr()));
+        let file = tmp.path().join("agent.toml");
+        let write = |gateways: &[(SocketAddr, &str)], forwards: &[&str]| {
+            let gws: Vec<String> = gateways
+                .iter()
+                .map(|(g, fp)| format!("{{ url = \"{g}\", fingerprint = \"{fp}\" }}"))
+                .collect();
+            let fwd: Vec<String> = forwards.iter().map(|f| format!("{f:?}")).collect();
+            std::fs::write(
+                &file,
+                format!(
+                    "gateways = [{}]\nforward = [{}]\n",
+                    gws.join(", "),
+                    fwd.join(", ")
+                ),
+            )
+            .unwrap();
+        };
+        let both = [(g1, gw1.fingerprint()), (g2, gw2.fingerprint())];
+        write(&both, &[&keep]);
+        let mut agent = Burrow::start(
+            AgentSpec::new(
+                [
+                    "agent",
+                    "--config",
+                    file.to_str().unwrap(),
+                    "--key",
+                    &key,
+                    "--max-backoff",
+                    "1s",
+                ]
+                .map(String::from)
+                .to_vec(),
+            )
+            .command(bin()),
+        )
+        .unwrap();
+        let kept = public_on(&mut agent, &keep, &[g1, g2]).await;
+
+        write(&both, &[&added]);
+        agent.signal(Signal::Hup).unwrap();
+        let fresh = public_on(&mut agent, &added, &[g1, g2]).await;
+        for p in &fresh {
+            clients(*p, 10, 2, 3).await;
+        }
+        // The removed forward's port is given back on each gateway (Unbind).
+        for p in &kept {
+            let deadline = Instant::now() + WAIT;
+            while tokio::net::TcpStream::connect(p).await.is_ok() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{p} still listens after the reload"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        // One gateway fewer: a restart is needed, both sessions carry on.
+        write(&both[..1], &[&added]);
+        agent.signal(Signal::Hup).unwrap();
+        agent
+            .wait_stderr("`gateways` changed, but it needs a restart", WAIT)
+            .await
+            .unwrap();
+        for p in &fresh {
+            clients(*p, 4, 2, 4).await;
+        }
+    })
+    .await;
 }

@@ -42,6 +42,8 @@ pub enum ErrorCode {
     PortInUse = 16,
     /// Too many failed attempts from this address; try later.
     RateLimited = 17,
+    /// The key was revoked, or has expired, on the gateway: it will not be accepted again.
+    KeyRevoked = 18,
 }
 
 impl ErrorCode {
@@ -67,6 +69,7 @@ impl ErrorCode {
             15 => PortNotGranted,
             16 => PortInUse,
             17 => RateLimited,
+            18 => KeyRevoked,
             _ => Internal,
         }
     }
@@ -93,6 +96,7 @@ impl ErrorCode {
             PortNotGranted => "port not granted",
             PortInUse => "port in use",
             RateLimited => "rate limited",
+            KeyRevoked => "key revoked or expired",
         }
     }
 }
@@ -129,7 +133,7 @@ mod tests {
 
     #[test]
     fn codes_roundtrip_and_unknown_is_internal() {
-        for v in 0..=17u32 {
+        for v in 0..=18u32 {
             let c = ErrorCode::from_u32(v);
             if v != 14 {
                 assert_eq!(c as u32, v);

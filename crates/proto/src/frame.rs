@@ -55,6 +55,10 @@ pub enum Kind {
     Bind = 0x13,
     /// Gateway to agent: the answer to one [`Kind::Bind`].
     BindResult = 0x14,
+    /// Agent to gateway: gives one bound service's port back; payload is an
+    /// [`crate::message::Unbind`]. Sent only to a gateway whose `AuthOk` offers
+    /// [`crate::message::FEATURE_UNBIND`].
+    Unbind = 0x15,
 }
 
 impl Kind {
@@ -72,6 +76,7 @@ impl Kind {
             0x12 => Self::AuthOk,
             0x13 => Self::Bind,
             0x14 => Self::BindResult,
+            0x15 => Self::Unbind,
             _ => return None,
         })
     }
@@ -87,6 +92,7 @@ impl Kind {
                 | Self::AuthOk
                 | Self::Bind
                 | Self::BindResult
+                | Self::Unbind
         )
     }
 }

@@ -126,7 +126,17 @@ pub struct AuthOk {
     pub name: String,
     /// Parameters both sides use for this session.
     pub params: SessionParams,
+    /// What the gateway understands beyond version 1's first messages ([`FEATURE_UNBIND`]).
+    /// Sent as a trailing `u32` when not zero; a gateway that sends none offers none.
+    pub features: u32,
 }
+
+/// In [`AuthOk::features`]: the gateway takes [`Unbind`] (an agent may give a port back
+/// within a session). An agent sends `Unbind` only when the gateway offers this.
+pub const FEATURE_UNBIND: u32 = 0x1;
+
+/// Every feature this crate's gateway offers.
+pub const FEATURES: u32 = FEATURE_UNBIND;
 
 /// Settings the gateway fixes for a session; both sides enforce them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,9 +182,13 @@ pub struct Bind {
     pub port: u16,
     /// A label for logs.
     pub name: String,
+    /// A unix socket path on the gateway to listen on instead of a port (`port` is then 0).
+    /// Sent after the name, only when set (or as an empty string when only the group follows);
+    /// a gateway grants paths explicitly.
+    pub path: Option<String>,
     /// The group this service joins: agents whose binds name the same group share one public
-    /// port, and its clients are spread over them. Sent only when set (an older agent sends
-    /// none, and an older gateway reads none).
+    /// port, and its clients are spread over them. Sent after the path, only when set (an
+    /// older agent sends none, and an older gateway ignores it).
     pub group: Option<String>,
 }
 
@@ -187,6 +201,14 @@ pub struct BindResult {
     pub code: ErrorCode,
     /// The public address clients use (when granted), or the reason (when not).
     pub text: String,
+}
+
+/// Agent to gateway: the agent no longer publishes this service (its forward was removed
+/// from its config); the gateway closes the port and its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unbind {
+    /// The service id of an earlier [`Bind`] of this session.
+    pub service: u32,
 }
 
 /// Opens a stream: which service, and who the client is.
@@ -436,6 +458,9 @@ impl AuthOk {
         ] {
             b.put_u32(v);
         }
+        if self.features != 0 {
+            b.put_u32(self.features);
+        }
         Frame::new(Kind::AuthOk, 0, 0, b.freeze())
     }
     /// From a payload; parameters are checked for sanity so a hostile gateway cannot make the
@@ -453,7 +478,13 @@ impl AuthOk {
             max_streams: r.u32()?,
         };
         params.validate()?;
-        Ok(AuthOk { name, params })
+        // An older gateway ends here: it offers no features.
+        let features = if r.buf.len() >= 4 { r.u32()? } else { 0 };
+        Ok(AuthOk {
+            name,
+            params,
+            features,
+        })
     }
 }
 
@@ -515,6 +546,11 @@ impl Bind {
         b.put_u8(self.protocol as u8);
         b.put_u16(self.port);
         put_string(&mut b, &self.name);
+        // Both trailing fields are optional; the path comes first (an empty one stands for
+        // none when a group follows), so a gateway that knows only the path still reads it.
+        if self.path.is_some() || self.group.is_some() {
+            put_string(&mut b, self.path.as_deref().unwrap_or(""));
+        }
         if let Some(group) = &self.group {
             put_string(&mut b, group);
         }
@@ -531,7 +567,13 @@ impl Bind {
         };
         let port = r.u16()?;
         let name = r.string()?;
-        // The group is optional (an older agent sends none).
+        // The path and the group are optional (an older agent sends neither); an empty path
+        // stands for none.
+        let path = if r.buf.is_empty() {
+            None
+        } else {
+            Some(r.string()?).filter(|p| !p.is_empty())
+        };
         let group = if r.buf.is_empty() {
             None
         } else {
@@ -542,6 +584,7 @@ impl Bind {
             protocol,
             port,
             name,
+            path,
             group,
         })
     }
@@ -564,6 +607,20 @@ impl BindResult {
             code: ErrorCode::from_u32(r.u32()?),
             text: r.string()?,
         })
+    }
+}
+
+impl Unbind {
+    /// As a frame.
+    pub fn to_frame(&self) -> Frame {
+        let mut b = BytesMut::with_capacity(4);
+        b.put_u32(self.service);
+        Frame::new(Kind::Unbind, 0, 0, b.freeze())
+    }
+    /// From a payload.
+    pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(p, "unbind");
+        Ok(Unbind { service: r.u32()? })
     }
 }
 
@@ -685,6 +742,7 @@ mod tests {
             protocol: Protocol::Tcp,
             port: 8080,
             name: "web".into(),
+            path: None,
             group: None,
         };
         assert_eq!(Bind::decode(&bind.to_frame().payload).unwrap(), bind);
@@ -693,6 +751,33 @@ mod tests {
             ..bind.clone()
         };
         assert_eq!(Bind::decode(&grouped.to_frame().payload).unwrap(), grouped);
+        let unix = Bind {
+            path: Some("/run/burrow/docker.sock".into()),
+            port: 0,
+            ..bind.clone()
+        };
+        assert_eq!(Bind::decode(&unix.to_frame().payload).unwrap(), unix);
+        let both = Bind {
+            group: Some("web-pool".into()),
+            ..unix.clone()
+        };
+        assert_eq!(Bind::decode(&both.to_frame().payload).unwrap(), both);
+        // A bind with neither field is the old layout, byte for byte.
+        let mut old = BytesMut::new();
+        old.put_u32(2);
+        old.put_u8(0);
+        old.put_u16(8080);
+        put_string(&mut old, "web");
+        assert_eq!(&bind.to_frame().payload[..], &old[..]);
+        // A gateway that knows only the path reads a grouped bind's path as the empty string
+        // (which is no path), and a unix bind's path as the path.
+        let frame = grouped.to_frame();
+        let mut r = Reader::new(&frame.payload, "bind");
+        r.u32().unwrap();
+        r.u8().unwrap();
+        r.u16().unwrap();
+        r.string().unwrap();
+        assert_eq!(r.string().unwrap(), "");
         let res = BindResult {
             service: 2,
             code: ErrorCode::PortInUse,
@@ -702,8 +787,16 @@ mod tests {
         let ok = AuthOk {
             name: "home".into(),
             params: SessionParams::default(),
+            features: FEATURES,
         };
         assert_eq!(AuthOk::decode(&ok.to_frame().payload).unwrap(), ok);
+        // An older gateway's AuthOk, without the features: none offered.
+        let old = ok.to_frame().payload;
+        let old = AuthOk::decode(&old[..old.len() - 4]).unwrap();
+        assert_eq!(old.features, 0);
+        assert_eq!(old.params, ok.params);
+        let unbind = Unbind { service: 9 };
+        assert_eq!(Unbind::decode(&unbind.to_frame().payload).unwrap(), unbind);
         let ga = GoAway {
             code: ErrorCode::AuthFailed,
             message: "no".into(),
@@ -806,6 +899,7 @@ mod tests {
             let _ = AuthOk::decode(&data);
             let _ = Bind::decode(&data);
             let _ = BindResult::decode(&data);
+            let _ = Unbind::decode(&data);
             let _ = Open::decode(&data);
             let _ = GoAway::decode(&data);
         }

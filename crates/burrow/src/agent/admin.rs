@@ -14,9 +14,10 @@ use tokio::sync::watch;
 
 use super::{AgentStatus, ForwardStatus};
 use crate::admin::metrics::{unix_secs, ServiceTally, Tally};
-use crate::admin::status::{AgentRow, Reconnect, ServiceRow, SessionRow, Status, Totals};
+use crate::admin::status::{udp_row, AgentRow, Reconnect, ServiceRow, SessionRow, Status, Totals};
 use crate::admin::Report;
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Forward, Protocol};
+use crate::udp::UdpCounters;
 
 /// The agent's side of its admin server.
 pub(super) struct AgentReport {
@@ -24,6 +25,8 @@ pub(super) struct AgentReport {
     /// One per gateway, in the order of [`AgentConfig::gateways`].
     pub(super) statuses: Vec<watch::Receiver<AgentStatus>>,
     pub(super) tally: Arc<Tally>,
+    /// The forwards in force (after a reload, not the config's at start).
+    pub(super) forwards: watch::Receiver<Arc<Vec<Forward>>>,
 }
 
 impl std::fmt::Debug for AgentReport {
@@ -48,6 +51,7 @@ fn row(name: &str, t: Option<&Arc<ServiceTally>>) -> ServiceRow {
         streams_refused: t.map_or(0, |t| t.refused_total()),
         bytes_to_service: r(|t| &t.bytes_to_service),
         bytes_to_client: r(|t| &t.bytes_to_client),
+        udp: None,
     }
 }
 
@@ -60,6 +64,13 @@ impl Report for AgentReport {
             .services()
             .into_iter()
             .map(|((_, s), t)| (s, t))
+            .collect();
+        let configured = self.forwards.borrow().clone();
+        let udp: HashMap<String, Arc<UdpCounters>> = self
+            .tally
+            .udp_services()
+            .into_iter()
+            .map(|((_, s), c)| (s, c))
             .collect();
         // One row per gateway: the session with it and the forwards as it answered them (the
         // counters are the forward's, over every gateway).
@@ -79,15 +90,18 @@ impl Report for AgentReport {
                         rtt_ms: m.rtt().map(|d| d.as_secs_f64() * 1000.0),
                         streams: m.session.stream_count() as u64,
                     });
-                let forwards = self
-                    .config
-                    .forwards
+                let forwards = st
+                    .names
                     .iter()
                     .enumerate()
-                    .map(|(i, f)| {
-                        let mut r = row(&f.name, services.get(&f.name));
-                        r.target = Some(f.target.to_string());
-                        r.group = f.group.clone();
+                    .map(|(i, name)| {
+                        let mut r = row(name, services.get(name));
+                        let f = configured.iter().find(|f| f.name == *name);
+                        r.target = f.map(|f| f.target.to_string());
+                        r.group = f.and_then(|f| f.group.clone());
+                        if f.is_some_and(|f| f.protocol == Protocol::Udp) {
+                            r.udp = Some(udp_row(udp.get(name)));
+                        }
                         match st.forwards.get(i) {
                             Some(ForwardStatus::Granted(public)) => {
                                 r.state = "granted".into();
@@ -150,6 +164,7 @@ impl Report for AgentReport {
             config: self.config.clone(),
             statuses: self.statuses.clone(),
             tally: self.tally.clone(),
+            forwards: self.forwards.clone(),
         })
     }
 }

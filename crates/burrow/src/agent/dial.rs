@@ -21,6 +21,9 @@ pub(super) struct Failure {
     pub(super) message: String,
     /// Whether retrying cannot help (the agent stops when it never had a session).
     pub(super) fatal: bool,
+    /// Whether retrying can never help, even after a session (a revoked key): the agent
+    /// stops whenever it meets this.
+    pub(super) for_good: bool,
     /// How long the gateway asked us to wait before trying again.
     pub(super) retry_after: Option<Duration>,
 }
@@ -30,12 +33,14 @@ impl From<transport::DialError> for Failure {
         Failure {
             message: e.message,
             fatal: e.fatal,
+            for_good: false,
             retry_after: None,
         }
     }
 }
 
-/// Dial (through `proxy`, if any), TLS, handshake: a live session or a described error.
+/// Dial (through `proxy`, if any), TLS, handshake: a live session and the features the
+/// gateway offers ([`burrow_proto::message::AuthOk::features`]), or a described error.
 pub(super) async fn connect(
     cfg: &AgentConfig,
     gw: &GatewayEndpoint,
@@ -43,7 +48,7 @@ pub(super) async fn connect(
     proxy: Option<&transport::ProxyUrl>,
     tls: Option<Arc<rustls::ClientConfig>>,
     tally: &Tally,
-) -> Result<session::Started, Failure> {
+) -> Result<(session::Started, u32), Failure> {
     let handshake_deadline = cfg.limits.handshake_timeout;
     let attempt = async {
         let mut conn =
@@ -58,16 +63,10 @@ pub(super) async fn connect(
         )
         .await
         .map_err(|e| describe_handshake(gw, e))?;
-        info!(name = %ok.name, "connected to gateway");
+        info!(gateway = %gw.gateway, name = %ok.name, carrier = conn.carrier(), "connected to gateway");
         tally.set_name(&gw.gateway, &ok.name);
-        let started = session::start(
-            conn.io,
-            leftover,
-            Side::Client,
-            ok.params,
-            gw.gateway.clone(),
-        );
-        Ok(started)
+        let started = conn.start(leftover, Side::Client, ok.params, gw.gateway.clone());
+        Ok((started, ok.features))
     };
     tokio::time::timeout(handshake_deadline, attempt)
         .await
@@ -78,6 +77,7 @@ pub(super) async fn connect(
                 proxy.map_or(String::new(), |p| format!(" (through proxy {p})"))
             ),
             fatal: false,
+            for_good: false,
             retry_after: None,
         })?
 }
@@ -88,6 +88,7 @@ pub(super) fn gateway_url(gw: &GatewayEndpoint) -> Result<transport::GatewayUrl,
     let mut url = transport::GatewayUrl::parse(&gw.gateway).map_err(|e| Failure {
         message: e.to_string(),
         fatal: true,
+        for_good: false,
         retry_after: None,
     })?;
     if matches!(gw.trust, Trust::Plain) && url.scheme == transport::Scheme::Tls {
@@ -101,6 +102,7 @@ pub(super) fn describe_handshake(gw: &GatewayEndpoint, e: handshake::HandshakeEr
     let failure = |message: String, fatal: bool| Failure {
         message,
         fatal,
+        for_good: false,
         retry_after: None,
     };
     match e {
@@ -120,6 +122,14 @@ pub(super) fn describe_handshake(gw: &GatewayEndpoint, e: handshake::HandshakeEr
                 gw.gateway
             ),
             fatal: true,
+            for_good: false,
+        },
+        // The gateway's operator ended this key: no attempt will ever succeed.
+        Rejected { code: ErrorCode::KeyRevoked, message } => Failure {
+            message: format!("gateway {} refused the key: {message}", gw.gateway),
+            fatal: true,
+            for_good: true,
+            retry_after: None,
         },
         Rejected { code, message } => failure(
             format!("gateway {} refused the session: {message} ({code})", gw.gateway),

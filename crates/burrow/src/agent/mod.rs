@@ -17,6 +17,10 @@
 //!
 //! Forwards the gateway refuses for a reason that may pass (port in use, a limit) are asked
 //! for again in the same session, after [`BIND_RETRY_BASE`] doubling up to `max_backoff`.
+//! A key the gateway revoked (or whose token expired) stops the agent whenever it is told so.
+//!
+//! The forwards can change while it runs ([`AgentHandle::reload`]): the session binds the
+//! added ones and gives the removed ones back, leaving the others alone.
 //!
 //! Several gateways: the agent keeps a session with each (its *uplinks*), publishes the same
 //! forwards on each, and reconnects to each on its own, with its own backoff. Every log line
@@ -25,7 +29,7 @@
 //! stopped so.
 //!
 //! The parts: `dial` (reaching the gateway and describing what failed), `forwards` (one
-//! session's binds and streams) and `admin` (what the admin server reads).
+//! session's binds and streams, and reloads) and `admin` (what the admin server reads).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +48,9 @@ mod forwards;
 use dial::{connect, gateway_url};
 use forwards::serve;
 
+use crate::admin::api::ReloadReport;
 use crate::admin::metrics::{SessionMeta, Tally};
-use crate::config::{AgentConfig, GatewayEndpoint, Trust};
+use crate::config::{AgentConfig, Forward, GatewayEndpoint, Trust};
 use crate::session::{self, SessionEnd};
 use crate::transport;
 
@@ -72,6 +77,8 @@ pub struct AgentStatus {
     pub connected: bool,
     /// Sessions established so far.
     pub sessions: u64,
+    /// One entry per configured forward, in order: its name.
+    pub names: Vec<String>,
     /// One entry per configured forward, in order.
     pub forwards: Vec<ForwardStatus>,
     /// The last error, if the agent is between sessions.
@@ -118,9 +125,11 @@ pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, jitter: f64) -
 pub struct Agent {
     config: AgentConfig,
     /// One per gateway, in the order of [`AgentConfig::gateways`].
-    statuses: Vec<watch::Sender<AgentStatus>>,
+    statuses: Vec<Arc<watch::Sender<AgentStatus>>>,
     /// What the admin server shows beyond the statuses.
     tally: Arc<Tally>,
+    /// The forwards in force (a reload changes them).
+    forwards: Arc<watch::Sender<Arc<Vec<Forward>>>>,
 }
 
 impl Agent {
@@ -131,17 +140,20 @@ impl Agent {
             .iter()
             .map(|_| {
                 let status = AgentStatus {
+                    names: config.forwards.iter().map(|f| f.name.clone()).collect(),
                     forwards: vec![ForwardStatus::Pending; config.forwards.len()],
                     forward_retries: vec![None; config.forwards.len()],
                     ..AgentStatus::default()
                 };
-                watch::channel(status).0
+                Arc::new(watch::channel(status).0)
             })
             .collect();
+        let (forwards, _) = watch::channel(Arc::new(config.forwards.clone()));
         Agent {
             config,
             statuses,
             tally: Arc::new(Tally::new("agent")),
+            forwards: Arc::new(forwards),
         }
     }
 
@@ -151,7 +163,18 @@ impl Agent {
             config: self.config.clone(),
             statuses: self.statuses(),
             tally: self.tally.clone(),
+            forwards: self.forwards.subscribe(),
         })
+    }
+
+    /// A handle that changes the running agent's forwards ([`AgentHandle::reload`]), on
+    /// every gateway.
+    pub fn handle(&self) -> AgentHandle {
+        AgentHandle {
+            config: Arc::new(self.config.clone()),
+            statuses: self.statuses.clone(),
+            forwards: self.forwards.clone(),
+        }
     }
 
     /// Watches the agent's status with its (first) gateway.
@@ -162,7 +185,7 @@ impl Agent {
     /// Watches the agent's status with each gateway, in the order of
     /// [`AgentConfig::gateways`].
     pub fn statuses(&self) -> Vec<watch::Receiver<AgentStatus>> {
-        self.statuses.iter().map(watch::Sender::subscribe).collect()
+        self.statuses.iter().map(|s| s.subscribe()).collect()
     }
 
     /// Runs until `shutdown`, reconnecting to each gateway forever once a session with it has
@@ -185,6 +208,7 @@ impl Agent {
                 gw,
                 status,
                 tally: &self.tally,
+                forwards: &self.forwards,
                 tracker: TaskTracker::new(),
             };
             let shutdown = shutdown.clone();
@@ -229,6 +253,8 @@ struct Uplink<'a> {
     gw: GatewayEndpoint,
     status: &'a watch::Sender<AgentStatus>,
     tally: &'a Arc<Tally>,
+    /// The forwards in force, which every uplink follows.
+    forwards: &'a watch::Sender<Arc<Vec<Forward>>>,
     /// Its streams, drained when it stops.
     tracker: TaskTracker,
 }
@@ -241,6 +267,7 @@ impl Uplink<'_> {
         let gw = &self.gw;
         let tally = self.tally;
         let tracker = &self.tracker;
+        let mut forwards = self.forwards.subscribe();
         let tls = match &gw.trust {
             Trust::Plain => {
                 warn!("plain transport (tcp:// or ws://): the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
@@ -268,7 +295,7 @@ impl Uplink<'_> {
             // At least this long before the next attempt (what a rate limit asks for).
             let mut at_least = Duration::ZERO;
             let why = match dialed {
-                Ok(started) => {
+                Ok((started, features)) => {
                     let session = started.session.clone();
                     let began = Instant::now();
                     tally.handshake_took(dialing.elapsed());
@@ -293,6 +320,8 @@ impl Uplink<'_> {
                         cfg,
                         &gw.gateway,
                         started,
+                        features & burrow_proto::message::FEATURE_UNBIND != 0,
+                        &mut forwards,
                         self.status,
                         tracker,
                         shutdown,
@@ -340,6 +369,14 @@ impl Uplink<'_> {
                             return Err(AgentError(why));
                         }
                     };
+                    if end.by_peer && end.code == ErrorCode::KeyRevoked {
+                        let why =
+                            format!("gateway {} closed the session: {}", gw.gateway, end.detail);
+                        self.status
+                            .send_modify(|s| s.last_error = Some(why.clone()));
+                        drain(tracker, cfg.grace).await;
+                        return Err(AgentError(why));
+                    }
                     let text = end.to_string();
                     let by = (end.by_peer && end.code == ErrorCode::Replaced)
                         .then(|| replaced_by(&end.detail));
@@ -373,7 +410,7 @@ impl Uplink<'_> {
                     }
                 }
                 Err(e) => {
-                    if e.fatal && !ever_connected {
+                    if e.fatal && (!ever_connected || e.for_good) {
                         self.status
                             .send_modify(|s| s.last_error = Some(e.message.clone()));
                         tally.agent_error(&gw.gateway, &e.message);
@@ -416,6 +453,103 @@ impl Uplink<'_> {
         drain(tracker, cfg.grace).await;
         Ok(())
     }
+}
+
+/// Changes a running agent's forwards.
+#[derive(Clone)]
+pub struct AgentHandle {
+    /// The settings it started with.
+    config: Arc<AgentConfig>,
+    /// One per gateway: a reload changes the forwards on each.
+    statuses: Vec<Arc<watch::Sender<AgentStatus>>>,
+    forwards: Arc<watch::Sender<Arc<Vec<Forward>>>>,
+}
+
+impl std::fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentHandle")
+    }
+}
+
+impl AgentHandle {
+    /// Makes `new`'s forwards the ones in force: the session binds the added ones and gives
+    /// the removed ones back (a changed forward is both); reports the other settings that
+    /// changed as needing a restart, and leaves them as they were.
+    pub fn reload(&self, new: AgentConfig) -> Result<ReloadReport, String> {
+        let old = self.forwards.borrow().clone();
+        let mut changes = Vec::new();
+        for f in old.iter().filter(|f| !new.forwards.contains(f)) {
+            changes.push(format!("forward {} removed", f.name));
+        }
+        for f in new.forwards.iter().filter(|f| !old.contains(f)) {
+            changes.push(format!("forward {} added", f.name));
+        }
+        let unchanged = old.iter().filter(|f| new.forwards.contains(f)).count();
+        if *old != new.forwards {
+            let list = Arc::new(new.forwards.clone());
+            self.forwards.send_replace(list.clone());
+            // Every gateway's session follows the list. A session shows the new list itself
+            // once it follows it; between sessions, show it now.
+            for status in &self.statuses {
+                status.send_modify(|s| {
+                    if s.connected {
+                        return;
+                    }
+                    s.names = list.iter().map(|f| f.name.clone()).collect();
+                    s.forwards = vec![ForwardStatus::Pending; list.len()];
+                    s.forward_retries = vec![None; list.len()];
+                });
+            }
+        }
+        Ok(ReloadReport {
+            file: String::new(),
+            changes,
+            unchanged,
+            restart_needed: restart_needed(&self.config, &new),
+        })
+    }
+}
+
+/// The settings of `new` that differ from `old` and take a restart (all but the forwards).
+/// Every field is named, so that a new setting cannot be left out of this list unnoticed.
+fn restart_needed(old: &AgentConfig, new: &AgentConfig) -> Vec<String> {
+    let AgentConfig {
+        gateway,
+        key,
+        trust,
+        server_name,
+        extra_gateways,
+        proxy,
+        forwards: _,
+        limits,
+        max_backoff,
+        connect_timeout,
+        grace,
+        udp,
+        key_file,
+        admin,
+    } = new;
+    let mut out = Vec::new();
+    let mut differs = |same: bool, key: &str| {
+        if !same {
+            out.push(key.to_string());
+        }
+    };
+    differs(*gateway == old.gateway, "gateway");
+    differs(key.hash() == old.key.hash(), "key");
+    differs(*key_file == old.key_file, "key_file");
+    differs(*trust == old.trust, "fingerprint/ca");
+    differs(*server_name == old.server_name, "server_name");
+    differs(*extra_gateways == old.extra_gateways, "gateways");
+    differs(*proxy == old.proxy, "proxy");
+    differs(*limits == old.limits, "limits");
+    differs(*max_backoff == old.max_backoff, "max_backoff");
+    differs(*connect_timeout == old.connect_timeout, "connect_timeout");
+    differs(*grace == old.grace, "grace");
+    differs(*udp == old.udp, "udp");
+    differs(admin.listen == old.admin.listen, "admin");
+    differs(admin.token == old.admin.token, "admin_token");
+    out
 }
 
 /// How a served session ended.

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use super::Route;
 
@@ -43,6 +44,9 @@ pub(super) struct Member {
     pub(super) route: Route,
     /// The agent's public connections (`max_public_conns_per_agent`).
     pub(super) conns: Arc<Semaphore>,
+    /// Closes this member's public connections through the port (its grant narrowed, its
+    /// agent removed or its forward unbound); not cancelled at shutdown, where they drain.
+    pub(super) close: CancellationToken,
     /// Streams open through this port to this member.
     active: Arc<AtomicUsize>,
 }
@@ -54,6 +58,7 @@ impl Member {
             generation,
             route,
             conns,
+            close: CancellationToken::new(),
             active: Arc::default(),
         }
     }
@@ -107,6 +112,17 @@ impl Routes {
     pub(super) fn leave(&mut self, agent: &str, generation: u64) {
         self.members
             .retain(|m| !(m.agent == agent && m.generation == generation));
+    }
+
+    /// Takes `agent`'s member out (whichever its session), to close what it carries.
+    pub(super) fn take(&mut self, agent: &str) -> Option<Member> {
+        let i = self.members.iter().position(|m| m.agent == agent)?;
+        Some(self.members.remove(i))
+    }
+
+    /// The member of `agent`, if one of its sessions routes the port.
+    pub(super) fn member(&self, agent: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.agent == agent)
     }
 
     /// Sessions routing the port now.

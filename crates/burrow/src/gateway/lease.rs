@@ -59,8 +59,9 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
     if leases.is_empty() {
         return;
     }
+    let grants = hub.grants();
     let by_name: HashMap<&str, &Arc<AgentGrant>> =
-        hub.grants.values().map(|g| (g.name.as_str(), g)).collect();
+        grants.values().map(|g| (g.name.as_str(), g)).collect();
     let lease_id = hub.leases.fetch_add(1, Ordering::Relaxed);
     let mut restored = 0usize;
     let mut agents = std::collections::HashSet::new();
@@ -115,6 +116,7 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
                     owner: None,
                     lease: Some(lease_id),
                     chosen: true,
+                    path: None,
                 },
             );
         }
@@ -190,9 +192,9 @@ pub(super) fn spawn_lease_timer(hub: &Arc<Hub>, name: &str, lease_id: u64) {
                     return true;
                 }
                 if port.close() {
-                    info!(agent = %name, addr = %port.addr, "lease expired; public port closed");
+                    info!(agent = %name, addr = %port.shown(&hub), "lease expired; public port closed");
                 } else {
-                    info!(agent = %name, addr = %port.addr, "lease expired; the agent left the group, whose other members keep the port");
+                    info!(agent = %name, addr = %port.shown(&hub), "lease expired; the agent left the group, whose other members keep the port");
                 }
                 hub.forget_port(&name, service, port);
                 false

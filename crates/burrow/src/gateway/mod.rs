@@ -20,10 +20,15 @@
 //! are spread over the group's live sessions, and the port stays bound while any member holds
 //! it (`groups.rs`).
 //!
+//! The agents it accepts can change while it runs: a reload of the config file or a token
+//! made or revoked swaps the whole set at once, then closes what is no longer granted and
+//! only that (`reload`).
+//!
 //! The parts: `accept` (the tunnel port, up to an authenticated session), `serve` (one
 //! session: its binds and its end), `ports` (public listeners and their connections),
 //! `groups` (who a port's clients go to), `lease` (ports kept for a dropped agent, and across
-//! restarts) and `admin` (what the admin server reads).
+//! restarts), `reload` (a new set of agents: from the config file, or from the tokens) and
+//! `admin` (what the admin server reads).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,11 +50,15 @@ mod admin;
 mod groups;
 mod lease;
 mod ports;
+mod quic;
+mod reload;
 mod serve;
+mod unix;
 
 use accept::accept_loop;
 use lease::{restore_leases, write_leases};
 use ports::{overlapping_grants, public_text};
+pub use reload::GatewayHandle;
 
 use crate::admin::metrics::Tally;
 use crate::config::{AgentGrant, GatewayConfig, KeySpec, PortRange, TransportKind};
@@ -58,6 +67,7 @@ use crate::limiter::{self, AuthLimiter, FdBudget, PreauthTable};
 use crate::session::Session;
 use crate::stats::GatewayStats;
 use crate::tls::{self, GatewayIdentity};
+use crate::tokens::TokenBook;
 use crate::transport;
 use crate::udp;
 
@@ -78,6 +88,8 @@ pub struct Gateway {
     listener: TcpListener,
     /// `ws_listen`: WebSocket only, plain HTTP, behind a TLS-terminating proxy.
     ws_listener: Option<TcpListener>,
+    /// QUIC on UDP (on unless `quic = false` or plain TCP).
+    quic: Option<quinn::Endpoint>,
     identity: Option<GatewayIdentity>,
     generated: Option<SecretKey>,
     /// Whether `generated` was made by this start (rather than read from the state).
@@ -89,7 +101,17 @@ pub struct Gateway {
 struct Hub {
     config: GatewayConfig,
     params: SessionParams,
-    grants: HashMap<KeyHash, Arc<AgentGrant>>,
+    /// The agents accepted now, by key: the config's (or the generated key's) and the active
+    /// tokens'. Swapped whole by a reload or a token change; read through [`Hub::grants`].
+    grants: Mutex<Arc<Grants>>,
+    /// The config's agents in force (or the generated key's), for the next reload.
+    config_agents: Mutex<Vec<AgentGrant>>,
+    /// Tokens issued at run time (`burrow token create`).
+    tokens: Mutex<TokenBook>,
+    /// Wakes the task that ends tokens when they expire.
+    tokens_changed: tokio::sync::Notify,
+    /// Held while the set of agents changes, so that changes apply one after the other.
+    changing: Mutex<()>,
     agents: Mutex<HashMap<String, AgentEntry>>,
     limiter: Mutex<AuthLimiter>,
     /// Connections in their handshake; the token closes one that has to give way.
@@ -140,6 +162,9 @@ impl AgentEntry {
     }
 }
 
+/// The agents a gateway accepts, by key hash.
+type Grants = HashMap<KeyHash, Arc<AgentGrant>>;
+
 struct PortEntry {
     addr: SocketAddr,
     /// The sessions its clients go to; shared with the other members' entries in a group.
@@ -152,9 +177,19 @@ struct PortEntry {
     lease: Option<u64>,
     /// The gateway chose it (a bind for port 0): kept in the lease file across restarts.
     chosen: bool,
+    /// A unix socket endpoint (`addr` is then unused): its path.
+    path: Option<std::path::PathBuf>,
 }
 
 impl PortEntry {
+    /// What clients reach: `unix:PATH`, or the public address.
+    fn shown(&self, hub: &Hub) -> String {
+        match &self.path {
+            Some(p) => format!("unix:{}", p.display()),
+            None => public_text(hub, self.addr),
+        }
+    }
+
     /// Lets go of the port after the entry was taken out of its agent's table: closes the
     /// listener unless another member of its group still holds it. True when closed.
     fn close(&self) -> bool {
@@ -209,22 +244,19 @@ impl Gateway {
                 name: DEFAULT_AGENT_NAME.into(),
                 key: KeySpec::Key(key.clone()),
                 ports: vec![PortRange::UNPRIVILEGED, PortRange::UNPRIVILEGED_UDP],
+                // No unix socket paths: a zero-config gateway creates no files.
+                paths: Vec::new(),
+                socket_mode: crate::config::DEFAULT_SOCKET_MODE,
             });
             generated = Some(key);
         }
+        let config_agents = agents.clone();
         for warning in overlapping_grants(&agents, &config.groups) {
             warn!("{warning}");
         }
-        let mut grants = HashMap::new();
-        for grant in agents {
-            let hash = grant.key.hash();
-            if let Some(prev) = grants.insert(hash, Arc::new(grant)) {
-                return Err(GatewayError(format!(
-                    "agents `{}` and another entry share the same key: give each agent its own key (`burrow keygen`)",
-                    prev.name
-                )));
-            }
-        }
+        let tokens = TokenBook::load(&config.state_dir).map_err(GatewayError)?;
+        let grants =
+            reload::merge(&agents, &tokens, std::time::SystemTime::now()).map_err(GatewayError)?;
         let listener = TcpListener::bind(config.listen).await.map_err(|e| {
             GatewayError(format!(
                 "cannot listen on {}: {e}{}",
@@ -253,6 +285,16 @@ impl Gateway {
             warn!("plain TCP transport: the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
         }
         let params = config.session_params();
+        let quic = match (&identity, config.quic) {
+            (Some(id), true) => Some(quic::bind(
+                config
+                    .quic_listen
+                    .unwrap_or_else(|| listener.local_addr().unwrap_or(config.listen)),
+                id.server_config.clone(),
+                &params,
+            )?),
+            _ => None,
+        };
         let limits = &config.limits;
         let files = limiter::raise_open_files();
         let hard = if files.hard == u64::MAX {
@@ -302,12 +344,17 @@ impl Gateway {
         Ok(Gateway {
             listener,
             ws_listener,
+            quic,
             identity,
             generated,
             generated_now,
             hub: Arc::new(Hub {
                 params,
-                grants,
+                grants: Mutex::new(Arc::new(grants)),
+                config_agents: Mutex::new(config_agents),
+                tokens: Mutex::new(tokens),
+                tokens_changed: tokio::sync::Notify::new(),
+                changing: Mutex::new(()),
                 agents: Mutex::new(agents),
                 limiter: Mutex::new(AuthLimiter::default()),
                 preauth: Mutex::new(preauth),
@@ -337,12 +384,30 @@ impl Gateway {
 
     /// What the admin server ([`crate::admin`]) shows of this gateway.
     pub fn report(&self) -> Arc<dyn crate::admin::Report> {
-        Arc::new(admin::GatewayReport(self.hub.clone(), self.local_addr()))
+        Arc::new(admin::GatewayReport {
+            hub: self.hub.clone(),
+            listen: self.local_addr(),
+            fingerprint: self.fingerprint(),
+        })
+    }
+
+    /// A handle that changes the running gateway's agents: a reload of its config, tokens.
+    pub fn handle(&self) -> GatewayHandle {
+        GatewayHandle {
+            hub: self.hub.clone(),
+            listen: self.local_addr(),
+            fingerprint: self.fingerprint(),
+        }
     }
 
     /// The tunnel listener's address.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.hub.config.listen)
+    }
+
+    /// The UDP address QUIC is served on, if it is.
+    pub fn quic_local_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|e| e.local_addr().ok())
     }
 
     /// The address the `ws_listen` listener is bound to, if there is one.
@@ -369,7 +434,8 @@ impl Gateway {
                 key,
                 self.fingerprint(),
             )
-            .with_ws_path(&self.hub.config.ws_path),
+            .with_ws_path(&self.hub.config.ws_path)
+            .with_quic_port(self.quic_local_addr().map(|a| a.port())),
         )
     }
 
@@ -398,6 +464,7 @@ impl Gateway {
         // Before any agent is served: a returning agent finds its port on lease.
         restore_leases(&hub).await;
         let lease_writer = tokio::spawn(write_leases(hub.clone()));
+        tokio::spawn(reload::expire_tokens(hub.clone()));
         let on_tunnel_port = accept_loop(hub.clone(), self.listener, tunnel, shutdown.clone());
         let on_ws_listener = async {
             if let Some(listener) = self.ws_listener {
@@ -412,7 +479,12 @@ impl Gateway {
                 accept_loop(hub.clone(), listener, acceptor, shutdown.clone()).await;
             }
         };
-        tokio::join!(on_tunnel_port, on_ws_listener);
+        let on_quic = async {
+            if let Some(endpoint) = self.quic {
+                quic::accept_loop(hub.clone(), endpoint, shutdown.clone()).await;
+            }
+        };
+        tokio::join!(on_tunnel_port, on_ws_listener, on_quic);
         info!(
             "shutting down: no new connections; draining streams for up to {:?}",
             hub.config.grace
@@ -439,6 +511,11 @@ impl Gateway {
 }
 
 impl Hub {
+    /// The agents accepted now.
+    fn grants(&self) -> Arc<Grants> {
+        lock(&self.grants).clone()
+    }
+
     /// Keeps the port the gateway chose for `agent`'s `service` (of `group`) across restarts.
     fn remember_port(&self, agent: &str, service: &str, port: u16, group: Option<&str>) {
         if !lock(&self.lease_book).set(agent, service, port, group) {

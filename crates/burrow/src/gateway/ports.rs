@@ -47,7 +47,7 @@ pub(super) fn make_room(
             ));
         };
         if let Some(port) = entry.ports.remove(&key) {
-            info!(addr = %port.addr, "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
+            info!(addr = %port.shown(hub), "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
             port.close();
             hub.forget_port(&grant.name, &key.1, &port);
         }
@@ -138,6 +138,17 @@ pub(super) async fn bind_port(
             text,
         }
     };
+    if bind.path.is_some() {
+        if bind.group.is_some() {
+            return refuse(
+                ErrorCode::PortNotGranted,
+                "a group shares a public port; a unix socket endpoint cannot join one (drop the \
+                 forward's ?group= or give it a port)"
+                    .into(),
+            );
+        }
+        return super::unix::bind_path(hub, grant, session, generation, bind).await;
+    }
     let proto = match bind.protocol {
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",
@@ -208,7 +219,7 @@ pub(super) async fn bind_port(
                         "port {port} is the public port of group `{g}` on this gateway, and this forward is in group `{mine}`: a forward joins a group only with the same group name"
                     ),
                     (Some(g), None) => format!(
-                        "port {port} is the public port of group `{g}` on this gateway (agents {}): to share it, put this forward in the group too (,group={g} after the spec, or group = \"{g}\" in [[forwards]])",
+                        "port {port} is the public port of group `{g}` on this gateway (agents {}): to share it, put this forward in the group too (?group={g} after the spec, or group = \"{g}\" in [[forwards]])",
                         lock(&h.route).agents().join(", ")
                     ),
                     (None, _) => format!(
@@ -248,7 +259,7 @@ pub(super) async fn bind_port(
                 let routes = lock(&existing.route);
                 routes.group == bind.group || !routes.shared()
             };
-            if same_port && same_listener && fits {
+            if same_port && same_listener && fits && existing.path.is_none() {
                 let members = {
                     let mut routes = lock(&existing.route);
                     routes.group = bind.group.clone();
@@ -303,6 +314,7 @@ pub(super) async fn bind_port(
                     owner: Some(generation),
                     lease: None,
                     chosen: false,
+                    path: None,
                 },
             );
             let text = public_text(hub, h.addr);
@@ -361,6 +373,13 @@ pub(super) async fn bind_port(
         let entry = agents
             .entry(grant.name.clone())
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
+        // The session may have ended, or its agent been removed (a reload), meanwhile.
+        if !matches!(entry.session, Some((g, ..)) if g == generation) {
+            return refuse(
+                ErrorCode::Replaced,
+                "this session ended before its port was bound".into(),
+            );
+        }
         // Another session of this agent may have bound meanwhile.
         if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
@@ -388,6 +407,7 @@ pub(super) async fn bind_port(
                 owner: Some(generation),
                 lease: None,
                 chosen,
+                path: None,
             },
         );
         route
@@ -414,7 +434,7 @@ pub(super) async fn bind_port(
                     flows: m.route.flows.clone(),
                 })
             };
-            let counters = Arc::new(udp::UdpCounters::default());
+            let counters = hub.tally.udp(&grant.name, &bind.name);
             let settings = hub.config.udp;
             tokio::spawn(
                 async move {
@@ -683,7 +703,7 @@ pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
             debug!(%client, "no agent session for this port right now; closing the connection");
             continue;
         };
-        let (agent, route) = (member.agent, member.route);
+        let (agent, route) = (member.agent.clone(), member.route.clone());
         let permits = match take_public(&hub, &member.conns, &agent) {
             Ok(p) => p,
             Err(why) => {
@@ -716,6 +736,7 @@ pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
         bump(&hub.stats.streams);
         let meter = hub.tally.stream(&agent, &route.name);
         let hub2 = hub.clone();
+        let close = member.close.clone();
         hub.tracker.spawn(
             async move {
                 let _permits = permits;
@@ -723,8 +744,14 @@ pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
                 let _live = GaugeGuard::new(&hub2.stats.active_streams);
                 let started = Instant::now();
                 let mut local = Local::Tcp(tcp);
-                let stats =
-                    relay::relay_metered(&stream, &mut local, Some(meter.meter(true))).await;
+                let stats = tokio::select! {
+                    stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(true))) => stats,
+                    _ = close.cancelled() => {
+                        stream.reset(ErrorCode::PortNotGranted);
+                        debug!(%client, service = %route.name, "connection closed: its port is no longer granted");
+                        return;
+                    }
+                };
                 relay::log_end(
                     &route.name,
                     Some(client),
@@ -753,6 +780,8 @@ mod tests {
                 .iter()
                 .map(|&(start, end)| PortRange::tcp(start, end))
                 .collect(),
+            paths: Vec::new(),
+            socket_mode: crate::config::DEFAULT_SOCKET_MODE,
         };
         let agents = [
             grant("a", &[(8080, 8080), (9000, 9100)]),

@@ -197,6 +197,9 @@ pub enum Verdict {
     AcceptIfProven(String, SessionParams, ErrorCode, String),
     /// Refused with a code and a message for the client (never naming a secret).
     Refuse(ErrorCode, String),
+    /// Refused with this code and message if the proof verifies (a revoked key: only its
+    /// holder learns why); otherwise refused as an unknown key.
+    RefuseIfProven(ErrorCode, String),
 }
 
 /// What the gateway learned from a successful handshake.
@@ -274,6 +277,7 @@ pub async fn server_bound(
             let ok = AuthOk {
                 name: name.clone(),
                 params,
+                features: message::FEATURES,
             };
             write_frames(io, &[], &[ok.to_frame()]).await?;
             Ok(Accepted {
@@ -285,9 +289,18 @@ pub async fn server_bound(
             })
         }
         (_, Verdict::Refuse(code, message))
-        | (false, Verdict::AcceptIfProven(_, _, code, message)) => {
+        | (false, Verdict::AcceptIfProven(_, _, code, message))
+        | (true, Verdict::RefuseIfProven(code, message)) => {
             refuse(io, code, &message).await?;
             Err(HandshakeError::Rejected { code, message })
+        }
+        (false, Verdict::RefuseIfProven(..)) => {
+            let message = "key not accepted by this gateway".to_string();
+            refuse(io, ErrorCode::AuthFailed, &message).await?;
+            Err(HandshakeError::Rejected {
+                code: ErrorCode::AuthFailed,
+                message,
+            })
         }
         (false, Verdict::Accept(..)) => {
             let message = "key proof does not verify".to_string();
