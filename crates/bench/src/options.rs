@@ -64,6 +64,15 @@ pub struct Args {
     #[arg(long)]
     skip_relay: bool,
 
+    /// Leave out the UDP rows
+    #[arg(long)]
+    skip_udp: bool,
+
+    /// Only the UDP rows (no TCP throughput, latency, memory or relay), e.g. to compare
+    /// `[udp]` settings given with --gateway-config and --agent-config
+    #[arg(long, conflicts_with = "skip_udp")]
+    only_udp: bool,
+
     /// Also write the raw results as JSON to FILE
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -133,6 +142,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The datagram sizes of the UDP rows, bytes: a full Ethernet-sized payload, and a small one
+/// where the cost per datagram dominates.
+pub const UDP_SIZES: [usize; 2] = [1400, 64];
+
 /// What to run, with every default filled in.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -147,6 +160,10 @@ pub struct Settings {
     pub conns: Vec<u32>,
     /// Whether to measure the 2-hop relay reference.
     pub relay: bool,
+    /// Whether to measure UDP (datagrams of each of [`UDP_SIZES`] bytes).
+    pub udp: bool,
+    /// Whether to measure the TCP workloads (throughput, latency).
+    pub tcp: bool,
     /// The tunnels to measure, in order, each once; never empty.
     pub transports: Vec<Transport>,
     pub json: Option<PathBuf>,
@@ -159,7 +176,7 @@ impl Args {
     pub fn settings(self) -> Settings {
         let quick = self.quick;
         let pick = |full, small| if quick { small } else { full };
-        let conns = match (self.skip_memory, self.conns) {
+        let conns = match (self.skip_memory || self.only_udp, self.conns) {
             (true, _) => Vec::new(),
             (false, Some(list)) => list,
             (false, None) if quick => vec![100, 500],
@@ -178,7 +195,9 @@ impl Args {
             rr_iters: self.rr_iters.unwrap_or(pick(20_000, 500)),
             connect_iters: self.connect_iters.unwrap_or(pick(2_000, 100)),
             conns,
-            relay: !self.skip_relay,
+            relay: !self.skip_relay && !self.only_udp,
+            udp: !self.skip_udp,
+            tcp: !self.only_udp,
             transports: match self.transport {
                 Some(items) => transports(&items),
                 // The quick run is CI's smoke test: it goes through the WebSocket path too.
@@ -239,6 +258,14 @@ mod tests {
     fn relay_flags() {
         assert!(Args::parse_from(["b"]).settings().relay);
         assert!(!Args::parse_from(["b", "--skip-relay"]).settings().relay);
+        assert!(
+            Args::parse_from(["b", "--quick"]).settings().udp,
+            "CI's run has UDP rows"
+        );
+        assert!(!Args::parse_from(["b", "--skip-udp"]).settings().udp);
+        let s = Args::parse_from(["b", "--only-udp"]).settings();
+        assert!(s.udp && !s.tcp && !s.relay && s.conns.is_empty());
+        assert!(Args::try_parse_from(["b", "--only-udp", "--skip-udp"]).is_err());
         let a = Args::parse_from(["b", "--serve-relay", "127.0.0.1:1", "127.0.0.1:2"]);
         let want: Vec<SocketAddr> = vec![
             "127.0.0.1:1".parse().unwrap(),

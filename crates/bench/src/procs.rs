@@ -351,7 +351,7 @@ impl Transport {
 pub struct Tunnel {
     pub gateway: Proc,
     pub agent: Proc,
-    /// The public address of each target, in the order given.
+    /// The public address of each forward, in the order given.
     pub public: Vec<SocketAddr>,
     /// The gateway's state directory, removed when dropped.
     _state: tempfile::TempDir,
@@ -359,11 +359,12 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// Starts a zero-config gateway on loopback for `transport`, then an agent that dials it
-    /// that way and publishes `targets`, and waits until every forward is granted.
+    /// that way and publishes `forwards` (`--forward` values: `HOST:PORT` for TCP,
+    /// `udp:HOST:PORT`), and waits until every forward is granted.
     pub async fn start(
         bin: &Path,
         transport: Transport,
-        targets: &[SocketAddr],
+        forwards: &[String],
         gateway_config: Option<&Path>,
         agent_config: Option<&Path>,
     ) -> anyhow::Result<Tunnel> {
@@ -407,8 +408,8 @@ impl Tunnel {
             ),
             (_, false) => {}
         }
-        let specs: Vec<String> = targets.iter().map(SocketAddr::to_string).collect();
-        for spec in &specs {
+        let specs = forwards;
+        for spec in specs {
             args.extend(["--forward".to_string(), spec.clone()]);
         }
         if let Some(config) = agent_config {

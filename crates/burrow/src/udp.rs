@@ -471,6 +471,50 @@ struct AgentFlow {
     client: SocketAddr,
     socket: Arc<UdpSocket>,
     stop: CancellationToken,
+    /// What the dispatcher sends on the flow, shared with the flow's task.
+    out: Arc<FlowOut>,
+}
+
+/// The datagrams toward the target of one flow at the agent: the dispatcher sends them, the
+/// flow's task logs them and keeps the flow open while they come.
+#[derive(Debug)]
+struct FlowOut {
+    started: Instant,
+    datagrams: AtomicU64,
+    bytes: AtomicU64,
+    dropped: AtomicU64,
+    /// Nanoseconds after `started` of the last datagram sent toward the target.
+    last_ns: AtomicU64,
+}
+
+impl FlowOut {
+    fn new(started: Instant) -> FlowOut {
+        FlowOut {
+            started,
+            datagrams: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Records a datagram of `len` bytes sent toward the target (or dropped) at `now`.
+    fn note(&self, len: usize, sent: bool, now: Instant) {
+        if sent {
+            self.datagrams.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+            let ns = now.saturating_duration_since(self.started).as_nanos();
+            self.last_ns
+                .fetch_max(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::Relaxed);
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// When the last datagram went toward the target (the start, if none did).
+    fn last(&self) -> Instant {
+        self.started + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed))
+    }
 }
 
 /// Serves the flows of one session at the agent: each datagram from the gateway goes out on
@@ -486,21 +530,29 @@ pub async fn serve_agent_flows(
     settings: UdpSettings,
 ) {
     let mut flows: HashMap<u32, AgentFlow> = HashMap::new();
-    let (ended_tx, mut ended) = mpsc::channel::<u32>(64);
+    // A flow's task cancels its token when the flow ends; the sweep then frees its socket.
+    // (A channel of ended flows, bounded, lost some when many ended at once: their sockets
+    // stayed open for the session's life.)
+    let mut sweep = tokio::time::interval(sweep_period(settings.idle));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let d = tokio::select! {
             d = datagrams.recv() => match d {
                 Some(d) => d,
                 None => break,
             },
-            Some(id) = ended.recv() => {
-                flows.remove(&id);
+            _ = sweep.tick() => {
+                flows.retain(|_, f| !f.stop.is_cancelled());
                 continue;
             }
             _ = session.closed() => break,
         };
         if d.data.len() > settings.max_datagram {
             continue;
+        }
+        // A flow that ended since the last sweep: its datagram opens it again.
+        if flows.get(&d.flow).is_some_and(|f| f.stop.is_cancelled()) {
+            flows.remove(&d.flow);
         }
         if let Some(f) = flows.get(&d.flow) {
             let Some(service) = lock(&services).get(&f.service).cloned() else {
@@ -509,10 +561,13 @@ pub async fn serve_agent_flows(
             if service.stop.is_cancelled() {
                 continue;
             }
-            match f.socket.try_send(&d.data) {
-                Ok(_) => service.counters.to_service(d.data.len()),
-                Err(_) => service.counters.drop_one(),
-            };
+            let sent = f.socket.try_send(&d.data).is_ok();
+            if sent {
+                service.counters.to_service(d.data.len());
+            } else {
+                service.counters.drop_one();
+            }
+            f.out.note(d.data.len(), sent, Instant::now());
             continue;
         }
         let Some(origin) = d.origin else {
@@ -542,7 +597,7 @@ pub async fn serve_agent_flows(
         };
         let open = flows
             .values()
-            .filter(|f| f.service == origin.service)
+            .filter(|f| f.service == origin.service && !f.stop.is_cancelled())
             .count();
         if open >= settings.max_flows {
             service
@@ -562,27 +617,27 @@ pub async fn serve_agent_flows(
             }
         };
         service.counters.flow_opened();
+        let out = Arc::new(FlowOut::new(Instant::now()));
         // Awaited, not `try_send`: a socket this new has no readiness from the runtime yet,
         // so `try_send` would refuse the flow's first datagram. A UDP send does not wait.
-        let first_sent = socket.send(&d.data).await.is_ok();
-        if first_sent {
+        let sent = socket.send(&d.data).await.is_ok();
+        if sent {
             service.counters.to_service(d.data.len());
         } else {
             service.counters.drop_one();
         }
+        out.note(d.data.len(), sent, Instant::now());
         let stop = service.stop.child_token();
-        let first = if first_sent { d.data.len() } else { 0 };
-        tokio::spawn(agent_flow(
-            session.clone(),
-            d.flow,
+        let flow = ReplyFlow {
+            session: session.clone(),
+            flow: d.flow,
             client,
-            socket.clone(),
-            service,
-            settings.idle,
-            first,
-            stop.clone(),
-            ended_tx.clone(),
-        ));
+            socket: socket.clone(),
+            service: service.clone(),
+            idle: settings.idle,
+            out: out.clone(),
+        };
+        tokio::spawn(agent_flow(flow, stop.clone()));
         flows.insert(
             d.flow,
             AgentFlow {
@@ -590,6 +645,7 @@ pub async fn serve_agent_flows(
                 client,
                 socket,
                 stop,
+                out,
             },
         );
     }
@@ -617,25 +673,21 @@ async fn connect_target(service: &UdpService, buffer: usize) -> std::io::Result<
     Ok(socket)
 }
 
-/// One flow's replies: target to gateway, until the flow has been idle both ways for `idle`.
-#[allow(clippy::too_many_arguments)]
-async fn agent_flow(
+/// What a flow's task needs: where replies go, and the flow's datagrams the other way.
+struct ReplyFlow {
     session: Session,
     flow: u32,
     client: SocketAddr,
     socket: Arc<UdpSocket>,
     service: UdpService,
     idle: Duration,
-    first: usize,
-    stop: CancellationToken,
-    ended: mpsc::Sender<u32>,
-) {
-    let started = Instant::now();
-    let mut counts = FlowCounts {
-        to_service: 1,
-        bytes_to_service: first as u64,
-        ..FlowCounts::default()
-    };
+    out: Arc<FlowOut>,
+}
+
+/// One flow's replies: target to gateway, until the flow has been idle both ways for `idle`
+/// (no reply from the target, and no datagram toward it). Then it logs the flow's line.
+async fn agent_flow(f: ReplyFlow, stop: CancellationToken) {
+    let mut counts = FlowCounts::default();
     // The flow's end, however the task ends.
     struct Open(Arc<UdpCounters>);
     impl Drop for Open {
@@ -643,46 +695,54 @@ async fn agent_flow(
             self.0.flow_ended();
         }
     }
-    let _open = Open(service.counters.clone());
+    let _open = Open(f.service.counters.clone());
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-    // Outbound traffic also keeps a flow alive; the dispatcher sends it on the same socket,
-    // and the socket's receive of replies is what this task sees. A flow whose target never
-    // answers ends `idle` after its last reply or its start.
+    let mut last_reply = f.out.started;
+    let mut deadline = f.out.started + f.idle;
     loop {
-        let r = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => break,
-            r = tokio::time::timeout(idle, socket.recv(&mut buf)) => r,
-        };
-        match r {
-            Err(_) => break,
-            Ok(Err(e)) => {
-                // ICMP port unreachable and the like: the target is not there (yet).
-                debug!(service = %service.name, "UDP target: {e}");
-                continue;
-            }
-            Ok(Ok(n)) if n > MAX_DATAGRAM => {
-                counts.dropped += 1;
-                service.counters.drop_one();
-            }
-            Ok(Ok(n)) => {
-                let d = Datagram {
-                    flow,
-                    origin: None,
-                    data: Bytes::copy_from_slice(&buf[..n]),
-                };
-                if session.send_datagram(&d) {
-                    counts.to_client += 1;
-                    counts.bytes_to_client += n as u64;
-                    service.counters.to_client(n);
-                } else {
-                    counts.dropped += 1;
-                    service.counters.drop_one();
+            _ = tokio::time::sleep_until(deadline) => {
+                let last = last_reply.max(f.out.last());
+                if Instant::now().saturating_duration_since(last) >= f.idle {
+                    break;
                 }
+                deadline = last + f.idle;
             }
+            r = f.socket.recv(&mut buf) => match r {
+                Err(e) => {
+                    // ICMP port unreachable and the like: the target is not there (yet).
+                    debug!(service = %f.service.name, "UDP target: {e}");
+                }
+                Ok(n) if n > MAX_DATAGRAM => {
+                    counts.dropped += 1;
+                    f.service.counters.drop_one();
+                }
+                Ok(n) => {
+                    last_reply = Instant::now();
+                    let d = Datagram {
+                        flow: f.flow,
+                        origin: None,
+                        data: Bytes::copy_from_slice(&buf[..n]),
+                    };
+                    if f.session.send_datagram(&d) {
+                        counts.to_client += 1;
+                        counts.bytes_to_client += n as u64;
+                        f.service.counters.to_client(n);
+                    } else {
+                        counts.dropped += 1;
+                        f.service.counters.drop_one();
+                    }
+                }
+            },
         }
     }
-    let _ = ended.try_send(flow);
-    log_flow_end(&service.name, client, &counts, started);
+    // Tells the dispatcher this flow is over (and stops nothing else: the loop is done).
+    stop.cancel();
+    counts.to_service = f.out.datagrams.load(Ordering::Relaxed);
+    counts.bytes_to_service = f.out.bytes.load(Ordering::Relaxed);
+    counts.dropped += f.out.dropped.load(Ordering::Relaxed);
+    log_flow_end(&f.service.name, f.client, &counts, f.out.started);
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use burrow_testkit::targets::{echo_transfer, EchoOpts};
-use burrow_testkit::{AgentSpec, GatewayProc, GatewaySpec, TcpTarget, UdpFaultProxy};
+use burrow_testkit::{AgentSpec, Dnsmasq, GatewayProc, GatewaySpec, TcpTarget, UdpFaultProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -396,67 +396,20 @@ async fn after_a_gateway_restart_the_agent_comes_back_over_quic() {
 /// `dig` through the tunnel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dig_over_quic_asks_a_real_dnsmasq() {
-    for tool in ["/usr/sbin/dnsmasq", "/usr/bin/dig"] {
-        assert!(
-            Path::new(tool).exists(),
-            "{tool} missing: install Debian's dnsmasq-base and dnsutils (.ci/run does)"
-        );
-    }
-    let mut dns = None;
-    for _ in 0..5 {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = tokio::process::Command::new("/usr/sbin/dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--pid-file=",
-                "--log-facility=-",
-                &format!("--port={port}"),
-                "--address=/tunnel.test/192.0.2.53",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start dnsmasq");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        if child.try_wait().unwrap().is_none() {
-            dns = Some((child, port));
-            break;
-        }
-    }
-    let (_dnsmasq, port) = dns.expect("dnsmasq started on a free port");
+    let dns = Dnsmasq::start().await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
     let agent = AgentSpec::new(quic_args(&gw))
-        .forward(&format!("udp:127.0.0.1:{port}"))
+        .forward(&format!("udp:127.0.0.1:{}", dns.port()))
         .start(bin())
         .await
         .unwrap();
-    let out = tokio::process::Command::new("/usr/bin/dig")
-        .args([
-            "@127.0.0.1",
-            "-p",
-            &agent.public(0).port().to_string(),
-            "+short",
-            "+tries=5",
-            "+time=1",
-            "www.tunnel.test",
-            "A",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let answer = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(answer.trim(), "192.0.2.53", "dig over QUIC: {answer}");
+    let (answer, stderr) = burrow_testkit::dns::dig(agent.public(0)).await.unwrap();
+    assert_eq!(
+        answer,
+        burrow_testkit::dns::ADDRESS,
+        "dig over QUIC: {answer} {stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,7 @@
 //! ```
 
 pub mod attack;
+pub mod dns;
 pub mod haproxy;
 pub mod nginx;
 pub mod pki;
@@ -56,6 +57,7 @@ pub mod targets;
 pub mod udp_proxy;
 
 pub use attack::{FloodOpts, IdleFlood};
+pub use dns::Dnsmasq;
 pub use haproxy::Haproxy;
 pub use nginx::Nginx;
 pub use pki::Pki;

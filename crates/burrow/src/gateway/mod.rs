@@ -517,8 +517,15 @@ impl Hub {
     }
 
     /// Keeps the port the gateway chose for `agent`'s `service` (of `group`) across restarts.
-    fn remember_port(&self, agent: &str, service: &str, port: u16, group: Option<&str>) {
-        if !lock(&self.lease_book).set(agent, service, port, group) {
+    fn remember_port(
+        &self,
+        agent: &str,
+        protocol: Protocol,
+        service: &str,
+        port: u16,
+        group: Option<&str>,
+    ) {
+        if !lock(&self.lease_book).set(agent, protocol, service, port, group) {
             debug!(
                 agent,
                 service,
@@ -531,9 +538,9 @@ impl Hub {
     }
 
     /// Forgets a closed port in the lease file, if the gateway had chosen it.
-    fn forget_port(&self, agent: &str, service: &str, port: &PortEntry) {
+    fn forget_port(&self, agent: &str, protocol: Protocol, service: &str, port: &PortEntry) {
         if port.chosen {
-            lock(&self.lease_book).remove(agent, service, port.addr.port());
+            lock(&self.lease_book).remove(agent, protocol, service, port.addr.port());
             self.lease_dirty.notify_one();
         }
     }

@@ -49,7 +49,7 @@ pub(super) fn make_room(
         if let Some(port) = entry.ports.remove(&key) {
             info!(addr = %port.shown(hub), "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
             port.close();
-            hub.forget_port(&grant.name, &key.1, &port);
+            hub.forget_port(&grant.name, key.0, &key.1, &port);
         }
     }
     Ok(())
@@ -94,11 +94,9 @@ fn held_by_others(agents: &HashMap<String, AgentEntry>, agent: &str, bind: &Bind
             let same_protocol = *protocol == bind.protocol;
             let theirs = lock(&p.route).group.clone();
             let same_group = same_protocol && bind.group.is_some() && theirs == bind.group;
-            // Grants may overlap (a warning at start says so): outside groups, a port of
-            // either protocol with the number asked for is taken, as it was before groups.
-            let same_port = bind.port != 0
-                && p.addr.port() == bind.port
-                && (same_protocol || (theirs.is_none() && bind.group.is_none()));
+            // Grants may overlap (a warning at start says so): a port with the number asked
+            // for is taken, of the same protocol only (TCP and UDP port P are two ports).
+            let same_port = bind.port != 0 && p.addr.port() == bind.port && same_protocol;
             if !(same_group || same_port) {
                 continue;
             }
@@ -278,7 +276,7 @@ pub(super) async fn bind_port(
             }
             if let Some(old) = entry.ports.remove(&key) {
                 old.close();
-                hub.forget_port(&grant.name, &bind.name, &old);
+                hub.forget_port(&grant.name, bind.protocol, &bind.name, &old);
             }
         }
         let taken = entry
@@ -384,11 +382,10 @@ pub(super) async fn bind_port(
         if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
         }
-        // The lease file keeps chosen TCP ports across a restart; UDP ports keep their lease
-        // while the gateway runs.
-        let chosen = bind.port == 0 && bind.protocol == Protocol::Tcp;
+        // The lease file keeps chosen ports, TCP and UDP, across a restart.
+        let chosen = bind.port == 0;
         if chosen {
-            hub.remember_port(&grant.name, &bind.name, addr.port(), group);
+            hub.remember_port(&grant.name, bind.protocol, &bind.name, addr.port(), group);
         }
         let mut routes = Routes::new(bind.group.clone());
         routes.join(Member::new(
@@ -425,24 +422,7 @@ pub(super) async fn bind_port(
             tokio::spawn(accept_public(hub.clone(), port).instrument(tracing::Span::current()));
         }
         Listener::Udp(socket) => {
-            // A client's flow stays with one member (see `groups`).
-            let routing = move |client: SocketAddr| {
-                lock(&route).pin(client).map(|m| udp::UdpRoute {
-                    session: m.route.session.clone(),
-                    service: m.route.service,
-                    name: m.route.name.clone(),
-                    flows: m.route.flows.clone(),
-                })
-            };
-            let counters = hub.tally.udp(&grant.name, &bind.name);
-            let settings = hub.config.udp;
-            tokio::spawn(
-                async move {
-                    udp::serve_public(Arc::new(socket), routing, settings, counters, cancel).await;
-                    drop(fd);
-                }
-                .instrument(tracing::Span::current()),
-            );
+            serve_udp_port(hub, socket, route, cancel, fd, &grant.name, &bind.name)
         }
     }
     let text = public_text(hub, addr);
@@ -560,6 +540,37 @@ pub(super) async fn listen_public(
     ))
 }
 
+/// Serves a public UDP port of `agent`'s `service` until `cancel`, to the sessions `route`
+/// names (a client's flow stays with one member, see `groups`); its descriptor permit `fd`
+/// goes with it.
+pub(super) fn serve_udp_port(
+    hub: &Hub,
+    socket: tokio::net::UdpSocket,
+    route: Arc<Mutex<Routes>>,
+    cancel: CancellationToken,
+    fd: FdPermit,
+    agent: &str,
+    service: &str,
+) {
+    let routing = move |client: SocketAddr| {
+        lock(&route).pin(client).map(|m| udp::UdpRoute {
+            session: m.route.session.clone(),
+            service: m.route.service,
+            name: m.route.name.clone(),
+            flows: m.route.flows.clone(),
+        })
+    };
+    let counters = hub.tally.udp(agent, service);
+    let settings = hub.config.udp;
+    tokio::spawn(
+        async move {
+            udp::serve_public(Arc::new(socket), routing, settings, counters, cancel).await;
+            drop(fd);
+        }
+        .instrument(tracing::Span::current()),
+    );
+}
+
 /// A bound public port, TCP or UDP.
 pub(super) enum Listener {
     Tcp(TcpListener),
@@ -567,7 +578,7 @@ pub(super) enum Listener {
 }
 
 impl Listener {
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+    pub(super) fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
             Listener::Tcp(l) => l.local_addr(),
             Listener::Udp(s) => s.local_addr(),
@@ -680,6 +691,11 @@ pub(super) fn take_public(
 pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
     let mut refusals = LogThrottle::default();
     let mut accept_errors = LogThrottle::default();
+    let end = Endpoint {
+        route: &port.route,
+        agent: &port.agent,
+        service: &port.service,
+    };
     loop {
         let (tcp, client) = tokio::select! {
             _ = port.cancel.cancelled() => return,
@@ -694,74 +710,110 @@ pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
                 }
             },
         };
-        // One member, or in a group the live one with the fewest streams here.
-        let picked = lock(&port.route).pick();
-        let Some((member, active)) = picked else {
-            bump(&hub.stats.no_session);
-            hub.tally
-                .refused(&port.agent, &port.service, Refused::NoSession);
-            debug!(%client, "no agent session for this port right now; closing the connection");
-            continue;
-        };
-        let (agent, route) = (member.agent.clone(), member.route.clone());
-        let permits = match take_public(&hub, &member.conns, &agent) {
-            Ok(p) => p,
-            Err(why) => {
-                bump(&hub.stats.public_refused);
-                hub.tally.refused(&agent, &route.name, Refused::PublicLimit);
-                if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
-                    warn!(%client, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
-                }
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
-                continue;
-            }
-        };
         transport::tune(&tcp);
-        let open = Open {
-            service: route.service,
-            client: Some(client),
-        };
-        let stream = match route.session.open(&open) {
-            Ok(s) => s,
-            Err(e) => {
-                bump(&hub.stats.streams_refused);
-                hub.tally.refused(&agent, &route.name, Refused::StreamLimit);
-                if let Some(skipped) = refusals.allow(Instant::now()) {
-                    warn!(%client, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
-                }
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
-                continue;
-            }
-        };
-        bump(&hub.stats.streams);
-        let meter = hub.tally.stream(&agent, &route.name);
-        let hub2 = hub.clone();
-        let close = member.close.clone();
-        hub.tracker.spawn(
-            async move {
-                let _permits = permits;
-                let _active = active;
-                let _live = GaugeGuard::new(&hub2.stats.active_streams);
-                let started = Instant::now();
-                let mut local = Local::Tcp(tcp);
-                let stats = tokio::select! {
-                    stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(true))) => stats,
-                    _ = close.cancelled() => {
-                        stream.reset(ErrorCode::PortNotGranted);
-                        debug!(%client, service = %route.name, "connection closed: its port is no longer granted");
-                        return;
-                    }
-                };
-                relay::log_end(
-                    &route.name,
-                    Some(client),
-                    &stats,
-                    started,
-                    relay::LocalIs::Client,
-                );
-            }
-            .instrument(tracing::Span::current()),
+        serve_public_conn(
+            &hub,
+            &end,
+            &mut refusals,
+            Local::Tcp(tcp),
+            Some(client),
+            &client,
+            tracing::Span::current(),
         );
+    }
+}
+
+/// What a public endpoint (a TCP port or a unix socket) gives each of its connections.
+pub(super) struct Endpoint<'a> {
+    /// The sessions routing it (one, or a group's members).
+    pub(super) route: &'a Mutex<Routes>,
+    /// The agent that bound it and its service, for the metrics of a connection no session
+    /// takes (one a member takes counts against the member's agent).
+    pub(super) agent: &'a str,
+    pub(super) service: &'a str,
+}
+
+/// One accepted public connection: a session routing its endpoint (in a group, the live
+/// member with the fewest streams through it, ties in turn), that agent's connection limits, a
+/// stream in that session, then the relay, in a tracked task. `client` travels in the Open;
+/// `peer` names the client in log lines; `span` is the relay's.
+pub(super) fn serve_public_conn(
+    hub: &Arc<Hub>,
+    end: &Endpoint<'_>,
+    refusals: &mut LogThrottle,
+    local: Local,
+    client: Option<std::net::SocketAddr>,
+    peer: &dyn std::fmt::Display,
+    span: tracing::Span,
+) {
+    let picked = lock(end.route).pick();
+    let Some((member, active)) = picked else {
+        bump(&hub.stats.no_session);
+        hub.tally
+            .refused(end.agent, end.service, Refused::NoSession);
+        debug!(%peer, "no agent session for this endpoint right now; closing the connection");
+        return;
+    };
+    let (agent, route) = (member.agent.as_str(), &member.route);
+    let permits = match take_public(hub, &member.conns, agent) {
+        Ok(p) => p,
+        Err(why) => {
+            bump(&hub.stats.public_refused);
+            hub.tally.refused(agent, &route.name, Refused::PublicLimit);
+            if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
+                warn!(%peer, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
+            }
+            reset(local);
+            return;
+        }
+    };
+    let open = Open {
+        service: route.service,
+        client,
+    };
+    let stream = match route.session.open(&open) {
+        Ok(s) => s,
+        Err(e) => {
+            bump(&hub.stats.streams_refused);
+            hub.tally.refused(agent, &route.name, Refused::StreamLimit);
+            if let Some(skipped) = refusals.allow(Instant::now()) {
+                warn!(%peer, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
+            }
+            reset(local);
+            return;
+        }
+    };
+    bump(&hub.stats.streams);
+    let meter = hub.tally.stream(agent, &route.name);
+    let hub2 = hub.clone();
+    let close = member.close.clone();
+    let route = member.route.clone();
+    let peer = peer.to_string();
+    hub.tracker.spawn(
+        async move {
+            let _permits = permits;
+            let _active = active;
+            let _live = GaugeGuard::new(&hub2.stats.active_streams);
+            let started = Instant::now();
+            let mut local = local;
+            let stats = tokio::select! {
+                stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(true))) => stats,
+                _ = close.cancelled() => {
+                    stream.reset(ErrorCode::PortNotGranted);
+                    debug!(%peer, service = %route.name, "connection closed: its endpoint is no longer granted");
+                    return;
+                }
+            };
+            relay::log_end(&route.name, client, &stats, started, relay::LocalIs::Client);
+        }
+        .instrument(span),
+    );
+}
+
+/// Drops a refused connection; a TCP one with a reset, so the client knows at once.
+fn reset(local: Local) {
+    if let Local::Tcp(tcp) = &local {
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
     }
 }
 

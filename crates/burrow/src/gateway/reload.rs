@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use burrow_proto::auth::KeyHash;
-use burrow_proto::message::BindResult;
+use burrow_proto::message::{BindResult, Protocol};
 use burrow_proto::ErrorCode;
 use tracing::{info, warn};
 
@@ -223,8 +223,8 @@ fn drop_agent(
         session.close(code, text);
     }
     let ports = entry.ports.len();
-    for ((_, service), port) in entry.ports {
-        close_port(hub, name, &service, &port, None);
+    for ((protocol, service), port) in entry.ports {
+        close_port(hub, name, protocol, &service, &port, None);
     }
     match (had_session, ports) {
         (false, 0) => String::new(),
@@ -259,7 +259,7 @@ fn narrow(
                 crate::paths::describe(&grant.paths)
             );
             info!(agent = %name, %service, path = %text, "unix endpoint outside the agent's new grant: closed, with its connections");
-            close_port(hub, name, service, port, Some(why));
+            close_port(hub, name, *protocol, service, port, Some(why));
             closed.push(format!("unix:{text}"));
             return false;
         }
@@ -278,7 +278,7 @@ fn narrow(
             describe_ports(&grant.ports)
         );
         info!(agent = %name, %service, port = %shown, "port outside the agent's new grant: closed, with its connections");
-        close_port(hub, name, service, port, Some(text));
+        close_port(hub, name, *protocol, service, port, Some(text));
         closed.push(shown);
         false
     });
@@ -292,13 +292,14 @@ fn narrow(
 pub(super) fn close_port(
     hub: &Hub,
     agent: &str,
+    protocol: Protocol,
     service: &str,
     port: &PortEntry,
     tell: Option<String>,
 ) {
     let member = lock(&port.route).take(agent);
     port.close();
-    hub.forget_port(agent, service, port);
+    hub.forget_port(agent, protocol, service, port);
     if let Some(member) = member {
         member.close.cancel();
         let route = member.route;
@@ -336,7 +337,7 @@ pub(super) fn unbind_port(hub: &Hub, name: &str, generation: u64, service: u32) 
         return false;
     };
     if let Some(port) = entry.ports.remove(&key) {
-        close_port(hub, name, &key.1, &port, None);
+        close_port(hub, name, key.0, &key.1, &port, None);
     }
     true
 }

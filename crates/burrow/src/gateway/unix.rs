@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use burrow_proto::message::{Bind, BindResult, Open, Protocol};
+use burrow_proto::message::{Bind, BindResult, Protocol};
 use burrow_proto::ErrorCode;
 use tokio::net::UnixListener;
 use tokio::time::Instant;
@@ -32,14 +32,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::groups::{Member, Routes};
-use super::ports::{make_room, take_public};
+use super::ports::{make_room, serve_public_conn, Endpoint};
 use super::{lock, AgentEntry, Hub, LogThrottle, PortEntry, Route};
-use crate::admin::metrics::Refused;
 use crate::config::AgentGrant;
 use crate::paths;
-use crate::relay::{self, Local};
+use crate::relay::Local;
 use crate::session::Session;
-use crate::stats::{bump, GaugeGuard};
 
 /// Binds the unix socket a Bind asks for, within the grant's `paths`.
 pub(super) async fn bind_path(
@@ -139,7 +137,7 @@ pub(super) async fn bind_path(
             }
             if let Some(old) = entry.ports.remove(&key) {
                 old.close();
-                hub.forget_port(&grant.name, &bind.name, &old);
+                hub.forget_port(&grant.name, bind.protocol, &bind.name, &old);
             }
         }
         if entry.ports.values().any(|p| p.path.as_ref() == Some(&path)) {
@@ -334,6 +332,11 @@ struct UnixPort {
 async fn accept_unix(hub: Arc<Hub>, port: UnixPort) {
     let mut refusals = LogThrottle::default();
     let mut accept_errors = LogThrottle::default();
+    let end = Endpoint {
+        route: &port.route,
+        agent: &port.agent,
+        service: &port.service,
+    };
     loop {
         let conn = tokio::select! {
             _ = port.cancel.cancelled() => return,
@@ -353,66 +356,15 @@ async fn accept_unix(hub: Arc<Hub>, port: UnixPort) {
             .peer_cred()
             .map(|c| format!("uid {} pid {}", c.uid(), c.pid().unwrap_or(0)))
             .unwrap_or_default();
-        let picked = lock(&port.route).pick();
-        let Some((member, active)) = picked else {
-            bump(&hub.stats.no_session);
-            hub.tally
-                .refused(&port.agent, &port.service, Refused::NoSession);
-            debug!(%peer, "no agent session for this socket right now; closing the connection");
-            continue;
-        };
-        let route = member.route.clone();
-        let permits = match take_public(&hub, &member.conns, &port.agent) {
-            Ok(p) => p,
-            Err(why) => {
-                bump(&hub.stats.public_refused);
-                hub.tally
-                    .refused(&port.agent, &route.name, Refused::PublicLimit);
-                if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
-                    warn!(%peer, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
-                }
-                continue;
-            }
-        };
-        let open = Open {
-            service: route.service,
-            client: None,
-        };
-        let stream = match route.session.open(&open) {
-            Ok(s) => s,
-            Err(e) => {
-                bump(&hub.stats.streams_refused);
-                hub.tally
-                    .refused(&port.agent, &route.name, Refused::StreamLimit);
-                if let Some(skipped) = refusals.allow(Instant::now()) {
-                    warn!(%peer, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
-                }
-                continue;
-            }
-        };
-        bump(&hub.stats.streams);
-        let meter = hub.tally.stream(&port.agent, &route.name);
-        let hub2 = hub.clone();
-        let close = member.close.clone();
         let span = tracing::info_span!("unix_client", peer = %peer);
-        hub.tracker.spawn(
-            async move {
-                let _permits = permits;
-                let _active = active;
-                let _live = GaugeGuard::new(&hub2.stats.active_streams);
-                let started = Instant::now();
-                let mut local = Local::Unix(conn);
-                let stats = tokio::select! {
-                    stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(true))) => stats,
-                    _ = close.cancelled() => {
-                        stream.reset(ErrorCode::PortNotGranted);
-                        debug!(service = %route.name, "connection closed: its path is no longer granted");
-                        return;
-                    }
-                };
-                relay::log_end(&route.name, None, &stats, started, relay::LocalIs::Client);
-            }
-            .instrument(span),
+        serve_public_conn(
+            &hub,
+            &end,
+            &mut refusals,
+            Local::Unix(conn),
+            None,
+            &peer,
+            span,
         );
     }
 }
