@@ -186,6 +186,13 @@ pub struct GatewayFlows {
 }
 
 impl GatewayFlows {
+    /// Whether `client` has an open flow on `service` (one not expired yet).
+    pub fn has_flow(&self, service: u32, client: SocketAddr) -> bool {
+        self.by_client
+            .get(&(service, client))
+            .is_some_and(|id| self.by_id.contains_key(id))
+    }
+
     /// The flow of `client` on `service`, opened now if new: `None` when the service already
     /// has `max_flows` (the datagram is dropped and counted).
     #[allow(clippy::too_many_arguments)]

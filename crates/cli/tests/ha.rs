@@ -387,35 +387,49 @@ async fn udp_flows_in_a_group_stay_with_one_member() {
             .await
             .unwrap();
         let public = a.public(0);
+        // One datagram from `sock` and its reply's tag (which member answered).
+        let ask = |sock: Arc<UdpSocket>, msg: String| async move {
+            let mut buf = vec![0u8; 2048];
+            // UDP may drop: ask again a few times.
+            for _ in 0..20 {
+                sock.send_to(msg.as_bytes(), public).await.unwrap();
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(250), sock.recv(&mut buf)).await
+                {
+                    assert_eq!(&buf[1..n], msg.as_bytes());
+                    return buf[0];
+                }
+            }
+            panic!("no reply to {msg}");
+        };
+        // 20 clients while a is the only member: their flows are a's.
+        let mut early = Vec::new();
+        for c in 0..20u32 {
+            let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+            assert_eq!(ask(sock.clone(), format!("early {c}")).await, b'A');
+            early.push(sock);
+        }
         let b = AgentSpec::new(agent_args(&gw, &kb))
             .forward(&format!("udp:{}={ub}?group=dns", public.port()))
             .start(bin())
             .await
             .unwrap();
         assert_eq!(b.public(0), public);
-        // 40 clients, 5 datagrams each: every reply of a client comes from one member, and
-        // both members have clients.
+        // b joined: the flows that began stay with a.
+        for (c, sock) in early.iter().enumerate() {
+            for i in 0..3 {
+                let tag = ask(sock.clone(), format!("early {c} again {i}")).await;
+                assert_eq!(tag, b'A', "client {c}'s open flow moved to the member that joined");
+            }
+        }
+        // 40 new clients, 5 datagrams each: every reply of a client comes from one member,
+        // and both members have clients.
         let mut per_member = [0usize; 2];
         for c in 0..40u32 {
-            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
             let mut tags = Vec::new();
             for i in 0..5u32 {
-                let msg = format!("client {c} datagram {i}");
-                let mut buf = vec![0u8; 2048];
-                // UDP may drop: ask again a few times.
-                let mut got = None;
-                for _ in 0..20 {
-                    sock.send_to(msg.as_bytes(), public).await.unwrap();
-                    if let Ok(Ok(n)) =
-                        tokio::time::timeout(Duration::from_millis(250), sock.recv(&mut buf)).await
-                    {
-                        got = Some(buf[..n].to_vec());
-                        break;
-                    }
-                }
-                let got = got.unwrap_or_else(|| panic!("no reply to {msg}"));
-                assert_eq!(&got[1..], msg.as_bytes());
-                tags.push(got[0]);
+                tags.push(ask(sock.clone(), format!("client {c} datagram {i}")).await);
             }
             tags.dedup();
             assert_eq!(
@@ -426,7 +440,7 @@ async fn udp_flows_in_a_group_stay_with_one_member() {
             per_member[usize::from(tags[0] == b'B')] += 1;
         }
         println!(
-            "UDP: 40 clients pinned, {} to a, {} to b",
+            "UDP: 20 flows begun before b joined stayed with a; 40 new clients pinned, {} to a, {} to b",
             per_member[0], per_member[1]
         );
         assert!(per_member[0] > 0 && per_member[1] > 0, "{per_member:?}");

@@ -7,10 +7,10 @@
 //! member routes it, or its lease has not run out), and its listener closes with the last.
 //!
 //! A new TCP client goes to the live member with the fewest streams open through this port,
-//! ties in turn (round robin). A UDP flow is pinned to a member by its client address
-//! (rendezvous hashing over the members' agent names): each datagram of a client goes to the
-//! same member while it lives; when it leaves, only its flows move, and when it returns they
-//! come back to it.
+//! ties in turn (round robin). A UDP flow stays with the member that carries it while both
+//! live (a member joining takes no flow that has begun); a new flow goes to the member its
+//! client address picks (rendezvous hashing over the members' agent names), so a client comes
+//! back to the same member; when a member leaves, only its flows move.
 
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -157,19 +157,24 @@ impl Routes {
         Some((m, active))
     }
 
-    /// The member a UDP client's datagrams go to: the same one for a client while it lives
-    /// (the live member whose agent name hashes highest with the client's address).
+    /// The member a UDP client's datagrams go to: the live one that carries the client's
+    /// open flow, if one does (a member joining does not take flows that have begun);
+    /// otherwise, for a new flow, the live member whose agent name hashes highest with the
+    /// client's address, so the same client comes back to the same member.
     pub(super) fn pin(&self, client: SocketAddr) -> Option<&Member> {
-        self.members
-            .iter()
-            .filter(|m| !m.route.session.is_closed())
-            .max_by_key(|m| {
-                // Fixed keys: the same choice for the same client every time.
-                let mut h = std::hash::DefaultHasher::new();
-                m.agent.hash(&mut h);
-                client.hash(&mut h);
-                h.finish()
-            })
+        let live = || self.members.iter().filter(|m| !m.route.session.is_closed());
+        if let Some(m) =
+            live().find(|m| super::lock(&m.route.flows).has_flow(m.route.service, client))
+        {
+            return Some(m);
+        }
+        live().max_by_key(|m| {
+            // Fixed keys: the same choice for the same client every time.
+            let mut h = std::hash::DefaultHasher::new();
+            m.agent.hash(&mut h);
+            client.hash(&mut h);
+            h.finish()
+        })
     }
 }
 
