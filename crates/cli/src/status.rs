@@ -255,17 +255,30 @@ pub fn render(st: &Status, now: SystemTime) -> String {
     let per_gateway = st.role == "agent" && st.agents.len() > 1;
     for a in st.agents.iter().filter(|_| per_gateway) {
         let gateway = a.gateway.as_deref().unwrap_or("?");
+        let how = a
+            .transport
+            .as_ref()
+            .map_or_else(String::new, |t| format!(" ({t})"));
+        let since = a
+            .state_since
+            .map_or_else(String::new, |at| format!(" since {}", ago(now, at)));
         if let Some(why) = &a.stopped {
-            out.push_str(&format!("gateway {gateway}: gave up: {why}\n"));
+            out.push_str(&format!("gateway {gateway}{how}: gave up{since}: {why}\n"));
         } else if let Some(r) = &a.reconnect {
             out.push_str(&format!(
-                "gateway {gateway}: not connected: {} failed attempts{}\n",
+                "gateway {gateway}{how}: not connected ({}{since}): {} failed attempts{}{}\n",
+                a.state.as_deref().unwrap_or("reconnecting"),
                 r.failed_attempts,
                 r.next_retry_ms.map_or_else(String::new, |ms| format!(
                     ", next in {}",
                     span(ms.div_ceil(1000))
-                ))
+                )),
+                a.last_error
+                    .as_ref()
+                    .map_or_else(String::new, |e| format!("; last error: {}", e.text))
             ));
+        } else if a.connected {
+            out.push_str(&format!("gateway {gateway}{how}: connected{since}\n"));
         }
     }
     out.push('\n');
@@ -415,9 +428,14 @@ fn service_row(s: &ServiceRow, who: String) -> Vec<String> {
         s.name.clone(),
         who,
         s.public.clone().unwrap_or_else(|| "-".into()),
-        match &s.group {
-            Some(g) => format!("{} (group {g})", s.state),
-            None => s.state.clone(),
+        match (&s.group, s.members) {
+            (Some(g), Some(n)) => format!(
+                "{} (group {g}, {n} session{})",
+                s.state,
+                if n == 1 { "" } else { "s" }
+            ),
+            (Some(g), None) => format!("{} (group {g})", s.state),
+            (None, _) => s.state.clone(),
         },
         open.to_string(),
         total.to_string(),

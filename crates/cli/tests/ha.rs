@@ -174,10 +174,12 @@ async fn two_agents_in_a_group_share_the_load_and_fail_over() {
         let cfg = gateway_config(tmp.path(), &[("a", &ka), ("b", &kb)], "");
         let mut gw = GatewaySpec::new(&tmp.path().join("state"))
             .config(&cfg)
+            .args(["--admin", "127.0.0.1:0"])
             .expect_agent_line(false)
             .start(bin())
             .await
             .unwrap();
+        let gw_admin = admin_addr(&mut gw).await;
         let (ea, eb) = (
             TcpTarget::echo().await.unwrap(),
             TcpTarget::echo().await.unwrap(),
@@ -199,6 +201,19 @@ async fn two_agents_in_a_group_share_the_load_and_fail_over() {
         gw.wait_stderr("joined (group `web`, 2 members)", WAIT)
             .await
             .unwrap();
+        // The gateway's status shows the group's port served by two sessions, on each
+        // member's row.
+        let st = status_json(gw_admin);
+        assert_eq!(
+            group_rows(&st, "web"),
+            [
+                ("a".into(), "bound".into(), 2),
+                ("b".into(), "bound".into(), 2)
+            ],
+            "{st}"
+        );
+        let table = status_table(gw_admin);
+        assert!(table.contains("bound (group web, 2 sessions)"), "{table}");
 
         // 400 connections, 32 at a time: each agent gets 40-60%.
         let started = Instant::now();
@@ -225,6 +240,16 @@ async fn two_agents_in_a_group_share_the_load_and_fail_over() {
         clients(public, 200, 32, 1000).await;
         assert_eq!(ea.accepted(), na + 200, "every new connection went to a");
         assert_eq!(eb.accepted(), nb);
+        // One session serves the port now; b's entry waits on lease.
+        let st = status_json(gw_admin);
+        assert_eq!(
+            group_rows(&st, "web"),
+            [
+                ("a".into(), "bound".into(), 1),
+                ("b".into(), "leased".into(), 1)
+            ],
+            "{st}"
+        );
 
         // b restarted: it rejoins, and new connections are spread again.
         let b = b_spec.start(bin()).await.unwrap();
@@ -233,6 +258,15 @@ async fn two_agents_in_a_group_share_the_load_and_fail_over() {
         clients(public, 200, 32, 2000).await;
         let (da, db) = (ea.accepted() - na, eb.accepted() - nb);
         println!("after b rejoined: {da} to a, {db} to b");
+        let st = status_json(gw_admin);
+        assert_eq!(
+            group_rows(&st, "web"),
+            [
+                ("a".into(), "bound".into(), 2),
+                ("b".into(), "bound".into(), 2)
+            ],
+            "{st}"
+        );
         assert!(
             (80..=120).contains(&db),
             "b got {db} of 200 after rejoining, a {da}"
@@ -510,6 +544,53 @@ fn status_json(admin: SocketAddr) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `burrow status` as text.
+fn status_table(admin: SocketAddr) -> String {
+    let out = std::process::Command::new(bin())
+        .args(["status", "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The address in the process's `admin listening on http://ADDR` line.
+async fn admin_addr(proc: &mut Burrow) -> SocketAddr {
+    const PREFIX: &str = "admin listening on http://";
+    let line = proc
+        .wait_stdout(|l| l.starts_with(PREFIX), WAIT)
+        .await
+        .unwrap();
+    line.trim_start_matches(PREFIX).trim().parse().unwrap()
+}
+
+/// At a gateway: the services in `group`, as (agent, state, sessions serving the port).
+fn group_rows(st: &serde_json::Value, group: &str) -> Vec<(String, String, u64)> {
+    let mut rows: Vec<(String, String, u64)> = st["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|a| {
+            let name = a["name"].as_str().unwrap().to_string();
+            a["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["group"] == group)
+                .map(move |s| {
+                    (
+                        name.clone(),
+                        s["state"].as_str().unwrap().to_string(),
+                        s["members"].as_u64().unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
 /// Each gateway's row: (gateway, connected).
 fn gateway_rows(st: &serde_json::Value) -> Vec<(String, bool)> {
     st["agents"]
@@ -651,14 +732,49 @@ async fn one_agent_on_two_gateways_behind_nginx() {
             [(g1.to_string(), false), (g2.to_string(), true)]
         );
         assert!(st["agents"][0]["reconnect"].is_object(), "{st}");
-        let table = std::process::Command::new(bin())
-            .args(["status", "--admin", &admin.to_string()])
-            .output()
-            .unwrap();
-        let table = String::from_utf8_lossy(&table.stdout).to_string();
+        // Each gateway's state: address, transport, connected or reconnecting, since when,
+        // and the lost one's last error.
+        let (r1, r2) = (&st["agents"][0], &st["agents"][1]);
+        assert_eq!(
+            (
+                &r1["state"],
+                &r1["transport"],
+                &r2["state"],
+                &r2["transport"]
+            ),
+            (
+                &serde_json::json!("reconnecting"),
+                &serde_json::json!("tls"),
+                &serde_json::json!("connected"),
+                &serde_json::json!("tls")
+            ),
+            "{st}"
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let down_since = r1["state_since"].as_u64().unwrap();
+        assert!(
+            down_since <= now
+                && down_since + 60 > now
+                && down_since >= r2["state_since"].as_u64().unwrap(),
+            "{st}"
+        );
+        let error = r1["last_error"]["text"].as_str().unwrap_or_default();
+        assert!(!error.is_empty(), "the lost gateway's last error: {st}");
+        assert!(r2["last_error"].is_null(), "{st}");
+        let table = status_table(admin);
         println!("{table}");
         assert!(
-            table.contains(&format!("gateway {g1}: not connected")),
+            table.contains(&format!(
+                "gateway {g1} (tls): not connected (reconnecting since"
+            )),
+            "{table}"
+        );
+        assert!(table.contains("; last error: "), "{table}");
+        assert!(
+            table.contains(&format!("gateway {g2} (tls): connected since")),
             "{table}"
         );
 
@@ -673,8 +789,16 @@ async fn one_agent_on_two_gateways_behind_nginx() {
         assert_eq!(back, [p1]);
         clients(p1, 20, 4, 900).await;
         clients(front, 50, 4, 1000).await;
-        let rows = gateway_rows(&status_json(admin));
-        assert_eq!(rows, [(g1.to_string(), true), (g2.to_string(), true)]);
+        let st = status_json(admin);
+        assert_eq!(
+            gateway_rows(&st),
+            [(g1.to_string(), true), (g2.to_string(), true)]
+        );
+        assert_eq!(st["agents"][0]["state"], "connected", "{st}");
+        assert!(
+            st["agents"][0]["state_since"].as_u64().unwrap() >= down_since,
+            "{st}"
+        );
         gw2.signal(Signal::Term).unwrap();
         drop(gw1);
         nginx.stop();

@@ -72,6 +72,18 @@ pub struct AgentRow {
     /// Agent: why it gave up on this gateway for good (it carries on with the others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
+    /// Agent: this gateway's state: `connecting` (no session yet), `connected`,
+    /// `reconnecting` or `stopped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Agent: since when it is in that state, in seconds since the Unix epoch (for
+    /// `connecting`, since the agent started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_since: Option<u64>,
+    /// Agent: the transport it dials this gateway with (`tls`, `tcp`, `ws`, `wss`, `quic`),
+    /// connected or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// A live session.
@@ -105,6 +117,9 @@ pub struct ServiceRow {
     /// The group whose port it shares, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Gateway, a group's port: the sessions serving it now, over every agent of the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<u64>,
     /// Why it was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

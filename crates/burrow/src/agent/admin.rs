@@ -45,6 +45,7 @@ fn row(name: &str, t: Option<&Arc<ServiceTally>>) -> ServiceRow {
         target: None,
         state: String::new(),
         group: None,
+        members: None,
         error: None,
         streams_current: r(|t| &t.streams_current),
         streams_total: r(|t| &t.streams_total),
@@ -72,6 +73,7 @@ impl Report for AgentReport {
             .into_iter()
             .map(|((_, s), c)| (s, c))
             .collect();
+        let started = self.tally.started();
         // One row per gateway: the session with it and the forwards as it answered them (the
         // counters are the forward's, over every gateway).
         let rows: Vec<AgentRow> = gateways
@@ -127,6 +129,19 @@ impl Report for AgentReport {
                     gateway: Some(gw.gateway.clone()),
                     reconnect: reconnect(st),
                     stopped: st.stopped.clone(),
+                    state: Some(
+                        match (st.connected, &st.stopped, st.sessions) {
+                            (true, ..) => "connected",
+                            (false, Some(_), _) => "stopped",
+                            (false, None, 0) => "connecting",
+                            (false, None, _) => "reconnecting",
+                        }
+                        .into(),
+                    ),
+                    state_since: Some(unix_secs(st.since.unwrap_or(started))),
+                    transport: super::dial::gateway_url(gw)
+                        .ok()
+                        .map(|u| u.scheme.name().to_string()),
                 }
             })
             .collect();
@@ -138,7 +153,6 @@ impl Report for AgentReport {
         for (name, t) in &services {
             totals.add(&row(name, Some(t)));
         }
-        let started = self.tally.started();
         let names: Vec<&str> = gateways.iter().map(|g| g.gateway.as_str()).collect();
         Status {
             role: "agent".into(),

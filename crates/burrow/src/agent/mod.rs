@@ -92,6 +92,8 @@ pub struct AgentStatus {
     pub forward_retries: Vec<Option<Duration>>,
     /// Why the agent gave up on this gateway for good (it carries on with its others).
     pub stopped: Option<String>,
+    /// When the session came up, went down or was given up on (none before the first).
+    pub since: Option<std::time::SystemTime>,
 }
 
 impl AgentStatus {
@@ -216,7 +218,10 @@ impl Agent {
                 let ended = link.run(&shutdown).await;
                 let left = running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) - 1;
                 if let Err(e) = &ended {
-                    link.status.send_modify(|s| s.stopped = Some(e.0.clone()));
+                    link.status.send_modify(|s| {
+                        s.stopped = Some(e.0.clone());
+                        s.since = Some(std::time::SystemTime::now());
+                    });
                     if several && left > 0 {
                         error!("{e}; the agent stops trying this gateway and carries on with the {left} others");
                     }
@@ -311,6 +316,7 @@ impl Uplink<'_> {
                     attempt = 0;
                     self.status.send_modify(|s| {
                         s.connected = true;
+                        s.since = Some(std::time::SystemTime::now());
                         s.sessions += 1;
                         s.last_error = None;
                         s.failed_attempts = 0;
@@ -337,6 +343,7 @@ impl Uplink<'_> {
                     tally.session_down(&gw.gateway, generation, &for_tally);
                     self.status.send_modify(|s| {
                         s.connected = false;
+                        s.since = Some(std::time::SystemTime::now());
                         // The refusals it stops on stay: they are its last answer.
                         if !matches!(ended, Ended::NothingToPublish(_)) {
                             s.forwards
