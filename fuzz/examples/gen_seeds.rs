@@ -132,6 +132,19 @@ fn frames() -> Vec<(&'static str, Frame)> {
                 port: 8080,
                 name: "web".into(),
                 path: None,
+                group: None,
+            }
+            .to_frame(),
+        ),
+        (
+            "bind_grouped",
+            Bind {
+                service: 2,
+                protocol: Protocol::Tcp,
+                port: 0,
+                name: "api".into(),
+                path: None,
+                group: Some("web-pool".into()),
             }
             .to_frame(),
         ),
@@ -143,6 +156,7 @@ fn frames() -> Vec<(&'static str, Frame)> {
                 port: 0,
                 name: "docker".into(),
                 path: Some("/run/burrow/docker.sock".into()),
+                group: None,
             }
             .to_frame(),
         ),
