@@ -42,6 +42,13 @@ pub enum ErrorCode {
     PortInUse = 16,
     /// Too many failed attempts from this address; try later.
     RateLimited = 17,
+    /// The gateway refused a connector's stream: the service or target is not in the
+    /// connector's `reach`.
+    NotInReach = 18,
+    /// The agent has no private service of the name a connector asked for.
+    NoSuchService = 19,
+    /// The agent a connector asked for has no session with the gateway now.
+    AgentUnavailable = 20,
 }
 
 impl ErrorCode {
@@ -67,6 +74,9 @@ impl ErrorCode {
             15 => PortNotGranted,
             16 => PortInUse,
             17 => RateLimited,
+            18 => NotInReach,
+            19 => NoSuchService,
+            20 => AgentUnavailable,
             _ => Internal,
         }
     }
@@ -93,6 +103,9 @@ impl ErrorCode {
             PortNotGranted => "port not granted",
             PortInUse => "port in use",
             RateLimited => "rate limited",
+            NotInReach => "not in the connector's reach",
+            NoSuchService => "no such service on the agent",
+            AgentUnavailable => "agent not connected",
         }
     }
 }
@@ -129,7 +142,7 @@ mod tests {
 
     #[test]
     fn codes_roundtrip_and_unknown_is_internal() {
-        for v in 0..=17u32 {
+        for v in 0..=20u32 {
             let c = ErrorCode::from_u32(v);
             if v != 14 {
                 assert_eq!(c as u32, v);

@@ -53,8 +53,11 @@ pub enum Kind {
     AuthOk = 0x12,
     /// Agent to gateway: asks for a public port for one service.
     Bind = 0x13,
-    /// Gateway to agent: the answer to one [`Kind::Bind`].
+    /// Gateway to agent: the answer to one [`Kind::Bind`] or [`Kind::Announce`].
     BindResult = 0x14,
+    /// Agent to gateway: a private service, which connectors reach by name and which has no
+    /// public port; payload is a [`crate::connect::Announce`].
+    Announce = 0x15,
 }
 
 impl Kind {
@@ -72,6 +75,7 @@ impl Kind {
             0x12 => Self::AuthOk,
             0x13 => Self::Bind,
             0x14 => Self::BindResult,
+            0x15 => Self::Announce,
             _ => return None,
         })
     }
@@ -87,6 +91,7 @@ impl Kind {
                 | Self::AuthOk
                 | Self::Bind
                 | Self::BindResult
+                | Self::Announce
         )
     }
 }
