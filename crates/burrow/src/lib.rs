@@ -10,7 +10,8 @@
 //! - [`transport`]: dialing and accepting tunnel connections (TCP or TLS).
 //! - [`session`]: the multiplexed session over one connection: handshake, driver task and
 //!   stream handles.
-//! - [`relay`]: copying bytes between a stream and a local socket, with half-close.
+//! - [`relay`]: copying bytes between a stream and a local socket, with half-close; and
+//!   [`relay::streams`], between two streams (the gateway's half of a connector's stream).
 //! - [`udp`]: UDP flows through the session: public UDP ports, per-flow sockets at the
 //!   agent.
 //! - [`gateway`], [`agent`]: the roles, each with `bind`/`run(shutdown)` style entry points.
