@@ -15,6 +15,7 @@
 //! - [`udp`]: UDP flows through the session: public UDP ports, per-flow sockets at the
 //!   agent.
 //! - [`gateway`], [`agent`]: the roles, each with `bind`/`run(shutdown)` style entry points.
+//! - [`dial`]: how an agent or a connector reaches the gateway (transport, TLS, handshake).
 //! - [`agent_line`]: the `burrow agent ...` line a gateway prints for its generated key.
 //! - [`limiter`]: bounded-memory rate limiting of failed authentication per source address.
 //! - [`stats`]: counters of what the gateway served and refused.
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod agent;
 pub mod agent_line;
 pub mod config;
+pub mod dial;
 pub mod gateway;
 mod gather;
 pub mod leases;
