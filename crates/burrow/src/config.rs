@@ -37,8 +37,15 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+mod connector;
 mod ops;
 mod print;
+pub use connector::{
+    check_service_name, load_connector_file, parse_connect_forward, parse_connector_file,
+    parse_private, ConnectForward, ConnectorConfig, ConnectorGrant, ConnectorSettings, Listen,
+    PrivateConfig, PrivateService, Reach, ReachWhat, TargetPattern, DEFAULT_CONNECTOR_SESSIONS,
+    DEFAULT_CONNECTOR_STREAMS, TARGETS,
+};
 pub use ops::{read_key_file, LogFormat};
 pub use print::MASKED_KEY;
 
@@ -276,6 +283,8 @@ pub struct GatewayConfig {
     pub tls_key: Option<PathBuf>,
     /// Agents accepted. Empty: the generated key from the state dir, granted ports 1024-65535.
     pub agents: Vec<AgentGrant>,
+    /// Connectors accepted, and what each may reach (`[[connectors]]`; none by default).
+    pub connectors: Vec<ConnectorGrant>,
     /// Limits on peers.
     pub limits: Limits,
     /// Heartbeats.
@@ -328,6 +337,7 @@ impl GatewayConfig {
             tls_cert: None,
             tls_key: None,
             agents: Vec::new(),
+            connectors: Vec::new(),
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
             lease: Duration::from_secs(60),
@@ -395,6 +405,8 @@ pub struct AgentConfig {
     pub proxy: ProxyChoice,
     /// Services.
     pub forwards: Vec<Forward>,
+    /// Private services and the targets connectors may name (none by default).
+    pub private: PrivateConfig,
     /// Limits on what the gateway may ask of us.
     pub limits: Limits,
     /// Longest pause between reconnect attempts (default 30 s).
@@ -908,6 +920,8 @@ pub struct GatewaySettings {
     pub tls_key: Option<PathBuf>,
     /// `[[agents]]` (only files have them).
     pub agents: Option<Vec<AgentGrant>>,
+    /// `[[connectors]]` (only files have them).
+    pub connectors: Option<Vec<ConnectorGrant>>,
     /// `[limits]`, complete with defaults for keys the file leaves out.
     pub limits: Option<Limits>,
     /// `[heartbeat]`, complete with defaults for keys the file leaves out.
@@ -947,6 +961,7 @@ impl GatewaySettings {
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
             agents: over.agents.or(self.agents),
+            connectors: over.connectors.or(self.connectors),
             limits: over.limits.or(self.limits),
             heartbeat: over.heartbeat.or(self.heartbeat),
             lease: over.lease.or(self.lease),
@@ -991,6 +1006,7 @@ impl GatewaySettings {
         c.public_name = self.public_name;
         set(&mut c.allow_insecure_state, self.allow_insecure_state);
         c.agents = self.agents.unwrap_or_default();
+        c.connectors = self.connectors.unwrap_or_default();
         set(&mut c.listen, self.listen);
         set(&mut c.public_host, self.public_host);
         set(&mut c.limits, self.limits);
@@ -1038,6 +1054,11 @@ pub struct AgentSettings {
     /// `forward` and `[[forwards]]` (files), `--forward` (flags): the highest layer that has
     /// any forwards replaces the lower layers' list.
     pub forwards: Option<Vec<Forward>>,
+    /// `private` and `[[forwards]]` with `public = false` (files), `--private` (flags): the
+    /// highest layer that has any replaces the lower layers' list.
+    pub private: Option<Vec<PrivateService>>,
+    /// `allow`, `--allow`: the highest layer that has any replaces the lower layers' list.
+    pub allow: Option<Vec<TargetPattern>>,
     /// `[limits]`, complete with defaults for keys the file leaves out.
     pub limits: Option<Limits>,
     /// `max_backoff`.
@@ -1081,6 +1102,8 @@ impl AgentSettings {
             server_name: over.server_name.or(self.server_name),
             proxy: over.proxy.or(self.proxy),
             forwards: over.forwards.or(self.forwards),
+            private: over.private.or(self.private),
+            allow: over.allow.or(self.allow),
             limits: over.limits.or(self.limits),
             max_backoff: over.max_backoff.or(self.max_backoff),
             connect_timeout: over.connect_timeout.or(self.connect_timeout),
@@ -1142,6 +1165,11 @@ impl AgentSettings {
         // authenticate (the gateway prints such a line), and warns that it publishes nothing.
         let forwards = self.forwards.unwrap_or_default();
         check_forwards(&forwards).map_err(|(_, why)| ConfigError::Value(why))?;
+        let private = PrivateConfig {
+            services: self.private.unwrap_or_default(),
+            allow: self.allow.unwrap_or_default(),
+        };
+        connector::check_private(&private.services).map_err(|(_, why)| ConfigError::Value(why))?;
         Ok(AgentConfig {
             gateway,
             key,
@@ -1149,6 +1177,7 @@ impl AgentSettings {
             server_name: self.server_name,
             proxy: self.proxy.unwrap_or_default(),
             forwards,
+            private,
             limits: self.limits.unwrap_or_default(),
             max_backoff: self.max_backoff.unwrap_or(DEFAULT_MAX_BACKOFF),
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
@@ -1445,6 +1474,7 @@ struct RawGateway {
     heartbeat: Option<RawHeartbeat>,
     limits: Option<RawLimits>,
     agents: Option<Vec<Spanned<RawGrant>>>,
+    connectors: Option<Vec<Spanned<connector::RawConnectorGrant>>>,
     ws_path: Option<Checked<Name>>,
     ws_listen: Option<Checked<SocketAddr>>,
     ws_trusted_proxies: Option<Vec<Checked<ipnet::IpNet>>>,
@@ -1472,6 +1502,8 @@ struct RawForward {
     public_port: Option<Checked<PublicPort>>,
     target: Checked<Target>,
     name: Option<Checked<Name>>,
+    /// `false`: a private service (no public port; connectors name it).
+    public: Option<bool>,
 }
 
 /// An agent file as written.
@@ -1493,6 +1525,8 @@ struct RawAgent {
     udp: Option<RawUdp>,
     forward: Option<Vec<Spanned<toml::Value>>>,
     forwards: Option<Vec<Spanned<ForwardTable>>>,
+    private: Option<Vec<Spanned<toml::Value>>>,
+    allow: Option<Vec<Checked<TargetPattern>>>,
     key_file: Option<Spanned<Checked<PathBuf>>>,
     admin: Option<Checked<SocketAddr>>,
     admin_token: Option<Checked<AdminToken>>,
@@ -1600,6 +1634,16 @@ impl Source<'_> {
     }
 
     fn gateway(&self, raw: RawGateway) -> Result<GatewaySettings, ConfigError> {
+        let agents = raw.agents.map(|a| self.agents(a)).transpose()?;
+        // Connectors reach agents by name: the [[agents]] here, or the generated key's.
+        let names: Vec<String> = match &agents {
+            Some(a) if !a.is_empty() => a.iter().map(|g| g.name.clone()).collect(),
+            _ => vec![crate::gateway::DEFAULT_AGENT_NAME.to_string()],
+        };
+        let connectors = raw
+            .connectors
+            .map(|c| self.connectors(c, &names))
+            .transpose()?;
         Ok(GatewaySettings {
             listen: inner(raw.listen),
             public_host: inner(raw.public_host),
@@ -1609,7 +1653,8 @@ impl Source<'_> {
             transport: inner(raw.transport),
             tls_cert: inner(raw.tls_cert).map(|p| self.resolve(p)),
             tls_key: inner(raw.tls_key).map(|p| self.resolve(p)),
-            agents: raw.agents.map(|a| self.agents(a)).transpose()?,
+            agents,
+            connectors,
             limits: raw.limits.map(|l| self.limits(l)).transpose()?,
             heartbeat: raw.heartbeat.map(|h| self.heartbeat(h)).transpose()?,
             udp: raw.udp.map(|u| self.udp(u)).transpose()?,
@@ -1826,9 +1871,35 @@ impl Source<'_> {
                 "set `key` or `key_file`, not both (key_file keeps the key out of this file)",
             ));
         }
+        let (forwards, mut private) = self.forwards(raw.forward, raw.forwards)?;
+        if let Some(compact) = raw.private {
+            let mut list = Vec::new();
+            for (i, v) in compact.into_iter().enumerate() {
+                let p = text(v.get_ref())
+                    .and_then(parse_private)
+                    .map_err(|why| self.error(v.span(), format!("private[{i}]"), why))?;
+                list.push((p, (format!("private[{i}]"), v.span())));
+            }
+            // The compact ones first, then the [[forwards]] tables, as written.
+            list.append(&mut private);
+            private = list;
+        }
+        let private = if private.is_empty() {
+            None
+        } else {
+            if let Err((i, why)) = connector::check_private(
+                &private.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+            ) {
+                let (key, span) = private.swap_remove(i).1;
+                return Err(self.error(span, key, why));
+            }
+            Some(private.into_iter().map(|(p, _)| p).collect())
+        };
         Ok(AgentSettings {
             gateway: inner(raw.gateway).map(|g| g.0),
             key: inner(raw.key),
+            private,
+            allow: raw.allow.map(|v| v.into_iter().map(|c| c.0).collect()),
             key_file: raw.key_file.map(|f| self.resolve(f.into_inner().0)),
             admin: inner(raw.admin),
             admin_token: inner(raw.admin_token),
@@ -1837,7 +1908,7 @@ impl Source<'_> {
             transport,
             server_name: inner(raw.server_name).map(|n| n.0),
             proxy: inner(raw.proxy),
-            forwards: self.forwards(raw.forward, raw.forwards)?,
+            forwards,
             limits: raw.limits.map(|l| self.limits(l)).transpose()?,
             max_backoff: raw.max_backoff.map(|v| v.into_inner().0),
             connect_timeout: raw.connect_timeout.map(|v| v.into_inner().0),
@@ -1918,15 +1989,25 @@ impl Source<'_> {
         Ok(Some(trust))
     }
 
-    /// `forward = [...]` then `[[forwards]]`, in file order.
+    /// `forward = [...]` then `[[forwards]]`, in file order; `[[forwards]]` with
+    /// `public = false` are private services, returned apart with their key and span.
+    #[allow(clippy::type_complexity)]
     fn forwards(
         &self,
         compact: Option<Vec<Spanned<toml::Value>>>,
         tables: Option<Vec<Spanned<ForwardTable>>>,
-    ) -> Result<Option<Vec<Forward>>, ConfigError> {
+    ) -> Result<
+        (
+            Option<Vec<Forward>>,
+            Vec<(PrivateService, (String, Range<usize>))>,
+        ),
+        ConfigError,
+    > {
+        let mut private = Vec::new();
         if compact.is_none() && tables.is_none() {
-            return Ok(None);
+            return Ok((None, private));
         }
+        let has_compact = compact.is_some();
         let mut out = Vec::new();
         let mut at = Vec::new();
         for (i, v) in compact.unwrap_or_default().into_iter().enumerate() {
@@ -1946,6 +2027,11 @@ impl Source<'_> {
         for (i, v) in tables.unwrap_or_default().into_iter().enumerate() {
             let span = v.span();
             let raw = v.into_inner().0;
+            if raw.public == Some(false) {
+                let p = self.private_table(i, span.clone(), raw)?;
+                private.push((p, (format!("forwards[{i}]"), span)));
+                continue;
+            }
             let protocol = inner(raw.protocol).unwrap_or(Protocol::Tcp);
             let public_port = inner(raw.public_port).map_or(0, |p| p.0);
             let target = raw.target.0;
@@ -1970,7 +2056,47 @@ impl Source<'_> {
             let (key, span) = at.swap_remove(i);
             return Err(self.error(span, key, why));
         }
-        Ok(Some(out))
+        if out.is_empty() && !has_compact {
+            // Only private services: the file sets no public forwards.
+            return Ok((None, private));
+        }
+        Ok((Some(out), private))
+    }
+
+    /// A `[[forwards]]` entry with `public = false`: a private service.
+    fn private_table(
+        &self,
+        i: usize,
+        span: Range<usize>,
+        raw: RawForward,
+    ) -> Result<PrivateService, ConfigError> {
+        let at = format!("forwards[{i}]");
+        if raw.public_port.is_some() {
+            return Err(self.error(
+                span,
+                format!("{at}.public_port"),
+                "a private service (public = false) has no public port: remove one of the two",
+            ));
+        }
+        if inner(raw.protocol) == Some(Protocol::Udp) {
+            return Err(self.error(
+                span,
+                format!("{at}.protocol"),
+                "private services are TCP: connectors carry streams, not datagrams",
+            ));
+        }
+        let Some(name) = inner(raw.name) else {
+            return Err(self.error(
+                span,
+                format!("{at}.name"),
+                "a private service (public = false) needs a `name`: connectors reach it as                  AGENT/NAME",
+            ));
+        };
+        check_service_name(&name.0).map_err(|why| self.error(span, format!("{at}.name"), why))?;
+        Ok(PrivateService {
+            name: name.0,
+            target: raw.target.0,
+        })
     }
 }
 

@@ -53,6 +53,7 @@ pub fn agent_config(gw: &TestGateway, forwards: Vec<Forward>) -> AgentConfig {
         server_name: None,
         proxy: burrow::transport::ProxyChoice::Direct,
         forwards,
+        private: Default::default(),
         limits: Limits::default(),
         max_backoff: Duration::from_millis(500),
         connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,
