@@ -59,6 +59,7 @@ pub(super) async fn serve(
         session.send_control(bind.to_frame());
     };
     (0..cfg.forwards.len()).for_each(bind);
+    super::private::announce(cfg, &session);
     let mut bindings = vec![Binding::default(); cfg.forwards.len()];
     let granted: Arc<std::sync::Mutex<Vec<bool>>> =
         Arc::new(std::sync::Mutex::new(vec![false; cfg.forwards.len()]));
@@ -128,6 +129,7 @@ pub(super) async fn serve(
                     continue;
                 }
                 match BindResult::decode(&frame.payload) {
+                    Ok(res) if super::private::on_result(cfg, &res) => {}
                     Ok(res) => {
                         on_bind_result(cfg, &res, status, &granted, &mut bindings);
                         if let Some(why) = nothing_to_publish(cfg, &bindings) {
@@ -139,6 +141,10 @@ pub(super) async fn serve(
             }
             stream = incoming.recv() => {
                 let Some(stream) = stream else { continue };
+                if stream.dial().is_some() {
+                    super::private::accept(cfg, stream, &pending, tracker, tally);
+                    continue;
+                }
                 accept_stream(cfg, stream, &granted, &pending, tracker, tally);
             }
         }
@@ -153,6 +159,10 @@ pub(super) async fn sleep_until(at: Option<Instant>) {
 
 /// When every forward has been refused for good: why, for the agent's exit message.
 pub(super) fn nothing_to_publish(cfg: &AgentConfig, bindings: &[Binding]) -> Option<String> {
+    // Connectors may still use the private services and allowed targets.
+    if !cfg.private.is_empty() {
+        return None;
+    }
     if bindings.is_empty() || bindings.iter().any(|b| b.refused_for_good.is_none()) {
         return None;
     }

@@ -18,8 +18,13 @@
 //! Forwards the gateway refuses for a reason that may pass (port in use, a limit) are asked
 //! for again in the same session, after [`BIND_RETRY_BASE`] doubling up to `max_backoff`.
 //!
+//! Private services (`--private NAME=TARGET`) have no public port: they are announced to the
+//! gateway, and reached only by connectors. Every connector stream is checked here again,
+//! against those services and the `allow` patterns, whatever the gateway asked.
+//!
 //! The parts: `dial` (reaching the gateway and describing what failed), `forwards` (one
-//! session's binds and streams) and `admin` (what the admin server reads).
+//! session's binds and streams), `private` (private services, allowed targets, and the
+//! connectors' streams) and `admin` (what the admin server reads).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +39,7 @@ use tracing::{debug, info, warn};
 mod admin;
 mod dial;
 mod forwards;
+mod private;
 
 use dial::{connect, gateway_url};
 use forwards::serve;
@@ -156,7 +162,7 @@ impl Agent {
             }
             trust => Some(crate::tls::client_config(trust).map_err(|e| AgentError(e.to_string()))?),
         };
-        if cfg.forwards.is_empty() {
+        if cfg.forwards.is_empty() && cfg.private.is_empty() {
             warn!("no forwards configured: the agent will connect but publish nothing (add --forward [PORT=]TARGET)");
         }
         // The way to the gateway is decided once: the environment is read at start, as the
