@@ -136,7 +136,10 @@ pub(super) async fn accept_loop(
                     lock(&hub2.limiter).success(peer.ip(), &acc.key);
                     let peer = conn.peer;
                     hub2.tally.handshake_took(accepted_at.elapsed());
-                    serve_agent(hub2, conn, acc, peer, transport).await
+                    match acc.role {
+                        Role::Agent => serve_agent(hub2, conn, acc, peer, transport).await,
+                        Role::Connector => super::connect::serve_connector(hub2, conn, acc, peer).await,
+                    }
                 }
                 Ok(Err(failed)) if failed.rate_limited => {
                     bump(&hub2.stats.handshake_failures);
@@ -258,24 +261,35 @@ pub(super) async fn handshake_agent(
     let mut presented = None;
     let verdict = |key: &KeyHash, role: Role| {
         let grant = hub.grants.get(key);
-        presented = grant.map(|_| *key);
+        // A key is an agent's, a connector's, or (listed in both tables) both; it acts only
+        // in a role its entries give it.
+        let connector = hub.connectors.grant(key);
+        presented = (grant.is_some() || connector.is_some()).then_some(*key);
         let limited = lock(&hub.limiter).check(peer.ip(), presented.as_ref(), StdInstant::now());
         let limited = |why: &str| limited.map(|after| handshake::rate_limited_message(after, why));
-        match (grant, role) {
-            (Some(grant), Role::Agent) => match limited("key proof does not verify") {
-                None => handshake::Verdict::Accept(grant.name.clone(), hub.params),
+        let name = match role {
+            Role::Agent => grant.map(|g| g.name.clone()),
+            Role::Connector => connector.map(|c| c.name.clone()),
+        };
+        match (name, grant, connector) {
+            (Some(name), ..) => match limited("key proof does not verify") {
+                None => handshake::Verdict::Accept(name, hub.params),
                 Some(text) => handshake::Verdict::AcceptIfProven(
-                    grant.name.clone(),
+                    name,
                     hub.params,
                     ErrorCode::RateLimited,
                     text,
                 ),
             },
-            (Some(_), Role::Connector) => handshake::Verdict::Refuse(
-                ErrorCode::AuthFailed,
-                "this key is an agent key; connectors are not enabled on this gateway".into(),
-            ),
-            (None, _) => match limited("key not accepted by this gateway") {
+            (None, Some(agent), _) => handshake::Verdict::WrongRole(format!(
+                "this key belongs to agent `{}` and cannot act as a connector: give the connector a key of its own in a [[connectors]] entry (`burrow keygen`), or list this key in [[connectors]] too",
+                agent.name
+            )),
+            (None, None, Some(c)) => handshake::Verdict::WrongRole(format!(
+                "this key belongs to connector `{}` and cannot act as an agent: give the agent a key of its own in an [[agents]] entry (`burrow keygen`), or list this key in [[agents]] too",
+                c.name
+            )),
+            (None, None, None) => match limited("key not accepted by this gateway") {
                 None => handshake::Verdict::Refuse(
                     ErrorCode::AuthFailed,
                     "key not accepted by this gateway".into(),

@@ -16,10 +16,14 @@
 //! they may use only the descriptors left after a reserve for the tunnel port, so agents can
 //! always log in ([`limiter::share_descriptors`]).
 //!
+//! Connectors (`[[connectors]]`) log in on the tunnel port too, with keys of their own; each
+//! stream a connector opens is checked against its `reach` and joined to a stream in the
+//! agent's session (`connect`).
+//!
 //! The parts: `accept` (the tunnel port, up to an authenticated session), `serve` (one
 //! session: its binds and its end), `ports` (public listeners and their connections), `lease`
-//! (ports kept for a dropped agent, and across restarts) and `admin` (what the admin server
-//! reads).
+//! (ports kept for a dropped agent, and across restarts), `connect` (connectors and their
+//! streams) and `admin` (what the admin server reads).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,6 +42,7 @@ use tracing::{debug, info, warn};
 
 mod accept;
 mod admin;
+mod connect;
 mod lease;
 mod ports;
 mod serve;
@@ -115,6 +120,8 @@ struct Hub {
     stats: Arc<GatewayStats>,
     /// What the admin server shows beyond `stats`.
     tally: Arc<Tally>,
+    /// Connectors: their grants and sessions, and the agents' private services.
+    connectors: connect::Connectors,
 }
 
 struct AgentEntry {
@@ -207,6 +214,15 @@ impl Gateway {
                 )));
             }
         }
+        let connectors = connect::Connectors::new(&config.connectors).map_err(GatewayError)?;
+        for c in &config.connectors {
+            if let Some(agent) = grants.get(&c.key.hash()) {
+                info!(
+                    "connector `{}` has the key of agent `{}`: that key may act as either",
+                    c.name, agent.name
+                );
+            }
+        }
         let listener = TcpListener::bind(config.listen).await.map_err(|e| {
             GatewayError(format!(
                 "cannot listen on {}: {e}{}",
@@ -255,7 +271,9 @@ impl Gateway {
         }
         // What the process holds now (the runtime, the log, the listener) stays held.
         let in_use = limiter::open_descriptors().unwrap_or(64);
-        let fds = limiter::share_descriptors(files.soft, in_use, limits.max_preauth, grants.len());
+        // A connector's sessions log in on the tunnel port as agents do.
+        let logins = grants.len() + connectors.len();
+        let fds = limiter::share_descriptors(files.soft, in_use, limits.max_preauth, logins);
         info!(
             "descriptors: {} for public connections and ports ({} of them kept for ports), {} kept for agent logins, {in_use} in use",
             fds.public, fds.ports, fds.tunnel
@@ -307,6 +325,7 @@ impl Gateway {
                 lease_dirty: tokio::sync::Notify::new(),
                 stats: Arc::new(GatewayStats::default()),
                 tally: Arc::new(Tally::new("gateway")),
+                connectors,
                 config,
             }),
         })
@@ -414,6 +433,8 @@ impl Gateway {
         for s in sessions {
             s.close(ErrorCode::Shutdown, "gateway shutting down");
         }
+        hub.connectors
+            .close_all(ErrorCode::Shutdown, "gateway shutting down");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), hub.tracker.wait()).await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), lease_writer).await;
         Ok(())

@@ -62,6 +62,7 @@ pub(super) async fn serve_agent(
             }
             old
         };
+        hub.connectors.agent_up(&name, generation, session.clone());
         if let Some((_, old, old_peer)) = old {
             // Both addresses: two agents sharing a key take the session from each other, and
             // each is told who the other is.
@@ -113,6 +114,9 @@ pub(super) async fn serve_agent(
                         names.insert(bind.name.clone(), refused);
                         session.send_control(result.to_frame());
                     }
+                    Some(f) if f.header.kind == Kind::Announce => {
+                        super::connect::announce(&hub, &name, generation, &session, &f);
+                    }
                     Some(f) => session.close(ErrorCode::Protocol, format!("unexpected {:?} from an agent", f.header.kind)),
                     None => break,
                 },
@@ -136,6 +140,7 @@ pub(super) async fn serve_agent(
             warn!(%peer, reason = %end, "agent session ended");
         }
         hub.tally.session_down(&name, generation, &end);
+        hub.connectors.agent_down(&name, generation);
         release(&hub, &name, generation);
     }
     .instrument(span)

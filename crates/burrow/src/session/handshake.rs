@@ -197,6 +197,10 @@ pub enum Verdict {
     AcceptIfProven(String, SessionParams, ErrorCode, String),
     /// Refused with a code and a message for the client (never naming a secret).
     Refuse(ErrorCode, String),
+    /// A known key asking for a role it does not have (an agent's key used by a connector):
+    /// refused with this message when the proof verifies, so that only the key's holder
+    /// learns why; otherwise refused as a key the gateway does not accept.
+    WrongRole(String),
 }
 
 /// What the gateway learned from a successful handshake.
@@ -288,6 +292,21 @@ pub async fn server_bound(
         | (false, Verdict::AcceptIfProven(_, _, code, message)) => {
             refuse(io, code, &message).await?;
             Err(HandshakeError::Rejected { code, message })
+        }
+        (true, Verdict::WrongRole(message)) => {
+            refuse(io, ErrorCode::AuthFailed, &message).await?;
+            Err(HandshakeError::Rejected {
+                code: ErrorCode::AuthFailed,
+                message,
+            })
+        }
+        (false, Verdict::WrongRole(_)) => {
+            let message = "key not accepted by this gateway".to_string();
+            refuse(io, ErrorCode::AuthFailed, &message).await?;
+            Err(HandshakeError::Rejected {
+                code: ErrorCode::AuthFailed,
+                message,
+            })
         }
         (false, Verdict::Accept(..)) => {
             let message = "key proof does not verify".to_string();
