@@ -14,7 +14,8 @@
 //!   [`relay::streams`], between two streams (the gateway's half of a connector's stream).
 //! - [`udp`]: UDP flows through the session: public UDP ports, per-flow sockets at the
 //!   agent.
-//! - [`gateway`], [`agent`]: the roles, each with `bind`/`run(shutdown)` style entry points.
+//! - [`gateway`], [`agent`], [`connector`]: the roles, each with `bind`/`run(shutdown)` style
+//!   entry points.
 //! - [`dial`]: how an agent or a connector reaches the gateway (transport, TLS, handshake).
 //! - [`agent_line`]: the `burrow agent ...` line a gateway prints for its generated key.
 //! - [`limiter`]: bounded-memory rate limiting of failed authentication per source address.
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod agent;
 pub mod agent_line;
 pub mod config;
+pub mod connector;
 pub mod dial;
 pub mod gateway;
 mod gather;

@@ -2,6 +2,8 @@
 //!
 //! - `burrow gateway` runs on a public host; agents dial in and it opens public ports for them.
 //! - `burrow agent` runs next to a private service and publishes it through a gateway.
+//! - `burrow connect` runs where a private service is wanted: it listens locally and reaches
+//!   the service through the gateway.
 //! - `burrow keygen` prints a new agent key and its key hash, or the hash of an existing key.
 //! - `burrow status` shows a running gateway's or agent's status (from its admin server).
 //! - `burrow completions SHELL` prints a shell completion script.
@@ -10,6 +12,7 @@
 //! roles live in the `burrow` library.
 
 mod agent;
+mod connect;
 mod gateway;
 mod keygen;
 mod notify;
@@ -52,6 +55,9 @@ enum Command {
     Gateway(gateway::Args),
     /// Run an agent next to a private service: it dials the gateway and publishes the service.
     Agent(agent::Args),
+    /// Run a connector: it listens on this machine and reaches an agent's private services
+    /// through the gateway, without any public port
+    Connect(connect::Args),
     /// Print a new agent key and its key hash: give the key to the agent, and `key_hash` to
     /// the gateway's `[[agents]]` entry. With --hash or --hash-file, print the key hash of an
     /// existing key.
@@ -136,6 +142,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Gateway(args) => gateway::main(args),
         Command::Agent(args) => agent::main(args),
+        Command::Connect(args) => connect::main(args),
         Command::Keygen(args) => keygen::main(args),
         Command::Status(args) => status::main(args),
         Command::Completions { shell } => {
@@ -158,7 +165,7 @@ fn main() -> ExitCode {
 /// came from a variable names the variable, not only the flag.
 fn parse() -> Result<Cli, ExitCode> {
     let mut command = Cli::command();
-    for role in ["gateway", "agent", "status"] {
+    for role in ["gateway", "agent", "connect", "status"] {
         command = command.mut_subcommand(role, |mut sub| {
             let empty: Vec<clap::Id> = sub
                 .get_arguments()
