@@ -470,44 +470,108 @@ fn set_state(shared: &Shared, i: usize, state: ForwardState) {
 }
 
 /// Asks, for every forward, whether streams would get through, and records the answers.
+/// A forward refused for a reason that may pass (its agent not connected yet, a service not
+/// announced yet, a limit) is asked about again, after [`REPROBE_BASE`] doubling up to
+/// `max_backoff`, for as long as the session lasts.
 fn probe_all(shared: &Arc<Shared>, session: &Session) {
     for (i, fwd) in shared.config.forwards.iter().enumerate() {
-        let dial = Dial {
-            agent: fwd.agent.clone(),
-            target: fwd.target.clone(),
-            connector: String::new(),
-            probe: true,
-        };
-        let open = Open {
-            service: DIAL_SERVICE,
-            client: None,
-        };
-        let Ok(stream) = session.open_dial(&open, &dial) else {
-            continue;
-        };
         let shared2 = shared.clone();
         let fwd = fwd.clone();
+        let session = session.clone();
         shared.tracker.spawn(async move {
-            stream.finish();
-            let state = match tokio::time::timeout(PROBE_TIMEOUT, stream.recv()).await {
-                Ok(Ok(_)) => ForwardState::Ready,
-                Ok(Err(StreamError::Reset(code))) => {
-                    ForwardState::Refused(describe_refusal(code, &fwd))
+            let mut attempt = 0u32;
+            let mut said: Option<ForwardState> = None;
+            loop {
+                let (state, again) = match probe(&session, &fwd).await {
+                    Probe::Allowed => (ForwardState::Ready, false),
+                    Probe::Refused(code) => (
+                        ForwardState::Refused(describe_refusal(code, &fwd)),
+                        may_pass(code),
+                    ),
+                    Probe::NoAnswer => (
+                        ForwardState::Refused(format!(
+                            "no answer from the gateway within {PROBE_TIMEOUT:?}"
+                        )),
+                        true,
+                    ),
+                    Probe::Gone => return,
+                };
+                if said.as_ref() != Some(&state) {
+                    match &state {
+                        ForwardState::Ready => info!(forward = %fwd.name, "forward ready"),
+                        ForwardState::Refused(why) => {
+                            warn!(forward = %fwd.name, "forward refused: {why}")
+                        }
+                        ForwardState::Listening => {}
+                    }
+                    said = Some(state.clone());
                 }
-                Ok(Err(_)) => return,
-                Err(_) => ForwardState::Refused(format!(
-                    "no answer from the gateway within {PROBE_TIMEOUT:?}"
-                )),
-            };
-            match &state {
-                ForwardState::Ready => info!(forward = %fwd.name, "forward ready"),
-                ForwardState::Refused(why) => warn!(forward = %fwd.name, "forward refused: {why}"),
-                ForwardState::Listening => {}
+                set_state(&shared2, i, state);
+                if !again {
+                    return;
+                }
+                let delay = backoff_delay(
+                    attempt,
+                    REPROBE_BASE,
+                    shared2.config.max_backoff.max(REPROBE_BASE),
+                    0.5 + fastrand::f64() / 2.0,
+                );
+                attempt = attempt.saturating_add(1);
+                debug!(forward = %fwd.name, ?delay, "asking again");
+                tokio::select! {
+                    _ = session.closed() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
-            debug!(forward = %fwd.name, ?state, "probe answered");
-            set_state(&shared2, i, state);
         });
     }
+}
+
+/// First pause before a forward refused for a reason that may pass is asked about again.
+pub const REPROBE_BASE: Duration = Duration::from_secs(1);
+
+/// What a probe learned.
+enum Probe {
+    /// The gateway and the agent would let a stream through.
+    Allowed,
+    /// Refused, with this code.
+    Refused(ErrorCode),
+    /// No answer in time.
+    NoAnswer,
+    /// The session is over.
+    Gone,
+}
+
+/// One probe: a stream that asks, and connects nothing.
+async fn probe(session: &Session, fwd: &ConnectForward) -> Probe {
+    let dial = Dial {
+        agent: fwd.agent.clone(),
+        target: fwd.target.clone(),
+        connector: String::new(),
+        probe: true,
+    };
+    let open = Open {
+        service: DIAL_SERVICE,
+        client: None,
+    };
+    let Ok(stream) = session.open_dial(&open, &dial) else {
+        return Probe::Gone;
+    };
+    stream.finish();
+    match tokio::time::timeout(PROBE_TIMEOUT, stream.recv()).await {
+        Ok(Ok(_)) => Probe::Allowed,
+        Ok(Err(StreamError::Reset(code))) => Probe::Refused(code),
+        Ok(Err(_)) => Probe::Gone,
+        Err(_) => Probe::NoAnswer,
+    }
+}
+
+/// Whether a refusal with `code` may pass without anyone changing a setting.
+fn may_pass(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::AgentUnavailable | ErrorCode::NoSuchService | ErrorCode::LimitExceeded
+    )
 }
 
 /// Whether a reset with `code` is a refusal by the gateway or the agent (rather than the
