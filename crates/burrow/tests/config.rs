@@ -51,8 +51,10 @@ fn every_example_loads_and_resolves() -> anyhow::Result<()> {
             load_gateway_file(&path)?.into_config()?;
         } else if name.starts_with("agent") {
             load_agent_file(&path)?.into_config()?;
+        } else if name.starts_with("connect") {
+            burrow::config::load_connector_file(&path)?.into_config()?;
         } else {
-            panic!("{name}: example names start with gateway or agent");
+            panic!("{name}: example names start with gateway, agent or connect");
         }
         seen += 1;
     }

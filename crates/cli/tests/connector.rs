@@ -860,3 +860,101 @@ async fn listeners_stay_open_through_a_gateway_restart() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Settings
+
+/// Runs `burrow ARGS` with `env` to its end; its exit status and stdout.
+async fn run_to_end(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, String, String) {
+    let mut cmd = Burrow::command(bin());
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut p = Burrow::start(cmd).unwrap();
+    let st = p.wait_exit(WAIT).await.unwrap();
+    let out = p.stdout_lines().join("\n");
+    let err = p.stderr_lines().join("\n");
+    (st, out, err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_come_from_flags_environment_and_file() {
+    within("settings", async {
+        let key = SecretKey::generate();
+        let k = key.expose();
+        // The agent: --private and --allow, or BURROW_PRIVATE and BURROW_ALLOW (empty
+        // entries skipped).
+        let base = ["agent", "--gateway", "tcp://127.0.0.1:1", "--print-config"];
+        let (st, out, _) = run_to_end(
+            &base,
+            &[
+                ("BURROW_KEY", &k),
+                ("BURROW_PRIVATE", "vnc=127.0.0.1:5900,,ssh=127.0.0.1:22"),
+                ("BURROW_ALLOW", "10.0.0.0/8:22,"),
+            ],
+        )
+        .await;
+        assert!(st.success(), "{out}");
+        assert!(
+            out.contains(r#"private = ["vnc=127.0.0.1:5900", "ssh=127.0.0.1:22"]"#),
+            "{out}"
+        );
+        assert!(out.contains(r#"allow = ["10.0.0.0/8:22"]"#), "{out}");
+        let mut flags = base.to_vec();
+        flags.extend(["--private", "db=127.0.0.1:5432", "--allow", "nas:*"]);
+        let (_, out, _) = run_to_end(
+            &flags,
+            &[("BURROW_KEY", &k), ("BURROW_PRIVATE", "vnc=127.0.0.1:5900")],
+        )
+        .await;
+        assert!(
+            out.contains(r#"private = ["db=127.0.0.1:5432"]"#),
+            "the flag wins: {out}"
+        );
+        assert!(out.contains(r#"allow = ["nas:*"]"#), "{out}");
+        let (st, _, err) =
+            run_to_end(&base, &[("BURROW_KEY", &k), ("BURROW_ALLOW", "10.0.0.0/8")]).await;
+        assert!(!st.success());
+        assert!(
+            err.contains("BURROW_ALLOW") && err.contains("is not a target pattern"),
+            "{err}"
+        );
+
+        // The connector: the flag beats the variable beats the file; the key is masked.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("connect.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "gateway = \"tcp://127.0.0.1:1\"\nkey = \"{k}\"\nforward = [\"1001=office/a\"]\n"
+            ),
+        )
+        .unwrap();
+        let file = file.display().to_string();
+        let connect = ["connect", "--config", &file, "--print-config"];
+        let (st, out, err) = run_to_end(&connect, &[]).await;
+        assert!(st.success(), "{err}");
+        assert!(out.contains(r#"forward = ["1001=office/a"]"#), "{out}");
+        assert!(
+            out.contains("key = \"bk_****\"") && !out.contains(&k[3..]),
+            "{out}"
+        );
+        let (_, out, _) = run_to_end(&connect, &[("BURROW_FORWARD", "1002=office/b,")]).await;
+        assert!(out.contains(r#"forward = ["1002=office/b"]"#), "{out}");
+        let mut with_flag = connect.to_vec();
+        with_flag.extend(["--forward", "unix:/tmp/x.sock=office/10.0.0.5:22"]);
+        let (_, out, _) = run_to_end(&with_flag, &[("BURROW_FORWARD", "1002=office/b")]).await;
+        assert!(
+            out.contains(r#"forward = ["unix:/tmp/x.sock=office/10.0.0.5:22"]"#),
+            "{out}"
+        );
+        let (st, _, err) = run_to_end(&connect, &[("BURROW_FORWARD", "1002:office/b")]).await;
+        assert!(!st.success());
+        assert!(err.contains("BURROW_FORWARD"), "{err}");
+    })
+    .await;
+}
