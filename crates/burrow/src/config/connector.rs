@@ -1033,6 +1033,21 @@ mod tests {
     }
 
     #[test]
+    fn values_print_back_as_they_parse() {
+        for r in ["office/vnc", "office/*", "office/targets", "a.b-c_d/x"] {
+            assert_eq!(Reach::parse(r).unwrap().to_string(), r);
+        }
+        for p in ["db:5432", "10.0.0.0/8:22", "[2001:db8::/32]:1-2", "NAS:*"] {
+            let parsed = TargetPattern::parse(p).unwrap();
+            assert_eq!(TargetPattern::parse(&parsed.to_string()).unwrap(), parsed);
+        }
+        for s in ["vnc=127.0.0.1:5900", "v6=[::1]:22", "d=unix:/run/d.sock"] {
+            let p = parse_private(s).unwrap();
+            assert_eq!(format!("{}={}", p.name, p.target), s);
+        }
+    }
+
+    #[test]
     fn forwards_and_private_services_parse() {
         let f = parse_connect_forward("5901=office/vnc").unwrap();
         assert_eq!(f.listen, Listen::Tcp(addr("127.0.0.1:5901")));
