@@ -114,8 +114,12 @@ pub(super) fn accept(
             let dest = match tokio::time::timeout(timeout, check(&cfg, &dial)).await {
                 Ok(Ok(dest)) => dest,
                 Ok(Err((code, why))) => {
-                    tally.refused("", &label, Refused::NotAllowed);
-                    warn!("connector stream refused: {why}");
+                    if dial.probe {
+                        info!("connector probe refused: {why}");
+                    } else {
+                        tally.refused("", &label, Refused::NotAllowed);
+                        warn!("connector stream refused: {why}");
+                    }
                     stream.reset(code);
                     return;
                 }

@@ -259,7 +259,11 @@ fn route(hub: &Arc<Hub>, grant: &Arc<ConnectorGrant>, held: &Held, stream: Strea
     let (agent_stream, permit, dial) = match routed {
         Ok(x) => x,
         Err(Refusal { code, why }) => {
-            if let Some(skipped) = lock(&hub.connectors.refusals).allow(Instant::now()) {
+            // A probe is the connector asking about a forward (at each session, and again
+            // while the answer may change): said once, without a warning.
+            if stream.dial().is_some_and(|d| d.probe) {
+                info!("connector probe refused: {why}");
+            } else if let Some(skipped) = lock(&hub.connectors.refusals).allow(Instant::now()) {
                 warn!(
                     client = client.map(tracing::field::display),
                     similar_since_last = skipped,
