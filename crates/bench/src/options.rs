@@ -64,6 +64,10 @@ pub struct Args {
     #[arg(long)]
     skip_relay: bool,
 
+    /// Leave out the connector path (client -> burrow connect -> gateway -> agent -> target)
+    #[arg(long)]
+    skip_connector: bool,
+
     /// Also write the raw results as JSON to FILE
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -144,6 +148,8 @@ pub struct Settings {
     pub conns: Vec<u32>,
     /// Whether to measure the 2-hop relay reference.
     pub relay: bool,
+    /// Whether to measure the connector path.
+    pub connector: bool,
     /// The tunnels to measure, in order, each once; never empty.
     pub transports: Vec<Transport>,
     pub json: Option<PathBuf>,
@@ -176,6 +182,7 @@ impl Args {
             connect_iters: self.connect_iters.unwrap_or(pick(2_000, 100)),
             conns,
             relay: !self.skip_relay,
+            connector: !self.skip_connector,
             transports: match self.transport {
                 Some(items) => transports(&items),
                 // The quick run is CI's smoke test: it goes through the WebSocket path too.
@@ -234,6 +241,14 @@ mod tests {
     fn relay_flags() {
         assert!(Args::parse_from(["b"]).settings().relay);
         assert!(!Args::parse_from(["b", "--skip-relay"]).settings().relay);
+        // The connector path is measured unless left out, in the quick run too (it adds about
+        // a second there).
+        assert!(Args::parse_from(["b", "--quick"]).settings().connector);
+        assert!(
+            !Args::parse_from(["b", "--skip-connector"])
+                .settings()
+                .connector
+        );
         let a = Args::parse_from(["b", "--serve-relay", "127.0.0.1:1", "127.0.0.1:2"]);
         let want: Vec<SocketAddr> = vec![
             "127.0.0.1:1".parse().unwrap(),
