@@ -439,7 +439,12 @@ async fn serve_client(
 ) {
     let started = Instant::now();
     let stats = relay::relay_metered(&stream, &mut local, None).await;
-    match stream.reset_code().filter(|c| is_refusal(*c)) {
+    // A refusal comes before any byte from the agent; a reset after some (the agent's session
+    // ending mid-stream, say) is a stream that broke, logged as such.
+    let refused = stream
+        .reset_code()
+        .filter(|c| is_refusal(*c) && stats.to_local == 0);
+    match refused {
         Some(code) => {
             let why = describe_refusal(code, &fwd);
             warn!(
