@@ -6,7 +6,8 @@
 //!   of both for a unix socket and for the client whose address is checked), 100 parallel
 //!   streams, half-close both ways, a client that stops reading next to a bulk
 //!   transfer on the same service (the bulk finishes, memory stays bounded), two connectors
-//!   on one service; the agent's log line names the connector and its client's address.
+//!   on one service, one connector reaching two agents; the agent's log line names the
+//!   connector and its client's address.
 //! - Refusals: a service outside the connector's `reach`, a service the agent does not have,
 //!   a target outside the agent's `allow`, an agent's key used as a connector (and a
 //!   connector's as an agent): each with its cause in the connector's output, and no
@@ -58,16 +59,21 @@ struct World {
     gw: GatewayProc,
     config: PathBuf,
     office: SecretKey,
+    /// A second agent, `home`, for connectors that reach two.
+    home: SecretKey,
 }
 
 impl World {
     async fn start(connectors: &[Entry<'_>]) -> World {
         let dir = tempfile::tempdir().unwrap();
-        let office = SecretKey::generate();
-        let mut text = format!(
-            "[[agents]]\nname = \"office\"\nkey_hash = \"{}\"\nports = [\"1024-65535\"]\n",
-            office.hash()
-        );
+        let (office, home) = (SecretKey::generate(), SecretKey::generate());
+        let mut text = String::new();
+        for (name, key) in [("office", &office), ("home", &home)] {
+            text.push_str(&format!(
+                "[[agents]]\nname = \"{name}\"\nkey_hash = \"{}\"\nports = [\"1024-65535\"]\n\n",
+                key.hash()
+            ));
+        }
         for c in connectors {
             let reach: Vec<String> = c.reach.iter().map(|r| format!("{r:?}")).collect();
             text.push_str(&format!(
@@ -85,6 +91,7 @@ impl World {
             gw,
             config,
             office,
+            home,
         }
     }
 
@@ -120,11 +127,16 @@ impl World {
     /// Agent `office` with `args` (`--private`, `--allow`); waits until it has announced
     /// `private` services (or, with none, is connected).
     async fn agent(&self, args: &[String], private: usize) -> Burrow {
+        self.agent_with(&self.office, args, private).await
+    }
+
+    /// As [`World::agent`], with another agent's key.
+    async fn agent_with(&self, key: &SecretKey, args: &[String], private: usize) -> Burrow {
         let mut cmd = Burrow::command(bin());
         cmd.arg("agent")
             .args(self.dial_args())
             .args(args)
-            .env("BURROW_KEY", self.office.expose());
+            .env("BURROW_KEY", key.expose());
         let mut agent = Burrow::start(cmd).unwrap();
         if private == 0 {
             agent
@@ -605,6 +617,41 @@ async fn two_connectors_use_one_service_at_once() {
         stop_cleanly(&mut a.proc, "connector laptop").await;
         stop_cleanly(&mut b.proc, "connector desk").await;
         stop_cleanly(&mut agent, "agent").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connector_reaches_services_on_two_agents() {
+    within("two agents", async {
+        let laptop = SecretKey::generate();
+        let w = World::start(&[Entry {
+            name: "laptop",
+            key: &laptop,
+            reach: &["office/echo", "home/*"],
+        }])
+        .await;
+        let (at_office, at_home) = (
+            TcpTarget::echo().await.unwrap(),
+            TcpTarget::echo().await.unwrap(),
+        );
+        let mut office = w.agent(&private("echo", at_office.addr()), 1).await;
+        let mut home = w
+            .agent_with(&w.home, &private("echo", at_home.addr()), 1)
+            .await;
+        let mut c = w
+            .connector(&laptop, &["0=office/echo", "0=home/echo"])
+            .await;
+        c.ready(0).await;
+        c.ready(1).await;
+        let (o1, o2) = (EchoOpts::new(2 << 20, 21), EchoOpts::new(2 << 20, 22));
+        let (a, b) = tokio::join!(echo_transfer(c.addr(0), &o1), echo_transfer(c.addr(1), &o2));
+        assert!(a.unwrap().exact && b.unwrap().exact);
+        // Each went to its own agent's service.
+        assert_eq!((at_office.bytes(), at_home.bytes()), (2 << 20, 2 << 20));
+        stop_cleanly(&mut c.proc, "connector").await;
+        stop_cleanly(&mut office, "agent office").await;
+        stop_cleanly(&mut home, "agent home").await;
     })
     .await;
 }
