@@ -105,6 +105,7 @@ fn frames() -> Vec<(&'static str, Frame)> {
             AuthOk {
                 name: "home".into(),
                 params: small_params(),
+                features: burrow_proto::message::FEATURES,
             }
             .to_frame(),
         ),

@@ -21,7 +21,7 @@ use burrow_proto::connect::{Announce, Dial};
 use burrow_proto::frame::{Kind, ABSOLUTE_MAX_PAYLOAD, HEADER_LEN};
 use burrow_proto::message::{
     parse_preamble, preamble, Auth, AuthOk, Bind, BindResult, Challenge, GoAway, Open,
-    SessionParams, StreamLimits, PREAMBLE_LEN,
+    SessionParams, StreamLimits, Unbind, PREAMBLE_LEN,
 };
 use burrow_proto::{Decoder, ErrorCode, Frame};
 use bytes::BytesMut;
@@ -103,6 +103,11 @@ fuzz_target!(|data: &[u8]| {
         } else {
             assert_eq!(m.code, ErrorCode::Internal);
         }
+    }
+    if let Ok(m) = Unbind::decode(data) {
+        let f = check_frame(&m.to_frame(), Kind::Unbind, 0);
+        assert_eq!(Unbind::decode(&f.payload).expect("roundtrip"), m);
+        assert_prefix(data, &f.payload, "unbind");
     }
     if let Ok(m) = Open::decode(data) {
         // Any non-zero stream id; take it from the input so it varies.

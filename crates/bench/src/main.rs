@@ -6,6 +6,8 @@
 //! tunnel of its own, measured round-robin with the others, and compared with the tls one.
 //! The connector path (client -> `burrow connect` -> gateway -> agent -> target) is measured
 //! in the same rounds too, unless `--skip-connector`.
+//! UDP (a UDP forward to a sink) is measured direct and through each tunnel: the most one
+//! client gets through, and the loss at half the tls tunnel's maximum rate.
 //!
 //! ```text
 //! cargo run --release -p burrow-bench                            # full run, a few minutes
@@ -25,7 +27,8 @@
 //!   child process for the memory rows, so that 10,000 connections fit the open-file limit.
 //! - `relay_proc`: the 2-hop reference, two forwarding child processes in a row.
 //! - `connector`: the connector path, a connector in front of a gateway and agent pair.
-//! - `throughput`, `latency`, `memory`: the workloads.
+//! - `throughput`, `latency`, `memory`: the workloads; `udp`: the UDP sink and echo, and the
+//!   client that sends datagrams at them.
 //! - `sys`: open-file limit, `/proc` readings, the machine.
 //! - `stats`, `report`: medians and percentiles; the table and its targets.
 
@@ -42,6 +45,7 @@ mod stats;
 mod sys;
 mod targets;
 mod throughput;
+mod udp;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -59,9 +63,10 @@ use crate::memory::Rss;
 use crate::options::Settings;
 use crate::procs::{Transport, Tunnel};
 use crate::relay_proc::RelayChain;
-use crate::report::{Cpu, CpuUse, Latency, Results, Route, Throughput};
+use crate::report::{Cpu, CpuUse, Latency, Results, Route, Throughput, Udp};
 use crate::targets::Targets;
 use crate::throughput::{Direction, Endpoints, Workload};
+use crate::udp::UdpTargets;
 
 fn main() -> ExitCode {
     let args = options::Args::parse();
@@ -123,23 +128,32 @@ struct Tunnelled {
     echo: SocketAddr,
     sink: SocketAddr,
     source: SocketAddr,
+    /// The public addresses of the UDP sink and echo, when UDP is measured.
+    udp: Option<(SocketAddr, SocketAddr)>,
     /// The public address of the memory rows' echo child, on the tunnel they go through.
     held: Option<SocketAddr>,
 }
 
 impl Tunnelled {
-    /// Starts the targets, then the gateway and agent publishing them and `held` (the echo
-    /// child of the memory rows, when they go through this tunnel).
+    /// Starts the targets, then the gateway and agent publishing them, the UDP sink and echo
+    /// (shared by every route, when UDP is measured) and `held` (the echo child of the memory
+    /// rows, when they go through this tunnel).
     async fn start(
         settings: &Settings,
         bin: &Path,
         transport: Transport,
         gateway_config: Option<&Path>,
-        held: Option<SocketAddr>,
+        (udp, held): (Option<&UdpTargets>, Option<SocketAddr>),
     ) -> anyhow::Result<Tunnelled> {
         let targets = Targets::start(settings.write_len).await?;
-        let mut published = vec![targets.echo, targets.sink, targets.source];
-        published.extend(held);
+        let mut published: Vec<String> = [targets.echo, targets.sink, targets.source]
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect();
+        if let Some(u) = udp {
+            published.extend([format!("udp:{}", u.sink), format!("udp:{}", u.echo)]);
+        }
+        published.extend(held.map(|h| h.to_string()));
         eprintln!(
             "bench: starting {} gateway and agent over {}",
             bin.display(),
@@ -161,9 +175,15 @@ impl Tunnelled {
                 published.len()
             );
         };
+        let udp = match (udp, tunnel.public.get(3..5)) {
+            (Some(_), Some(&[sink, echo])) => Some((sink, echo)),
+            _ => None,
+        };
+        let held_at = if udp.is_some() { 5 } else { 3 };
         Ok(Tunnelled {
             transport,
-            held: tunnel.public.get(3).copied(),
+            udp,
+            held: tunnel.public.get(held_at).copied(),
             targets,
             tunnel,
             echo,
@@ -221,6 +241,11 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
         ..Results::default()
     };
     let direct = Targets::start(settings.write_len).await?;
+    let udp = if settings.udp {
+        Some(UdpTargets::start().await?)
+    } else {
+        None
+    };
     let relayed = if settings.relay {
         eprintln!("bench: starting the 2-hop relay reference");
         Some(Relayed::start(settings.write_len).await?)
@@ -242,7 +267,8 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
     let mut tunnels = Vec::new();
     for (i, &transport) in settings.transports.iter().enumerate() {
         let held = held.as_ref().filter(|_| i == 0).map(|h| h.addr);
-        let started = Tunnelled::start(settings, bin, transport, gateway_config, held).await?;
+        let published = (udp.as_ref(), held);
+        let started = Tunnelled::start(settings, bin, transport, gateway_config, published).await?;
         tunnels.push(started);
     }
     let connector = if settings.connector {
@@ -253,6 +279,7 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
     let bench = Bench {
         settings,
         direct: &direct,
+        udp: udp.as_ref(),
         tunnels: &tunnels,
         relayed: relayed.as_ref(),
         connector: connector.as_ref(),
@@ -276,6 +303,8 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
 struct Bench<'a> {
     settings: &'a Settings,
     direct: &'a Targets,
+    /// The UDP sink and echo; `None` when UDP is skipped.
+    udp: Option<&'a UdpTargets>,
     /// One per transport, in the order of `--transport`; never empty.
     tunnels: &'a [Tunnelled],
     /// `None` when the reference is skipped.
@@ -291,13 +320,20 @@ impl Bench<'_> {
         results: &mut Results,
         held: Option<&mut EchoProcess>,
     ) -> anyhow::Result<()> {
-        self.warm_up(results).await;
-        self.throughput(results).await?;
-        self.latency(results).await;
+        if self.settings.tcp {
+            self.warm_up(results).await;
+            self.throughput(results).await?;
+            self.latency(results).await;
+        }
         if let (Some(held), Some(via)) = (held, self.tunnels.first()) {
             if let Some(addr) = via.held {
                 self.memory(results, held, via, addr).await?;
             }
+        }
+        // Last: its flows stay open at both ends for the idle timeout, and would be in the
+        // memory rows' readings.
+        if let Some(udp) = self.udp {
+            self.udp(results, udp).await?;
         }
         Ok(())
     }
@@ -520,6 +556,151 @@ impl Bench<'_> {
     }
 }
 
+/// A route UDP takes: where the client sends, where the echo answers, and the tunnel whose
+/// CPU it costs.
+struct UdpWay<'a> {
+    route: Route,
+    sink: SocketAddr,
+    echo: SocketAddr,
+    tunnel: Option<&'a Tunnelled>,
+}
+
+impl Bench<'_> {
+    /// Direct, then each tunnel that publishes the UDP targets.
+    fn udp_ways<'a>(&'a self, targets: &UdpTargets) -> Vec<UdpWay<'a>> {
+        let mut ways = vec![UdpWay {
+            route: Route::Direct,
+            sink: targets.sink,
+            echo: targets.echo,
+            tunnel: None,
+        }];
+        ways.extend(self.tunnels.iter().filter_map(|t| {
+            let (sink, echo) = t.udp?;
+            Some(UdpWay {
+                route: Route::Tunnel(t.transport),
+                sink,
+                echo,
+                tunnel: Some(t),
+            })
+        }));
+        ways
+    }
+
+    /// For each datagram size: rounds of one client sending as fast as it can on every route,
+    /// then rounds at half the tls tunnel's median maximum (the first tunnel's without tls),
+    /// and each tunnel's CPU over both.
+    async fn udp(&self, results: &mut Results, targets: &UdpTargets) -> anyhow::Result<()> {
+        let s = self.settings;
+        let ways = self.udp_ways(targets);
+        eprintln!("bench: UDP warm-up");
+        for way in &ways {
+            if let Err(e) = udp::echo_check(way.echo, 1400, 20).await {
+                let name = way.route.name();
+                results.failures.push(format!("UDP warm-up, {name}: {e:#}"));
+            }
+        }
+        let reference = (self.tunnels.iter().map(|t| t.transport))
+            .find(|&t| t == Transport::Tls)
+            .or_else(|| self.tunnels.first().map(|t| t.transport));
+        for len in options::UDP_SIZES {
+            let mut row = Udp {
+                len,
+                ..Udp::default()
+            };
+            for round in 1..=s.rounds {
+                eprintln!("bench: UDP {len} B, full speed, round {round}/{}", s.rounds);
+                for way in &ways {
+                    match self.udp_run(targets, way, len, None, &mut row).await {
+                        Ok(r) => {
+                            row.max_per_s.push(way.route, r.per_second());
+                            row.max_gbit.push(way.route, r.gbit_per_s());
+                            row.max_sent_per_s.push(way.route, r.offered());
+                        }
+                        Err(e) => results.failures.push(format!(
+                            "UDP {len} B, full speed, {}, round {round}: {e:#}",
+                            way.route.name()
+                        )),
+                    }
+                }
+            }
+            let max = reference
+                .and_then(|t| row.max_per_s.tunnel.get(&t))
+                .and_then(|v| stats::spread(v));
+            row.offered = max.map(|m| m.median / 2.0).filter(|&r| r >= 1.0);
+            if let Some(rate) = row.offered {
+                for round in 1..=s.rounds {
+                    eprintln!(
+                        "bench: UDP {len} B at {:.0} datagrams/s, round {round}/{}",
+                        rate, s.rounds
+                    );
+                    for way in &ways {
+                        // The kernel's drop counts of the gateway's public socket and the sink's.
+                        let tunnelled = way.tunnel.is_some();
+                        let drops = || {
+                            let at_gateway = if tunnelled {
+                                sys::udp_drops(way.sink.port())
+                            } else {
+                                Some(0)
+                            };
+                            at_gateway.zip(sys::udp_drops(targets.sink.port()))
+                        };
+                        let before = drops();
+                        match self.udp_run(targets, way, len, Some(rate), &mut row).await {
+                            Ok(r) => {
+                                let losses = row.paced.entry(way.route.name().into()).or_default();
+                                losses.sent += r.sent;
+                                losses.lost += r.sent - r.received;
+                                if let (Some(b), Some(a)) = (before, drops()) {
+                                    losses.gateway_socket += a.0.saturating_sub(b.0);
+                                    losses.sink_socket += a.1.saturating_sub(b.1);
+                                }
+                                if r.offered() < rate * 0.95 {
+                                    results.notes.push(format!(
+                                        "UDP {len} B, {}, round {round}: the client sent {:.0} \
+                                         datagrams/s of the {rate:.0} asked for",
+                                        way.route.name(),
+                                        r.offered()
+                                    ));
+                                }
+                                row.loss.push(way.route, r.loss_percent());
+                            }
+                            Err(e) => results.failures.push(format!(
+                                "UDP {len} B at a fixed rate, {}, round {round}: {e:#}",
+                                way.route.name()
+                            )),
+                        }
+                    }
+                }
+            }
+            for (route, losses) in &row.paced {
+                results.notes.extend(losses.note(len, route));
+            }
+            results.udp.push(row);
+        }
+        Ok(())
+    }
+
+    /// One UDP run on `way`, its tunnel's CPU and delivered bytes added to `row`.
+    async fn udp_run(
+        &self,
+        targets: &UdpTargets,
+        way: &UdpWay<'_>,
+        len: usize,
+        rate: Option<f64>,
+        row: &mut Udp,
+    ) -> anyhow::Result<udp::UdpRun> {
+        let cpu = || way.tunnel.map(|t| t.tunnel.cpu_seconds()).transpose();
+        let before = cpu()?;
+        let run = udp::run(targets, way.sink, len, self.settings.duration, rate).await?;
+        if let (Some(t), Some(before), Some(after)) = (way.tunnel, before, cpu()?) {
+            let used = row.cpu.entry(t.transport).or_default();
+            used.seconds += after - before;
+            used.bytes += run.bytes;
+        }
+        Ok(run)
+    }
+}
+
 /// Connections the bench itself may hold through one agent besides the memory rows' (warm-up,
 /// workloads, a level's stragglers).
 const HELD_SLACK: u32 = 1024;
@@ -560,10 +741,11 @@ fn describe(s: &Settings) -> String {
             .join(",")
     };
     let mut line = format!(
-        "{}transports {}; {} round(s); throughput runs of {:?} with {} KiB writes, parallel \
+        "{}{}transports {}; {} round(s); throughput runs of {:?} with {} KiB writes, parallel \
          streams {}; {} request/response round trips and {} connects per round; idle \
          connections {}",
         if s.quick { "quick; " } else { "" },
+        if s.tcp { "" } else { "UDP only; " },
         s.transports
             .iter()
             .map(|t| t.name())
@@ -586,6 +768,16 @@ fn describe(s: &Settings) -> String {
     }
     if !s.connector {
         line.push_str("; connector path skipped");
+    }
+    if s.udp {
+        line.push_str(&format!(
+            "; UDP: one client, datagrams of {} bytes, runs of {:?} at full speed, then at \
+             half the tunnel's median maximum",
+            options::UDP_SIZES.map(|n| n.to_string()).join(" and "),
+            s.duration
+        ));
+    } else {
+        line.push_str("; UDP skipped");
     }
     if let Some(limit) = held_limit(s) {
         line.push_str(&format!(

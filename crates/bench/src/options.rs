@@ -51,8 +51,8 @@ pub struct Args {
     conns: Option<Vec<u32>>,
 
     /// Tunnel transports to measure, each through a gateway and agent of its own, round-robin
-    /// in the same rounds: tls, wss, tcp, ws, or all [default: tls; quick: tls,wss]. The
-    /// memory rows use the first one.
+    /// in the same rounds: tls, wss, tcp, ws, quic, or all (the first four) [default: tls;
+    /// quick: tls,wss]. The memory rows use the first one.
     #[arg(long, value_name = "T,...", value_delimiter = ',')]
     transport: Option<Vec<TransportArg>>,
 
@@ -67,6 +67,14 @@ pub struct Args {
     /// Leave out the connector path (client -> burrow connect -> gateway -> agent -> target)
     #[arg(long)]
     skip_connector: bool,
+    /// Leave out the UDP rows
+    #[arg(long)]
+    skip_udp: bool,
+
+    /// Only the UDP rows (no TCP throughput, latency, memory or relay), e.g. to compare
+    /// `[udp]` settings given with --gateway-config and --agent-config
+    #[arg(long, conflicts_with = "skip_udp")]
+    only_udp: bool,
 
     /// Also write the raw results as JSON to FILE
     #[arg(long, value_name = "FILE")]
@@ -102,6 +110,8 @@ enum TransportArg {
     Tcp,
     /// WebSocket over plain TCP (the gateway runs --transport tcp)
     Ws,
+    /// QUIC over UDP to the tunnel port's number (not in `all`)
+    Quic,
     /// All four: tls,wss,tcp,ws
     All,
 }
@@ -115,6 +125,7 @@ fn transports(items: &[TransportArg]) -> Vec<Transport> {
             TransportArg::Wss => &[Transport::Wss],
             TransportArg::Tcp => &[Transport::Tcp],
             TransportArg::Ws => &[Transport::Ws],
+            TransportArg::Quic => &[Transport::Quic],
             TransportArg::All => &Transport::ALL,
         };
         for t in named {
@@ -134,6 +145,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The datagram sizes of the UDP rows, bytes: a full Ethernet-sized payload, and a small one
+/// where the cost per datagram dominates.
+pub const UDP_SIZES: [usize; 2] = [1400, 64];
+
 /// What to run, with every default filled in.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -150,6 +165,10 @@ pub struct Settings {
     pub relay: bool,
     /// Whether to measure the connector path.
     pub connector: bool,
+    /// Whether to measure UDP (datagrams of each of [`UDP_SIZES`] bytes).
+    pub udp: bool,
+    /// Whether to measure the TCP workloads (throughput, latency).
+    pub tcp: bool,
     /// The tunnels to measure, in order, each once; never empty.
     pub transports: Vec<Transport>,
     pub json: Option<PathBuf>,
@@ -162,7 +181,7 @@ impl Args {
     pub fn settings(self) -> Settings {
         let quick = self.quick;
         let pick = |full, small| if quick { small } else { full };
-        let conns = match (self.skip_memory, self.conns) {
+        let conns = match (self.skip_memory || self.only_udp, self.conns) {
             (true, _) => Vec::new(),
             (false, Some(list)) => list,
             (false, None) if quick => vec![100, 500],
@@ -181,8 +200,10 @@ impl Args {
             rr_iters: self.rr_iters.unwrap_or(pick(20_000, 500)),
             connect_iters: self.connect_iters.unwrap_or(pick(2_000, 100)),
             conns,
-            relay: !self.skip_relay,
-            connector: !self.skip_connector,
+            relay: !self.skip_relay && !self.only_udp,
+            udp: !self.skip_udp,
+            tcp: !self.only_udp,
+            connector: !self.skip_connector && !self.only_udp,
             transports: match self.transport {
                 Some(items) => transports(&items),
                 // The quick run is CI's smoke test: it goes through the WebSocket path too.
@@ -233,7 +254,9 @@ mod tests {
         assert_eq!(s.transports, vec![Wss, Tls]);
         let s = Args::parse_from(["b", "--transport", "tcp", "--transport", "all"]).settings();
         assert_eq!(s.transports, vec![Tcp, Tls, Wss, Ws]);
-        assert!(Args::try_parse_from(["b", "--transport", "quic"]).is_err());
+        let s = Args::parse_from(["b", "--transport", "tls,quic"]).settings();
+        assert_eq!(s.transports, vec![Tls, Transport::Quic]);
+        assert!(Args::try_parse_from(["b", "--transport", "h3"]).is_err());
         assert!(Args::try_parse_from(["b", "--transport", ""]).is_err());
     }
 
@@ -249,6 +272,14 @@ mod tests {
                 .settings()
                 .connector
         );
+        assert!(
+            Args::parse_from(["b", "--quick"]).settings().udp,
+            "CI's run has UDP rows"
+        );
+        assert!(!Args::parse_from(["b", "--skip-udp"]).settings().udp);
+        let s = Args::parse_from(["b", "--only-udp"]).settings();
+        assert!(s.udp && !s.tcp && !s.relay && s.conns.is_empty());
+        assert!(Args::try_parse_from(["b", "--only-udp", "--skip-udp"]).is_err());
         let a = Args::parse_from(["b", "--serve-relay", "127.0.0.1:1", "127.0.0.1:2"]);
         let want: Vec<SocketAddr> = vec![
             "127.0.0.1:1".parse().unwrap(),

@@ -274,6 +274,8 @@ pub enum Transport {
     /// A WebSocket over plain TCP (`ws://HOST:PORT/burrow`); the gateway runs
     /// `--transport tcp`.
     Ws,
+    /// QUIC (`quic://`) to the gateway's UDP port of the tunnel port's number.
+    Quic,
 }
 
 /// The WebSocket path the bench's gateways answer on (passed as `--ws-path`).
@@ -295,6 +297,7 @@ impl Transport {
             Transport::Wss => "wss",
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",
+            Transport::Quic => "quic",
         }
     }
 
@@ -305,6 +308,7 @@ impl Transport {
             Transport::Wss => "tunnel (wss)",
             Transport::Tcp => "tunnel (tcp)",
             Transport::Ws => "tunnel (ws)",
+            Transport::Quic => "tunnel (quic)",
         }
     }
 
@@ -315,12 +319,13 @@ impl Transport {
             Transport::Wss => ("wss gateway", "wss agent"),
             Transport::Tcp => ("tcp gateway", "tcp agent"),
             Transport::Ws => ("ws gateway", "ws agent"),
+            Transport::Quic => ("quic gateway", "quic agent"),
         }
     }
 
     /// Whether the session runs over TLS (so the gateway has a certificate to pin).
     fn tls(self) -> bool {
-        matches!(self, Transport::Tls | Transport::Wss)
+        matches!(self, Transport::Tls | Transport::Wss | Transport::Quic)
     }
 
     /// The gateway's flags for this transport.
@@ -342,6 +347,7 @@ impl Transport {
             Transport::Wss => format!("wss://{host_port}{WS_PATH}"),
             Transport::Tcp => format!("tcp://{host_port}"),
             Transport::Ws => format!("ws://{host_port}{WS_PATH}"),
+            Transport::Quic => format!("quic://{host_port}"),
         }
     }
 }
@@ -350,7 +356,7 @@ impl Transport {
 pub struct Tunnel {
     pub gateway: Proc,
     pub agent: Proc,
-    /// The public address of each target, in the order given.
+    /// The public address of each forward, in the order given.
     pub public: Vec<SocketAddr>,
     /// The gateway's state directory, removed when dropped.
     _state: tempfile::TempDir,
@@ -358,11 +364,12 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// Starts a zero-config gateway on loopback for `transport`, then an agent that dials it
-    /// that way and publishes `targets`, and waits until every forward is granted.
+    /// that way and publishes `forwards` (`--forward` values: `HOST:PORT` for TCP,
+    /// `udp:HOST:PORT`), and waits until every forward is granted.
     pub async fn start(
         bin: &Path,
         transport: Transport,
-        targets: &[SocketAddr],
+        forwards: &[String],
         gateway_config: Option<&Path>,
         agent_config: Option<&Path>,
     ) -> anyhow::Result<Tunnel> {
@@ -406,8 +413,8 @@ impl Tunnel {
             ),
             (_, false) => {}
         }
-        let specs: Vec<String> = targets.iter().map(SocketAddr::to_string).collect();
-        for spec in &specs {
+        let specs = forwards;
+        for spec in specs {
             args.extend(["--forward".to_string(), spec.clone()]);
         }
         if let Some(config) = agent_config {

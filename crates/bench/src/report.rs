@@ -26,6 +26,8 @@ pub struct Results {
     pub idle: Option<Rss>,
     pub memory: Vec<Level>,
     pub cpu: Option<Cpu>,
+    /// One entry per datagram size; empty when UDP was skipped.
+    pub udp: Vec<Udp>,
     /// Whether the 2-hop relay reference was measured.
     pub relay: bool,
     /// Whether the connector path was measured.
@@ -84,6 +86,81 @@ impl Latency {
             Route::Relay => &mut self.relay,
             Route::Connector => &mut self.connector,
         }
+    }
+}
+
+/// Per-round values of the routes UDP takes: direct and each tunnel (the relay reference is
+/// TCP only).
+#[derive(Debug, Default, Serialize)]
+pub struct RouteValues {
+    pub direct: Vec<f64>,
+    pub tunnel: BTreeMap<Transport, Vec<f64>>,
+}
+
+impl RouteValues {
+    /// Adds one round's value of `route` (the relay and the connector path have none).
+    pub fn push(&mut self, route: Route, value: f64) {
+        match route {
+            Route::Direct => self.direct.push(value),
+            Route::Tunnel(t) => self.tunnel.entry(t).or_default().push(value),
+            Route::Relay | Route::Connector => {}
+        }
+    }
+}
+
+/// The UDP rows of one datagram size: the most each route delivers with one client sending
+/// as fast as it can, and the loss at a fixed rate (half the tls tunnel's median maximum).
+#[derive(Debug, Default, Serialize)]
+pub struct Udp {
+    /// Bytes per datagram (UDP payload).
+    pub len: usize,
+    /// Datagrams delivered per second at full speed.
+    pub max_per_s: RouteValues,
+    /// The same in Gbit/s of UDP payload.
+    pub max_gbit: RouteValues,
+    /// Datagrams per second the client sent in those runs (in the JSON only).
+    pub max_sent_per_s: RouteValues,
+    /// Datagrams per second of the paced runs; `None` when no tunnel had a maximum.
+    pub offered: Option<f64>,
+    /// Percent of the paced runs' datagrams that never arrived.
+    pub loss: RouteValues,
+    /// Gateway + agent CPU over all runs of this size, and the bytes they delivered.
+    pub cpu: BTreeMap<Transport, CpuUse>,
+    /// Where the paced runs' datagrams were lost, summed over rounds, by route name.
+    pub paced: BTreeMap<String, Losses>,
+}
+
+/// The datagrams of the paced runs on one route: sent, lost, and lost where the kernel
+/// counts it (a full receive buffer; read from `/proc/net/udp`).
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct Losses {
+    pub sent: u64,
+    pub lost: u64,
+    /// At the gateway's public socket (none on the direct route).
+    pub gateway_socket: u64,
+    /// At the sink's socket.
+    pub sink_socket: u64,
+}
+
+impl Losses {
+    /// A note saying where the losses were, if there were any.
+    pub fn note(&self, len: usize, route: &str) -> Option<String> {
+        if self.lost == 0 {
+            return None;
+        }
+        let inside = self
+            .lost
+            .saturating_sub(self.gateway_socket + self.sink_socket);
+        Some(format!(
+            "UDP {} B at the fixed rate, {route}: {} of {} datagrams lost; the kernel dropped \
+             {} at the gateway's public socket and {} at the sink's (receive buffers full), \
+             {inside} went elsewhere (inside the tunnel, or the agent's socket toward the sink)",
+            thousands(len as u32),
+            self.lost,
+            self.sent,
+            self.gateway_socket,
+            self.sink_socket,
+        ))
     }
 }
 
@@ -149,6 +226,12 @@ const CPU_PER_GB: f64 = 1.0;
 /// multiple.
 const WSS_THROUGHPUT_VS_TLS: f64 = 0.90;
 const WSS_RR_P50_VS_TLS: f64 = 1.10;
+/// UDP at 1,400 bytes: tunnel / direct datagram throughput at least this, with less than
+/// this percent lost at half the tunnel's maximum rate.
+pub const UDP_RATIO: f64 = 0.25;
+const UDP_LOSS_PERCENT: f64 = 1.0;
+/// The datagram size those targets are stated for.
+const UDP_TARGET_LEN: usize = 1400;
 
 /// A target and whether it was met.
 #[derive(Debug, Clone, Copy)]
@@ -161,6 +244,8 @@ enum Goal {
     VsTlsAtLeast(f64),
     VsTlsAtMost(f64),
     AtMost(f64, &'static str),
+    /// Against the tunnel's own value.
+    Below(f64, &'static str),
     All,
 }
 
@@ -173,6 +258,7 @@ impl Goal {
             Goal::VsTlsAtLeast(r) => format!("≥ {r:.2}x tls"),
             Goal::VsTlsAtMost(r) => format!("≤ {r:.2}x tls"),
             Goal::AtMost(v, unit) => format!("≤ {v} {unit}"),
+            Goal::Below(v, unit) => format!("< {v}{unit}"),
             Goal::All => "all".into(),
         }
     }
@@ -184,6 +270,7 @@ impl Goal {
             Goal::None => return "—",
             Goal::RatioAtLeast(r) | Goal::VsTlsAtLeast(r) => v >= r,
             Goal::RatioAtMost(r) | Goal::VsTlsAtMost(r) | Goal::AtMost(r, _) => v <= r,
+            Goal::Below(r, _) => v < r,
             Goal::All => v >= 1.0,
         };
         if ok {
@@ -193,10 +280,17 @@ impl Goal {
         }
     }
 
-    /// Which ratio of a comparison row the goal is held against.
-    fn pick(&self, vs_direct: Option<f64>, vs_tls: Option<f64>) -> Option<f64> {
+    /// Which value of a comparison row the goal is held against: a ratio, or the tunnel's
+    /// own median.
+    fn pick(
+        &self,
+        tunnel: Option<f64>,
+        vs_direct: Option<f64>,
+        vs_tls: Option<f64>,
+    ) -> Option<f64> {
         match self {
             Goal::VsTlsAtLeast(_) | Goal::VsTlsAtMost(_) => vs_tls,
+            Goal::AtMost(..) | Goal::Below(..) => tunnel,
             _ => vs_direct,
         }
     }
@@ -346,7 +440,8 @@ impl Table {
     }
 
     /// A direct/tunnel/relay comparison of per-round values, one row per tunnel in `order`;
-    /// `decimals` for the values.
+    /// `decimals` for the values. Without `ratios` (for a loss, where a ratio means nothing)
+    /// the ratio columns stay empty.
     fn compare(
         &mut self,
         metric: &str,
@@ -354,8 +449,15 @@ impl Table {
         order: &[Transport],
         decimals: usize,
         goals: Goals,
+        ratios: bool,
     ) {
-        let [d, r] = [sides.direct, sides.relay].map(spread);
+        let d = spread(sides.direct);
+        let r = sides.relay.and_then(spread);
+        let relay_cell = match sides.relay {
+            Some(_) => show(r, decimals),
+            None => "—".into(),
+        };
+        let ratio = move |top, bottom| if ratios { ratio(top, bottom) } else { None };
         let of = |t: Transport| spread(sides.tunnel.get(&t).map_or(&[][..], Vec::as_slice));
         let tls = order.contains(&Transport::Tls).then(|| of(Transport::Tls));
         for &transport in order {
@@ -372,13 +474,13 @@ impl Table {
                     transport: transport.name(),
                     direct: &show(d, decimals),
                     tunnel: &show(t, decimals),
-                    relay: &show(r, decimals),
+                    relay: &relay_cell,
                     ratio: &show_ratio(vs_direct),
-                    vs_relay: &show_ratio(self::ratio(t, r)),
+                    vs_relay: &show_ratio(ratio(t, r)),
                     vs_tls: &show_ratio(vs_tls),
                 },
                 &goal,
-                goal.pick(vs_direct, vs_tls),
+                goal.pick(t.map(|t| t.median), vs_direct, vs_tls),
             );
         }
         if let Some(connector) = sides.connector {
@@ -406,9 +508,22 @@ impl Table {
 struct Sides<'a, T> {
     direct: &'a [T],
     tunnel: &'a BTreeMap<Transport, Vec<T>>,
-    relay: &'a [T],
-    /// `None` when the connector path was not measured.
+    /// `None` for a metric the relay reference does not take part in.
+    relay: Option<&'a [T]>,
+    /// `None` when the connector path was not measured (or takes no part in the metric).
     connector: Option<&'a [T]>,
+}
+
+impl<'a> Sides<'a, f64> {
+    /// A UDP metric: direct and the tunnels.
+    fn udp(values: &'a RouteValues) -> Sides<'a, f64> {
+        Sides {
+            direct: &values.direct,
+            tunnel: &values.tunnel,
+            relay: None,
+            connector: None,
+        }
+    }
 }
 
 /// The transport cell of the connector path's rows.
@@ -496,6 +611,13 @@ impl Results {
                 out.push_str(" (tunnel / tls: against the public tls path)");
             }
         }
+        if !self.udp.is_empty() {
+            out.push_str(
+                "; UDP max = datagrams one client gets through to a sink while sending as fast \
+                 as it can; loss = share of the datagrams sent at the fixed rate that never \
+                 arrived; CPU per GB delivered counts every run of that size",
+            );
+        }
         out.push_str("\n\n");
         out.push_str(&self.table());
         if !self.notes.is_empty() {
@@ -546,11 +668,11 @@ impl Results {
             let sides = Sides {
                 direct: &w.direct,
                 tunnel: &w.tunnel,
-                relay: &w.relay,
+                relay: Some(&w.relay),
                 connector: self.connector.then_some(&w.connector[..]),
             };
             let metric = format!("throughput, {} (Gbit/s)", w.label);
-            t.compare(&metric, sides, order, 2, goals);
+            t.compare(&metric, sides, order, 2, goals, true);
         }
         let rr = Goals {
             tls: Goal::RatioAtMost(RR_P50_RATIO),
@@ -566,7 +688,70 @@ impl Results {
         if let Some(cpu) = &self.cpu {
             self.cpu_rows(&mut t, cpu);
         }
+        for u in &self.udp {
+            self.udp_rows(&mut t, u);
+        }
         t.text
+    }
+
+    /// The UDP rows of one datagram size: the maximum in datagrams/s and Gbit/s, the loss at
+    /// the fixed rate, and each tunnel's CPU per GB.
+    fn udp_rows(&self, t: &mut Table, u: &Udp) {
+        let order = self.order();
+        let size = format!("UDP {} B", thousands(u.len as u32));
+        let held = u.len == UDP_TARGET_LEN;
+        let none = Goals::tls(Goal::None);
+        let metric = format!("{size}, max (thousand datagrams/s)");
+        let per_s = RouteValues {
+            direct: u.max_per_s.direct.iter().map(|v| v / 1e3).collect(),
+            tunnel: (u.max_per_s.tunnel.iter())
+                .map(|(&k, v)| (k, v.iter().map(|v| v / 1e3).collect()))
+                .collect(),
+        };
+        t.compare(&metric, Sides::udp(&per_s), order, 1, none, true);
+        let ratio = Goals::tls(if held {
+            Goal::RatioAtLeast(UDP_RATIO)
+        } else {
+            Goal::None
+        });
+        let metric = format!("{size}, max (Gbit/s)");
+        t.compare(&metric, Sides::udp(&u.max_gbit), order, 2, ratio, true);
+        if let Some(rate) = u.offered {
+            let loss = Goals::tls(if held {
+                Goal::Below(UDP_LOSS_PERCENT, "%")
+            } else {
+                Goal::None
+            });
+            let metric = format!(
+                "{size}, loss at {:.1} thousand datagrams/s, half the tunnel's max (%)",
+                rate / 1e3
+            );
+            t.compare(&metric, Sides::udp(&u.loss), order, 2, loss, false);
+        }
+        let metric = format!("CPU, gateway + agent, {size} (s per GB delivered)");
+        let tls = u.cpu.get(&Transport::Tls).map(|c| c.per_gb());
+        for &transport in order {
+            let Some(&used) = u.cpu.get(&transport) else {
+                continue;
+            };
+            let per_gb = used.per_gb();
+            let vs_tls = tls
+                .filter(|&o| o > 0.0 && transport != Transport::Tls)
+                .map_or_else(|| "—".into(), |o| format!("{:.2}x", per_gb / o));
+            t.row(
+                &metric,
+                &Cells {
+                    vs_tls: &vs_tls,
+                    ..Cells::tunnel(
+                        transport.name(),
+                        &format!("{per_gb:.2}"),
+                        &format!("{:.1} s / {:.2} GB", used.seconds, used.bytes as f64 / 1e9),
+                    )
+                },
+                &Goal::None,
+                None,
+            );
+        }
     }
 
     /// Each tunnel's gateway and agent CPU per GB, next to the relays' when they ran.
@@ -620,15 +805,16 @@ impl Results {
                 .iter()
                 .map(|(&t, v)| (t, values(v)))
                 .collect::<BTreeMap<_, _>>();
+            let relay = values(&l.relay);
             let connector = values(&l.connector);
             let sides = Sides {
                 direct: &values(&l.direct),
                 tunnel: &tunnel,
-                relay: &values(&l.relay),
+                relay: Some(&relay),
                 connector: self.connector.then_some(&connector[..]),
             };
             let metric = format!("{name}, {label} (µs)");
-            t.compare(&metric, sides, self.order(), 1, goals);
+            t.compare(&metric, sides, self.order(), 1, goals, true);
         }
     }
 
@@ -838,6 +1024,57 @@ mod tests {
         let mut results = results;
         results.connector = false;
         assert!(!results.render().contains("connector"));
+    }
+
+    #[test]
+    fn renders_the_udp_rows_with_their_targets() {
+        let values = |direct: f64, tunnel: f64| RouteValues {
+            direct: vec![direct],
+            tunnel: tls(vec![tunnel]),
+        };
+        let udp = |len, loss| Udp {
+            len,
+            max_per_s: values(100_000.0, 40_000.0),
+            max_gbit: values(1.12, 0.448),
+            max_sent_per_s: values(100_000.0, 90_000.0),
+            offered: Some(20_000.0),
+            loss: values(0.0, loss),
+            cpu: tls(CpuUse {
+                seconds: 3.0,
+                bytes: 2_000_000_000,
+            }),
+            paced: BTreeMap::new(),
+        };
+        let results = Results {
+            udp: vec![udp(1400, 0.5), udp(64, 7.0)],
+            relay: true,
+            ..Results::default()
+        };
+        let text = results.render();
+        let rows = [
+            "| UDP 1,400 B, max (thousand datagrams/s) | 100.0 | 40.0 | — | 0.40x | — | — | — |",
+            "| UDP 1,400 B, max (Gbit/s) | 1.12 | 0.45 | — | 0.40x | — | ≥ 0.25x | yes |",
+            // A loss has no ratio; the target is on the tunnel's own value.
+            "| UDP 1,400 B, loss at 20.0 thousand datagrams/s, half the tunnel's max (%) | 0.00 | 0.50 | — | — | — | < 1% | yes |",
+            "| CPU, gateway + agent, UDP 1,400 B (s per GB delivered) | — | 1.50 | — | 3.0 s / 2.00 GB | — | — | — |",
+            // The targets are stated for 1,400 bytes only.
+            "| UDP 64 B, max (Gbit/s) | 1.12 | 0.45 | — | 0.40x | — | — | — |",
+            "| UDP 64 B, loss at 20.0 thousand datagrams/s, half the tunnel's max (%) | 0.00 | 7.00 | — | — | — | — | — |",
+        ];
+        for row in rows {
+            assert!(text.contains(row), "no `{row}` in:\n{text}");
+        }
+        assert_eq!(Goal::Below(1.0, "%").met(Some(1.0)), "**no**");
+        let losses = Losses {
+            sent: 1000,
+            lost: 10,
+            gateway_socket: 7,
+            sink_socket: 0,
+        };
+        let note = losses.note(1400, "tunnel (tls)").unwrap();
+        assert!(note.contains("10 of 1000 datagrams lost; the kernel dropped 7 at the gateway's public socket and 0 at the sink's"), "{note}");
+        assert!(note.contains("3 went elsewhere"), "{note}");
+        assert!(Losses::default().note(64, "direct").is_none());
     }
 
     /// Per-round values of one workload for several tunnels.

@@ -61,6 +61,36 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Datagrams the kernel dropped so far at the UDP sockets bound to local `port` (the last
+/// column of `/proc/net/udp` and `udp6`: a full receive buffer, mostly); `None` if those
+/// files cannot be read.
+pub fn udp_drops(port: u16) -> Option<u64> {
+    let mut total = None;
+    for path in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(table) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        total = Some(total.unwrap_or(0) + parse_udp_drops(&table, port));
+    }
+    total
+}
+
+fn parse_udp_drops(table: &str, port: u16) -> u64 {
+    let wanted = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let drops = fields.last()?;
+            local
+                .ends_with(&wanted)
+                .then(|| drops.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
 /// Clock ticks per second, the unit of `/proc/<pid>/stat` times; 100 if unknown.
 fn clock_ticks() -> u64 {
     match rustix::param::clock_ticks_per_second() {
@@ -111,6 +141,12 @@ mod tests {
         let stat = "42 (bur row) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 4 0";
         assert_eq!(parse_cpu_ticks(stat), Some(10));
         assert_eq!(parse_cpu_ticks("garbage"), None);
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+                   \x20 12: 0100007F:B6BA 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 41 2 0000000000000000 541698\n\
+                   \x20 13: 0100007F:99AD 0100007F:B6BA 01 00000000:00000000 00:00000000 00000000     0        0 42 2 0000000000000000 7\n";
+        assert_eq!(parse_udp_drops(udp, 0xB6BA), 541_698);
+        assert_eq!(parse_udp_drops(udp, 0x99AD), 7);
+        assert_eq!(parse_udp_drops(udp, 1), 0);
     }
 
     #[test]

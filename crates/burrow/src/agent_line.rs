@@ -29,6 +29,8 @@ pub struct AgentLine {
     pub fingerprint: Option<String>,
     /// The path the tunnel port takes WebSocket upgrades on (`ws_path`).
     pub ws_path: String,
+    /// The UDP port QUIC is served on, when it is.
+    pub quic_port: Option<u16>,
     key: SecretKey,
 }
 
@@ -56,6 +58,7 @@ impl AgentLine {
             guess,
             fingerprint,
             ws_path: crate::transport::url::DEFAULT_WS_PATH.to_string(),
+            quic_port: None,
             key,
         }
     }
@@ -64,6 +67,34 @@ impl AgentLine {
     pub fn with_ws_path(mut self, path: &str) -> AgentLine {
         self.ws_path = path.to_string();
         self
+    }
+
+    /// The same line with QUIC served on UDP `port` (`None`: not served).
+    pub fn with_quic_port(mut self, port: Option<u16>) -> AgentLine {
+        self.quic_port = port;
+        self
+    }
+
+    /// The line for QUIC (`quic://`), key included, when the gateway serves it.
+    pub fn full_quic(&self) -> Option<String> {
+        self.quic_with_key(&self.key.expose())
+    }
+
+    /// [`AgentLine::full_quic`] with the key masked.
+    pub fn masked_quic(&self) -> Option<String> {
+        self.quic_with_key(MASKED_KEY)
+    }
+
+    fn quic_with_key(&self, key: &str) -> Option<String> {
+        let port = self.quic_port?;
+        let fp = self.fingerprint.as_ref()?;
+        let host = match self.gateway.rsplit_once(':') {
+            Some((h, _)) => h,
+            None => &self.gateway,
+        };
+        Some(format!(
+            "burrow agent --gateway quic://{host}:{port} --key {key} --fingerprint {fp}"
+        ))
     }
 
     /// The key in the line.

@@ -31,6 +31,7 @@ use burrow_proto::frame::ABSOLUTE_MAX_PAYLOAD;
 pub use burrow_proto::message::Protocol;
 use burrow_proto::message::{SessionParams, StreamLimits};
 
+pub use crate::proxy_protocol::ProxyProtocol;
 use crate::transport::proxy::ProxyChoice;
 use crate::transport::url::{GatewayUrl, Scheme};
 use serde::de::DeserializeOwned;
@@ -46,8 +47,10 @@ pub use connector::{
     PrivateConfig, PrivateService, Reach, ReachWhat, TargetPattern, DEFAULT_CONNECTOR_SESSIONS,
     DEFAULT_CONNECTOR_STREAMS, TARGETS,
 };
+mod run;
 pub use ops::{read_key_file, LogFormat};
 pub use print::MASKED_KEY;
+pub use run::{load_run_file, parse_run_file, Instance, InstanceSettings, Role, RunFile, ROLES};
 
 use crate::admin::{AdminConfig, AdminToken};
 
@@ -159,7 +162,15 @@ pub struct AgentGrant {
     pub key: KeySpec,
     /// Public ports it may bind.
     pub ports: Vec<PortRange>,
+    /// Unix socket paths it may listen on as public endpoints (`paths`, none by default).
+    pub paths: Vec<crate::paths::PathPattern>,
+    /// Mode of the sockets it creates there (`socket_mode`, default 0660: the gateway's
+    /// user and group may connect).
+    pub socket_mode: u32,
 }
+
+/// Mode of a public unix socket unless the grant says otherwise: owner and group.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 
 impl AgentGrant {
     /// Whether this agent may bind TCP `port` (0 = any port of its grant).
@@ -299,6 +310,10 @@ pub struct GatewayConfig {
     /// A plain-HTTP WebSocket listener meant to sit behind a TLS-terminating reverse proxy or
     /// CDN (off by default).
     pub ws_listen: Option<SocketAddr>,
+    /// Whether agents may also dial over QUIC, on UDP (on by default; needs TLS).
+    pub quic: bool,
+    /// Where QUIC listens (default: the tunnel address, on UDP).
+    pub quic_listen: Option<SocketAddr>,
     /// Proxies whose `X-Forwarded-For` names the agent's address on `ws_listen` (none by
     /// default: the TCP peer is the address).
     pub ws_trusted_proxies: Vec<ipnet::IpNet>,
@@ -343,6 +358,8 @@ impl GatewayConfig {
             lease: Duration::from_secs(60),
             ws_path: crate::transport::url::DEFAULT_WS_PATH.to_string(),
             ws_listen: None,
+            quic: true,
+            quic_listen: None,
             ws_trusted_proxies: Vec::new(),
             udp: crate::udp::UdpSettings::default(),
             grace: Duration::from_secs(10),
@@ -388,6 +405,14 @@ pub struct Forward {
     pub target: Target,
     /// A label for logs (default: the spec as written).
     pub name: String,
+    /// A PROXY protocol header with the client's address is written to the target before
+    /// the stream's first byte (`proxy_protocol`, `?proxy_protocol=v2` after a spec; off by
+    /// default).
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// A unix socket on the gateway as the public endpoint instead of a port (`public_path`,
+    /// `unix:PATH=TARGET` as a spec); the gateway grants paths with `paths` in the agent's
+    /// `[[agents]]` entry.
+    pub public_path: Option<PathBuf>,
 }
 
 /// Everything an agent needs.
@@ -645,14 +670,84 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// Parses a forward spec, `[PUBLIC_PORT=]TARGET`.
+/// Parses a forward spec, `[PUBLIC=]TARGET[?proxy_protocol=v1|v2]`.
 ///
-/// TARGET is `host:port`, `[ipv6]:port` or `unix:/path/to.sock`; PUBLIC_PORT `0` or absent
-/// lets the gateway choose. The forward's name is the spec as written (trimmed).
+/// TARGET is `host:port`, `[ipv6]:port` or `unix:/path/to.sock`; PUBLIC is a port (`0` or
+/// absent lets the gateway choose) or `unix:/path` for a unix socket on the gateway. After a
+/// `?` come options in the manner of a URL query (wstunnel writes `?proxy_protocol` the same
+/// way): `proxy_protocol=v1` or `v2`. The forward's name is the spec as written (trimmed),
+/// without the options, so turning an option on keeps the name (and the port the gateway
+/// keeps for it).
 pub fn parse_forward(spec: &str) -> Result<Forward, String> {
     let spec = spec.trim();
-    parse_forward_as_written(spec)
-        .map_err(|why| forward_hint(spec).map_or(why, |hint| format!("forward {spec:?}: {hint}")))
+    let (base, options) = split_options(spec);
+    let mut forward = parse_forward_as_written(base).map_err(|why| {
+        forward_hint(base).map_or(why, |hint| format!("forward {spec:?}: {hint}"))
+    })?;
+    if let Some(options) = options {
+        forward_options(&mut forward, spec, options)?;
+    }
+    Ok(forward)
+}
+
+/// The options a spec may carry after `?`.
+const FORWARD_OPTIONS: &[&str] = &["proxy_protocol"];
+
+/// `SPEC?OPTIONS`, split at the last `?` when what follows starts with a known option (a `?`
+/// in a unix path stays in the path).
+fn split_options(spec: &str) -> (&str, Option<&str>) {
+    match spec.rsplit_once('?') {
+        Some((base, options)) if FORWARD_OPTIONS.iter().any(|o| options.starts_with(o)) => {
+            (base.trim_end(), Some(options))
+        }
+        _ => (spec, None),
+    }
+}
+
+/// Applies `key=value&...` options to a parsed forward.
+fn forward_options(f: &mut Forward, spec: &str, options: &str) -> Result<(), String> {
+    for option in options.split('&').map(str::trim).filter(|o| !o.is_empty()) {
+        let (key, value) = option.split_once('=').unwrap_or((option, ""));
+        match key.trim() {
+            "proxy_protocol" if value.trim().is_empty() => {
+                return Err(format!(
+                    "forward {spec:?}: say which PROXY protocol version: ?proxy_protocol=v1 (text) \
+                     or ?proxy_protocol=v2 (binary)"
+                ))
+            }
+            "proxy_protocol" => {
+                f.proxy_protocol = Some(
+                    value
+                        .parse()
+                        .map_err(|e| format!("forward {spec:?}: {e}"))?,
+                );
+            }
+            other => {
+                return Err(format!(
+                    "forward {spec:?}: unknown option `{other}` after `?` (known: \
+                     proxy_protocol=v1|v2)"
+                ))
+            }
+        }
+    }
+    if f.protocol == Protocol::Udp && f.proxy_protocol.is_some() {
+        return Err(format!(
+            "forward {spec:?}: a PROXY protocol header goes before a TCP stream; a UDP forward \
+             cannot carry one"
+        ));
+    }
+    Ok(())
+}
+
+/// `unix:PATH=TARGET`: the public socket's path and the target, when some `=` in `rest` has a
+/// target after it (a target's own unix path may hold `=` too).
+fn split_unix_public(rest: &str) -> Option<(PathBuf, &str)> {
+    let after = rest.strip_prefix("unix:")?;
+    after
+        .match_indices('=')
+        .map(|(i, _)| (&after[..i], &after[i + 1..]))
+        .find(|(path, target)| !path.is_empty() && Target::parse(target).is_ok())
+        .map(|(path, target)| (PathBuf::from(path), target))
 }
 
 fn parse_forward_as_written(spec: &str) -> Result<Forward, String> {
@@ -660,6 +755,22 @@ fn parse_forward_as_written(spec: &str) -> Result<Forward, String> {
         Some(rest) => (Protocol::Udp, rest),
         None => (Protocol::Tcp, spec),
     };
+    if let Some((path, target)) = split_unix_public(rest) {
+        if protocol == Protocol::Udp {
+            return Err(format!(
+                "forward {spec:?}: a UDP forward's public end is a port, not a unix socket"
+            ));
+        }
+        crate::paths::check_socket_path(&path).map_err(|why| format!("forward {spec:?}: {why}"))?;
+        return Ok(Forward {
+            protocol,
+            public_port: 0,
+            target: Target::parse(target)?,
+            name: spec.to_string(),
+            proxy_protocol: None,
+            public_path: Some(path),
+        });
+    }
     let (public_port, target) = match rest.split_once('=') {
         Some((port, target)) if !spec.starts_with("unix:") => {
             let port = port.trim().parse::<u16>().map_err(|_| {
@@ -683,6 +794,8 @@ fn parse_forward_as_written(spec: &str) -> Result<Forward, String> {
         public_port,
         target,
         name: spec.to_string(),
+        proxy_protocol: None,
+        public_path: None,
     })
 }
 
@@ -690,6 +803,15 @@ fn parse_forward_as_written(spec: &str) -> Result<Forward, String> {
 /// and ssh (`8080:127.0.0.1:80`), the halves swapped, and the target mistakes of
 /// [`target_hint`].
 fn forward_hint(spec: &str) -> Option<String> {
+    // `?proxy_protcol=v2`: an option misspelt reads as part of the target.
+    if let Some((base, option)) = spec.rsplit_once('?') {
+        if parse_forward_as_written(base).is_ok() {
+            let key = option.split(['=', '&']).next().unwrap_or(option);
+            return Some(format!(
+                "unknown option `{key}` after `?` (known: proxy_protocol=v1|v2)"
+            ));
+        }
+    }
     let Some((port, target)) = spec.split_once('=').filter(|_| !spec.starts_with("unix:")) else {
         // Docker's `-p 8080:80` and ssh's `-R 8080:localhost:80`.
         if let Some((first, rest)) = spec.split_once(':') {
@@ -771,16 +893,21 @@ fn target_hint(target: &str, with: &dyn Fn(&str) -> String) -> Option<String> {
 }
 
 /// The name a forward gets when none is given: its spec in the compact form.
-fn forward_name(protocol: Protocol, public_port: u16, target: &Target) -> String {
+fn forward_name(
+    protocol: Protocol,
+    public_port: u16,
+    public_path: Option<&Path>,
+    target: &Target,
+) -> String {
     let udp = if protocol == Protocol::Udp {
         "udp:"
     } else {
         ""
     };
-    if public_port == 0 {
-        format!("{udp}{target}")
-    } else {
-        format!("{udp}{public_port}={target}")
+    match public_path {
+        Some(path) => format!("unix:{}={target}", path.display()),
+        None if public_port == 0 => format!("{udp}{target}"),
+        None => format!("{udp}{public_port}={target}"),
     }
 }
 
@@ -840,6 +967,20 @@ fn check_forwards(forwards: &[Forward]) -> Result<(), (usize, String)> {
                     "public port {} is asked for by both `{}` and `{}`: give each its own port, \
                      or 0 to let the gateway choose",
                     f.public_port, e.name, f.name
+                ),
+            ));
+        }
+        let same_path = forwards[..i]
+            .iter()
+            .find(|e| f.public_path.is_some() && e.public_path == f.public_path);
+        if let Some(e) = same_path {
+            return Err((
+                i,
+                format!(
+                    "public socket {} is asked for by both `{}` and `{}`: give each its own path",
+                    f.public_path.as_deref().unwrap_or(Path::new("")).display(),
+                    e.name,
+                    f.name
                 ),
             ));
         }
@@ -936,6 +1077,10 @@ pub struct GatewaySettings {
     pub ws_path: Option<String>,
     /// `ws_listen`, `--ws-listen`.
     pub ws_listen: Option<SocketAddr>,
+    /// `quic`, `--no-quic`.
+    pub quic: Option<bool>,
+    /// `quic_listen`, `--quic-listen`.
+    pub quic_listen: Option<SocketAddr>,
     /// `ws_trusted_proxies`, `--ws-trusted-proxy` (repeated).
     pub ws_trusted_proxies: Option<Vec<ipnet::IpNet>>,
     /// `[udp]`, complete with defaults for keys the file leaves out.
@@ -969,6 +1114,8 @@ impl GatewaySettings {
             log_level: over.log_level.or(self.log_level),
             ws_path: over.ws_path.or(self.ws_path),
             ws_listen: over.ws_listen.or(self.ws_listen),
+            quic: over.quic.or(self.quic),
+            quic_listen: over.quic_listen.or(self.quic_listen),
             ws_trusted_proxies: over.ws_trusted_proxies.or(self.ws_trusted_proxies),
             udp: over.udp.or(self.udp),
             admin: over.admin.or(self.admin),
@@ -1023,6 +1170,8 @@ impl GatewaySettings {
             c.ws_path = path;
         }
         c.ws_listen = self.ws_listen;
+        set(&mut c.quic, self.quic);
+        c.quic_listen = self.quic_listen;
         set(&mut c.ws_trusted_proxies, self.ws_trusted_proxies);
         set(&mut c.udp, self.udp);
         c.admin = AdminConfig {
@@ -1159,6 +1308,14 @@ impl AgentSettings {
             // The URL says it: tcp:// and ws:// carry no TLS of their own.
             (Scheme::Tcp | Scheme::Ws, _) => Some(TransportKind::Tcp),
             (Scheme::Tls | Scheme::Wss, t) => t,
+            // QUIC always runs TLS 1.3 inside it.
+            (Scheme::Quic | Scheme::Auto, Some(TransportKind::Tcp)) => {
+                return Err(ConfigError::Value(format!(
+                    "the gateway {url} runs TLS inside QUIC, but the transport is set to tcp: \
+                     remove --transport tcp (BURROW_TRANSPORT, `transport`), or use tcp://"
+                )))
+            }
+            (Scheme::Quic | Scheme::Auto, t) => t,
         };
         let trust = resolve_trust(transport, self.trust)?;
         // No forwards is allowed: the agent then only checks that it can connect and
@@ -1409,6 +1566,39 @@ impl FromToml for PortRange {
     }
 }
 
+impl FromToml for ProxyProtocol {
+    fn from_toml(v: &toml::Value) -> Result<Self, String> {
+        match v {
+            toml::Value::Integer(1) => Ok(ProxyProtocol::V1),
+            toml::Value::Integer(2) => Ok(ProxyProtocol::V2),
+            toml::Value::String(s) => s.parse(),
+            other => Err(format!(
+                "{other} is not a PROXY protocol version (use \"v1\" or \"v2\")"
+            )),
+        }
+    }
+}
+
+impl FromToml for crate::paths::PathPattern {
+    fn from_toml(v: &toml::Value) -> Result<Self, String> {
+        crate::paths::PathPattern::parse(text(v)?)
+    }
+}
+
+/// A socket's mode: an octal integer (`0o660`) or the same as a string (`"0660"`), with no
+/// bits past `0o777` (no setuid, setgid or sticky bit) and not readable or writable by others
+/// unless asked for.
+fn socket_mode(v: &toml::Value) -> Result<u32, String> {
+    let mode = match v {
+        toml::Value::Integer(i) => u32::try_from(*i).ok(),
+        toml::Value::String(s) => u32::from_str_radix(s.trim().trim_start_matches("0o"), 8).ok(),
+        _ => None,
+    };
+    mode.filter(|m| *m <= 0o777).ok_or_else(|| {
+        format!("{v} is not a socket mode (write it in octal: socket_mode = 0o660 or \"0660\")")
+    })
+}
+
 impl FromToml for PublicPort {
     fn from_toml(v: &toml::Value) -> Result<Self, String> {
         v.as_integer()
@@ -1427,7 +1617,9 @@ struct RawGrant {
     name: Spanned<Checked<Name>>,
     key: Option<Spanned<Checked<SecretKey>>>,
     key_hash: Option<Spanned<Checked<KeyHash>>>,
-    ports: Spanned<Vec<Spanned<toml::Value>>>,
+    ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    paths: Option<Vec<Spanned<Checked<crate::paths::PathPattern>>>>,
+    socket_mode: Option<Spanned<toml::Value>>,
 }
 
 /// `[heartbeat]` as written.
@@ -1477,6 +1669,8 @@ struct RawGateway {
     connectors: Option<Vec<Spanned<connector::RawConnectorGrant>>>,
     ws_path: Option<Checked<Name>>,
     ws_listen: Option<Checked<SocketAddr>>,
+    quic: Option<bool>,
+    quic_listen: Option<Checked<SocketAddr>>,
     ws_trusted_proxies: Option<Vec<Checked<ipnet::IpNet>>>,
     udp: Option<RawUdp>,
     admin: Option<Checked<SocketAddr>>,
@@ -1499,11 +1693,13 @@ struct RawUdp {
 #[serde(deny_unknown_fields)]
 struct RawForward {
     protocol: Option<Checked<Protocol>>,
-    public_port: Option<Checked<PublicPort>>,
+    public_port: Option<Spanned<Checked<PublicPort>>>,
     target: Checked<Target>,
     name: Option<Checked<Name>>,
     /// `false`: a private service (no public port; connectors name it).
     public: Option<bool>,
+    proxy_protocol: Option<Spanned<Checked<ProxyProtocol>>>,
+    public_path: Option<Spanned<Checked<PathBuf>>>,
 }
 
 /// An agent file as written.
@@ -1663,6 +1859,8 @@ impl Source<'_> {
             log_level: inner(raw.log_level),
             ws_path: inner(raw.ws_path).map(|n| n.0),
             ws_listen: inner(raw.ws_listen),
+            quic: raw.quic,
+            quic_listen: inner(raw.quic_listen),
             ws_trusted_proxies: raw
                 .ws_trusted_proxies
                 .map(|v| v.into_iter().map(|c| c.0).collect()),
@@ -1730,10 +1928,34 @@ impl Source<'_> {
                      gives the hash of an existing key) or the agent's `key`",
             )),
         };
+        let paths: Vec<_> = raw
+            .paths
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.into_inner().0)
+            .collect();
+        let ports =
+            match raw.ports {
+                Some(ports) => self.ports(&format!("{at}.ports"), ports)?,
+                None if !paths.is_empty() => Vec::new(),
+                None => return Err(self.error(
+                    table,
+                    at,
+                    "missing key `ports`: grant at least one port (ports = [8080, \"9000-9100\"]) \
+                     or unix socket path (paths = [\"/run/burrow/*.sock\"])",
+                )),
+            };
+        let socket_mode = match raw.socket_mode {
+            None => DEFAULT_SOCKET_MODE,
+            Some(v) => socket_mode(v.get_ref())
+                .map_err(|why| self.error(v.span(), format!("{at}.socket_mode"), why))?,
+        };
         let grant = AgentGrant {
             name: raw.name.into_inner().0 .0,
             key,
-            ports: self.ports(&format!("{at}.ports"), raw.ports)?,
+            ports,
+            paths,
+            socket_mode,
         };
         Ok((grant, key_span, key_name))
     }
@@ -2033,7 +2255,7 @@ impl Source<'_> {
                 continue;
             }
             let protocol = inner(raw.protocol).unwrap_or(Protocol::Tcp);
-            let public_port = inner(raw.public_port).map_or(0, |p| p.0);
+            let public_port = raw.public_port.as_ref().map_or(0, |p| p.get_ref().0 .0);
             let target = raw.target.0;
             if protocol == Protocol::Udp && matches!(target, Target::Unix(_)) {
                 return Err(self.error(
@@ -2042,13 +2264,48 @@ impl Source<'_> {
                     "a UDP forward goes to HOST:PORT, not a unix socket",
                 ));
             }
-            let name = inner(raw.name)
-                .map_or_else(|| forward_name(protocol, public_port, &target), |n| n.0);
+            let proxy_protocol =
+                match raw.proxy_protocol {
+                    Some(pp) if protocol == Protocol::Udp => return Err(self.error(
+                        pp.span(),
+                        format!("forwards[{i}].proxy_protocol"),
+                        "a PROXY protocol header goes before a TCP stream; a UDP forward cannot \
+                         carry one",
+                    )),
+                    pp => pp.map(|p| p.into_inner().0),
+                };
+            let public_path = match raw.public_path {
+                None => None,
+                Some(p) => {
+                    let key = format!("forwards[{i}].public_path");
+                    let why = if protocol == Protocol::Udp {
+                        Some("a UDP forward's public end is a port, not a unix socket".to_string())
+                    } else if raw.public_port.is_some() {
+                        Some(
+                            "set `public_port` or `public_path`, not both: the public end is a \
+                             port or a unix socket on the gateway"
+                                .to_string(),
+                        )
+                    } else {
+                        crate::paths::check_socket_path(&p.get_ref().0).err()
+                    };
+                    if let Some(why) = why {
+                        return Err(self.error(p.span(), key, why));
+                    }
+                    Some(p.into_inner().0)
+                }
+            };
+            let name = inner(raw.name).map_or_else(
+                || forward_name(protocol, public_port, public_path.as_deref(), &target),
+                |n| n.0,
+            );
             out.push(Forward {
                 protocol,
                 public_port,
                 target,
                 name,
+                proxy_protocol,
+                public_path,
             });
             at.push((format!("forwards[{i}]"), span));
         }

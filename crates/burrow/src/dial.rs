@@ -49,6 +49,9 @@ pub struct Failure {
     pub message: String,
     /// Whether retrying cannot help (a role stops when it never had a session).
     pub fatal: bool,
+    /// Whether retrying can never help, even after a session (a revoked key): the role
+    /// stops whenever it meets this.
+    pub for_good: bool,
     /// How long the gateway asked us to wait before trying again.
     pub retry_after: Option<Duration>,
 }
@@ -58,19 +61,30 @@ impl From<transport::DialError> for Failure {
         Failure {
             message: e.message,
             fatal: e.fatal,
+            for_good: false,
             retry_after: None,
         }
     }
 }
 
-/// Dial (through `proxy`, if any), TLS, handshake: a live session and the name the gateway
-/// knows us by, or a described error.
+/// What a successful [`connect`] hands back.
+pub struct Connected {
+    /// The live session.
+    pub started: session::Started,
+    /// The name the gateway knows us by.
+    pub name: String,
+    /// The features the gateway offers ([`burrow_proto::message::AuthOk::features`]).
+    pub features: u32,
+}
+
+/// Dial (through `proxy`, if any), TLS, handshake: a live session (over Burrow's multiplexer
+/// or QUIC, whichever the URL's transport carries), or a described error.
 pub async fn connect(
     peer: &Peer<'_>,
     url: &transport::GatewayUrl,
     proxy: Option<&transport::ProxyUrl>,
     tls: Option<Arc<rustls::ClientConfig>>,
-) -> Result<(session::Started, String), Failure> {
+) -> Result<Connected, Failure> {
     let handshake_deadline = peer.limits.handshake_timeout;
     let attempt = async {
         let mut conn = transport::dial(url, proxy, peer.trust, tls, peer.server_name).await?;
@@ -84,15 +98,13 @@ pub async fn connect(
         )
         .await
         .map_err(|e| describe_handshake(peer, e))?;
-        info!(gateway = %peer.gateway, name = %ok.name, "connected to gateway");
-        let started = session::start(
-            conn.io,
-            leftover,
-            Side::Client,
-            ok.params,
-            peer.gateway.to_string(),
-        );
-        Ok((started, ok.name))
+        info!(gateway = %peer.gateway, name = %ok.name, carrier = conn.carrier(), "connected to gateway");
+        let started = conn.start(leftover, Side::Client, ok.params, peer.gateway.to_string());
+        Ok(Connected {
+            started,
+            name: ok.name,
+            features: ok.features,
+        })
     };
     tokio::time::timeout(handshake_deadline, attempt)
         .await
@@ -103,6 +115,7 @@ pub async fn connect(
                 proxy.map_or(String::new(), |p| format!(" (through proxy {p})"))
             ),
             fatal: false,
+            for_good: false,
             retry_after: None,
         })?
 }
@@ -113,6 +126,7 @@ pub fn gateway_url(gateway: &str, trust: &Trust) -> Result<transport::GatewayUrl
     let mut url = transport::GatewayUrl::parse(gateway).map_err(|e| Failure {
         message: e.to_string(),
         fatal: true,
+        for_good: false,
         retry_after: None,
     })?;
     if matches!(trust, Trust::Plain) && url.scheme == transport::Scheme::Tls {
@@ -127,6 +141,7 @@ pub fn describe_handshake(peer: &Peer<'_>, e: handshake::HandshakeError) -> Fail
     let failure = |message: String, fatal: bool| Failure {
         message,
         fatal,
+        for_good: false,
         retry_after: None,
     };
     let (gateway, noun) = (peer.gateway, peer.noun());
@@ -151,6 +166,14 @@ pub fn describe_handshake(peer: &Peer<'_>, e: handshake::HandshakeError) -> Fail
                 "gateway {gateway} refused the session: {message}; check --key / BURROW_KEY / `key` in the {noun} config"
             ),
             fatal: true,
+            for_good: false,
+        },
+        // The gateway's operator ended this key: no attempt will ever succeed.
+        Rejected { code: ErrorCode::KeyRevoked, message } => Failure {
+            message: format!("gateway {gateway} refused the key: {message}"),
+            fatal: true,
+            for_good: true,
+            retry_after: None,
         },
         Rejected { code, message } => failure(
             format!("gateway {gateway} refused the session: {message} ({code})"),

@@ -1,8 +1,10 @@
 //! The lease file in the gateway's state directory: the public port the gateway chose for
-//! each agent's service (a forward asking for port 0), so that a restarted gateway gives the
-//! same port back.
+//! each agent's service (a forward asking for port 0), TCP or UDP, so that a restarted gateway
+//! gives the same port back.
 //!
-//! The file (`leases.toml`) maps an agent name and a service name to a port. The gateway
+//! The file (`leases.toml`) maps an agent name, a protocol and a service name to a port: a TCP
+//! and a UDP port of the same number are two leases. `protocol` is left out for TCP, as files
+//! written before UDP had it, so those read as they were. The gateway
 //! rewrites it (atomically, with [`crate::state`]'s private-file writer) when it chooses a port
 //! or closes one it had chosen; at start it binds each remembered port again and puts it on
 //! lease, as if the agent had just dropped. It is bounded ([`MAX_LEASES`] entries, a file of at
@@ -12,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use burrow_proto::message::Protocol;
 use serde::{Deserialize, Serialize};
 
 /// File name inside the state directory.
@@ -22,29 +25,82 @@ pub const MAX_LEASES: usize = 4096;
 pub const MAX_FILE_BYTES: u64 = 8 << 20;
 
 /// One remembered port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     /// The agent's name (`[[agents]] name`, or `default`).
     pub agent: String,
+    /// A TCP or a UDP port.
+    pub protocol: Protocol,
     /// The service's name (the forward as the agent wrote it).
     pub service: String,
     /// The port the gateway chose.
     pub port: u16,
 }
 
+/// A lease as the file holds it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    agent: String,
+    /// Absent for TCP (files from before UDP leases have none).
+    #[serde(default, skip_serializing_if = "Kind::is_tcp")]
+    protocol: Kind,
+    service: String,
+    port: u16,
+}
+
+/// [`Protocol`] in the file, and in the book's keys (ordered, so the file is stable).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Kind {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Kind {
+    fn is_tcp(&self) -> bool {
+        *self == Kind::Tcp
+    }
+}
+
+impl From<Protocol> for Kind {
+    fn from(p: Protocol) -> Kind {
+        match p {
+            Protocol::Tcp => Kind::Tcp,
+            Protocol::Udp => Kind::Udp,
+        }
+    }
+}
+
+impl From<Kind> for Protocol {
+    fn from(k: Kind) -> Protocol {
+        match k {
+            Kind::Tcp => Protocol::Tcp,
+            Kind::Udp => Protocol::Udp,
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
-    lease: Vec<Lease>,
+    lease: Vec<Entry>,
+}
+
+/// Agent, protocol and service: what one port is remembered by.
+type Key = (String, Kind, String);
+
+fn key(agent: &str, protocol: Protocol, service: &str) -> Key {
+    (agent.to_string(), protocol.into(), service.to_string())
 }
 
 /// The remembered ports, and where they are kept.
 #[derive(Debug)]
 pub struct LeaseBook {
     path: PathBuf,
-    ports: BTreeMap<(String, String), u16>,
+    ports: BTreeMap<Key, u16>,
     /// Changed since the last [`LeaseBook::render`].
     dirty: bool,
 }
@@ -80,7 +136,7 @@ impl LeaseBook {
                 skipped += 1;
                 continue;
             }
-            book.ports.insert((l.agent, l.service), l.port);
+            book.ports.insert((l.agent, l.protocol, l.service), l.port);
         }
         let warning = (skipped > 0).then(|| {
             format!(
@@ -91,21 +147,23 @@ impl LeaseBook {
         (book, warning)
     }
 
-    /// Every remembered port, by agent and service.
+    /// Every remembered port, by agent, protocol and service.
     pub fn leases(&self) -> Vec<Lease> {
         self.ports
             .iter()
-            .map(|((agent, service), port)| Lease {
+            .map(|((agent, protocol, service), port)| Lease {
                 agent: agent.clone(),
+                protocol: (*protocol).into(),
                 service: service.clone(),
                 port: *port,
             })
             .collect()
     }
 
-    /// Remembers that `agent`'s `service` got `port`. False when the book is full.
-    pub fn set(&mut self, agent: &str, service: &str, port: u16) -> bool {
-        let key = (agent.to_string(), service.to_string());
+    /// Remembers that `agent`'s `service` got `port` of `protocol`. False when the book is
+    /// full.
+    pub fn set(&mut self, agent: &str, protocol: Protocol, service: &str, port: u16) -> bool {
+        let key = key(agent, protocol, service);
         if self.ports.get(&key) == Some(&port) {
             return true;
         }
@@ -117,9 +175,9 @@ impl LeaseBook {
         true
     }
 
-    /// Forgets `agent`'s `service`, if it is remembered with `port`.
-    pub fn remove(&mut self, agent: &str, service: &str, port: u16) {
-        let key = (agent.to_string(), service.to_string());
+    /// Forgets `agent`'s `service` of `protocol`, if it is remembered with `port`.
+    pub fn remove(&mut self, agent: &str, protocol: Protocol, service: &str, port: u16) {
+        let key = key(agent, protocol, service);
         if self.ports.get(&key) == Some(&port) {
             self.ports.remove(&key);
             self.dirty = true;
@@ -137,7 +195,14 @@ impl LeaseBook {
             return None;
         }
         let file = File {
-            lease: self.leases(),
+            lease: (self.ports.iter())
+                .map(|((agent, protocol, service), port)| Entry {
+                    agent: agent.clone(),
+                    protocol: *protocol,
+                    service: service.clone(),
+                    port: *port,
+                })
+                .collect(),
         };
         let body = toml::to_string(&file).unwrap_or_default();
         Some(format!(
@@ -174,23 +239,78 @@ mod tests {
         let (mut book, warning) = LeaseBook::load(tmp.path());
         assert!(warning.is_none());
         assert!(book.render().is_none(), "nothing changed");
-        assert!(book.set("default", "127.0.0.1:80", 40000));
-        assert!(book.set("b", "a \"quoted\" name", 40001));
-        book.remove("b", "a \"quoted\" name", 1); // another port: kept
+        assert!(book.set("default", Protocol::Tcp, "127.0.0.1:80", 40000));
+        assert!(book.set("b", Protocol::Tcp, "a \"quoted\" name", 40001));
+        book.remove("b", Protocol::Tcp, "a \"quoted\" name", 1); // another port: kept
         let text = book.render().unwrap();
         std::fs::write(tmp.path().join(LEASE_FILE), &text).unwrap();
         let (back, warning) = LeaseBook::load(tmp.path());
         assert!(warning.is_none(), "{warning:?}");
         assert_eq!(back.leases(), book.leases());
         assert_eq!(back.leases().len(), 2);
-        book.remove("default", "127.0.0.1:80", 40000);
+        book.remove("default", Protocol::Tcp, "127.0.0.1:80", 40000);
         assert_eq!(book.leases().len(), 1);
 
         for i in 0..MAX_LEASES {
-            book.set("x", &i.to_string(), 1000);
+            book.set("x", Protocol::Tcp, &i.to_string(), 1000);
         }
         assert_eq!(book.leases().len(), MAX_LEASES);
-        assert!(!book.set("x", "one more", 1000), "full");
+        assert!(!book.set("x", Protocol::Tcp, "one more", 1000), "full");
+        assert!(
+            !book.set("x", Protocol::Udp, "one more", 1000),
+            "full for UDP too"
+        );
+    }
+
+    #[test]
+    fn a_tcp_and_a_udp_lease_of_one_name_and_port_are_two() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut book, _) = LeaseBook::load(tmp.path());
+        assert!(book.set("a", Protocol::Tcp, "svc", 40000));
+        assert!(book.set("a", Protocol::Udp, "svc", 40000));
+        assert!(book.set("a", Protocol::Udp, "dns", 40001));
+        let text = book.render().unwrap();
+        assert_eq!(text.matches("protocol = \"udp\"").count(), 2, "{text}");
+        assert!(
+            !text.contains("\"tcp\""),
+            "TCP entries as before UDP: {text}"
+        );
+        std::fs::write(tmp.path().join(LEASE_FILE), &text).unwrap();
+        let (mut back, warning) = LeaseBook::load(tmp.path());
+        assert!(warning.is_none(), "{warning:?}");
+        assert_eq!(back.leases(), book.leases());
+        let protocols: Vec<Protocol> = back.leases().iter().map(|l| l.protocol).collect();
+        assert_eq!(protocols, [Protocol::Tcp, Protocol::Udp, Protocol::Udp]);
+        // Closing the UDP port forgets only the UDP lease.
+        back.remove("a", Protocol::Udp, "svc", 40000);
+        let left: Vec<(Protocol, String)> = (back.leases().into_iter())
+            .map(|l| (l.protocol, l.service))
+            .collect();
+        assert_eq!(
+            left,
+            [(Protocol::Tcp, "svc".into()), (Protocol::Udp, "dns".into())]
+        );
+    }
+
+    #[test]
+    fn a_file_from_before_udp_leases_reads_as_tcp() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(
+            tmp.path().join(LEASE_FILE),
+            "# old\n\n[[lease]]\nagent = \"default\"\nservice = \"127.0.0.1:80\"\nport = 40000\n",
+        )
+        .unwrap();
+        let (book, warning) = LeaseBook::load(tmp.path());
+        assert!(warning.is_none(), "{warning:?}");
+        assert_eq!(
+            book.leases(),
+            [Lease {
+                agent: "default".into(),
+                protocol: Protocol::Tcp,
+                service: "127.0.0.1:80".into(),
+                port: 40000,
+            }]
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //!   stream handles.
 //! - [`relay`]: copying bytes between a stream and a local socket, with half-close; and
 //!   [`relay::streams`], between two streams (the gateway's half of a connector's stream).
+//! - [`paths`]: unix socket paths as public endpoints, and the patterns that grant them.
+//! - [`proxy_protocol`]: the PROXY protocol header an agent writes to a target first.
 //! - [`udp`]: UDP flows through the session: public UDP ports, per-flow sockets at the
 //!   agent.
 //! - [`gateway`], [`agent`], [`connector`]: the roles, each with `bind`/`run(shutdown)` style
@@ -32,11 +34,14 @@ pub mod gateway;
 mod gather;
 pub mod leases;
 pub mod limiter;
+pub mod paths;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod session;
 pub mod state;
 pub mod stats;
 pub mod tls;
+pub mod tokens;
 pub mod transport;
 pub mod udp;
 

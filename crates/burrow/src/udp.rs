@@ -79,17 +79,52 @@ pub struct FlowCounts {
     pub dropped: u64,
 }
 
-/// Counters of one UDP service, across its flows (for metrics).
+/// Counters of one UDP service, across its flows and sessions (for metrics and status).
 #[derive(Debug, Default)]
 pub struct UdpCounters {
     /// Flows opened.
     pub flows: AtomicU64,
-    /// Datagrams dropped because the service's flow limit was reached.
+    /// Flows open now.
+    pub flows_current: AtomicU64,
+    /// Datagrams of new flows dropped because the service's flow limit was reached.
     pub flows_refused: AtomicU64,
-    /// Datagrams forwarded, both ways.
-    pub datagrams: AtomicU64,
-    /// Datagrams dropped, both ways (full queues, too large, no session).
+    /// Datagrams forwarded from clients toward the target.
+    pub datagrams_to_service: AtomicU64,
+    /// Their bytes.
+    pub bytes_to_service: AtomicU64,
+    /// Datagrams forwarded from the target back to clients.
+    pub datagrams_to_client: AtomicU64,
+    /// Their bytes.
+    pub bytes_to_client: AtomicU64,
+    /// Datagrams dropped, both ways (full queues, too large, no session, the flow limit).
     pub dropped: AtomicU64,
+}
+
+impl UdpCounters {
+    fn to_service(&self, len: usize) {
+        self.datagrams_to_service.fetch_add(1, Ordering::Relaxed);
+        self.bytes_to_service
+            .fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    fn to_client(&self, len: usize) {
+        self.datagrams_to_client.fetch_add(1, Ordering::Relaxed);
+        self.bytes_to_client
+            .fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    fn drop_one(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn flow_opened(&self) {
+        self.flows.fetch_add(1, Ordering::Relaxed);
+        self.flows_current.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn flow_ended(&self) {
+        self.flows_current.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn log_flow_end(service: &str, client: SocketAddr, c: &FlowCounts, started: Instant) {
@@ -173,6 +208,7 @@ impl GatewayFlows {
         let open = self.per_service.entry(service).or_insert(0);
         if *open >= max_flows {
             counters.flows_refused.fetch_add(1, Ordering::Relaxed);
+            counters.drop_one();
             return None;
         }
         *open += 1;
@@ -192,7 +228,7 @@ impl GatewayFlows {
                 counters: counters.clone(),
             },
         );
-        counters.flows.fetch_add(1, Ordering::Relaxed);
+        counters.flow_opened();
         Some(id)
     }
 
@@ -202,22 +238,20 @@ impl GatewayFlows {
             if sent {
                 f.counts.to_service += 1;
                 f.counts.bytes_to_service += len as u64;
-                f.counters.datagrams.fetch_add(1, Ordering::Relaxed);
+                f.counters.to_service(len);
             } else {
                 f.counts.dropped += 1;
-                f.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                f.counters.drop_one();
             }
         }
     }
 
-    /// Looks up the flow of a reply from the agent, and records it.
-    pub fn reply(&mut self, flow: u32, len: usize, now: Instant) -> Reply {
+    /// Looks up the flow of a reply from the agent (the caller records it with
+    /// [`GatewayFlows::note_reply`] once it is sent or dropped).
+    pub fn reply(&mut self, flow: u32, now: Instant) -> Reply {
         match self.by_id.get_mut(&flow) {
             Some(f) => {
                 f.last = now;
-                f.counts.to_client += 1;
-                f.counts.bytes_to_client += len as u64;
-                f.counters.datagrams.fetch_add(1, Ordering::Relaxed);
                 Reply::Send {
                     socket: f.socket.clone(),
                     client: f.client,
@@ -228,12 +262,18 @@ impl GatewayFlows {
         }
     }
 
-    /// Records that a reply on `flow` could not be sent (the socket's buffer was full).
-    pub fn note_reply_dropped(&mut self, flow: u32) {
+    /// Records a reply of `len` bytes on `flow`, sent to its client or dropped (the socket's
+    /// buffer was full).
+    pub fn note_reply(&mut self, flow: u32, len: usize, sent: bool) {
         if let Some(f) = self.by_id.get_mut(&flow) {
-            f.counts.to_client = f.counts.to_client.saturating_sub(1);
-            f.counts.dropped += 1;
-            f.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            if sent {
+                f.counts.to_client += 1;
+                f.counts.bytes_to_client += len as u64;
+                f.counters.to_client(len);
+            } else {
+                f.counts.dropped += 1;
+                f.counters.drop_one();
+            }
         }
     }
 
@@ -251,10 +291,29 @@ impl GatewayFlows {
                 if let Some(n) = self.per_service.get_mut(&f.service) {
                     *n = n.saturating_sub(1);
                 }
+                f.counters.flow_ended();
                 log_flow_end(&f.name, f.client, &f.counts, f.started);
             }
         }
         gone.len()
+    }
+
+    /// Ends every flow of `service` (its port closed), logging each.
+    pub fn end_service(&mut self, service: u32) {
+        let gone: Vec<u32> = self
+            .by_id
+            .iter()
+            .filter(|(_, f)| f.service == service)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some(f) = self.by_id.remove(&id) {
+                self.by_client.remove(&(f.service, f.client));
+                f.counters.flow_ended();
+                log_flow_end(&f.name, f.client, &f.counts, f.started);
+            }
+        }
+        self.per_service.remove(&service);
     }
 
     /// Flows open now.
@@ -305,11 +364,11 @@ pub async fn serve_public(
             },
         };
         if n > settings.max_datagram {
-            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            counters.drop_one();
             continue;
         }
         let Some(route) = route() else {
-            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            counters.drop_one();
             continue;
         };
         let now = Instant::now();
@@ -361,12 +420,11 @@ pub async fn dispatch_replies(
             }
             _ = session.closed() => break,
         };
-        let reply = lock(&flows).reply(d.flow, d.data.len(), Instant::now());
+        let reply = lock(&flows).reply(d.flow, Instant::now());
         match reply {
             Reply::Send { socket, client } => {
-                if socket.try_send_to(&d.data, client).is_err() {
-                    lock(&flows).note_reply_dropped(d.flow);
-                }
+                let sent = socket.try_send_to(&d.data, client).is_ok();
+                lock(&flows).note_reply(d.flow, d.data.len(), sent);
             }
             Reply::Late => {}
             Reply::Unknown => {
@@ -399,7 +457,13 @@ pub struct UdpService {
     pub port: u16,
     /// Its counters.
     pub counters: Arc<UdpCounters>,
+    /// Cancelled when the forward is removed (a reload): its flows end, and datagrams that
+    /// still arrive for it are dropped.
+    pub stop: CancellationToken,
 }
+
+/// The UDP services of one session at the agent, by service id; a removed one stays, stopped.
+pub type UdpServices = Arc<Mutex<HashMap<u32, UdpService>>>;
 
 /// One flow at the agent: a socket connected to the target, and the task reading replies.
 struct AgentFlow {
@@ -407,30 +471,78 @@ struct AgentFlow {
     client: SocketAddr,
     socket: Arc<UdpSocket>,
     stop: CancellationToken,
+    /// What the dispatcher sends on the flow, shared with the flow's task.
+    out: Arc<FlowOut>,
+}
+
+/// The datagrams toward the target of one flow at the agent: the dispatcher sends them, the
+/// flow's task logs them and keeps the flow open while they come.
+#[derive(Debug)]
+struct FlowOut {
+    started: Instant,
+    datagrams: AtomicU64,
+    bytes: AtomicU64,
+    dropped: AtomicU64,
+    /// Nanoseconds after `started` of the last datagram sent toward the target.
+    last_ns: AtomicU64,
+}
+
+impl FlowOut {
+    fn new(started: Instant) -> FlowOut {
+        FlowOut {
+            started,
+            datagrams: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Records a datagram of `len` bytes sent toward the target (or dropped) at `now`.
+    fn note(&self, len: usize, sent: bool, now: Instant) {
+        if sent {
+            self.datagrams.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+            let ns = now.saturating_duration_since(self.started).as_nanos();
+            self.last_ns
+                .fetch_max(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::Relaxed);
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// When the last datagram went toward the target (the start, if none did).
+    fn last(&self) -> Instant {
+        self.started + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed))
+    }
 }
 
 /// Serves the flows of one session at the agent: each datagram from the gateway goes out on
 /// its flow's socket (opened on the first one, up to `max_flows` per service); replies from
 /// the target come back on the flow. Returns when the session's datagrams end; a datagram
 /// naming no service the gateway granted, or an unknown flow without its origin, closes the
-/// session (`Protocol`).
+/// session (`Protocol`). One for a service removed meanwhile is dropped.
 pub async fn serve_agent_flows(
     session: Session,
     mut datagrams: mpsc::Receiver<Datagram>,
-    services: HashMap<u32, UdpService>,
+    services: UdpServices,
     granted: Arc<Mutex<Vec<bool>>>,
     settings: UdpSettings,
 ) {
     let mut flows: HashMap<u32, AgentFlow> = HashMap::new();
-    let (ended_tx, mut ended) = mpsc::channel::<u32>(64);
+    // A flow's task cancels its token when the flow ends; the sweep then frees its socket.
+    // (A channel of ended flows, bounded, lost some when many ended at once: their sockets
+    // stayed open for the session's life.)
+    let mut sweep = tokio::time::interval(sweep_period(settings.idle));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let d = tokio::select! {
             d = datagrams.recv() => match d {
                 Some(d) => d,
                 None => break,
             },
-            Some(id) = ended.recv() => {
-                flows.remove(&id);
+            _ = sweep.tick() => {
+                flows.retain(|_, f| !f.stop.is_cancelled());
                 continue;
             }
             _ = session.closed() => break,
@@ -438,12 +550,24 @@ pub async fn serve_agent_flows(
         if d.data.len() > settings.max_datagram {
             continue;
         }
+        // A flow that ended since the last sweep: its datagram opens it again.
+        if flows.get(&d.flow).is_some_and(|f| f.stop.is_cancelled()) {
+            flows.remove(&d.flow);
+        }
         if let Some(f) = flows.get(&d.flow) {
-            let service = &services[&f.service];
-            match f.socket.try_send(&d.data) {
-                Ok(_) => service.counters.datagrams.fetch_add(1, Ordering::Relaxed),
-                Err(_) => service.counters.dropped.fetch_add(1, Ordering::Relaxed),
+            let Some(service) = lock(&services).get(&f.service).cloned() else {
+                continue;
             };
+            if service.stop.is_cancelled() {
+                continue;
+            }
+            let sent = f.socket.try_send(&d.data).is_ok();
+            if sent {
+                service.counters.to_service(d.data.len());
+            } else {
+                service.counters.drop_one();
+            }
+            f.out.note(d.data.len(), sent, Instant::now());
             continue;
         }
         let Some(origin) = d.origin else {
@@ -457,7 +581,11 @@ pub async fn serve_agent_flows(
             .get(origin.service as usize)
             .copied()
             .unwrap_or(false);
-        let Some(service) = services.get(&origin.service).filter(|_| is_granted) else {
+        let known = lock(&services).get(&origin.service).cloned();
+        if known.as_ref().is_some_and(|s| s.stop.is_cancelled()) {
+            continue;
+        }
+        let Some(service) = known.filter(|_| is_granted) else {
             session.close(
                 ErrorCode::Protocol,
                 format!(
@@ -469,43 +597,47 @@ pub async fn serve_agent_flows(
         };
         let open = flows
             .values()
-            .filter(|f| f.service == origin.service)
+            .filter(|f| f.service == origin.service && !f.stop.is_cancelled())
             .count();
         if open >= settings.max_flows {
             service
                 .counters
                 .flows_refused
                 .fetch_add(1, Ordering::Relaxed);
+            service.counters.drop_one();
             continue;
         }
         let client = origin.client.unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
-        let socket = match connect_target(service, settings.queue).await {
+        let socket = match connect_target(&service, settings.queue).await {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 warn!(service = %service.name, "UDP target {}:{}: {e}", service.host, service.port);
-                service.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                service.counters.drop_one();
                 continue;
             }
         };
-        service.counters.flows.fetch_add(1, Ordering::Relaxed);
+        service.counters.flow_opened();
+        let out = Arc::new(FlowOut::new(Instant::now()));
         // Awaited, not `try_send`: a socket this new has no readiness from the runtime yet,
         // so `try_send` would refuse the flow's first datagram. A UDP send does not wait.
-        if socket.send(&d.data).await.is_err() {
-            service.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        let sent = socket.send(&d.data).await.is_ok();
+        if sent {
+            service.counters.to_service(d.data.len());
+        } else {
+            service.counters.drop_one();
         }
-        let stop = CancellationToken::new();
-        let first = d.data.len();
-        tokio::spawn(agent_flow(
-            session.clone(),
-            d.flow,
+        out.note(d.data.len(), sent, Instant::now());
+        let stop = service.stop.child_token();
+        let flow = ReplyFlow {
+            session: session.clone(),
+            flow: d.flow,
             client,
-            socket.clone(),
-            service.clone(),
-            settings.idle,
-            first,
-            stop.clone(),
-            ended_tx.clone(),
-        ));
+            socket: socket.clone(),
+            service: service.clone(),
+            idle: settings.idle,
+            out: out.clone(),
+        };
+        tokio::spawn(agent_flow(flow, stop.clone()));
         flows.insert(
             d.flow,
             AgentFlow {
@@ -513,6 +645,7 @@ pub async fn serve_agent_flows(
                 client,
                 socket,
                 stop,
+                out,
             },
         );
     }
@@ -540,61 +673,76 @@ async fn connect_target(service: &UdpService, buffer: usize) -> std::io::Result<
     Ok(socket)
 }
 
-/// One flow's replies: target to gateway, until the flow has been idle both ways for `idle`.
-#[allow(clippy::too_many_arguments)]
-async fn agent_flow(
+/// What a flow's task needs: where replies go, and the flow's datagrams the other way.
+struct ReplyFlow {
     session: Session,
     flow: u32,
     client: SocketAddr,
     socket: Arc<UdpSocket>,
     service: UdpService,
     idle: Duration,
-    first: usize,
-    stop: CancellationToken,
-    ended: mpsc::Sender<u32>,
-) {
-    let started = Instant::now();
-    let mut counts = FlowCounts {
-        to_service: 1,
-        bytes_to_service: first as u64,
-        ..FlowCounts::default()
-    };
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-    // Outbound traffic also keeps a flow alive; the dispatcher sends it on the same socket,
-    // and the socket's receive of replies is what this task sees. A flow whose target never
-    // answers ends `idle` after its last reply or its start.
-    loop {
-        let r = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = tokio::time::timeout(idle, socket.recv(&mut buf)) => r,
-        };
-        match r {
-            Err(_) => break,
-            Ok(Err(e)) => {
-                // ICMP port unreachable and the like: the target is not there (yet).
-                debug!(service = %service.name, "UDP target: {e}");
-                continue;
-            }
-            Ok(Ok(n)) if n > MAX_DATAGRAM => counts.dropped += 1,
-            Ok(Ok(n)) => {
-                let d = Datagram {
-                    flow,
-                    origin: None,
-                    data: Bytes::copy_from_slice(&buf[..n]),
-                };
-                if session.send_datagram(&d) {
-                    counts.to_client += 1;
-                    counts.bytes_to_client += n as u64;
-                    service.counters.datagrams.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    counts.dropped += 1;
-                    service.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+    out: Arc<FlowOut>,
+}
+
+/// One flow's replies: target to gateway, until the flow has been idle both ways for `idle`
+/// (no reply from the target, and no datagram toward it). Then it logs the flow's line.
+async fn agent_flow(f: ReplyFlow, stop: CancellationToken) {
+    let mut counts = FlowCounts::default();
+    // The flow's end, however the task ends.
+    struct Open(Arc<UdpCounters>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.flow_ended();
         }
     }
-    let _ = ended.try_send(flow);
-    log_flow_end(&service.name, client, &counts, started);
+    let _open = Open(f.service.counters.clone());
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut last_reply = f.out.started;
+    let mut deadline = f.out.started + f.idle;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline) => {
+                let last = last_reply.max(f.out.last());
+                if Instant::now().saturating_duration_since(last) >= f.idle {
+                    break;
+                }
+                deadline = last + f.idle;
+            }
+            r = f.socket.recv(&mut buf) => match r {
+                Err(e) => {
+                    // ICMP port unreachable and the like: the target is not there (yet).
+                    debug!(service = %f.service.name, "UDP target: {e}");
+                }
+                Ok(n) if n > MAX_DATAGRAM => {
+                    counts.dropped += 1;
+                    f.service.counters.drop_one();
+                }
+                Ok(n) => {
+                    last_reply = Instant::now();
+                    let d = Datagram {
+                        flow: f.flow,
+                        origin: None,
+                        data: Bytes::copy_from_slice(&buf[..n]),
+                    };
+                    if f.session.send_datagram(&d) {
+                        counts.to_client += 1;
+                        counts.bytes_to_client += n as u64;
+                        f.service.counters.to_client(n);
+                    } else {
+                        counts.dropped += 1;
+                        f.service.counters.drop_one();
+                    }
+                }
+            },
+        }
+    }
+    // Tells the dispatcher this flow is over (and stops nothing else: the loop is done).
+    stop.cancel();
+    counts.to_service = f.out.datagrams.load(Ordering::Relaxed);
+    counts.bytes_to_service = f.out.bytes.load(Ordering::Relaxed);
+    counts.dropped += f.out.dropped.load(Ordering::Relaxed);
+    log_flow_end(&f.service.name, f.client, &counts, f.out.started);
 }
 
 #[cfg(test)]
@@ -627,15 +775,20 @@ mod tests {
         assert_eq!(c.flows_refused.load(Ordering::Relaxed), 1);
         // Another service has its own limit.
         assert!(t.flow_for(8, "ntp", third, &s, &c, 2, now).is_some());
-        assert!(matches!(t.reply(fa, 10, now), Reply::Send { client, .. } if client == a));
+        assert!(matches!(t.reply(fa, now), Reply::Send { client, .. } if client == a));
+        t.note_reply(fa, 10, true);
+        assert_eq!(c.datagrams_to_client.load(Ordering::Relaxed), 1);
+        assert_eq!(c.bytes_to_client.load(Ordering::Relaxed), 10);
+        assert_eq!(c.flows_current.load(Ordering::Relaxed), 3);
         // Idle flows end; a late reply is dropped, a never-issued flow is a violation.
         let later = now + Duration::from_secs(61);
         assert_eq!(t.expire(later, Duration::from_secs(60)), 3);
         assert!(t.is_empty());
-        assert!(matches!(t.reply(fa, 10, later), Reply::Late));
-        assert!(matches!(t.reply(999, 10, later), Reply::Unknown));
+        assert_eq!(c.flows_current.load(Ordering::Relaxed), 0);
+        assert!(matches!(t.reply(fa, later), Reply::Late));
+        assert!(matches!(t.reply(999, later), Reply::Unknown));
         assert!(
-            matches!(t.reply(2, 10, later), Reply::Unknown),
+            matches!(t.reply(2, later), Reply::Unknown),
             "even ids are never ours"
         );
         // The limit counts only live flows.

@@ -299,6 +299,8 @@ fn grant(name: &str, key: &SecretKey) -> AgentGrant {
         name: name.into(),
         key: KeySpec::Key(key.clone()),
         ports: vec![PortRange::UNPRIVILEGED],
+        paths: Vec::new(),
+        socket_mode: burrow::config::DEFAULT_SOCKET_MODE,
     }
 }
 
@@ -566,6 +568,7 @@ async fn raw_stream(raw: &mut Raw) -> (TcpStream, u32) {
         protocol: Protocol::Tcp,
         port: 0,
         name: "raw".into(),
+        path: None,
     };
     raw.send(&[bind.to_frame()]).await.unwrap();
     let res = BindResult::decode(&raw.next(Kind::BindResult).await.payload).unwrap();
@@ -847,6 +850,7 @@ fn b4_duplicate_bind_flood_is_cut() {
             protocol: Protocol::Tcp,
             port: 0,
             name: "same".into(),
+            path: None,
         };
         // All at once: cut by the 512 binds allowed to wait, if not by the budget.
         let ended = control_flood(&fx, raw, bind.to_frame(), "duplicate bind", 512).await;

@@ -53,8 +53,18 @@ fn every_example_loads_and_resolves() -> anyhow::Result<()> {
             load_agent_file(&path)?.into_config()?;
         } else if name.starts_with("connect") {
             burrow::config::load_connector_file(&path)?.into_config()?;
+        } else if name.starts_with("run") {
+            let run = burrow::config::load_run_file(&path)?;
+            assert!(run.instances.len() >= 2, "{name}: instances missing");
+            for i in run.instances {
+                match i.settings? {
+                    burrow::config::InstanceSettings::Gateway(g) => drop(g.into_config()?),
+                    burrow::config::InstanceSettings::Agent(a) => drop(a.into_config()?),
+                    burrow::config::InstanceSettings::Connector(c) => drop(c.into_config()?),
+                }
+            }
         } else {
-            panic!("{name}: example names start with gateway, agent or connect");
+            panic!("{name}: example names start with gateway, agent, connect or run");
         }
         seen += 1;
     }
@@ -308,7 +318,9 @@ fn parse_forward_cases() -> Result<(), String> {
             protocol: burrow::config::Protocol::Tcp,
             public_port: 8080,
             target: tcp("127.0.0.1", 80),
-            name: "8080=127.0.0.1:80".into()
+            name: "8080=127.0.0.1:80".into(),
+            proxy_protocol: None,
+            public_path: None,
         }
     );
     assert_eq!(parse_forward("localhost:3000")?.public_port, 0);
@@ -454,5 +466,138 @@ fn printed_settings_parse_back_the_same() -> anyhow::Result<()> {
     let again = parse_agent_file(&file, &text)?.into_config()?;
     assert_eq!(format!("{again:?}"), format!("{agent:?}"), "{text}");
     assert_eq!(again.key, agent.key);
+    Ok(())
+}
+
+#[test]
+fn proxy_protocol_after_a_spec_and_in_a_table() -> Result<(), String> {
+    use burrow::config::ProxyProtocol;
+    let f = parse_forward("8080=127.0.0.1:80?proxy_protocol=v2")?;
+    assert_eq!(f.proxy_protocol, Some(ProxyProtocol::V2));
+    assert_eq!(f.public_port, 8080);
+    // The name leaves the options out: turning one on keeps the port the gateway keeps.
+    assert_eq!(f.name, "8080=127.0.0.1:80");
+    let f = parse_forward("unix:/run/app.sock?proxy_protocol=v1")?;
+    assert_eq!(f.target, Target::Unix("/run/app.sock".into()));
+    assert_eq!(f.proxy_protocol, Some(ProxyProtocol::V1));
+    // A `?` that starts no option stays in a unix path.
+    let f = parse_forward("unix:/tmp/odd?name.sock")?;
+    assert_eq!(f.target, Target::Unix("/tmp/odd?name.sock".into()));
+    assert_eq!(f.proxy_protocol, None);
+    for (spec, says) in [
+        (
+            "127.0.0.1:80?proxy_protocol",
+            "say which PROXY protocol version",
+        ),
+        (
+            "127.0.0.1:80?proxy_protocol=v3",
+            "is not a PROXY protocol version",
+        ),
+        (
+            "127.0.0.1:80?proxy_protcol=v2",
+            "unknown option `proxy_protcol`",
+        ),
+        (
+            "udp:127.0.0.1:53?proxy_protocol=v2",
+            "a UDP forward cannot carry one",
+        ),
+    ] {
+        let e = parse_forward(spec).unwrap_err();
+        assert!(e.contains(says), "{spec}: {e}");
+    }
+    let s = parse_agent_file(
+        Path::new("a.toml"),
+        "[[forwards]]\ntarget = \"127.0.0.1:80\"\nproxy_protocol = \"v1\"\n\n\
+         [[forwards]]\ntarget = \"unix:/run/app.sock\"\nproxy_protocol = 2\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let pp: Vec<_> = s
+        .forwards
+        .unwrap()
+        .iter()
+        .map(|f| f.proxy_protocol)
+        .collect();
+    assert_eq!(pp, [Some(ProxyProtocol::V1), Some(ProxyProtocol::V2)]);
+    let e = agent_err("[[forwards]]\ntarget = \"127.0.0.1:80\"\nproxy_protocol = \"v9\"\n");
+    assert_at(&e, "conf/agent.toml", 3, "forwards[0].proxy_protocol");
+    let e = agent_err(
+        "[[forwards]]\nprotocol = \"udp\"\ntarget = \"127.0.0.1:53\"\nproxy_protocol = \"v1\"\n",
+    );
+    assert_at(&e, "conf/agent.toml", 4, "forwards[0].proxy_protocol");
+    Ok(())
+}
+
+#[test]
+fn unix_public_endpoints_in_specs_tables_and_grants() -> Result<(), String> {
+    let f = parse_forward("unix:/run/burrow/docker.sock=unix:/var/run/docker.sock")?;
+    assert_eq!(f.public_path, Some("/run/burrow/docker.sock".into()));
+    assert_eq!(f.target, Target::Unix("/var/run/docker.sock".into()));
+    assert_eq!(
+        f.name,
+        "unix:/run/burrow/docker.sock=unix:/var/run/docker.sock"
+    );
+    let f = parse_forward("unix:/run/burrow/web.sock=127.0.0.1:80?proxy_protocol=v2")?;
+    assert_eq!(f.public_path, Some("/run/burrow/web.sock".into()));
+    assert_eq!(f.public_port, 0);
+    // A target whose own path holds `=` is still a target.
+    let f = parse_forward("unix:/tmp/a=b.sock")?;
+    assert_eq!(
+        (f.public_path, f.target),
+        (None, Target::Unix("/tmp/a=b.sock".into()))
+    );
+    for (spec, says) in [
+        ("unix:run/x.sock=127.0.0.1:80", "write it absolute"),
+        ("unix:/run/../x.sock=127.0.0.1:80", "`..` component"),
+        (
+            "udp:unix:/run/x.sock=127.0.0.1:53",
+            "a UDP forward's public end is a port",
+        ),
+    ] {
+        let e = parse_forward(spec).unwrap_err();
+        assert!(e.contains(says), "{spec}: {e}");
+    }
+    let s = parse_agent_file(
+        Path::new("a.toml"),
+        "[[forwards]]\npublic_path = \"/run/burrow/app.sock\"\ntarget = \"127.0.0.1:80\"\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let f = &s.forwards.unwrap()[0];
+    assert_eq!(f.public_path, Some("/run/burrow/app.sock".into()));
+    assert_eq!(f.name, "unix:/run/burrow/app.sock=127.0.0.1:80");
+    let e = agent_err(
+        "[[forwards]]\npublic_port = 80\npublic_path = \"/run/a.sock\"\ntarget = \"127.0.0.1:80\"\n",
+    );
+    assert_at(&e, "conf/agent.toml", 3, "forwards[0].public_path");
+    let e = agent_err(
+        "forward = [\"unix:/run/a.sock=127.0.0.1:80\", \"unix:/run/a.sock=127.0.0.1:81\"]\n",
+    );
+    assert!(
+        e.contains("public socket /run/a.sock is asked for by both"),
+        "{e}"
+    );
+
+    let g = parse_gateway_file(
+        Path::new("gw.toml"),
+        &format!(
+            "[[agents]]\nname = \"a\"\nkey = \"{KEY}\"\npaths = [\"/run/burrow/*.sock\"]\n\
+             socket_mode = 0o600\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let grant = &g.agents.unwrap()[0];
+    assert!(grant.ports.is_empty(), "paths alone are a grant");
+    assert_eq!(grant.paths[0].as_str(), "/run/burrow/*.sock");
+    assert_eq!(grant.socket_mode, 0o600);
+    let e = gateway_err(&format!(
+        "[[agents]]\nname = \"a\"\nkey = \"{KEY}\"\nports = [80]\npaths = [\"run/*.sock\"]\n"
+    ));
+    assert_at(&e, "conf/gw.toml", 5, "agents[0].paths[0]");
+    assert!(e.contains("it must be absolute"), "{e}");
+    let e = gateway_err(&format!(
+        "[[agents]]\nname = \"a\"\nkey = \"{KEY}\"\npaths = [\"/run/*.sock\"]\nsocket_mode = \"4777\"\n"
+    ));
+    assert_at(&e, "conf/gw.toml", 5, "agents[0].socket_mode");
+    let e = gateway_err(&format!("[[agents]]\nname = \"a\"\nkey = \"{KEY}\"\n"));
+    assert!(e.contains("grant at least one port"), "{e}");
     Ok(())
 }

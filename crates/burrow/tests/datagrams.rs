@@ -1,6 +1,11 @@
 //! Datagrams in the session, over an in-memory pipe: they arrive byte-exact in both
 //! directions, a full queue drops and counts instead of waiting, a flood of them does not
 //! stall a stream beside it, and a role that carries no UDP treats one as a protocol error.
+//! An agent serving UDP flows closes the session with `Protocol`, which the gateway's end sees
+//! as the reason, for a malformed datagram frame: one for a flow it never saw that does not
+//! carry its origin, one larger than UDP carries, one naming a service not granted. (The
+//! gateway's side, a reply for a flow it never opened or an oversized one, is `a10` and `a11`
+//! in `abuse.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -171,4 +176,113 @@ async fn a_role_without_udp_treats_a_datagram_as_a_protocol_error() {
         .await
         .unwrap();
     assert_eq!(end.code, ErrorCode::Protocol, "{end}");
+}
+
+/// A UDP echo on loopback.
+async fn udp_echo() -> std::net::SocketAddr {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 70_000];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+/// The agent's end of a session pair serving one UDP service (id 1, toward a UDP echo),
+/// granted or not; the gateway's end is returned to play the gateway by hand.
+async fn agent_serving_udp(granted: bool) -> Started {
+    let (gw, ag) = pair();
+    let target = udp_echo().await;
+    let service = burrow::udp::UdpService {
+        name: "udp:echo".into(),
+        host: target.ip().to_string(),
+        port: target.port(),
+        counters: Default::default(),
+        stop: Default::default(),
+    };
+    tokio::spawn(burrow::udp::serve_agent_flows(
+        ag.session.clone(),
+        ag.datagrams,
+        std::sync::Arc::new(std::sync::Mutex::new([(1, service)].into())),
+        std::sync::Arc::new(std::sync::Mutex::new(vec![false, granted])),
+        burrow::udp::UdpSettings::default(),
+    ));
+    // Keep the agent's end alive as long as the gateway's.
+    let session = ag.session;
+    let gw_session = gw.session.clone();
+    tokio::spawn(async move {
+        gw_session.closed().await;
+        drop(session);
+    });
+    gw
+}
+
+/// What the gateway's end sees when the agent closes the session.
+async fn closed_by_agent(gw: &Started) -> burrow::session::SessionEnd {
+    let end = tokio::time::timeout(Duration::from_secs(5), gw.session.closed())
+        .await
+        .expect("the agent closed the session");
+    assert!(end.by_peer, "closed by the agent: {end}");
+    end
+}
+
+#[tokio::test]
+async fn a_flow_the_agent_never_saw_without_its_origin_closes_the_session_with_protocol() {
+    let mut gw = agent_serving_udp(true).await;
+    // A proper flow first: it echoes, tagged with its flow and no origin.
+    let hello = Datagram {
+        flow: 1,
+        origin: origin(),
+        data: Bytes::from_static(b"hello"),
+    };
+    assert!(gw.session.send_datagram(&hello));
+    let back = tokio::time::timeout(Duration::from_secs(5), gw.datagrams.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (back.flow, back.origin, &back.data[..]),
+        (1, None, &b"hello"[..])
+    );
+    // Flow 3 was never opened, and this datagram does not say where it belongs.
+    let stray = Datagram {
+        flow: 3,
+        origin: None,
+        data: Bytes::from_static(b"stray"),
+    };
+    assert!(gw.session.send_datagram(&stray));
+    let end = closed_by_agent(&gw).await;
+    assert_eq!(end.code, ErrorCode::Protocol, "{end}");
+    assert!(end.detail.contains("flow 3 without its origin"), "{end}");
+}
+
+#[tokio::test]
+async fn an_oversized_datagram_from_the_gateway_closes_the_session_with_protocol() {
+    let gw = agent_serving_udp(true).await;
+    let big = Datagram {
+        flow: 1,
+        origin: origin(),
+        data: Bytes::from(vec![7u8; MAX_DATAGRAM + 1]),
+    };
+    assert!(gw.session.send_datagram(&big), "it fits a frame");
+    let end = closed_by_agent(&gw).await;
+    assert_eq!(end.code, ErrorCode::Protocol, "{end}");
+    assert!(end.detail.contains("more than UDP's 65507"), "{end}");
+}
+
+#[tokio::test]
+async fn a_datagram_for_a_service_not_granted_closes_the_session_with_protocol() {
+    let gw = agent_serving_udp(false).await;
+    let d = Datagram {
+        flow: 1,
+        origin: origin(),
+        data: Bytes::from_static(b"x"),
+    };
+    assert!(gw.session.send_datagram(&d));
+    let end = closed_by_agent(&gw).await;
+    assert_eq!(end.code, ErrorCode::Protocol, "{end}");
+    assert!(end.detail.contains("not a granted UDP service"), "{end}");
 }

@@ -25,6 +25,8 @@ fn grant(name: &str, key: &SecretKey, ports: Vec<PortRange>) -> AgentGrant {
         name: name.into(),
         key: KeySpec::Key(key.clone()),
         ports,
+        paths: Vec::new(),
+        socket_mode: burrow::config::DEFAULT_SOCKET_MODE,
     }
 }
 

@@ -55,8 +55,11 @@ pub struct Args {
         value_parser = parse_forward_entry,
         help = "A service to publish: [PUBLIC_PORT=]TARGET, where TARGET is host:port, \
                 [ipv6]:port or unix:/path/to.sock and PUBLIC_PORT 0 or absent lets the gateway \
-                choose. Repeat the flag, or separate specs with commas (also in BURROW_FORWARD; \
-                empty entries are skipped)"
+                choose; unix:/PATH=TARGET for a unix socket on the gateway (where its grant \
+                allows the path); udp:[PUBLIC_PORT=]HOST:PORT for UDP. Add \
+                '?proxy_protocol=v1' or 'v2' (quoted) to send the target a PROXY protocol \
+                header with the client's address. Repeat the flag, or separate specs with \
+                commas (also in BURROW_FORWARD; empty entries are skipped)"
     )]
     forwards: Vec<ForwardEntry>,
 
@@ -214,7 +217,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .or(file.log_format)
         .unwrap_or_default();
     let file_has_key = file.key.is_some();
-    let config = file.overlay(args.settings()?).into_config()?;
+    let layer = args.settings()?;
+    let file_logs = (file.log_level, file.log_format);
+    let config = file.overlay(layer.clone()).into_config()?;
     if args.common.print_config {
         return run::print(config.to_toml().trim_end());
     }
@@ -227,7 +232,6 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     }
     info!(target: run::LOG_TARGET, ?config, "agent settings");
     let grace = config.grace;
-    let names: Vec<String> = config.forwards.iter().map(|f| f.name.clone()).collect();
     run::runtime()?.block_on(async move {
         let signals = run::Signals::install()?;
         let gateway = config.gateway.clone();
@@ -237,8 +241,29 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)
             .context("cannot start the agent")?;
-        run::start_admin(admin);
-        tokio::spawn(print_forwards(agent.status(), names));
+        let handle = agent.handle();
+        let reload = run::reloader(
+            args.common.config.clone(),
+            config::load_agent_file,
+            move |file: AgentSettings| {
+                let logs = (file.log_level, file.log_format);
+                let config = file
+                    .overlay(layer.clone())
+                    .into_config()
+                    .map_err(|e| e.to_string())?;
+                let mut report = handle.reload(config)?;
+                if logs.0 != file_logs.0 {
+                    report.restart_needed.push("log_level".into());
+                }
+                if logs.1 != file_logs.1 {
+                    report.restart_needed.push("log_format".into());
+                }
+                Ok(report)
+            },
+        );
+        run::reload_on_sighup(reload.clone())?;
+        run::start_admin(admin, reload, "");
+        tokio::spawn(print_forwards(agent.status(), String::new()));
         crate::notify::ready(&format!("connecting to {gateway}"));
         crate::notify::spawn_agent_status(agent.status(), gateway);
         crate::notify::spawn_watchdog();
@@ -247,25 +272,30 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// Prints each forward's status whenever it changes to granted or refused.
-async fn print_forwards(mut status: watch::Receiver<AgentStatus>, names: Vec<String>) {
-    let mut shown: Vec<ForwardStatus> = Vec::new();
+/// Prints each forward's status whenever it changes to granted or refused, each line after
+/// `prefix` (an instance's name in `burrow run`).
+pub(crate) async fn print_forwards(mut status: watch::Receiver<AgentStatus>, prefix: String) {
+    let mut shown: std::collections::HashMap<String, ForwardStatus> = Default::default();
     loop {
-        let now = status.borrow_and_update().forwards.clone();
-        for (i, st) in now.iter().enumerate() {
-            if shown.get(i) == Some(st) {
+        let (names, now) = {
+            let s = status.borrow_and_update();
+            (s.names.clone(), s.forwards.clone())
+        };
+        for (name, st) in names.iter().zip(&now) {
+            if shown.get(name) == Some(st) {
                 continue;
             }
-            let name = names.get(i).map_or("?", String::as_str);
             match st {
                 ForwardStatus::Granted(addr) => {
-                    run::say(&format!("forward {name}: public address {addr}"))
+                    run::say(&format!("{prefix}forward {name}: public address {addr}"))
                 }
-                ForwardStatus::Refused(why) => run::say(&format!("forward {name}: refused: {why}")),
+                ForwardStatus::Refused(why) => {
+                    run::say(&format!("{prefix}forward {name}: refused: {why}"))
+                }
                 ForwardStatus::Pending => {}
             }
         }
-        shown = now;
+        shown = names.into_iter().zip(now).collect();
         if status.changed().await.is_err() {
             return;
         }

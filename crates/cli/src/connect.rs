@@ -173,10 +173,8 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)
             .context("cannot start the connector")?;
-        for (name, addr) in names.iter().zip(connector.local_addrs()) {
-            run::say(&format!("forward {name}: listening on {addr}"));
-        }
-        tokio::spawn(print_forwards(connector.status(), names));
+        announce(&connector, &names, "");
+        tokio::spawn(print_forwards(connector.status(), names, String::new()));
         crate::notify::ready(&format!("connecting to {gateway}"));
         crate::notify::spawn_watchdog();
         let shutdown = CancellationToken::new();
@@ -184,8 +182,20 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// Prints each forward's state whenever it becomes ready or refused.
-async fn print_forwards(mut status: watch::Receiver<ConnectorStatus>, names: Vec<String>) {
+/// Prints the address each forward listens on, each line starting with `prefix`.
+pub(crate) fn announce(connector: &Connector, names: &[String], prefix: &str) {
+    for (name, addr) in names.iter().zip(connector.local_addrs()) {
+        run::say(&format!("{prefix}forward {name}: listening on {addr}"));
+    }
+}
+
+/// Prints each forward's state whenever it becomes ready or refused, each line starting
+/// with `prefix`.
+pub(crate) async fn print_forwards(
+    mut status: watch::Receiver<ConnectorStatus>,
+    names: Vec<String>,
+    prefix: String,
+) {
     let mut shown: Vec<ForwardState> = Vec::new();
     loop {
         let now = status.borrow_and_update().forwards.clone();
@@ -195,8 +205,8 @@ async fn print_forwards(mut status: watch::Receiver<ConnectorStatus>, names: Vec
             }
             let name = names.get(i).map_or("?", String::as_str);
             match st {
-                ForwardState::Ready => run::say(&format!("forward {name}: ready")),
-                ForwardState::Refused(why) => run::say(&format!("forward {name}: {why}")),
+                ForwardState::Ready => run::say(&format!("{prefix}forward {name}: ready")),
+                ForwardState::Refused(why) => run::say(&format!("{prefix}forward {name}: {why}")),
                 ForwardState::Listening => {}
             }
         }

@@ -76,6 +76,15 @@ pub struct Args {
     #[arg(long = "ws-trusted-proxy", env = "BURROW_WS_TRUSTED_PROXIES", value_name = "NET",
           value_delimiter = ',', value_parser = config::parse_net)]
     ws_trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Do not serve QUIC (agents' quic:// and auto://); by default the gateway serves it on
+    /// UDP at the tunnel port's number
+    #[arg(long, env = "BURROW_NO_QUIC")]
+    no_quic: bool,
+
+    /// Serve QUIC on this UDP address instead of the tunnel port's [default: --listen, on UDP]
+    #[arg(long, env = "BURROW_QUIC_LISTEN", value_name = "ADDR")]
+    quic_listen: Option<SocketAddr>,
     /// Print the `burrow agent ...` line for the generated key, key included, and exit: the
     /// running gateway masks the key after its first start. Give the same settings as the
     /// gateway (state directory, listen port, public name); nothing is bound or created
@@ -106,6 +115,8 @@ impl Args {
             log_level: self.common.log_level,
             ws_path: self.ws_path.clone(),
             ws_listen: self.ws_listen,
+            quic: self.no_quic.then_some(false),
+            quic_listen: self.quic_listen,
             ws_trusted_proxies: (!self.ws_trusted_proxies.is_empty())
                 .then(|| self.ws_trusted_proxies.clone()),
             admin: self.common.admin,
@@ -130,7 +141,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .iter()
         .flatten()
         .any(|a| matches!(a.key, config::KeySpec::Key(_)));
-    let config = file.overlay(args.settings()?).into_config()?;
+    let layer = args.settings()?;
+    let file_logs = (file.log_level, file.log_format);
+    let config = file.overlay(layer.clone()).into_config()?;
     if args.common.print_config {
         // The generated key's hash, when the gateway has made one; unreadable is no reason
         // not to print the rest.
@@ -163,8 +176,29 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)
             .context("cannot start the gateway")?;
-        announce(&gateway);
-        run::start_admin(admin);
+        announce(&gateway, "");
+        let handle = gateway.handle();
+        let reload = run::reloader(
+            args.common.config.clone(),
+            config::load_gateway_file,
+            move |file: GatewaySettings| {
+                let logs = (file.log_level, file.log_format);
+                let config = file
+                    .overlay(layer.clone())
+                    .into_config()
+                    .map_err(|e| e.to_string())?;
+                let mut report = handle.reload(config)?;
+                if logs.0 != file_logs.0 {
+                    report.restart_needed.push("log_level".into());
+                }
+                if logs.1 != file_logs.1 {
+                    report.restart_needed.push("log_format".into());
+                }
+                Ok(report)
+            },
+        );
+        run::reload_on_sighup(reload.clone())?;
+        run::start_admin(admin, reload, "");
         crate::notify::ready(&format!("listening for agents on {}", gateway.local_addr()));
         crate::notify::spawn_watchdog();
         let shutdown = CancellationToken::new();
@@ -172,11 +206,20 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// Prints what an operator needs to connect agents.
-fn announce(gateway: &Gateway) {
-    run::say(&format!("gateway listening on {}", gateway.local_addr()));
+/// Prints what an operator needs to connect agents, each line after `prefix` (an
+/// instance's name in `burrow run`).
+pub(crate) fn announce(gateway: &Gateway, prefix: &str) {
+    let say = |text: &str| {
+        for line in text.lines() {
+            run::say(&format!("{prefix}{line}"));
+        }
+    };
+    say(&format!("gateway listening on {}", gateway.local_addr()));
+    if let Some(addr) = gateway.quic_local_addr() {
+        say(&format!("gateway listening for QUIC on UDP {addr}"));
+    }
     if let Some(fp) = gateway.fingerprint() {
-        run::say(&format!("certificate fingerprint: {fp}"));
+        say(&format!("certificate fingerprint: {fp}"));
     }
     let Some(line) = gateway.agent_line() else {
         return;
@@ -187,23 +230,33 @@ fn announce(gateway: &Gateway) {
     // The key in full only when it is new: every later start would copy it into the logs
     // that stdout ends up in (journald, `docker logs`).
     if gateway.key_created() {
-        run::say(&format!(
+        say(&format!(
             "run this on the agent's host (add --forward for each service):\n{}",
             line.full()
         ));
-        run::say(&format!(
+        say(&format!(
             "or, where only HTTP(S) gets out, the same session inside a WebSocket:\n{}",
             line.full_ws()
         ));
+        if let Some(quic) = line.full_quic() {
+            say(&format!(
+                "or over QUIC (UDP; better on lossy links and when the agent's address changes):\n{quic}"
+            ));
+        }
     } else {
-        run::say(&format!(
+        say(&format!(
             "run this on the agent's host (add --forward for each service; the key is masked: \
              `burrow gateway --print-agent-line` with this gateway's settings prints it):\n{}",
             line.masked()
         ));
-        run::say(&format!(
+        say(&format!(
             "or, where only HTTP(S) gets out, the same session inside a WebSocket:\n{}",
             line.masked_ws()
         ));
+        if let Some(quic) = line.masked_quic() {
+            run::say(&format!(
+                "or over QUIC (UDP; better on lossy links and when the agent's address changes):\n{quic}"
+            ));
+        }
     }
 }

@@ -4,8 +4,11 @@
 //! - `burrow agent` runs next to a private service and publishes it through a gateway.
 //! - `burrow connect` runs where a private service is wanted: it listens locally and reaches
 //!   the service through the gateway.
+//! - `burrow run --config FILE` runs every `[[gateway]]`, `[[agent]]` and `[[connector]]` of
+//!   one file in one process.
 //! - `burrow keygen` prints a new agent key and its key hash, or the hash of an existing key.
 //! - `burrow status` shows a running gateway's or agent's status (from its admin server).
+//! - `burrow token` makes, lists and revokes a running gateway's agent tokens (the same).
 //! - `burrow completions SHELL` prints a shell completion script.
 //!
 //! This crate only parses flags and environment, sets up logging and handles signals; the
@@ -15,9 +18,11 @@ mod agent;
 mod connect;
 mod gateway;
 mod keygen;
+mod multi;
 mod notify;
 mod run;
 mod status;
+mod token;
 
 use std::process::ExitCode;
 
@@ -58,6 +63,10 @@ enum Command {
     /// Run a connector: it listens on this machine and reaches an agent's private services
     /// through the gateway, without any public port
     Connect(connect::Args),
+    /// Run several gateways, agents and connectors from one file in one process: [[gateway]],
+    /// [[agent]] and [[connector]] tables, each with a `name` and the keys of that role's own
+    /// config file
+    Run(multi::Args),
     /// Print a new agent key and its key hash: give the key to the agent, and `key_hash` to
     /// the gateway's `[[agents]]` entry. With --hash or --hash-file, print the key hash of an
     /// existing key.
@@ -65,6 +74,9 @@ enum Command {
     /// Show a running gateway's or agent's status as tables: agents, sessions, services,
     /// streams, bytes and recent errors (read from its admin server, --admin)
     Status(status::Args),
+    /// Make, list and revoke agent keys a running gateway accepts beside its config's
+    /// [[agents]], without a restart (through its admin server, --admin, with its token)
+    Token(token::Args),
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell), e.g.
     /// `burrow completions bash > /etc/bash_completion.d/burrow`
     Completions {
@@ -143,8 +155,10 @@ fn main() -> ExitCode {
         Command::Gateway(args) => gateway::main(args),
         Command::Agent(args) => agent::main(args),
         Command::Connect(args) => connect::main(args),
+        Command::Run(args) => multi::main(args),
         Command::Keygen(args) => keygen::main(args),
         Command::Status(args) => status::main(args),
+        Command::Token(args) => token::main(args),
         Command::Completions { shell } => {
             let mut command = Cli::command();
             clap_complete::generate(shell, &mut command, "burrow", &mut std::io::stdout());
@@ -165,7 +179,7 @@ fn main() -> ExitCode {
 /// came from a variable names the variable, not only the flag.
 fn parse() -> Result<Cli, ExitCode> {
     let mut command = Cli::command();
-    for role in ["gateway", "agent", "connect", "status"] {
+    for role in ["gateway", "agent", "connect", "run", "status", "token"] {
         command = command.mut_subcommand(role, |mut sub| {
             let empty: Vec<clap::Id> = sub
                 .get_arguments()

@@ -71,15 +71,81 @@ pub fn init_logging(
 }
 
 /// Serves the admin server, if there is one, for as long as the process runs, and prints its
-/// address (`admin listening on http://ADDR`).
-pub fn start_admin(admin: Option<burrow::admin::AdminServer>) {
-    let Some(admin) = admin else {
+/// address (`admin listening on http://ADDR`, after `prefix`: an instance's name in `burrow
+/// run`); `POST /api/reload` runs `reload`.
+pub fn start_admin(
+    admin: Option<burrow::admin::AdminServer>,
+    reload: Option<burrow::admin::ReloadFn>,
+    prefix: &str,
+) {
+    let Some(mut admin) = admin else {
         return;
     };
+    if let Some(reload) = reload {
+        admin = admin.with_reload(reload);
+    }
     if let Some(addr) = admin.local_addr() {
-        say(&format!("admin listening on http://{addr}"));
+        say(&format!("{prefix}admin listening on http://{addr}"));
     }
     tokio::spawn(admin.run(CancellationToken::new()));
+}
+
+/// Reads the config file again on each SIGHUP and applies it with `reload` (which logs what
+/// it did). Installed before the role reports ready: SIGHUP's default would end the process.
+pub fn reload_on_sighup(reload: Option<burrow::admin::ReloadFn>) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match &reload {
+                Some(reload) => {
+                    info!(target: LOG_TARGET, "SIGHUP: reading the config file again");
+                    let reload = reload.clone();
+                    let _ = tokio::task::spawn_blocking(move || reload()).await;
+                }
+                None => warn!(
+                    target: LOG_TARGET,
+                    "SIGHUP: no config file to read again (started without --config); nothing changed"
+                ),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// What a reload of `path` does: reads the file, makes the settings (`apply` overlays the
+/// flags and environment the process started with and applies them), logs the outcome. A
+/// file with an error changes nothing: the error (file, line, key) is logged and answered.
+pub fn reloader<T: 'static>(
+    path: Option<std::path::PathBuf>,
+    load: fn(&Path) -> Result<T, ConfigError>,
+    apply: impl Fn(T) -> Result<burrow::admin::api::ReloadReport, String> + Send + Sync + 'static,
+) -> Option<burrow::admin::ReloadFn> {
+    use burrow::admin::api::ApiError;
+    let path = path?;
+    let reload = move || {
+        let outcome = load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(&apply)
+            .map(|mut r| {
+                r.file = path.display().to_string();
+                r
+            });
+        match outcome {
+            Ok(report) => {
+                info!(target: LOG_TARGET, "{report}");
+                for key in &report.restart_needed {
+                    warn!(target: LOG_TARGET, "{}: `{key}` changed, but it needs a restart: left as it was", path.display());
+                }
+                Ok(report)
+            }
+            Err(e) => {
+                let text = format!("config not reloaded, the one in force stays: {e}");
+                tracing::error!(target: LOG_TARGET, "{text}");
+                Err(ApiError::new(422, text))
+            }
+        }
+    };
+    Some(std::sync::Arc::new(reload))
 }
 
 /// A multi-threaded tokio runtime.
@@ -105,7 +171,7 @@ impl Signals {
     }
 
     /// The next signal's name.
-    async fn recv(&mut self) -> &'static str {
+    pub async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.int.recv() => "SIGINT",
             _ = self.term.recv() => "SIGTERM",

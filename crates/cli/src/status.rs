@@ -50,6 +50,18 @@ pub fn main(args: Args) -> anyhow::Result<()> {
 
 /// `GET path` from the admin server at `addr`, the body if the answer is 200.
 fn fetch(addr: &str, token: Option<&str>, path: &str) -> anyhow::Result<String> {
+    request(addr, token, "GET", path, None)
+}
+
+/// `method path` (with a JSON `body`) to the admin server at `addr`: the body if the answer
+/// is 200 or 201, else an error with the server's text.
+pub fn request(
+    addr: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<String> {
     let hostport = addr
         .strip_prefix("http://")
         .unwrap_or(addr)
@@ -70,9 +82,16 @@ fn fetch(addr: &str, token: Option<&str>, path: &str) -> anyhow::Result<String> 
     let auth = token.map_or_else(String::new, |t| {
         format!("Authorization: Bearer {}\r\n", t.trim())
     });
+    let content = body.map_or_else(String::new, |b| {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        )
+    });
     write!(
         tcp,
-        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nAccept: application/json\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nAccept: application/json\r\n{auth}{content}Connection: close\r\n\r\n{}",
+        body.unwrap_or("")
     )
     .context("cannot send the request to the admin server")?;
     let mut raw = Vec::new();
@@ -98,7 +117,7 @@ fn fetch(addr: &str, token: Option<&str>, path: &str) -> anyhow::Result<String> 
         body.to_string()
     };
     match code {
-        200 => Ok(body),
+        200 | 201 => Ok(body),
         401 if token.is_none() => bail!("the admin server at {addr} needs its token: pass --admin-token or set BURROW_ADMIN_TOKEN"),
         401 => bail!("the admin server at {addr} did not accept the token (--admin-token / BURROW_ADMIN_TOKEN)"),
         other => bail!("the admin server at {addr} answered {other}: {}", body.trim()),
@@ -334,17 +353,34 @@ pub fn render(st: &Status, now: SystemTime) -> String {
     out
 }
 
+/// One service's row; a UDP service's counts are of flows, and its bytes its datagrams'.
 fn service_row(s: &ServiceRow, who: String) -> Vec<String> {
+    let (open, total, refused, up, down) = match &s.udp {
+        Some(u) => (
+            u.flows_current,
+            u.flows_total,
+            u.flows_refused,
+            u.bytes_to_service,
+            u.bytes_to_client,
+        ),
+        None => (
+            s.streams_current,
+            s.streams_total,
+            s.streams_refused,
+            s.bytes_to_service,
+            s.bytes_to_client,
+        ),
+    };
     vec![
         s.name.clone(),
         who,
         s.public.clone().unwrap_or_else(|| "-".into()),
         s.state.clone(),
-        s.streams_current.to_string(),
-        s.streams_total.to_string(),
-        s.streams_refused.to_string(),
-        bytes(s.bytes_to_service),
-        bytes(s.bytes_to_client),
+        open.to_string(),
+        total.to_string(),
+        refused.to_string(),
+        bytes(up),
+        bytes(down),
     ]
 }
 

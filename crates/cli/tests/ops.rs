@@ -1361,3 +1361,139 @@ async fn compose_environment_starts_a_gateway_and_an_agent_that_carry_traffic() 
     })
     .await;
 }
+
+/// A UDP echo server on loopback: every datagram goes back to its sender.
+async fn udp_echo() -> SocketAddr {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            let Ok((n, from)) = s.recv_from(&mut buf).await else {
+                return;
+            };
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn udp_flows_datagrams_and_bytes_are_counted_exactly() {
+    within("udp metrics", async {
+        let dir = tempfile::tempdir().unwrap();
+        // One flow per service, so a second client is refused and counted.
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(&file, "[udp]\nmax_flows = 1\n").unwrap();
+        let mut gw = GatewaySpec::new(&dir.path().join("state"))
+            .config(&file)
+            .args(["--admin", "127.0.0.1:0"])
+            .start(bin())
+            .await
+            .unwrap();
+        let gw_admin = admin_addr(&mut gw).await;
+        let target = udp_echo().await;
+        let spec = format!("udp:{target}");
+        let mut agent = AgentSpec::new(gw.agent_args())
+            .args(["--admin", "127.0.0.1:0"])
+            .forward(&spec)
+            .start(bin())
+            .await
+            .unwrap();
+        let agent_admin = admin_addr(&mut agent).await;
+        let public = agent.public(0);
+
+        // Five datagrams of known sizes, each echoed before the next is sent: one flow.
+        let sizes = [1usize, 100, 1400, 8192, 65_507];
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = vec![0u8; 70_000];
+        for (i, len) in sizes.iter().enumerate() {
+            let data = Pattern::new(i as u64).bytes(0, *len);
+            client.send_to(&data, public).await.unwrap();
+            let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+                .await
+                .expect("the echo came back")
+                .unwrap();
+            assert_eq!(&buf[..n], &data[..], "datagram {i} echoed byte-exact");
+        }
+        let bytes: f64 = sizes.iter().sum::<usize>() as f64;
+        let n = sizes.len() as f64;
+        let gw_svc = [("agent", "default"), ("service", spec.as_str())];
+        let ag_svc = [("service", spec.as_str())];
+        for (addr, labels) in [(gw_admin, &gw_svc[..]), (agent_admin, &ag_svc[..])] {
+            let with = |dir: &'static str| -> Vec<(&str, &str)> {
+                labels.iter().copied().chain([("direction", dir)]).collect()
+            };
+            let (up, down) = (with("to_service"), with("to_client"));
+            let m = settle(addr, "five datagrams each way", |m| {
+                m.value("burrow_udp_datagrams_total", &down) == n
+            })
+            .await;
+            assert_eq!(m.get("burrow_udp_datagrams_total", &up), Some(n));
+            assert_eq!(m.get("burrow_udp_datagrams_total", &down), Some(n));
+            assert_eq!(m.get("burrow_udp_bytes_total", &up), Some(bytes));
+            assert_eq!(m.get("burrow_udp_bytes_total", &down), Some(bytes));
+            assert_eq!(m.get("burrow_udp_flows_total", labels), Some(1.0));
+            assert_eq!(m.get("burrow_udp_flows_current", labels), Some(1.0));
+            assert_eq!(m.get("burrow_udp_flows_refused_total", labels), Some(0.0));
+            assert_eq!(m.get("burrow_udp_dropped_total", labels), Some(0.0));
+        }
+
+        // A second client finds the service's one flow taken: its datagram is refused and
+        // counted, at the gateway, as a refused flow and a drop.
+        let second = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        second.send_to(b"refused", public).await.unwrap();
+        let m = settle(gw_admin, "one refused", |m| {
+            m.value("burrow_udp_flows_refused_total", &gw_svc) == 1.0
+        })
+        .await;
+        assert_eq!(m.get("burrow_udp_dropped_total", &gw_svc), Some(1.0));
+        assert_eq!(m.get("burrow_udp_flows_total", &gw_svc), Some(1.0));
+        let st: serde_json::Value =
+            serde_json::from_str(&get(gw_admin, "/api/status", None).await.body).unwrap();
+        let svc = &st["agents"][0]["services"][0];
+        assert_eq!(svc["name"], spec.as_str());
+        let udp = &svc["udp"];
+        assert_eq!(udp["flows_current"], 1, "{svc:#}");
+        assert_eq!(udp["flows_total"], 1);
+        assert_eq!(udp["flows_refused"], 1);
+        assert_eq!(udp["datagrams_to_service"], 5);
+        assert_eq!(udp["datagrams_to_client"], 5);
+        assert_eq!(udp["bytes_to_service"], bytes as u64);
+        assert_eq!(udp["bytes_to_client"], bytes as u64);
+        let st: serde_json::Value =
+            serde_json::from_str(&get(agent_admin, "/api/status", None).await.body).unwrap();
+        assert_eq!(
+            st["agents"][0]["services"][0]["udp"]["bytes_to_client"],
+            bytes as u64
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_websocket_session_on_the_tunnel_port_shows_as_wss() {
+    within("wss label", async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gw = GatewaySpec::new(&dir.path().join("state"))
+            .args(["--admin", "127.0.0.1:0"])
+            .start(bin())
+            .await
+            .unwrap();
+        let admin = admin_addr(&mut gw).await;
+        let mut args = gw.agent_args();
+        let i = args.iter().position(|a| a == "--gateway").unwrap();
+        args[i + 1] = format!("wss://{}/burrow", gw.addr());
+        let echo_target = TcpTarget::echo().await.unwrap();
+        let agent = AgentSpec::new(args)
+            .forward(&echo_target.addr().to_string())
+            .start(bin())
+            .await
+            .unwrap();
+        echo(agent.public(0), 1000, 1).await;
+        let st: serde_json::Value =
+            serde_json::from_str(&get(admin, "/api/status", None).await.body).unwrap();
+        assert_eq!(st["agents"][0]["session"]["transport"], "wss", "{st:#}");
+    })
+    .await;
+}

@@ -55,9 +55,13 @@ pub enum Kind {
     Bind = 0x13,
     /// Gateway to agent: the answer to one [`Kind::Bind`] or [`Kind::Announce`].
     BindResult = 0x14,
+    /// Agent to gateway: gives one bound service's port back; payload is an
+    /// [`crate::message::Unbind`]. Sent only to a gateway whose `AuthOk` offers
+    /// [`crate::message::FEATURE_UNBIND`].
+    Unbind = 0x15,
     /// Agent to gateway: a private service, which connectors reach by name and which has no
     /// public port; payload is a [`crate::connect::Announce`].
-    Announce = 0x15,
+    Announce = 0x16,
 }
 
 impl Kind {
@@ -75,7 +79,8 @@ impl Kind {
             0x12 => Self::AuthOk,
             0x13 => Self::Bind,
             0x14 => Self::BindResult,
-            0x15 => Self::Announce,
+            0x15 => Self::Unbind,
+            0x16 => Self::Announce,
             _ => return None,
         })
     }
@@ -91,6 +96,7 @@ impl Kind {
                 | Self::AuthOk
                 | Self::Bind
                 | Self::BindResult
+                | Self::Unbind
                 | Self::Announce
         )
     }

@@ -126,7 +126,17 @@ pub struct AuthOk {
     pub name: String,
     /// Parameters both sides use for this session.
     pub params: SessionParams,
+    /// What the gateway understands beyond version 1's first messages ([`FEATURE_UNBIND`]).
+    /// Sent as a trailing `u32` when not zero; a gateway that sends none offers none.
+    pub features: u32,
 }
+
+/// In [`AuthOk::features`]: the gateway takes [`Unbind`] (an agent may give a port back
+/// within a session). An agent sends `Unbind` only when the gateway offers this.
+pub const FEATURE_UNBIND: u32 = 0x1;
+
+/// Every feature this crate's gateway offers.
+pub const FEATURES: u32 = FEATURE_UNBIND;
 
 /// Settings the gateway fixes for a session; both sides enforce them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +182,9 @@ pub struct Bind {
     pub port: u16,
     /// A label for logs.
     pub name: String,
+    /// A unix socket path on the gateway to listen on instead of a port (`port` is then 0).
+    /// Sent after the name, only when set; a gateway grants paths explicitly.
+    pub path: Option<String>,
 }
 
 /// Gateway to agent: the answer to a [`Bind`].
@@ -183,6 +196,14 @@ pub struct BindResult {
     pub code: ErrorCode,
     /// The public address clients use (when granted), or the reason (when not).
     pub text: String,
+}
+
+/// Agent to gateway: the agent no longer publishes this service (its forward was removed
+/// from its config); the gateway closes the port and its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unbind {
+    /// The service id of an earlier [`Bind`] of this session.
+    pub service: u32,
 }
 
 /// Opens a stream: which service, and who the client is.
@@ -432,6 +453,9 @@ impl AuthOk {
         ] {
             b.put_u32(v);
         }
+        if self.features != 0 {
+            b.put_u32(self.features);
+        }
         Frame::new(Kind::AuthOk, 0, 0, b.freeze())
     }
     /// From a payload; parameters are checked for sanity so a hostile gateway cannot make the
@@ -449,7 +473,13 @@ impl AuthOk {
             max_streams: r.u32()?,
         };
         params.validate()?;
-        Ok(AuthOk { name, params })
+        // An older gateway ends here: it offers no features.
+        let features = if r.buf.len() >= 4 { r.u32()? } else { 0 };
+        Ok(AuthOk {
+            name,
+            params,
+            features,
+        })
     }
 }
 
@@ -511,6 +541,9 @@ impl Bind {
         b.put_u8(self.protocol as u8);
         b.put_u16(self.port);
         put_string(&mut b, &self.name);
+        if let Some(path) = &self.path {
+            put_string(&mut b, path);
+        }
         Frame::new(Kind::Bind, 0, 0, b.freeze())
     }
     /// From a payload.
@@ -522,11 +555,19 @@ impl Bind {
             1 => Protocol::Udp,
             other => return Err(bad("bind", format_args!("unknown protocol {other}"))),
         };
+        let port = r.u16()?;
+        let name = r.string()?;
+        let path = if r.buf.is_empty() {
+            None
+        } else {
+            Some(r.string()?)
+        };
         Ok(Bind {
             service,
             protocol,
-            port: r.u16()?,
-            name: r.string()?,
+            port,
+            name,
+            path,
         })
     }
 }
@@ -548,6 +589,20 @@ impl BindResult {
             code: ErrorCode::from_u32(r.u32()?),
             text: r.string()?,
         })
+    }
+}
+
+impl Unbind {
+    /// As a frame.
+    pub fn to_frame(&self) -> Frame {
+        let mut b = BytesMut::with_capacity(4);
+        b.put_u32(self.service);
+        Frame::new(Kind::Unbind, 0, 0, b.freeze())
+    }
+    /// From a payload.
+    pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(p, "unbind");
+        Ok(Unbind { service: r.u32()? })
     }
 }
 
@@ -669,8 +724,15 @@ mod tests {
             protocol: Protocol::Tcp,
             port: 8080,
             name: "web".into(),
+            path: None,
         };
         assert_eq!(Bind::decode(&bind.to_frame().payload).unwrap(), bind);
+        let unix = Bind {
+            path: Some("/run/burrow/docker.sock".into()),
+            port: 0,
+            ..bind
+        };
+        assert_eq!(Bind::decode(&unix.to_frame().payload).unwrap(), unix);
         let res = BindResult {
             service: 2,
             code: ErrorCode::PortInUse,
@@ -680,8 +742,16 @@ mod tests {
         let ok = AuthOk {
             name: "home".into(),
             params: SessionParams::default(),
+            features: FEATURES,
         };
         assert_eq!(AuthOk::decode(&ok.to_frame().payload).unwrap(), ok);
+        // An older gateway's AuthOk, without the features: none offered.
+        let old = ok.to_frame().payload;
+        let old = AuthOk::decode(&old[..old.len() - 4]).unwrap();
+        assert_eq!(old.features, 0);
+        assert_eq!(old.params, ok.params);
+        let unbind = Unbind { service: 9 };
+        assert_eq!(Unbind::decode(&unbind.to_frame().payload).unwrap(), unbind);
         let ga = GoAway {
             code: ErrorCode::AuthFailed,
             message: "no".into(),
@@ -784,6 +854,7 @@ mod tests {
             let _ = AuthOk::decode(&data);
             let _ = Bind::decode(&data);
             let _ = BindResult::decode(&data);
+            let _ = Unbind::decode(&data);
             let _ = Open::decode(&data);
             let _ = GoAway::decode(&data);
         }

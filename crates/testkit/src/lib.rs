@@ -9,14 +9,17 @@
 //! - [`proxy`]: [`FaultProxy`], a TCP proxy placed between agent and gateway (or client and
 //!   gateway) that adds delay, throttles, freezes (a blackhole), cuts (FIN) and resets (RST)
 //!   on command.
+//! - [`udp_proxy`]: [`UdpFaultProxy`], the same for UDP (QUIC): drops a share of datagrams
+//!   both ways, blackholes, or rebinds its upstream sockets (the agent's address changes).
 //! - [`process`]: [`Burrow`], a running `burrow` process with its stdout and stderr lines;
 //!   [`ProcStats`] (memory, file descriptors, threads from `/proc`); starting a zero-config
 //!   gateway and an agent and reading back their addresses; TCP socket states from
 //!   `/proc/net/tcp`.
 //! - [`attack`]: raw attack clients, bounded in count and time ([`IdleFlood`]: idle
 //!   connections from several loopback addresses, re-opened as they are cut).
-//! - [`nginx`]: a real nginx on a port the test holds ([`Nginx`]), restartable in place;
-//!   [`pki`]: a throwaway CA and `localhost` certificates for it ([`Pki`]).
+//! - [`nginx`]: a real nginx on a port the test holds ([`Nginx`]), restartable in place
+//!   (also one that answers with the address a PROXY protocol header named);
+//!   [`haproxy`]: a real HAProxy reading the PROXY protocol ([`Haproxy`]); [`pki`]: a throwaway CA and `localhost` certificates for it ([`Pki`]).
 //! - [`targets`]: services to publish ([`TcpTarget`]: echo, sink, source), a fast
 //!   deterministic [`Pattern`], SHA-256, and an echo client that checks every byte.
 //!
@@ -44,13 +47,18 @@
 //! ```
 
 pub mod attack;
+pub mod dns;
+pub mod haproxy;
 pub mod nginx;
 pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod targets;
+pub mod udp_proxy;
 
 pub use attack::{FloodOpts, IdleFlood};
+pub use dns::Dnsmasq;
+pub use haproxy::Haproxy;
 pub use nginx::Nginx;
 pub use pki::Pki;
 pub use process::{
@@ -59,6 +67,7 @@ pub use process::{
 };
 pub use proxy::{FaultControl, FaultProxy};
 pub use targets::{sha256, Pattern, TcpTarget};
+pub use udp_proxy::{UdpFaultControl, UdpFaultProxy};
 
 use std::time::Duration;
 

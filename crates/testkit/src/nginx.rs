@@ -27,9 +27,31 @@ pub struct Nginx {
 }
 
 impl Nginx {
+    /// nginx that answers every HTTP request with the client address the PROXY protocol
+    /// header named: `addr=$proxy_protocol_addr port=$proxy_protocol_port remote=$remote_addr`
+    /// (empty after `addr=` for a `PROXY UNKNOWN` or v2 `LOCAL` header). It listens with
+    /// `proxy_protocol` on its TCP port ([`Nginx::addr`]) and on the unix socket
+    /// [`Nginx::unix_socket`]; nginx reads v1 and v2 alike.
+    pub async fn proxy_protocol_echo() -> Result<Nginx> {
+        Nginx::start(
+            "  server {\n    listen {listen} proxy_protocol;\n    \
+             listen unix:{dir}/pp.sock proxy_protocol;\n    location / {\n      \
+             default_type text/plain;\n      \
+             return 200 \"addr=$proxy_protocol_addr port=$proxy_protocol_port remote=$remote_addr\\n\";\n    \
+             }\n  }\n",
+        )
+        .await
+    }
+
+    /// The unix socket of [`Nginx::proxy_protocol_echo`].
+    pub fn unix_socket(&self) -> PathBuf {
+        self.dir.path().join("pp.sock")
+    }
+
     /// Starts nginx with `http` as the body of its `http {}` block. `{listen}` in it stands
     /// for the address of the listening socket given to nginx (use it in one `listen`
-    /// directive, e.g. `listen {listen} ssl;`).
+    /// directive, e.g. `listen {listen} ssl;`), `{dir}` for its directory (where a unix
+    /// socket may go: `listen unix:{dir}/app.sock;`).
     pub async fn start(http: &str) -> Result<Nginx> {
         if !Path::new(NGINX).exists() {
             return Err(Error::Unexpected(format!(
@@ -54,6 +76,7 @@ impl Nginx {
              fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
              {}\n}}\n",
             http.replace("{listen}", &addr.to_string())
+                .replace("{dir}", &d.to_string())
         );
         std::fs::write(dir.path().join("nginx.conf"), conf)
             .map_err(|e| Error::Unexpected(e.to_string()))?;

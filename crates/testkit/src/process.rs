@@ -29,6 +29,8 @@ pub enum Signal {
     Int,
     /// SIGKILL: the process dies at once; the kernel closes its sockets.
     Kill,
+    /// SIGHUP: read the config file again.
+    Hup,
 }
 
 impl Signal {
@@ -37,6 +39,7 @@ impl Signal {
             Signal::Term => rustix::process::Signal::TERM,
             Signal::Int => rustix::process::Signal::INT,
             Signal::Kill => rustix::process::Signal::KILL,
+            Signal::Hup => rustix::process::Signal::HUP,
         }
     }
 }
@@ -442,6 +445,8 @@ fn with_open_files(cmd: Command, soft: u64, hard: Option<u64>) -> Command {
 pub struct GatewaySpec {
     /// `--listen`.
     pub listen: SocketAddr,
+    /// `--public-host` (default `127.0.0.1`).
+    pub public_host: std::net::IpAddr,
     /// `--state-dir`.
     pub state_dir: PathBuf,
     /// `--config`, if any.
@@ -463,6 +468,7 @@ impl GatewaySpec {
     pub fn new(state_dir: &Path) -> GatewaySpec {
         GatewaySpec {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_host: std::net::IpAddr::from([127, 0, 0, 1]),
             state_dir: state_dir.to_path_buf(),
             config: None,
             args: Vec::new(),
@@ -492,6 +498,12 @@ impl GatewaySpec {
         self
     }
 
+    /// Binds public ports on `host` instead (e.g. `::1`).
+    pub fn public_host(mut self, host: std::net::IpAddr) -> Self {
+        self.public_host = host;
+        self
+    }
+
     /// Reads `path` as `--config`.
     pub fn config(mut self, path: &Path) -> Self {
         self.config = Some(path.to_path_buf());
@@ -517,7 +529,7 @@ impl GatewaySpec {
             .arg("--listen")
             .arg(self.listen.to_string())
             .arg("--public-host")
-            .arg("127.0.0.1")
+            .arg(self.public_host.to_string())
             .arg("--state-dir")
             .arg(&self.state_dir);
         if let Some(c) = &self.config {
@@ -642,6 +654,18 @@ impl GatewayProc {
         args
     }
 
+    /// [`agent_args`](Self::agent_args) with `--gateway SCHEME://ADDR` (e.g. `quic` and
+    /// this gateway's address: it serves QUIC on UDP at the tunnel port's number).
+    pub fn agent_args_url(&self, scheme: &str, addr: SocketAddr) -> Vec<String> {
+        let mut args = self.agent_args();
+        if let Some(i) = args.iter().position(|a| a == "--gateway") {
+            if let Some(v) = args.get_mut(i + 1) {
+                *v = format!("{scheme}://{addr}");
+            }
+        }
+        args
+    }
+
     /// See [`Burrow::stats`].
     pub fn stats(&self) -> Result<ProcStats> {
         self.proc.stats()
@@ -741,7 +765,9 @@ pub async fn wait_public(
             .wait_stdout(|l| l.starts_with("forward "), left)
             .await?;
         for (i, spec) in specs.iter().enumerate() {
-            let Some(rest) = line.strip_prefix(&format!("forward {spec}: ")) else {
+            // The forward's name is its spec without the `?` options.
+            let name = spec.split_once('?').map_or(spec.as_str(), |(name, _)| name);
+            let Some(rest) = line.strip_prefix(&format!("forward {name}: ")) else {
                 continue;
             };
             if let Some(addr) = rest.strip_prefix("public address ") {

@@ -23,6 +23,7 @@ use prometheus_client::registry::Unit;
 
 use crate::relay::Meter;
 use crate::session::{DatagramCounters, Session, SessionEnd};
+use crate::udp::UdpCounters;
 
 /// Most (agent, service) pairs counted apart; the streams of any further ones are counted
 /// under the service name [`OTHER`], so agents naming ever new services cannot grow the
@@ -91,15 +92,18 @@ pub enum AuthFailure {
     Timeout,
     /// The source address had used up its budget of failed handshakes.
     RateLimited,
+    /// A token's key that was revoked or has expired.
+    Revoked,
 }
 
 impl AuthFailure {
-    pub(crate) const ALL: [AuthFailure; 5] = [
+    pub(crate) const ALL: [AuthFailure; 6] = [
         AuthFailure::UnknownKey,
         AuthFailure::BadProof,
         AuthFailure::Handshake,
         AuthFailure::Timeout,
         AuthFailure::RateLimited,
+        AuthFailure::Revoked,
     ];
 
     fn label(self) -> &'static str {
@@ -109,6 +113,7 @@ impl AuthFailure {
             AuthFailure::Handshake => "handshake",
             AuthFailure::Timeout => "timeout",
             AuthFailure::RateLimited => "rate_limited",
+            AuthFailure::Revoked => "revoked",
         }
     }
 }
@@ -246,6 +251,8 @@ pub struct Tally {
     role: &'static str,
     started: SystemTime,
     services: Mutex<BTreeMap<(String, String), Arc<ServiceTally>>>,
+    /// UDP services' counters, by (agent, service), capped as `services` is.
+    udp: Mutex<BTreeMap<(String, String), Arc<UdpCounters>>>,
     ends: Mutex<BTreeMap<(String, &'static str), u64>>,
     auth: [AtomicU64; AuthFailure::ALL.len()],
     handshake: Histogram,
@@ -302,6 +309,7 @@ impl Tally {
             role,
             started: SystemTime::now(),
             services: Mutex::new(BTreeMap::new()),
+            udp: Mutex::new(BTreeMap::new()),
             ends: Mutex::new(BTreeMap::new()),
             auth: Default::default(),
             // 1 ms to 10 s: loopback to a slow satellite link, TLS included.
@@ -335,6 +343,30 @@ impl Tally {
             key
         };
         map.entry(key).or_default().clone()
+    }
+
+    /// The counters of UDP `service` of `agent` (at the agent, `agent` is empty); past
+    /// [`MAX_SERVICE_SERIES`] services, they are shared under [`OTHER`].
+    pub fn udp(&self, agent: &str, service: &str) -> Arc<UdpCounters> {
+        let mut map = lock(&self.udp);
+        let key = (agent.to_string(), service.to_string());
+        if let Some(t) = map.get(&key) {
+            return t.clone();
+        }
+        let key = if map.len() >= MAX_SERVICE_SERIES {
+            (agent.to_string(), OTHER.to_string())
+        } else {
+            key
+        };
+        map.entry(key).or_default().clone()
+    }
+
+    /// Every UDP service's counters, by (agent, service).
+    pub fn udp_services(&self) -> Vec<((String, String), Arc<UdpCounters>)> {
+        lock(&self.udp)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Counts a stream of `service` of `agent` that opens now.
@@ -634,9 +666,83 @@ impl Tally {
             ConstCounter::new(dgrams[i])
                 .encode(m.encode_family(&[("direction", *dir), ("outcome", *what)])?)?;
         }
+        self.encode_udp(e, &labels)
+    }
+
+    /// The UDP services' flows, datagrams, bytes and drops.
+    fn encode_udp(&self, e: &mut DescriptorEncoder, labels: &Labels<'_>) -> std::fmt::Result {
+        let udp = self.udp_services();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        type Field = fn(&UdpCounters) -> &AtomicU64;
+        let one: [(&str, &str, MetricType, Field); 4] = [
+            (
+                "burrow_udp_flows",
+                "UDP flows opened, by service",
+                MetricType::Counter,
+                |c| &c.flows,
+            ),
+            (
+                "burrow_udp_flows_current",
+                "UDP flows open now, by service",
+                MetricType::Gauge,
+                |c| &c.flows_current,
+            ),
+            (
+                "burrow_udp_flows_refused",
+                "Datagrams of new UDP flows dropped at the service's flow limit (udp.max_flows), by service",
+                MetricType::Counter,
+                |c| &c.flows_refused,
+            ),
+            (
+                "burrow_udp_dropped",
+                "UDP datagrams of a service dropped, both ways: full queues, too large, no session, the flow limit",
+                MetricType::Counter,
+                |c| &c.dropped,
+            ),
+        ];
+        for (name, help, kind, field) in one {
+            let mut m = e.encode_descriptor(name, help, None, kind)?;
+            for ((a, s), c) in &udp {
+                let v = load(field(c));
+                let l = labels(a, s);
+                match kind {
+                    MetricType::Gauge => ConstGauge::new(v as i64).encode(m.encode_family(&l)?)?,
+                    _ => ConstCounter::new(v).encode(m.encode_family(&l)?)?,
+                }
+            }
+        }
+        let two: [(&str, &str, Option<Unit>, Field, Field); 2] = [
+            (
+                "burrow_udp_datagrams",
+                "UDP datagrams forwarded, by service and direction (to_service: from clients to the service)",
+                None,
+                |c| &c.datagrams_to_service,
+                |c| &c.datagrams_to_client,
+            ),
+            (
+                "burrow_udp",
+                "UDP payload bytes forwarded, by service and direction",
+                Some(Unit::Bytes),
+                |c| &c.bytes_to_service,
+                |c| &c.bytes_to_client,
+            ),
+        ];
+        for (name, help, unit, up, down) in two {
+            let mut m = e.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
+            for ((a, s), c) in &udp {
+                for (dir, f) in [("to_service", up), ("to_client", down)] {
+                    let mut l = labels(a, s);
+                    l.push(("direction".into(), dir.into()));
+                    ConstCounter::new(load(f(c))).encode(m.encode_family(&l)?)?;
+                }
+            }
+        }
         Ok(())
     }
 }
+
+/// The labels of one (agent, service) series.
+type Labels<'a> = dyn Fn(&str, &str) -> Vec<(String, String)> + 'a;
 
 /// Writes the metrics of `collector` in the Prometheus text format (version 0.0.4).
 pub fn render(collector: impl prometheus_client::collector::Collector) -> String {

@@ -7,13 +7,20 @@
 //!   no data of its own (it fetches `/api/status`), loads nothing from anywhere else (its CSS
 //!   and script are inline, and its `Content-Security-Policy` allows no other origin), and is
 //!   served without the token: with a token set, it asks for it and sends it on each fetch.
+//! - `POST /api/reload`: reads the config file again and applies what can change without a
+//!   restart ([`api::ReloadReport`] as JSON, or the error as text with a 4xx status).
+//! - `GET /api/tokens`, `POST /api/tokens` ([`api::TokenRequest`]), `DELETE
+//!   /api/tokens/NAME` (gateway): the tokens `burrow token` lists, makes and revokes.
 //!
-//! With `admin_token` set, `/metrics` and `/api/status` need `Authorization: Bearer TOKEN`
-//! (others get 401). An address that is not loopback needs a token ([`AdminConfig::check`]):
-//! the metrics name every agent, service and client count. What a client can hold is
-//! bounded: [`MAX_CONNS`] connections, each with [`HEADER_TIMEOUT`] to send its request
-//! headers and [`CONN_LIFETIME`] in all.
+//! With `admin_token` set, everything but the page needs `Authorization: Bearer TOKEN`
+//! (others get 401). Making and revoking tokens needs a token to be set at all (403
+//! without): a loopback address is open to every local user, and a token is a login. An
+//! address that is not loopback needs a token ([`AdminConfig::check`]): the metrics name
+//! every agent, service and client count. What a client can hold is bounded: [`MAX_CONNS`]
+//! connections, each with [`HEADER_TIMEOUT`] to send its request headers and
+//! [`CONN_LIFETIME`] in all, and request bodies of [`MAX_BODY`] bytes.
 
+pub mod api;
 pub mod metrics;
 pub mod status;
 
@@ -44,6 +51,8 @@ pub const CONN_LIFETIME: Duration = Duration::from_secs(300);
 pub const MIN_TOKEN_LEN: usize = 16;
 /// The usual admin address, as documented.
 pub const USUAL_ADDR: &str = "127.0.0.1:7444";
+/// The largest request body read (`POST /api/tokens`).
+pub const MAX_BODY: usize = 64 * 1024;
 
 /// The page at `/`.
 const PAGE: &str = include_str!("page.html");
@@ -129,13 +138,45 @@ pub trait Report: Send + Sync + 'static {
     fn status(&self) -> status::Status;
     /// The metrics now, in the Prometheus text format.
     fn metrics(&self) -> String;
+    /// `GET /api/tokens`: the tokens a gateway issued.
+    fn tokens(&self) -> Result<Vec<api::TokenRow>, api::ApiError> {
+        Err(not_a_gateway())
+    }
+    /// `POST /api/tokens`: a new token, with its key.
+    fn create_token(&self, req: &api::TokenRequest) -> Result<api::CreatedToken, api::ApiError> {
+        let _ = req;
+        Err(not_a_gateway())
+    }
+    /// `DELETE /api/tokens/NAME`: revokes a token.
+    fn revoke_token(&self, name: &str) -> Result<api::TokenRow, api::ApiError> {
+        let _ = name;
+        Err(not_a_gateway())
+    }
 }
+
+fn not_a_gateway() -> api::ApiError {
+    api::ApiError::new(
+        404,
+        "tokens are issued by a gateway: this admin server is an agent's (point --admin at the gateway's)",
+    )
+}
+
+/// What `POST /api/reload` runs: reads the config file again and applies it.
+pub type ReloadFn = Arc<dyn Fn() -> Result<api::ReloadReport, api::ApiError> + Send + Sync>;
 
 /// A bound admin server, ready to [`AdminServer::run`].
 pub struct AdminServer {
     listener: TcpListener,
     token: Option<AdminToken>,
     report: Arc<dyn Report>,
+    reload: Option<ReloadFn>,
+}
+
+/// What every connection of one admin server shares.
+struct Shared {
+    token: Option<AdminToken>,
+    report: Arc<dyn Report>,
+    reload: Option<ReloadFn>,
 }
 
 impl AdminServer {
@@ -162,7 +203,14 @@ impl AdminServer {
             listener,
             token: config.token.clone(),
             report,
+            reload: None,
         }))
+    }
+
+    /// Serves `POST /api/reload` with `reload`.
+    pub fn with_reload(mut self, reload: ReloadFn) -> AdminServer {
+        self.reload = Some(reload);
+        self
     }
 
     /// The address it listens on.
@@ -176,7 +224,11 @@ impl AdminServer {
             info!(listen = %addr, token = self.token.is_some(), "admin server listening (/metrics, /api/status, /)");
         }
         let conns = Arc::new(Semaphore::new(MAX_CONNS));
-        let shared = Arc::new((self.token, self.report));
+        let shared = Arc::new(Shared {
+            token: self.token,
+            report: self.report,
+            reload: self.reload,
+        });
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -202,7 +254,7 @@ impl AdminServer {
                 let _permit = permit;
                 let service = hyper::service::service_fn(move |req| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(answer(&shared.0, &*shared.1, &req)) }
+                    async move { Ok::<_, Infallible>(answer(&shared, req).await) }
                 });
                 let mut http = hyper::server::conn::http1::Builder::new();
                 http.timer(TokioTimer::new())
@@ -258,23 +310,43 @@ fn authorized(token: &Option<AdminToken>, req: &Request<Incoming>) -> bool {
         })
 }
 
-fn answer(
-    token: &Option<AdminToken>,
-    report: &dyn Report,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain; charset=utf-8",
-            "only GET here\n",
-        );
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return r;
+fn text(code: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    respond(code, "text/plain; charset=utf-8", body)
+}
+
+fn json(code: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(value) {
+        Ok(body) => respond(code, "application/json", body),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the answer: {e}\n"),
+        ),
     }
-    let path = req.uri().path();
+}
+
+fn failed(e: &api::ApiError) -> Response<Full<Bytes>> {
+    let code = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    text(code, format!("{}\n", e.message))
+}
+
+fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut r = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("this path takes {allow}\n"),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+async fn answer(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let read_only = method == Method::GET || method == Method::HEAD;
     if path == "/" || path == "/index.html" {
+        if !read_only {
+            return not_allowed("GET, HEAD");
+        }
         let mut r = respond(StatusCode::OK, "text/html; charset=utf-8", PAGE);
         let h = r.headers_mut();
         h.insert(
@@ -285,18 +357,21 @@ fn answer(
         h.insert("x-frame-options", HeaderValue::from_static("DENY"));
         return r;
     }
-    if !matches!(path, "/metrics" | "/api/status") {
-        return respond(
+    let token_name = path.strip_prefix("/api/tokens/").map(str::to_string);
+    if !matches!(
+        path.as_str(),
+        "/metrics" | "/api/status" | "/api/reload" | "/api/tokens"
+    ) && token_name.is_none()
+    {
+        return text(
             StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "not found: the admin server has /, /metrics and /api/status\n",
+            "not found: the admin server has /, /metrics, /api/status, /api/reload and /api/tokens\n",
         );
     }
-    if !authorized(token, req) {
+    if !authorized(&shared.token, &req) {
         warn!("admin request for {path} without the right token; refused");
-        let mut r = respond(
+        let mut r = text(
             StatusCode::UNAUTHORIZED,
-            "text/plain; charset=utf-8",
             "401: this admin server needs `Authorization: Bearer TOKEN` (the gateway's or agent's admin_token)\n",
         );
         r.headers_mut().insert(
@@ -305,17 +380,94 @@ fn answer(
         );
         return r;
     }
-    if path == "/metrics" {
-        respond(StatusCode::OK, metrics::CONTENT_TYPE, report.metrics())
-    } else {
-        match serde_json::to_vec(&report.status()) {
-            Ok(body) => respond(StatusCode::OK, "application/json", body),
-            Err(e) => respond(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain; charset=utf-8",
-                format!("cannot encode the status: {e}\n"),
-            ),
+    let report = &*shared.report;
+    match (path.as_str(), token_name) {
+        ("/metrics", _) if read_only => {
+            respond(StatusCode::OK, metrics::CONTENT_TYPE, report.metrics())
         }
+        ("/api/status", _) if read_only => json(StatusCode::OK, &report.status()),
+        ("/metrics" | "/api/status", _) => not_allowed("GET, HEAD"),
+        ("/api/reload", _) if method == Method::POST => match &shared.reload {
+            None => text(
+                StatusCode::CONFLICT,
+                "nothing to reload: this process has no config file to read again\n",
+            ),
+            Some(reload) => {
+                // It reads a file and may close sessions: off the runtime's threads.
+                let reload = reload.clone();
+                match tokio::task::spawn_blocking(move || reload()).await {
+                    Ok(Ok(report)) => json(StatusCode::OK, &report),
+                    Ok(Err(e)) => failed(&e),
+                    Err(e) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("the reload failed: {e}\n"),
+                    ),
+                }
+            }
+        },
+        ("/api/reload", _) => not_allowed("POST"),
+        ("/api/tokens", _) if read_only => match report.tokens() {
+            Ok(rows) => json(StatusCode::OK, &rows),
+            Err(e) => failed(&e),
+        },
+        ("/api/tokens", _) if method == Method::POST => {
+            if let Some(refused) = needs_token(shared) {
+                return refused;
+            }
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let want: api::TokenRequest = match serde_json::from_slice(&body) {
+                Ok(w) => w,
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("not a token request ({{\"name\": …, \"ports\": […], \"expires_ms\": …}}): {e}\n"),
+                    )
+                }
+            };
+            match report.create_token(&want) {
+                Ok(made) => json(StatusCode::CREATED, &made),
+                Err(e) => failed(&e),
+            }
+        }
+        ("/api/tokens", _) => not_allowed("GET, HEAD, POST"),
+        (_, Some(name)) if method == Method::DELETE => {
+            if let Some(refused) = needs_token(shared) {
+                return refused;
+            }
+            match report.revoke_token(&name) {
+                Ok(row) => json(StatusCode::OK, &row),
+                Err(e) => failed(&e),
+            }
+        }
+        _ => not_allowed("DELETE"),
+    }
+}
+
+/// Refuses a request that makes or revokes a login when no admin token is set.
+fn needs_token(shared: &Shared) -> Option<Response<Full<Bytes>>> {
+    shared.token.is_none().then(|| {
+        text(
+            StatusCode::FORBIDDEN,
+            "403: making and revoking tokens needs the admin server to have a token (--admin-token, BURROW_ADMIN_TOKEN, `admin_token`), since every local user can reach a loopback address\n",
+        )
+    })
+}
+
+/// A request's body, at most [`MAX_BODY`] bytes.
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    use http_body_util::BodyExt as _;
+    match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(text(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body (at most {MAX_BODY} bytes): {e}\n"),
+        )),
     }
 }
 

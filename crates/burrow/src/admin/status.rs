@@ -104,6 +104,48 @@ pub struct ServiceRow {
     pub bytes_to_service: u64,
     /// Bytes from the service to clients.
     pub bytes_to_client: u64,
+    /// A UDP service's flows and datagrams (its streams fields stay 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpRow>,
+}
+
+/// A UDP service's flows and datagrams, over its sessions.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UdpRow {
+    /// Flows open now.
+    pub flows_current: u64,
+    /// Flows opened.
+    pub flows_total: u64,
+    /// Datagrams of new flows dropped at the flow limit.
+    pub flows_refused: u64,
+    /// Datagrams from clients to the service.
+    pub datagrams_to_service: u64,
+    /// Datagrams from the service to clients.
+    pub datagrams_to_client: u64,
+    /// Their bytes, from clients to the service.
+    pub bytes_to_service: u64,
+    /// Their bytes, from the service to clients.
+    pub bytes_to_client: u64,
+    /// Datagrams dropped, both ways.
+    pub dropped: u64,
+}
+
+/// The row of a UDP service's counters (all zero when it has none yet).
+pub fn udp_row(c: Option<&std::sync::Arc<crate::udp::UdpCounters>>) -> UdpRow {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(c) = c else {
+        return UdpRow::default();
+    };
+    UdpRow {
+        flows_current: c.flows_current.load(Relaxed),
+        flows_total: c.flows.load(Relaxed),
+        flows_refused: c.flows_refused.load(Relaxed),
+        datagrams_to_service: c.datagrams_to_service.load(Relaxed),
+        datagrams_to_client: c.datagrams_to_client.load(Relaxed),
+        bytes_to_service: c.bytes_to_service.load(Relaxed),
+        bytes_to_client: c.bytes_to_client.load(Relaxed),
+        dropped: c.dropped.load(Relaxed),
+    }
 }
 
 /// Sums over every service, and the failures that belong to no service.

@@ -14,15 +14,18 @@ use tokio::sync::watch;
 
 use super::{AgentStatus, ForwardStatus};
 use crate::admin::metrics::{unix_secs, ServiceTally, Tally};
-use crate::admin::status::{AgentRow, Reconnect, ServiceRow, SessionRow, Status, Totals};
+use crate::admin::status::{udp_row, AgentRow, Reconnect, ServiceRow, SessionRow, Status, Totals};
 use crate::admin::Report;
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Forward, Protocol};
+use crate::udp::UdpCounters;
 
 /// The agent's side of its admin server.
 pub(super) struct AgentReport {
     pub(super) config: AgentConfig,
     pub(super) status: watch::Receiver<AgentStatus>,
     pub(super) tally: Arc<Tally>,
+    /// The forwards in force (after a reload, not the config's at start).
+    pub(super) forwards: watch::Receiver<Arc<Vec<Forward>>>,
 }
 
 impl std::fmt::Debug for AgentReport {
@@ -46,6 +49,7 @@ fn row(name: &str, t: Option<&Arc<ServiceTally>>) -> ServiceRow {
         streams_refused: t.map_or(0, |t| t.refused_total()),
         bytes_to_service: r(|t| &t.bytes_to_service),
         bytes_to_client: r(|t| &t.bytes_to_client),
+        udp: None,
     }
 }
 
@@ -70,14 +74,24 @@ impl Report for AgentReport {
                 rtt_ms: m.rtt().map(|d| d.as_secs_f64() * 1000.0),
                 streams: m.session.stream_count() as u64,
             });
-        let forwards = self
-            .config
-            .forwards
+        let configured = self.forwards.borrow().clone();
+        let udp: HashMap<String, Arc<UdpCounters>> = self
+            .tally
+            .udp_services()
+            .into_iter()
+            .map(|((_, s), c)| (s, c))
+            .collect();
+        let forwards = st
+            .names
             .iter()
             .enumerate()
-            .map(|(i, f)| {
-                let mut r = row(&f.name, services.get(&f.name));
-                r.target = Some(f.target.to_string());
+            .map(|(i, name)| {
+                let mut r = row(name, services.get(name));
+                let f = configured.iter().find(|f| f.name == *name);
+                r.target = f.map(|f| f.target.to_string());
+                if f.is_some_and(|f| f.protocol == Protocol::Udp) {
+                    r.udp = Some(udp_row(udp.get(name)));
+                }
                 match st.forwards.get(i) {
                     Some(ForwardStatus::Granted(public)) => {
                         r.state = "granted".into();
@@ -135,6 +149,7 @@ impl Report for AgentReport {
             config: self.config.clone(),
             status: self.status.clone(),
             tally: self.tally.clone(),
+            forwards: self.forwards.clone(),
         })
     }
 }

@@ -25,17 +25,18 @@ fn peer(cfg: &AgentConfig) -> Peer<'_> {
     }
 }
 
-/// Dial (through `proxy`, if any), TLS, handshake: a live session or a described error.
+/// Dial (through `proxy`, if any), TLS, handshake: a live session and the features the
+/// gateway offers ([`burrow_proto::message::AuthOk::features`]), or a described error.
 pub(super) async fn connect(
     cfg: &AgentConfig,
     url: &transport::GatewayUrl,
     proxy: Option<&transport::ProxyUrl>,
     tls: Option<Arc<rustls::ClientConfig>>,
     tally: &Tally,
-) -> Result<session::Started, Failure> {
-    let (started, name) = crate::dial::connect(&peer(cfg), url, proxy, tls).await?;
-    tally.set_name("", &name);
-    Ok(started)
+) -> Result<(session::Started, u32), Failure> {
+    let c = crate::dial::connect(&peer(cfg), url, proxy, tls).await?;
+    tally.set_name("", &c.name);
+    Ok((c.started, c.features))
 }
 
 /// The gateway URL to dial (see [`crate::dial::gateway_url`]).

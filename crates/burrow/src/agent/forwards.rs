@@ -1,10 +1,15 @@
 //! The forwards of one session: asking the gateway for their ports, retrying the refusals
-//! that may pass, and relaying each stream the gateway opens to its local target.
+//! that may pass, relaying each stream the gateway opens to its local target, and following
+//! a reload: added forwards are bound, removed ones given back (`Unbind`, when the gateway
+//! takes it) and their streams closed, the others left alone.
+//!
+//! Each forward has a service id for the session's life; a removed forward's id is not used
+//! again, so a late frame for it is known for what it is.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use burrow_proto::message::{Bind, BindResult, Protocol};
+use burrow_proto::message::{Bind, BindResult, Protocol, Unbind};
 use burrow_proto::{ErrorCode, Kind};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{watch, Semaphore};
@@ -17,7 +22,7 @@ use super::{backoff_delay, AgentStatus, Ended, ForwardStatus, BIND_RETRY_BASE};
 use crate::admin::metrics::{Refused, Tally, OTHER};
 use crate::config::{AgentConfig, Forward, Target};
 use crate::relay::{self, Local};
-use crate::session::{self, SessionEnd, Stream};
+use crate::session::{self, Session, SessionEnd, Stream};
 use crate::transport;
 use crate::udp;
 
@@ -32,11 +37,167 @@ pub(super) struct Binding {
     pub(super) retry_at: Option<Instant>,
 }
 
+/// One forward of the session, by service id.
+struct Slot {
+    fwd: Forward,
+    binding: Binding,
+    status: ForwardStatus,
+    /// The pause before it is asked for again, for the status.
+    retry: Option<Duration>,
+    /// Still configured; a removed forward keeps its id.
+    live: bool,
+    /// Closes its streams when it is removed.
+    close: CancellationToken,
+}
+
+/// The session's forwards: by service id, and in the order of the config.
+pub(super) struct Table {
+    slots: Vec<Slot>,
+    order: Vec<u32>,
+    /// Whether the gateway takes Unbind.
+    unbind: bool,
+    /// Services granted now, by id (shared with the UDP flows).
+    granted: Arc<Mutex<Vec<bool>>>,
+    /// The UDP forwards, by id (shared with the UDP flows).
+    udp: udp::UdpServices,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Table {
+    fn new(unbind: bool) -> Table {
+        Table {
+            slots: Vec::new(),
+            order: Vec::new(),
+            unbind,
+            granted: Arc::default(),
+            udp: Arc::default(),
+        }
+    }
+
+    fn live(&self, id: u32) -> Option<&Slot> {
+        self.slots.get(id as usize).filter(|s| s.live)
+    }
+
+    /// Adds `fwd` under a new service id and asks the gateway for its port.
+    fn add(&mut self, fwd: &Forward, session: &Session, tally: &Tally) -> u32 {
+        let id = self.slots.len() as u32;
+        if let (Protocol::Udp, Target::Tcp { host, port }) = (fwd.protocol, &fwd.target) {
+            lock(&self.udp).insert(
+                id,
+                udp::UdpService {
+                    name: fwd.name.clone(),
+                    host: host.clone(),
+                    port: *port,
+                    counters: tally.udp("", &fwd.name),
+                    stop: CancellationToken::new(),
+                },
+            );
+        }
+        self.slots.push(Slot {
+            fwd: fwd.clone(),
+            binding: Binding::default(),
+            status: ForwardStatus::Pending,
+            retry: None,
+            live: true,
+            close: CancellationToken::new(),
+        });
+        lock(&self.granted).push(false);
+        self.bind(id, session);
+        id
+    }
+
+    fn bind(&self, id: u32, session: &Session) {
+        let Some(slot) = self.live(id) else { return };
+        let bind = Bind {
+            service: id,
+            protocol: slot.fwd.protocol,
+            port: slot.fwd.public_port,
+            name: slot.fwd.name.clone(),
+            path: slot
+                .fwd
+                .public_path
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+        };
+        session.send_control(bind.to_frame());
+    }
+
+    /// Takes forward `id` out: its port is given back and its streams and flows closed.
+    fn remove(&mut self, id: u32, session: &Session, gateway: &str) {
+        let unbind = self.unbind;
+        let Some(slot) = self.slots.get_mut(id as usize).filter(|s| s.live) else {
+            return;
+        };
+        slot.live = false;
+        slot.binding.retry_at = None;
+        slot.close.cancel();
+        if let Some(g) = lock(&self.granted).get_mut(id as usize) {
+            *g = false;
+        }
+        if let Some(u) = lock(&self.udp).get(&id) {
+            u.stop.cancel();
+        }
+        if unbind {
+            session.send_control(Unbind { service: id }.to_frame());
+            info!(forward = %slot.fwd.name, "forward removed: its public port is given back and its connections closed");
+        } else {
+            warn!(forward = %slot.fwd.name, "forward removed: its connections are closed, but gateway {gateway} is of an older version and cannot give its public port back within a session: the port stays open there (clients are refused) until this agent reconnects");
+        }
+    }
+
+    /// Follows a new list of forwards.
+    fn follow(&mut self, new: &[Forward], session: &Session, gateway: &str, tally: &Tally) {
+        for id in self.order.clone() {
+            let gone = self.live(id).is_some_and(|s| !new.contains(&s.fwd));
+            if gone {
+                self.remove(id, session, gateway);
+            }
+        }
+        let mut order = Vec::with_capacity(new.len());
+        for f in new {
+            let kept = self
+                .order
+                .iter()
+                .copied()
+                .find(|&id| self.live(id).is_some_and(|s| s.fwd == *f));
+            let id = match kept {
+                Some(id) => id,
+                None => {
+                    info!(forward = %f.name, dest = %f.target, "forward added: asking the gateway for its port");
+                    self.add(f, session, tally)
+                }
+            };
+            order.push(id);
+        }
+        self.order = order;
+    }
+
+    /// Shows the forwards, in the config's order, in the status.
+    fn publish(&self, status: &watch::Sender<AgentStatus>) {
+        let slots: Vec<&Slot> = self
+            .order
+            .iter()
+            .filter_map(|&id| self.slots.get(id as usize))
+            .collect();
+        status.send_modify(|s| {
+            s.names = slots.iter().map(|s| s.fwd.name.clone()).collect();
+            s.forwards = slots.iter().map(|s| s.status.clone()).collect();
+            s.forward_retries = slots.iter().map(|s| s.retry).collect();
+        });
+    }
+}
+
 /// Serves one session: binds every forward, asks again for refused ones with backoff, relays
-/// streams, until the session ends or `shutdown`.
+/// streams, follows reloads, until the session ends or `shutdown`.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn serve(
     cfg: &Arc<AgentConfig>,
     started: session::Started,
+    unbind: bool,
+    forwards: &mut watch::Receiver<Arc<Vec<Forward>>>,
     status: &watch::Sender<AgentStatus>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
@@ -48,55 +209,24 @@ pub(super) async fn serve(
         mut control,
         datagrams,
     } = started;
-    let bind = |i: usize| {
-        let fwd = &cfg.forwards[i];
-        let bind = Bind {
-            service: i as u32,
-            protocol: fwd.protocol,
-            port: fwd.public_port,
-            name: fwd.name.clone(),
-        };
-        session.send_control(bind.to_frame());
-    };
-    (0..cfg.forwards.len()).for_each(bind);
+    let mut table = Table::new(unbind);
+    let list = forwards.borrow_and_update().clone();
+    table.follow(&list, &session, &cfg.gateway, tally);
+    table.publish(status);
     super::private::announce(cfg, &session);
-    let mut bindings = vec![Binding::default(); cfg.forwards.len()];
-    let granted: Arc<std::sync::Mutex<Vec<bool>>> =
-        Arc::new(std::sync::Mutex::new(vec![false; cfg.forwards.len()]));
-    // UDP forwards: their flows, each with a socket toward the target. Without any, the
-    // receiver is dropped and a datagram from the gateway is a protocol error.
-    let udp_services: HashMap<u32, udp::UdpService> = cfg
-        .forwards
-        .iter()
-        .enumerate()
-        .filter(|(_, f)| f.protocol == Protocol::Udp)
-        .filter_map(|(i, f)| match &f.target {
-            Target::Tcp { host, port } => Some((
-                i as u32,
-                udp::UdpService {
-                    name: f.name.clone(),
-                    host: host.clone(),
-                    port: *port,
-                    counters: Arc::default(),
-                },
-            )),
-            Target::Unix(_) => None,
-        })
-        .collect();
-    if udp_services.is_empty() {
-        drop(datagrams);
-    } else {
-        tracker.spawn(udp::serve_agent_flows(
-            session.clone(),
-            datagrams,
-            udp_services,
-            granted.clone(),
-            cfg.udp,
-        ));
-    }
+    // UDP flows, each with a socket toward the target. A datagram for a service that is not
+    // a granted UDP forward is a protocol error.
+    tracker.spawn(udp::serve_agent_flows(
+        session.clone(),
+        datagrams,
+        table.udp.clone(),
+        table.granted.clone(),
+        cfg.udp,
+    ));
     let pending = Arc::new(Semaphore::new(cfg.limits.max_pending_opens as usize));
+    let mut reloads = true;
     loop {
-        let next_retry = bindings.iter().filter_map(|b| b.retry_at).min();
+        let next_retry = table.slots.iter().filter_map(|s| s.binding.retry_at).min();
         tokio::select! {
             _ = shutdown.cancelled() => return Ended::Session(SessionEnd {
                 code: ErrorCode::Shutdown,
@@ -107,20 +237,28 @@ pub(super) async fn serve(
             end = session.closed() => return Ended::Session(end),
             _ = sleep_until(next_retry), if next_retry.is_some() => {
                 let now = Instant::now();
-                for (i, b) in bindings.iter_mut().enumerate() {
-                    if b.retry_at.is_some_and(|t| t <= now) {
-                        b.retry_at = None;
-                        info!(forward = %cfg.forwards[i].name, "asking the gateway again for the forward it refused");
-                        bind(i);
+                for id in 0..table.slots.len() as u32 {
+                    let slot = &mut table.slots[id as usize];
+                    if slot.binding.retry_at.is_some_and(|t| t <= now) {
+                        slot.binding.retry_at = None;
+                        slot.retry = None;
+                        info!(forward = %slot.fwd.name, "asking the gateway again for the forward it refused");
+                        table.bind(id, &session);
                     }
                 }
-                status.send_modify(|s| {
-                    for (r, b) in s.forward_retries.iter_mut().zip(&bindings) {
-                        if b.retry_at.is_none() {
-                            *r = None;
-                        }
-                    }
-                });
+                table.publish(status);
+            }
+            changed = forwards.changed(), if reloads => {
+                if changed.is_err() {
+                    reloads = false;
+                    continue;
+                }
+                let list = forwards.borrow_and_update().clone();
+                table.follow(&list, &session, &cfg.gateway, tally);
+                table.publish(status);
+                if let Some(why) = nothing_to_publish(cfg, &table) {
+                    return Ended::NothingToPublish(why);
+                }
             }
             frame = control.recv() => {
                 let Some(frame) = frame else { continue };
@@ -131,8 +269,9 @@ pub(super) async fn serve(
                 match BindResult::decode(&frame.payload) {
                     Ok(res) if super::private::on_result(cfg, &res) => {}
                     Ok(res) => {
-                        on_bind_result(cfg, &res, status, &granted, &mut bindings);
-                        if let Some(why) = nothing_to_publish(cfg, &bindings) {
+                        on_bind_result(cfg, &res, &mut table);
+                        table.publish(status);
+                        if let Some(why) = nothing_to_publish(cfg, &table) {
                             return Ended::NothingToPublish(why);
                         }
                     }
@@ -145,7 +284,7 @@ pub(super) async fn serve(
                     super::private::accept(cfg, stream, &pending, tracker, tally);
                     continue;
                 }
-                accept_stream(cfg, stream, &granted, &pending, tracker, tally);
+                accept_stream(cfg, stream, &table, &pending, tracker, tally);
             }
         }
     }
@@ -158,55 +297,54 @@ pub(super) async fn sleep_until(at: Option<Instant>) {
 }
 
 /// When every forward has been refused for good: why, for the agent's exit message.
-pub(super) fn nothing_to_publish(cfg: &AgentConfig, bindings: &[Binding]) -> Option<String> {
+fn nothing_to_publish(cfg: &AgentConfig, table: &Table) -> Option<String> {
     // Connectors may still use the private services and allowed targets.
     if !cfg.private.is_empty() {
         return None;
     }
-    if bindings.is_empty() || bindings.iter().any(|b| b.refused_for_good.is_none()) {
+    let live: Vec<&Slot> = table
+        .order
+        .iter()
+        .filter_map(|&id| table.live(id))
+        .collect();
+    if live.is_empty() || live.iter().any(|s| s.binding.refused_for_good.is_none()) {
         return None;
     }
-    let reasons: Vec<String> = cfg
-        .forwards
+    let reasons: Vec<String> = live
         .iter()
-        .zip(bindings)
-        .map(|(f, b)| {
+        .map(|s| {
             format!(
                 "forward {}: {}",
-                f.name,
-                b.refused_for_good.as_deref().unwrap_or("")
+                s.fwd.name,
+                s.binding.refused_for_good.as_deref().unwrap_or("")
             )
         })
         .collect();
     Some(format!(
-        "nothing to publish: the gateway refused every forward, for reasons retrying cannot change ({}); ask the gateway's operator to grant the ports (`ports` of this agent's [[agents]] entry), or change --forward",
+        "nothing to publish: the gateway refused every forward, for reasons retrying cannot change ({}); ask the gateway's operator to grant the ports or unix socket paths (`ports`, `paths` of this agent's [[agents]] entry), or change --forward",
         reasons.join("; ")
     ))
 }
 
-pub(super) fn on_bind_result(
-    cfg: &AgentConfig,
-    res: &BindResult,
-    status: &watch::Sender<AgentStatus>,
-    granted: &std::sync::Mutex<Vec<bool>>,
-    bindings: &mut [Binding],
-) {
-    let idx = res.service as usize;
-    let (Some(fwd), Some(binding)) = (cfg.forwards.get(idx), bindings.get_mut(idx)) else {
+fn on_bind_result(cfg: &AgentConfig, res: &BindResult, table: &mut Table) {
+    let id = res.service as usize;
+    let Some(slot) = table.slots.get_mut(id) else {
         warn!(
             service = res.service,
             "gateway answered a bind we never asked for; ignored"
         );
         return;
     };
+    if !slot.live {
+        debug!(forward = %slot.fwd.name, "answer for a forward removed meanwhile; ignored");
+        return;
+    }
     let ok = res.code == ErrorCode::Normal;
-    if let Some(g) = granted
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_mut(idx)
-    {
+    if let Some(g) = lock(&table.granted).get_mut(id) {
         *g = ok;
     }
+    let fwd = &slot.fwd;
+    let binding = &mut slot.binding;
     binding.retry_at = None;
     let mut retry = None;
     let new = if ok {
@@ -235,14 +373,8 @@ pub(super) fn on_bind_result(
         }
         ForwardStatus::Refused(why)
     };
-    status.send_modify(|s| {
-        if let Some(f) = s.forwards.get_mut(idx) {
-            *f = new;
-        }
-        if let Some(r) = s.forward_retries.get_mut(idx) {
-            *r = retry;
-        }
-    });
+    slot.status = new;
+    slot.retry = retry;
 }
 
 /// The address clients use: what the gateway granted, with a wildcard host (`0.0.0.0`,
@@ -262,28 +394,28 @@ pub(super) fn public_address(granted: &str, gateway: &str) -> String {
 }
 
 /// Checks a stream the gateway opened against our own configuration and relays it.
-pub(super) fn accept_stream(
+fn accept_stream(
     cfg: &Arc<AgentConfig>,
     stream: Stream,
-    granted: &std::sync::Mutex<Vec<bool>>,
+    table: &Table,
     pending: &Arc<Semaphore>,
     tracker: &TaskTracker,
     tally: &Arc<Tally>,
 ) {
-    let service = stream.info().service as usize;
+    let service = stream.info().service;
     let client = stream.info().client;
-    let allowed = granted
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(service)
+    let allowed = lock(&table.granted)
+        .get(service as usize)
         .copied()
         .unwrap_or(false);
-    let fwd = cfg
-        .forwards
-        .get(service)
-        .filter(|f| allowed && f.protocol == Protocol::Tcp);
-    let Some(fwd) = fwd.cloned() else {
-        let name = cfg.forwards.get(service).map_or(OTHER, |f| f.name.as_str());
+    let slot = table
+        .live(service)
+        .filter(|s| allowed && s.fwd.protocol == Protocol::Tcp);
+    let Some((fwd, close)) = slot.map(|s| (s.fwd.clone(), s.close.clone())) else {
+        let name = table
+            .slots
+            .get(service as usize)
+            .map_or(OTHER, |s| s.fwd.name.as_str());
         tally.refused("", name, Refused::NotAllowed);
         warn!(
             service,
@@ -310,7 +442,14 @@ pub(super) fn accept_stream(
             let started = Instant::now();
             let connect = async {
                 let permit = pending.acquire_owned().await;
-                (connect_target(&fwd).await, permit)
+                let mut local = connect_target(&fwd).await;
+                // The PROXY header goes first, before any byte of the client's.
+                if let (Ok(l), Some(version)) = (&mut local, fwd.proxy_protocol) {
+                    if let Err(e) = crate::proxy_protocol::send(l, version, client).await {
+                        local = Err(e);
+                    }
+                }
+                (local, permit)
             };
             let mut local = match tokio::time::timeout(timeout, connect).await {
                 Ok((Ok(local), permit)) => {
@@ -336,7 +475,14 @@ pub(super) fn accept_stream(
                 }
             };
             debug!(dest = %fwd.target, "stream opened");
-            let stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(false))).await;
+            let stats = tokio::select! {
+                stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(false))) => stats,
+                _ = close.cancelled() => {
+                    stream.reset(ErrorCode::TargetNotAllowed);
+                    debug!("stream closed: its forward was removed");
+                    return;
+                }
+            };
             relay::log_end(&fwd.name, client, &stats, started, relay::LocalIs::Target);
         }
         .instrument(span),

@@ -17,14 +17,18 @@
 //!
 //! Forwards the gateway refuses for a reason that may pass (port in use, a limit) are asked
 //! for again in the same session, after [`BIND_RETRY_BASE`] doubling up to `max_backoff`.
+//! A key the gateway revoked (or whose token expired) stops the agent whenever it is told so.
+//!
+//! The forwards can change while it runs ([`AgentHandle::reload`]): the session binds the
+//! added ones and gives the removed ones back, leaving the others alone.
 //!
 //! Private services (`--private NAME=TARGET`) have no public port: they are announced to the
 //! gateway, and reached only by connectors. Every connector stream is checked here again,
 //! against those services and the `allow` patterns, whatever the gateway asked.
 //!
 //! The parts: `dial` (reaching the gateway and describing what failed), `forwards` (one
-//! session's binds and streams), `private` (private services, allowed targets, and the
-//! connectors' streams) and `admin` (what the admin server reads).
+//! session's binds and streams, and reloads), `private` (private services, allowed targets,
+//! and the connectors' streams) and `admin` (what the admin server reads).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +48,9 @@ mod private;
 use dial::{connect, gateway_url};
 use forwards::serve;
 
+use crate::admin::api::ReloadReport;
 use crate::admin::metrics::{SessionMeta, Tally};
-use crate::config::{AgentConfig, Trust};
+use crate::config::{AgentConfig, Forward, Trust};
 use crate::session::{self, SessionEnd};
 use crate::transport;
 
@@ -72,6 +77,8 @@ pub struct AgentStatus {
     pub connected: bool,
     /// Sessions established so far.
     pub sessions: u64,
+    /// One entry per configured forward, in order: its name.
+    pub names: Vec<String>,
     /// One entry per configured forward, in order.
     pub forwards: Vec<ForwardStatus>,
     /// The last error, if the agent is between sessions.
@@ -115,24 +122,29 @@ pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, jitter: f64) -
 /// An agent, ready to [`Agent::run`].
 pub struct Agent {
     config: AgentConfig,
-    status: watch::Sender<AgentStatus>,
+    status: Arc<watch::Sender<AgentStatus>>,
     /// What the admin server shows beyond `status`.
     tally: Arc<Tally>,
+    /// The forwards in force (a reload changes them).
+    forwards: Arc<watch::Sender<Arc<Vec<Forward>>>>,
 }
 
 impl Agent {
     /// An agent with `config`.
     pub fn new(config: AgentConfig) -> Agent {
         let status = AgentStatus {
+            names: config.forwards.iter().map(|f| f.name.clone()).collect(),
             forwards: vec![ForwardStatus::Pending; config.forwards.len()],
             forward_retries: vec![None; config.forwards.len()],
             ..AgentStatus::default()
         };
         let (status, _) = watch::channel(status);
+        let (forwards, _) = watch::channel(Arc::new(config.forwards.clone()));
         Agent {
             config,
-            status,
+            status: Arc::new(status),
             tally: Arc::new(Tally::new("agent")),
+            forwards: Arc::new(forwards),
         }
     }
 
@@ -142,7 +154,17 @@ impl Agent {
             config: self.config.clone(),
             status: self.status.subscribe(),
             tally: self.tally.clone(),
+            forwards: self.forwards.subscribe(),
         })
+    }
+
+    /// A handle that changes the running agent's forwards ([`AgentHandle::reload`]).
+    pub fn handle(&self) -> AgentHandle {
+        AgentHandle {
+            config: Arc::new(self.config.clone()),
+            status: self.status.clone(),
+            forwards: self.forwards.clone(),
+        }
     }
 
     /// Watches the agent's status.
@@ -173,6 +195,7 @@ impl Agent {
         info!(gateway = %url, "connecting {}", route.reason);
         let proxy = route.proxy;
         let tracker = TaskTracker::new();
+        let mut forwards = self.forwards.subscribe();
         let mut attempt = 0u32;
         let mut ever_connected = false;
         // Sessions in a row that another agent with our key took over soon after they began.
@@ -186,7 +209,7 @@ impl Agent {
             // At least this long before the next attempt (what a rate limit asks for).
             let mut at_least = Duration::ZERO;
             let why = match dialed {
-                Ok(started) => {
+                Ok((started, features)) => {
                     let session = started.session.clone();
                     let began = Instant::now();
                     self.tally.handshake_took(dialing.elapsed());
@@ -210,6 +233,8 @@ impl Agent {
                     let ended = serve(
                         &cfg,
                         started,
+                        features & burrow_proto::message::FEATURE_UNBIND != 0,
+                        &mut forwards,
                         &self.status,
                         &tracker,
                         &shutdown,
@@ -254,6 +279,14 @@ impl Agent {
                             return Err(AgentError(why));
                         }
                     };
+                    if end.by_peer && end.code == ErrorCode::KeyRevoked {
+                        let why =
+                            format!("gateway {} closed the session: {}", cfg.gateway, end.detail);
+                        self.status
+                            .send_modify(|s| s.last_error = Some(why.clone()));
+                        drain(&tracker, cfg.grace).await;
+                        return Err(AgentError(why));
+                    }
                     let text = end.to_string();
                     let by = (end.by_peer && end.code == ErrorCode::Replaced)
                         .then(|| replaced_by(&end.detail));
@@ -287,7 +320,7 @@ impl Agent {
                     }
                 }
                 Err(e) => {
-                    if e.fatal && !ever_connected {
+                    if e.fatal && (!ever_connected || e.for_good) {
                         return Err(AgentError(e.message));
                     }
                     if let Some(after) = e.retry_after {
@@ -328,6 +361,104 @@ impl Agent {
         drain(&tracker, cfg.grace).await;
         Ok(())
     }
+}
+
+/// Changes a running agent's forwards.
+#[derive(Clone)]
+pub struct AgentHandle {
+    /// The settings it started with.
+    config: Arc<AgentConfig>,
+    status: Arc<watch::Sender<AgentStatus>>,
+    forwards: Arc<watch::Sender<Arc<Vec<Forward>>>>,
+}
+
+impl std::fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentHandle")
+    }
+}
+
+impl AgentHandle {
+    /// Makes `new`'s forwards the ones in force: the session binds the added ones and gives
+    /// the removed ones back (a changed forward is both); reports the other settings that
+    /// changed as needing a restart, and leaves them as they were.
+    pub fn reload(&self, new: AgentConfig) -> Result<ReloadReport, String> {
+        let old = self.forwards.borrow().clone();
+        let mut changes = Vec::new();
+        for f in old.iter().filter(|f| !new.forwards.contains(f)) {
+            changes.push(format!("forward {} removed", f.name));
+        }
+        for f in new.forwards.iter().filter(|f| !old.contains(f)) {
+            changes.push(format!("forward {} added", f.name));
+        }
+        let unchanged = old.iter().filter(|f| new.forwards.contains(f)).count();
+        if *old != new.forwards {
+            let list = Arc::new(new.forwards.clone());
+            self.forwards.send_replace(list.clone());
+            // A session shows the new list itself once it follows it; between sessions, show
+            // it now.
+            self.status.send_modify(|s| {
+                if s.connected {
+                    return;
+                }
+                s.names = list.iter().map(|f| f.name.clone()).collect();
+                s.forwards = vec![ForwardStatus::Pending; list.len()];
+                s.forward_retries = vec![None; list.len()];
+            });
+        }
+        Ok(ReloadReport {
+            file: String::new(),
+            changes,
+            unchanged,
+            restart_needed: restart_needed(&self.config, &new),
+        })
+    }
+}
+
+/// The settings of `new` that differ from `old` and take a restart (all but the forwards;
+/// private services and `allow` among them).
+/// Every field is named, so that a new setting cannot be left out of this list unnoticed.
+fn restart_needed(old: &AgentConfig, new: &AgentConfig) -> Vec<String> {
+    let AgentConfig {
+        gateway,
+        key,
+        trust,
+        server_name,
+        proxy,
+        forwards: _,
+        limits,
+        max_backoff,
+        connect_timeout,
+        grace,
+        udp,
+        key_file,
+        admin,
+        private,
+    } = new;
+    let mut out = Vec::new();
+    let mut differs = |same: bool, key: &str| {
+        if !same {
+            out.push(key.to_string());
+        }
+    };
+    differs(*gateway == old.gateway, "gateway");
+    differs(key.hash() == old.key.hash(), "key");
+    differs(*key_file == old.key_file, "key_file");
+    differs(*trust == old.trust, "fingerprint/ca");
+    differs(*server_name == old.server_name, "server_name");
+    differs(*proxy == old.proxy, "proxy");
+    differs(*limits == old.limits, "limits");
+    differs(*max_backoff == old.max_backoff, "max_backoff");
+    differs(*connect_timeout == old.connect_timeout, "connect_timeout");
+    differs(*grace == old.grace, "grace");
+    differs(*udp == old.udp, "udp");
+    // Private services are announced once per session, and every connector stream is
+    // checked against the list the agent started with.
+    differs(private.services == old.private.services, "private");
+    differs(private.allow == old.private.allow, "allow");
+    differs(admin.listen == old.admin.listen, "admin");
+    differs(admin.token == old.admin.token, "admin_token");
+    out
 }
 
 /// How a served session ended.

@@ -622,6 +622,14 @@ impl ConnectorSettings {
             }
             (Scheme::Tcp | Scheme::Ws, _) => Some(TransportKind::Tcp),
             (Scheme::Tls | Scheme::Wss, t) => t,
+            // QUIC always runs TLS 1.3 inside it.
+            (Scheme::Quic | Scheme::Auto, Some(TransportKind::Tcp)) => {
+                return Err(ConfigError::Value(format!(
+                    "the gateway {url} runs TLS inside QUIC, but the transport is set to tcp: \
+                     remove --transport tcp (BURROW_TRANSPORT, `transport`), or use tcp://"
+                )))
+            }
+            (Scheme::Quic | Scheme::Auto, t) => t,
         };
         let trust = resolve_trust(transport, self.trust)?;
         let forwards = self.forwards.unwrap_or_default();
@@ -711,7 +719,7 @@ struct RawConnectForward {
 /// A connector file as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConnector {
+pub(super) struct RawConnector {
     gateway: Option<Checked<GatewayAddr>>,
     key: Option<Checked<SecretKey>>,
     key_file: Option<Spanned<Checked<PathBuf>>>,
@@ -744,7 +752,7 @@ pub fn parse_connector_file(path: &Path, text: &str) -> Result<ConnectorSettings
 }
 
 impl Source<'_> {
-    fn connector(&self, raw: RawConnector) -> Result<ConnectorSettings, ConfigError> {
+    pub(super) fn connector(&self, raw: RawConnector) -> Result<ConnectorSettings, ConfigError> {
         let transport = raw.transport.map(|t| t.into_inner().0);
         let trust = self.trust(raw.fingerprint, raw.ca, transport)?;
         if let Some(v) = raw.max_backoff.as_ref().filter(|v| v.get_ref().0.is_zero()) {

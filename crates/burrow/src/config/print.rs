@@ -133,6 +133,8 @@ fn grant(out: &mut Out, g: &AgentGrant) {
         name,
         key,
         ports: p,
+        paths,
+        socket_mode,
     } = g;
     out.section("[[agents]]");
     out.text("name", name);
@@ -140,7 +142,14 @@ fn grant(out: &mut Out, g: &AgentGrant) {
         KeySpec::Key(_) => out.text("key", MASKED_KEY),
         KeySpec::Hash(h) => out.text("key_hash", &h.to_string()),
     }
-    out.value("ports", ports(p));
+    if !p.is_empty() || paths.is_empty() {
+        out.value("ports", ports(p));
+    }
+    if !paths.is_empty() {
+        let list = paths.iter().map(|p| toml::Value::from(p.as_str()));
+        out.value("paths", toml::Value::Array(list.collect()));
+        out.line(&format!("socket_mode = 0o{socket_mode:03o}"));
+    }
 }
 
 fn connector_grant(out: &mut Out, c: &ConnectorGrant) {
@@ -292,6 +301,8 @@ impl GatewayConfig {
             grace,
             ws_path,
             ws_listen,
+            quic,
+            quic_listen,
             ws_trusted_proxies,
             udp: u,
             admin,
@@ -320,6 +331,11 @@ impl GatewayConfig {
         match ws_listen {
             Some(addr) => out.text("ws_listen", &addr.to_string()),
             None => out.line("# ws_listen: not set (no plain-HTTP WebSocket listener)"),
+        }
+        out.value("quic", *quic);
+        match quic_listen {
+            Some(addr) => out.text("quic_listen", &addr.to_string()),
+            None => out.line("# quic_listen: not set (QUIC on UDP at the listen address)"),
         }
         let proxies = ws_trusted_proxies
             .iter()
@@ -421,6 +437,8 @@ impl AgentConfig {
                     public_port,
                     target,
                     name,
+                    proxy_protocol,
+                    public_path,
                 } = f;
                 out.section("[[forwards]]");
                 if *protocol == Protocol::Udp {
@@ -429,9 +447,15 @@ impl AgentConfig {
                 if *public_port != 0 {
                     out.value("public_port", i64::from(*public_port));
                 }
+                if let Some(path) = public_path {
+                    out.text("public_path", &path.to_string_lossy());
+                }
                 out.text("target", &target.to_string());
-                if *name != forward_name(*protocol, *public_port, target) {
+                if *name != forward_name(*protocol, *public_port, public_path.as_deref(), target) {
                     out.text("name", name);
+                }
+                if let Some(pp) = proxy_protocol {
+                    out.text("proxy_protocol", pp.as_str());
                 }
             }
         }

@@ -175,7 +175,7 @@ impl Connector {
             };
             let mut at_least = Duration::ZERO;
             let why = match dialed {
-                Ok((started, name)) => {
+                Ok(crate::dial::Connected { started, name, .. }) => {
                     ever_connected = true;
                     attempt = 0;
                     let session = started.session;
@@ -216,7 +216,7 @@ impl Connector {
                     format!("session ended: {text}")
                 }
                 Err(e) => {
-                    if e.fatal && !ever_connected {
+                    if e.fatal && (!ever_connected || e.for_good) {
                         break Err(ConnectorError(e.message));
                     }
                     if let Some(after) = e.retry_after {

@@ -112,11 +112,6 @@ pub(super) async fn accept_loop(
         };
         let hub2 = hub.clone();
         let acceptor = acceptor.clone();
-        let transport = if acceptor.ws_only {
-            "ws-listen"
-        } else {
-            hub.config.transport.as_str()
-        };
         hub.tracker.spawn(async move {
             let accepted_at = Instant::now();
             let accepted = tokio::select! {
@@ -135,6 +130,14 @@ pub(super) async fn accept_loop(
                 Ok(Ok((conn, acc))) => {
                     lock(&hub2.limiter).success(peer.ip(), &acc.key);
                     let peer = conn.peer;
+                    // What carried the session: a WebSocket upgrade on the tunnel port is
+                    // `wss` (or `ws` on a plain tunnel port), not the port's transport.
+                    let transport = match (acceptor.ws_only, conn.websocket, acceptor.tls.is_some()) {
+                        (true, ..) => "ws-listen",
+                        (false, true, true) => "wss",
+                        (false, true, false) => "ws",
+                        (false, false, _) => hub2.config.transport.as_str(),
+                    };
                     hub2.tally.handshake_took(accepted_at.elapsed());
                     match acc.role {
                         Role::Agent => serve_agent(hub2, conn, acc, peer, transport).await,
@@ -201,7 +204,11 @@ pub(super) struct PreauthSlot {
 }
 
 impl PreauthSlot {
-    fn advance(&self, stage: Stage) {
+    pub(super) fn new(hub: Arc<Hub>, id: u64) -> Self {
+        PreauthSlot { hub, id }
+    }
+
+    pub(super) fn advance(&self, stage: Stage) {
         lock(&self.hub.preauth).advance(self.id, stage);
     }
 }
@@ -214,13 +221,13 @@ impl Drop for PreauthSlot {
 
 /// Why a tunnel handshake failed, and what to charge it to.
 pub(super) struct Failed {
-    why: String,
+    pub(super) why: String,
     /// What kind of failure, for the metrics.
-    kind: AuthFailure,
+    pub(super) kind: AuthFailure,
     /// The key presented, when the gateway knows it (`None`: unknown, or none yet).
-    presented: Option<KeyHash>,
+    pub(super) presented: Option<KeyHash>,
     /// Refused for being over the failure budget.
-    rate_limited: bool,
+    pub(super) rate_limited: bool,
 }
 
 impl From<String> for Failed {
@@ -250,26 +257,46 @@ pub(super) async fn handshake_agent(
         Err(e) => return Err(e.to_string().into()),
     }
     slot.advance(Stage::Talking);
-    let mut conn = transport::accept(tcp, peer, acceptor)
+    let conn = transport::accept(tcp, peer, acceptor)
         .await
         .map_err(|e| Failed::from(e.to_string()))?;
     slot.advance(Stage::Secured);
+    authenticate(hub, conn, peer).await
+}
+
+/// The key proof over a secured connection (TLS, WebSocket or QUIC's control stream).
+pub(super) async fn authenticate(
+    hub: &Hub,
+    mut conn: transport::Connected,
+    peer: SocketAddr,
+) -> Result<(transport::Connected, handshake::Accepted), Failed> {
     let bindings = conn.bindings;
     // Failures are charged to the source and the key it presents, so one failing agent does
     // not lock out the others behind the same address; past the budget the refusal says so,
     // inside TLS, where the agent can read it.
     let mut presented = None;
     let verdict = |key: &KeyHash, role: Role| {
-        let grant = hub.grants.get(key);
+        // A token's key that was revoked or has expired is refused as such (to whoever proves
+        // it: to anyone else it is an unknown key).
+        let ended = lock(&hub.tokens)
+            .by_hash(key)
+            .and_then(|t| t.refusal(std::time::SystemTime::now()));
+        let grant = hub.grants().get(key).filter(|_| ended.is_none()).cloned();
         // A key is an agent's, a connector's, or (listed in both tables) both; it acts only
         // in a role its entries give it.
         let connector = hub.connectors.grant(key);
         presented = (grant.is_some() || connector.is_some()).then_some(*key);
         let limited = lock(&hub.limiter).check(peer.ip(), presented.as_ref(), StdInstant::now());
         let limited = |why: &str| limited.map(|after| handshake::rate_limited_message(after, why));
+        if let Some(text) = ended {
+            return match limited("key not accepted by this gateway") {
+                None => handshake::Verdict::RefuseIfProven(ErrorCode::KeyRevoked, text),
+                Some(text) => handshake::Verdict::Refuse(ErrorCode::RateLimited, text),
+            };
+        }
         let name = match role {
-            Role::Agent => grant.map(|g| g.name.clone()),
-            Role::Connector => connector.map(|c| c.name.clone()),
+            Role::Agent => grant.as_ref().map(|g| g.name.clone()),
+            Role::Connector => connector.as_ref().map(|c| c.name.clone()),
         };
         match (name, grant, connector) {
             (Some(name), ..) => match limited("key proof does not verify") {
@@ -281,11 +308,11 @@ pub(super) async fn handshake_agent(
                     text,
                 ),
             },
-            (None, Some(agent), _) => handshake::Verdict::WrongRole(format!(
+            (None, Some(agent), _) => handshake::Verdict::RefuseIfProven(ErrorCode::AuthFailed, format!(
                 "this key belongs to agent `{}` and cannot act as a connector: give the connector a key of its own in a [[connectors]] entry (`burrow keygen`), or list this key in [[connectors]] too",
                 agent.name
             )),
-            (None, None, Some(c)) => handshake::Verdict::WrongRole(format!(
+            (None, None, Some(c)) => handshake::Verdict::RefuseIfProven(ErrorCode::AuthFailed, format!(
                 "this key belongs to connector `{}` and cannot act as an agent: give the agent a key of its own in an [[agents]] entry (`burrow keygen`), or list this key in [[agents]] too",
                 c.name
             )),
@@ -304,6 +331,7 @@ pub(super) async fn handshake_agent(
             why: format!("authentication failed: {message}"),
             kind: match code {
                 ErrorCode::RateLimited => AuthFailure::RateLimited,
+                ErrorCode::KeyRevoked => AuthFailure::Revoked,
                 _ if presented.is_none() => AuthFailure::UnknownKey,
                 ErrorCode::AuthFailed => AuthFailure::BadProof,
                 _ => AuthFailure::Handshake,

@@ -12,14 +12,33 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use super::{lock, public_text, Hub};
+use super::{lock, GatewayHandle, Hub};
+use crate::admin::api::{ApiError, CreatedToken, TokenRequest, TokenRow};
 use crate::admin::metrics::{unix_secs, AuthFailure, ServiceTally};
-use crate::admin::status::{AgentRow, ServiceRow, SessionRow, Status, Totals};
+use crate::admin::status::{udp_row, AgentRow, ServiceRow, SessionRow, Status, Totals};
 use crate::admin::Report;
 use crate::session::Session;
+use crate::udp::UdpCounters;
+use burrow_proto::message::Protocol;
 
 /// The gateway's side of its admin server.
-pub(super) struct GatewayReport(pub(super) Arc<Hub>, pub(super) std::net::SocketAddr);
+pub(super) struct GatewayReport {
+    pub(super) hub: Arc<Hub>,
+    /// The tunnel listener's address.
+    pub(super) listen: std::net::SocketAddr,
+    /// Its certificate's, for the agent line of a new token.
+    pub(super) fingerprint: Option<String>,
+}
+
+impl GatewayReport {
+    fn handle(&self) -> GatewayHandle {
+        GatewayHandle {
+            hub: self.hub.clone(),
+            listen: self.listen,
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+}
 
 impl std::fmt::Debug for GatewayReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -46,12 +65,13 @@ pub(crate) fn row(
         streams_refused: t.map_or(0, |t| t.refused_total()),
         bytes_to_service: r(|t| &t.bytes_to_service),
         bytes_to_client: r(|t| &t.bytes_to_client),
+        udp: None,
     }
 }
 
 impl GatewayReport {
     fn live_sessions(&self) -> Vec<Session> {
-        lock(&self.0.agents)
+        lock(&self.hub.agents)
             .values()
             .filter_map(|a| a.session.as_ref().map(|(_, s, _)| s.clone()))
             .collect()
@@ -60,12 +80,14 @@ impl GatewayReport {
 
 impl Report for GatewayReport {
     fn status(&self) -> Status {
-        let hub = &self.0;
+        let hub = &self.hub;
         let tally = &hub.tally;
         let services: HashMap<(String, String), Arc<ServiceTally>> =
             tally.services().into_iter().collect();
+        let udp: HashMap<(String, String), Arc<UdpCounters>> =
+            tally.udp_services().into_iter().collect();
         let mut names: Vec<(String, Option<String>)> = hub
-            .grants
+            .grants()
             .iter()
             .map(|(hash, g)| (g.name.clone(), Some(hash.short())))
             .collect();
@@ -98,14 +120,18 @@ impl Report for GatewayReport {
                 .map(|e| {
                     e.ports
                         .iter()
-                        .map(|((_, svc), port)| {
+                        .map(|((protocol, svc), port)| {
                             let state = if port.owner.is_some() {
                                 "bound"
                             } else {
                                 "leased"
                             };
-                            let t = services.get(&(name.clone(), svc.clone()));
-                            row(svc, Some(public_text(hub, port.addr)), state, t)
+                            let key = (name.clone(), svc.clone());
+                            let mut r = row(svc, Some(port.shown(hub)), state, services.get(&key));
+                            if *protocol == Protocol::Udp {
+                                r.udp = Some(udp_row(udp.get(&key)));
+                            }
+                            r
                         })
                         .collect()
                 })
@@ -142,7 +168,7 @@ impl Report for GatewayReport {
             uptime_secs: SystemTime::now()
                 .duration_since(started)
                 .map_or(0, |d| d.as_secs()),
-            listen: Some(self.1.to_string()),
+            listen: Some(self.listen.to_string()),
             gateway: None,
             reconnect: None,
             agents: rows,
@@ -152,13 +178,29 @@ impl Report for GatewayReport {
     }
 
     fn metrics(&self) -> String {
-        crate::admin::metrics::render(GatewayReport(self.0.clone(), self.1))
+        crate::admin::metrics::render(GatewayReport {
+            hub: self.hub.clone(),
+            listen: self.listen,
+            fingerprint: None,
+        })
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRow>, ApiError> {
+        Ok(self.handle().tokens())
+    }
+
+    fn create_token(&self, req: &TokenRequest) -> Result<CreatedToken, ApiError> {
+        self.handle().create_token(req)
+    }
+
+    fn revoke_token(&self, name: &str) -> Result<TokenRow, ApiError> {
+        self.handle().revoke_token(name)
     }
 }
 
 impl Collector for GatewayReport {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let hub = &self.0;
+        let hub = &self.hub;
         let s = hub.stats.snapshot();
         let sessions = self.live_sessions();
         hub.tally
@@ -206,7 +248,7 @@ impl Collector for GatewayReport {
             &mut e,
             "burrow_agents_configured",
             "Agents the gateway accepts",
-            hub.grants.len() as i64,
+            hub.grants().len() as i64,
         )?;
         let mut m = e.encode_descriptor(
             "burrow_public_ports",

@@ -31,16 +31,30 @@ use crate::transport;
 /// What the gateway knows of connectors: their grants, what each holds, and the agents they
 /// can reach.
 pub(super) struct Connectors {
-    grants: HashMap<KeyHash, Arc<ConnectorGrant>>,
-    /// Per connector name: its session and stream caps.
-    held: HashMap<String, Arc<Held>>,
+    /// The connectors in force: swapped whole by a reload ([`Connectors::reload`]).
+    table: Mutex<Arc<Table>>,
     /// Agents with a session, by name.
     agents: Mutex<HashMap<String, AgentRoute>>,
-    /// Live connector sessions, closed at shutdown; by a number of their own.
-    sessions: Mutex<HashMap<u64, Session>>,
+    /// Live connector sessions, closed at shutdown or when their connector is removed or
+    /// re-keyed; by a number of their own.
+    sessions: Mutex<HashMap<u64, Live>>,
     next: std::sync::atomic::AtomicU64,
     /// Refused connector streams: one warning a second.
     refusals: Mutex<LogThrottle>,
+}
+
+/// The connectors of one config: by key, and the caps of each by name.
+struct Table {
+    grants: HashMap<KeyHash, Arc<ConnectorGrant>>,
+    /// Per connector name: its session and stream caps.
+    held: HashMap<String, Arc<Held>>,
+}
+
+/// A live connector session: whose, and its handle.
+struct Live {
+    name: String,
+    key: KeyHash,
+    session: Session,
 }
 
 /// The caps of one connector: sessions and streams at once.
@@ -56,9 +70,11 @@ struct AgentRoute {
     private: HashMap<String, u32>,
 }
 
-impl Connectors {
-    /// The table for `grants`; an error names two connectors that share a key.
-    pub(super) fn new(grants: &[ConnectorGrant]) -> Result<Connectors, String> {
+impl Table {
+    /// The table for `grants`; an error names two connectors that share a key or a name.
+    /// The caps of a connector whose caps did not change are `old`'s, so what its sessions
+    /// and streams hold now still counts.
+    fn new(grants: &[ConnectorGrant], old: Option<&Table>) -> Result<Table, String> {
         let mut by_key = HashMap::new();
         let mut held = HashMap::new();
         for g in grants {
@@ -68,17 +84,53 @@ impl Connectors {
                     prev.name, g.name
                 ));
             }
-            held.insert(
-                g.name.clone(),
+            let kept = old.and_then(|t| {
+                let was = t.grants.values().find(|w| w.name == g.name)?;
+                (was.max_sessions == g.max_sessions && was.max_streams == g.max_streams)
+                    .then(|| t.held.get(&g.name).cloned())
+                    .flatten()
+            });
+            let caps = kept.unwrap_or_else(|| {
                 Arc::new(Held {
                     sessions: Arc::new(semaphore(g.max_sessions)),
                     streams: Arc::new(semaphore(g.max_streams)),
-                }),
-            );
+                })
+            });
+            if held.insert(g.name.clone(), caps).is_some() {
+                return Err(format!(
+                    "two connectors are named `{}`: names must differ",
+                    g.name
+                ));
+            }
         }
-        Ok(Connectors {
+        Ok(Table {
             grants: by_key,
             held,
+        })
+    }
+}
+
+/// The connectors whose key is also an agent's, as lines for the log: such a key may act
+/// as either.
+pub(super) fn shared_keys(connectors: &[ConnectorGrant], agents: &super::Grants) -> Vec<String> {
+    connectors
+        .iter()
+        .filter_map(|c| {
+            agents.get(&c.key.hash()).map(|agent| {
+                format!(
+                    "connector `{}` has the key of agent `{}`: that key may act as either",
+                    c.name, agent.name
+                )
+            })
+        })
+        .collect()
+}
+
+impl Connectors {
+    /// The table for `grants`; an error names two connectors that share a key or a name.
+    pub(super) fn new(grants: &[ConnectorGrant]) -> Result<Connectors, String> {
+        Ok(Connectors {
+            table: Mutex::new(Arc::new(Table::new(grants, None)?)),
             agents: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             next: std::sync::atomic::AtomicU64::new(0),
@@ -86,14 +138,86 @@ impl Connectors {
         })
     }
 
-    /// The connector whose key this is.
-    pub(super) fn grant(&self, key: &KeyHash) -> Option<&Arc<ConnectorGrant>> {
-        self.grants.get(key)
+    fn table(&self) -> Arc<Table> {
+        lock(&self.table).clone()
+    }
+
+    /// The connector whose key this is, in the set in force now.
+    pub(super) fn grant(&self, key: &KeyHash) -> Option<Arc<ConnectorGrant>> {
+        self.table().grants.get(key).cloned()
     }
 
     /// How many connectors are configured.
     pub(super) fn len(&self) -> usize {
-        self.grants.len()
+        self.table().grants.len()
+    }
+
+    /// Makes `new` the connectors in force: from now on handshakes and stream checks see
+    /// it; then the sessions of a connector that is gone, or whose key changed, are closed.
+    /// A connector whose `reach` narrowed keeps its session (and its open streams); its new
+    /// streams are checked against the new reach. Returns the changes, for the log and the
+    /// reload's answer, and how many connectors did not change.
+    pub(super) fn reload(&self, new: &[ConnectorGrant]) -> Result<(Vec<String>, usize), String> {
+        let old = self.table();
+        let table = Arc::new(Table::new(new, Some(&old))?);
+        let by_name = |t: &Table| -> HashMap<String, Arc<ConnectorGrant>> {
+            t.grants
+                .values()
+                .map(|g| (g.name.clone(), g.clone()))
+                .collect()
+        };
+        let (was, now) = (by_name(&old), by_name(&table));
+        *lock(&self.table) = table;
+        let mut changes = Vec::new();
+        let mut unchanged = 0;
+        for (name, w) in &was {
+            match now.get(name) {
+                None => changes.push(format!("connector `{name}` removed")),
+                Some(n) if n.key.hash() != w.key.hash() => {
+                    changes.push(format!("connector `{name}`: key changed"));
+                }
+                Some(n) if **n != **w => {
+                    let reach = |g: &ConnectorGrant| {
+                        g.reach
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    changes.push(format!(
+                        "connector `{name}`: reach [{}] (was [{}]), max_sessions {}, max_streams {}",
+                        reach(n),
+                        reach(w),
+                        n.max_sessions,
+                        n.max_streams
+                    ));
+                }
+                Some(_) => unchanged += 1,
+            }
+        }
+        for name in now.keys().filter(|n| !was.contains_key(*n)) {
+            changes.push(format!("connector `{name}` added"));
+        }
+        changes.sort();
+        // A session whose connector is gone, or whose key is no longer that connector's.
+        let ended: Vec<(Session, String)> = lock(&self.sessions)
+            .values()
+            .filter_map(|l| {
+                let why = match now.get(&l.name) {
+                    None => format!("connector `{}` was removed from the gateway's config", l.name),
+                    Some(g) if g.key.hash() != l.key => format!(
+                        "the key of connector `{}` changed in the gateway's config: log in with the new key",
+                        l.name
+                    ),
+                    Some(_) => return None,
+                };
+                Some((l.session.clone(), why))
+            })
+            .collect();
+        for (session, why) in ended {
+            session.close(ErrorCode::AuthFailed, why);
+        }
+        Ok((changes, unchanged))
     }
 
     /// Agent `name` has a new session (it replaces the route of an older one).
@@ -118,7 +242,10 @@ impl Connectors {
 
     /// Closes every connector session (at shutdown).
     pub(super) fn close_all(&self, code: ErrorCode, why: &str) {
-        let sessions: Vec<Session> = lock(&self.sessions).values().cloned().collect();
+        let sessions: Vec<Session> = lock(&self.sessions)
+            .values()
+            .map(|l| l.session.clone())
+            .collect();
         for s in sessions {
             s.close(code, why);
         }
@@ -186,10 +313,10 @@ pub(super) async fn serve_connector(
     acc: handshake::Accepted,
     peer: SocketAddr,
 ) {
-    let Some(grant) = hub.connectors.grant(&acc.key).cloned() else {
+    let Some(grant) = hub.connectors.grant(&acc.key) else {
         return;
     };
-    let Some(held) = hub.connectors.held.get(&grant.name).cloned() else {
+    let Some(held) = hub.connectors.table().held.get(&grant.name).cloned() else {
         return;
     };
     let span = tracing::info_span!("connector", name = %grant.name);
@@ -213,14 +340,29 @@ pub(super) async fn serve_connector(
             .connectors
             .next
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        lock(&hub.connectors.sessions).insert(id, session.clone());
+        lock(&hub.connectors.sessions).insert(
+            id,
+            Live {
+                name: grant.name.clone(),
+                key: acc.key,
+                session: session.clone(),
+            },
+        );
         info!(%peer, key = %acc.key.short(), "connector connected");
         let mut incoming = started.incoming;
         let mut control = started.control;
         loop {
             tokio::select! {
                 stream = incoming.recv() => match stream {
-                    Some(stream) => route(&hub, &grant, &held, stream),
+                    // Each stream is checked against the connector as configured now (a
+                    // reload may have narrowed its reach).
+                    Some(stream) => match hub.connectors.grant(&acc.key).filter(|g| g.name == grant.name) {
+                        Some(now) => route(&hub, &now, &held, stream),
+                        None => {
+                            stream.reset(ErrorCode::NotInReach);
+                            session.close(ErrorCode::AuthFailed, format!("connector `{}` is no longer accepted with this key", grant.name));
+                        }
+                    },
                     None => break,
                 },
                 frame = control.recv() => {

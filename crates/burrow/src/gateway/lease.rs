@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use burrow_proto::message::Protocol;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::ports::{accept_public, PublicPort};
+use super::ports::{accept_public, listen_public_udp, serve_udp_port, Listener, PublicPort};
 use super::{lock, AgentEntry, Hub, PortEntry};
 use crate::config::AgentGrant;
 
@@ -58,22 +59,23 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
     if leases.is_empty() {
         return;
     }
+    let grants = hub.grants();
     let by_name: HashMap<&str, &Arc<AgentGrant>> =
-        hub.grants.values().map(|g| (g.name.as_str(), g)).collect();
+        grants.values().map(|g| (g.name.as_str(), g)).collect();
     let lease_id = hub.leases.fetch_add(1, Ordering::Relaxed);
     let mut restored = 0usize;
     let mut agents = std::collections::HashSet::new();
     for l in leases {
         let forget = |why: &str| {
             info!(agent = %l.agent, service = %l.service, port = l.port, "port chosen before the restart not kept: {why}");
-            lock(&hub.lease_book).remove(&l.agent, &l.service, l.port);
+            lock(&hub.lease_book).remove(&l.agent, l.protocol, &l.service, l.port);
             hub.lease_dirty.notify_one();
         };
         let Some(grant) = by_name.get(l.agent.as_str()) else {
             forget("no such agent in the config now");
             continue;
         };
-        if !grant.allows(l.port) {
+        if !grant.allows_on(l.protocol, l.port) {
             forget("the port is no longer in the agent's grant");
             continue;
         }
@@ -88,7 +90,16 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
             forget("the gateway is near its open-file limit");
             continue;
         };
-        let listener = match TcpListener::bind((hub.config.public_host, l.port)).await {
+        let bound = match l.protocol {
+            Protocol::Tcp => TcpListener::bind((hub.config.public_host, l.port))
+                .await
+                .map(Listener::Tcp)
+                .map_err(|e| e.to_string()),
+            Protocol::Udp => listen_public_udp(hub, l.port, grant)
+                .await
+                .map(Listener::Udp),
+        };
+        let listener = match bound {
             Ok(listener) => listener,
             Err(e) => {
                 forget(&format!("cannot bind it again: {e}"));
@@ -100,34 +111,45 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
         };
         let route = Arc::new(Mutex::new(None));
         let cancel = hub.stop.child_token();
+        let close = CancellationToken::new();
         let conns = {
             let mut agents = lock(&hub.agents);
             let entry = agents
                 .entry(l.agent.clone())
                 .or_insert_with(|| AgentEntry::new(&hub.config.limits));
             entry.ports.insert(
-                (Protocol::Tcp, l.service.clone()),
+                (l.protocol, l.service.clone()),
                 PortEntry {
                     addr,
                     route: route.clone(),
                     cancel: cancel.clone(),
+                    close: close.clone(),
                     owner: None,
                     lease: Some(lease_id),
                     chosen: true,
+                    path: None,
                 },
             );
             entry.conns.clone()
         };
-        let port = PublicPort {
-            listener,
-            route,
-            cancel,
-            agent: l.agent.clone(),
-            service: l.service.clone(),
-            conns,
-            _fd: fd,
-        };
-        tokio::spawn(accept_public(hub.clone(), port));
+        match listener {
+            Listener::Tcp(listener) => {
+                let port = PublicPort {
+                    listener,
+                    route,
+                    cancel,
+                    close,
+                    agent: l.agent.clone(),
+                    service: l.service.clone(),
+                    conns,
+                    _fd: fd,
+                };
+                tokio::spawn(accept_public(hub.clone(), port));
+            }
+            Listener::Udp(socket) => {
+                serve_udp_port(hub, socket, route, cancel, fd, &l.agent, &l.service)
+            }
+        }
         restored += 1;
         agents.insert(l.agent.clone());
     }
@@ -185,13 +207,13 @@ pub(super) fn spawn_lease_timer(hub: &Arc<Hub>, name: &str, lease_id: u64) {
         }
         let mut agents = lock(&hub.agents);
         if let Some(entry) = agents.get_mut(&name) {
-            entry.ports.retain(|(_, service), port| {
+            entry.ports.retain(|(protocol, service), port| {
                 if port.lease != Some(lease_id) {
                     return true;
                 }
-                info!(agent = %name, addr = %port.addr, "lease expired; public port closed");
+                info!(agent = %name, addr = %port.shown(&hub), "lease expired; public port closed");
                 port.cancel.cancel();
-                hub.forget_port(&name, service, port);
+                hub.forget_port(&name, *protocol, service, port);
                 false
             });
         }

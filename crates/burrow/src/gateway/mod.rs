@@ -20,10 +20,15 @@
 //! stream a connector opens is checked against its `reach` and joined to a stream in the
 //! agent's session (`connect`).
 //!
+//! The agents and connectors it accepts can change while it runs: a reload of the config
+//! file or a token made or revoked swaps the whole set at once, then closes what is no longer
+//! granted and only that (`reload`).
+//!
 //! The parts: `accept` (the tunnel port, up to an authenticated session), `serve` (one
 //! session: its binds and its end), `ports` (public listeners and their connections), `lease`
 //! (ports kept for a dropped agent, and across restarts), `connect` (connectors and their
-//! streams) and `admin` (what the admin server reads).
+//! streams), `reload` (a new set of agents and connectors: from the config file, or from the
+//! tokens) and `admin` (what the admin server reads).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,11 +50,15 @@ mod admin;
 mod connect;
 mod lease;
 mod ports;
+mod quic;
+mod reload;
 mod serve;
+mod unix;
 
 use accept::accept_loop;
 use lease::{restore_leases, write_leases};
 use ports::{overlapping_grants, public_text};
+pub use reload::GatewayHandle;
 
 use crate::admin::metrics::Tally;
 use crate::config::{AgentGrant, GatewayConfig, KeySpec, PortRange, TransportKind};
@@ -58,6 +67,7 @@ use crate::limiter::{self, AuthLimiter, FdBudget, PreauthTable};
 use crate::session::Session;
 use crate::stats::GatewayStats;
 use crate::tls::{self, GatewayIdentity};
+use crate::tokens::TokenBook;
 use crate::transport;
 use crate::udp;
 
@@ -78,6 +88,8 @@ pub struct Gateway {
     listener: TcpListener,
     /// `ws_listen`: WebSocket only, plain HTTP, behind a TLS-terminating proxy.
     ws_listener: Option<TcpListener>,
+    /// QUIC on UDP (on unless `quic = false` or plain TCP).
+    quic: Option<quinn::Endpoint>,
     identity: Option<GatewayIdentity>,
     generated: Option<SecretKey>,
     /// Whether `generated` was made by this start (rather than read from the state).
@@ -89,7 +101,17 @@ pub struct Gateway {
 struct Hub {
     config: GatewayConfig,
     params: SessionParams,
-    grants: HashMap<KeyHash, Arc<AgentGrant>>,
+    /// The agents accepted now, by key: the config's (or the generated key's) and the active
+    /// tokens'. Swapped whole by a reload or a token change; read through [`Hub::grants`].
+    grants: Mutex<Arc<Grants>>,
+    /// The config's agents in force (or the generated key's), for the next reload.
+    config_agents: Mutex<Vec<AgentGrant>>,
+    /// Tokens issued at run time (`burrow token create`).
+    tokens: Mutex<TokenBook>,
+    /// Wakes the task that ends tokens when they expire.
+    tokens_changed: tokio::sync::Notify,
+    /// Held while the set of agents changes, so that changes apply one after the other.
+    changing: Mutex<()>,
     agents: Mutex<HashMap<String, AgentEntry>>,
     limiter: Mutex<AuthLimiter>,
     /// Connections in their handshake; the token closes one that has to give way.
@@ -142,17 +164,35 @@ impl AgentEntry {
     }
 }
 
+/// The agents a gateway accepts, by key hash.
+type Grants = HashMap<KeyHash, Arc<AgentGrant>>;
+
 struct PortEntry {
     addr: SocketAddr,
     route: Arc<Mutex<Option<Route>>>,
     /// Stops this port's listener.
     cancel: CancellationToken,
+    /// Closes this port's public connections (a grant narrowed, an agent removed); not
+    /// cancelled at shutdown, where they drain.
+    close: CancellationToken,
     /// The generation of the session that bound it, while one routes it.
     owner: Option<u64>,
     /// The lease it is on while no session routes it (ids grow: the smallest is the oldest).
     lease: Option<u64>,
     /// The gateway chose it (a bind for port 0): kept in the lease file across restarts.
     chosen: bool,
+    /// A unix socket endpoint (`addr` is then unused): its path.
+    path: Option<std::path::PathBuf>,
+}
+
+impl PortEntry {
+    /// What clients reach: `unix:PATH`, or the public address.
+    fn shown(&self, hub: &Hub) -> String {
+        match &self.path {
+            Some(p) => format!("unix:{}", p.display()),
+            None => public_text(hub, self.addr),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -198,30 +238,22 @@ impl Gateway {
                 name: DEFAULT_AGENT_NAME.into(),
                 key: KeySpec::Key(key.clone()),
                 ports: vec![PortRange::UNPRIVILEGED, PortRange::UNPRIVILEGED_UDP],
+                // No unix socket paths: a zero-config gateway creates no files.
+                paths: Vec::new(),
+                socket_mode: crate::config::DEFAULT_SOCKET_MODE,
             });
             generated = Some(key);
         }
+        let config_agents = agents.clone();
         for warning in overlapping_grants(&agents) {
             warn!("{warning}");
         }
-        let mut grants = HashMap::new();
-        for grant in agents {
-            let hash = grant.key.hash();
-            if let Some(prev) = grants.insert(hash, Arc::new(grant)) {
-                return Err(GatewayError(format!(
-                    "agents `{}` and another entry share the same key: give each agent its own key (`burrow keygen`)",
-                    prev.name
-                )));
-            }
-        }
+        let tokens = TokenBook::load(&config.state_dir).map_err(GatewayError)?;
+        let grants =
+            reload::merge(&agents, &tokens, std::time::SystemTime::now()).map_err(GatewayError)?;
         let connectors = connect::Connectors::new(&config.connectors).map_err(GatewayError)?;
-        for c in &config.connectors {
-            if let Some(agent) = grants.get(&c.key.hash()) {
-                info!(
-                    "connector `{}` has the key of agent `{}`: that key may act as either",
-                    c.name, agent.name
-                );
-            }
+        for warning in connect::shared_keys(&config.connectors, &grants) {
+            info!("{warning}");
         }
         let listener = TcpListener::bind(config.listen).await.map_err(|e| {
             GatewayError(format!(
@@ -251,6 +283,16 @@ impl Gateway {
             warn!("plain TCP transport: the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
         }
         let params = config.session_params();
+        let quic = match (&identity, config.quic) {
+            (Some(id), true) => Some(quic::bind(
+                config
+                    .quic_listen
+                    .unwrap_or_else(|| listener.local_addr().unwrap_or(config.listen)),
+                id.server_config.clone(),
+                &params,
+            )?),
+            _ => None,
+        };
         let limits = &config.limits;
         let files = limiter::raise_open_files();
         let hard = if files.hard == u64::MAX {
@@ -302,12 +344,17 @@ impl Gateway {
         Ok(Gateway {
             listener,
             ws_listener,
+            quic,
             identity,
             generated,
             generated_now,
             hub: Arc::new(Hub {
                 params,
-                grants,
+                grants: Mutex::new(Arc::new(grants)),
+                config_agents: Mutex::new(config_agents),
+                tokens: Mutex::new(tokens),
+                tokens_changed: tokio::sync::Notify::new(),
+                changing: Mutex::new(()),
                 agents: Mutex::new(agents),
                 limiter: Mutex::new(AuthLimiter::default()),
                 preauth: Mutex::new(preauth),
@@ -338,12 +385,30 @@ impl Gateway {
 
     /// What the admin server ([`crate::admin`]) shows of this gateway.
     pub fn report(&self) -> Arc<dyn crate::admin::Report> {
-        Arc::new(admin::GatewayReport(self.hub.clone(), self.local_addr()))
+        Arc::new(admin::GatewayReport {
+            hub: self.hub.clone(),
+            listen: self.local_addr(),
+            fingerprint: self.fingerprint(),
+        })
+    }
+
+    /// A handle that changes the running gateway's agents: a reload of its config, tokens.
+    pub fn handle(&self) -> GatewayHandle {
+        GatewayHandle {
+            hub: self.hub.clone(),
+            listen: self.local_addr(),
+            fingerprint: self.fingerprint(),
+        }
     }
 
     /// The tunnel listener's address.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.hub.config.listen)
+    }
+
+    /// The UDP address QUIC is served on, if it is.
+    pub fn quic_local_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|e| e.local_addr().ok())
     }
 
     /// The address the `ws_listen` listener is bound to, if there is one.
@@ -370,7 +435,8 @@ impl Gateway {
                 key,
                 self.fingerprint(),
             )
-            .with_ws_path(&self.hub.config.ws_path),
+            .with_ws_path(&self.hub.config.ws_path)
+            .with_quic_port(self.quic_local_addr().map(|a| a.port())),
         )
     }
 
@@ -399,6 +465,7 @@ impl Gateway {
         // Before any agent is served: a returning agent finds its port on lease.
         restore_leases(&hub).await;
         let lease_writer = tokio::spawn(write_leases(hub.clone()));
+        tokio::spawn(reload::expire_tokens(hub.clone()));
         let on_tunnel_port = accept_loop(hub.clone(), self.listener, tunnel, shutdown.clone());
         let on_ws_listener = async {
             if let Some(listener) = self.ws_listener {
@@ -413,7 +480,12 @@ impl Gateway {
                 accept_loop(hub.clone(), listener, acceptor, shutdown.clone()).await;
             }
         };
-        tokio::join!(on_tunnel_port, on_ws_listener);
+        let on_quic = async {
+            if let Some(endpoint) = self.quic {
+                quic::accept_loop(hub.clone(), endpoint, shutdown.clone()).await;
+            }
+        };
+        tokio::join!(on_tunnel_port, on_ws_listener, on_quic);
         info!(
             "shutting down: no new connections; draining streams for up to {:?}",
             hub.config.grace
@@ -442,9 +514,14 @@ impl Gateway {
 }
 
 impl Hub {
+    /// The agents accepted now.
+    fn grants(&self) -> Arc<Grants> {
+        lock(&self.grants).clone()
+    }
+
     /// Keeps the port the gateway chose for `agent`'s `service` across restarts.
-    fn remember_port(&self, agent: &str, service: &str, port: u16) {
-        if !lock(&self.lease_book).set(agent, service, port) {
+    fn remember_port(&self, agent: &str, protocol: Protocol, service: &str, port: u16) {
+        if !lock(&self.lease_book).set(agent, protocol, service, port) {
             debug!(
                 agent,
                 service,
@@ -457,9 +534,9 @@ impl Hub {
     }
 
     /// Forgets a closed port in the lease file, if the gateway had chosen it.
-    fn forget_port(&self, agent: &str, service: &str, port: &PortEntry) {
+    fn forget_port(&self, agent: &str, protocol: Protocol, service: &str, port: &PortEntry) {
         if port.chosen {
-            lock(&self.lease_book).remove(agent, service, port.addr.port());
+            lock(&self.lease_book).remove(agent, protocol, service, port.addr.port());
             self.lease_dirty.notify_one();
         }
     }

@@ -45,9 +45,9 @@ pub(super) fn make_room(
             ));
         };
         if let Some(port) = entry.ports.remove(&key) {
-            info!(addr = %port.addr, "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
+            info!(addr = %port.shown(hub), "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
             port.cancel.cancel();
-            hub.forget_port(&grant.name, &key.1, &port);
+            hub.forget_port(&grant.name, key.0, &key.1, &port);
         }
     }
     Ok(())
@@ -79,6 +79,9 @@ pub(super) async fn bind_port(
             text,
         }
     };
+    if bind.path.is_some() {
+        return super::unix::bind_path(hub, grant, session, generation, bind).await;
+    }
     let proto = match bind.protocol {
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",
@@ -119,10 +122,13 @@ pub(super) async fn bind_port(
             .iter()
             .filter(|(name, _)| **name != grant.name)
             .find_map(|(name, e)| {
+                // Of the same protocol: TCP and UDP port P are two ports.
                 e.ports
-                    .values()
-                    .find(|p| bind.port != 0 && p.addr.port() == bind.port)
-                    .map(|p| (name.clone(), p.lease.is_some()))
+                    .iter()
+                    .find(|((proto, _), p)| {
+                        *proto == bind.protocol && bind.port != 0 && p.addr.port() == bind.port
+                    })
+                    .map(|(_, p)| (name.clone(), p.lease.is_some()))
             });
         if let Some((holder, on_lease)) = holder {
             return refuse(
@@ -138,7 +144,8 @@ pub(super) async fn bind_port(
             .entry(grant.name.clone())
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
         if let Some(existing) = entry.ports.get_mut(&key) {
-            if bind.port == 0 || bind.port == existing.addr.port() {
+            let same = bind.port == 0 || bind.port == existing.addr.port();
+            if same && existing.path.is_none() {
                 *lock(&existing.route) = Some(route);
                 existing.owner = Some(generation);
                 existing.lease = None;
@@ -152,7 +159,7 @@ pub(super) async fn bind_port(
             }
             if let Some(old) = entry.ports.remove(&key) {
                 old.cancel.cancel();
-                hub.forget_port(&grant.name, &bind.name, &old);
+                hub.forget_port(&grant.name, bind.protocol, &bind.name, &old);
             }
         }
         let taken = entry
@@ -201,20 +208,27 @@ pub(super) async fn bind_port(
     };
     let route = Arc::new(Mutex::new(Some(route)));
     let cancel = hub.stop.child_token();
+    let close = CancellationToken::new();
     let conns = {
         let mut agents = lock(&hub.agents);
         let entry = agents
             .entry(grant.name.clone())
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
+        // The session may have ended, or its agent been removed (a reload), meanwhile.
+        if !matches!(entry.session, Some((g, ..)) if g == generation) {
+            return refuse(
+                ErrorCode::Replaced,
+                "this session ended before its port was bound".into(),
+            );
+        }
         // Another session of this agent may have bound meanwhile.
         if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
         }
-        // The lease file keeps chosen TCP ports across a restart; UDP ports keep their lease
-        // while the gateway runs.
-        let chosen = bind.port == 0 && bind.protocol == Protocol::Tcp;
+        // The lease file keeps chosen ports, TCP and UDP, across a restart.
+        let chosen = bind.port == 0;
         if chosen {
-            hub.remember_port(&grant.name, &bind.name, addr.port());
+            hub.remember_port(&grant.name, bind.protocol, &bind.name, addr.port());
         }
         entry.ports.insert(
             key,
@@ -222,9 +236,11 @@ pub(super) async fn bind_port(
                 addr,
                 route: route.clone(),
                 cancel: cancel.clone(),
+                close: close.clone(),
                 owner: Some(generation),
                 lease: None,
                 chosen,
+                path: None,
             },
         );
         entry.conns.clone()
@@ -235,6 +251,7 @@ pub(super) async fn bind_port(
                 listener,
                 route,
                 cancel,
+                close,
                 agent: grant.name.clone(),
                 service: bind.name.clone(),
                 conns,
@@ -243,23 +260,7 @@ pub(super) async fn bind_port(
             tokio::spawn(accept_public(hub.clone(), port).instrument(tracing::Span::current()));
         }
         Listener::Udp(socket) => {
-            let routing = move || {
-                lock(&route).clone().map(|r| udp::UdpRoute {
-                    session: r.session,
-                    service: r.service,
-                    name: r.name,
-                    flows: r.flows,
-                })
-            };
-            let counters = Arc::new(udp::UdpCounters::default());
-            let settings = hub.config.udp;
-            tokio::spawn(
-                async move {
-                    udp::serve_public(Arc::new(socket), routing, settings, counters, cancel).await;
-                    drop(fd);
-                }
-                .instrument(tracing::Span::current()),
-            );
+            serve_udp_port(hub, socket, route, cancel, fd, &grant.name, &bind.name)
         }
     }
     let text = public_text(hub, addr);
@@ -368,6 +369,36 @@ pub(super) async fn listen_public(
     ))
 }
 
+/// Serves a public UDP port of `agent`'s `service` until `cancel`, to whichever session
+/// `route` names; its descriptor permit `fd` goes with it.
+pub(super) fn serve_udp_port(
+    hub: &Hub,
+    socket: tokio::net::UdpSocket,
+    route: Arc<Mutex<Option<Route>>>,
+    cancel: CancellationToken,
+    fd: FdPermit,
+    agent: &str,
+    service: &str,
+) {
+    let routing = move || {
+        lock(&route).clone().map(|r| udp::UdpRoute {
+            session: r.session,
+            service: r.service,
+            name: r.name,
+            flows: r.flows,
+        })
+    };
+    let counters = hub.tally.udp(agent, service);
+    let settings = hub.config.udp;
+    tokio::spawn(
+        async move {
+            udp::serve_public(Arc::new(socket), routing, settings, counters, cancel).await;
+            drop(fd);
+        }
+        .instrument(tracing::Span::current()),
+    );
+}
+
 /// A bound public port, TCP or UDP.
 pub(super) enum Listener {
     Tcp(TcpListener),
@@ -375,7 +406,7 @@ pub(super) enum Listener {
 }
 
 impl Listener {
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+    pub(super) fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
             Listener::Tcp(l) => l.local_addr(),
             Listener::Udp(s) => s.local_addr(),
@@ -439,6 +470,8 @@ pub(super) struct PublicPort {
     pub(super) listener: TcpListener,
     pub(super) route: Arc<Mutex<Option<Route>>>,
     pub(super) cancel: CancellationToken,
+    /// Closes the port's connections ([`PortEntry::close`](super::PortEntry)).
+    pub(super) close: CancellationToken,
     /// The agent's name and its public connections.
     pub(super) agent: String,
     /// The service's name, as first bound (for metrics).
@@ -489,6 +522,13 @@ pub(super) fn take_public(
 pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
     let mut refusals = LogThrottle::default();
     let mut accept_errors = LogThrottle::default();
+    let end = Endpoint {
+        route: &port.route,
+        close: &port.close,
+        agent: &port.agent,
+        service: &port.service,
+        conns: &port.conns,
+    };
     loop {
         let (tcp, client) = tokio::select! {
             _ = port.cancel.cancelled() => return,
@@ -503,65 +543,107 @@ pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
                 }
             },
         };
-        let Some(route) = lock(&port.route).clone() else {
-            bump(&hub.stats.no_session);
-            hub.tally
-                .refused(&port.agent, &port.service, Refused::NoSession);
-            debug!(%client, "no agent session for this port right now; closing the connection");
-            continue;
-        };
-        let permits = match take_public(&hub, &port.conns, &port.agent) {
-            Ok(p) => p,
-            Err(why) => {
-                bump(&hub.stats.public_refused);
-                hub.tally
-                    .refused(&port.agent, &route.name, Refused::PublicLimit);
-                if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
-                    warn!(%client, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
-                }
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
-                continue;
-            }
-        };
         transport::tune(&tcp);
-        let open = Open {
-            service: route.service,
-            client: Some(client),
-        };
-        let stream = match route.session.open(&open) {
-            Ok(s) => s,
-            Err(e) => {
-                bump(&hub.stats.streams_refused);
-                hub.tally
-                    .refused(&port.agent, &route.name, Refused::StreamLimit);
-                if let Some(skipped) = refusals.allow(Instant::now()) {
-                    warn!(%client, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
-                }
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
-                continue;
-            }
-        };
-        bump(&hub.stats.streams);
-        let meter = hub.tally.stream(&port.agent, &route.name);
-        let hub2 = hub.clone();
-        hub.tracker.spawn(
-            async move {
-                let _permits = permits;
-                let _live = GaugeGuard::new(&hub2.stats.active_streams);
-                let started = Instant::now();
-                let mut local = Local::Tcp(tcp);
-                let stats =
-                    relay::relay_metered(&stream, &mut local, Some(meter.meter(true))).await;
-                relay::log_end(
-                    &route.name,
-                    Some(client),
-                    &stats,
-                    started,
-                    relay::LocalIs::Client,
-                );
-            }
-            .instrument(tracing::Span::current()),
+        serve_public_conn(
+            &hub,
+            &end,
+            &mut refusals,
+            Local::Tcp(tcp),
+            Some(client),
+            &client,
+            tracing::Span::current(),
         );
+    }
+}
+
+/// What a public endpoint (a TCP port or a unix socket) gives each of its connections.
+pub(super) struct Endpoint<'a> {
+    pub(super) route: &'a Mutex<Option<Route>>,
+    /// Closes the endpoint's connections (it is no longer granted).
+    pub(super) close: &'a CancellationToken,
+    pub(super) agent: &'a str,
+    pub(super) service: &'a str,
+    pub(super) conns: &'a Arc<Semaphore>,
+}
+
+/// One accepted public connection: the session routing its endpoint, the connection limits,
+/// a stream in that session, then the relay, in a tracked task. `client` travels in the Open;
+/// `peer` names the client in log lines; `span` is the relay's.
+pub(super) fn serve_public_conn(
+    hub: &Arc<Hub>,
+    end: &Endpoint<'_>,
+    refusals: &mut LogThrottle,
+    local: Local,
+    client: Option<std::net::SocketAddr>,
+    peer: &dyn std::fmt::Display,
+    span: tracing::Span,
+) {
+    let Some(route) = lock(end.route).clone() else {
+        bump(&hub.stats.no_session);
+        hub.tally
+            .refused(end.agent, end.service, Refused::NoSession);
+        debug!(%peer, "no agent session for this endpoint right now; closing the connection");
+        return;
+    };
+    let permits = match take_public(hub, end.conns, end.agent) {
+        Ok(p) => p,
+        Err(why) => {
+            bump(&hub.stats.public_refused);
+            hub.tally
+                .refused(end.agent, &route.name, Refused::PublicLimit);
+            if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
+                warn!(%peer, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
+            }
+            reset(local);
+            return;
+        }
+    };
+    let open = Open {
+        service: route.service,
+        client,
+    };
+    let stream = match route.session.open(&open) {
+        Ok(s) => s,
+        Err(e) => {
+            bump(&hub.stats.streams_refused);
+            hub.tally
+                .refused(end.agent, &route.name, Refused::StreamLimit);
+            if let Some(skipped) = refusals.allow(Instant::now()) {
+                warn!(%peer, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
+            }
+            reset(local);
+            return;
+        }
+    };
+    bump(&hub.stats.streams);
+    let meter = hub.tally.stream(end.agent, &route.name);
+    let hub2 = hub.clone();
+    let close = end.close.clone();
+    let peer = peer.to_string();
+    hub.tracker.spawn(
+        async move {
+            let _permits = permits;
+            let _live = GaugeGuard::new(&hub2.stats.active_streams);
+            let started = Instant::now();
+            let mut local = local;
+            let stats = tokio::select! {
+                stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(true))) => stats,
+                _ = close.cancelled() => {
+                    stream.reset(ErrorCode::PortNotGranted);
+                    debug!(%peer, service = %route.name, "connection closed: its endpoint is no longer granted");
+                    return;
+                }
+            };
+            relay::log_end(&route.name, client, &stats, started, relay::LocalIs::Client);
+        }
+        .instrument(span),
+    );
+}
+
+/// Drops a refused connection; a TCP one with a reset, so the client knows at once.
+fn reset(local: Local) {
+    if let Local::Tcp(tcp) = &local {
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
     }
 }
 
@@ -580,6 +662,8 @@ mod tests {
                 .iter()
                 .map(|&(start, end)| PortRange::tcp(start, end))
                 .collect(),
+            paths: Vec::new(),
+            socket_mode: crate::config::DEFAULT_SOCKET_MODE,
         };
         let agents = [
             grant("a", &[(8080, 8080), (9000, 9100)]),

@@ -5,17 +5,18 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use burrow_proto::message::{Bind, BindResult};
+use burrow_proto::message::{Bind, BindResult, Unbind};
 use burrow_proto::mux::Side;
 use burrow_proto::{ErrorCode, Kind};
 use tokio::time::Instant;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::lease::{release, start_lease};
 use super::ports::bind_port;
+use super::reload::unbind_port;
 use super::{lock, AgentEntry, Hub, REBIND_INTERVAL};
 use crate::admin::metrics::SessionMeta;
-use crate::session::{self, handshake};
+use crate::session::handshake;
 use crate::stats::{bump, GaugeGuard};
 use crate::transport;
 use crate::udp;
@@ -27,13 +28,13 @@ pub(super) async fn serve_agent(
     peer: SocketAddr,
     transport: &'static str,
 ) {
-    let Some(grant) = hub.grants.get(&acc.key).cloned() else {
+    if !hub.grants().contains_key(&acc.key) {
         return;
-    };
+    }
     let name = acc.name.clone();
     let span = tracing::info_span!("agent", name = %name);
     async move {
-        let started = session::start(conn.io, acc.leftover, Side::Gateway, acc.params, name.clone());
+        let started = conn.start(acc.leftover, Side::Gateway, acc.params, name.clone());
         let session = started.session;
         // This version opens streams only from the gateway; agent-opened streams are refused.
         drop(started.incoming);
@@ -52,6 +53,13 @@ pub(super) async fn serve_agent(
         let generation = hub.generation.fetch_add(1, Ordering::Relaxed);
         let old = {
             let mut agents = lock(&hub.agents);
+            // Checked again under the lock a change of agents takes after swapping them: the
+            // key may have been removed (or its token revoked) since the handshake.
+            if hub.grants().get(&acc.key).is_none_or(|g| g.name != name) {
+                drop(agents);
+                session.close(ErrorCode::AuthFailed, "this key is no longer accepted by the gateway");
+                return;
+            }
             let entry = agents
                 .entry(name.clone())
                 .or_insert_with(|| AgentEntry::new(&hub.config.limits));
@@ -78,6 +86,8 @@ pub(super) async fn serve_agent(
         // A refused name may be asked for again (the agent retries with backoff), but not
         // sooner than REBIND_INTERVAL after its last refusal. `None`: granted.
         let mut names: HashMap<String, Option<Instant>> = HashMap::new();
+        // The name each service id of this session was bound under (for Unbind).
+        let mut ids: HashMap<u32, String> = HashMap::new();
         loop {
             tokio::select! {
                 frame = control.recv() => match frame {
@@ -109,13 +119,39 @@ pub(super) async fn serve_agent(
                             }
                             None => {}
                         }
+                        // The grant as it is now: a reload may have changed it since the handshake.
+                        let Some(grant) = hub.grants().get(&acc.key).cloned() else {
+                            refuse(ErrorCode::AuthFailed, "this key is no longer accepted by the gateway".into());
+                            continue;
+                        };
                         let result = bind_port(&hub, &grant, (&session, &flows), generation, &bind).await;
                         let refused = (result.code != ErrorCode::Normal).then(Instant::now);
                         names.insert(bind.name.clone(), refused);
+                        if ids.len() < burrow_proto::message::MAX_BINDS || ids.contains_key(&bind.service) {
+                            ids.insert(bind.service, bind.name.clone());
+                        }
                         session.send_control(result.to_frame());
                     }
                     Some(f) if f.header.kind == Kind::Announce => {
                         super::connect::announce(&hub, &name, generation, &session, &f);
+                    }
+                    Some(f) if f.header.kind == Kind::Unbind => {
+                        let unbind = match Unbind::decode(&f.payload) {
+                            Ok(u) => u,
+                            Err(e) => {
+                                session.close(e.code, e.detail);
+                                continue;
+                            }
+                        };
+                        let Some(service) = ids.remove(&unbind.service) else {
+                            debug!(service = unbind.service, "unbind of a service this session never bound; ignored");
+                            continue;
+                        };
+                        // The name is free again: the agent may bind it anew (a changed forward).
+                        names.remove(&service);
+                        if unbind_port(&hub, &name, generation, unbind.service) {
+                            info!(%service, "the agent removed this service: public port closed");
+                        }
                     }
                     Some(f) => session.close(ErrorCode::Protocol, format!("unexpected {:?} from an agent", f.header.kind)),
                     None => break,
@@ -141,6 +177,7 @@ pub(super) async fn serve_agent(
         }
         hub.tally.session_down(&name, generation, &end);
         hub.connectors.agent_down(&name, generation);
+        hub.seen(&name);
         release(&hub, &name, generation);
     }
     .instrument(span)

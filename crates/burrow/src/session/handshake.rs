@@ -197,10 +197,9 @@ pub enum Verdict {
     AcceptIfProven(String, SessionParams, ErrorCode, String),
     /// Refused with a code and a message for the client (never naming a secret).
     Refuse(ErrorCode, String),
-    /// A known key asking for a role it does not have (an agent's key used by a connector):
-    /// refused with this message when the proof verifies, so that only the key's holder
-    /// learns why; otherwise refused as a key the gateway does not accept.
-    WrongRole(String),
+    /// Refused with this code and message if the proof verifies (a revoked key: only its
+    /// holder learns why); otherwise refused as an unknown key.
+    RefuseIfProven(ErrorCode, String),
 }
 
 /// What the gateway learned from a successful handshake.
@@ -278,6 +277,7 @@ pub async fn server_bound(
             let ok = AuthOk {
                 name: name.clone(),
                 params,
+                features: message::FEATURES,
             };
             write_frames(io, &[], &[ok.to_frame()]).await?;
             Ok(Accepted {
@@ -289,18 +289,12 @@ pub async fn server_bound(
             })
         }
         (_, Verdict::Refuse(code, message))
-        | (false, Verdict::AcceptIfProven(_, _, code, message)) => {
+        | (false, Verdict::AcceptIfProven(_, _, code, message))
+        | (true, Verdict::RefuseIfProven(code, message)) => {
             refuse(io, code, &message).await?;
             Err(HandshakeError::Rejected { code, message })
         }
-        (true, Verdict::WrongRole(message)) => {
-            refuse(io, ErrorCode::AuthFailed, &message).await?;
-            Err(HandshakeError::Rejected {
-                code: ErrorCode::AuthFailed,
-                message,
-            })
-        }
-        (false, Verdict::WrongRole(_)) => {
+        (false, Verdict::RefuseIfProven(..)) => {
             let message = "key not accepted by this gateway".to_string();
             refuse(io, ErrorCode::AuthFailed, &message).await?;
             Err(HandshakeError::Rejected {

@@ -12,6 +12,7 @@
 
 mod prefixed;
 pub mod proxy;
+pub mod quic;
 mod tcp;
 mod tls;
 pub mod url;
@@ -57,6 +58,43 @@ pub struct Connected {
     /// The remote address: of the TCP connection (at the agent, the outbound proxy's when
     /// there is one), or the client a trusted proxy names.
     pub peer: SocketAddr,
+    /// The session runs inside a WebSocket (`ws://`, `wss://`, or an upgrade the gateway
+    /// took), for the status's transport column.
+    pub websocket: bool,
+    /// Set when QUIC carries the session: `io` is then its control stream, and the session's
+    /// streams and datagrams are the connection's own.
+    pub quic: Option<quic::Link>,
+    /// An `auto://` session that fell back to TLS: how to try QUIC again while it is idle.
+    pub retry_quic: Option<quic::RetryQuic>,
+}
+
+impl Connected {
+    /// Starts the session on this authenticated connection (`leftover`: bytes the handshake
+    /// read past its end): Burrow's mux over the byte stream, or QUIC's own streams.
+    pub fn start(
+        self,
+        leftover: bytes::BytesMut,
+        side: burrow_proto::mux::Side,
+        params: burrow_proto::message::SessionParams,
+        name: String,
+    ) -> crate::session::Started {
+        let started = match self.quic {
+            None => crate::session::start(self.io, leftover, side, params, name),
+            Some(link) => crate::session::quic::start(link, self.io, leftover, side, params, name),
+        };
+        if let Some(retry) = self.retry_quic {
+            tokio::spawn(retry.watch(started.session.clone()));
+        }
+        started
+    }
+
+    /// Which transport carries the connection, for logs: `"quic"` or `"tcp"`.
+    pub fn carrier(&self) -> &'static str {
+        match self.quic {
+            Some(_) => "quic",
+            None => "tcp",
+        }
+    }
 }
 
 /// Why dialing failed. `fatal` errors will not fix themselves by retrying (a certificate
@@ -80,6 +118,26 @@ pub async fn dial(
     tls_config: Option<Arc<rustls::ClientConfig>>,
     server_name: Option<&str>,
 ) -> Result<Connected, DialError> {
+    if url.scheme == Scheme::Auto {
+        return Box::pin(quic::dial_auto(url, proxy, trust, tls_config, server_name)).await;
+    }
+    if url.scheme == Scheme::Quic {
+        let Some(config) = tls_config else {
+            return Err(DialError {
+                message: format!("{url} needs TLS settings: give --fingerprint or --ca"),
+                fatal: true,
+            });
+        };
+        if proxy.is_some() {
+            return Err(DialError {
+                message: format!("{url}: QUIC runs over UDP and cannot go through --proxy; use tls:// or wss:// through a proxy"),
+                fatal: true,
+            });
+        }
+        let name = server_name.unwrap_or(&url.host);
+        let params = burrow_proto::message::SessionParams::default();
+        return quic::dial(url, config, name, trust, &params).await;
+    }
     let (io, peer) = tcp::connect(url, proxy).await?;
     let (io, connection) = match (url.scheme.tls(), tls_config) {
         (true, Some(mut config)) => {
@@ -117,6 +175,9 @@ pub async fn dial(
             proxied,
         },
         peer,
+        websocket: url.scheme.websocket(),
+        quic: None,
+        retry_quic: None,
     })
 }
 
@@ -178,6 +239,9 @@ pub async fn accept(
                 proxied: None,
             },
             peer,
+            websocket: false,
+            quic: None,
+            retry_quic: None,
         });
     }
     let up = ws::server(io, peer, &acceptor.ws)
@@ -193,5 +257,8 @@ pub async fn accept(
             proxied,
         },
         peer: up.client,
+        websocket: true,
+        quic: None,
+        retry_quic: None,
     })
 }

@@ -18,12 +18,17 @@ pub enum Scheme {
     Wss,
     /// WebSocket over plain TCP.
     Ws,
+    /// QUIC over UDP: the session's streams are QUIC streams, its datagrams QUIC datagrams.
+    Quic,
+    /// QUIC and TLS tried together: QUIC when UDP gets through, else TLS (see
+    /// [`crate::transport::quic::AUTO_FALLBACK`]).
+    Auto,
 }
 
 impl Scheme {
     /// Whether TLS runs over the TCP connection (to the gateway, or to a proxy in front).
     pub fn tls(self) -> bool {
-        matches!(self, Scheme::Tls | Scheme::Wss)
+        matches!(self, Scheme::Tls | Scheme::Wss | Scheme::Auto)
     }
 
     /// Whether the session runs inside a WebSocket.
@@ -38,6 +43,8 @@ impl Scheme {
             Scheme::Tcp => "tcp",
             Scheme::Wss => "wss",
             Scheme::Ws => "ws",
+            Scheme::Quic => "quic",
+            Scheme::Auto => "auto",
         }
     }
 
@@ -45,7 +52,7 @@ impl Scheme {
         match self {
             Scheme::Wss => Some(443),
             Scheme::Ws => Some(80),
-            Scheme::Tls | Scheme::Tcp => None,
+            Scheme::Tls | Scheme::Tcp | Scheme::Quic | Scheme::Auto => None,
         }
     }
 }
@@ -84,6 +91,8 @@ impl GatewayUrl {
                     "tcp" => Scheme::Tcp,
                     "wss" => Scheme::Wss,
                     "ws" => Scheme::Ws,
+                    "quic" => Scheme::Quic,
+                    "auto" => Scheme::Auto,
                     "https" => {
                         return Err(UrlError(format!(
                             "`{s}`: for a gateway behind an HTTPS proxy or CDN use `wss://` \
@@ -97,8 +106,8 @@ impl GatewayUrl {
                     }
                     other => {
                         return Err(UrlError(format!(
-                            "`{s}`: unknown scheme `{other}://`; use tls://, tcp://, wss:// or \
-                             ws:// (or a bare HOST:PORT, which is TLS)"
+                            "`{s}`: unknown scheme `{other}://`; use tls://, tcp://, wss://, \
+                             ws://, quic:// or auto:// (or a bare HOST:PORT, which is TLS)"
                         )))
                     }
                 };
@@ -239,6 +248,8 @@ mod tests {
             (Scheme::Ws, 9000, "/burrow")
         );
         assert_eq!(url("WSS://[::1]:8443/b").to_string(), "wss://[::1]:8443/b");
+        assert_eq!(url("quic://gw:7443").scheme, Scheme::Quic);
+        assert_eq!(url("auto://gw:7443").to_string(), "auto://gw:7443");
     }
 
     #[test]

@@ -429,6 +429,61 @@ mod tests {
         );
     }
 
+    /// A flush must not leave its waker with tokio-tungstenite: it wakes the last writer's
+    /// waker whenever the socket turns readable, so the task that sent a request would be
+    /// woken again by its own response.
+    #[tokio::test]
+    async fn a_flush_leaves_no_waker_for_the_reply_to_wake() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use std::task::{Wake, Waker};
+
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let ws = WebSocketStream::from_raw_socket(a, Role::Client, Some(config())).await;
+        let mut io = WsIo::new(ws);
+        // The session's reader: waiting on the socket.
+        let mut buf = [0u8; 64];
+        let mut read_buf = ReadBuf::new(&mut buf);
+        let mut reader = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut io)
+            .poll_read(&mut reader, &mut read_buf)
+            .is_pending());
+        // A stream task writes a request and flushes it.
+        let writes = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(writes.clone());
+        let mut writer = Context::from_waker(&waker);
+        assert!(matches!(
+            Pin::new(&mut io).poll_write(&mut writer, b"ping"),
+            Poll::Ready(Ok(4))
+        ));
+        assert!(matches!(
+            Pin::new(&mut io).poll_flush(&mut writer),
+            Poll::Ready(Ok(()))
+        ));
+        // The response arrives: a binary frame from the server (unmasked).
+        b.write_all(&[0x82, 4, b'p', b'o', b'n', b'g'])
+            .await
+            .unwrap();
+        assert_eq!(
+            writes.0.load(Ordering::SeqCst),
+            0,
+            "the writer was woken by the reply"
+        );
+        let mut got = [0u8; 64];
+        let mut got_buf = ReadBuf::new(&mut got);
+        assert!(matches!(
+            Pin::new(&mut io).poll_read(&mut reader, &mut got_buf),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(got_buf.filled(), b"pong");
+    }
+
     async fn ask(request: &str) -> String {
         let (a, mut b) = tokio::io::duplex(16 * 1024);
         b.write_all(request.as_bytes()).await.unwrap();

@@ -73,6 +73,8 @@ pub fn forward(public_port: u16, target: SocketAddr) -> Forward {
             port: target.port(),
         },
         name: format!("fwd-{}", target.port()),
+        proxy_protocol: None,
+        public_path: None,
     }
 }
 
@@ -230,6 +232,8 @@ pub fn forward_named(public_port: u16, target: Target, name: &str) -> Forward {
         public_port,
         target,
         name: name.to_string(),
+        proxy_protocol: None,
+        public_path: None,
     }
 }
 

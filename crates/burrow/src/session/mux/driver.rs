@@ -21,6 +21,7 @@ use tracing::{debug, trace};
 
 use super::{Outbound, SessionEnd, Shared, Slot, State, Stream};
 use crate::gather;
+use crate::session::Stream as AnyStream;
 use crate::transport::BoxIo;
 
 /// How many bytes the writer gathers into one write.
@@ -37,7 +38,7 @@ const GOAWAY_FLUSH: Duration = Duration::from_secs(1);
 
 /// Where inbound streams, control frames and datagrams go.
 pub(super) struct Inbound {
-    pub(super) accept: mpsc::Sender<Stream>,
+    pub(super) accept: mpsc::Sender<AnyStream>,
     pub(super) control: mpsc::Sender<Frame>,
     pub(super) datagrams: mpsc::Sender<Datagram>,
 }
@@ -281,7 +282,7 @@ fn handle(
                 }
             }
             drop(st);
-            let stream = Stream::new(id, shared_arc(shared), open).with_dial(dial);
+            let stream = AnyStream::Mux(Stream::new(id, shared_arc(shared), open).with_dial(dial));
             if let Err(e) = inbound.accept.try_send(stream) {
                 // Nobody is taking streams fast enough (or at all): refuse this one.
                 let stream = match e {
@@ -372,7 +373,7 @@ fn handle(
                 lost: false,
             }));
         }
-        Kind::Bind | Kind::BindResult | Kind::Announce => {
+        Kind::Bind | Kind::BindResult | Kind::Unbind | Kind::Announce => {
             shared.lock().mux.on_control(now.into_std())?;
             if inbound.control.try_send(frame).is_err() {
                 return Err(ProtocolError::new(

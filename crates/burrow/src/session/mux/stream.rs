@@ -11,20 +11,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::{Shared, Slot, State};
-
-/// Why a stream operation failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StreamError {
-    /// The stream was reset, by the peer or locally.
-    #[error("stream reset: {0}")]
-    Reset(ErrorCode),
-    /// The whole session ended.
-    #[error("session closed")]
-    SessionClosed,
-    /// `send` after `finish`.
-    #[error("stream already finished")]
-    Finished,
-}
+use crate::session::StreamError;
 
 /// One multiplexed stream. Dropping it before both directions finished resets it.
 ///

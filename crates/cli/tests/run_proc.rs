@@ -1,0 +1,223 @@
+//! `burrow run --config FILE` through the real binary: a gateway and an agent from one file
+//! carry traffic end to end in one process, every log line of an instance carries its name,
+//! an instance with a bad setting is reported by name and line while the others serve, and
+//! SIGTERM stops them all.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use burrow_testkit::targets::{echo_transfer, EchoOpts};
+use burrow_testkit::{Burrow, Pki, Signal, TcpTarget};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_burrow"))
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A fresh key from `burrow keygen`.
+fn keygen() -> String {
+    let out = std::process::Command::new(bin())
+        .arg("keygen")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("key: "))
+        .unwrap()
+        .to_string()
+}
+
+/// A TCP relay on a port known now to an upstream known later: the agent in the file must
+/// name its gateway's address before the gateway (on port 0) has one. Each connection waits
+/// for the upstream, then is copied both ways.
+async fn deferred_relay() -> (SocketAddr, watch::Sender<Option<SocketAddr>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = watch::channel(None::<SocketAddr>);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut rx = rx.clone();
+            tokio::spawn(async move {
+                let Ok(up) = rx.wait_for(Option::is_some).await.map(|u| u.unwrap()) else {
+                    return;
+                };
+                if let Ok(mut server) = TcpStream::connect(up).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (addr, tx)
+}
+
+fn after<'a>(line: &'a str, prefix: &str) -> &'a str {
+    line.strip_prefix(prefix).unwrap().trim()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_and_an_agent_in_one_file_serve_while_a_bad_instance_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new("run").unwrap();
+    let (cert, key_pem) = pki.issue("gateway").unwrap();
+    let echo = TcpTarget::echo().await.unwrap();
+    let (relay, upstream) = deferred_relay().await;
+    let key = keygen();
+    // Line numbers matter: the bad instance's setting is on line 27.
+    let text = format!(
+        r#"log_level = "info"
+
+[[gateway]]
+name = "edge"
+listen = "127.0.0.1:0"
+public_host = "127.0.0.1"
+state_dir = "state"
+tls_cert = "{cert}"
+tls_key = "{tls_key}"
+grace = "2s"
+
+[[gateway.agents]]
+name = "office"
+key = "{key}"
+ports = ["1024-65535"]
+
+[[agent]]
+name = "office"
+gateway = "127.0.0.1:{relay_port}"
+ca = "{ca}"
+key = "{key}"
+max_backoff = "1s"
+forward = ["0=127.0.0.1:{echo_port}"]
+
+[[agent]]
+name = "broken"
+connect_timeout = "0s"
+gateway = "127.0.0.1:1"
+"#,
+        cert = cert.display(),
+        tls_key = key_pem.display(),
+        ca = pki.ca_file().display(),
+        relay_port = relay.port(),
+        echo_port = echo.addr().port(),
+    );
+    assert_eq!(text.lines().nth(26), Some("connect_timeout = \"0s\""));
+    let file = dir.join("run.toml");
+    std::fs::write(&file, text).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let started = Instant::now();
+    let mut p = Burrow::spawn(bin(), ["run", "--config", file.to_str().unwrap()]).unwrap();
+    let line = p
+        .wait_stdout(|l| l.starts_with("edge: gateway listening on "), WAIT)
+        .await
+        .unwrap();
+    let gw: SocketAddr = after(&line, "edge: gateway listening on ").parse().unwrap();
+    upstream.send(Some(gw)).unwrap();
+    let want = format!(
+        "office: forward 0=127.0.0.1:{}: public address ",
+        echo.addr().port()
+    );
+    let line = p.wait_stdout(|l| l.starts_with(&want), WAIT).await.unwrap();
+    let public: SocketAddr = after(&line, &want).parse().unwrap();
+    let up = started.elapsed();
+    let t = echo_transfer(public, &EchoOpts::new(8 << 20, 3))
+        .await
+        .unwrap();
+    assert!(
+        t.exact,
+        "8 MiB byte-exact through the gateway and agent of one process"
+    );
+
+    // Each instance's log lines carry its name, from whichever of its tasks they come.
+    p.wait_stderr("stream closed", WAIT).await.unwrap();
+    let logs = p.stderr_lines().to_vec();
+    let find = |needle: &str| {
+        logs.iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no log line with {needle:?}: {logs:#?}"))
+            .clone()
+    };
+    let connected = find("agent connected");
+    assert!(connected.contains("gateway{instance=edge}"), "{connected}");
+    let dialed = find("connected to gateway");
+    assert!(dialed.contains("agent{instance=office}"), "{dialed}");
+    let granted = find("public port granted");
+    assert!(granted.contains("gateway{instance=edge}"), "{granted}");
+    // The bad instance: named, with its file line; the others serve regardless.
+    let bad = find("instance [[agent]] broken");
+    assert!(
+        bad.contains(&format!(
+            "instance [[agent]] broken ({} line 25): line 27, key connect_timeout: must be more than 0",
+            file.display()
+        )),
+        "{bad}"
+    );
+
+    // SIGTERM drains and stops every instance; exit 0.
+    p.signal(Signal::Term).unwrap();
+    let stopping = Instant::now();
+    let st = p.wait_exit(WAIT).await.unwrap();
+    assert!(st.success(), "{st:?}");
+    let err = p.stderr_lines().join("\n");
+    for (name, line) in ["[[gateway]] edge", "[[agent]] office"].iter().zip([3, 17]) {
+        let want = format!("instance {name} ({} line {line}) stopped", file.display());
+        assert!(err.contains(&want), "{want}: {err}");
+    }
+    assert!(
+        TcpStream::connect(public).await.is_err(),
+        "the public port is closed"
+    );
+    println!(
+        "burrow run: gateway and agent up and the forward granted {up:?} after start; 8 MiB echo at {:.0} MiB/s; stopped {:?} after SIGTERM",
+        8.0 / t.elapsed.as_secs_f64(),
+        stopping.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_where_no_instance_can_start_fails_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("run.toml");
+    std::fs::write(
+        &file,
+        "[[agent]]\nname = \"a\"\nforward = [\"8080:80\"]\n\n[[connector]]\nname = \"c\"\n",
+    )
+    .unwrap();
+    let mut p = Burrow::spawn(bin(), ["run", "--config", file.to_str().unwrap()]).unwrap();
+    let st = p.wait_exit(WAIT).await.unwrap();
+    assert!(!st.success());
+    let err = p.stderr_lines().join("\n");
+    let f = file.display();
+    assert!(
+        err.contains(&format!(
+            "instance [[agent]] a ({f} line 1): line 3, key forward[0]"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "instance [[connector]] c ({f} line 5): [[connector]] instances are not supported yet"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("no instance of"), "{err}");
+    // A mistake outside every instance stops the whole file, with its line.
+    std::fs::write(
+        &file,
+        "[[agent]]\nname = \"a\"\n\n[[gatway]]\nname = \"g\"\n",
+    )
+    .unwrap();
+    let mut p = Burrow::spawn(bin(), ["run", "--config", file.to_str().unwrap()]).unwrap();
+    let st = p.wait_exit(WAIT).await.unwrap();
+    assert!(!st.success());
+    let err = p.stderr_lines().join("\n");
+    assert!(
+        err.contains("line 4, key gatway: unknown key `gatway`: did you mean `gateway`?"),
+        "{err}"
+    );
+}
