@@ -24,7 +24,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::{lock, semaphore, Hub, LogThrottle};
 use crate::config::{ConnectorGrant, TARGETS};
 use crate::relay::streams;
-use crate::session::{self, handshake, OpenError, Session, Stream};
+use crate::session::{handshake, OpenError, Session, Stream};
 use crate::stats::{bump, GaugeGuard};
 use crate::transport;
 
@@ -322,7 +322,7 @@ pub(super) async fn serve_connector(
     let span = tracing::info_span!("connector", name = %grant.name);
     async move {
         let started =
-            session::start(conn.io, acc.leftover, Side::Gateway, acc.params, grant.name.clone());
+            conn.start(acc.leftover, Side::Gateway, acc.params, grant.name.clone());
         let session = started.session;
         // Connectors carry no UDP: a datagram from one is a protocol error.
         drop(started.datagrams);
