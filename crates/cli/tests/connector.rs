@@ -67,29 +67,44 @@ struct World {
     connector_quic: bool,
 }
 
+/// The gateway's file: agents `office` and `home`, and `connectors`.
+fn gateway_text(office: &SecretKey, home: &SecretKey, connectors: &[Entry<'_>]) -> String {
+    let mut text = String::new();
+    for (name, key) in [("office", office), ("home", home)] {
+        text.push_str(&format!(
+            "[[agents]]\nname = \"{name}\"\nkey_hash = \"{}\"\nports = [\"1024-65535\"]\n\n",
+            key.hash()
+        ));
+    }
+    for c in connectors {
+        let reach: Vec<String> = c.reach.iter().map(|r| format!("{r:?}")).collect();
+        text.push_str(&format!(
+            "\n[[connectors]]\nname = \"{}\"\nkey_hash = \"{}\"\nreach = [{}]\n",
+            c.name,
+            c.key.hash(),
+            reach.join(", ")
+        ));
+    }
+    text
+}
+
 impl World {
     async fn start(connectors: &[Entry<'_>]) -> World {
+        Self::start_with(connectors, &[]).await
+    }
+
+    /// As [`World::start`], with more gateway flags.
+    async fn start_with(connectors: &[Entry<'_>], args: &[&str]) -> World {
         let dir = tempfile::tempdir().unwrap();
         let (office, home) = (SecretKey::generate(), SecretKey::generate());
-        let mut text = String::new();
-        for (name, key) in [("office", &office), ("home", &home)] {
-            text.push_str(&format!(
-                "[[agents]]\nname = \"{name}\"\nkey_hash = \"{}\"\nports = [\"1024-65535\"]\n\n",
-                key.hash()
-            ));
-        }
-        for c in connectors {
-            let reach: Vec<String> = c.reach.iter().map(|r| format!("{r:?}")).collect();
-            text.push_str(&format!(
-                "\n[[connectors]]\nname = \"{}\"\nkey_hash = \"{}\"\nreach = [{}]\n",
-                c.name,
-                c.key.hash(),
-                reach.join(", ")
-            ));
-        }
+        let text = gateway_text(&office, &home, connectors);
         let config = dir.path().join("gateway.toml");
         std::fs::write(&config, text).unwrap();
-        let gw = Self::spec(dir.path(), &config).start(bin()).await.unwrap();
+        let gw = Self::spec(dir.path(), &config)
+            .args(args.iter().copied())
+            .start(bin())
+            .await
+            .unwrap();
         World {
             dir,
             gw,
@@ -99,6 +114,15 @@ impl World {
             agent_quic: false,
             connector_quic: false,
         }
+    }
+
+    /// Writes the gateway's file again with `connectors` (the agents as they were).
+    fn rewrite(&self, connectors: &[Entry<'_>]) {
+        std::fs::write(
+            &self.config,
+            gateway_text(&self.office, &self.home, connectors),
+        )
+        .unwrap();
     }
 
     fn spec(dir: &Path, config: &Path) -> GatewaySpec {
@@ -1141,4 +1165,197 @@ async fn connector_over_quic_agent_over_tls_byte_exact_with_flow_control() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_over_quic_connector_over_tls_byte_exact_with_flow_control() {
     within("agent over quic", across_carriers(false, true)).await;
+}
+
+/// `POST /api/reload` on the gateway's admin server: the answer's `changes`.
+async fn reload_gateway(gw: &mut GatewayProc) -> Vec<String> {
+    const PREFIX: &str = "admin listening on http://";
+    let line = match gw
+        .stdout_lines()
+        .iter()
+        .find(|l| l.starts_with(PREFIX))
+        .cloned()
+    {
+        Some(l) => l,
+        None => gw
+            .wait_stdout(|l| l.starts_with(PREFIX), WAIT)
+            .await
+            .unwrap(),
+    };
+    let admin: SocketAddr = line[PREFIX.len()..].trim().parse().unwrap();
+    let mut tcp = TcpStream::connect(admin).await.unwrap();
+    tcp.write_all(
+        format!("POST /api/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    let report: serde_json::Value = serde_json::from_str(body).unwrap();
+    report["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// One echo round trip of `data` on an open connection.
+async fn round_trip(c: &mut TcpStream, data: &[u8]) {
+    c.write_all(data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    c.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_reload_adds_removes_rekeys_and_narrows_connectors() {
+    within("connector reload", async {
+        let (laptop, desk, old, new, fresh) = (
+            SecretKey::generate(),
+            SecretKey::generate(),
+            SecretKey::generate(),
+            SecretKey::generate(),
+            SecretKey::generate(),
+        );
+        let mut w = World::start_with(
+            &[
+                Entry {
+                    name: "laptop",
+                    key: &laptop,
+                    reach: &["office/echo", "office/other"],
+                },
+                Entry {
+                    name: "desk",
+                    key: &desk,
+                    reach: &["office/echo"],
+                },
+                Entry {
+                    name: "rekey",
+                    key: &old,
+                    reach: &["office/echo"],
+                },
+            ],
+            &["--admin", "127.0.0.1:0"],
+        )
+        .await;
+        let (echo, other) = (
+            TcpTarget::echo().await.unwrap(),
+            TcpTarget::echo().await.unwrap(),
+        );
+        let args: Vec<String> = private("echo", echo.addr())
+            .into_iter()
+            .chain(private("other", other.addr()))
+            .collect();
+        let mut agent = w.agent(&args, 2).await;
+        let mut c_laptop = w
+            .connector(&laptop, &["0=office/echo", "0=office/other"])
+            .await;
+        let mut c_desk = w.connector(&desk, &["0=office/echo"]).await;
+        let mut c_rekey = w.connector(&old, &["0=office/echo"]).await;
+        c_laptop.ready(0).await;
+        c_laptop.ready(1).await;
+        c_desk.ready(0).await;
+        c_rekey.ready(0).await;
+        // A stream through `laptop` to `other`, open across the reload that narrows its reach.
+        let mut held = TcpStream::connect(c_laptop.addr(1)).await.unwrap();
+        round_trip(&mut held, b"before the reload").await;
+        let other_before = other.accepted();
+
+        // `desk` removed, `rekey` with a new key, `laptop` without `office/other`, `fresh`
+        // added.
+        w.rewrite(&[
+            Entry {
+                name: "laptop",
+                key: &laptop,
+                reach: &["office/echo"],
+            },
+            Entry {
+                name: "rekey",
+                key: &new,
+                reach: &["office/echo"],
+            },
+            Entry {
+                name: "fresh",
+                key: &fresh,
+                reach: &["office/echo"],
+            },
+        ]);
+        let started = Instant::now();
+        let changes = reload_gateway(&mut w.gw).await;
+        println!("reload answered in {:?}: {changes:#?}", started.elapsed());
+        let has = |needle: &str| changes.iter().any(|c| c.contains(needle));
+        assert!(has("connector `desk` removed"), "{changes:?}");
+        assert!(has("connector `rekey`: key changed"), "{changes:?}");
+        assert!(
+            has("connector `laptop`: reach [office/echo] (was [office/echo, office/other])"),
+            "{changes:?}"
+        );
+        assert!(has("connector `fresh` added"), "{changes:?}");
+
+        // The removed and the re-keyed connectors lose their sessions, told why.
+        c_desk
+            .proc
+            .wait_stderr(
+                "connector `desk` was removed from the gateway's config",
+                WAIT,
+            )
+            .await
+            .unwrap();
+        c_rekey
+            .proc
+            .wait_stderr(
+                "the key of connector `rekey` changed in the gateway's config",
+                WAIT,
+            )
+            .await
+            .unwrap();
+        // Their clients are closed from now on (the key is no longer accepted).
+        refused_promptly(c_desk.addr(0)).await;
+        // The added one is accepted at once.
+        let mut c_fresh = w.connector(&fresh, &["0=office/echo"]).await;
+        c_fresh.ready(0).await;
+        let (sent, got, total) = hashed_echo(
+            TcpStream::connect(c_fresh.addr(0)).await.unwrap(),
+            1 << 20,
+            8,
+        )
+        .await;
+        assert_eq!((sent, total), (got, 1 << 20));
+        // The narrowed one: its open stream carries on, a new one outside the reach is
+        // refused with the cause (and reaches no target), one inside it works.
+        round_trip(&mut held, b"after the reload").await;
+        let took = refused_promptly(c_laptop.addr(1)).await;
+        c_laptop
+            .proc
+            .wait_stderr("`office/other` is not in this connector's reach", WAIT)
+            .await
+            .unwrap();
+        assert_eq!(
+            other.accepted(),
+            other_before,
+            "no connection to the target outside the reach"
+        );
+        let (sent, got, total) = hashed_echo(
+            TcpStream::connect(c_laptop.addr(0)).await.unwrap(),
+            1 << 20,
+            9,
+        )
+        .await;
+        assert_eq!((sent, total), (got, 1 << 20));
+        println!("after the reload a stream outside the narrowed reach was closed in {took:?}");
+        drop(held);
+        for (p, who) in [
+            (&mut c_laptop.proc, "laptop"),
+            (&mut c_fresh.proc, "fresh"),
+            (&mut agent, "agent"),
+        ] {
+            stop_cleanly(p, who).await;
+        }
+    })
+    .await;
 }
