@@ -2346,13 +2346,23 @@ impl Source<'_> {
             return Err(self.error(
                 span,
                 format!("{at}.name"),
-                "a private service (public = false) needs a `name`: connectors reach it as                  AGENT/NAME",
+                "a private service (public = false) needs a `name`: connectors reach it as \
+                 AGENT/NAME",
             ));
         };
-        check_service_name(&name.0).map_err(|why| self.error(span, format!("{at}.name"), why))?;
+        check_service_name(&name.0)
+            .map_err(|why| self.error(span.clone(), format!("{at}.name"), why))?;
+        if let Some(p) = raw.public_path {
+            return Err(self.error(
+                p.span(),
+                format!("{at}.public_path"),
+                "a private service (public = false) has no public end: remove one of the two",
+            ));
+        }
         Ok(PrivateService {
             name: name.0,
             target: raw.target.0,
+            proxy_protocol: raw.proxy_protocol.map(|p| p.into_inner().0),
         })
     }
 }

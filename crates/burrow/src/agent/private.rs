@@ -72,8 +72,8 @@ pub(super) fn on_result(cfg: &AgentConfig, res: &BindResult) -> bool {
 
 /// Where an allowed connector stream goes.
 enum Dest {
-    /// A private service's target.
-    Target(Target),
+    /// A private service's target, and the PROXY protocol header it gets.
+    Target(Target, Option<crate::proxy_protocol::ProxyProtocol>),
     /// A host name the allow list names: connected to by name.
     Name(String, u16),
     /// Addresses the allow list takes, in the resolver's order.
@@ -164,6 +164,14 @@ pub(super) fn accept(
                     return;
                 }
             };
+            // The connector's client, as the connector saw it, before the first byte.
+            if let Dest::Target(_, Some(version)) = &dest {
+                if let Err(e) = crate::proxy_protocol::send(&mut local, *version, client).await {
+                    warn!("cannot write the PROXY protocol header to the target: {e}");
+                    stream.reset(ErrorCode::ConnectFailed);
+                    return;
+                }
+            }
             debug!("connector stream opened");
             let meter = tally.stream("", &label);
             let stats = relay::relay_metered(&stream, &mut local, Some(meter.meter(false))).await;
@@ -184,7 +192,7 @@ async fn check(cfg: &AgentConfig, dial: &Dial) -> Result<Dest, (ErrorCode, Strin
     let address = match &dial.target {
         DialTarget::Service(name) => {
             return match cfg.private.service(name) {
-                Some(s) => Ok(Dest::Target(s.target.clone())),
+                Some(s) => Ok(Dest::Target(s.target.clone(), s.proxy_protocol)),
                 None => Err((
                     ErrorCode::NoSuchService,
                     format!("no private service named `{name}` here (--private NAME=TARGET)"),
@@ -251,10 +259,10 @@ fn split(s: &str) -> Option<(&str, u16)> {
 
 async fn connect(dest: &Dest) -> std::io::Result<Local> {
     let tcp = match dest {
-        Dest::Target(Target::Unix(path)) => {
+        Dest::Target(Target::Unix(path), _) => {
             return Ok(Local::Unix(UnixStream::connect(path).await?))
         }
-        Dest::Target(Target::Tcp { host, port }) => {
+        Dest::Target(Target::Tcp { host, port }, _) => {
             TcpStream::connect((host.as_str(), *port)).await?
         }
         Dest::Name(host, port) => TcpStream::connect((host.as_str(), *port)).await?,
@@ -302,7 +310,10 @@ mod tests {
         let c = cfg(&["127.0.0.0/8:22", "localhost:8000-8010", "[::1]:*"]);
         let svc = |s: &str| dial(DialTarget::Service(s.into()));
         let addr = |s: &str| dial(DialTarget::Address(s.into()));
-        assert!(matches!(check(&c, &svc("vnc")).await, Ok(Dest::Target(_))));
+        assert!(matches!(
+            check(&c, &svc("vnc")).await,
+            Ok(Dest::Target(_, None))
+        ));
         assert_eq!(
             check(&c, &svc("ssh")).await.err().unwrap().0,
             ErrorCode::NoSuchService

@@ -74,12 +74,39 @@ pub struct PrivateService {
     pub name: String,
     /// Where its streams go.
     pub target: Target,
+    /// The PROXY protocol header written to the target before a stream's first byte, with
+    /// the address of the connector's client (`?proxy_protocol=v1|v2` after the spec,
+    /// `proxy_protocol` in `[[forwards]]`; none by default).
+    pub proxy_protocol: Option<crate::proxy_protocol::ProxyProtocol>,
 }
 
-/// Parses `--private NAME=TARGET`, TARGET being `host:port`, `[ipv6]:port` or
-/// `unix:/path/to.sock`.
+/// Parses `--private NAME=TARGET[?proxy_protocol=v1|v2]`, TARGET being `host:port`,
+/// `[ipv6]:port` or `unix:/path/to.sock`.
 pub fn parse_private(spec: &str) -> Result<PrivateService, String> {
-    let spec = spec.trim();
+    let whole = spec.trim();
+    let (spec, options) = super::split_options(whole);
+    let mut proxy_protocol = None;
+    for option in options
+        .unwrap_or("")
+        .split('&')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+    {
+        match option.split_once('=') {
+            Some(("proxy_protocol", v)) if !v.trim().is_empty() => {
+                proxy_protocol = Some(
+                    v.parse()
+                        .map_err(|e| format!("private service {whole:?}: {e}"))?,
+                );
+            }
+            _ => {
+                return Err(format!(
+                    "private service {whole:?}: unknown option `{option}` after `?` (known: \
+                     proxy_protocol=v1|v2)"
+                ))
+            }
+        }
+    }
     let Some((name, target)) = spec.split_once('=') else {
         return Err(format!(
             "private service {spec:?}: write NAME=TARGET, e.g. vnc=127.0.0.1:5900 (connectors \
@@ -92,6 +119,7 @@ pub fn parse_private(spec: &str) -> Result<PrivateService, String> {
     Ok(PrivateService {
         name: name.to_string(),
         target,
+        proxy_protocol,
     })
 }
 

@@ -176,9 +176,10 @@ fn connector_grant(out: &mut Out, c: &ConnectorGrant) {
 fn private(out: &mut Out, p: &PrivateConfig) {
     let PrivateConfig { services, allow } = p;
     if !services.is_empty() {
-        let specs = services
-            .iter()
-            .map(|s| toml::Value::from(format!("{}={}", s.name, s.target)));
+        let specs = services.iter().map(|s| match s.proxy_protocol {
+            Some(v) => toml::Value::from(format!("{}={}?proxy_protocol={v}", s.name, s.target)),
+            None => toml::Value::from(format!("{}={}", s.name, s.target)),
+        });
         out.value("private", toml::Value::Array(specs.collect()));
     }
     if !allow.is_empty() {
