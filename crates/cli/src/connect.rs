@@ -11,7 +11,7 @@ use burrow::connector::{Connector, ConnectorStatus, ForwardState};
 use burrow::transport::ProxyChoice;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::run;
 
@@ -169,6 +169,14 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let gateway = config.gateway.clone();
     run::runtime()?.block_on(async move {
         let signals = run::Signals::install()?;
+        // No reload here: SIGHUP is logged (its default would end the process).
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot handle SIGHUP")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                warn!(target: run::LOG_TARGET, "SIGHUP: `burrow connect` does not reload its settings; restart it to apply a change");
+            }
+        });
         let connector = Connector::bind(config)
             .await
             .map_err(anyhow::Error::msg)
