@@ -52,6 +52,7 @@ async fn a_rogue_gateway_cannot_make_the_agent_connect_outside_its_private_servi
         key: SecretKey::generate(),
         trust: Trust::Plain,
         server_name: None,
+        extra_gateways: Vec::new(),
         proxy: burrow::transport::ProxyChoice::Direct,
         forwards: vec![forward_named(
             0,

@@ -607,6 +607,13 @@ const LAPTOP: &str = "[[connectors]]\nname = \"laptop\"\n\
 const DESK: &str = "[[connectors]]\nname = \"desk\"\n\
     key = \"bk_wyF-RYt70WD3DeY9UiPlXg2JrHKDRphcc1kFZA-5dXI\"\nreach = [\"default/ssh\"]";
 const VNC: &str = "[[forwards]]\nname = \"vnc\"\ntarget = \"127.0.0.1:5900\"\npublic = false";
+const API_GROUP: &str =
+    "[[forwards]]\npublic_port = 9000\ntarget = \"[::1]:3000\"\ngroup = \"web\"";
+const WEB_GROUP: &str = "[[agents]]\nname = \"alice\"\n\
+    key_hash = \"bkh_tjpv6pJLLHVz98RUc4z1VaSnbUDW0Nm1UIIbnZ4xzos\"\nports = [8080]\n\
+    [[groups]]\nname = \"web\"\nagents = [\"alice\"]";
+const TWO_GATEWAYS: &str = "gateways = [\"gw1.example:7443\", \
+    { url = \"gw2.example:7443\", fingerprint = \"SHA256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\" }]";
 
 /// Every key of the config files: (role, key, TOML, what `--print-config` then shows). The
 /// TOML makes the whole gateway file; an agent file also gets the lines of [`AGENT_FILE`]
@@ -650,9 +657,12 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Gateway, "connectors.reach", LAPTOP, "reach = [\"default/vnc\", \"default/*\", \"default/targets\"]"),
     (Role::Gateway, "connectors.max_sessions", LAPTOP, "max_sessions = 3"),
     (Role::Gateway, "connectors.max_streams", LAPTOP, "max_streams = 99"),
+    (Role::Gateway, "groups.name", WEB_GROUP, "[[groups]]\nname = \"web\""),
+    (Role::Gateway, "groups.agents", WEB_GROUP, "agents = [\"alice\"]"),
     (Role::Both, "admin", "admin = \"127.0.0.1:4569\"", "admin = \"127.0.0.1:4569\""),
     (Role::Both, "admin_token", "admin_token = \"a-long-enough-admin-token\"", "admin_token = \"****\""),
     (Role::Agent, "gateway", "gateway = \"gw.example:9443\"", "gateway = \"gw.example:9443\""),
+    (Role::Agent, "gateways", TWO_GATEWAYS, "gateways = [{ url = \"gw1.example:7443\", fingerprint = \"SHA256:1111111111111111111111111111111111111111111111111111111111111111\" }, { url = \"gw2.example:7443\", fingerprint = \"SHA256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\" }]"),
     (Role::Agent, "key", "key = \"bk_5JG9gAt6USx2Cm5GCBiq-AdRjUxOI2NSRKwsBWYJGSU\"", "key = \"bk_****\""),
     (Role::Agent, "fingerprint", FP_A_KEY, FINGERPRINT_A),
     (Role::Agent, "ca", "ca = \"/etc/ssl/ca.pem\"", "ca = \"/etc/ssl/ca.pem\""),
@@ -669,6 +679,7 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Agent, "forwards.public", VNC, "private = [\"vnc=127.0.0.1:5900\"]"),
     (Role::Agent, "private", "private = [\"vnc=127.0.0.1:5900\"]", "private = [\"vnc=127.0.0.1:5900\"]"),
     (Role::Agent, "allow", "allow = [\"10.0.5.0/24:22\", \"nas.internal:*\"]", "allow = [\"10.0.5.0/24:22\", \"nas.internal:*\"]"),
+    (Role::Agent, "forwards.group", API_GROUP, "group = \"web\""),
 ];
 
 /// Keys tested elsewhere: `log_level` in [`LOG_LEVELS`]; `log_format` and `key_file` in
@@ -692,7 +703,8 @@ fn file_text(role: Role, toml: &str) -> String {
     let mut text = String::new();
     for line in AGENT_FILE.lines() {
         let key = line.split_once('=').map_or("", |(k, _)| k.trim());
-        if top.contains(&key) || (key == "fingerprint" && trust_set) {
+        let gateway_set = key == "gateway" && top.contains(&"gateways");
+        if top.contains(&key) || (key == "fingerprint" && trust_set) || gateway_set {
             continue;
         }
         text.push_str(line);

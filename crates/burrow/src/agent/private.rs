@@ -279,7 +279,7 @@ mod tests {
 
     fn cfg(allow: &[&str]) -> AgentConfig {
         let mut c = crate::config::AgentSettings {
-            gateway: Some("127.0.0.1:1".into()),
+            gateways: Some(vec![crate::config::GatewaySetting::new("127.0.0.1:1")]),
             key: Some(burrow_proto::auth::SecretKey::generate()),
             transport: Some(crate::config::TransportKind::Tcp),
             ..Default::default()

@@ -20,15 +20,20 @@
 //! stream a connector opens is checked against its `reach` and joined to a stream in the
 //! agent's session (`connect`).
 //!
+//! Agents may share a public port in a group (their binds name the same group): new clients
+//! are spread over the group's live sessions, and the port stays bound while any member holds
+//! it (`groups.rs`).
+//!
 //! The agents and connectors it accepts can change while it runs: a reload of the config
 //! file or a token made or revoked swaps the whole set at once, then closes what is no longer
 //! granted and only that (`reload`).
 //!
 //! The parts: `accept` (the tunnel port, up to an authenticated session), `serve` (one
-//! session: its binds and its end), `ports` (public listeners and their connections), `lease`
-//! (ports kept for a dropped agent, and across restarts), `connect` (connectors and their
-//! streams), `reload` (a new set of agents and connectors: from the config file, or from the
-//! tokens) and `admin` (what the admin server reads).
+//! session: its binds and its end), `ports` (public listeners and their connections),
+//! `groups` (who a port's clients go to), `lease` (ports kept for a dropped agent, and across
+//! restarts), `connect` (connectors and their streams), `reload` (a new set of agents and
+//! connectors: from the config file, or from the tokens) and `admin` (what the admin server
+//! reads).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,6 +53,7 @@ use tracing::{debug, info, warn};
 mod accept;
 mod admin;
 mod connect;
+mod groups;
 mod lease;
 mod ports;
 mod quic;
@@ -169,12 +175,10 @@ type Grants = HashMap<KeyHash, Arc<AgentGrant>>;
 
 struct PortEntry {
     addr: SocketAddr,
-    route: Arc<Mutex<Option<Route>>>,
-    /// Stops this port's listener.
+    /// The sessions its clients go to; shared with the other members' entries in a group.
+    route: Arc<Mutex<groups::Routes>>,
+    /// Stops this port's listener (shared in a group, like `route`).
     cancel: CancellationToken,
-    /// Closes this port's public connections (a grant narrowed, an agent removed); not
-    /// cancelled at shutdown, where they drain.
-    close: CancellationToken,
     /// The generation of the session that bound it, while one routes it.
     owner: Option<u64>,
     /// The lease it is on while no session routes it (ids grow: the smallest is the oldest).
@@ -192,6 +196,16 @@ impl PortEntry {
             Some(p) => format!("unix:{}", p.display()),
             None => public_text(hub, self.addr),
         }
+    }
+
+    /// Lets go of the port after the entry was taken out of its agent's table: closes the
+    /// listener unless another member of its group still holds it. True when closed.
+    fn close(&self) -> bool {
+        let last = lock(&self.route).release();
+        if last {
+            self.cancel.cancel();
+        }
+        last
     }
 }
 
@@ -245,7 +259,7 @@ impl Gateway {
             generated = Some(key);
         }
         let config_agents = agents.clone();
-        for warning in overlapping_grants(&agents) {
+        for warning in overlapping_grants(&agents, &config.groups) {
             warn!("{warning}");
         }
         let tokens = TokenBook::load(&config.state_dir).map_err(GatewayError)?;
@@ -519,9 +533,16 @@ impl Hub {
         lock(&self.grants).clone()
     }
 
-    /// Keeps the port the gateway chose for `agent`'s `service` across restarts.
-    fn remember_port(&self, agent: &str, protocol: Protocol, service: &str, port: u16) {
-        if !lock(&self.lease_book).set(agent, protocol, service, port) {
+    /// Keeps the port the gateway chose for `agent`'s `service` (of `group`) across restarts.
+    fn remember_port(
+        &self,
+        agent: &str,
+        protocol: Protocol,
+        service: &str,
+        port: u16,
+        group: Option<&str>,
+    ) {
+        if !lock(&self.lease_book).set(agent, protocol, service, port, group) {
             debug!(
                 agent,
                 service,
