@@ -7,6 +7,8 @@
 //! a crypto-floor row (sealing and opening with the session's AEAD) turns TLS's extra CPU
 //! over tcp into a multiple of the least encryption costs. With `--peers`, bore and rathole
 //! run the same workloads in the same rounds when installed.
+//! The connector path (client -> `burrow connect` -> gateway -> agent -> target) is measured
+//! in the same rounds too, unless `--skip-connector`.
 //! UDP (a UDP forward to a sink) is measured direct and through each tunnel: the most one
 //! client gets through, and the loss at half the tls tunnel's maximum rate.
 //!
@@ -29,12 +31,14 @@
 //! - `relay_proc`: the 2-hop reference, two forwarding child processes in a row.
 //! - `peers`: bore and rathole, run like the tunnels when installed (`--peers`).
 //! - `floor`: the crypto floor, sealing and opening with the TLS session's AEAD.
+//! - `connector`: the connector path, a connector in front of a gateway and agent pair.
 //! - `throughput`, `latency`, `memory`: the workloads; `udp`: the UDP sink and echo, and the
 //!   client that sends datagrams at them.
 //! - `sys`: open-file limit, `/proc` readings, the machine.
 //! - `stats`, `report`: medians and percentiles; the table and its targets;
 //!   `side_by_side`: one line per route (Burrow beside the peers) and round 2's targets.
 
+mod connector;
 mod echo_proc;
 mod floor;
 mod latency;
@@ -243,6 +247,7 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
         settings: describe(settings),
         transports: settings.transports.clone(),
         relay: settings.relay,
+        connector: settings.connector,
         ..Results::default()
     };
     if settings.tcp {
@@ -301,6 +306,11 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
         let started = Tunnelled::start(settings, bin, transport, gateway_config, published).await?;
         tunnels.push(started);
     }
+    let connector = if settings.connector {
+        Some(connector::ConnectorPath::start(bin, settings.write_len).await?)
+    } else {
+        None
+    };
     let bench = Bench {
         settings,
         direct: &direct,
@@ -308,11 +318,15 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
         tunnels: &tunnels,
         relayed: relayed.as_ref(),
         peers: &peer_tunnels,
+        connector: connector.as_ref(),
         fd_limit,
     };
     let outcome = bench.sections(&mut results, held.as_mut()).await;
     for t in tunnels {
         results.notes.extend(t.tunnel.stop().await);
+    }
+    if let Some(c) = connector {
+        results.notes.extend(c.stop().await);
     }
     if let Some(relayed) = relayed {
         results.notes.extend(relayed.chain.stop().await);
@@ -336,6 +350,8 @@ struct Bench<'a> {
     relayed: Option<&'a Relayed>,
     /// The other tunnels (`--peers`) that started.
     peers: &'a [PeerTunnel],
+    /// `None` when the connector path is skipped.
+    connector: Option<&'a connector::ConnectorPath>,
     fd_limit: u64,
 }
 
@@ -364,7 +380,7 @@ impl Bench<'_> {
     }
 
     /// Every route measured, in the order each workload runs them: direct, the relay
-    /// reference, each peer, then each tunnel.
+    /// reference, each peer, each tunnel, then the connector path.
     fn ways(&self) -> Vec<Way<'_>> {
         let mut ways = vec![Way {
             route: Route::Direct,
@@ -400,6 +416,17 @@ impl Bench<'_> {
             },
             echo: t.echo,
         }));
+        if let Some(c) = self.connector {
+            ways.push(Way {
+                route: Route::Connector,
+                to: Endpoints {
+                    sink: c.sink,
+                    source: c.source,
+                    ledger: &c.targets.ledger,
+                },
+                echo: c.echo,
+            });
+        }
         ways
     }
 
@@ -463,6 +490,7 @@ impl Bench<'_> {
                 tunnel: Default::default(),
                 relay: Vec::new(),
                 peer: Default::default(),
+                connector: Vec::new(),
             })
             .collect();
         let ways = self.ways();
@@ -490,7 +518,7 @@ impl Bench<'_> {
                         Ok(t) => {
                             row.side(way.route).push(t.gbit_per_s());
                             match way.route {
-                                Route::Direct => {}
+                                Route::Direct | Route::Connector => {}
                                 Route::Relay => relay_bytes += t.bytes,
                                 Route::Peer(p) => *peer_bytes.entry(p).or_default() += t.bytes,
                                 Route::Tunnel(transport) => {
@@ -820,6 +848,9 @@ fn describe(s: &Settings) -> String {
             "; crypto floor over {} MB",
             s.floor_bytes / 1_000_000
         ));
+    }
+    if !s.connector {
+        line.push_str("; connector path skipped");
     }
     if s.udp {
         line.push_str(&format!(

@@ -41,6 +41,7 @@ fn pick(l: &Latency, route: Route, f: fn(&Percentiles) -> f64) -> Option<f64> {
         Route::Relay => Some(&l.relay),
         Route::Tunnel(t) => l.tunnel.get(&t),
         Route::Peer(p) => l.peer.get(&p),
+        Route::Connector => Some(&l.connector),
     };
     let values: Vec<f64> = rounds.into_iter().flatten().map(f).collect();
     spread(&values).map(|s| s.median)
@@ -58,10 +59,12 @@ impl Line {
                 Route::Relay => Some(&w.relay),
                 Route::Tunnel(t) => w.tunnel.get(&t),
                 Route::Peer(p) => w.peer.get(&p),
+                Route::Connector => Some(&w.connector),
             })
         };
         let cpu = r.cpu.as_ref().and_then(|c| match route {
-            Route::Direct => None,
+            // The connector path's processes are not counted.
+            Route::Direct | Route::Connector => None,
             Route::Relay => c.relay,
             Route::Tunnel(t) => c.tunnel.get(&t).copied(),
             Route::Peer(p) => c.peer.get(&p).copied(),
@@ -106,6 +109,9 @@ pub fn render(r: &Results) -> String {
     );
     for &t in &r.transports {
         routes.push((Route::Tunnel(t), format!("Burrow, {}", t.name())));
+    }
+    if r.connector {
+        routes.push((Route::Connector, "Burrow, tls, through a connector".into()));
     }
     for (route, name) in &routes {
         let l = Line::of(r, *route);
@@ -258,6 +264,7 @@ mod tests {
             tunnel: [(Tls, vec![tls]), (Tcp, vec![tcp])].into(),
             relay: Vec::new(),
             peer: [(Peer::Rathole, vec![rathole])].into(),
+            connector: Vec::new(),
         };
         let use_ = |seconds, gb: f64| CpuUse {
             seconds,
@@ -275,12 +282,14 @@ mod tests {
                 tunnel: [(Tls, p(90.0)), (Tcp, p(80.0))].into(),
                 relay: Vec::new(),
                 peer: [(Peer::Bore, p(84.0)), (Peer::Rathole, p(100.0))].into(),
+                connector: Vec::new(),
             },
             connect: Latency {
                 direct: p(80.0),
                 tunnel: [(Tls, p(429.0))].into(),
                 relay: Vec::new(),
                 peer: [(Peer::Bore, p(482.0)), (Peer::Rathole, p(358.0))].into(),
+                connector: Vec::new(),
             },
             cpu: Some(Cpu {
                 tunnel: [(Tls, use_(2.0, 1.0)), (Tcp, use_(1.0, 1.0))].into(),
