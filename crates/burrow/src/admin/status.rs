@@ -66,7 +66,8 @@ pub struct AgentRow {
 /// A live session.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SessionRow {
-    /// `tls`, `tcp`, `ws`, `wss`, or `ws-listen` (at the gateway: WebSocket behind a proxy).
+    /// `tls`, `tcp`, `ws`, `wss`, `quic`, or `ws-listen` (at the gateway: WebSocket behind a
+    /// proxy); for an `auto://` agent, the carrier in use (`quic` or `tls`).
     pub transport: String,
     /// The peer's address (at the agent: the gateway's).
     pub address: String,
