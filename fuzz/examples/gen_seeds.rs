@@ -16,7 +16,7 @@ use burrow_proto::auth::{encode_b64, SecretKey};
 use burrow_proto::frame::{Header, FIN};
 use burrow_proto::message::{
     preamble, Auth, AuthOk, Bind, BindResult, Challenge, GoAway, Open, Protocol, Role,
-    SessionParams, StreamLimits,
+    SessionParams, StreamLimits, Unbind,
 };
 use burrow_proto::{ErrorCode, Frame, Kind};
 use bytes::{Bytes, BytesMut};
@@ -89,7 +89,22 @@ fn frames() -> Vec<(&'static str, Frame)> {
             "datagram",
             Frame::new(Kind::Datagram, 0, 9, Bytes::from_static(b"udp")),
         ),
-        ("challenge", Challenge { nonce: [0xab; 32] }.to_frame()),
+        (
+            "challenge",
+            Challenge {
+                nonce: [0xab; 32],
+                proxied: false,
+            }
+            .to_frame(),
+        ),
+        (
+            "challenge-proxied",
+            Challenge {
+                nonce: [0xab; 32],
+                proxied: true,
+            }
+            .to_frame(),
+        ),
         (
             "auth",
             Auth {
@@ -116,9 +131,36 @@ fn frames() -> Vec<(&'static str, Frame)> {
                 protocol: Protocol::Tcp,
                 port: 8080,
                 name: "web".into(),
+                path: None,
+                group: None,
             }
             .to_frame(),
         ),
+        (
+            "bind_grouped",
+            Bind {
+                service: 2,
+                protocol: Protocol::Tcp,
+                port: 0,
+                name: "api".into(),
+                path: None,
+                group: Some("web-pool".into()),
+            }
+            .to_frame(),
+        ),
+        (
+            "bind-unix",
+            Bind {
+                service: 2,
+                protocol: Protocol::Tcp,
+                port: 0,
+                name: "docker".into(),
+                path: Some("/run/burrow/docker.sock".into()),
+                group: None,
+            }
+            .to_frame(),
+        ),
+        ("unbind", Unbind { service: 1 }.to_frame()),
         (
             "bindresult",
             BindResult {

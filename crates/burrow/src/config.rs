@@ -181,6 +181,16 @@ impl AgentGrant {
     }
 }
 
+/// A group declared in the gateway's config (`[[groups]]`): the agents allowed to join it.
+/// A group no `[[groups]]` entry names is open to every agent whose grant has its port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupGrant {
+    /// The name agents' forwards give (`group=NAME`).
+    pub name: String,
+    /// The agents (`[[agents]] name`) allowed in it.
+    pub agents: Vec<String>,
+}
+
 /// Limits on what a peer controls. Every field has a documented default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -287,6 +297,8 @@ pub struct GatewayConfig {
     pub tls_key: Option<PathBuf>,
     /// Agents accepted. Empty: the generated key from the state dir, granted ports 1024-65535.
     pub agents: Vec<AgentGrant>,
+    /// Groups declared with the agents allowed in each (`[[groups]]`; none by default).
+    pub groups: Vec<GroupGrant>,
     /// Limits on peers.
     pub limits: Limits,
     /// Heartbeats.
@@ -343,6 +355,7 @@ impl GatewayConfig {
             tls_cert: None,
             tls_key: None,
             agents: Vec::new(),
+            groups: Vec::new(),
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
             lease: Duration::from_secs(60),
@@ -395,6 +408,10 @@ pub struct Forward {
     pub target: Target,
     /// A label for logs (default: the spec as written).
     pub name: String,
+    /// The group it joins on the gateway (`?group=NAME`, `group` in `[[forwards]]`): every
+    /// agent whose forward names the group shares the public port, and new clients are spread
+    /// over them.
+    pub group: Option<String>,
     /// A PROXY protocol header with the client's address is written to the target before
     /// the stream's first byte (`proxy_protocol`, `?proxy_protocol=v2` after a spec; off by
     /// default).
@@ -405,10 +422,45 @@ pub struct Forward {
     pub public_path: Option<PathBuf>,
 }
 
+/// One gateway an agent keeps a session with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayEndpoint {
+    /// `HOST:PORT`, or a URL whose scheme picks the transport.
+    pub gateway: String,
+    /// How its certificate is checked.
+    pub trust: Trust,
+    /// TLS server name to send (default: the host part of `gateway`).
+    pub server_name: Option<String>,
+}
+
+/// A gateway as one layer of settings names it: its address, and (in a file's `gateways`
+/// tables) its own fingerprint or CA and server name. What it leaves out comes from the
+/// settings for every gateway (`fingerprint`, `ca`, `server_name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewaySetting {
+    /// `HOST:PORT` or a URL.
+    pub url: String,
+    /// Its own fingerprint or CA.
+    pub trust: Option<Trust>,
+    /// Its own TLS server name.
+    pub server_name: Option<String>,
+}
+
+impl GatewaySetting {
+    /// A gateway named by its address alone.
+    pub fn new(url: impl Into<String>) -> GatewaySetting {
+        GatewaySetting {
+            url: url.into(),
+            trust: None,
+            server_name: None,
+        }
+    }
+}
+
 /// Everything an agent needs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// `host:port` of the gateway.
+    /// `host:port` of the (first) gateway.
     pub gateway: String,
     /// The agent's key.
     pub key: SecretKey,
@@ -416,6 +468,9 @@ pub struct AgentConfig {
     pub trust: Trust,
     /// TLS server name to send (default: the host part of `gateway`).
     pub server_name: Option<String>,
+    /// The other gateways (`--gateway` given more than once, `gateways = [...]`): the agent
+    /// keeps a session with each, as with `gateway`, and publishes the same forwards on each.
+    pub extra_gateways: Vec<GatewayEndpoint>,
     /// The outbound proxy to reach the gateway through (default: as the environment says).
     pub proxy: ProxyChoice,
     /// Services.
@@ -435,6 +490,20 @@ pub struct AgentConfig {
     pub key_file: Option<PathBuf>,
     /// The admin server (`admin`, `admin_token`; off by default).
     pub admin: AdminConfig,
+}
+
+impl AgentConfig {
+    /// Every gateway, `gateway` first.
+    pub fn gateways(&self) -> Vec<GatewayEndpoint> {
+        let first = GatewayEndpoint {
+            gateway: self.gateway.clone(),
+            trust: self.trust.clone(),
+            server_name: self.server_name.clone(),
+        };
+        std::iter::once(first)
+            .chain(self.extra_gateways.iter().cloned())
+            .collect()
+    }
 }
 
 /// How much a logger says: `error`, `warn`, `info`, `debug` or `trace`.
@@ -658,12 +727,13 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// Parses a forward spec, `[PUBLIC=]TARGET[?proxy_protocol=v1|v2]`.
+/// Parses a forward spec, `[PUBLIC=]TARGET[?OPTION=VALUE[&...]]`.
 ///
 /// TARGET is `host:port`, `[ipv6]:port` or `unix:/path/to.sock`; PUBLIC is a port (`0` or
 /// absent lets the gateway choose) or `unix:/path` for a unix socket on the gateway. After a
 /// `?` come options in the manner of a URL query (wstunnel writes `?proxy_protocol` the same
-/// way): `proxy_protocol=v1` or `v2`. The forward's name is the spec as written (trimmed),
+/// way), joined by `&`: `proxy_protocol=v1` or `v2`, and `group=NAME`, which puts the forward
+/// in a group ([`Forward::group`]). The forward's name is the spec as written (trimmed),
 /// without the options, so turning an option on keeps the name (and the port the gateway
 /// keeps for it).
 pub fn parse_forward(spec: &str) -> Result<Forward, String> {
@@ -678,8 +748,28 @@ pub fn parse_forward(spec: &str) -> Result<Forward, String> {
     Ok(forward)
 }
 
+/// Most characters in a group name.
+pub const MAX_GROUP_NAME: usize = 64;
+
+/// Checks a group name: 1 to [`MAX_GROUP_NAME`] letters, digits, `.`, `_` or `-`.
+pub fn parse_group(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let ok = !s.is_empty()
+        && s.len() <= MAX_GROUP_NAME
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a group name: use 1 to {MAX_GROUP_NAME} letters, digits, `.`, `_` or \
+             `-` (e.g. ?group=web)"
+        ))
+    }
+}
+
 /// The options a spec may carry after `?`.
-const FORWARD_OPTIONS: &[&str] = &["proxy_protocol"];
+const FORWARD_OPTIONS: &[&str] = &["proxy_protocol", "group"];
 
 /// `SPEC?OPTIONS`, split at the last `?` when what follows starts with a known option (a `?`
 /// in a unix path stays in the path).
@@ -710,10 +800,17 @@ fn forward_options(f: &mut Forward, spec: &str, options: &str) -> Result<(), Str
                         .map_err(|e| format!("forward {spec:?}: {e}"))?,
                 );
             }
+            "group" => {
+                if f.group.is_some() {
+                    return Err(format!("forward {spec:?}: `group` is given twice"));
+                }
+                f.group =
+                    Some(parse_group(value).map_err(|why| format!("forward {spec:?}: {why}"))?);
+            }
             other => {
                 return Err(format!(
                     "forward {spec:?}: unknown option `{other}` after `?` (known: \
-                     proxy_protocol=v1|v2)"
+                     proxy_protocol=v1|v2, group=NAME)"
                 ))
             }
         }
@@ -722,6 +819,12 @@ fn forward_options(f: &mut Forward, spec: &str, options: &str) -> Result<(), Str
         return Err(format!(
             "forward {spec:?}: a PROXY protocol header goes before a TCP stream; a UDP forward \
              cannot carry one"
+        ));
+    }
+    if f.public_path.is_some() && f.group.is_some() {
+        return Err(format!(
+            "forward {spec:?}: a group shares a public port; a unix socket on the gateway cannot \
+             join one (drop ?group= or give a port)"
         ));
     }
     Ok(())
@@ -757,6 +860,7 @@ fn parse_forward_as_written(spec: &str) -> Result<Forward, String> {
             name: spec.to_string(),
             proxy_protocol: None,
             public_path: Some(path),
+            group: None,
         });
     }
     let (public_port, target) = match rest.split_once('=') {
@@ -782,6 +886,7 @@ fn parse_forward_as_written(spec: &str) -> Result<Forward, String> {
         public_port,
         target,
         name: spec.to_string(),
+        group: None,
         proxy_protocol: None,
         public_path: None,
     })
@@ -796,9 +901,19 @@ fn forward_hint(spec: &str) -> Option<String> {
         if parse_forward_as_written(base).is_ok() {
             let key = option.split(['=', '&']).next().unwrap_or(option);
             return Some(format!(
-                "unknown option `{key}` after `?` (known: proxy_protocol=v1|v2)"
+                "unknown option `{key}` after `?` (known: proxy_protocol=v1|v2, group=NAME)"
             ));
         }
+    }
+    // `8080=127.0.0.1:80,group=web`: the comma made the option a forward of its own.
+    if let Some(key) = FORWARD_OPTIONS
+        .iter()
+        .find(|o| spec.strip_prefix(**o).is_some_and(|r| r.starts_with('=')))
+    {
+        return Some(format!(
+            "`{spec}` is an option, not a forward: options follow the spec after `?` and are \
+             joined by `&` (e.g. '8080=127.0.0.1:80?{key}=…'); commas separate forwards"
+        ));
     }
     let Some((port, target)) = spec.split_once('=').filter(|_| !spec.starts_with("unix:")) else {
         // Docker's `-p 8080:80` and ssh's `-R 8080:localhost:80`.
@@ -1049,6 +1164,8 @@ pub struct GatewaySettings {
     pub tls_key: Option<PathBuf>,
     /// `[[agents]]` (only files have them).
     pub agents: Option<Vec<AgentGrant>>,
+    /// `[[groups]]` (only files have them).
+    pub groups: Option<Vec<GroupGrant>>,
     /// `[limits]`, complete with defaults for keys the file leaves out.
     pub limits: Option<Limits>,
     /// `[heartbeat]`, complete with defaults for keys the file leaves out.
@@ -1092,6 +1209,7 @@ impl GatewaySettings {
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
             agents: over.agents.or(self.agents),
+            groups: over.groups.or(self.groups),
             limits: over.limits.or(self.limits),
             heartbeat: over.heartbeat.or(self.heartbeat),
             lease: over.lease.or(self.lease),
@@ -1138,6 +1256,7 @@ impl GatewaySettings {
         c.public_name = self.public_name;
         set(&mut c.allow_insecure_state, self.allow_insecure_state);
         c.agents = self.agents.unwrap_or_default();
+        c.groups = self.groups.unwrap_or_default();
         set(&mut c.listen, self.listen);
         set(&mut c.public_host, self.public_host);
         set(&mut c.limits, self.limits);
@@ -1172,12 +1291,13 @@ impl GatewaySettings {
 /// defaults and says which required setting is missing.
 #[derive(Debug, Clone, Default)]
 pub struct AgentSettings {
-    /// `gateway`, `--gateway`, `BURROW_GATEWAY`.
-    pub gateway: Option<String>,
+    /// `gateway` or `gateways`, `--gateway` (repeated), `BURROW_GATEWAY` (comma-separated).
+    pub gateways: Option<Vec<GatewaySetting>>,
     /// `key`.
     pub key: Option<SecretKey>,
-    /// `fingerprint` or `ca`: one setting, the highest layer that names either wins.
-    pub trust: Option<Trust>,
+    /// `fingerprint` or `ca`: one setting, the highest layer that names either wins. One
+    /// entry is for every gateway; several are one per gateway, in order.
+    pub trust: Option<Vec<Trust>>,
     /// `transport`; `tcp` means [`Trust::Plain`].
     pub transport: Option<TransportKind>,
     /// `server_name`.
@@ -1219,7 +1339,7 @@ impl AgentSettings {
             (self.key, self.key_file)
         };
         AgentSettings {
-            gateway: over.gateway.or(self.gateway),
+            gateways: over.gateways.or(self.gateways),
             key,
             key_file,
             admin: over.admin.or(self.admin),
@@ -1242,7 +1362,7 @@ impl AgentSettings {
     /// The final configuration, or an error naming the flag, variable and file key of the
     /// first required setting that is missing.
     pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
-        let gateway = self.gateway.ok_or_else(|| {
+        let gateways = self.gateways.filter(|g| !g.is_empty()).ok_or_else(|| {
             missing(
                 "no gateway address",
                 "--gateway HOST:PORT",
@@ -1274,36 +1394,91 @@ impl AgentSettings {
             token: self.admin_token,
         };
         admin.check().map_err(ConfigError::Value)?;
-        let url = GatewayUrl::parse(&gateway).map_err(|e| ConfigError::Value(e.to_string()))?;
-        let transport = match (url.scheme, self.transport) {
-            (Scheme::Wss, Some(TransportKind::Tcp)) => {
+        let trusts = self.trust.unwrap_or_default();
+        if trusts.len() > 1 && trusts.len() != gateways.len() {
+            return Err(ConfigError::Value(format!(
+                "{} fingerprints or CAs for {} gateways: give one for every gateway, or one per \
+                 gateway in the order of --gateway (BURROW_GATEWAY, `gateways`)",
+                trusts.len(),
+                gateways.len()
+            )));
+        }
+        let several = gateways.len() > 1;
+        let mut endpoints: Vec<GatewayEndpoint> = Vec::with_capacity(gateways.len());
+        for (i, g) in gateways.into_iter().enumerate() {
+            if endpoints.iter().any(|e| e.gateway == g.url) {
                 return Err(ConfigError::Value(format!(
-                    "the gateway {url} is wss://, which runs over TLS, but the transport is set \
-                     to tcp: remove --transport tcp (BURROW_TRANSPORT, `transport`), or use ws://"
-                )))
+                    "gateway {} is listed twice: list each gateway once",
+                    g.url
+                )));
             }
-            // The URL says it: tcp:// and ws:// carry no TLS of their own.
-            (Scheme::Tcp | Scheme::Ws, _) => Some(TransportKind::Tcp),
-            (Scheme::Tls | Scheme::Wss, t) => t,
-            // QUIC always runs TLS 1.3 inside it.
-            (Scheme::Quic | Scheme::Auto, Some(TransportKind::Tcp)) => {
-                return Err(ConfigError::Value(format!(
-                    "the gateway {url} runs TLS inside QUIC, but the transport is set to tcp: \
-                     remove --transport tcp (BURROW_TRANSPORT, `transport`), or use tcp://"
-                )))
-            }
-            (Scheme::Quic | Scheme::Auto, t) => t,
+            let named = |e: ConfigError| match e {
+                ConfigError::Value(m) if several => {
+                    ConfigError::Value(format!("gateway {}: {m}", g.url))
+                }
+                other => other,
+            };
+            let url = GatewayUrl::parse(&g.url).map_err(|e| ConfigError::Value(e.to_string()))?;
+            let transport = match (url.scheme, self.transport) {
+                (Scheme::Wss, Some(TransportKind::Tcp)) => {
+                    return Err(named(ConfigError::Value(format!(
+                        "the gateway {url} is wss://, which runs over TLS, but the transport is \
+                         set to tcp: remove --transport tcp (BURROW_TRANSPORT, `transport`), or \
+                         use ws://"
+                    ))))
+                }
+                // The URL says it: tcp:// and ws:// carry no TLS of their own.
+                (Scheme::Tcp | Scheme::Ws, _) => Some(TransportKind::Tcp),
+                (Scheme::Tls | Scheme::Wss, t) => t,
+                // QUIC always runs TLS 1.3 inside it.
+                (Scheme::Quic | Scheme::Auto, Some(TransportKind::Tcp)) => {
+                    return Err(named(ConfigError::Value(format!(
+                        "the gateway {url} runs TLS inside QUIC, but the transport is set to \
+                         tcp: remove --transport tcp (BURROW_TRANSPORT, `transport`), or use \
+                         tcp://"
+                    ))))
+                }
+                (Scheme::Quic | Scheme::Auto, t) => t,
+            };
+            // One fingerprint or CA for several gateways is for those that run TLS.
+            let shared = match trusts.as_slice() {
+                [_] if several && transport == Some(TransportKind::Tcp) => None,
+                [one] => Some(one.clone()),
+                many => many.get(i).cloned(),
+            };
+            let trust = resolve_trust(transport, g.trust.or(shared)).map_err(named)?;
+            endpoints.push(GatewayEndpoint {
+                gateway: g.url,
+                trust,
+                server_name: g.server_name.or_else(|| self.server_name.clone()),
+            });
+        }
+        if several && !trusts.is_empty() && endpoints.iter().all(|e| e.trust == Trust::Plain) {
+            return Err(ConfigError::Value(
+                "a fingerprint or CA is set but every gateway is plain (tcp:// or ws://), \
+                 which has no TLS to check: remove one of them"
+                    .into(),
+            ));
+        }
+        let mut endpoints = endpoints.into_iter();
+        let Some(first) = endpoints.next() else {
+            return Err(missing(
+                "no gateway address",
+                "--gateway HOST:PORT",
+                "BURROW_GATEWAY",
+                "gateway",
+            ));
         };
-        let trust = resolve_trust(transport, self.trust)?;
         // No forwards is allowed: the agent then only checks that it can connect and
         // authenticate (the gateway prints such a line), and warns that it publishes nothing.
         let forwards = self.forwards.unwrap_or_default();
         check_forwards(&forwards).map_err(|(_, why)| ConfigError::Value(why))?;
         Ok(AgentConfig {
-            gateway,
+            gateway: first.gateway,
             key,
-            trust,
-            server_name: self.server_name,
+            trust: first.trust,
+            server_name: first.server_name,
+            extra_gateways: endpoints.collect(),
             proxy: self.proxy.unwrap_or_default(),
             forwards,
             limits: self.limits.unwrap_or_default(),
@@ -1474,6 +1649,8 @@ struct GatewayAddr(String);
 struct Fingerprint([u8; 32]);
 /// A public port: 0 (the gateway chooses) to 65535.
 struct PublicPort(u16);
+/// A group name ([`parse_group`]).
+struct Group(String);
 
 macro_rules! from_text {
     ($($ty:ty => $parse:expr),* $(,)?) => {$(
@@ -1506,6 +1683,7 @@ from_text! {
     LogLevel => str::parse,
     ProxyChoice => |s: &str| ProxyChoice::parse(s).map_err(|e| e.to_string()),
     GatewayAddr => |s: &str| parse_gateway_addr(s).map(GatewayAddr),
+    Group => |s: &str| parse_group(s).map(Group),
     Fingerprint => |s: &str| {
         crate::tls::parse_fingerprint(s).map(Fingerprint).map_err(|e| e.to_string())
     },
@@ -1593,6 +1771,14 @@ struct RawGrant {
     socket_mode: Option<Spanned<toml::Value>>,
 }
 
+/// `[[groups]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: Spanned<Checked<Group>>,
+    agents: Spanned<Vec<Spanned<Checked<Name>>>>,
+}
+
 /// `[heartbeat]` as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1637,6 +1823,7 @@ struct RawGateway {
     heartbeat: Option<RawHeartbeat>,
     limits: Option<RawLimits>,
     agents: Option<Vec<Spanned<RawGrant>>>,
+    groups: Option<Vec<Spanned<RawGroup>>>,
     ws_path: Option<Checked<Name>>,
     ws_listen: Option<Checked<SocketAddr>>,
     quic: Option<bool>,
@@ -1666,6 +1853,7 @@ struct RawForward {
     public_port: Option<Spanned<Checked<PublicPort>>>,
     target: Checked<Target>,
     name: Option<Checked<Name>>,
+    group: Option<Checked<Group>>,
     proxy_protocol: Option<Spanned<Checked<ProxyProtocol>>>,
     public_path: Option<Spanned<Checked<PathBuf>>>,
 }
@@ -1675,6 +1863,7 @@ struct RawForward {
 #[serde(deny_unknown_fields)]
 struct RawAgent {
     gateway: Option<Checked<GatewayAddr>>,
+    gateways: Option<Spanned<Vec<Spanned<GatewayEntry>>>>,
     key: Option<Checked<SecretKey>>,
     fingerprint: Option<Spanned<Checked<Fingerprint>>>,
     ca: Option<Spanned<Checked<PathBuf>>>,
@@ -1695,6 +1884,54 @@ struct RawAgent {
     log_format: Option<Checked<LogFormat>>,
 }
 
+/// One entry of `gateways`: an address, or a table with `url` and the gateway's own
+/// `fingerprint` or `ca` and `server_name`.
+enum GatewayEntry {
+    Addr(String),
+    Table(RawGatewayTable),
+}
+
+/// A `gateways` table as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGatewayTable {
+    url: Checked<GatewayAddr>,
+    fingerprint: Option<Spanned<Checked<Fingerprint>>>,
+    ca: Option<Spanned<Checked<PathBuf>>>,
+    server_name: Option<Checked<Name>>,
+}
+
+impl<'de> Deserialize<'de> for GatewayEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = GatewayEntry;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a gateway address, or a table with `url` (and `fingerprint` or `ca`, \
+                     `server_name` if wanted)",
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<GatewayEntry, E> {
+                parse_gateway_addr(s)
+                    .map(GatewayEntry::Addr)
+                    .map_err(E::custom)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<GatewayEntry, A::Error> {
+                RawGatewayTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(GatewayEntry::Table)
+            }
+        }
+        d.deserialize_any(Entry)
+    }
+}
+
 /// One `[[forwards]]` entry: a table. A string here is a compact spec in the wrong key, one
 /// letter away from `forward`, and is told so.
 struct ForwardTable(RawForward);
@@ -1706,7 +1943,7 @@ impl<'de> Deserialize<'de> for ForwardTable {
             type Value = ForwardTable;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a table with `target` (and `public_port`, `name` if wanted)")
+                f.write_str("a table with `target` (and `public_port`, `name`, `group` if wanted)")
             }
 
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ForwardTable, E> {
@@ -1796,6 +2033,11 @@ impl Source<'_> {
     }
 
     fn gateway(&self, raw: RawGateway) -> Result<GatewaySettings, ConfigError> {
+        let agents = raw.agents.map(|a| self.agents(a)).transpose()?;
+        let groups = raw
+            .groups
+            .map(|g| self.groups(g, agents.as_deref()))
+            .transpose()?;
         Ok(GatewaySettings {
             listen: inner(raw.listen),
             public_host: inner(raw.public_host),
@@ -1805,7 +2047,8 @@ impl Source<'_> {
             transport: inner(raw.transport),
             tls_cert: inner(raw.tls_cert).map(|p| self.resolve(p)),
             tls_key: inner(raw.tls_key).map(|p| self.resolve(p)),
-            agents: raw.agents.map(|a| self.agents(a)).transpose()?,
+            agents,
+            groups,
             limits: raw.limits.map(|l| self.limits(l)).transpose()?,
             heartbeat: raw.heartbeat.map(|h| self.heartbeat(h)).transpose()?,
             udp: raw.udp.map(|u| self.udp(u)).transpose()?,
@@ -1853,6 +2096,64 @@ impl Source<'_> {
                 ));
             }
             out.push(grant);
+        }
+        Ok(out)
+    }
+
+    /// `[[groups]]`: names differ, and each agent named is one `agents` accepts (with no
+    /// `[[agents]]`, the generated key's `default`).
+    fn groups(
+        &self,
+        raw: Vec<Spanned<RawGroup>>,
+        agents: Option<&[AgentGrant]>,
+    ) -> Result<Vec<GroupGrant>, ConfigError> {
+        let known: Vec<&str> = match agents {
+            Some(a) => a.iter().map(|g| g.name.as_str()).collect(),
+            None => vec![crate::gateway::DEFAULT_AGENT_NAME],
+        };
+        let mut out: Vec<GroupGrant> = Vec::with_capacity(raw.len());
+        for (i, raw) in raw.into_iter().enumerate() {
+            let at = format!("groups[{i}]");
+            let raw = raw.into_inner();
+            let name_span = raw.name.span();
+            let name = raw.name.into_inner().0 .0;
+            if let Some(j) = out.iter().position(|g| g.name == name) {
+                return Err(self.error(
+                    name_span,
+                    format!("{at}.name"),
+                    format!("groups[{j}] already has the name {name:?}: names must differ"),
+                ));
+            }
+            let list_span = raw.agents.span();
+            let mut members = Vec::new();
+            for (j, a) in raw.agents.into_inner().into_iter().enumerate() {
+                let span = a.span();
+                let agent = a.into_inner().0 .0;
+                if !known.contains(&agent.as_str()) {
+                    return Err(self.error(
+                        span,
+                        format!("{at}.agents[{j}]"),
+                        format!(
+                            "no agent is named {agent:?} (the agents here: {})",
+                            known.join(", ")
+                        ),
+                    ));
+                }
+                if !members.contains(&agent) {
+                    members.push(agent);
+                }
+            }
+            if members.is_empty() {
+                return Err(self.error(
+                    list_span,
+                    format!("{at}.agents"),
+                    "list the agents allowed in the group, e.g. agents = [\"web-1\", \"web-2\"]",
+                ));
+            }
+            out.push(GroupGrant {
+                name,
+                agents: members,
+            });
         }
         Ok(out)
     }
@@ -2048,14 +2349,26 @@ impl Source<'_> {
                 "set `key` or `key_file`, not both (key_file keeps the key out of this file)",
             ));
         }
+        let gateways = match (raw.gateway, raw.gateways) {
+            (Some(_), Some(list)) => {
+                return Err(self.error(
+                    list.span(),
+                    "gateways",
+                    "set `gateway` or `gateways`, not both (`gateways` lists every gateway)",
+                ))
+            }
+            (Some(g), None) => Some(vec![GatewaySetting::new(g.0 .0)]),
+            (None, Some(list)) => Some(self.gateways(list)?),
+            (None, None) => None,
+        };
         Ok(AgentSettings {
-            gateway: inner(raw.gateway).map(|g| g.0),
+            gateways,
             key: inner(raw.key),
             key_file: raw.key_file.map(|f| self.resolve(f.into_inner().0)),
             admin: inner(raw.admin),
             admin_token: inner(raw.admin_token),
             log_format: inner(raw.log_format),
-            trust,
+            trust: trust.map(|t| vec![t]),
             transport,
             server_name: inner(raw.server_name).map(|n| n.0),
             proxy: inner(raw.proxy),
@@ -2067,6 +2380,33 @@ impl Source<'_> {
             log_level: inner(raw.log_level),
             udp: raw.udp.map(|u| self.udp(u)).transpose()?,
         })
+    }
+
+    /// `gateways = [...]`: addresses, or tables with a gateway's own trust and server name.
+    fn gateways(
+        &self,
+        list: Spanned<Vec<Spanned<GatewayEntry>>>,
+    ) -> Result<Vec<GatewaySetting>, ConfigError> {
+        if list.get_ref().is_empty() {
+            return Err(self.error(
+                list.span(),
+                "gateways",
+                "list at least one gateway, e.g. gateways = [\"gw1.example.com:7443\", \
+                 \"gw2.example.com:7443\"]",
+            ));
+        }
+        let mut out = Vec::new();
+        for entry in list.into_inner() {
+            out.push(match entry.into_inner() {
+                GatewayEntry::Addr(url) => GatewaySetting::new(url),
+                GatewayEntry::Table(t) => GatewaySetting {
+                    url: t.url.0 .0,
+                    trust: self.trust(t.fingerprint, t.ca, None)?,
+                    server_name: inner(t.server_name).map(|n| n.0),
+                },
+            });
+        }
+        Ok(out)
     }
 
     /// `[udp]`, each key checked against its range.
@@ -2209,6 +2549,15 @@ impl Source<'_> {
                     Some(p.into_inner().0)
                 }
             };
+            let group = inner(raw.group).map(|g| g.0);
+            if public_path.is_some() && group.is_some() {
+                return Err(self.error(
+                    span,
+                    format!("forwards[{i}].group"),
+                    "a group shares a public port; a unix socket on the gateway cannot join one \
+                     (drop `group` or `public_path`)",
+                ));
+            }
             let name = inner(raw.name).map_or_else(
                 || forward_name(protocol, public_port, public_path.as_deref(), &target),
                 |n| n.0,
@@ -2218,6 +2567,7 @@ impl Source<'_> {
                 public_port,
                 target,
                 name,
+                group,
                 proxy_protocol,
                 public_path,
             });

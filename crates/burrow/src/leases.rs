@@ -35,6 +35,8 @@ pub struct Lease {
     pub service: String,
     /// The port the gateway chose.
     pub port: u16,
+    /// The group the port was chosen for, if any: its other members join it after a restart.
+    pub group: Option<String>,
 }
 
 /// A lease as the file holds it.
@@ -47,6 +49,9 @@ struct Entry {
     protocol: Kind,
     service: String,
     port: u16,
+    /// The group the port was chosen for; absent outside a group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
 }
 
 /// [`Protocol`] in the file, and in the book's keys (ordered, so the file is stable).
@@ -100,7 +105,7 @@ fn key(agent: &str, protocol: Protocol, service: &str) -> Key {
 #[derive(Debug)]
 pub struct LeaseBook {
     path: PathBuf,
-    ports: BTreeMap<Key, u16>,
+    ports: BTreeMap<Key, (u16, Option<String>)>,
     /// Changed since the last [`LeaseBook::render`].
     dirty: bool,
 }
@@ -136,7 +141,10 @@ impl LeaseBook {
                 skipped += 1;
                 continue;
             }
-            book.ports.insert((l.agent, l.protocol, l.service), l.port);
+            // A group name that is not one is dropped (the port is kept).
+            let group = l.group.and_then(|g| crate::config::parse_group(&g).ok());
+            book.ports
+                .insert((l.agent, l.protocol, l.service), (l.port, group));
         }
         let warning = (skipped > 0).then(|| {
             format!(
@@ -151,26 +159,35 @@ impl LeaseBook {
     pub fn leases(&self) -> Vec<Lease> {
         self.ports
             .iter()
-            .map(|((agent, protocol, service), port)| Lease {
+            .map(|((agent, protocol, service), (port, group))| Lease {
                 agent: agent.clone(),
                 protocol: (*protocol).into(),
                 service: service.clone(),
                 port: *port,
+                group: group.clone(),
             })
             .collect()
     }
 
-    /// Remembers that `agent`'s `service` got `port` of `protocol`. False when the book is
-    /// full.
-    pub fn set(&mut self, agent: &str, protocol: Protocol, service: &str, port: u16) -> bool {
+    /// Remembers that `agent`'s `service` (of `group`, if any) got `port` of `protocol`.
+    /// False when the book is full.
+    pub fn set(
+        &mut self,
+        agent: &str,
+        protocol: Protocol,
+        service: &str,
+        port: u16,
+        group: Option<&str>,
+    ) -> bool {
         let key = key(agent, protocol, service);
-        if self.ports.get(&key) == Some(&port) {
+        let value = (port, group.map(str::to_string));
+        if self.ports.get(&key) == Some(&value) {
             return true;
         }
         if !self.ports.contains_key(&key) && self.ports.len() >= MAX_LEASES {
             return false;
         }
-        self.ports.insert(key, port);
+        self.ports.insert(key, value);
         self.dirty = true;
         true
     }
@@ -178,7 +195,7 @@ impl LeaseBook {
     /// Forgets `agent`'s `service` of `protocol`, if it is remembered with `port`.
     pub fn remove(&mut self, agent: &str, protocol: Protocol, service: &str, port: u16) {
         let key = key(agent, protocol, service);
-        if self.ports.get(&key) == Some(&port) {
+        if self.ports.get(&key).is_some_and(|(p, _)| *p == port) {
             self.ports.remove(&key);
             self.dirty = true;
         }
@@ -196,11 +213,12 @@ impl LeaseBook {
         }
         let file = File {
             lease: (self.ports.iter())
-                .map(|((agent, protocol, service), port)| Entry {
+                .map(|((agent, protocol, service), (port, group))| Entry {
                     agent: agent.clone(),
                     protocol: *protocol,
                     service: service.clone(),
                     port: *port,
+                    group: group.clone(),
                 })
                 .collect(),
         };
@@ -239,8 +257,8 @@ mod tests {
         let (mut book, warning) = LeaseBook::load(tmp.path());
         assert!(warning.is_none());
         assert!(book.render().is_none(), "nothing changed");
-        assert!(book.set("default", Protocol::Tcp, "127.0.0.1:80", 40000));
-        assert!(book.set("b", Protocol::Tcp, "a \"quoted\" name", 40001));
+        assert!(book.set("default", Protocol::Tcp, "127.0.0.1:80", 40000, None));
+        assert!(book.set("b", Protocol::Tcp, "a \"quoted\" name", 40001, Some("web")));
         book.remove("b", Protocol::Tcp, "a \"quoted\" name", 1); // another port: kept
         let text = book.render().unwrap();
         std::fs::write(tmp.path().join(LEASE_FILE), &text).unwrap();
@@ -248,16 +266,21 @@ mod tests {
         assert!(warning.is_none(), "{warning:?}");
         assert_eq!(back.leases(), book.leases());
         assert_eq!(back.leases().len(), 2);
+        let grouped: Vec<_> = back.leases().into_iter().filter_map(|l| l.group).collect();
+        assert_eq!(grouped, ["web"]);
         book.remove("default", Protocol::Tcp, "127.0.0.1:80", 40000);
         assert_eq!(book.leases().len(), 1);
 
         for i in 0..MAX_LEASES {
-            book.set("x", Protocol::Tcp, &i.to_string(), 1000);
+            book.set("x", Protocol::Tcp, &i.to_string(), 1000, None);
         }
         assert_eq!(book.leases().len(), MAX_LEASES);
-        assert!(!book.set("x", Protocol::Tcp, "one more", 1000), "full");
         assert!(
-            !book.set("x", Protocol::Udp, "one more", 1000),
+            !book.set("x", Protocol::Tcp, "one more", 1000, None),
+            "full"
+        );
+        assert!(
+            !book.set("x", Protocol::Udp, "one more", 1000, None),
             "full for UDP too"
         );
     }
@@ -266,9 +289,9 @@ mod tests {
     fn a_tcp_and_a_udp_lease_of_one_name_and_port_are_two() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut book, _) = LeaseBook::load(tmp.path());
-        assert!(book.set("a", Protocol::Tcp, "svc", 40000));
-        assert!(book.set("a", Protocol::Udp, "svc", 40000));
-        assert!(book.set("a", Protocol::Udp, "dns", 40001));
+        assert!(book.set("a", Protocol::Tcp, "svc", 40000, None));
+        assert!(book.set("a", Protocol::Udp, "svc", 40000, None));
+        assert!(book.set("a", Protocol::Udp, "dns", 40001, None));
         let text = book.render().unwrap();
         assert_eq!(text.matches("protocol = \"udp\"").count(), 2, "{text}");
         assert!(
@@ -309,6 +332,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 service: "127.0.0.1:80".into(),
                 port: 40000,
+                group: None,
             }]
         );
     }

@@ -186,6 +186,13 @@ pub struct GatewayFlows {
 }
 
 impl GatewayFlows {
+    /// Whether `client` has an open flow on `service` (one not expired yet).
+    pub fn has_flow(&self, service: u32, client: SocketAddr) -> bool {
+        self.by_client
+            .get(&(service, client))
+            .is_some_and(|id| self.by_id.contains_key(id))
+    }
+
     /// The flow of `client` on `service`, opened now if new: `None` when the service already
     /// has `max_flows` (the datagram is dropped and counted).
     #[allow(clippy::too_many_arguments)]
@@ -340,12 +347,12 @@ pub struct UdpRoute {
     pub flows: Arc<Mutex<GatewayFlows>>,
 }
 
-/// Serves one public UDP port until `cancel`: each client datagram goes to the routed
-/// session's flow for that client (or is dropped and counted when there is no session, the
-/// flow limit is reached, or the session's queue is full).
+/// Serves one public UDP port until `cancel`: each client datagram goes to the flow for that
+/// client in the session `route` gives for the client (or is dropped and counted when there is
+/// no session, the flow limit is reached, or the session's queue is full).
 pub async fn serve_public(
     socket: Arc<UdpSocket>,
-    route: impl Fn() -> Option<UdpRoute>,
+    route: impl Fn(SocketAddr) -> Option<UdpRoute>,
     settings: UdpSettings,
     counters: Arc<UdpCounters>,
     cancel: CancellationToken,
@@ -367,7 +374,7 @@ pub async fn serve_public(
             counters.drop_one();
             continue;
         }
-        let Some(route) = route() else {
+        let Some(route) = route(client) else {
             counters.drop_one();
             continue;
         };

@@ -569,6 +569,7 @@ async fn raw_stream(raw: &mut Raw) -> (TcpStream, u32) {
         port: 0,
         name: "raw".into(),
         path: None,
+        group: None,
     };
     raw.send(&[bind.to_frame()]).await.unwrap();
     let res = BindResult::decode(&raw.next(Kind::BindResult).await.payload).unwrap();
@@ -580,6 +581,59 @@ async fn raw_stream(raw: &mut Raw) -> (TcpStream, u32) {
     assert_eq!(info.service, 0);
     assert_eq!(info.client, Some(client.local_addr().unwrap()));
     (client, open.header.stream)
+}
+
+#[test]
+fn a12_group_names_from_the_wire_are_checked() {
+    run("a12", async {
+        let fx = Fixture::tcp().await;
+        let mut raw = Raw::agent(fx.gw.addr, &fx.intruder).await;
+        // A name the agent's config would not take (too long, or not a name), and a group bind
+        // on the honest agent's port, which is in no group: refused, the session goes on.
+        let binds = [
+            (Some("x".repeat(1000)), 0, "not a group name"),
+            (Some("web pool".to_string()), 0, "not a group name"),
+            (
+                Some("web".to_string()),
+                fx.public.port(),
+                "outside any group",
+            ),
+        ];
+        for (i, (group, port, says)) in binds.into_iter().enumerate() {
+            let bind = Bind {
+                service: i as u32,
+                protocol: Protocol::Tcp,
+                port,
+                name: format!("g{i}"),
+                path: None,
+                group,
+            };
+            raw.send(&[bind.to_frame()]).await.unwrap();
+            let res = BindResult::decode(&raw.next(Kind::BindResult).await.payload).unwrap();
+            assert_ne!(res.code, ErrorCode::Normal, "{res:?}");
+            assert!(res.text.contains(says), "{says}: {res:?}");
+        }
+        // A unix socket endpoint in a group: refused too (a group shares a port).
+        let bind = Bind {
+            service: 9,
+            protocol: Protocol::Tcp,
+            port: 0,
+            name: "u".into(),
+            path: Some("/tmp/burrow-a12.sock".into()),
+            group: Some("web".into()),
+        };
+        raw.send(&[bind.to_frame()]).await.unwrap();
+        let res = BindResult::decode(&raw.next(Kind::BindResult).await.payload).unwrap();
+        assert_eq!(res.code, ErrorCode::PortNotGranted, "{res:?}");
+        assert!(res.text.contains("cannot join one"), "{res:?}");
+        assert!(!raw.is_closed(), "refusals, not a violation");
+        let before = fx.stats.snapshot();
+        // Both halves go: the reader task holds the other.
+        raw.end.abort();
+        drop(raw);
+        fx.session_gone(before, false).await;
+        fx.honest_agent_unaffected().await;
+    });
 }
 
 #[test]
@@ -707,6 +761,7 @@ fn a9_wrong_protocol_version_from_a_gateway() {
             key: SecretKey::generate(),
             trust: Trust::Plain,
             server_name: None,
+            extra_gateways: Vec::new(),
             proxy: burrow::transport::ProxyChoice::Direct,
             forwards: vec![],
             limits: Limits::default(),
@@ -850,6 +905,7 @@ fn b4_duplicate_bind_flood_is_cut() {
             port: 0,
             name: "same".into(),
             path: None,
+            group: None,
         };
         // All at once: cut by the 512 binds allowed to wait, if not by the budget.
         let ended = control_flood(&fx, raw, bind.to_frame(), "duplicate bind", 512).await;
@@ -1756,6 +1812,7 @@ fn e1_rogue_gateway_cannot_open_unconfigured_or_refused_services() {
             key: SecretKey::generate(),
             trust: Trust::Plain,
             server_name: None,
+            extra_gateways: Vec::new(),
             proxy: burrow::transport::ProxyChoice::Direct,
             forwards: vec![
                 forward_named(0, echo_target(t0), "granted"),

@@ -20,6 +20,7 @@ async fn reconnect_delays_double_up_to_the_cap_with_jitter() {
         key: SecretKey::generate(),
         trust: Trust::Plain,
         server_name: None,
+        extra_gateways: Vec::new(),
         proxy: burrow::transport::ProxyChoice::Direct,
         forwards: Vec::new(),
         limits: Limits::default(),

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use burrow::config::{
     load_agent_file, load_gateway_file, parse_agent_file, parse_forward, parse_gateway_file,
-    AgentSettings, ConfigError, Forward, GatewaySettings, KeySpec, PortRange, Target, Trust,
+    AgentSettings, ConfigError, Forward, GatewaySetting, GatewaySettings, KeySpec, PortRange,
+    Target, Trust,
 };
 use burrow::proto::auth::SecretKey;
 
@@ -318,6 +319,7 @@ fn parse_forward_cases() -> Result<(), String> {
             name: "8080=127.0.0.1:80".into(),
             proxy_protocol: None,
             public_path: None,
+            group: None,
         }
     );
     assert_eq!(parse_forward("localhost:3000")?.public_port, 0);
@@ -386,7 +388,7 @@ fn layers_overlay_field_by_field() -> anyhow::Result<()> {
         ),
     )?;
     let flags = AgentSettings {
-        gateway: Some("flag:2".into()),
+        gateways: Some(vec![GatewaySetting::new("flag:2")]),
         ..AgentSettings::default()
     };
     let c = file.overlay(flags).into_config()?;
@@ -417,7 +419,7 @@ fn missing_settings_name_flag_env_and_key() {
         "{m}"
     );
     let with_gateway = AgentSettings {
-        gateway: Some("gw:1".into()),
+        gateways: Some(vec![GatewaySetting::new("gw:1")]),
         ..AgentSettings::default()
     };
     let m = err(with_gateway.clone());
@@ -430,7 +432,7 @@ fn missing_settings_name_flag_env_and_key() {
     assert!(m.contains("--fingerprint") && m.contains("--ca"), "{m}");
     // With gateway, key and trust, no forward is needed: the agent connects and warns.
     let cfg = AgentSettings {
-        trust: Some(Trust::Ca("ca.pem".into())),
+        trust: Some(vec![Trust::Ca("ca.pem".into())]),
         ..with_key
     }
     .into_config()
@@ -463,6 +465,168 @@ fn printed_settings_parse_back_the_same() -> anyhow::Result<()> {
     let again = parse_agent_file(&file, &text)?.into_config()?;
     assert_eq!(format!("{again:?}"), format!("{agent:?}"), "{text}");
     assert_eq!(again.key, agent.key);
+    Ok(())
+}
+
+#[test]
+fn forward_options_name_a_group() -> Result<(), String> {
+    use burrow::config::ProxyProtocol;
+    let f = parse_forward("8080=127.0.0.1:80?group=web")?;
+    assert_eq!(f.group.as_deref(), Some("web"));
+    assert_eq!(f.public_port, 8080);
+    // The name leaves the options out, as for ?proxy_protocol.
+    assert_eq!(f.name, "8080=127.0.0.1:80");
+    assert_eq!(
+        parse_forward("udp:5353=127.0.0.1:53?group=dns")?
+            .group
+            .as_deref(),
+        Some("dns")
+    );
+    // Options combine with `&`, in either order.
+    for spec in [
+        "8080=127.0.0.1:80?group=web&proxy_protocol=v2",
+        "8080=127.0.0.1:80?proxy_protocol=v2&group=web",
+    ] {
+        let f = parse_forward(spec)?;
+        assert_eq!(
+            (f.group.as_deref(), f.proxy_protocol),
+            (Some("web"), Some(ProxyProtocol::V2)),
+            "{spec}"
+        );
+    }
+    // A comma in a socket path stays in the path.
+    assert_eq!(
+        parse_forward("unix:/run/a,b.sock?group=g")?.target,
+        Target::Unix("/run/a,b.sock".into())
+    );
+    for (bad, says) in [
+        ("8080=a:1?group=", "not a group name"),
+        ("8080=a:1?group=a b", "not a group name"),
+        ("8080=a:1?group=x&colour=red", "unknown option `colour`"),
+        ("8080=a:1?group=x&group=y", "given twice"),
+        ("unix:/run/x.sock=127.0.0.1:80?group=g", "cannot join one"),
+        // What `--forward 8080=a:1,group=web` leaves after the comma.
+        ("group=web", "is an option, not a forward"),
+    ] {
+        let e = parse_forward(bad).expect_err(bad);
+        assert!(e.contains(says), "{bad}: {e}");
+    }
+    let file = parse_agent_file(
+        Path::new("agent.toml"),
+        &format!(
+            "gateway = \"gw:1\"\nkey = \"{KEY}\"\ntransport = \"tcp\"\nforward = [\"8080=a:1?group=web\"]\n\
+             [[forwards]]\npublic_port = 9000\ntarget = \"b:2\"\ngroup = \"api\"\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let c = file.into_config().map_err(|e| e.to_string())?;
+    let groups: Vec<_> = c.forwards.iter().map(|f| f.group.as_deref()).collect();
+    assert_eq!(groups, [Some("web"), Some("api")]);
+    let msg = agent_err("[[forwards]]\ntarget = \"b:2\"\ngroup = \"no good\"\n");
+    assert_at(&msg, "conf/agent.toml", 3, "forwards[0].group");
+    let msg = agent_err(
+        "[[forwards]]\npublic_path = \"/run/a.sock\"\ntarget = \"b:2\"\ngroup = \"web\"\n",
+    );
+    assert_at(&msg, "conf/agent.toml", 1, "forwards[0].group");
+    Ok(())
+}
+
+#[test]
+fn groups_in_the_gateway_file() -> anyhow::Result<()> {
+    let other = SecretKey::generate().hash();
+    let agents = format!(
+        "[[agents]]\nname = \"a\"\nkey = \"{KEY}\"\nports = [8080]\n\
+         [[agents]]\nname = \"b\"\nkey_hash = \"{other}\"\nports = [8080]\n"
+    );
+    let text = format!("{agents}[[groups]]\nname = \"web\"\nagents = [\"a\", \"b\"]\n");
+    let c = parse_gateway_file(Path::new("gw.toml"), &text)?.into_config()?;
+    assert_eq!(c.groups.len(), 1);
+    assert_eq!(c.groups[0].name, "web");
+    assert_eq!(c.groups[0].agents, ["a", "b"]);
+
+    let msg = gateway_err(&format!(
+        "{agents}[[groups]]\nname = \"web\"\nagents = [\"a\", \"c\"]\n"
+    ));
+    assert_at(&msg, "conf/gw.toml", 11, "groups[0].agents[1]");
+    assert!(msg.contains("no agent is named \"c\""), "{msg}");
+    let msg = gateway_err(&format!(
+        "{agents}[[groups]]\nname = \"web\"\nagents = [\"a\"]\n[[groups]]\nname = \"web\"\nagents = [\"b\"]\n"
+    ));
+    assert_at(&msg, "conf/gw.toml", 13, "groups[1].name");
+    let msg = gateway_err(&format!(
+        "{agents}[[groups]]\nname = \"web\"\nagents = []\n"
+    ));
+    assert_at(&msg, "conf/gw.toml", 11, "groups[0].agents");
+    // Without [[agents]], the generated key's agent is `default`.
+    parse_gateway_file(
+        Path::new("gw.toml"),
+        "[[groups]]\nname = \"web\"\nagents = [\"default\"]\n",
+    )?;
+
+    // --print-config reads back as the same groups.
+    let mut printed = c.to_toml(None);
+    printed = printed.replacen(burrow::config::MASKED_KEY, KEY, 1);
+    let again = parse_gateway_file(Path::new("gw.toml"), &printed)?.into_config()?;
+    assert_eq!(again.groups, c.groups, "{printed}");
+    Ok(())
+}
+
+#[test]
+fn several_gateways_each_with_its_trust() -> anyhow::Result<()> {
+    const FP1: &str = "SHA256:415e49090663bd175c79524f06bcc79761d84319e3daf9c9c197b6787c6544a0";
+    const FP2: &str = "SHA256:00000000000000000000000000000000000000000000000000000000000000aa";
+    let fp = |s: &str| Trust::Fingerprint(burrow::tls::parse_fingerprint(s).unwrap());
+    let settings = |gateways: &[&str], trust: Vec<Trust>| AgentSettings {
+        gateways: Some(gateways.iter().map(|g| GatewaySetting::new(*g)).collect()),
+        key: Some(SecretKey::generate()),
+        trust: Some(trust),
+        ..AgentSettings::default()
+    };
+    // One fingerprint for every gateway, or one each in order.
+    let c = settings(&["a:1", "b:2"], vec![fp(FP1)]).into_config()?;
+    assert_eq!(c.gateway, "a:1");
+    assert_eq!(c.extra_gateways.len(), 1);
+    assert_eq!(c.extra_gateways[0].gateway, "b:2");
+    assert_eq!(c.extra_gateways[0].trust, fp(FP1));
+    let c = settings(&["a:1", "b:2"], vec![fp(FP1), fp(FP2)]).into_config()?;
+    let trusts: Vec<Trust> = c.gateways().into_iter().map(|g| g.trust).collect();
+    assert_eq!(trusts, [fp(FP1), fp(FP2)]);
+    // A plain gateway among them takes no fingerprint.
+    let c = settings(&["a:1", "tcp://b:2"], vec![fp(FP1)]).into_config()?;
+    assert_eq!(c.extra_gateways[0].trust, Trust::Plain);
+    let err = |s: AgentSettings| match s.into_config() {
+        Ok(c) => panic!("accepted {c:?}"),
+        Err(e) => e.to_string(),
+    };
+    let m = err(settings(&["a:1", "b:2", "c:3"], vec![fp(FP1), fp(FP2)]));
+    assert!(m.contains("2 fingerprints or CAs for 3 gateways"), "{m}");
+    let m = err(settings(&["a:1", "a:1"], vec![fp(FP1)]));
+    assert!(m.contains("listed twice"), "{m}");
+    let m = err(settings(&["a:1", "tcp://b:2"], vec![fp(FP1), fp(FP2)]));
+    assert!(m.starts_with("gateway tcp://b:2: "), "{m}");
+
+    // The file: addresses, or tables with a gateway's own trust; `gateway` and `gateways`
+    // do not go together.
+    let text = format!(
+        "key = \"{KEY}\"\nfingerprint = \"{FP1}\"\ngateways = [\"a:1\", {{ url = \"b:2\", fingerprint = \"{FP2}\", server_name = \"b.example\" }}, \"ws://c:3/burrow\"]\n"
+    );
+    let c = parse_agent_file(Path::new("agent.toml"), &text)?.into_config()?;
+    let gws = c.gateways();
+    assert_eq!(gws.len(), 3);
+    assert_eq!(gws[0].trust, fp(FP1));
+    assert_eq!(gws[1].trust, fp(FP2));
+    assert_eq!(gws[1].server_name.as_deref(), Some("b.example"));
+    assert_eq!(gws[2].trust, Trust::Plain);
+    // --print-config reads back as the same gateways.
+    let printed = c.to_toml().replace(burrow::config::MASKED_KEY, KEY);
+    let again = parse_agent_file(Path::new("agent.toml"), &printed)?.into_config()?;
+    assert_eq!(again.gateways(), gws, "{printed}");
+    let msg = agent_err("gateway = \"a:1\"\ngateways = [\"b:2\"]\n");
+    assert_at(&msg, "conf/agent.toml", 2, "gateways");
+    let msg = agent_err("gateways = []\n");
+    assert_at(&msg, "conf/agent.toml", 1, "gateways");
+    let msg = agent_err("gateways = [{ url = \"b:2\", colour = 1 }]\n");
+    assert!(msg.contains("colour"), "{msg}");
     Ok(())
 }
 

@@ -16,9 +16,11 @@ use crate::run;
 /// Flags of `burrow agent`; each also reads `BURROW_<FLAG>`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The gateway's tunnel address, HOST:PORT
-    #[arg(long, env = "BURROW_GATEWAY", value_name = "HOST:PORT", value_parser = config::parse_gateway_addr)]
-    gateway: Option<String>,
+    /// The gateway's tunnel address, HOST:PORT or a URL. Repeat it (or separate addresses
+    /// with commas) to keep a session with each of several gateways and publish the same
+    /// forwards on each
+    #[arg(long, env = "BURROW_GATEWAY", value_name = "HOST:PORT", value_delimiter = ',', value_parser = config::parse_gateway_addr)]
+    gateway: Vec<String>,
 
     /// The agent key, bk_... (the gateway prints one at its first start and with
     /// --print-agent-line; or `burrow keygen`). Prefer --key-file,
@@ -31,13 +33,16 @@ pub struct Args {
     #[arg(long, env = "BURROW_KEY_FILE", value_name = "FILE")]
     key_file: Option<PathBuf>,
 
-    /// Pin the gateway's certificate, SHA256:HEX (the gateway prints it at start)
-    #[arg(long, env = "BURROW_FINGERPRINT", value_name = "SHA256:HEX", value_parser = parse_fingerprint)]
-    fingerprint: Option<[u8; 32]>,
+    /// Pin the gateway's certificate, SHA256:HEX (the gateway prints it at start). With
+    /// several gateways: once for all, or once per gateway in the order of --gateway
+    #[arg(long, env = "BURROW_FINGERPRINT", value_name = "SHA256:HEX", value_delimiter = ',', value_parser = parse_fingerprint)]
+    fingerprint: Vec<[u8; 32]>,
 
-    /// Trust a CA bundle (PEM) that signed the gateway's certificate, instead of --fingerprint
-    #[arg(long, env = "BURROW_CA", value_name = "FILE")]
-    ca: Option<PathBuf>,
+    /// Trust a CA bundle (PEM) that signed the gateway's certificate, instead of
+    /// --fingerprint; `system` for the system's store. With several gateways: once for all,
+    /// or once per gateway in order
+    #[arg(long, env = "BURROW_CA", value_name = "FILE", value_delimiter = ',')]
+    ca: Vec<PathBuf>,
 
     /// Tunnel transport: tls, or tcp only when the gateway sits behind a TLS-terminating
     /// proxy (no --fingerprint or --ca then) [default: tls]
@@ -56,8 +61,10 @@ pub struct Args {
                 choose; unix:/PATH=TARGET for a unix socket on the gateway (where its grant \
                 allows the path); udp:[PUBLIC_PORT=]HOST:PORT for UDP. Add \
                 '?proxy_protocol=v1' or 'v2' (quoted) to send the target a PROXY protocol \
-                header with the client's address. Repeat the flag, or separate specs with \
-                commas (also in BURROW_FORWARD; empty entries are skipped)"
+                header with the client's address, '?group=NAME' to share the public port with \
+                the other agents whose forward names the group (options combine with &). \
+                Repeat the flag, or separate specs with commas (also in BURROW_FORWARD; empty \
+                entries are skipped)"
     )]
     forwards: Vec<ForwardEntry>,
 
@@ -121,13 +128,15 @@ impl Args {
             ),
             None => None,
         };
-        let trust = match (self.fingerprint, &self.ca) {
-            (Some(_), Some(_)) => bail!(
-                "--fingerprint (BURROW_FINGERPRINT) and --ca (BURROW_CA) are both set: use one"
+        let trust = match (self.fingerprint.as_slice(), self.ca.as_slice()) {
+            ([_, ..], [_, ..]) => bail!(
+                "--fingerprint (BURROW_FINGERPRINT) and --ca (BURROW_CA) are both set: use one \
+                 (for gateways checked in different ways, give each its own in the config \
+                 file's `gateways` tables)"
             ),
-            (Some(fp), None) => Some(Trust::Fingerprint(fp)),
-            (None, Some(ca)) => Some(Trust::ca(ca.clone())),
-            (None, None) => None,
+            ([], []) => None,
+            (fps, []) => Some(fps.iter().map(|fp| Trust::Fingerprint(*fp)).collect()),
+            ([], cas) => Some(cas.iter().map(|ca| Trust::ca(ca.clone())).collect()),
         };
         // Also outside clap, whose errors would echo a password in the URL.
         let proxy = match &self.proxy {
@@ -135,7 +144,13 @@ impl Args {
             None => None,
         };
         Ok(AgentSettings {
-            gateway: self.gateway.clone(),
+            gateways: Some(
+                self.gateway
+                    .iter()
+                    .map(config::GatewaySetting::new)
+                    .collect(),
+            )
+            .filter(|g: &Vec<_>| !g.is_empty()),
             key,
             trust,
             transport: self.transport,
@@ -182,7 +197,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let grace = config.grace;
     run::runtime()?.block_on(async move {
         let signals = run::Signals::install()?;
-        let gateway = config.gateway.clone();
+        let gateways: Vec<String> = config.gateways().into_iter().map(|g| g.gateway).collect();
         let admin = config.admin.clone();
         let agent = Agent::new(config);
         let admin = burrow::admin::AdminServer::bind(&admin, agent.report())
@@ -211,18 +226,41 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         );
         run::reload_on_sighup(reload.clone())?;
         run::start_admin(admin, reload, "");
-        tokio::spawn(print_forwards(agent.status(), String::new()));
-        crate::notify::ready(&format!("connecting to {gateway}"));
-        crate::notify::spawn_agent_status(agent.status(), gateway);
+        // With several gateways, each line names the gateway it is about.
+        let several = gateways.len() > 1;
+        let printers: Vec<_> = agent
+            .statuses()
+            .into_iter()
+            .zip(&gateways)
+            .map(|(status, gateway)| {
+                let label = several.then(|| gateway.clone());
+                tokio::spawn(print_forwards(status, String::new(), label))
+            })
+            .collect();
+        crate::notify::ready(&format!("connecting to {}", gateways.join(", ")));
+        crate::notify::spawn_agent_status(agent.statuses(), gateways);
         crate::notify::spawn_watchdog();
         let shutdown = CancellationToken::new();
-        run::until_signal(agent.run(shutdown.clone()), shutdown, signals, grace).await
+        let ended = run::until_signal(agent.run(shutdown.clone()), shutdown, signals, grace).await;
+        // An agent that stopped by itself has dropped its statuses, so the printers end: let
+        // them print its last answers first, such as the refusals it stops on.
+        if ended.is_err() {
+            let printed = futures_util::future::join_all(printers);
+            let _ = tokio::time::timeout(Duration::from_secs(1), printed).await;
+        }
+        ended
     })
 }
 
-/// Prints each forward's status whenever it changes to granted or refused, each line after
-/// `prefix` (an instance's name in `burrow run`).
-pub(crate) async fn print_forwards(mut status: watch::Receiver<AgentStatus>, prefix: String) {
+/// Prints each forward's status with one gateway whenever it changes to granted or refused,
+/// each line after `prefix` (an instance's name in `burrow run`); `gateway` names the gateway
+/// in each line (for an agent with several).
+pub(crate) async fn print_forwards(
+    mut status: watch::Receiver<AgentStatus>,
+    prefix: String,
+    gateway: Option<String>,
+) {
+    let on = gateway.map_or_else(String::new, |g| format!(" (gateway {g})"));
     let mut shown: std::collections::HashMap<String, ForwardStatus> = Default::default();
     loop {
         let (names, now) = {
@@ -234,11 +272,11 @@ pub(crate) async fn print_forwards(mut status: watch::Receiver<AgentStatus>, pre
                 continue;
             }
             match st {
-                ForwardStatus::Granted(addr) => {
-                    run::say(&format!("{prefix}forward {name}: public address {addr}"))
-                }
+                ForwardStatus::Granted(addr) => run::say(&format!(
+                    "{prefix}forward {name}: public address {addr}{on}"
+                )),
                 ForwardStatus::Refused(why) => {
-                    run::say(&format!("{prefix}forward {name}: refused: {why}"))
+                    run::say(&format!("{prefix}forward {name}: refused{on}: {why}"))
                 }
                 ForwardStatus::Pending => {}
             }

@@ -274,13 +274,20 @@ async fn serve(r: Ready, shutdown: CancellationToken) -> anyhow::Result<()> {
         RoleConfig::Agent(config) => {
             info!(target: LOG_TARGET, ?config, "agent settings");
             let admin = config.admin.clone();
+            let agent_gateways: Vec<String> =
+                config.gateways().into_iter().map(|g| g.gateway).collect();
             let agent = Agent::new(*config);
             let admin = burrow::admin::AdminServer::bind(&admin, agent.report())
                 .await
                 .map_err(anyhow::Error::msg)
                 .context("cannot start the agent")?;
             run::start_admin(admin, None, &prefix);
-            tokio::spawn(crate::agent::print_forwards(agent.status(), prefix));
+            // With several gateways, each line names the gateway it is about.
+            let gateways = agent.statuses().len();
+            for (status, gw) in agent.statuses().into_iter().zip(agent_gateways) {
+                let label = (gateways > 1).then_some(gw);
+                tokio::spawn(crate::agent::print_forwards(status, prefix.clone(), label));
+            }
             agent.run(shutdown).await?;
         }
     }

@@ -73,40 +73,47 @@ pub fn spawn_watchdog() {
     });
 }
 
-/// Keeps systemd's status line (`systemctl status`) up to date with the agent's session and
-/// forwards.
-pub fn spawn_agent_status(mut status: watch::Receiver<AgentStatus>, gateway: String) {
+/// Keeps systemd's status line (`systemctl status`) up to date with the agent's sessions and
+/// forwards: one part per gateway, in the order given.
+pub fn spawn_agent_status(mut statuses: Vec<watch::Receiver<AgentStatus>>, gateways: Vec<String>) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
     tokio::spawn(async move {
         let mut last = String::new();
         loop {
-            let line = {
-                let s = status.borrow_and_update();
-                if s.connected {
-                    let live = s
-                        .forwards
-                        .iter()
-                        .filter(|f| matches!(f, ForwardStatus::Granted(_)))
-                        .count();
-                    format!(
-                        "connected to {gateway}; {live} of {} forwards live",
-                        s.forwards.len()
-                    )
-                } else {
-                    match &s.last_error {
-                        Some(e) => format!("reconnecting to {gateway}: {e}"),
-                        None => format!("connecting to {gateway}"),
+            let parts: Vec<String> = statuses
+                .iter_mut()
+                .zip(&gateways)
+                .map(|(status, gateway)| {
+                    let s = status.borrow_and_update();
+                    if s.connected {
+                        let live = s
+                            .forwards
+                            .iter()
+                            .filter(|f| matches!(f, ForwardStatus::Granted(_)))
+                            .count();
+                        format!(
+                            "connected to {gateway}; {live} of {} forwards live",
+                            s.forwards.len()
+                        )
+                    } else {
+                        match (&s.stopped, &s.last_error) {
+                            (Some(e), _) => format!("gave up on {gateway}: {e}"),
+                            (None, Some(e)) => format!("reconnecting to {gateway}: {e}"),
+                            (None, None) => format!("connecting to {gateway}"),
+                        }
                     }
-                }
-            };
+                })
+                .collect();
+            let line = parts.join(" | ");
             if line != last {
                 // One line: systemd shows STATUS= as written.
                 notify(&format!("STATUS={}", line.replace('\n', " ")));
                 last = line;
             }
-            if status.changed().await.is_err() {
+            let changes = statuses.iter_mut().map(|s| Box::pin(s.changed()));
+            if futures_util::future::select_all(changes).await.0.is_err() {
                 return;
             }
         }

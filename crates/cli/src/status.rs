@@ -251,20 +251,51 @@ pub fn render(st: &Status, now: SystemTime) -> String {
             ))
         ));
     }
+    // An agent with several gateways: a row each, named by its gateway.
+    let per_gateway = st.role == "agent" && st.agents.len() > 1;
+    for a in st.agents.iter().filter(|_| per_gateway) {
+        let gateway = a.gateway.as_deref().unwrap_or("?");
+        let how = a
+            .transport
+            .as_ref()
+            .map_or_else(String::new, |t| format!(" ({t})"));
+        let since = a
+            .state_since
+            .map_or_else(String::new, |at| format!(" since {}", ago(now, at)));
+        if let Some(why) = &a.stopped {
+            out.push_str(&format!("gateway {gateway}{how}: gave up{since}: {why}\n"));
+        } else if let Some(r) = &a.reconnect {
+            out.push_str(&format!(
+                "gateway {gateway}{how}: not connected ({}{since}): {} failed attempts{}{}\n",
+                a.state.as_deref().unwrap_or("reconnecting"),
+                r.failed_attempts,
+                r.next_retry_ms.map_or_else(String::new, |ms| format!(
+                    ", next in {}",
+                    span(ms.div_ceil(1000))
+                )),
+                a.last_error
+                    .as_ref()
+                    .map_or_else(String::new, |e| format!("; last error: {}", e.text))
+            ));
+        } else if a.connected {
+            out.push_str(&format!("gateway {gateway}{how}: connected{since}\n"));
+        }
+    }
     out.push('\n');
     let rows: Vec<Vec<String>> = st
         .agents
         .iter()
         .map(|a| {
             let s = a.session.as_ref();
-            vec![
+            let state = match (a.connected, &a.stopped) {
+                (true, _) => "connected",
+                (false, Some(_)) => "stopped",
+                (false, None) => "disconnected",
+            };
+            let gateway = a.gateway.clone().unwrap_or_default();
+            let row = vec![
                 a.name.clone(),
-                if a.connected {
-                    "connected"
-                } else {
-                    "disconnected"
-                }
-                .into(),
+                state.into(),
                 s.map_or("-".into(), |s| s.transport.clone()),
                 s.map_or("-".into(), |s| s.address.clone()),
                 s.map_or("-".into(), |s| ago(now, s.since)),
@@ -272,22 +303,28 @@ pub fn render(st: &Status, now: SystemTime) -> String {
                     .map_or("-".into(), |ms| format!("{ms:.2} ms")),
                 s.map_or("-".into(), |s| s.streams.to_string()),
                 a.sessions.to_string(),
-            ]
+            ];
+            match per_gateway {
+                true => std::iter::once(gateway).chain(row).collect(),
+                false => row,
+            }
         })
         .collect();
-    out.push_str(&table(
-        &[
-            "AGENT",
-            "STATE",
-            "TRANSPORT",
-            "ADDRESS",
-            "SINCE",
-            "RTT",
-            "STREAMS",
-            "SESSIONS",
-        ],
-        &rows,
-    ));
+    let head = [
+        "AGENT",
+        "STATE",
+        "TRANSPORT",
+        "ADDRESS",
+        "SINCE",
+        "RTT",
+        "STREAMS",
+        "SESSIONS",
+    ];
+    let head: Vec<&str> = match per_gateway {
+        true => std::iter::once("GATEWAY").chain(head).collect(),
+        false => head.to_vec(),
+    };
+    out.push_str(&table(&head, &rows));
     let gateway = st.role == "gateway";
     let mut rows = Vec::new();
     for a in &st.agents {
@@ -297,39 +334,55 @@ pub fn render(st: &Status, now: SystemTime) -> String {
             } else {
                 s.target.clone().unwrap_or_default()
             };
-            rows.push(service_row(s, who));
+            let row = service_row(s, who);
+            rows.push(match per_gateway {
+                true => std::iter::once(a.gateway.clone().unwrap_or_default())
+                    .chain(row)
+                    .collect(),
+                false => row,
+            });
         }
     }
     if !rows.is_empty() {
         out.push('\n');
-        out.push_str(&table(
-            &[
-                "SERVICE",
-                if gateway { "AGENT" } else { "TARGET" },
-                "PUBLIC",
-                "STATE",
-                "OPEN",
-                "TOTAL",
-                "REFUSED",
-                "TO SERVICE",
-                "TO CLIENT",
-            ],
-            &rows,
-        ));
+        let head = [
+            "SERVICE",
+            if gateway { "AGENT" } else { "TARGET" },
+            "PUBLIC",
+            "STATE",
+            "OPEN",
+            "TOTAL",
+            "REFUSED",
+            "TO SERVICE",
+            "TO CLIENT",
+        ];
+        let head: Vec<&str> = match per_gateway {
+            true => std::iter::once("GATEWAY").chain(head).collect(),
+            false => head.to_vec(),
+        };
+        out.push_str(&table(&head, &rows));
     }
     let problems: Vec<String> = st
         .agents
         .iter()
         .flat_map(|a| {
-            let refused = a.services.iter().filter_map(|s| {
+            let on = match (per_gateway, &a.gateway) {
+                (true, Some(g)) => format!(" by gateway {g}"),
+                _ => String::new(),
+            };
+            let refused = a.services.iter().filter_map(move |s| {
                 s.error
                     .as_ref()
-                    .map(|e| format!("{}: refused: {e}", s.name))
+                    .map(|e| format!("{}: refused{on}: {e}", s.name))
             });
+            let who = match (per_gateway, &a.gateway) {
+                (true, Some(g)) => format!("{} on gateway {g}", a.name),
+                _ => a.name.clone(),
+            };
             let last = a
                 .last_error
                 .iter()
-                .map(|e| format!("{}: last error {}: {}", a.name, ago(now, e.at), e.text));
+                .map(move |e| format!("{who}: last error {}: {}", ago(now, e.at), e.text));
             refused.chain(last).collect::<Vec<_>>()
         })
         .collect();
@@ -375,7 +428,15 @@ fn service_row(s: &ServiceRow, who: String) -> Vec<String> {
         s.name.clone(),
         who,
         s.public.clone().unwrap_or_else(|| "-".into()),
-        s.state.clone(),
+        match (&s.group, s.members) {
+            (Some(g), Some(n)) => format!(
+                "{} (group {g}, {n} session{})",
+                s.state,
+                if n == 1 { "" } else { "s" }
+            ),
+            (Some(g), None) => format!("{} (group {g})", s.state),
+            (None, _) => s.state.clone(),
+        },
         open.to_string(),
         total.to_string(),
         refused.to_string(),

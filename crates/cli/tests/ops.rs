@@ -751,7 +751,8 @@ async fn status_page_in_headless_chromium_shows_the_agent_its_service_and_bytes(
         std::fs::write(
             &agent_toml,
             format!(
-                "gateway = \"{}\"\nfingerprint = \"{}\"\nkey_file = \"web.key\"\n\n\
+                "gateway = \"{}\"\nfingerprint = \"{}\"\nkey_file = \"web.key\"\n\
+                 admin = \"127.0.0.1:0\"\n\n\
                  [[forwards]]\nname = \"web\"\ntarget = \"{}\"\n\n\
                  [[forwards]]\nname = \"uploads\"\ntarget = \"{}\"\n",
                 gw.addr(),
@@ -862,6 +863,22 @@ async fn status_page_in_headless_chromium_shows_the_agent_its_service_and_bytes(
             assert!(
                 u.starts_with(&url),
                 "the page made a request off the admin server: {u}"
+            );
+        }
+
+        // The agent's own page says where its session to the gateway stands, and since when.
+        let agent_admin = admin_addr(&mut agent).await;
+        let agent_dom = run_chromium(
+            &chrome,
+            &tmp.path().join("profile-agent"),
+            &format!("http://{agent_admin}/"),
+            &["--dump-dom".into()],
+        )
+        .await;
+        for needle in ["data-service=\"uploads\"", ">connected for "] {
+            assert!(
+                agent_dom.contains(needle),
+                "{needle} is not in the agent's page: {agent_dom}"
             );
         }
 
@@ -1536,6 +1553,10 @@ async fn an_auto_session_shows_the_carrier_in_use_at_both_ends() {
             assert_eq!(
                 at_agent["agents"][0]["session"]["transport"], carrier,
                 "at the agent, UDP blocked: {blocked}: {at_agent:#}"
+            );
+            assert_eq!(
+                at_agent["agents"][0]["transport"], carrier,
+                "the agent's row for its gateway, UDP blocked: {blocked}: {at_agent:#}"
             );
             let at_gw: serde_json::Value =
                 serde_json::from_str(&get(gw_admin, "/api/status", None).await.body).unwrap();

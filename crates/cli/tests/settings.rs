@@ -564,6 +564,13 @@ const TLS_PAIR: &str = "tls_cert = \"/tls/c.pem\"\ntls_key = \"/tls/k.pem\"";
 const FP_A_KEY: &str =
     "fingerprint = \"SHA256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"";
 const API: &str = "[[forwards]]\npublic_port = 9000\ntarget = \"[::1]:3000\"\nname = \"api\"";
+const API_GROUP: &str =
+    "[[forwards]]\npublic_port = 9000\ntarget = \"[::1]:3000\"\ngroup = \"web\"";
+const WEB_GROUP: &str = "[[agents]]\nname = \"alice\"\n\
+    key_hash = \"bkh_tjpv6pJLLHVz98RUc4z1VaSnbUDW0Nm1UIIbnZ4xzos\"\nports = [8080]\n\
+    [[groups]]\nname = \"web\"\nagents = [\"alice\"]";
+const TWO_GATEWAYS: &str = "gateways = [\"gw1.example:7443\", \
+    { url = \"gw2.example:7443\", fingerprint = \"SHA256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\" }]";
 
 /// Every key of the config files: (role, key, TOML, what `--print-config` then shows). The
 /// TOML makes the whole gateway file; an agent file also gets the lines of [`AGENT_FILE`]
@@ -601,9 +608,12 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Gateway, "agents.key_hash", ALICE, "key_hash = \"bkh_tjpv6pJLLHVz98RUc4z1VaSnbUDW0Nm1UIIbnZ4xzos\""),
     (Role::Gateway, "agents.key", BOB, "name = \"bob\"\nkey = \"bk_****\""),
     (Role::Gateway, "agents.ports", ALICE, "ports = [8080, \"9000-9100\"]"),
+    (Role::Gateway, "groups.name", WEB_GROUP, "[[groups]]\nname = \"web\""),
+    (Role::Gateway, "groups.agents", WEB_GROUP, "agents = [\"alice\"]"),
     (Role::Both, "admin", "admin = \"127.0.0.1:4569\"", "admin = \"127.0.0.1:4569\""),
     (Role::Both, "admin_token", "admin_token = \"a-long-enough-admin-token\"", "admin_token = \"****\""),
     (Role::Agent, "gateway", "gateway = \"gw.example:9443\"", "gateway = \"gw.example:9443\""),
+    (Role::Agent, "gateways", TWO_GATEWAYS, "gateways = [{ url = \"gw1.example:7443\", fingerprint = \"SHA256:1111111111111111111111111111111111111111111111111111111111111111\" }, { url = \"gw2.example:7443\", fingerprint = \"SHA256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\" }]"),
     (Role::Agent, "key", "key = \"bk_5JG9gAt6USx2Cm5GCBiq-AdRjUxOI2NSRKwsBWYJGSU\"", "key = \"bk_****\""),
     (Role::Agent, "fingerprint", FP_A_KEY, FINGERPRINT_A),
     (Role::Agent, "ca", "ca = \"/etc/ssl/ca.pem\"", "ca = \"/etc/ssl/ca.pem\""),
@@ -617,6 +627,7 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Agent, "forwards.public_port", API, "[[forwards]]\npublic_port = 9000"),
     (Role::Agent, "forwards.target", API, "target = \"[::1]:3000\""),
     (Role::Agent, "forwards.name", API, "name = \"api\""),
+    (Role::Agent, "forwards.group", API_GROUP, "group = \"web\""),
 ];
 
 /// Keys tested elsewhere: `log_level` in [`LOG_LEVELS`]; `log_format` and `key_file` in
@@ -640,7 +651,8 @@ fn file_text(role: Role, toml: &str) -> String {
     let mut text = String::new();
     for line in AGENT_FILE.lines() {
         let key = line.split_once('=').map_or("", |(k, _)| k.trim());
-        if top.contains(&key) || (key == "fingerprint" && trust_set) {
+        let gateway_set = key == "gateway" && top.contains(&"gateways");
+        if top.contains(&key) || (key == "fingerprint" && trust_set) || gateway_set {
             continue;
         }
         text.push_str(line);

@@ -183,8 +183,13 @@ pub struct Bind {
     /// A label for logs.
     pub name: String,
     /// A unix socket path on the gateway to listen on instead of a port (`port` is then 0).
-    /// Sent after the name, only when set; a gateway grants paths explicitly.
+    /// Sent after the name, only when set (or as an empty string when only the group follows);
+    /// a gateway grants paths explicitly.
     pub path: Option<String>,
+    /// The group this service joins: agents whose binds name the same group share one public
+    /// port, and its clients are spread over them. Sent after the path, only when set (an
+    /// older agent sends none, and an older gateway ignores it).
+    pub group: Option<String>,
 }
 
 /// Gateway to agent: the answer to a [`Bind`].
@@ -541,8 +546,13 @@ impl Bind {
         b.put_u8(self.protocol as u8);
         b.put_u16(self.port);
         put_string(&mut b, &self.name);
-        if let Some(path) = &self.path {
-            put_string(&mut b, path);
+        // Both trailing fields are optional; the path comes first (an empty one stands for
+        // none when a group follows), so a gateway that knows only the path still reads it.
+        if self.path.is_some() || self.group.is_some() {
+            put_string(&mut b, self.path.as_deref().unwrap_or(""));
+        }
+        if let Some(group) = &self.group {
+            put_string(&mut b, group);
         }
         Frame::new(Kind::Bind, 0, 0, b.freeze())
     }
@@ -557,7 +567,14 @@ impl Bind {
         };
         let port = r.u16()?;
         let name = r.string()?;
+        // The path and the group are optional (an older agent sends neither); an empty path
+        // stands for none.
         let path = if r.buf.is_empty() {
+            None
+        } else {
+            Some(r.string()?).filter(|p| !p.is_empty())
+        };
+        let group = if r.buf.is_empty() {
             None
         } else {
             Some(r.string()?)
@@ -568,6 +585,7 @@ impl Bind {
             port,
             name,
             path,
+            group,
         })
     }
 }
@@ -725,14 +743,41 @@ mod tests {
             port: 8080,
             name: "web".into(),
             path: None,
+            group: None,
         };
         assert_eq!(Bind::decode(&bind.to_frame().payload).unwrap(), bind);
+        let grouped = Bind {
+            group: Some("web-pool".into()),
+            ..bind.clone()
+        };
+        assert_eq!(Bind::decode(&grouped.to_frame().payload).unwrap(), grouped);
         let unix = Bind {
             path: Some("/run/burrow/docker.sock".into()),
             port: 0,
-            ..bind
+            ..bind.clone()
         };
         assert_eq!(Bind::decode(&unix.to_frame().payload).unwrap(), unix);
+        let both = Bind {
+            group: Some("web-pool".into()),
+            ..unix.clone()
+        };
+        assert_eq!(Bind::decode(&both.to_frame().payload).unwrap(), both);
+        // A bind with neither field is the old layout, byte for byte.
+        let mut old = BytesMut::new();
+        old.put_u32(2);
+        old.put_u8(0);
+        old.put_u16(8080);
+        put_string(&mut old, "web");
+        assert_eq!(&bind.to_frame().payload[..], &old[..]);
+        // A gateway that knows only the path reads a grouped bind's path as the empty string
+        // (which is no path), and a unix bind's path as the path.
+        let frame = grouped.to_frame();
+        let mut r = Reader::new(&frame.payload, "bind");
+        r.u32().unwrap();
+        r.u8().unwrap();
+        r.u16().unwrap();
+        r.string().unwrap();
+        assert_eq!(r.string().unwrap(), "");
         let res = BindResult {
             service: 2,
             code: ErrorCode::PortInUse,

@@ -17,6 +17,8 @@ use crate::{Error, Result};
 
 /// Where Debian installs nginx.
 const NGINX: &str = "/usr/sbin/nginx";
+/// Where Debian's libnginx-mod-stream puts the `stream` module (not built in).
+const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
 /// A running nginx. Stopped when dropped.
 pub struct Nginx {
@@ -53,6 +55,34 @@ impl Nginx {
     /// directive, e.g. `listen {listen} ssl;`), `{dir}` for its directory (where a unix
     /// socket may go: `listen unix:{dir}/app.sock;`).
     pub async fn start(http: &str) -> Result<Nginx> {
+        Self::start_with("", |d| {
+            format!(
+                "http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+                 proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  \
+                 uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{http}\n}}\n"
+            )
+        })
+        .await
+    }
+
+    /// Starts nginx with `stream` as the body of its `stream {}` block (TCP proxying, the
+    /// module of Debian's libnginx-mod-stream); `{listen}` as for [`Nginx::start`].
+    pub async fn start_stream(stream: &str) -> Result<Nginx> {
+        if !Path::new(STREAM_MODULE).exists() {
+            return Err(Error::Unexpected(format!(
+                "{STREAM_MODULE} not found: install Debian's libnginx-mod-stream package \
+                 (`apt-get install libnginx-mod-stream`; .ci/run does)"
+            )));
+        }
+        Self::start_with(&format!("load_module {STREAM_MODULE};\n"), |_| {
+            format!("stream {{\n{stream}\n}}\n")
+        })
+        .await
+    }
+
+    /// Starts nginx with `top` before its main settings and the block `body` makes from the
+    /// config directory after them.
+    async fn start_with(top: &str, body: impl Fn(&str) -> String) -> Result<Nginx> {
         if !Path::new(NGINX).exists() {
             return Err(Error::Unexpected(format!(
                 "{NGINX} not found: install Debian's nginx package (`apt-get install nginx`; \
@@ -70,12 +100,10 @@ impl Nginx {
         let dir = tempfile::tempdir().map_err(|e| Error::Unexpected(e.to_string()))?;
         let d = dir.path().display();
         let conf = format!(
-            "daemon off;\nmaster_process on;\nworker_processes 1;\nerror_log {d}/error.log notice;\n\
-             pid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  \
-             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
-             fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             {}\n}}\n",
-            http.replace("{listen}", &addr.to_string())
+            "{top}daemon off;\nmaster_process on;\nworker_processes 1;\nerror_log {d}/error.log notice;\n\
+             pid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\n{}",
+            body(&d.to_string())
+                .replace("{listen}", &addr.to_string())
                 .replace("{dir}", &d.to_string())
         );
         std::fs::write(dir.path().join("nginx.conf"), conf)

@@ -751,7 +751,8 @@ impl AgentSpec {
 
 /// Waits for the agent's next `forward SPEC: public address ADDR` line of each spec (after
 /// the lines already matched), and returns the addresses in the order of `specs`. A refused
-/// forward is an error.
+/// forward is an error. (An agent with several gateways prints a line per gateway, ending in
+/// `(gateway G)`: this takes the first of each spec.)
 pub async fn wait_public(
     proc: &mut Burrow,
     specs: &[String],
@@ -771,8 +772,11 @@ pub async fn wait_public(
                 continue;
             };
             if let Some(addr) = rest.strip_prefix("public address ") {
+                // With several gateways, `ADDR (gateway G)`.
                 let addr = addr
-                    .trim()
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
                     .parse()
                     .map_err(|e| Error::Unexpected(format!("{line:?}: {e}")))?;
                 found[i] = Some(addr);

@@ -20,10 +20,12 @@ pub struct Status {
     /// Gateway: the tunnel listener's address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
-    /// Agent: the gateway it dials.
+    /// Agent: the gateway it dials (several: all of them, comma-separated; each has its own
+    /// row in `agents`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
-    /// Agent: while it is between sessions, how it is retrying.
+    /// Agent with one gateway: while it is between sessions, how it is retrying (with
+    /// several, each row of `agents` has its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconnect: Option<Reconnect>,
     /// Gateway: every agent it knows (configured or seen); agent: itself.
@@ -61,6 +63,28 @@ pub struct AgentRow {
     pub services: Vec<ServiceRow>,
     /// The last thing that went wrong for it.
     pub last_error: Option<Event>,
+    /// Agent: the gateway this row is about (one row per gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Agent: while this gateway's session is down, how it is retrying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect: Option<Reconnect>,
+    /// Agent: why it gave up on this gateway for good (it carries on with the others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
+    /// Agent: this gateway's state: `connecting` (no session yet), `connected`,
+    /// `reconnecting` or `stopped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Agent: since when it is in that state, in seconds since the Unix epoch (for
+    /// `connecting`, since the agent started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_since: Option<u64>,
+    /// Agent: the transport it dials this gateway with (`tls`, `tcp`, `ws`, `wss`, `quic`,
+    /// `auto`), connected or not; while connected, the session's carrier (for `auto`, `quic`
+    /// or `tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// A live session.
@@ -92,6 +116,12 @@ pub struct ServiceRow {
     /// Gateway: `bound` (a session routes it) or `leased` (reserved for the agent). Agent:
     /// `pending`, `granted` or `refused`.
     pub state: String,
+    /// The group whose port it shares, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Gateway, a group's port: the sessions serving it now, over every agent of the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<u64>,
     /// Why it was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

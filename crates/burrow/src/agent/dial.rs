@@ -10,7 +10,7 @@ use burrow_proto::ErrorCode;
 use tracing::info;
 
 use crate::admin::metrics::Tally;
-use crate::config::{AgentConfig, Trust};
+use crate::config::{AgentConfig, GatewayEndpoint, Trust};
 use crate::session::{self, handshake};
 use crate::transport;
 
@@ -43,6 +43,7 @@ impl From<transport::DialError> for Failure {
 /// gateway offers ([`burrow_proto::message::AuthOk::features`]), or a described error.
 pub(super) async fn connect(
     cfg: &AgentConfig,
+    gw: &GatewayEndpoint,
     url: &transport::GatewayUrl,
     proxy: Option<&transport::ProxyUrl>,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -51,7 +52,7 @@ pub(super) async fn connect(
     let handshake_deadline = cfg.limits.handshake_timeout;
     let attempt = async {
         let mut conn =
-            transport::dial(url, proxy, &cfg.trust, tls, cfg.server_name.as_deref()).await?;
+            transport::dial(url, proxy, &gw.trust, tls, gw.server_name.as_deref()).await?;
         let limits = cfg.limits.stream_limits();
         let (ok, leftover) = handshake::client_bound(
             &mut conn.io,
@@ -61,10 +62,10 @@ pub(super) async fn connect(
             Some(limits),
         )
         .await
-        .map_err(|e| describe_handshake(cfg, e))?;
-        info!(gateway = %cfg.gateway, name = %ok.name, carrier = conn.carrier(), "connected to gateway");
-        tally.set_name("", &ok.name);
-        let started = conn.start(leftover, Side::Client, ok.params, cfg.gateway.clone());
+        .map_err(|e| describe_handshake(gw, e))?;
+        info!(gateway = %gw.gateway, name = %ok.name, carrier = conn.carrier(), "connected to gateway");
+        tally.set_name(&gw.gateway, &ok.name);
+        let started = conn.start(leftover, Side::Client, ok.params, gw.gateway.clone());
         Ok((started, ok.features))
     };
     tokio::time::timeout(handshake_deadline, attempt)
@@ -72,7 +73,7 @@ pub(super) async fn connect(
         .map_err(|_| Failure {
             message: format!(
                 "gateway {}{} did not finish the handshake within {handshake_deadline:?}",
-                cfg.gateway,
+                gw.gateway,
                 proxy.map_or(String::new(), |p| format!(" (through proxy {p})"))
             ),
             fatal: false,
@@ -83,20 +84,20 @@ pub(super) async fn connect(
 
 /// The gateway URL to dial: `gateway` as parsed, with the older `--transport tcp` turning a
 /// bare `HOST:PORT` into plain TCP.
-pub(super) fn gateway_url(cfg: &AgentConfig) -> Result<transport::GatewayUrl, Failure> {
-    let mut url = transport::GatewayUrl::parse(&cfg.gateway).map_err(|e| Failure {
+pub(super) fn gateway_url(gw: &GatewayEndpoint) -> Result<transport::GatewayUrl, Failure> {
+    let mut url = transport::GatewayUrl::parse(&gw.gateway).map_err(|e| Failure {
         message: e.to_string(),
         fatal: true,
         for_good: false,
         retry_after: None,
     })?;
-    if matches!(cfg.trust, Trust::Plain) && url.scheme == transport::Scheme::Tls {
+    if matches!(gw.trust, Trust::Plain) && url.scheme == transport::Scheme::Tls {
         url.scheme = transport::Scheme::Tcp;
     }
     Ok(url)
 }
 
-pub(super) fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError) -> Failure {
+pub(super) fn describe_handshake(gw: &GatewayEndpoint, e: handshake::HandshakeError) -> Failure {
     use handshake::HandshakeError::*;
     let failure = |message: String, fatal: bool| Failure {
         message,
@@ -108,7 +109,7 @@ pub(super) fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError
         Rejected { code: ErrorCode::AuthFailed, message } => failure(
             format!(
                 "gateway {} rejected the key ({message}): check --key / BURROW_KEY / `key` in the agent config; it must be a key the gateway accepts (`burrow gateway --print-agent-line` on the gateway's host prints a working `burrow agent` line, and `burrow keygen --hash` shows a key's hash for the gateway's `[[agents]]`)",
-                cfg.gateway
+                gw.gateway
             ),
             true,
         ),
@@ -118,30 +119,30 @@ pub(super) fn describe_handshake(cfg: &AgentConfig, e: handshake::HandshakeError
             retry_after: handshake::retry_after(&message),
             message: format!(
                 "gateway {} refused the session: {message}; check --key / BURROW_KEY / `key` in the agent config",
-                cfg.gateway
+                gw.gateway
             ),
             fatal: true,
             for_good: false,
         },
         // The gateway's operator ended this key: no attempt will ever succeed.
         Rejected { code: ErrorCode::KeyRevoked, message } => Failure {
-            message: format!("gateway {} refused the key: {message}", cfg.gateway),
+            message: format!("gateway {} refused the key: {message}", gw.gateway),
             fatal: true,
             for_good: true,
             retry_after: None,
         },
         Rejected { code, message } => failure(
-            format!("gateway {} refused the session: {message} ({code})", cfg.gateway),
+            format!("gateway {} refused the session: {message} ({code})", gw.gateway),
             // A wrong version or a transport the listener does not take (Protocol) is a
             // setting to fix, not a hiccup.
             matches!(code, ErrorCode::UnsupportedVersion | ErrorCode::Protocol),
         ),
         Protocol(p) => failure(
-            format!("gateway {} broke the protocol: {p}; is it a burrow gateway of the same version?", cfg.gateway),
+            format!("gateway {} broke the protocol: {p}; is it a burrow gateway of the same version?", gw.gateway),
             matches!(p.code, ErrorCode::UnsupportedVersion),
         ),
         Io(io) => failure(
-            format!("connection to gateway {} failed during the handshake: {io}", cfg.gateway),
+            format!("connection to gateway {} failed during the handshake: {io}", gw.gateway),
             false,
         ),
     }

@@ -121,6 +121,7 @@ impl Table {
                 .public_path
                 .as_ref()
                 .map(|p| p.to_string_lossy().into_owned()),
+            group: slot.fwd.group.clone(),
         };
         session.send_control(bind.to_frame());
     }
@@ -195,6 +196,7 @@ impl Table {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn serve(
     cfg: &Arc<AgentConfig>,
+    gateway: &str,
     started: session::Started,
     unbind: bool,
     forwards: &mut watch::Receiver<Arc<Vec<Forward>>>,
@@ -211,7 +213,7 @@ pub(super) async fn serve(
     } = started;
     let mut table = Table::new(unbind);
     let list = forwards.borrow_and_update().clone();
-    table.follow(&list, &session, &cfg.gateway, tally);
+    table.follow(&list, &session, gateway, tally);
     table.publish(status);
     // UDP flows, each with a socket toward the target. A datagram for a service that is not
     // a granted UDP forward is a protocol error.
@@ -253,7 +255,7 @@ pub(super) async fn serve(
                     continue;
                 }
                 let list = forwards.borrow_and_update().clone();
-                table.follow(&list, &session, &cfg.gateway, tally);
+                table.follow(&list, &session, gateway, tally);
                 table.publish(status);
                 if let Some(why) = nothing_to_publish(&table) {
                     return Ended::NothingToPublish(why);
@@ -267,7 +269,7 @@ pub(super) async fn serve(
                 }
                 match BindResult::decode(&frame.payload) {
                     Ok(res) => {
-                        on_bind_result(cfg, &res, &mut table);
+                        on_bind_result(cfg, gateway, &res, &mut table);
                         table.publish(status);
                         if let Some(why) = nothing_to_publish(&table) {
                             return Ended::NothingToPublish(why);
@@ -316,7 +318,7 @@ fn nothing_to_publish(table: &Table) -> Option<String> {
     ))
 }
 
-fn on_bind_result(cfg: &AgentConfig, res: &BindResult, table: &mut Table) {
+fn on_bind_result(cfg: &AgentConfig, gateway: &str, res: &BindResult, table: &mut Table) {
     let id = res.service as usize;
     let Some(slot) = table.slots.get_mut(id) else {
         warn!(
@@ -339,7 +341,7 @@ fn on_bind_result(cfg: &AgentConfig, res: &BindResult, table: &mut Table) {
     let mut retry = None;
     let new = if ok {
         binding.refusals = 0;
-        let public = public_address(&res.text, &cfg.gateway);
+        let public = public_address(&res.text, gateway);
         info!(forward = %fwd.name, dest = %fwd.target, %public, "forward is live");
         ForwardStatus::Granted(public)
     } else {

@@ -22,6 +22,12 @@
 //! The forwards can change while it runs ([`AgentHandle::reload`]): the session binds the
 //! added ones and gives the removed ones back, leaving the others alone.
 //!
+//! Several gateways: the agent keeps a session with each (its *uplinks*), publishes the same
+//! forwards on each, and reconnects to each on its own, with its own backoff. Every log line
+//! of an uplink is in a `gateway` span naming it, and each has its own [`AgentStatus`]. The
+//! rules above that stop the agent stop one uplink; the agent stops when every uplink has
+//! stopped so.
+//!
 //! The parts: `dial` (reaching the gateway and describing what failed), `forwards` (one
 //! session's binds and streams, and reloads) and `admin` (what the admin server reads).
 
@@ -33,7 +39,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 mod admin;
 mod dial;
@@ -44,7 +50,7 @@ use forwards::serve;
 
 use crate::admin::api::ReloadReport;
 use crate::admin::metrics::{SessionMeta, Tally};
-use crate::config::{AgentConfig, Forward, Trust};
+use crate::config::{AgentConfig, Forward, GatewayEndpoint, Trust};
 use crate::session::{self, SessionEnd};
 use crate::transport;
 
@@ -64,7 +70,7 @@ pub enum ForwardStatus {
     Refused(String),
 }
 
-/// The agent's view of its session, for status and tests.
+/// The agent's view of its session with one gateway, for status and tests.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AgentStatus {
     /// A session is up.
@@ -84,6 +90,10 @@ pub struct AgentStatus {
     /// One entry per configured forward: for one the gateway refused for a reason that may
     /// pass (its port in use, a limit), the pause before it is asked for again.
     pub forward_retries: Vec<Option<Duration>>,
+    /// Why the agent gave up on this gateway for good (it carries on with its others).
+    pub stopped: Option<String>,
+    /// When the session came up, went down or was given up on (none before the first).
+    pub since: Option<std::time::SystemTime>,
 }
 
 impl AgentStatus {
@@ -116,8 +126,9 @@ pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, jitter: f64) -
 /// An agent, ready to [`Agent::run`].
 pub struct Agent {
     config: AgentConfig,
-    status: Arc<watch::Sender<AgentStatus>>,
-    /// What the admin server shows beyond `status`.
+    /// One per gateway, in the order of [`AgentConfig::gateways`].
+    statuses: Vec<Arc<watch::Sender<AgentStatus>>>,
+    /// What the admin server shows beyond the statuses.
     tally: Arc<Tally>,
     /// The forwards in force (a reload changes them).
     forwards: Arc<watch::Sender<Arc<Vec<Forward>>>>,
@@ -126,17 +137,23 @@ pub struct Agent {
 impl Agent {
     /// An agent with `config`.
     pub fn new(config: AgentConfig) -> Agent {
-        let status = AgentStatus {
-            names: config.forwards.iter().map(|f| f.name.clone()).collect(),
-            forwards: vec![ForwardStatus::Pending; config.forwards.len()],
-            forward_retries: vec![None; config.forwards.len()],
-            ..AgentStatus::default()
-        };
-        let (status, _) = watch::channel(status);
+        let statuses = config
+            .gateways()
+            .iter()
+            .map(|_| {
+                let status = AgentStatus {
+                    names: config.forwards.iter().map(|f| f.name.clone()).collect(),
+                    forwards: vec![ForwardStatus::Pending; config.forwards.len()],
+                    forward_retries: vec![None; config.forwards.len()],
+                    ..AgentStatus::default()
+                };
+                Arc::new(watch::channel(status).0)
+            })
+            .collect();
         let (forwards, _) = watch::channel(Arc::new(config.forwards.clone()));
         Agent {
             config,
-            status: Arc::new(status),
+            statuses,
             tally: Arc::new(Tally::new("agent")),
             forwards: Arc::new(forwards),
         }
@@ -146,50 +163,130 @@ impl Agent {
     pub fn report(&self) -> Arc<dyn crate::admin::Report> {
         Arc::new(admin::AgentReport {
             config: self.config.clone(),
-            status: self.status.subscribe(),
+            statuses: self.statuses(),
             tally: self.tally.clone(),
             forwards: self.forwards.subscribe(),
         })
     }
 
-    /// A handle that changes the running agent's forwards ([`AgentHandle::reload`]).
+    /// A handle that changes the running agent's forwards ([`AgentHandle::reload`]), on
+    /// every gateway.
     pub fn handle(&self) -> AgentHandle {
         AgentHandle {
             config: Arc::new(self.config.clone()),
-            status: self.status.clone(),
+            statuses: self.statuses.clone(),
             forwards: self.forwards.clone(),
         }
     }
 
-    /// Watches the agent's status.
+    /// Watches the agent's status with its (first) gateway.
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
-        self.status.subscribe()
+        self.statuses[0].subscribe()
     }
 
-    /// Runs until `shutdown`, reconnecting forever once a session has succeeded, except when
-    /// nothing can be published or another agent with the same key keeps taking over (see
-    /// the module docs).
+    /// Watches the agent's status with each gateway, in the order of
+    /// [`AgentConfig::gateways`].
+    pub fn statuses(&self) -> Vec<watch::Receiver<AgentStatus>> {
+        self.statuses.iter().map(|s| s.subscribe()).collect()
+    }
+
+    /// Runs until `shutdown`, reconnecting to each gateway forever once a session with it has
+    /// succeeded, except when nothing can be published there or another agent with the same
+    /// key keeps taking over (see the module docs). Stops with an error when every gateway has
+    /// failed for good.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let cfg = Arc::new(self.config);
-        let tls = match &cfg.trust {
+        if cfg.forwards.is_empty() {
+            warn!("no forwards configured: the agent will connect but publish nothing (add --forward [PORT=]TARGET)");
+        }
+        let gateways = cfg.gateways();
+        let several = gateways.len() > 1;
+        // Uplinks still running, for the message of one that gives up.
+        let running = &std::sync::atomic::AtomicUsize::new(gateways.len());
+        let uplinks = gateways.into_iter().zip(&self.statuses).map(|(gw, status)| {
+            let span = tracing::info_span!("gateway", gateway = %gw.gateway);
+            let link = Uplink {
+                cfg: cfg.clone(),
+                gw,
+                status,
+                tally: &self.tally,
+                forwards: &self.forwards,
+                tracker: TaskTracker::new(),
+            };
+            let shutdown = shutdown.clone();
+            async move {
+                let ended = link.run(&shutdown).await;
+                let left = running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) - 1;
+                if let Err(e) = &ended {
+                    link.status.send_modify(|s| {
+                        s.stopped = Some(e.0.clone());
+                        s.since = Some(std::time::SystemTime::now());
+                    });
+                    if several && left > 0 {
+                        error!("{e}; the agent stops trying this gateway and carries on with the {left} others");
+                    }
+                }
+                ended.map_err(|e| (link.gw.gateway, e))
+            }
+            .instrument(span)
+        });
+        let ended = futures_util::future::join_all(uplinks).await;
+        let failed: Vec<(String, AgentError)> = ended.into_iter().filter_map(Result::err).collect();
+        match failed.len() {
+            0 => Ok(()),
+            // Stopped by a signal, or some still ran until then.
+            n if n < cfg.gateways().len() => Ok(()),
+            1 => Err(failed
+                .into_iter()
+                .next()
+                .map_or(AgentError(String::new()), |(_, e)| e)),
+            _ => Err(AgentError(format!(
+                "every gateway failed: {}",
+                failed
+                    .iter()
+                    .map(|(g, e)| format!("gateway {g}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))),
+        }
+    }
+}
+
+/// The agent's session with one gateway, and what it needs to keep it.
+struct Uplink<'a> {
+    cfg: Arc<AgentConfig>,
+    gw: GatewayEndpoint,
+    status: &'a watch::Sender<AgentStatus>,
+    tally: &'a Arc<Tally>,
+    /// The forwards in force, which every uplink follows.
+    forwards: &'a watch::Sender<Arc<Vec<Forward>>>,
+    /// Its streams, drained when it stops.
+    tracker: TaskTracker,
+}
+
+impl Uplink<'_> {
+    /// Dials, serves and redials this gateway until `shutdown`, or an error that retrying
+    /// cannot fix.
+    async fn run(&self, shutdown: &CancellationToken) -> Result<(), AgentError> {
+        let cfg = &self.cfg;
+        let gw = &self.gw;
+        let tally = self.tally;
+        let tracker = &self.tracker;
+        let mut forwards = self.forwards.subscribe();
+        let tls = match &gw.trust {
             Trust::Plain => {
                 warn!("plain transport (tcp:// or ws://): the tunnel is NOT encrypted; use it only behind a TLS-terminating proxy");
                 None
             }
             trust => Some(crate::tls::client_config(trust).map_err(|e| AgentError(e.to_string()))?),
         };
-        if cfg.forwards.is_empty() {
-            warn!("no forwards configured: the agent will connect but publish nothing (add --forward [PORT=]TARGET)");
-        }
         // The way to the gateway is decided once: the environment is read at start, as the
         // process was given it.
-        let url = gateway_url(&cfg).map_err(|e| AgentError(e.message))?;
+        let url = gateway_url(gw).map_err(|e| AgentError(e.message))?;
         let route = transport::proxy::route(&cfg.proxy, &url, |k| std::env::var(k).ok())
             .map_err(|e| AgentError(e.to_string()))?;
-        info!(gateway = %url, "connecting {}", route.reason);
+        info!("connecting {}", route.reason);
         let proxy = route.proxy;
-        let tracker = TaskTracker::new();
-        let mut forwards = self.forwards.subscribe();
         let mut attempt = 0u32;
         let mut ever_connected = false;
         // Sessions in a row that another agent with our key took over soon after they began.
@@ -198,7 +295,7 @@ impl Agent {
             let dialing = Instant::now();
             let dialed = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = connect(&cfg, &url, proxy.as_ref(), tls.clone(), &self.tally) => r,
+                r = connect(cfg, gw, &url, proxy.as_ref(), tls.clone(), tally) => r,
             };
             // At least this long before the next attempt (what a rate limit asks for).
             let mut at_least = Duration::ZERO;
@@ -206,33 +303,35 @@ impl Agent {
                 Ok((started, features)) => {
                     let session = started.session.clone();
                     let began = Instant::now();
-                    self.tally.handshake_took(dialing.elapsed());
+                    tally.handshake_took(dialing.elapsed());
                     let generation = self.status.borrow().sessions;
                     let meta = SessionMeta::new(
                         generation,
-                        &cfg.gateway,
+                        &gw.gateway,
                         carried_by(url.scheme, &session),
                         session.clone(),
                     );
-                    self.tally.session_up("", meta);
+                    tally.session_up(&gw.gateway, meta);
                     ever_connected = true;
                     attempt = 0;
                     self.status.send_modify(|s| {
                         s.connected = true;
+                        s.since = Some(std::time::SystemTime::now());
                         s.sessions += 1;
                         s.last_error = None;
                         s.failed_attempts = 0;
                         s.next_retry = None;
                     });
                     let ended = serve(
-                        &cfg,
+                        cfg,
+                        &gw.gateway,
                         started,
                         features & burrow_proto::message::FEATURE_UNBIND != 0,
                         &mut forwards,
-                        &self.status,
-                        &tracker,
-                        &shutdown,
-                        &self.tally,
+                        self.status,
+                        tracker,
+                        shutdown,
+                        tally,
                     )
                     .await;
                     let for_tally = session.end().unwrap_or_else(|| session::SessionEnd {
@@ -241,16 +340,20 @@ impl Agent {
                         by_peer: false,
                         lost: false,
                     });
-                    self.tally.session_down("", generation, &for_tally);
+                    tally.session_down(&gw.gateway, generation, &for_tally);
                     self.status.send_modify(|s| {
                         s.connected = false;
-                        s.forwards
-                            .iter_mut()
-                            .for_each(|f| *f = ForwardStatus::Pending);
+                        s.since = Some(std::time::SystemTime::now());
+                        // The refusals it stops on stay: they are its last answer.
+                        if !matches!(ended, Ended::NothingToPublish(_)) {
+                            s.forwards
+                                .iter_mut()
+                                .for_each(|f| *f = ForwardStatus::Pending);
+                        }
                         s.forward_retries.iter_mut().for_each(|r| *r = None);
                     });
                     if shutdown.is_cancelled() {
-                        drain(&tracker, cfg.grace).await;
+                        drain(tracker, cfg.grace).await;
                         session.close(ErrorCode::Shutdown, "agent shutting down");
                         // Give the GoAway a moment to leave.
                         let _ = tokio::time::timeout(Duration::from_millis(500), session.closed())
@@ -267,7 +370,7 @@ impl Agent {
                             let _ =
                                 tokio::time::timeout(Duration::from_millis(500), session.closed())
                                     .await;
-                            drain(&tracker, cfg.grace).await;
+                            drain(tracker, cfg.grace).await;
                             self.status
                                 .send_modify(|s| s.last_error = Some(why.clone()));
                             return Err(AgentError(why));
@@ -275,10 +378,10 @@ impl Agent {
                     };
                     if end.by_peer && end.code == ErrorCode::KeyRevoked {
                         let why =
-                            format!("gateway {} closed the session: {}", cfg.gateway, end.detail);
+                            format!("gateway {} closed the session: {}", gw.gateway, end.detail);
                         self.status
                             .send_modify(|s| s.last_error = Some(why.clone()));
-                        drain(&tracker, cfg.grace).await;
+                        drain(tracker, cfg.grace).await;
                         return Err(AgentError(why));
                     }
                     let text = end.to_string();
@@ -294,7 +397,7 @@ impl Agent {
                                 );
                                 self.status
                                     .send_modify(|s| s.last_error = Some(why.clone()));
-                                drain(&tracker, cfg.grace).await;
+                                drain(tracker, cfg.grace).await;
                                 return Err(AgentError(why));
                             }
                             // Back off as after failures, so two agents with one key do not
@@ -315,6 +418,9 @@ impl Agent {
                 }
                 Err(e) => {
                     if e.fatal && (!ever_connected || e.for_good) {
+                        self.status
+                            .send_modify(|s| s.last_error = Some(e.message.clone()));
+                        tally.agent_error(&gw.gateway, &e.message);
                         return Err(AgentError(e.message));
                     }
                     if let Some(after) = e.retry_after {
@@ -322,7 +428,7 @@ impl Agent {
                     }
                     self.status
                         .send_modify(|s| s.last_error = Some(e.message.clone()));
-                    self.tally.agent_error("", &e.message);
+                    tally.agent_error(&gw.gateway, &e.message);
                     e.message
                 }
             };
@@ -337,7 +443,6 @@ impl Agent {
             // Whole milliseconds: "next attempt in 1s 234ms", not in nanoseconds.
             let shown = Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
             warn!(
-                gateway = %cfg.gateway,
                 "{why}; next attempt in {}",
                 humantime::format_duration(shown)
             );
@@ -352,7 +457,7 @@ impl Agent {
             }
             self.status.send_modify(|s| s.next_retry = None);
         }
-        drain(&tracker, cfg.grace).await;
+        drain(tracker, cfg.grace).await;
         Ok(())
     }
 }
@@ -362,7 +467,8 @@ impl Agent {
 pub struct AgentHandle {
     /// The settings it started with.
     config: Arc<AgentConfig>,
-    status: Arc<watch::Sender<AgentStatus>>,
+    /// One per gateway: a reload changes the forwards on each.
+    statuses: Vec<Arc<watch::Sender<AgentStatus>>>,
     forwards: Arc<watch::Sender<Arc<Vec<Forward>>>>,
 }
 
@@ -389,16 +495,18 @@ impl AgentHandle {
         if *old != new.forwards {
             let list = Arc::new(new.forwards.clone());
             self.forwards.send_replace(list.clone());
-            // A session shows the new list itself once it follows it; between sessions, show
-            // it now.
-            self.status.send_modify(|s| {
-                if s.connected {
-                    return;
-                }
-                s.names = list.iter().map(|f| f.name.clone()).collect();
-                s.forwards = vec![ForwardStatus::Pending; list.len()];
-                s.forward_retries = vec![None; list.len()];
-            });
+            // Every gateway's session follows the list. A session shows the new list itself
+            // once it follows it; between sessions, show it now.
+            for status in &self.statuses {
+                status.send_modify(|s| {
+                    if s.connected {
+                        return;
+                    }
+                    s.names = list.iter().map(|f| f.name.clone()).collect();
+                    s.forwards = vec![ForwardStatus::Pending; list.len()];
+                    s.forward_retries = vec![None; list.len()];
+                });
+            }
         }
         Ok(ReloadReport {
             file: String::new(),
@@ -417,6 +525,7 @@ fn restart_needed(old: &AgentConfig, new: &AgentConfig) -> Vec<String> {
         key,
         trust,
         server_name,
+        extra_gateways,
         proxy,
         forwards: _,
         limits,
@@ -438,6 +547,7 @@ fn restart_needed(old: &AgentConfig, new: &AgentConfig) -> Vec<String> {
     differs(*key_file == old.key_file, "key_file");
     differs(*trust == old.trust, "fingerprint/ca");
     differs(*server_name == old.server_name, "server_name");
+    differs(*extra_gateways == old.extra_gateways, "gateways");
     differs(*proxy == old.proxy, "proxy");
     differs(*limits == old.limits, "limits");
     differs(*max_backoff == old.max_backoff, "max_backoff");

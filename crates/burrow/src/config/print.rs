@@ -15,8 +15,8 @@ use burrow_proto::message::Protocol;
 use crate::admin::AdminConfig;
 
 use super::{
-    forward_name, AgentConfig, AgentGrant, Forward, GatewayConfig, Heartbeat, KeySpec, Limits,
-    PortRange, Trust,
+    forward_name, AgentConfig, AgentGrant, Forward, GatewayConfig, GatewayEndpoint, GroupGrant,
+    Heartbeat, KeySpec, Limits, PortRange, Trust,
 };
 
 /// What a masked key looks like in the output.
@@ -168,6 +168,7 @@ impl GatewayConfig {
             tls_cert,
             tls_key,
             agents,
+            groups,
             limits: l,
             heartbeat,
             lease,
@@ -246,8 +247,44 @@ impl GatewayConfig {
         for g in agents {
             grant(&mut out, g);
         }
+        for g in groups {
+            let GroupGrant { name, agents } = g;
+            out.section("[[groups]]");
+            out.text("name", name);
+            let names = agents.iter().map(|a| toml::Value::from(a.as_str()));
+            out.value("agents", toml::Value::Array(names.collect()));
+        }
         out.0
     }
+}
+
+/// One gateway of several as an inline `gateways` table: `url`, its trust, its server name
+/// (in that order: toml's own tables would sort the keys). A plain one is written `tcp://` (or
+/// `ws://`) so that it reads back as plain without `transport`.
+fn gateway_table(g: &GatewayEndpoint) -> String {
+    let url = match (&g.trust, g.gateway.split_once("://")) {
+        (Trust::Plain, None) => format!("tcp://{}", g.gateway),
+        (Trust::Plain, Some(("tls", rest))) => format!("tcp://{rest}"),
+        _ => g.gateway.clone(),
+    };
+    let mut fields = vec![("url", url)];
+    match &g.trust {
+        Trust::Fingerprint(fp) => fields.push(("fingerprint", crate::tls::fingerprint_string(fp))),
+        Trust::Ca(ca) => {
+            let ca = std::path::absolute(ca).unwrap_or_else(|_| ca.clone());
+            fields.push(("ca", ca.to_string_lossy().into_owned()));
+        }
+        Trust::System => fields.push(("ca", "system".into())),
+        Trust::Plain => {}
+    }
+    if let Some(name) = &g.server_name {
+        fields.push(("server_name", name.clone()));
+    }
+    let fields: Vec<String> = fields
+        .into_iter()
+        .map(|(k, v)| format!("{k} = {}", toml::Value::from(v)))
+        .collect();
+    format!("{{ {} }}", fields.join(", "))
 }
 
 impl AgentConfig {
@@ -259,6 +296,7 @@ impl AgentConfig {
             key: _,
             trust,
             server_name,
+            extra_gateways,
             forwards,
             limits: l,
             max_backoff,
@@ -272,12 +310,27 @@ impl AgentConfig {
         let mut out = Out::default();
         out.line("# burrow agent: the effective settings (flags, environment, file, defaults).");
         out.line("# The key is masked: with the real one in its place, this is a config file.");
-        out.text("gateway", gateway);
+        if !extra_gateways.is_empty() {
+            // Each gateway as a table with its own trust, which reads back as the same.
+            let first = GatewayEndpoint {
+                gateway: gateway.clone(),
+                trust: trust.clone(),
+                server_name: server_name.clone(),
+            };
+            let tables: Vec<String> = std::iter::once(&first)
+                .chain(extra_gateways)
+                .map(gateway_table)
+                .collect();
+            out.line(&format!("gateways = [{}]", tables.join(", ")));
+        } else {
+            out.text("gateway", gateway);
+        }
         match key_file {
             Some(p) => out.path("key_file", p),
             None => out.text("key", MASKED_KEY),
         }
         match trust {
+            _ if !extra_gateways.is_empty() => {}
             Trust::Fingerprint(fp) => {
                 out.text("transport", "tls");
                 out.text("fingerprint", &crate::tls::fingerprint_string(fp));
@@ -292,7 +345,7 @@ impl AgentConfig {
             }
             Trust::Plain => out.text("transport", "tcp"),
         }
-        if let Some(name) = server_name {
+        if let Some(name) = server_name.as_ref().filter(|_| extra_gateways.is_empty()) {
             out.text("server_name", name);
         }
         match proxy {
@@ -325,6 +378,7 @@ impl AgentConfig {
                     public_port,
                     target,
                     name,
+                    group,
                     proxy_protocol,
                     public_path,
                 } = f;
@@ -341,6 +395,9 @@ impl AgentConfig {
                 out.text("target", &target.to_string());
                 if *name != forward_name(*protocol, *public_port, public_path.as_deref(), target) {
                     out.text("name", name);
+                }
+                if let Some(group) = group {
+                    out.text("group", group);
                 }
                 if let Some(pp) = proxy_protocol {
                     out.text("proxy_protocol", pp.as_str());

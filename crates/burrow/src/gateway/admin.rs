@@ -59,6 +59,8 @@ pub(crate) fn row(
         public,
         target: None,
         state: state.to_string(),
+        group: None,
+        members: None,
         error: None,
         streams_current: r(|t| &t.streams_current),
         streams_total: r(|t| &t.streams_total),
@@ -128,6 +130,11 @@ impl Report for GatewayReport {
                             };
                             let key = (name.clone(), svc.clone());
                             let mut r = row(svc, Some(port.shown(hub)), state, services.get(&key));
+                            {
+                                let routes = lock(&port.route);
+                                r.group = routes.group.clone();
+                                r.members = r.group.is_some().then(|| routes.len() as u64);
+                            }
                             if *protocol == Protocol::Udp {
                                 r.udp = Some(udp_row(udp.get(&key)));
                             }
@@ -145,6 +152,12 @@ impl Report for GatewayReport {
                 sessions: board.sessions,
                 services: svc,
                 last_error: board.last_error,
+                gateway: None,
+                reconnect: None,
+                stopped: None,
+                state: None,
+                state_since: None,
+                transport: None,
             });
         }
         drop(agents_table);

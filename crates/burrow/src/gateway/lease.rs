@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use burrow_proto::message::Protocol;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::groups::Routes;
 use super::ports::{accept_public, listen_public_udp, serve_udp_port, Listener, PublicPort};
 use super::{lock, AgentEntry, Hub, PortEntry};
 use crate::config::AgentGrant;
@@ -109,10 +109,9 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
         let Ok(addr) = listener.local_addr() else {
             continue;
         };
-        let route = Arc::new(Mutex::new(None));
+        let route = Arc::new(Mutex::new(Routes::new(l.group.clone())));
         let cancel = hub.stop.child_token();
-        let close = CancellationToken::new();
-        let conns = {
+        {
             let mut agents = lock(&hub.agents);
             let entry = agents
                 .entry(l.agent.clone())
@@ -123,25 +122,21 @@ pub(super) async fn restore_leases(hub: &Arc<Hub>) {
                     addr,
                     route: route.clone(),
                     cancel: cancel.clone(),
-                    close: close.clone(),
                     owner: None,
                     lease: Some(lease_id),
                     chosen: true,
                     path: None,
                 },
             );
-            entry.conns.clone()
-        };
+        }
         match listener {
             Listener::Tcp(listener) => {
                 let port = PublicPort {
                     listener,
                     route,
                     cancel,
-                    close,
                     agent: l.agent.clone(),
                     service: l.service.clone(),
-                    conns,
                     _fd: fd,
                 };
                 tokio::spawn(accept_public(hub.clone(), port));
@@ -184,7 +179,8 @@ pub(super) fn start_lease(hub: &Arc<Hub>, name: &str, entry: &mut AgentEntry, ge
     let mut any = false;
     for port in entry.ports.values_mut() {
         if port.owner == Some(generation) {
-            *lock(&port.route) = None;
+            // It leaves the group at once; the others carry on serving the port.
+            lock(&port.route).leave(name, generation);
             port.owner = None;
             port.lease = Some(lease_id);
             any = true;
@@ -211,8 +207,11 @@ pub(super) fn spawn_lease_timer(hub: &Arc<Hub>, name: &str, lease_id: u64) {
                 if port.lease != Some(lease_id) {
                     return true;
                 }
-                info!(agent = %name, addr = %port.shown(&hub), "lease expired; public port closed");
-                port.cancel.cancel();
+                if port.close() {
+                    info!(agent = %name, addr = %port.shown(&hub), "lease expired; public port closed");
+                } else {
+                    info!(agent = %name, addr = %port.shown(&hub), "lease expired; the agent left the group, whose other members keep the port");
+                }
                 hub.forget_port(&name, *protocol, service, port);
                 false
             });

@@ -16,14 +16,19 @@
 //! they may use only the descriptors left after a reserve for the tunnel port, so agents can
 //! always log in ([`limiter::share_descriptors`]).
 //!
+//! Agents may share a public port in a group (their binds name the same group): new clients
+//! are spread over the group's live sessions, and the port stays bound while any member holds
+//! it (`groups.rs`).
+//!
 //! The agents it accepts can change while it runs: a reload of the config file or a token
 //! made or revoked swaps the whole set at once, then closes what is no longer granted and
 //! only that (`reload`).
 //!
 //! The parts: `accept` (the tunnel port, up to an authenticated session), `serve` (one
-//! session: its binds and its end), `ports` (public listeners and their connections), `lease`
-//! (ports kept for a dropped agent, and across restarts), `reload` (a new set of agents:
-//! from the config file, or from the tokens) and `admin` (what the admin server reads).
+//! session: its binds and its end), `ports` (public listeners and their connections),
+//! `groups` (who a port's clients go to), `lease` (ports kept for a dropped agent, and across
+//! restarts), `reload` (a new set of agents: from the config file, or from the tokens) and
+//! `admin` (what the admin server reads).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,6 +47,7 @@ use tracing::{debug, info, warn};
 
 mod accept;
 mod admin;
+mod groups;
 mod lease;
 mod ports;
 mod quic;
@@ -161,12 +167,10 @@ type Grants = HashMap<KeyHash, Arc<AgentGrant>>;
 
 struct PortEntry {
     addr: SocketAddr,
-    route: Arc<Mutex<Option<Route>>>,
-    /// Stops this port's listener.
+    /// The sessions its clients go to; shared with the other members' entries in a group.
+    route: Arc<Mutex<groups::Routes>>,
+    /// Stops this port's listener (shared in a group, like `route`).
     cancel: CancellationToken,
-    /// Closes this port's public connections (a grant narrowed, an agent removed); not
-    /// cancelled at shutdown, where they drain.
-    close: CancellationToken,
     /// The generation of the session that bound it, while one routes it.
     owner: Option<u64>,
     /// The lease it is on while no session routes it (ids grow: the smallest is the oldest).
@@ -184,6 +188,16 @@ impl PortEntry {
             Some(p) => format!("unix:{}", p.display()),
             None => public_text(hub, self.addr),
         }
+    }
+
+    /// Lets go of the port after the entry was taken out of its agent's table: closes the
+    /// listener unless another member of its group still holds it. True when closed.
+    fn close(&self) -> bool {
+        let last = lock(&self.route).release();
+        if last {
+            self.cancel.cancel();
+        }
+        last
     }
 }
 
@@ -237,7 +251,7 @@ impl Gateway {
             generated = Some(key);
         }
         let config_agents = agents.clone();
-        for warning in overlapping_grants(&agents) {
+        for warning in overlapping_grants(&agents, &config.groups) {
             warn!("{warning}");
         }
         let tokens = TokenBook::load(&config.state_dir).map_err(GatewayError)?;
@@ -502,9 +516,16 @@ impl Hub {
         lock(&self.grants).clone()
     }
 
-    /// Keeps the port the gateway chose for `agent`'s `service` across restarts.
-    fn remember_port(&self, agent: &str, protocol: Protocol, service: &str, port: u16) {
-        if !lock(&self.lease_book).set(agent, protocol, service, port) {
+    /// Keeps the port the gateway chose for `agent`'s `service` (of `group`) across restarts.
+    fn remember_port(
+        &self,
+        agent: &str,
+        protocol: Protocol,
+        service: &str,
+        port: u16,
+        group: Option<&str>,
+    ) {
+        if !lock(&self.lease_book).set(agent, protocol, service, port, group) {
             debug!(
                 agent,
                 service,

@@ -1,6 +1,7 @@
 //! Public ports: binding them within the grant, the listeners and the public connections
 //! they take.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
@@ -12,9 +13,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use super::groups::{Member, Routes};
 use super::{lock, AgentEntry, Hub, LogThrottle, PortEntry, Route};
 use crate::admin::metrics::Refused;
-use crate::config::{AgentGrant, PortRange};
+use crate::config::{AgentGrant, GroupGrant, PortRange};
 use crate::limiter::FdPermit;
 use crate::relay::{self, Local};
 use crate::session::Session;
@@ -46,7 +48,7 @@ pub(super) fn make_room(
         };
         if let Some(port) = entry.ports.remove(&key) {
             info!(addr = %port.shown(hub), "public port on lease closed to make room for a new one (limits.max_ports_per_agent)");
-            port.cancel.cancel();
+            port.close();
             hub.forget_port(&grant.name, key.0, &key.1, &port);
         }
     }
@@ -58,6 +60,61 @@ pub(super) fn public_text(hub: &Hub, addr: SocketAddr) -> String {
         Some(name) => format!("{name}:{}", addr.port()),
         None => addr.to_string(),
     }
+}
+
+/// Whether `agent` may be in `group`: a group declared in `[[groups]]` takes only the agents
+/// it lists; one that is not declared, every agent (whose grant has its port).
+fn group_admits(hub: &Hub, group: &str, agent: &str) -> Result<(), String> {
+    match hub.config.groups.iter().find(|g| g.name == group) {
+        Some(g) if !g.agents.iter().any(|a| a == agent) => Err(format!(
+            "agent `{agent}` is not a member of group `{group}` on this gateway (its [[groups]] entry lets in {}): ask the gateway's operator to add `{agent}` to the group's `agents`, or change the forward's group",
+            g.agents.join(", ")
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A port another agent holds that a bind asks for, or the port of the group it names.
+struct Held {
+    holder: String,
+    addr: SocketAddr,
+    route: Arc<Mutex<Routes>>,
+    cancel: CancellationToken,
+    on_lease: bool,
+    /// Found by the group's name (rather than only by the port number).
+    by_group: bool,
+}
+
+/// Of the ports other agents hold: the one `bind` asks for (by number), or the port of the
+/// group it names (same protocol). The group's port wins.
+fn held_by_others(agents: &HashMap<String, AgentEntry>, agent: &str, bind: &Bind) -> Option<Held> {
+    let mut by_port = None;
+    for (name, e) in agents.iter().filter(|(name, _)| **name != agent) {
+        for ((protocol, _), p) in &e.ports {
+            let same_protocol = *protocol == bind.protocol;
+            let theirs = lock(&p.route).group.clone();
+            let same_group = same_protocol && bind.group.is_some() && theirs == bind.group;
+            // Grants may overlap (a warning at start says so): a port with the number asked
+            // for is taken, of the same protocol only (TCP and UDP port P are two ports).
+            let same_port = bind.port != 0 && p.addr.port() == bind.port && same_protocol;
+            if !(same_group || same_port) {
+                continue;
+            }
+            let held = Held {
+                holder: name.clone(),
+                addr: p.addr,
+                route: p.route.clone(),
+                cancel: p.cancel.clone(),
+                on_lease: p.lease.is_some(),
+                by_group: same_group,
+            };
+            if same_group {
+                return Some(held);
+            }
+            by_port.get_or_insert(held);
+        }
+    }
+    by_port
 }
 
 pub(super) async fn bind_port(
@@ -80,31 +137,55 @@ pub(super) async fn bind_port(
         }
     };
     if bind.path.is_some() {
+        if bind.group.is_some() {
+            return refuse(
+                ErrorCode::PortNotGranted,
+                "a group shares a public port; a unix socket endpoint cannot join one (drop the \
+                 forward's ?group= or give it a port)"
+                    .into(),
+            );
+        }
         return super::unix::bind_path(hub, grant, session, generation, bind).await;
     }
     let proto = match bind.protocol {
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",
     };
-    if !grant.allows_on(bind.protocol, bind.port) {
-        let port = if bind.port == 0 {
+    let not_granted = |port: u16| {
+        let port = if port == 0 {
             "no port".to_string()
         } else {
-            format!("port {}", bind.port)
+            format!("port {port}")
         };
-        return refuse(
-            ErrorCode::PortNotGranted,
-            format!(
-                "{proto} {port} is not granted to agent `{}` (granted: {}){}",
-                grant.name,
-                describe_ports(&grant.ports),
-                if bind.protocol == Protocol::Udp {
-                    "; UDP ports are granted with /udp, as in ports = [\"5353/udp\"]"
-                } else {
-                    ""
-                }
-            ),
-        );
+        format!(
+            "{proto} {port} is not granted to agent `{}` (granted: {}){}",
+            grant.name,
+            describe_ports(&grant.ports),
+            if bind.protocol == Protocol::Udp {
+                "; UDP ports are granted with /udp, as in ports = [\"5353/udp\"]"
+            } else {
+                ""
+            }
+        )
+    };
+    if !grant.allows_on(bind.protocol, bind.port) {
+        return refuse(ErrorCode::PortNotGranted, not_granted(bind.port));
+    }
+    let group = bind.group.as_deref();
+    if let Some(group) = group {
+        // What an agent sends: names as the agent's config takes them, nothing longer.
+        if crate::config::parse_group(group).as_deref() != Ok(group) {
+            return refuse(
+                ErrorCode::PortNotGranted,
+                format!(
+                    "that is not a group name: use 1 to {} letters, digits, `.`, `_` or `-`",
+                    crate::config::MAX_GROUP_NAME
+                ),
+            );
+        }
+        if let Err(text) = group_admits(hub, group, &grant.name) {
+            return refuse(ErrorCode::PortNotGranted, text);
+        }
     }
     let route = Route {
         session: session.clone(),
@@ -114,43 +195,79 @@ pub(super) async fn bind_port(
     };
     let key = (bind.protocol, bind.name.clone());
     let max_ports = hub.config.limits.max_ports_per_agent;
-    // A leased port for the same service comes back as it was.
+    let in_group = |n: usize| match group {
+        Some(g) => format!(" (group `{g}`, {n} members)"),
+        None => String::new(),
+    };
+    // A leased port for the same service comes back as it was; a group's port is joined.
     {
         let mut agents = lock(&hub.agents);
-        // Grants may overlap (a warning at start says so): name the agent holding the port.
-        let holder = agents
-            .iter()
-            .filter(|(name, _)| **name != grant.name)
-            .find_map(|(name, e)| {
-                // Of the same protocol: TCP and UDP port P are two ports.
-                e.ports
-                    .iter()
-                    .find(|((proto, _), p)| {
-                        *proto == bind.protocol && bind.port != 0 && p.addr.port() == bind.port
-                    })
-                    .map(|(_, p)| (name.clone(), p.lease.is_some()))
-            });
-        if let Some((holder, on_lease)) = holder {
-            return refuse(
-                ErrorCode::PortInUse,
-                format!(
-                    "port {} is held by agent `{holder}`{} on this gateway (both agents' grants include it): ask the gateway's operator to give each agent its own ports, or pick another port",
-                    bind.port,
-                    if on_lease { " (reserved for it on lease)" } else { "" }
-                ),
-            );
+        let held = held_by_others(&agents, &grant.name, bind);
+        if let Some(h) = &held {
+            let theirs = lock(&h.route).group.clone();
+            let joins = h.by_group && (bind.port == 0 || bind.port == h.addr.port());
+            if !joins {
+                let port = h.addr.port();
+                let text = match (theirs.as_deref(), group) {
+                    (Some(g), Some(mine)) if g == mine => format!(
+                        "group `{g}` has port {port} on this gateway, and this forward asks for port {}: give every member of a group the same port (or 0 to take the group's)",
+                        bind.port
+                    ),
+                    (Some(g), Some(mine)) => format!(
+                        "port {port} is the public port of group `{g}` on this gateway, and this forward is in group `{mine}`: a forward joins a group only with the same group name"
+                    ),
+                    (Some(g), None) => format!(
+                        "port {port} is the public port of group `{g}` on this gateway (agents {}): to share it, put this forward in the group too (?group={g} after the spec, or group = \"{g}\" in [[forwards]])",
+                        lock(&h.route).agents().join(", ")
+                    ),
+                    (None, _) => format!(
+                        "port {port} is held by agent `{}`{} on this gateway (both agents' grants include it){}: ask the gateway's operator to give each agent its own ports, or pick another port",
+                        h.holder,
+                        if h.on_lease { " (reserved for it on lease)" } else { "" },
+                        if group.is_some() { ", outside any group" } else { "" }
+                    ),
+                };
+                return refuse(ErrorCode::PortInUse, text);
+            }
+            if !grant.allows_on(bind.protocol, h.addr.port()) {
+                return refuse(
+                    ErrorCode::PortNotGranted,
+                    format!(
+                        "group `{}` is on port {} of this gateway: {}",
+                        group.unwrap_or_default(),
+                        h.addr.port(),
+                        not_granted(h.addr.port())
+                    ),
+                );
+            }
         }
         let entry = agents
             .entry(grant.name.clone())
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
+        let member = Member::new(&grant.name, generation, route.clone(), entry.conns.clone());
         if let Some(existing) = entry.ports.get_mut(&key) {
-            let same = bind.port == 0 || bind.port == existing.addr.port();
-            if same && existing.path.is_none() {
-                *lock(&existing.route) = Some(route);
+            let same_port = bind.port == 0 || bind.port == existing.addr.port();
+            // A group found elsewhere is another port: this one is given up for it.
+            let same_listener = held
+                .as_ref()
+                .is_none_or(|h| Arc::ptr_eq(&h.route, &existing.route));
+            // A port shared with a group stays the group's: a bind naming another group (or
+            // none) gives it up; one this agent holds alone takes the group the bind names.
+            let fits = {
+                let routes = lock(&existing.route);
+                routes.group == bind.group || !routes.shared()
+            };
+            if same_port && same_listener && fits && existing.path.is_none() {
+                let members = {
+                    let mut routes = lock(&existing.route);
+                    routes.group = bind.group.clone();
+                    routes.join(member);
+                    routes.len()
+                };
                 existing.owner = Some(generation);
                 existing.lease = None;
                 let text = public_text(hub, existing.addr);
-                info!(service = %bind.name, public = %text, "public port granted (kept from lease)");
+                info!(service = %bind.name, public = %text, "public port granted (kept from lease){}", in_group(members));
                 return BindResult {
                     service: bind.service,
                     code: ErrorCode::Normal,
@@ -158,7 +275,7 @@ pub(super) async fn bind_port(
                 };
             }
             if let Some(old) = entry.ports.remove(&key) {
-                old.cancel.cancel();
+                old.close();
                 hub.forget_port(&grant.name, bind.protocol, &bind.name, &old);
             }
         }
@@ -177,6 +294,34 @@ pub(super) async fn bind_port(
         }
         if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
+        }
+        if let Some(h) = held {
+            // Join the group's port: no listener of its own.
+            let members = {
+                let mut routes = lock(&h.route);
+                routes.hold();
+                routes.join(member);
+                routes.len()
+            };
+            entry.ports.insert(
+                key,
+                PortEntry {
+                    addr: h.addr,
+                    route: h.route,
+                    cancel: h.cancel,
+                    owner: Some(generation),
+                    lease: None,
+                    chosen: false,
+                    path: None,
+                },
+            );
+            let text = public_text(hub, h.addr);
+            info!(service = %bind.name, public = %text, "public port granted: joined{}", in_group(members));
+            return BindResult {
+                service: bind.service,
+                code: ErrorCode::Normal,
+                text,
+            };
         }
     }
     // A listener holds a descriptor: it may not eat into what agent logins need.
@@ -206,11 +351,23 @@ pub(super) async fn bind_port(
         Ok(a) => a,
         Err(e) => return refuse(ErrorCode::Internal, e.to_string()),
     };
-    let route = Arc::new(Mutex::new(Some(route)));
     let cancel = hub.stop.child_token();
-    let close = CancellationToken::new();
-    let conns = {
+    let route = {
         let mut agents = lock(&hub.agents);
+        // Another member of the group may have bound its port meanwhile (both asked for port
+        // 0): this one asks again, and joins it then.
+        if group.is_some() {
+            if let Some(h) = held_by_others(&agents, &grant.name, bind).filter(|h| h.by_group) {
+                return refuse(
+                    ErrorCode::PortInUse,
+                    format!(
+                        "group `{}` got port {} from another member meanwhile: asking again joins it",
+                        group.unwrap_or_default(),
+                        h.addr.port()
+                    ),
+                );
+            }
+        }
         let entry = agents
             .entry(grant.name.clone())
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
@@ -228,22 +385,29 @@ pub(super) async fn bind_port(
         // The lease file keeps chosen ports, TCP and UDP, across a restart.
         let chosen = bind.port == 0;
         if chosen {
-            hub.remember_port(&grant.name, bind.protocol, &bind.name, addr.port());
+            hub.remember_port(&grant.name, bind.protocol, &bind.name, addr.port(), group);
         }
+        let mut routes = Routes::new(bind.group.clone());
+        routes.join(Member::new(
+            &grant.name,
+            generation,
+            route,
+            entry.conns.clone(),
+        ));
+        let route = Arc::new(Mutex::new(routes));
         entry.ports.insert(
             key,
             PortEntry {
                 addr,
                 route: route.clone(),
                 cancel: cancel.clone(),
-                close: close.clone(),
                 owner: Some(generation),
                 lease: None,
                 chosen,
                 path: None,
             },
         );
-        entry.conns.clone()
+        route
     };
     match listener {
         Listener::Tcp(listener) => {
@@ -251,10 +415,8 @@ pub(super) async fn bind_port(
                 listener,
                 route,
                 cancel,
-                close,
                 agent: grant.name.clone(),
                 service: bind.name.clone(),
-                conns,
                 _fd: fd,
             };
             tokio::spawn(accept_public(hub.clone(), port).instrument(tracing::Span::current()));
@@ -264,7 +426,7 @@ pub(super) async fn bind_port(
         }
     }
     let text = public_text(hub, addr);
-    info!(service = %bind.name, public = %text, "public port granted");
+    info!(service = %bind.name, public = %text, "public port granted{}", in_group(1));
     BindResult {
         service: bind.service,
         code: ErrorCode::Normal,
@@ -273,13 +435,22 @@ pub(super) async fn bind_port(
 }
 
 /// Warnings for agents whose grants share ports: whichever binds a shared port first gets it,
-/// and the other is refused. At most 16 pairs are named.
-pub(super) fn overlapping_grants(agents: &[AgentGrant]) -> Vec<String> {
+/// and the other is refused (unless both are in a group). Agents declared in one group are
+/// meant to share ports and are not named. At most 16 pairs are named.
+pub(super) fn overlapping_grants(agents: &[AgentGrant], groups: &[GroupGrant]) -> Vec<String> {
     const MAX_NAMED: usize = 16;
     let mut out = Vec::new();
     let mut more = 0usize;
+    let grouped = |a: &str, b: &str| {
+        groups
+            .iter()
+            .any(|g| g.agents.iter().any(|x| x == a) && g.agents.iter().any(|x| x == b))
+    };
     for (i, a) in agents.iter().enumerate() {
-        for b in &agents[i + 1..] {
+        for b in agents[i + 1..]
+            .iter()
+            .filter(|b| !grouped(&a.name, &b.name))
+        {
             let shared: Vec<PortRange> = a
                 .ports
                 .iter()
@@ -302,7 +473,7 @@ pub(super) fn overlapping_grants(agents: &[AgentGrant]) -> Vec<String> {
                 continue;
             }
             out.push(format!(
-                "agents `{}` and `{}` are both granted ports {}: whichever binds one first holds it, and the other is refused; give each agent its own ports",
+                "agents `{}` and `{}` are both granted ports {}: whichever binds one first holds it, and the other is refused (unless both forwards name one group); give each agent its own ports",
                 a.name,
                 b.name,
                 describe_ports(&shared)
@@ -369,23 +540,24 @@ pub(super) async fn listen_public(
     ))
 }
 
-/// Serves a public UDP port of `agent`'s `service` until `cancel`, to whichever session
-/// `route` names; its descriptor permit `fd` goes with it.
+/// Serves a public UDP port of `agent`'s `service` until `cancel`, to the sessions `route`
+/// names (a client's flow stays with one member, see `groups`); its descriptor permit `fd`
+/// goes with it.
 pub(super) fn serve_udp_port(
     hub: &Hub,
     socket: tokio::net::UdpSocket,
-    route: Arc<Mutex<Option<Route>>>,
+    route: Arc<Mutex<Routes>>,
     cancel: CancellationToken,
     fd: FdPermit,
     agent: &str,
     service: &str,
 ) {
-    let routing = move || {
-        lock(&route).clone().map(|r| udp::UdpRoute {
-            session: r.session,
-            service: r.service,
-            name: r.name,
-            flows: r.flows,
+    let routing = move |client: SocketAddr| {
+        lock(&route).pin(client).map(|m| udp::UdpRoute {
+            session: m.route.session.clone(),
+            service: m.route.service,
+            name: m.route.name.clone(),
+            flows: m.route.flows.clone(),
         })
     };
     let counters = hub.tally.udp(agent, service);
@@ -468,15 +640,12 @@ pub(super) async fn listen_public_udp(
 /// What a public port's accept loop holds: dropping it closes the port.
 pub(super) struct PublicPort {
     pub(super) listener: TcpListener,
-    pub(super) route: Arc<Mutex<Option<Route>>>,
+    pub(super) route: Arc<Mutex<Routes>>,
     pub(super) cancel: CancellationToken,
-    /// Closes the port's connections ([`PortEntry::close`](super::PortEntry)).
-    pub(super) close: CancellationToken,
-    /// The agent's name and its public connections.
+    /// The agent that bound it (a group's clients count against the agent they go to).
     pub(super) agent: String,
     /// The service's name, as first bound (for metrics).
     pub(super) service: String,
-    pub(super) conns: Arc<Semaphore>,
     /// The listener's descriptor in the public budget.
     pub(super) _fd: FdPermit,
 }
@@ -524,10 +693,8 @@ pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
     let mut accept_errors = LogThrottle::default();
     let end = Endpoint {
         route: &port.route,
-        close: &port.close,
         agent: &port.agent,
         service: &port.service,
-        conns: &port.conns,
     };
     loop {
         let (tcp, client) = tokio::select! {
@@ -558,16 +725,17 @@ pub(super) async fn accept_public(hub: Arc<Hub>, port: PublicPort) {
 
 /// What a public endpoint (a TCP port or a unix socket) gives each of its connections.
 pub(super) struct Endpoint<'a> {
-    pub(super) route: &'a Mutex<Option<Route>>,
-    /// Closes the endpoint's connections (it is no longer granted).
-    pub(super) close: &'a CancellationToken,
+    /// The sessions routing it (one, or a group's members).
+    pub(super) route: &'a Mutex<Routes>,
+    /// The agent that bound it and its service, for the metrics of a connection no session
+    /// takes (one a member takes counts against the member's agent).
     pub(super) agent: &'a str,
     pub(super) service: &'a str,
-    pub(super) conns: &'a Arc<Semaphore>,
 }
 
-/// One accepted public connection: the session routing its endpoint, the connection limits,
-/// a stream in that session, then the relay, in a tracked task. `client` travels in the Open;
+/// One accepted public connection: a session routing its endpoint (in a group, the live
+/// member with the fewest streams through it, ties in turn), that agent's connection limits, a
+/// stream in that session, then the relay, in a tracked task. `client` travels in the Open;
 /// `peer` names the client in log lines; `span` is the relay's.
 pub(super) fn serve_public_conn(
     hub: &Arc<Hub>,
@@ -578,19 +746,20 @@ pub(super) fn serve_public_conn(
     peer: &dyn std::fmt::Display,
     span: tracing::Span,
 ) {
-    let Some(route) = lock(end.route).clone() else {
+    let picked = lock(end.route).pick();
+    let Some((member, active)) = picked else {
         bump(&hub.stats.no_session);
         hub.tally
             .refused(end.agent, end.service, Refused::NoSession);
         debug!(%peer, "no agent session for this endpoint right now; closing the connection");
         return;
     };
-    let permits = match take_public(hub, end.conns, end.agent) {
+    let (agent, route) = (member.agent.as_str(), &member.route);
+    let permits = match take_public(hub, &member.conns, agent) {
         Ok(p) => p,
         Err(why) => {
             bump(&hub.stats.public_refused);
-            hub.tally
-                .refused(end.agent, &route.name, Refused::PublicLimit);
+            hub.tally.refused(agent, &route.name, Refused::PublicLimit);
             if let Some(skipped) = lock(&hub.public_log).allow(Instant::now()) {
                 warn!(%peer, service = %route.name, similar_since_last = skipped, "public connection refused: {why}");
             }
@@ -606,8 +775,7 @@ pub(super) fn serve_public_conn(
         Ok(s) => s,
         Err(e) => {
             bump(&hub.stats.streams_refused);
-            hub.tally
-                .refused(end.agent, &route.name, Refused::StreamLimit);
+            hub.tally.refused(agent, &route.name, Refused::StreamLimit);
             if let Some(skipped) = refusals.allow(Instant::now()) {
                 warn!(%peer, service = %route.name, similar_since_last = skipped, "connection refused: {e}");
             }
@@ -616,13 +784,15 @@ pub(super) fn serve_public_conn(
         }
     };
     bump(&hub.stats.streams);
-    let meter = hub.tally.stream(end.agent, &route.name);
+    let meter = hub.tally.stream(agent, &route.name);
     let hub2 = hub.clone();
-    let close = end.close.clone();
+    let close = member.close.clone();
+    let route = member.route.clone();
     let peer = peer.to_string();
     hub.tracker.spawn(
         async move {
             let _permits = permits;
+            let _active = active;
             let _live = GaugeGuard::new(&hub2.stats.active_streams);
             let started = Instant::now();
             let mut local = local;
@@ -671,7 +841,7 @@ mod tests {
             grant("c", &[(8081, 8089)]),
             grant("d", &[(8080, 8080), (9200, 9200)]),
         ];
-        let w = overlapping_grants(&agents);
+        let w = overlapping_grants(&agents, &[]);
         assert_eq!(w.len(), 3, "{w:?}");
         assert!(
             w[0].starts_with("agents `a` and `b` are both granted ports 9050-9100:"),
@@ -686,8 +856,16 @@ mod tests {
             "{w:?}"
         );
         let many: Vec<AgentGrant> = (0..10).map(|i| grant(&i.to_string(), &[(1, 2)])).collect();
-        let w = overlapping_grants(&many);
+        let w = overlapping_grants(&many, &[]);
         assert_eq!(w.len(), 17);
         assert_eq!(w[16], "29 more pairs of agents share ports");
+        // Agents declared in one group share ports on purpose.
+        let web = GroupGrant {
+            name: "web".into(),
+            agents: vec!["a".into(), "d".into()],
+        };
+        let w = overlapping_grants(&agents, &[web]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(!w.iter().any(|w| w.contains("`a` and `d`")), "{w:?}");
     }
 }

@@ -91,6 +91,7 @@ pub(super) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
         tls_cert,
         tls_key,
         agents: _,
+        groups,
         limits,
         heartbeat,
         lease,
@@ -120,6 +121,7 @@ pub(super) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
     differs(*transport == old.transport, "transport");
     differs(*tls_cert == old.tls_cert, "tls_cert");
     differs(*tls_key == old.tls_key, "tls_key");
+    differs(*groups == old.groups, "groups");
     differs(*limits == old.limits, "limits");
     differs(*heartbeat == old.heartbeat, "heartbeat");
     differs(*lease == old.lease, "lease");
@@ -283,9 +285,10 @@ fn narrow(
     closed
 }
 
-/// Closes a port that has been taken out of its agent's table: the listener, its
-/// connections (and UDP flows), its line in the lease file. With `tell`, the session that
-/// routes it is told the port is refused now, with that text.
+/// Closes a port that has been taken out of its agent's table: the agent's connections (and
+/// UDP flows) through it, its line in the lease file, and the listener unless other members
+/// of its group still hold it. With `tell`, the session that routes it is told the port is
+/// refused now, with that text.
 pub(super) fn close_port(
     hub: &Hub,
     agent: &str,
@@ -294,11 +297,12 @@ pub(super) fn close_port(
     port: &PortEntry,
     tell: Option<String>,
 ) {
-    port.cancel.cancel();
-    port.close.cancel();
+    let member = lock(&port.route).take(agent);
+    port.close();
     hub.forget_port(agent, protocol, service, port);
-    let route = lock(&port.route).take();
-    if let Some(route) = route {
+    if let Some(member) = member {
+        member.close.cancel();
+        let route = member.route;
         lock(&route.flows).end_service(route.service);
         if let Some(text) = tell {
             route.session.send_control(
@@ -325,8 +329,8 @@ pub(super) fn unbind_port(hub: &Hub, name: &str, generation: u64, service: u32) 
         .find(|(_, p)| {
             p.owner == Some(generation)
                 && lock(&p.route)
-                    .as_ref()
-                    .is_some_and(|r| r.service == service)
+                    .member(name)
+                    .is_some_and(|m| m.generation == generation && m.route.service == service)
         })
         .map(|(k, _)| k.clone());
     let Some(key) = key else {
@@ -447,7 +451,7 @@ impl GatewayHandle {
             let tokens = lock(&hub.tokens);
             (merge(&agents, &tokens, now)?, token_reasons(&tokens, now))
         };
-        for warning in overlapping_grants(&agents) {
+        for warning in overlapping_grants(&agents, &hub.config.groups) {
             warn!("{warning}");
         }
         let applied = apply(hub, grants, &removal(&reasons));

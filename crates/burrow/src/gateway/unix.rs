@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use super::groups::{Member, Routes};
 use super::ports::{make_room, serve_public_conn, Endpoint};
 use super::{lock, AgentEntry, Hub, LogThrottle, PortEntry, Route};
 use crate::config::AgentGrant;
@@ -122,7 +123,8 @@ pub(super) async fn bind_path(
             .or_insert_with(|| AgentEntry::new(&hub.config.limits));
         if let Some(existing) = entry.ports.get_mut(&key) {
             if existing.path.as_ref() == Some(&path) {
-                *lock(&existing.route) = Some(route);
+                let member = Member::new(&grant.name, generation, route, entry.conns.clone());
+                lock(&existing.route).join(member);
                 existing.owner = Some(generation);
                 existing.lease = None;
                 let text = existing.shown(hub);
@@ -134,7 +136,7 @@ pub(super) async fn bind_path(
                 };
             }
             if let Some(old) = entry.ports.remove(&key) {
-                old.cancel.cancel();
+                old.close();
                 hub.forget_port(&grant.name, bind.protocol, &bind.name, &old);
             }
         }
@@ -158,10 +160,8 @@ pub(super) async fn bind_path(
         Ok(bound) => bound,
         Err((code, text)) => return refuse(code, text),
     };
-    let route = Arc::new(Mutex::new(Some(route)));
     let cancel = hub.stop.child_token();
-    let close = CancellationToken::new();
-    let conns = {
+    let route = {
         let mut agents = lock(&hub.agents);
         let entry = agents
             .entry(grant.name.clone())
@@ -169,30 +169,35 @@ pub(super) async fn bind_path(
         if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
         }
+        let mut routes = Routes::new(None);
+        routes.join(Member::new(
+            &grant.name,
+            generation,
+            route,
+            entry.conns.clone(),
+        ));
+        let route = Arc::new(Mutex::new(routes));
         entry.ports.insert(
             key,
             PortEntry {
                 addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
                 route: route.clone(),
                 cancel: cancel.clone(),
-                close: close.clone(),
                 owner: Some(generation),
                 lease: None,
                 chosen: false,
                 path: Some(path.clone()),
             },
         );
-        entry.conns.clone()
+        route
     };
     let port = UnixPort {
         listener,
         _file: file,
         route,
         cancel,
-        close,
         agent: grant.name.clone(),
         service: bind.name.clone(),
-        conns,
         _fd: fd,
     };
     // Tracked, so the gateway waits for the socket file to be removed before it exits.
@@ -315,13 +320,12 @@ fn listen(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), (ErrorCo
 struct UnixPort {
     listener: UnixListener,
     _file: SocketFile,
-    route: Arc<Mutex<Option<Route>>>,
+    /// Its one member at most (a unix endpoint is in no group); the member's `close` ends
+    /// its connections (its path is no longer granted).
+    route: Arc<Mutex<Routes>>,
     cancel: CancellationToken,
-    /// Closes the endpoint's connections (its path is no longer granted).
-    close: CancellationToken,
     agent: String,
     service: String,
-    conns: Arc<tokio::sync::Semaphore>,
     _fd: crate::limiter::FdPermit,
 }
 
@@ -330,10 +334,8 @@ async fn accept_unix(hub: Arc<Hub>, port: UnixPort) {
     let mut accept_errors = LogThrottle::default();
     let end = Endpoint {
         route: &port.route,
-        close: &port.close,
         agent: &port.agent,
         service: &port.service,
-        conns: &port.conns,
     };
     loop {
         let conn = tokio::select! {

@@ -51,6 +51,7 @@ pub fn agent_config(gw: &TestGateway, forwards: Vec<Forward>) -> AgentConfig {
         key: gw.key.clone(),
         trust,
         server_name: None,
+        extra_gateways: Vec::new(),
         proxy: burrow::transport::ProxyChoice::Direct,
         forwards,
         limits: Limits::default(),
@@ -74,6 +75,7 @@ pub fn forward(public_port: u16, target: SocketAddr) -> Forward {
         name: format!("fwd-{}", target.port()),
         proxy_protocol: None,
         public_path: None,
+        group: None,
     }
 }
 
@@ -233,6 +235,7 @@ pub fn forward_named(public_port: u16, target: Target, name: &str) -> Forward {
         name: name.to_string(),
         proxy_protocol: None,
         public_path: None,
+        group: None,
     }
 }
 
