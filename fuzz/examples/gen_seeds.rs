@@ -13,6 +13,7 @@ use std::fs;
 use std::path::Path;
 
 use burrow_proto::auth::{encode_b64, SecretKey};
+use burrow_proto::connect::{Announce, Dial, DialTarget, DIAL_SERVICE};
 use burrow_proto::frame::{Header, FIN};
 use burrow_proto::message::{
     preamble, Auth, AuthOk, Bind, BindResult, Challenge, GoAway, Open, Protocol, Role,
@@ -161,6 +162,31 @@ fn frames() -> Vec<(&'static str, Frame)> {
             .to_frame(),
         ),
         ("unbind", Unbind { service: 1 }.to_frame()),
+        // The connector's: an agent's private service (kind 0x16), and an Open carrying a Dial.
+        (
+            "announce",
+            Announce {
+                service: 0x8000_0000,
+                name: "vnc".into(),
+            }
+            .to_frame(),
+        ),
+        (
+            "open-dial",
+            Dial {
+                agent: "office".into(),
+                target: DialTarget::Service("vnc".into()),
+                connector: "laptop".into(),
+                probe: false,
+            }
+            .open_frame(
+                &Open {
+                    service: DIAL_SERVICE,
+                    client: Some("192.0.2.7:40000".parse().expect("address")),
+                },
+                2,
+            ),
+        ),
         (
             "bindresult",
             BindResult {

@@ -9,15 +9,18 @@
 //! - an agent file that becomes an `AgentConfig` offers limits (`Limits::stream_limits`, what
 //!   the agent sends in Auth) that the gateway's parameters (from the same text when it is
 //!   also a valid gateway file, else the defaults) narrow to valid ones;
-//! - single values round-trip: a parsed `Target`, `PortRange` or forward prints to text that
+//! - a connector file parses (or not) and its errors render;
+//! - single values round-trip: a parsed `Target`, `PortRange` or forward, a connector's
+//!   forward, a `reach` entry, an `allow` pattern and a private service print to text that
 //!   parses to the same value; `parse_gateway_addr` is idempotent.
 #![no_main]
 
 use std::path::Path;
 
 use burrow::config::{
-    parse_agent_file, parse_duration, parse_forward, parse_gateway_addr, parse_gateway_file,
-    PortRange, Target, TransportKind,
+    parse_agent_file, parse_connect_forward, parse_connector_file, parse_duration, parse_forward,
+    parse_gateway_addr, parse_gateway_file, parse_private, PortRange, Reach, Target, TargetPattern,
+    TransportKind,
 };
 use burrow_proto::message::SessionParams;
 use libfuzzer_sys::fuzz_target;
@@ -58,6 +61,41 @@ fuzz_target!(|data: &[u8]| {
             Err(e) => drop(e.to_string()),
         },
         Err(e) => drop(e.to_string()),
+    }
+
+    // The connector's file, and the values the connector role adds.
+    match parse_connector_file(path, text) {
+        Ok(settings) => drop(settings.into_config().map_err(|e| e.to_string())),
+        Err(e) => drop(e.to_string()),
+    }
+    if let Ok(f) = parse_connect_forward(text) {
+        assert_eq!(
+            parse_connect_forward(&f.name),
+            Ok(f),
+            "a connector forward does not round-trip"
+        );
+    }
+    if let Ok(r) = Reach::parse(text) {
+        assert_eq!(
+            Reach::parse(&r.to_string()),
+            Ok(r),
+            "a reach entry does not round-trip"
+        );
+    }
+    if let Ok(p) = TargetPattern::parse(text) {
+        assert_eq!(
+            TargetPattern::parse(&p.to_string()),
+            Ok(p),
+            "a pattern does not round-trip"
+        );
+    }
+    if let Ok(p) = parse_private(text) {
+        let printed = format!("{}={}", p.name, p.target);
+        assert_eq!(
+            parse_private(&printed),
+            Ok(p),
+            "a private service does not round-trip"
+        );
     }
 
     if let Ok(t) = Target::parse(text) {

@@ -1,4 +1,5 @@
-//! Every control-message decoder (and the preamble and key-string parsers) on arbitrary bytes.
+//! Every control-message decoder (and the preamble and key-string parsers) on arbitrary bytes,
+//! the connector's `Dial` and `Announce` included.
 //!
 //! Checks, besides "no panic":
 //! - whatever decodes re-encodes (`to_frame`) to a frame of the right kind whose payload
@@ -16,6 +17,7 @@
 #![no_main]
 
 use burrow_proto::auth::{KeyHash, SecretKey};
+use burrow_proto::connect::{Announce, Dial};
 use burrow_proto::frame::{Kind, ABSOLUTE_MAX_PAYLOAD, HEADER_LEN};
 use burrow_proto::message::{
     parse_preamble, preamble, Auth, AuthOk, Bind, BindResult, Challenge, GoAway, Open,
@@ -113,6 +115,22 @@ fuzz_target!(|data: &[u8]| {
         let f = check_frame(&m.to_frame(stream), Kind::Open, stream);
         assert_eq!(Open::decode(&f.payload).expect("roundtrip"), m);
         assert_prefix(data, &f.payload, "open");
+    }
+    // The connector's additions: the Dial after an Open, and the Announce.
+    if let Ok(Some(d)) = Dial::from_open(data) {
+        let open = Open::decode(data).expect("a Dial comes after a valid Open");
+        let stream = u32::from(data[0]) * 2 + 2;
+        let f = check_frame(&d.open_frame(&open, stream), Kind::Open, stream);
+        assert_eq!(
+            Open::decode(&f.payload).expect("the Open reads as before"),
+            open
+        );
+        assert_eq!(Dial::from_open(&f.payload).expect("roundtrip"), Some(d));
+    }
+    if let Ok(m) = Announce::decode(data) {
+        let f = check_frame(&m.to_frame(), Kind::Announce, 0);
+        assert_eq!(Announce::decode(&f.payload).expect("roundtrip"), m);
+        assert_prefix(data, &f.payload, "announce");
     }
     if let Ok(m) = GoAway::decode(data) {
         let f = check_frame(&m.to_frame(), Kind::GoAway, 0);

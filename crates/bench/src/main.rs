@@ -4,6 +4,8 @@
 //! or multiplexing), then prints one markdown table with medians, spread and the ratios to
 //! direct and to the reference. With `--transport`, each transport (tls, wss, tcp, ws) is a
 //! tunnel of its own, measured round-robin with the others, and compared with the tls one.
+//! The connector path (client -> `burrow connect` -> gateway -> agent -> target) is measured
+//! in the same rounds too, unless `--skip-connector`.
 //! UDP (a UDP forward to a sink) is measured direct and through each tunnel: the most one
 //! client gets through, and the loss at half the tls tunnel's maximum rate.
 //!
@@ -24,12 +26,14 @@
 //! - `targets`: echo, sink and source services inside the bench; `echo_proc`: an echo in a
 //!   child process for the memory rows, so that 10,000 connections fit the open-file limit.
 //! - `relay_proc`: the 2-hop reference, two forwarding child processes in a row.
+//! - `connector`: the connector path, a connector in front of a gateway and agent pair.
 //! - `throughput`, `latency`, `memory`: the workloads; `udp`: the UDP sink and echo, and the
 //!   client that sends datagrams at them.
 //! - `lossy`: TLS against QUIC over a lossy, slow link made in a network namespace.
 //! - `sys`: open-file limit, `/proc` readings, the machine.
 //! - `stats`, `report`: medians and percentiles; the table and its targets.
 
+mod connector;
 mod echo_proc;
 mod latency;
 mod lossy;
@@ -238,6 +242,7 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
         settings: describe(settings),
         transports: settings.transports.clone(),
         relay: settings.relay,
+        connector: settings.connector,
         ..Results::default()
     };
     if settings.only_lossy {
@@ -276,17 +281,26 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
         let started = Tunnelled::start(settings, bin, transport, gateway_config, published).await?;
         tunnels.push(started);
     }
+    let connector = if settings.connector {
+        Some(connector::ConnectorPath::start(bin, settings.write_len).await?)
+    } else {
+        None
+    };
     let bench = Bench {
         settings,
         direct: &direct,
         udp: udp.as_ref(),
         tunnels: &tunnels,
         relayed: relayed.as_ref(),
+        connector: connector.as_ref(),
         fd_limit,
     };
     let outcome = bench.sections(&mut results, held.as_mut()).await;
     for t in tunnels {
         results.notes.extend(t.tunnel.stop().await);
+    }
+    if let Some(c) = connector {
+        results.notes.extend(c.stop().await);
     }
     if let Some(relayed) = relayed {
         results.notes.extend(relayed.chain.stop().await);
@@ -310,6 +324,8 @@ struct Bench<'a> {
     tunnels: &'a [Tunnelled],
     /// `None` when the reference is skipped.
     relayed: Option<&'a Relayed>,
+    /// `None` when the connector path is skipped.
+    connector: Option<&'a connector::ConnectorPath>,
     fd_limit: u64,
 }
 
@@ -338,7 +354,7 @@ impl Bench<'_> {
     }
 
     /// Every route measured, in the order each workload runs them: direct, the relay
-    /// reference, then each tunnel.
+    /// reference, each tunnel, then the connector path.
     fn ways(&self) -> Vec<Way<'_>> {
         let mut ways = vec![Way {
             route: Route::Direct,
@@ -365,6 +381,17 @@ impl Bench<'_> {
             },
             echo: t.echo,
         }));
+        if let Some(c) = self.connector {
+            ways.push(Way {
+                route: Route::Connector,
+                to: Endpoints {
+                    sink: c.sink,
+                    source: c.source,
+                    ledger: &c.targets.ledger,
+                },
+                echo: c.echo,
+            });
+        }
         ways
     }
 
@@ -427,6 +454,7 @@ impl Bench<'_> {
                 direct: Vec::new(),
                 tunnel: Default::default(),
                 relay: Vec::new(),
+                connector: Vec::new(),
             })
             .collect();
         let ways = self.ways();
@@ -449,7 +477,7 @@ impl Bench<'_> {
                         Ok(t) => {
                             row.side(way.route).push(t.gbit_per_s());
                             match way.route {
-                                Route::Direct => {}
+                                Route::Direct | Route::Connector => {}
                                 Route::Relay => relay_bytes += t.bytes,
                                 Route::Tunnel(transport) => {
                                     *tunnel_bytes.entry(transport).or_default() += t.bytes;
@@ -758,6 +786,9 @@ fn describe(s: &Settings) -> String {
     );
     if !s.relay {
         line.push_str("; 2-hop relay reference skipped");
+    }
+    if !s.connector {
+        line.push_str("; connector path skipped");
     }
     if s.udp {
         line.push_str(&format!(

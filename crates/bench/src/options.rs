@@ -64,6 +64,9 @@ pub struct Args {
     #[arg(long)]
     skip_relay: bool,
 
+    /// Leave out the connector path (client -> burrow connect -> gateway -> agent -> target)
+    #[arg(long)]
+    skip_connector: bool,
     /// Leave out the UDP rows
     #[arg(long)]
     skip_udp: bool,
@@ -170,6 +173,8 @@ pub struct Settings {
     pub conns: Vec<u32>,
     /// Whether to measure the 2-hop relay reference.
     pub relay: bool,
+    /// Whether to measure the connector path.
+    pub connector: bool,
     /// Whether to measure UDP (datagrams of each of [`UDP_SIZES`] bytes).
     pub udp: bool,
     /// Whether to measure the TCP workloads (throughput, latency).
@@ -214,6 +219,7 @@ impl Args {
             relay: !self.skip_relay && !self.only_udp && !self.only_lossy,
             udp: !self.skip_udp && !self.only_lossy,
             tcp: !self.only_udp && !self.only_lossy,
+            connector: !self.skip_connector && !self.only_udp && !self.only_lossy,
             lossy: !self.skip_lossy && !self.only_udp,
             only_lossy: self.only_lossy,
             transports: match self.transport {
@@ -276,6 +282,14 @@ mod tests {
     fn relay_flags() {
         assert!(Args::parse_from(["b"]).settings().relay);
         assert!(!Args::parse_from(["b", "--skip-relay"]).settings().relay);
+        // The connector path is measured unless left out, in the quick run too (it adds about
+        // a second there).
+        assert!(Args::parse_from(["b", "--quick"]).settings().connector);
+        assert!(
+            !Args::parse_from(["b", "--skip-connector"])
+                .settings()
+                .connector
+        );
         assert!(
             Args::parse_from(["b", "--quick"]).settings().udp,
             "CI's run has UDP rows"

@@ -193,6 +193,11 @@ impl Proc {
         }
     }
 
+    /// Every stdout line so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.borrow().lines.clone()
+    }
+
     fn stderr_tail(&self) -> String {
         let err = self.stderr.borrow();
         match err.lines.len() {
@@ -454,16 +459,16 @@ fn strings<const N: usize>(items: [&str; N]) -> Vec<String> {
 }
 
 /// What the gateway's `burrow agent ...` line tells an agent.
-struct Invite {
-    gateway: String,
+pub(crate) struct Invite {
+    pub(crate) gateway: String,
     key: String,
     /// `None` when the gateway runs plain TCP.
-    fingerprint: Option<String>,
+    pub(crate) fingerprint: Option<String>,
 }
 
 impl Invite {
     /// Reads the flags of the line after `burrow agent `.
-    fn parse(flags: &str) -> anyhow::Result<Invite> {
+    pub(crate) fn parse(flags: &str) -> anyhow::Result<Invite> {
         let mut words = flags.split_whitespace();
         let (mut gateway, mut key, mut fingerprint) = (None, None, None);
         while let Some(word) = words.next() {

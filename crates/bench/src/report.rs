@@ -30,6 +30,8 @@ pub struct Results {
     pub udp: Vec<Udp>,
     /// Whether the 2-hop relay reference was measured.
     pub relay: bool,
+    /// Whether the connector path was measured.
+    pub connector: bool,
     /// The lossy-link rows (TLS against QUIC), when run.
     pub lossy: Option<crate::lossy::Lossy>,
     /// Oddities worth a look that are not failures.
@@ -49,6 +51,8 @@ pub struct Throughput {
     pub tunnel: BTreeMap<Transport, Vec<f64>>,
     /// Empty when the reference was skipped.
     pub relay: Vec<f64>,
+    /// Empty when the connector path was skipped.
+    pub connector: Vec<f64>,
 }
 
 impl Throughput {
@@ -58,6 +62,7 @@ impl Throughput {
             Route::Direct => &mut self.direct,
             Route::Tunnel(t) => self.tunnel.entry(t).or_default(),
             Route::Relay => &mut self.relay,
+            Route::Connector => &mut self.connector,
         }
     }
 }
@@ -70,6 +75,8 @@ pub struct Latency {
     pub tunnel: BTreeMap<Transport, Vec<Percentiles>>,
     /// Empty when the reference was skipped.
     pub relay: Vec<Percentiles>,
+    /// Empty when the connector path was skipped.
+    pub connector: Vec<Percentiles>,
 }
 
 impl Latency {
@@ -79,6 +86,7 @@ impl Latency {
             Route::Direct => &mut self.direct,
             Route::Tunnel(t) => self.tunnel.entry(t).or_default(),
             Route::Relay => &mut self.relay,
+            Route::Connector => &mut self.connector,
         }
     }
 }
@@ -92,12 +100,12 @@ pub struct RouteValues {
 }
 
 impl RouteValues {
-    /// Adds one round's value of `route` (the relay has none).
+    /// Adds one round's value of `route` (the relay and the connector path have none).
     pub fn push(&mut self, route: Route, value: f64) {
         match route {
             Route::Direct => self.direct.push(value),
             Route::Tunnel(t) => self.tunnel.entry(t).or_default().push(value),
-            Route::Relay => {}
+            Route::Relay | Route::Connector => {}
         }
     }
 }
@@ -167,6 +175,9 @@ pub enum Route {
     Relay,
     /// Through a gateway and an agent, over one transport.
     Tunnel(Transport),
+    /// Through a connector, then a gateway and an agent over TLS (see
+    /// [`crate::connector`]).
+    Connector,
 }
 
 impl Route {
@@ -176,6 +187,7 @@ impl Route {
             Route::Direct => "direct",
             Route::Relay => "relay",
             Route::Tunnel(t) => t.route_name(),
+            Route::Connector => "connector",
         }
     }
 }
@@ -473,6 +485,24 @@ impl Table {
                 goal.pick(t.map(|t| t.median), vs_direct, vs_tls),
             );
         }
+        if let Some(connector) = sides.connector {
+            // The connector path against direct, the relay and the public tls path.
+            let c = spread(connector);
+            self.row(
+                metric,
+                &Cells {
+                    transport: CONNECTOR_ROW,
+                    direct: &show(d, decimals),
+                    tunnel: &show(c, decimals),
+                    relay: &show(r, decimals),
+                    ratio: &show_ratio(ratio(c, d)),
+                    vs_relay: &show_ratio(ratio(c, r)),
+                    vs_tls: &show_ratio(tls.and_then(|tls| ratio(c, tls))),
+                },
+                &Goal::None,
+                None,
+            );
+        }
     }
 }
 
@@ -482,6 +512,8 @@ struct Sides<'a, T> {
     tunnel: &'a BTreeMap<Transport, Vec<T>>,
     /// `None` for a metric the relay reference does not take part in.
     relay: Option<&'a [T]>,
+    /// `None` when the connector path was not measured (or takes no part in the metric).
+    connector: Option<&'a [T]>,
 }
 
 impl<'a> Sides<'a, f64> {
@@ -491,9 +523,13 @@ impl<'a> Sides<'a, f64> {
             direct: &values.direct,
             tunnel: &values.tunnel,
             relay: None,
+            connector: None,
         }
     }
 }
+
+/// The transport cell of the connector path's rows.
+const CONNECTOR_ROW: &str = "tls, connector";
 
 /// The ratio of two medians, when both exist and the divisor is above zero.
 fn ratio(top: Option<Spread>, bottom: Option<Spread>) -> Option<f64> {
@@ -567,6 +603,16 @@ impl Results {
                  no multiplexing: the cost of the two extra hops alone",
             );
         }
+        if self.connector {
+            out.push_str(
+                "; tls, connector = client -> burrow connect -> gateway -> agent -> target, \
+                 each a process of its own (its gateway and agent apart from the public \
+                 path's), in the same rounds",
+            );
+            if self.order().contains(&Transport::Tls) {
+                out.push_str(" (tunnel / tls: against the public tls path)");
+            }
+        }
         if !self.udp.is_empty() {
             out.push_str(
                 "; UDP max = datagrams one client gets through to a sink while sending as fast \
@@ -612,10 +658,11 @@ impl Results {
 
     fn columns(&self) -> Columns {
         let order = self.order();
+        let tls = order.contains(&Transport::Tls);
         Columns {
             relay: self.relay,
-            transport: order != [Transport::Tls],
-            vs_tls: order.len() > 1 && order.contains(&Transport::Tls),
+            transport: order != [Transport::Tls] || self.connector,
+            vs_tls: (order.len() > 1 || self.connector) && tls,
         }
     }
 
@@ -631,6 +678,7 @@ impl Results {
                 direct: &w.direct,
                 tunnel: &w.tunnel,
                 relay: Some(&w.relay),
+                connector: self.connector.then_some(&w.connector[..]),
             };
             let metric = format!("throughput, {} (Gbit/s)", w.label);
             t.compare(&metric, sides, order, 2, goals, true);
@@ -767,10 +815,12 @@ impl Results {
                 .map(|(&t, v)| (t, values(v)))
                 .collect::<BTreeMap<_, _>>();
             let relay = values(&l.relay);
+            let connector = values(&l.connector);
             let sides = Sides {
                 direct: &values(&l.direct),
                 tunnel: &tunnel,
                 relay: Some(&relay),
+                connector: self.connector.then_some(&connector[..]),
             };
             let metric = format!("{name}, {label} (µs)");
             t.compare(&metric, sides, self.order(), 1, goals, true);
@@ -872,6 +922,7 @@ mod tests {
                 direct: vec![10.0, 12.0],
                 tunnel: tls(vec![4.0]),
                 relay: Vec::new(),
+                connector: Vec::new(),
             }],
             failures: vec!["boom".into()],
             ..Results::default()
@@ -898,6 +949,7 @@ mod tests {
                 direct: vec![10.0],
                 tunnel: tls(vec![4.0]),
                 relay: vec![8.0],
+                connector: Vec::new(),
             }],
             cpu: Some(Cpu {
                 tunnel: tls(CpuUse {
@@ -939,6 +991,48 @@ mod tests {
             text.contains("| 10.00 | 4.00 | failed | 0.40x | — |"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn renders_the_connector_rows_beside_the_public_path() {
+        let results = Results {
+            throughput: vec![Throughput {
+                label: "upload, 1 stream".into(),
+                streams: 1,
+                target_ratio: Some(SINGLE_STREAM_RATIO),
+                direct: vec![10.0],
+                tunnel: tls(vec![4.0]),
+                relay: Vec::new(),
+                connector: vec![2.0],
+            }],
+            connect: Latency {
+                direct: percentiles(100.0),
+                tunnel: tls(percentiles(300.0)),
+                relay: Vec::new(),
+                connector: percentiles(450.0),
+            },
+            connector: true,
+            ..Results::default()
+        };
+        let text = results.render();
+        for row in [
+            "| metric | transport | direct | tunnel | ratio (or per-connection) | tunnel / tls | target | met? |",
+            "| throughput, upload, 1 stream (Gbit/s) | tls | 10.00 | 4.00 | 0.40x | — | ≥ 0.30x | yes |",
+            "| throughput, upload, 1 stream (Gbit/s) | tls, connector | 10.00 | 2.00 | 0.20x | 0.50x | — | — |",
+            "| connect + first byte, p50 (µs) | tls, connector | 100.0 | 450.0 | 4.50x | 1.50x | — | — |",
+            // No rounds of it: shown as failed.
+            "| request/response 64 B, p50 (µs) | tls, connector | failed | failed | — | — | — | — |",
+        ] {
+            assert!(text.contains(row), "no `{row}` in:\n{text}");
+        }
+        assert!(
+            text.contains("tls, connector = client -> burrow connect"),
+            "{text}"
+        );
+        // Skipped: no such rows.
+        let mut results = results;
+        results.connector = false;
+        assert!(!results.render().contains("connector"));
     }
 
     #[test]
@@ -1016,11 +1110,13 @@ mod tests {
                 direct: vec![10.0],
                 tunnel: tunnels(&[(Tls, &[4.0]), (Wss, &[3.0]), (Tcp, &[5.0])]),
                 relay: Vec::new(),
+                connector: Vec::new(),
             }],
             request_response: Latency {
                 direct: percentiles(100.0),
                 tunnel: [(Tls, percentiles(200.0)), (Wss, percentiles(210.0))].into(),
                 relay: Vec::new(),
+                connector: Vec::new(),
             },
             memory_transport: Some(Tls),
             idle: Some(Rss {

@@ -38,8 +38,15 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+mod connector;
 mod ops;
 mod print;
+pub use connector::{
+    check_service_name, load_connector_file, parse_connect_forward, parse_connector_file,
+    parse_private, ConnectForward, ConnectorConfig, ConnectorGrant, ConnectorSettings, Listen,
+    PrivateConfig, PrivateService, Reach, ReachWhat, TargetPattern, DEFAULT_CONNECTOR_SESSIONS,
+    DEFAULT_CONNECTOR_STREAMS, TARGETS,
+};
 mod run;
 pub use ops::{read_key_file, LogFormat};
 pub use print::MASKED_KEY;
@@ -297,6 +304,8 @@ pub struct GatewayConfig {
     pub tls_key: Option<PathBuf>,
     /// Agents accepted. Empty: the generated key from the state dir, granted ports 1024-65535.
     pub agents: Vec<AgentGrant>,
+    /// Connectors accepted, and what each may reach (`[[connectors]]`; none by default).
+    pub connectors: Vec<ConnectorGrant>,
     /// Groups declared with the agents allowed in each (`[[groups]]`; none by default).
     pub groups: Vec<GroupGrant>,
     /// Limits on peers.
@@ -355,6 +364,7 @@ impl GatewayConfig {
             tls_cert: None,
             tls_key: None,
             agents: Vec::new(),
+            connectors: Vec::new(),
             groups: Vec::new(),
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
@@ -475,6 +485,8 @@ pub struct AgentConfig {
     pub proxy: ProxyChoice,
     /// Services.
     pub forwards: Vec<Forward>,
+    /// Private services and the targets connectors may name (none by default).
+    pub private: PrivateConfig,
     /// Limits on what the gateway may ask of us.
     pub limits: Limits,
     /// Longest pause between reconnect attempts (default 30 s).
@@ -1164,6 +1176,8 @@ pub struct GatewaySettings {
     pub tls_key: Option<PathBuf>,
     /// `[[agents]]` (only files have them).
     pub agents: Option<Vec<AgentGrant>>,
+    /// `[[connectors]]` (only files have them).
+    pub connectors: Option<Vec<ConnectorGrant>>,
     /// `[[groups]]` (only files have them).
     pub groups: Option<Vec<GroupGrant>>,
     /// `[limits]`, complete with defaults for keys the file leaves out.
@@ -1209,6 +1223,7 @@ impl GatewaySettings {
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
             agents: over.agents.or(self.agents),
+            connectors: over.connectors.or(self.connectors),
             groups: over.groups.or(self.groups),
             limits: over.limits.or(self.limits),
             heartbeat: over.heartbeat.or(self.heartbeat),
@@ -1256,6 +1271,7 @@ impl GatewaySettings {
         c.public_name = self.public_name;
         set(&mut c.allow_insecure_state, self.allow_insecure_state);
         c.agents = self.agents.unwrap_or_default();
+        c.connectors = self.connectors.unwrap_or_default();
         c.groups = self.groups.unwrap_or_default();
         set(&mut c.listen, self.listen);
         set(&mut c.public_host, self.public_host);
@@ -1307,6 +1323,11 @@ pub struct AgentSettings {
     /// `forward` and `[[forwards]]` (files), `--forward` (flags): the highest layer that has
     /// any forwards replaces the lower layers' list.
     pub forwards: Option<Vec<Forward>>,
+    /// `private` and `[[forwards]]` with `public = false` (files), `--private` (flags): the
+    /// highest layer that has any replaces the lower layers' list.
+    pub private: Option<Vec<PrivateService>>,
+    /// `allow`, `--allow`: the highest layer that has any replaces the lower layers' list.
+    pub allow: Option<Vec<TargetPattern>>,
     /// `[limits]`, complete with defaults for keys the file leaves out.
     pub limits: Option<Limits>,
     /// `max_backoff`.
@@ -1350,6 +1371,8 @@ impl AgentSettings {
             server_name: over.server_name.or(self.server_name),
             proxy: over.proxy.or(self.proxy),
             forwards: over.forwards.or(self.forwards),
+            private: over.private.or(self.private),
+            allow: over.allow.or(self.allow),
             limits: over.limits.or(self.limits),
             max_backoff: over.max_backoff.or(self.max_backoff),
             connect_timeout: over.connect_timeout.or(self.connect_timeout),
@@ -1473,6 +1496,11 @@ impl AgentSettings {
         // authenticate (the gateway prints such a line), and warns that it publishes nothing.
         let forwards = self.forwards.unwrap_or_default();
         check_forwards(&forwards).map_err(|(_, why)| ConfigError::Value(why))?;
+        let private = PrivateConfig {
+            services: self.private.unwrap_or_default(),
+            allow: self.allow.unwrap_or_default(),
+        };
+        connector::check_private(&private.services).map_err(|(_, why)| ConfigError::Value(why))?;
         Ok(AgentConfig {
             gateway: first.gateway,
             key,
@@ -1481,6 +1509,7 @@ impl AgentSettings {
             extra_gateways: endpoints.collect(),
             proxy: self.proxy.unwrap_or_default(),
             forwards,
+            private,
             limits: self.limits.unwrap_or_default(),
             max_backoff: self.max_backoff.unwrap_or(DEFAULT_MAX_BACKOFF),
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
@@ -1823,6 +1852,7 @@ struct RawGateway {
     heartbeat: Option<RawHeartbeat>,
     limits: Option<RawLimits>,
     agents: Option<Vec<Spanned<RawGrant>>>,
+    connectors: Option<Vec<Spanned<connector::RawConnectorGrant>>>,
     groups: Option<Vec<Spanned<RawGroup>>>,
     ws_path: Option<Checked<Name>>,
     ws_listen: Option<Checked<SocketAddr>>,
@@ -1853,6 +1883,8 @@ struct RawForward {
     public_port: Option<Spanned<Checked<PublicPort>>>,
     target: Checked<Target>,
     name: Option<Checked<Name>>,
+    /// `false`: a private service (no public port; connectors name it).
+    public: Option<bool>,
     group: Option<Checked<Group>>,
     proxy_protocol: Option<Spanned<Checked<ProxyProtocol>>>,
     public_path: Option<Spanned<Checked<PathBuf>>>,
@@ -1878,6 +1910,8 @@ struct RawAgent {
     udp: Option<RawUdp>,
     forward: Option<Vec<Spanned<toml::Value>>>,
     forwards: Option<Vec<Spanned<ForwardTable>>>,
+    private: Option<Vec<Spanned<toml::Value>>>,
+    allow: Option<Vec<Checked<TargetPattern>>>,
     key_file: Option<Spanned<Checked<PathBuf>>>,
     admin: Option<Checked<SocketAddr>>,
     admin_token: Option<Checked<AdminToken>>,
@@ -2034,6 +2068,15 @@ impl Source<'_> {
 
     fn gateway(&self, raw: RawGateway) -> Result<GatewaySettings, ConfigError> {
         let agents = raw.agents.map(|a| self.agents(a)).transpose()?;
+        // Connectors reach agents by name: the [[agents]] here, or the generated key's.
+        let names: Vec<String> = match &agents {
+            Some(a) if !a.is_empty() => a.iter().map(|g| g.name.clone()).collect(),
+            _ => vec![crate::gateway::DEFAULT_AGENT_NAME.to_string()],
+        };
+        let connectors = raw
+            .connectors
+            .map(|c| self.connectors(c, &names))
+            .transpose()?;
         let groups = raw
             .groups
             .map(|g| self.groups(g, agents.as_deref()))
@@ -2048,6 +2091,7 @@ impl Source<'_> {
             tls_cert: inner(raw.tls_cert).map(|p| self.resolve(p)),
             tls_key: inner(raw.tls_key).map(|p| self.resolve(p)),
             agents,
+            connectors,
             groups,
             limits: raw.limits.map(|l| self.limits(l)).transpose()?,
             heartbeat: raw.heartbeat.map(|h| self.heartbeat(h)).transpose()?,
@@ -2349,6 +2393,30 @@ impl Source<'_> {
                 "set `key` or `key_file`, not both (key_file keeps the key out of this file)",
             ));
         }
+        let (forwards, mut private) = self.forwards(raw.forward, raw.forwards)?;
+        if let Some(compact) = raw.private {
+            let mut list = Vec::new();
+            for (i, v) in compact.into_iter().enumerate() {
+                let p = text(v.get_ref())
+                    .and_then(parse_private)
+                    .map_err(|why| self.error(v.span(), format!("private[{i}]"), why))?;
+                list.push((p, (format!("private[{i}]"), v.span())));
+            }
+            // The compact ones first, then the [[forwards]] tables, as written.
+            list.append(&mut private);
+            private = list;
+        }
+        let private = if private.is_empty() {
+            None
+        } else {
+            if let Err((i, why)) = connector::check_private(
+                &private.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+            ) {
+                let (key, span) = private.swap_remove(i).1;
+                return Err(self.error(span, key, why));
+            }
+            Some(private.into_iter().map(|(p, _)| p).collect())
+        };
         let gateways = match (raw.gateway, raw.gateways) {
             (Some(_), Some(list)) => {
                 return Err(self.error(
@@ -2364,6 +2432,8 @@ impl Source<'_> {
         Ok(AgentSettings {
             gateways,
             key: inner(raw.key),
+            private,
+            allow: raw.allow.map(|v| v.into_iter().map(|c| c.0).collect()),
             key_file: raw.key_file.map(|f| self.resolve(f.into_inner().0)),
             admin: inner(raw.admin),
             admin_token: inner(raw.admin_token),
@@ -2372,7 +2442,7 @@ impl Source<'_> {
             transport,
             server_name: inner(raw.server_name).map(|n| n.0),
             proxy: inner(raw.proxy),
-            forwards: self.forwards(raw.forward, raw.forwards)?,
+            forwards,
             limits: raw.limits.map(|l| self.limits(l)).transpose()?,
             max_backoff: raw.max_backoff.map(|v| v.into_inner().0),
             connect_timeout: raw.connect_timeout.map(|v| v.into_inner().0),
@@ -2480,15 +2550,25 @@ impl Source<'_> {
         Ok(Some(trust))
     }
 
-    /// `forward = [...]` then `[[forwards]]`, in file order.
+    /// `forward = [...]` then `[[forwards]]`, in file order; `[[forwards]]` with
+    /// `public = false` are private services, returned apart with their key and span.
+    #[allow(clippy::type_complexity)]
     fn forwards(
         &self,
         compact: Option<Vec<Spanned<toml::Value>>>,
         tables: Option<Vec<Spanned<ForwardTable>>>,
-    ) -> Result<Option<Vec<Forward>>, ConfigError> {
+    ) -> Result<
+        (
+            Option<Vec<Forward>>,
+            Vec<(PrivateService, (String, Range<usize>))>,
+        ),
+        ConfigError,
+    > {
+        let mut private = Vec::new();
         if compact.is_none() && tables.is_none() {
-            return Ok(None);
+            return Ok((None, private));
         }
+        let has_compact = compact.is_some();
         let mut out = Vec::new();
         let mut at = Vec::new();
         for (i, v) in compact.unwrap_or_default().into_iter().enumerate() {
@@ -2508,6 +2588,11 @@ impl Source<'_> {
         for (i, v) in tables.unwrap_or_default().into_iter().enumerate() {
             let span = v.span();
             let raw = v.into_inner().0;
+            if raw.public == Some(false) {
+                let p = self.private_table(i, span.clone(), raw)?;
+                private.push((p, (format!("forwards[{i}]"), span)));
+                continue;
+            }
             let protocol = inner(raw.protocol).unwrap_or(Protocol::Tcp);
             let public_port = raw.public_port.as_ref().map_or(0, |p| p.get_ref().0 .0);
             let target = raw.target.0;
@@ -2577,7 +2662,57 @@ impl Source<'_> {
             let (key, span) = at.swap_remove(i);
             return Err(self.error(span, key, why));
         }
-        Ok(Some(out))
+        if out.is_empty() && !has_compact {
+            // Only private services: the file sets no public forwards.
+            return Ok((None, private));
+        }
+        Ok((Some(out), private))
+    }
+
+    /// A `[[forwards]]` entry with `public = false`: a private service.
+    fn private_table(
+        &self,
+        i: usize,
+        span: Range<usize>,
+        raw: RawForward,
+    ) -> Result<PrivateService, ConfigError> {
+        let at = format!("forwards[{i}]");
+        if raw.public_port.is_some() {
+            return Err(self.error(
+                span,
+                format!("{at}.public_port"),
+                "a private service (public = false) has no public port: remove one of the two",
+            ));
+        }
+        if inner(raw.protocol) == Some(Protocol::Udp) {
+            return Err(self.error(
+                span,
+                format!("{at}.protocol"),
+                "private services are TCP: connectors carry streams, not datagrams",
+            ));
+        }
+        let Some(name) = inner(raw.name) else {
+            return Err(self.error(
+                span,
+                format!("{at}.name"),
+                "a private service (public = false) needs a `name`: connectors reach it as \
+                 AGENT/NAME",
+            ));
+        };
+        check_service_name(&name.0)
+            .map_err(|why| self.error(span.clone(), format!("{at}.name"), why))?;
+        if let Some(p) = raw.public_path {
+            return Err(self.error(
+                p.span(),
+                format!("{at}.public_path"),
+                "a private service (public = false) has no public end: remove one of the two",
+            ));
+        }
+        Ok(PrivateService {
+            name: name.0,
+            target: raw.target.0,
+            proxy_protocol: raw.proxy_protocol.map(|p| p.into_inner().0),
+        })
     }
 }
 

@@ -10,12 +10,15 @@
 //! - [`transport`]: dialing and accepting tunnel connections (TCP or TLS).
 //! - [`session`]: the multiplexed session over one connection: handshake, driver task and
 //!   stream handles.
-//! - [`relay`]: copying bytes between a stream and a local socket, with half-close.
+//! - [`relay`]: copying bytes between a stream and a local socket, with half-close; and
+//!   [`relay::streams`], between two streams (the gateway's half of a connector's stream).
 //! - [`paths`]: unix socket paths as public endpoints, and the patterns that grant them.
 //! - [`proxy_protocol`]: the PROXY protocol header an agent writes to a target first.
 //! - [`udp`]: UDP flows through the session: public UDP ports, per-flow sockets at the
 //!   agent.
-//! - [`gateway`], [`agent`]: the roles, each with `bind`/`run(shutdown)` style entry points.
+//! - [`gateway`], [`agent`], [`connector`]: the roles, each with `bind`/`run(shutdown)` style
+//!   entry points.
+//! - [`dial`]: how an agent or a connector reaches the gateway (transport, TLS, handshake).
 //! - [`agent_line`]: the `burrow agent ...` line a gateway prints for its generated key.
 //! - [`limiter`]: bounded-memory rate limiting of failed authentication per source address.
 //! - [`stats`]: counters of what the gateway served and refused.
@@ -25,6 +28,8 @@ pub mod admin;
 pub mod agent;
 pub mod agent_line;
 pub mod config;
+pub mod connector;
+pub mod dial;
 pub mod gateway;
 mod gather;
 pub mod leases;

@@ -24,6 +24,8 @@ use tokio_util::io::poll_read_buf;
 use crate::gather;
 use crate::session::{Stream, StreamError};
 
+pub mod streams;
+
 /// Largest single read from a local socket.
 const READ_CHUNK: usize = 256 * 1024;
 /// The buffer is topped up to `READ_CHUNK` when less than this is left in it.

@@ -23,6 +23,7 @@ async fn reconnect_delays_double_up_to_the_cap_with_jitter() {
         extra_gateways: Vec::new(),
         proxy: burrow::transport::ProxyChoice::Direct,
         forwards: Vec::new(),
+        private: Default::default(),
         limits: Limits::default(),
         max_backoff: max,
         connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,

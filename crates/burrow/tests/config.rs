@@ -52,6 +52,8 @@ fn every_example_loads_and_resolves() -> anyhow::Result<()> {
             load_gateway_file(&path)?.into_config()?;
         } else if name.starts_with("agent") {
             load_agent_file(&path)?.into_config()?;
+        } else if name.starts_with("connect") {
+            burrow::config::load_connector_file(&path)?.into_config()?;
         } else if name.starts_with("run") {
             let run = burrow::config::load_run_file(&path)?;
             assert!(run.instances.len() >= 2, "{name}: instances missing");
@@ -59,10 +61,11 @@ fn every_example_loads_and_resolves() -> anyhow::Result<()> {
                 match i.settings? {
                     burrow::config::InstanceSettings::Gateway(g) => drop(g.into_config()?),
                     burrow::config::InstanceSettings::Agent(a) => drop(a.into_config()?),
+                    burrow::config::InstanceSettings::Connector(c) => drop(c.into_config()?),
                 }
             }
         } else {
-            panic!("{name}: example names start with gateway, agent or run");
+            panic!("{name}: example names start with gateway, agent, connect or run");
         }
         seen += 1;
     }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use burrow::agent::{Agent, AgentStatus, ForwardStatus};
-use burrow::config::{self, AgentSettings, Forward, TransportKind, Trust};
+use burrow::config::{
+    self, AgentSettings, Forward, PrivateService, TargetPattern, TransportKind, Trust,
+};
 use burrow::transport::ProxyChoice;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -68,6 +70,30 @@ pub struct Args {
     )]
     forwards: Vec<ForwardEntry>,
 
+    #[arg(
+        long = "private",
+        env = "BURROW_PRIVATE",
+        value_name = "NAME=TARGET",
+        value_delimiter = ',',
+        value_parser = parse_private_entry,
+        help = "A private service: NAME=TARGET, TARGET as for --forward. It gets no public \
+                port: connectors whose reach includes AGENT/NAME use it. Repeat the flag, or \
+                separate entries with commas (also in BURROW_PRIVATE)"
+    )]
+    private: Vec<Entry<PrivateService>>,
+
+    #[arg(
+        long = "allow",
+        env = "BURROW_ALLOW",
+        value_name = "PATTERN",
+        value_delimiter = ',',
+        value_parser = parse_allow_entry,
+        help = "A target connectors may name directly (AGENT/HOST:PORT): host:port, host:*, \
+                CIDR:port or CIDR:port-port, e.g. 10.0.0.0/24:22 [default: none]. Repeat the \
+                flag, or separate patterns with commas (also in BURROW_ALLOW)"
+    )]
+    allow: Vec<Entry<TargetPattern>>,
+
     /// TLS server name to send [default: the host of --gateway]
     #[arg(long, env = "BURROW_SERVER_NAME", value_name = "NAME")]
     server_name: Option<String>,
@@ -97,6 +123,30 @@ pub struct Args {
 #[derive(Debug, Clone)]
 struct ForwardEntry(Option<Forward>);
 
+/// One `--private` or `--allow` entry, or nothing for an empty one (as [`ForwardEntry`]).
+#[derive(Debug, Clone)]
+struct Entry<T>(Option<T>);
+
+fn parse_private_entry(s: &str) -> Result<Entry<PrivateService>, String> {
+    match s.trim() {
+        "" => Ok(Entry(None)),
+        s => config::parse_private(s).map(|p| Entry(Some(p))),
+    }
+}
+
+fn parse_allow_entry(s: &str) -> Result<Entry<TargetPattern>, String> {
+    match s.trim() {
+        "" => Ok(Entry(None)),
+        s => TargetPattern::parse(s).map(|p| Entry(Some(p))),
+    }
+}
+
+/// The entries given, or `None` when there are none (so a lower layer's list stands).
+fn entries<T: Clone>(list: &[Entry<T>]) -> Option<Vec<T>> {
+    let v: Vec<T> = list.iter().filter_map(|e| e.0.clone()).collect();
+    (!v.is_empty()).then_some(v)
+}
+
 fn parse_forward_entry(s: &str) -> Result<ForwardEntry, String> {
     if s.trim().is_empty() {
         return Ok(ForwardEntry(None));
@@ -112,7 +162,7 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     }
 }
 
-fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
+pub(crate) fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
     burrow::tls::parse_fingerprint(s).map_err(|e| e.to_string())
 }
 
@@ -158,6 +208,8 @@ impl Args {
             proxy,
             forwards: Some(self.forwards.iter().filter_map(|f| f.0.clone()).collect())
                 .filter(|f: &Vec<Forward>| !f.is_empty()),
+            private: entries(&self.private),
+            allow: entries(&self.allow),
             max_backoff: self.max_backoff,
             connect_timeout: self.connect_timeout,
             log_level: self.common.log_level,

@@ -2,8 +2,10 @@
 //!
 //! - `burrow gateway` runs on a public host; agents dial in and it opens public ports for them.
 //! - `burrow agent` runs next to a private service and publishes it through a gateway.
-//! - `burrow run --config FILE` runs every `[[gateway]]` and `[[agent]]` of one file in one
-//!   process.
+//! - `burrow connect` runs where a private service is wanted: it listens locally and reaches
+//!   the service through the gateway.
+//! - `burrow run --config FILE` runs every `[[gateway]]`, `[[agent]]` and `[[connector]]` of
+//!   one file in one process.
 //! - `burrow keygen` prints a new agent key and its key hash, or the hash of an existing key.
 //! - `burrow status` shows a running gateway's or agent's status (from its admin server).
 //! - `burrow token` makes, lists and revokes a running gateway's agent tokens (the same).
@@ -13,6 +15,7 @@
 //! roles live in the `burrow` library.
 
 mod agent;
+mod connect;
 mod gateway;
 mod keygen;
 mod multi;
@@ -57,8 +60,12 @@ enum Command {
     Gateway(gateway::Args),
     /// Run an agent next to a private service: it dials the gateway and publishes the service.
     Agent(agent::Args),
-    /// Run several gateways and agents from one file in one process: [[gateway]] and
-    /// [[agent]] tables, each with a `name` and the keys of that role's own config file
+    /// Run a connector: it listens on this machine and reaches an agent's private services
+    /// through the gateway, without any public port
+    Connect(connect::Args),
+    /// Run several gateways, agents and connectors from one file in one process: [[gateway]],
+    /// [[agent]] and [[connector]] tables, each with a `name` and the keys of that role's own
+    /// config file
     Run(multi::Args),
     /// Print a new agent key and its key hash: give the key to the agent, and `key_hash` to
     /// the gateway's `[[agents]]` entry. With --hash or --hash-file, print the key hash of an
@@ -147,6 +154,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Gateway(args) => gateway::main(args),
         Command::Agent(args) => agent::main(args),
+        Command::Connect(args) => connect::main(args),
         Command::Run(args) => multi::main(args),
         Command::Keygen(args) => keygen::main(args),
         Command::Status(args) => status::main(args),
@@ -171,7 +179,7 @@ fn main() -> ExitCode {
 /// came from a variable names the variable, not only the flag.
 fn parse() -> Result<Cli, ExitCode> {
     let mut command = Cli::command();
-    for role in ["gateway", "agent", "run", "status", "token"] {
+    for role in ["gateway", "agent", "connect", "run", "status", "token"] {
         command = command.mut_subcommand(role, |mut sub| {
             let empty: Vec<clap::Id> = sub
                 .get_arguments()

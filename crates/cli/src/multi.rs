@@ -1,7 +1,7 @@
 //! `burrow run --config FILE`: every instance of a run file in one process.
 //!
 //! Each instance runs on a tokio runtime of its own, on threads that have the instance's span
-//! (`gateway{instance=edge}`, `agent{instance=office}`) entered for their whole life, so
+//! (`gateway{instance=edge}`, `agent{instance=office}`, `connector{instance=laptop}`) entered for their whole life, so
 //! every event an instance logs, from any of its tasks, carries its name, and nothing in the
 //! roles needs to pass a span along. Its own runtime also keeps instances apart: one that
 //! fails (a bad setting, a port in use, a panic) ends alone, and the others serve on. Printed
@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use burrow::agent::Agent;
 use burrow::config::{self, Instance, InstanceSettings, LogFormat, LogLevel, Role};
+use burrow::connector::Connector;
 use burrow::gateway::Gateway;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -27,8 +28,8 @@ use crate::run::{self, LOG_TARGET};
 /// Flags of `burrow run`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The run file: [[gateway]] and [[agent]] tables, each with a `name` and the keys of that
-    /// role's own config file
+    /// The run file: [[gateway]], [[agent]] and [[connector]] tables, each with a `name` and
+    /// the keys of that role's own config file
     #[arg(long, env = "BURROW_CONFIG", value_name = "FILE")]
     config: PathBuf,
 
@@ -52,6 +53,7 @@ struct Ready {
 enum RoleConfig {
     Gateway(Box<config::GatewayConfig>),
     Agent(Box<config::AgentConfig>),
+    Connector(Box<config::ConnectorConfig>),
 }
 
 /// Runs `burrow run`.
@@ -117,6 +119,15 @@ fn settle(instance: Instance, has_key: &mut bool) -> anyhow::Result<Ready> {
                 burrow::state::warn_if_readable_by_others(path);
             }
             RoleConfig::Agent(Box::new(c))
+        }
+        InstanceSettings::Connector(s) => {
+            warn_process_wide(s.log_level.is_some(), s.log_format.is_some(), &name);
+            *has_key |= s.key.is_some();
+            let c = s.into_config()?;
+            if let Some(path) = &c.key_file {
+                burrow::state::warn_if_readable_by_others(path);
+            }
+            RoleConfig::Connector(Box::new(c))
         }
     };
     Ok(Ready {
@@ -289,6 +300,21 @@ async fn serve(r: Ready, shutdown: CancellationToken) -> anyhow::Result<()> {
                 tokio::spawn(crate::agent::print_forwards(status, prefix.clone(), label));
             }
             agent.run(shutdown).await?;
+        }
+        RoleConfig::Connector(config) => {
+            info!(target: LOG_TARGET, ?config, "connector settings");
+            let names: Vec<String> = config.forwards.iter().map(|f| f.name.clone()).collect();
+            let connector = Connector::bind(*config)
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("cannot start the connector")?;
+            crate::connect::announce(&connector, &names, &prefix);
+            tokio::spawn(crate::connect::print_forwards(
+                connector.status(),
+                names,
+                prefix,
+            ));
+            connector.run(shutdown).await?;
         }
     }
     Ok(())

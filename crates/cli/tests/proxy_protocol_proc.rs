@@ -262,3 +262,103 @@ async fn a_client_of_a_unix_endpoint_has_no_address_to_pass_on() {
     }
     drop(gw);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_reads_v1_and_v2_with_a_connector_clients_address() {
+    use burrow::proto::auth::SecretKey;
+    let nginx = Nginx::proxy_protocol_echo().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (office, laptop) = (SecretKey::generate(), SecretKey::generate());
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[agents]]\nname = \"office\"\nkey_hash = \"{}\"\nports = [\"1024-65535\"]\n\n\
+             [[connectors]]\nname = \"laptop\"\nkey_hash = \"{}\"\nreach = [\"office/*\"]\n",
+            office.hash(),
+            laptop.hash()
+        ),
+    )
+    .unwrap();
+    let gw = GatewaySpec::new(&dir.path().join("state"))
+        .config(&config)
+        .expect_agent_line(false)
+        .start(bin())
+        .await
+        .unwrap();
+    let role = |role: &str, key: &SecretKey| {
+        let mut cmd = burrow_testkit::Burrow::command(bin());
+        cmd.arg(role)
+            .args(["--gateway", &gw.addr().to_string()])
+            .args(["--fingerprint", gw.fingerprint()])
+            .env("BURROW_KEY", key.expose());
+        cmd
+    };
+    let port = nginx.addr().port();
+    let sock = nginx.unix_socket();
+    // Private services: v1 and v2 to nginx's TCP port and to its unix socket, and one
+    // without the option (nginx refuses it: the check can fail).
+    let mut agent_cmd = role("agent", &office);
+    for p in [
+        format!("v1tcp=127.0.0.1:{port}?proxy_protocol=v1"),
+        format!("v2tcp=127.0.0.1:{port}?proxy_protocol=v2"),
+        format!("v1unix=unix:{}?proxy_protocol=v1", sock.display()),
+        format!("v2unix=unix:{}?proxy_protocol=v2", sock.display()),
+        format!("plain=127.0.0.1:{port}"),
+    ] {
+        agent_cmd.arg("--private").arg(p);
+    }
+    let mut agent = burrow_testkit::Burrow::start(agent_cmd).unwrap();
+    for _ in 0..5 {
+        agent
+            .wait_stderr("private service announced", Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    let names = ["v1tcp", "v2tcp", "v1unix", "v2unix", "plain"];
+    let mut connector = {
+        let mut c = role("connect", &laptop);
+        for n in names {
+            c.arg("--forward").arg(format!("0=office/{n}"));
+        }
+        burrow_testkit::Burrow::start(c).unwrap()
+    };
+    let mut listen = Vec::new();
+    for n in names {
+        let prefix = format!("forward 0=office/{n}: listening on ");
+        let line = connector
+            .wait_stdout(|l| l.starts_with(&prefix), Duration::from_secs(30))
+            .await
+            .unwrap();
+        listen.push(line[prefix.len()..].trim().parse::<SocketAddr>().unwrap());
+    }
+    // Every forward ready (the lines come in any order).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while names.iter().any(|n| {
+        let want = format!("forward 0=office/{n}: ready");
+        !connector.stdout_lines().contains(&want)
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "not every forward ready: {:#?}",
+            connector.stdout_lines()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client connects to the connector's listener from 127.0.0.2: only the header can
+    // tell nginx that address.
+    for (i, what) in ["tcp v1", "tcp v2", "unix v1", "unix v2"]
+        .iter()
+        .enumerate()
+    {
+        let (answer, me) = ask(listen[i], CLIENT_V4).await;
+        expect_client(&answer, me, &format!("connector, {what}"));
+    }
+    let (answer, _) = ask(listen[4], CLIENT_V4).await;
+    assert!(
+        !answer.starts_with("HTTP/1.1 200"),
+        "without a header nginx must refuse: {answer:?}"
+    );
+    println!("nginx: v1 and v2 over TCP and a unix socket report the connector's client 127.0.0.2");
+    drop(gw);
+}

@@ -536,3 +536,88 @@ async fn agent_reload_binds_added_forwards_and_gives_removed_ones_back() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reload_over_quic_gives_a_removed_forward_back_in_the_same_session() {
+    within("agent reload over quic", async {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = GatewaySpec::new(&dir.path().join("state"))
+            .start(bin())
+            .await
+            .unwrap();
+        let (t1, t2) = (
+            TcpTarget::echo().await.unwrap(),
+            TcpTarget::echo().await.unwrap(),
+        );
+        let keep = t1.addr().to_string();
+        let gone = t2.addr().to_string();
+        let file = agent_file(dir.path(), &[&keep, &gone]);
+        let mut agent = Burrow::start(
+            AgentSpec::new(gw.agent_args_url("quic", gw.addr()))
+                .args(["--config", file.to_str().unwrap(), "--admin", "127.0.0.1:0"])
+                .command(bin()),
+        )
+        .unwrap();
+        let public = wait_public(&mut agent, &[keep.clone(), gone.clone()], WAIT)
+            .await
+            .unwrap();
+        let admin = admin_addr(&mut agent).await;
+        agent_file(dir.path(), &[&keep]);
+        let report = reload(admin).await;
+        assert_eq!(
+            report["changes"],
+            serde_json::json!([format!("forward {gone} removed")]),
+            "{report:#}"
+        );
+        // The Unbind travels on QUIC's control stream: the port closes, the session stays.
+        let t = until_closed(public[1], "the removed forward's port").await;
+        println!("over quic: removed forward's port closed {t:?} after the answer");
+        echo(public[0], 100_000, 3).await;
+        let st = status(admin).await;
+        assert_eq!(
+            st["totals"]["sessions"], 1,
+            "one session throughout: {st:#}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reload_says_private_services_and_allow_need_a_restart() {
+    within("agent reload of private", async {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = GatewaySpec::new(&dir.path().join("state"))
+            .start(bin())
+            .await
+            .unwrap();
+        let target = TcpTarget::echo().await.unwrap();
+        let path = dir.path().join("agent.toml");
+        write(&path, &format!("private = [\"echo={}\"]\n", target.addr()));
+        let mut agent = Burrow::start(
+            AgentSpec::new(gw.agent_args())
+                .args(["--config", path.to_str().unwrap(), "--admin", "127.0.0.1:0"])
+                .command(bin()),
+        )
+        .unwrap();
+        agent
+            .wait_stderr("private service announced", WAIT)
+            .await
+            .unwrap();
+        let admin = admin_addr(&mut agent).await;
+        write(
+            &path,
+            &format!(
+                "private = [\"echo={}\", \"ssh=127.0.0.1:22\"]\nallow = [\"127.0.0.1:*\"]\n",
+                target.addr()
+            ),
+        );
+        let report = reload(admin).await;
+        assert_eq!(
+            report["restart_needed"],
+            serde_json::json!(["private", "allow"]),
+            "{report:#}"
+        );
+        assert_eq!(report["changes"], serde_json::json!([]), "{report:#}");
+    })
+    .await;
+}

@@ -1,5 +1,6 @@
 //! `burrow run --config FILE` through the real binary: a gateway and an agent from one file
-//! carry traffic end to end in one process, every log line of an instance carries its name,
+//! carry traffic end to end in one process, and so do a gateway, an agent and a connector
+//! (client -> connector -> gateway -> agent -> target), every log line of an instance carries its name,
 //! an instance with a bad setting is reported by name and line while the others serve, and
 //! SIGTERM stops them all.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -54,6 +55,14 @@ async fn deferred_relay() -> (SocketAddr, watch::Sender<Option<SocketAddr>>) {
         }
     });
     (addr, tx)
+}
+
+/// A stdout line of `p` that satisfies `pred`, printed already or within [`WAIT`].
+async fn printed(p: &mut Burrow, pred: impl Fn(&str) -> bool) -> String {
+    if let Some(l) = p.stdout_lines().iter().find(|l| pred(l)) {
+        return l.clone();
+    }
+    p.wait_stdout(pred, WAIT).await.unwrap()
 }
 
 fn after<'a>(line: &'a str, prefix: &str) -> &'a str {
@@ -199,10 +208,10 @@ async fn a_file_where_no_instance_can_start_fails_at_once() {
         )),
         "{err}"
     );
+    // A connector is read as its own file would be: this one names no gateway.
     assert!(
-        err.contains(&format!(
-            "instance [[connector]] c ({f} line 5): [[connector]] instances are not supported yet"
-        )),
+        err.contains(&format!("instance [[connector]] c ({f} line 5): "))
+            && err.contains("no gateway"),
         "{err}"
     );
     assert!(err.contains("no instance of"), "{err}");
@@ -219,5 +228,145 @@ async fn a_file_where_no_instance_can_start_fails_at_once() {
     assert!(
         err.contains("line 4, key gatway: unknown key `gatway`: did you mean `gateway`?"),
         "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_an_agent_and_a_connector_in_one_file_carry_traffic_while_a_bad_connector_is_reported(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new("run").unwrap();
+    let (cert, key_pem) = pki.issue("gateway").unwrap();
+    let echo = TcpTarget::echo().await.unwrap();
+    let (relay, upstream) = deferred_relay().await;
+    let (agent_key, connector_key) = (keygen(), keygen());
+    // Line numbers matter: the bad connector's setting is on line 41.
+    let text = format!(
+        r#"log_level = "info"
+
+[[gateway]]
+name = "edge"
+listen = "127.0.0.1:0"
+public_host = "127.0.0.1"
+state_dir = "state"
+tls_cert = "{cert}"
+tls_key = "{tls_key}"
+grace = "2s"
+
+[[gateway.agents]]
+name = "office"
+key = "{agent_key}"
+ports = ["1024-65535"]
+
+[[gateway.connectors]]
+name = "laptop"
+key = "{connector_key}"
+reach = ["office/echo"]
+
+[[agent]]
+name = "office"
+gateway = "127.0.0.1:{relay_port}"
+ca = "{ca}"
+key = "{agent_key}"
+max_backoff = "1s"
+private = ["echo=127.0.0.1:{echo_port}"]
+
+[[connector]]
+name = "laptop"
+gateway = "127.0.0.1:{relay_port}"
+ca = "{ca}"
+key = "{connector_key}"
+max_backoff = "1s"
+forward = ["0=office/echo"]
+
+[[connector]]
+name = "broken"
+gateway = "127.0.0.1:{relay_port}"
+max_backoff = "0s"
+forward = ["0=office/echo"]
+"#,
+        cert = cert.display(),
+        tls_key = key_pem.display(),
+        ca = pki.ca_file().display(),
+        relay_port = relay.port(),
+        echo_port = echo.addr().port(),
+    );
+    assert_eq!(text.lines().nth(40), Some("max_backoff = \"0s\""));
+    let file = dir.join("run.toml");
+    std::fs::write(&file, text).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let started = Instant::now();
+    let mut p = Burrow::spawn(bin(), ["run", "--config", file.to_str().unwrap()]).unwrap();
+    let line = p
+        .wait_stdout(|l| l.starts_with("edge: gateway listening on "), WAIT)
+        .await
+        .unwrap();
+    let gw: SocketAddr = after(&line, "edge: gateway listening on ").parse().unwrap();
+    upstream.send(Some(gw)).unwrap();
+    // The instances start at once: the connector may print before the gateway.
+    let want = "laptop: forward 0=office/echo: listening on ";
+    let line = printed(&mut p, |l| l.starts_with(want)).await;
+    let local: SocketAddr = after(&line, want).parse().unwrap();
+    printed(&mut p, |l| l == "laptop: forward 0=office/echo: ready").await;
+    let up = started.elapsed();
+    // client -> connector -> gateway -> agent -> target, all in one process.
+    let t = echo_transfer(local, &EchoOpts::new(8 << 20, 5))
+        .await
+        .unwrap();
+    assert!(
+        t.exact && t.received == 8 << 20,
+        "8 MiB byte-exact through the connector, gateway and agent of one process: {t:?}"
+    );
+    assert_eq!(echo.accepted(), 1, "one connection at the target");
+
+    p.wait_stderr("connector stream closed", WAIT)
+        .await
+        .unwrap();
+    let logs = p.stderr_lines().to_vec();
+    let find = |needle: &str| {
+        logs.iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no log line with {needle:?}: {logs:#?}"))
+            .clone()
+    };
+    let session = find("connector session up");
+    assert!(session.contains("connector{instance=laptop}"), "{session}");
+    let joined = find("connector stream closed");
+    assert!(joined.contains("gateway{instance=edge}"), "{joined}");
+    let announced = find("private service announced: connectors");
+    assert!(announced.contains("agent{instance=office}"), "{announced}");
+    // The bad connector: named, with its file line; the others serve regardless.
+    let bad = find("instance [[connector]] broken");
+    assert!(
+        bad.contains(&format!(
+            "instance [[connector]] broken ({} line 38): line 41, key max_backoff: must be more than 0",
+            file.display()
+        )),
+        "{bad}"
+    );
+
+    p.signal(Signal::Term).unwrap();
+    let st = p.wait_exit(WAIT).await.unwrap();
+    assert!(st.success(), "{st:?}");
+    let err = p.stderr_lines().join("\n");
+    for (name, line) in [
+        "[[gateway]] edge",
+        "[[agent]] office",
+        "[[connector]] laptop",
+    ]
+    .iter()
+    .zip([3, 22, 30])
+    {
+        let want = format!("instance {name} ({} line {line}) stopped", file.display());
+        assert!(err.contains(&want), "{want}: {err}");
+    }
+    assert!(
+        TcpStream::connect(local).await.is_err(),
+        "the connector's listener is closed"
+    );
+    println!(
+        "burrow run with a connector: its forward ready {up:?} after start; 8 MiB echo through connector, gateway and agent at {:.0} MiB/s",
+        8.0 / t.elapsed.as_secs_f64()
     );
 }

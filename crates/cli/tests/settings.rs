@@ -23,9 +23,10 @@ use Expect::{Refused, Shows};
 const KEY: &str = "bk_zlpV87yiiQg6NJ7bgH5mrgoSwLSXRExx5Swq84TwkhA";
 const KEY2: &str = "bk_5JG9gAt6USx2Cm5GCBiq-AdRjUxOI2NSRKwsBWYJGSU";
 /// The secret part of every key used here: none may ever be printed.
-const SECRETS: [&str; 2] = [
+const SECRETS: [&str; 3] = [
     "zlpV87yiiQg6NJ7bgH5mrgoSwLSXRExx5Swq84TwkhA",
     "5JG9gAt6USx2Cm5GCBiq-AdRjUxOI2NSRKwsBWYJGSU",
+    "wyF-RYt70WD3DeY9UiPlXg2JrHKDRphcc1kFZA-5dXI",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,6 +356,34 @@ const FLAGS: &[Flag] = &[
     },
     Flag {
         role: Role::Agent,
+        flag: "--private",
+        env: "BURROW_PRIVATE",
+        file: &[FILE_PRIVATE],
+        a: (
+            "vnc=127.0.0.1:5900,ssh=127.0.0.1:22",
+            Shows("private = [\"vnc=127.0.0.1:5900\", \"ssh=127.0.0.1:22\"]"),
+        ),
+        b: (
+            "docker=unix:/run/docker.sock",
+            Shows("private = [\"docker=unix:/run/docker.sock\"]"),
+        ),
+    },
+    Flag {
+        role: Role::Agent,
+        flag: "--allow",
+        env: "BURROW_ALLOW",
+        file: &[FILE_PRIVATE],
+        a: (
+            "10.0.0.0/8:22,nas:*",
+            Shows("allow = [\"10.0.0.0/8:22\", \"nas:*\"]"),
+        ),
+        b: (
+            "[2001:db8::/32]:1-2",
+            Shows("allow = [\"[2001:db8::/32]:1-2\"]"),
+        ),
+    },
+    Flag {
+        role: Role::Agent,
         flag: "--config",
         env: "BURROW_CONFIG",
         file: &[],
@@ -368,6 +397,13 @@ const FILE_FORWARD: &str = "gateway = \"gw.example:7443\"\n\
     key = \"bk_zlpV87yiiQg6NJ7bgH5mrgoSwLSXRExx5Swq84TwkhA\"\n\
     ca = \"/ca.pem\"\n\
     forward = [\"127.0.0.1:1\"]";
+/// An agent file with a private service and an allow pattern, which `--private`, `--allow`
+/// and their variables replace.
+const FILE_PRIVATE: &str = "gateway = \"gw.example:7443\"\n\
+    key = \"bk_zlpV87yiiQg6NJ7bgH5mrgoSwLSXRExx5Swq84TwkhA\"\n\
+    ca = \"/ca.pem\"\n\
+    private = [\"file=127.0.0.1:1\"]\n\
+    allow = [\"file.example:1\"]";
 const TWO_FORWARDS: &str = "forward = [\"8080=127.0.0.1:80\", \"unix:/run/app.sock\"]";
 const ONE_FORWARD: &str = "forward = [\"9000=[::1]:3000\"]";
 const FINGERPRINT_A: &str =
@@ -564,6 +600,13 @@ const TLS_PAIR: &str = "tls_cert = \"/tls/c.pem\"\ntls_key = \"/tls/k.pem\"";
 const FP_A_KEY: &str =
     "fingerprint = \"SHA256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"";
 const API: &str = "[[forwards]]\npublic_port = 9000\ntarget = \"[::1]:3000\"\nname = \"api\"";
+/// A `[[connectors]]` entry (the gateway's agent, without `[[agents]]`, is `default`).
+const LAPTOP: &str = "[[connectors]]\nname = \"laptop\"\n\
+    key_hash = \"bkh_xIvc78jG85Th98wi3bgWH1Iyu3Pimn3Zv5xCyPFpqWA\"\n\
+    reach = [\"default/vnc\", \"default/*\", \"default/targets\"]\nmax_sessions = 3\nmax_streams = 99";
+const DESK: &str = "[[connectors]]\nname = \"desk\"\n\
+    key = \"bk_wyF-RYt70WD3DeY9UiPlXg2JrHKDRphcc1kFZA-5dXI\"\nreach = [\"default/ssh\"]";
+const VNC: &str = "[[forwards]]\nname = \"vnc\"\ntarget = \"127.0.0.1:5900\"\npublic = false";
 const API_GROUP: &str =
     "[[forwards]]\npublic_port = 9000\ntarget = \"[::1]:3000\"\ngroup = \"web\"";
 const WEB_GROUP: &str = "[[agents]]\nname = \"alice\"\n\
@@ -608,6 +651,12 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Gateway, "agents.key_hash", ALICE, "key_hash = \"bkh_tjpv6pJLLHVz98RUc4z1VaSnbUDW0Nm1UIIbnZ4xzos\""),
     (Role::Gateway, "agents.key", BOB, "name = \"bob\"\nkey = \"bk_****\""),
     (Role::Gateway, "agents.ports", ALICE, "ports = [8080, \"9000-9100\"]"),
+    (Role::Gateway, "connectors.name", LAPTOP, "[[connectors]]\nname = \"laptop\""),
+    (Role::Gateway, "connectors.key_hash", LAPTOP, "key_hash = \"bkh_xIvc78jG85Th98wi3bgWH1Iyu3Pimn3Zv5xCyPFpqWA\""),
+    (Role::Gateway, "connectors.key", DESK, "name = \"desk\"\nkey = \"bk_****\""),
+    (Role::Gateway, "connectors.reach", LAPTOP, "reach = [\"default/vnc\", \"default/*\", \"default/targets\"]"),
+    (Role::Gateway, "connectors.max_sessions", LAPTOP, "max_sessions = 3"),
+    (Role::Gateway, "connectors.max_streams", LAPTOP, "max_streams = 99"),
     (Role::Gateway, "groups.name", WEB_GROUP, "[[groups]]\nname = \"web\""),
     (Role::Gateway, "groups.agents", WEB_GROUP, "agents = [\"alice\"]"),
     (Role::Both, "admin", "admin = \"127.0.0.1:4569\"", "admin = \"127.0.0.1:4569\""),
@@ -627,6 +676,9 @@ const FILE_KEYS: &[(Role, &str, &str, &str)] = &[
     (Role::Agent, "forwards.public_port", API, "[[forwards]]\npublic_port = 9000"),
     (Role::Agent, "forwards.target", API, "target = \"[::1]:3000\""),
     (Role::Agent, "forwards.name", API, "name = \"api\""),
+    (Role::Agent, "forwards.public", VNC, "private = [\"vnc=127.0.0.1:5900\"]"),
+    (Role::Agent, "private", "private = [\"vnc=127.0.0.1:5900\"]", "private = [\"vnc=127.0.0.1:5900\"]"),
+    (Role::Agent, "allow", "allow = [\"10.0.5.0/24:22\", \"nas.internal:*\"]", "allow = [\"10.0.5.0/24:22\", \"nas.internal:*\"]"),
     (Role::Agent, "forwards.group", API_GROUP, "group = \"web\""),
 ];
 

@@ -44,6 +44,13 @@ pub enum ErrorCode {
     RateLimited = 17,
     /// The key was revoked, or has expired, on the gateway: it will not be accepted again.
     KeyRevoked = 18,
+    /// The gateway refused a connector's stream: the service or target is not in the
+    /// connector's `reach`.
+    NotInReach = 19,
+    /// The agent has no private service of the name a connector asked for.
+    NoSuchService = 20,
+    /// The agent a connector asked for has no session with the gateway now.
+    AgentUnavailable = 21,
 }
 
 impl ErrorCode {
@@ -70,6 +77,9 @@ impl ErrorCode {
             16 => PortInUse,
             17 => RateLimited,
             18 => KeyRevoked,
+            19 => NotInReach,
+            20 => NoSuchService,
+            21 => AgentUnavailable,
             _ => Internal,
         }
     }
@@ -97,6 +107,9 @@ impl ErrorCode {
             PortInUse => "port in use",
             RateLimited => "rate limited",
             KeyRevoked => "key revoked or expired",
+            NotInReach => "not in the connector's reach",
+            NoSuchService => "no such service on the agent",
+            AgentUnavailable => "agent not connected",
         }
     }
 }
@@ -133,7 +146,7 @@ mod tests {
 
     #[test]
     fn codes_roundtrip_and_unknown_is_internal() {
-        for v in 0..=18u32 {
+        for v in 0..=21u32 {
             let c = ErrorCode::from_u32(v);
             if v != 14 {
                 assert_eq!(c as u32, v);

@@ -53,12 +53,15 @@ pub enum Kind {
     AuthOk = 0x12,
     /// Agent to gateway: asks for a public port for one service.
     Bind = 0x13,
-    /// Gateway to agent: the answer to one [`Kind::Bind`].
+    /// Gateway to agent: the answer to one [`Kind::Bind`] or [`Kind::Announce`].
     BindResult = 0x14,
     /// Agent to gateway: gives one bound service's port back; payload is an
     /// [`crate::message::Unbind`]. Sent only to a gateway whose `AuthOk` offers
     /// [`crate::message::FEATURE_UNBIND`].
     Unbind = 0x15,
+    /// Agent to gateway: a private service, which connectors reach by name and which has no
+    /// public port; payload is a [`crate::connect::Announce`].
+    Announce = 0x16,
 }
 
 impl Kind {
@@ -77,6 +80,7 @@ impl Kind {
             0x13 => Self::Bind,
             0x14 => Self::BindResult,
             0x15 => Self::Unbind,
+            0x16 => Self::Announce,
             _ => return None,
         })
     }
@@ -93,6 +97,7 @@ impl Kind {
                 | Self::Bind
                 | Self::BindResult
                 | Self::Unbind
+                | Self::Announce
         )
     }
 }

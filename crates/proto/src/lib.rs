@@ -7,6 +7,8 @@
 //! # Layout
 //! - [`frame`]: the frame header, frame kinds and the incremental decoder.
 //! - [`message`]: payloads of control frames (handshake, bind, open, go-away).
+//! - [`connect`]: what the connector role adds: the [`connect::Dial`] a connector's Open
+//!   carries, and an agent's [`connect::Announce`] of a private service.
 //! - [`auth`]: keys, key hashes and the signed challenge-response.
 //! - [`flow`]: send and receive windows.
 //! - [`mux`]: the stream table and the rules a peer must follow.
@@ -22,8 +24,13 @@
 //! 4. For each client, the gateway sends Open (service id, client address) on a new odd
 //!    stream id and may send Data right behind it; the agent connects to the target and relays,
 //!    or resets the stream with a reason.
+//! 5. A connector opens streams itself (even ids), each Open followed by a
+//!    [`connect::Dial`] naming an agent and one of its private services or a target; the
+//!    gateway checks it, opens a stream of its own to that agent with the same Dial, and
+//!    relays one stream into the other.
 
 pub mod auth;
+pub mod connect;
 pub mod error;
 pub mod flow;
 pub mod frame;

@@ -286,13 +286,13 @@ pub struct GoAway {
 }
 
 /// Bounds-checked reader over a payload.
-struct Reader<'a> {
-    buf: &'a [u8],
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a [u8],
     what: &'static str,
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], what: &'static str) -> Self {
+    pub(crate) fn new(buf: &'a [u8], what: &'static str) -> Self {
         Reader { buf, what }
     }
 
@@ -318,7 +318,7 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn u8(&mut self) -> Result<u8, ProtocolError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, ProtocolError> {
         Ok(self.array::<1>()?[0])
     }
 
@@ -326,11 +326,11 @@ impl<'a> Reader<'a> {
         Ok(u16::from_be_bytes(self.array()?))
     }
 
-    fn u32(&mut self) -> Result<u32, ProtocolError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, ProtocolError> {
         Ok(u32::from_be_bytes(self.array()?))
     }
 
-    fn string(&mut self) -> Result<String, ProtocolError> {
+    pub(crate) fn string(&mut self) -> Result<String, ProtocolError> {
         let len = self.u16()? as usize;
         if len > MAX_STRING {
             return Err(ProtocolError::new(
@@ -348,7 +348,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn put_string(dst: &mut BytesMut, s: &str) {
+pub(crate) fn put_string(dst: &mut BytesMut, s: &str) {
     // Truncate on a char boundary rather than send something the peer must refuse.
     let mut end = s.len().min(MAX_STRING);
     while !s.is_char_boundary(end) {
@@ -358,7 +358,7 @@ fn put_string(dst: &mut BytesMut, s: &str) {
     dst.extend_from_slice(&s.as_bytes()[..end]);
 }
 
-fn bad(what: &str, detail: impl std::fmt::Display) -> ProtocolError {
+pub(crate) fn bad(what: &str, detail: impl std::fmt::Display) -> ProtocolError {
     ProtocolError::new(ErrorCode::Protocol, format!("bad {what} message: {detail}"))
 }
 
@@ -632,7 +632,7 @@ impl Open {
         Frame::new(Kind::Open, 0, stream, b.freeze())
     }
 
-    fn encode(&self, b: &mut BytesMut) {
+    pub(crate) fn encode(&self, b: &mut BytesMut) {
         b.put_u32(self.service);
         match self.client {
             None => b.put_u8(0),
@@ -654,7 +654,7 @@ impl Open {
         Open::read(&mut Reader::new(p, "open"))
     }
 
-    fn read(r: &mut Reader<'_>) -> Result<Self, ProtocolError> {
+    pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, ProtocolError> {
         let service = r.u32()?;
         let client = match r.u8()? {
             0 => None,

@@ -215,6 +215,7 @@ pub(super) async fn serve(
     let list = forwards.borrow_and_update().clone();
     table.follow(&list, &session, gateway, tally);
     table.publish(status);
+    super::private::announce(cfg, &session);
     // UDP flows, each with a socket toward the target. A datagram for a service that is not
     // a granted UDP forward is a protocol error.
     tracker.spawn(udp::serve_agent_flows(
@@ -257,7 +258,7 @@ pub(super) async fn serve(
                 let list = forwards.borrow_and_update().clone();
                 table.follow(&list, &session, gateway, tally);
                 table.publish(status);
-                if let Some(why) = nothing_to_publish(&table) {
+                if let Some(why) = nothing_to_publish(cfg, &table) {
                     return Ended::NothingToPublish(why);
                 }
             }
@@ -268,10 +269,11 @@ pub(super) async fn serve(
                     continue;
                 }
                 match BindResult::decode(&frame.payload) {
+                    Ok(res) if super::private::on_result(cfg, &res) => {}
                     Ok(res) => {
                         on_bind_result(cfg, gateway, &res, &mut table);
                         table.publish(status);
-                        if let Some(why) = nothing_to_publish(&table) {
+                        if let Some(why) = nothing_to_publish(cfg, &table) {
                             return Ended::NothingToPublish(why);
                         }
                     }
@@ -280,6 +282,10 @@ pub(super) async fn serve(
             }
             stream = incoming.recv() => {
                 let Some(stream) = stream else { continue };
+                if stream.dial().is_some() {
+                    super::private::accept(cfg, stream, &pending, tracker, tally);
+                    continue;
+                }
                 accept_stream(cfg, stream, &table, &pending, tracker, tally);
             }
         }
@@ -293,7 +299,11 @@ pub(super) async fn sleep_until(at: Option<Instant>) {
 }
 
 /// When every forward has been refused for good: why, for the agent's exit message.
-fn nothing_to_publish(table: &Table) -> Option<String> {
+fn nothing_to_publish(cfg: &AgentConfig, table: &Table) -> Option<String> {
+    // Connectors may still use the private services and allowed targets.
+    if !cfg.private.is_empty() {
+        return None;
+    }
     let live: Vec<&Slot> = table
         .order
         .iter()

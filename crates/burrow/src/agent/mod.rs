@@ -22,6 +22,10 @@
 //! The forwards can change while it runs ([`AgentHandle::reload`]): the session binds the
 //! added ones and gives the removed ones back, leaving the others alone.
 //!
+//! Private services (`--private NAME=TARGET`) have no public port: they are announced to the
+//! gateway, and reached only by connectors. Every connector stream is checked here again,
+//! against those services and the `allow` patterns, whatever the gateway asked.
+//!
 //! Several gateways: the agent keeps a session with each (its *uplinks*), publishes the same
 //! forwards on each, and reconnects to each on its own, with its own backoff. Every log line
 //! of an uplink is in a `gateway` span naming it, and each has its own [`AgentStatus`]. The
@@ -29,7 +33,8 @@
 //! stopped so.
 //!
 //! The parts: `dial` (reaching the gateway and describing what failed), `forwards` (one
-//! session's binds and streams, and reloads) and `admin` (what the admin server reads).
+//! session's binds and streams, and reloads), `private` (private services, allowed targets,
+//! and the connectors' streams) and `admin` (what the admin server reads).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +49,7 @@ use tracing::{debug, error, info, warn, Instrument};
 mod admin;
 mod dial;
 mod forwards;
+mod private;
 
 use dial::{connect, gateway_url};
 use forwards::serve;
@@ -196,7 +202,7 @@ impl Agent {
     /// failed for good.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let cfg = Arc::new(self.config);
-        if cfg.forwards.is_empty() {
+        if cfg.forwards.is_empty() && cfg.private.is_empty() {
             warn!("no forwards configured: the agent will connect but publish nothing (add --forward [PORT=]TARGET)");
         }
         let gateways = cfg.gateways();
@@ -517,7 +523,8 @@ impl AgentHandle {
     }
 }
 
-/// The settings of `new` that differ from `old` and take a restart (all but the forwards).
+/// The settings of `new` that differ from `old` and take a restart (all but the forwards;
+/// private services and `allow` among them).
 /// Every field is named, so that a new setting cannot be left out of this list unnoticed.
 fn restart_needed(old: &AgentConfig, new: &AgentConfig) -> Vec<String> {
     let AgentConfig {
@@ -535,6 +542,7 @@ fn restart_needed(old: &AgentConfig, new: &AgentConfig) -> Vec<String> {
         udp,
         key_file,
         admin,
+        private,
     } = new;
     let mut out = Vec::new();
     let mut differs = |same: bool, key: &str| {
@@ -554,6 +562,10 @@ fn restart_needed(old: &AgentConfig, new: &AgentConfig) -> Vec<String> {
     differs(*connect_timeout == old.connect_timeout, "connect_timeout");
     differs(*grace == old.grace, "grace");
     differs(*udp == old.udp, "udp");
+    // Private services are announced once per session, and every connector stream is
+    // checked against the list the agent started with.
+    differs(private.services == old.private.services, "private");
+    differs(private.allow == old.private.allow, "allow");
     differs(admin.listen == old.admin.listen, "admin");
     differs(admin.token == old.admin.token, "admin_token");
     out

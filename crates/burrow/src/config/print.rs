@@ -15,8 +15,9 @@ use burrow_proto::message::Protocol;
 use crate::admin::AdminConfig;
 
 use super::{
-    forward_name, AgentConfig, AgentGrant, Forward, GatewayConfig, GatewayEndpoint, GroupGrant,
-    Heartbeat, KeySpec, Limits, PortRange, Trust,
+    forward_name, AgentConfig, AgentGrant, ConnectForward, ConnectorConfig, ConnectorGrant,
+    Forward, GatewayConfig, GatewayEndpoint, GroupGrant, Heartbeat, KeySpec, Limits, PortRange,
+    PrivateConfig, Trust,
 };
 
 /// What a masked key looks like in the output.
@@ -152,6 +153,133 @@ fn grant(out: &mut Out, g: &AgentGrant) {
     }
 }
 
+fn connector_grant(out: &mut Out, c: &ConnectorGrant) {
+    let ConnectorGrant {
+        name,
+        key,
+        reach,
+        max_sessions,
+        max_streams,
+    } = c;
+    out.section("[[connectors]]");
+    out.text("name", name);
+    match key {
+        KeySpec::Key(_) => out.text("key", MASKED_KEY),
+        KeySpec::Hash(h) => out.text("key_hash", &h.to_string()),
+    }
+    let reach = reach.iter().map(|r| toml::Value::from(r.to_string()));
+    out.value("reach", toml::Value::Array(reach.collect()));
+    out.value("max_sessions", i64::from(*max_sessions));
+    out.value("max_streams", i64::from(*max_streams));
+}
+
+/// `private = [...]` and `allow = [...]` of an agent.
+fn private(out: &mut Out, p: &PrivateConfig) {
+    let PrivateConfig { services, allow } = p;
+    if !services.is_empty() {
+        let specs = services.iter().map(|s| match s.proxy_protocol {
+            Some(v) => toml::Value::from(format!("{}={}?proxy_protocol={v}", s.name, s.target)),
+            None => toml::Value::from(format!("{}={}", s.name, s.target)),
+        });
+        out.value("private", toml::Value::Array(specs.collect()));
+    }
+    if !allow.is_empty() {
+        let patterns = allow.iter().map(|a| toml::Value::from(a.to_string()));
+        out.value("allow", toml::Value::Array(patterns.collect()));
+    }
+}
+
+/// The trust and transport keys, as both an agent and a connector file write them.
+fn trust(out: &mut Out, trust: &Trust) {
+    match trust {
+        Trust::Fingerprint(fp) => {
+            out.text("transport", "tls");
+            out.text("fingerprint", &crate::tls::fingerprint_string(fp));
+        }
+        Trust::Ca(ca) => {
+            out.text("transport", "tls");
+            out.path("ca", ca);
+        }
+        Trust::System => {
+            out.text("transport", "tls");
+            out.text("ca", "system");
+        }
+        Trust::Plain => out.text("transport", "tcp"),
+    }
+}
+
+/// `proxy`, the password masked.
+fn proxy(out: &mut Out, proxy: &crate::transport::ProxyChoice) {
+    match proxy {
+        crate::transport::ProxyChoice::Environment => out.line(
+            "# proxy: not set (HTTPS_PROXY, ALL_PROXY and NO_PROXY are followed, as curl does)",
+        ),
+        crate::transport::ProxyChoice::Direct => out.text("proxy", "none"),
+        crate::transport::ProxyChoice::Url(url) => out.text("proxy", &url.to_string()),
+    }
+}
+
+impl ConnectorConfig {
+    /// These settings as a connector config file: TOML that reads back as the same
+    /// settings, with the key masked as [`MASKED_KEY`] and paths made absolute.
+    pub fn to_toml(&self) -> String {
+        let ConnectorConfig {
+            gateway,
+            key: _,
+            key_file,
+            trust: t,
+            server_name,
+            proxy: p,
+            forwards,
+            limits: l,
+            max_backoff,
+            grace,
+        } = self;
+        let mut out = Out::default();
+        out.line("# burrow connect: the effective settings (flags, environment, file, defaults).");
+        out.line("# The key is masked: with the real one in its place, this is a config file.");
+        out.text("gateway", gateway);
+        match key_file {
+            Some(path) => out.path("key_file", path),
+            None => out.text("key", MASKED_KEY),
+        }
+        trust(&mut out, t);
+        if let Some(name) = server_name {
+            out.text("server_name", name);
+        }
+        proxy(&mut out, p);
+        out.duration("max_backoff", *max_backoff);
+        out.duration("grace", *grace);
+        let compact = forwards
+            .iter()
+            .all(|f| super::parse_connect_forward(&f.name).as_ref() == Ok(f));
+        if compact {
+            let specs = forwards.iter().map(|f| toml::Value::from(f.name.as_str()));
+            out.value("forward", toml::Value::Array(specs.collect()));
+        }
+        limits(&mut out, l);
+        if !compact {
+            for f in forwards {
+                let ConnectForward {
+                    listen,
+                    agent,
+                    target,
+                    name,
+                } = f;
+                out.section("[[forwards]]");
+                out.text("listen", &listen.to_string());
+                out.text("agent", agent);
+                match target {
+                    burrow_proto::connect::DialTarget::Service(s) => out.text("service", s),
+                    burrow_proto::connect::DialTarget::Address(a) => out.text("target", a),
+                }
+                out.text("name", name);
+            }
+        }
+        out.0
+    }
+}
+
 impl GatewayConfig {
     /// These settings as a gateway config file: TOML that reads back as the same settings,
     /// with each key masked as [`MASKED_KEY`] and paths made absolute. With no `[[agents]]`,
@@ -168,6 +296,7 @@ impl GatewayConfig {
             tls_cert,
             tls_key,
             agents,
+            connectors,
             groups,
             limits: l,
             heartbeat,
@@ -254,6 +383,9 @@ impl GatewayConfig {
             let names = agents.iter().map(|a| toml::Value::from(a.as_str()));
             out.value("agents", toml::Value::Array(names.collect()));
         }
+        for c in connectors {
+            connector_grant(&mut out, c);
+        }
         out.0
     }
 }
@@ -298,6 +430,7 @@ impl AgentConfig {
             server_name,
             extra_gateways,
             forwards,
+            private: p,
             limits: l,
             max_backoff,
             connect_timeout,
@@ -329,33 +462,14 @@ impl AgentConfig {
             Some(p) => out.path("key_file", p),
             None => out.text("key", MASKED_KEY),
         }
-        match trust {
-            _ if !extra_gateways.is_empty() => {}
-            Trust::Fingerprint(fp) => {
-                out.text("transport", "tls");
-                out.text("fingerprint", &crate::tls::fingerprint_string(fp));
-            }
-            Trust::Ca(ca) => {
-                out.text("transport", "tls");
-                out.path("ca", ca);
-            }
-            Trust::System => {
-                out.text("transport", "tls");
-                out.text("ca", "system");
-            }
-            Trust::Plain => out.text("transport", "tcp"),
+        if extra_gateways.is_empty() {
+            self::trust(&mut out, trust);
         }
         if let Some(name) = server_name.as_ref().filter(|_| extra_gateways.is_empty()) {
             out.text("server_name", name);
         }
-        match proxy {
-            crate::transport::ProxyChoice::Environment => out.line(
-                "# proxy: not set (HTTPS_PROXY, ALL_PROXY and NO_PROXY are followed, as curl does)",
-            ),
-            crate::transport::ProxyChoice::Direct => out.text("proxy", "none"),
-            // The password is masked, like the key.
-            crate::transport::ProxyChoice::Url(url) => out.text("proxy", &url.to_string()),
-        }
+        // The password is masked, like the key.
+        self::proxy(&mut out, proxy);
         out.duration("max_backoff", *max_backoff);
         out.duration("connect_timeout", *connect_timeout);
         out.duration("grace", *grace);
@@ -369,6 +483,7 @@ impl AgentConfig {
             let specs = forwards.iter().map(|f| toml::Value::from(f.name.as_str()));
             out.value("forward", toml::Value::Array(specs.collect()));
         }
+        private(&mut out, p);
         limits(&mut out, l);
         udp(&mut out, u);
         if !compact {

@@ -18,14 +18,14 @@
 //! forward = ["8080=127.0.0.1:80"]
 //! ```
 //!
-//! Each `[[gateway]]` and `[[agent]]` table takes exactly the keys of that role's own file
+//! Each `[[gateway]]`, `[[agent]]` and `[[connector]]` table takes exactly the keys of that role's own file
 //! (its subtables as `[gateway.limits]`, `[[gateway.agents]]`, `[[agent.forwards]]`), plus
 //! `name`. A mistake inside one instance's table makes only that instance an error, which
 //! names it and the line; the others are read as usual, so they can run. A mistake outside
 //! any instance (TOML syntax, an unknown top-level key) is an error for the whole file.
 //!
-//! The kinds of table are [`ROLES`]; `[[connector]]` is reserved there for the connector
-//! role, whose settings plug into [`InstanceSettings`] and [`parse_instance`].
+//! The kinds of table are [`ROLES`]: `[[gateway]]`, `[[agent]]` and `[[connector]]` (its
+//! forwards as `[[connector.forwards]]`).
 
 use std::path::{Path, PathBuf};
 
@@ -42,7 +42,7 @@ pub enum Role {
     Gateway,
     /// `[[agent]]`.
     Agent,
-    /// `[[connector]]`: reserved for the connector role.
+    /// `[[connector]]`.
     Connector,
 }
 
@@ -67,6 +67,8 @@ pub enum InstanceSettings {
     Gateway(GatewaySettings),
     /// An agent.
     Agent(AgentSettings),
+    /// A connector.
+    Connector(super::ConnectorSettings),
 }
 
 /// One instance of a run file.
@@ -182,7 +184,7 @@ pub fn parse_run_file(path: &Path, text: &str) -> Result<RunFile, ConfigError> {
         return Err(src.error(
             0..0,
             "",
-            "no instances: add [[gateway]] or [[agent]] tables, each with a `name` and the \
+            "no instances: add [[gateway]], [[agent]] or [[connector]] tables, each with a `name` and the \
              keys of that role's own config file",
         ));
     }
@@ -286,11 +288,10 @@ fn parse_instance(
             let raw: RawAgent = src.deserialize_table(table)?;
             src.agent(raw).map(InstanceSettings::Agent)
         }
-        Role::Connector => Err(ConfigError::Value(
-            "[[connector]] instances are not supported yet by this build: run the gateway and \
-             agent instances here, and the connector on its own"
-                .into(),
-        )),
+        Role::Connector => {
+            let raw: super::connector::RawConnector = src.deserialize_table(table)?;
+            src.connector(raw).map(InstanceSettings::Connector)
+        }
     }
 }
 
@@ -364,7 +365,7 @@ mod tests {
         let r = run(
             "[[agent]]\nname = \"good\"\ngateway = \"127.0.0.1:7443\"\n\n[[agent]]\n\
              name = \"bad\"\ngateway = \"127.0.0.1:7443\"\nforward = [\"127.0.0.1:99999\"]\n\n\
-             [[agent]]\ngatway = \"x:1\"\n\n[[connector]]\nname = \"later\"\n\n\
+             [[agent]]\ngatway = \"x:1\"\n\n[[connector]]\nname = \"later\"\nforwad = []\n\n\
              [[agent]]\nname = \"good\"\n",
         );
         assert!(r.instances[0].settings.is_ok());
@@ -385,7 +386,11 @@ mod tests {
             "{e}"
         );
         let connector = r.instances[3].settings.as_ref().unwrap_err().to_string();
-        assert!(connector.contains("not supported yet"), "{connector}");
+        assert!(
+            connector.starts_with("conf/run.toml line 15, key forwad: ")
+                && connector.contains("did you mean `forward`"),
+            "{connector}"
+        );
         let twice = r.instances[4].settings.as_ref().unwrap_err().to_string();
         assert!(
             twice.contains("the name `good` is taken by the [[agent]] at line 1"),

@@ -139,7 +139,10 @@ pub(super) async fn accept_loop(
                         (false, false, _) => hub2.config.transport.as_str(),
                     };
                     hub2.tally.handshake_took(accepted_at.elapsed());
-                    serve_agent(hub2, conn, acc, peer, transport).await
+                    match acc.role {
+                        Role::Agent => serve_agent(hub2, conn, acc, peer, transport).await,
+                        Role::Connector => super::connect::serve_connector(hub2, conn, acc, peer).await,
+                    }
                 }
                 Ok(Err(failed)) if failed.rate_limited => {
                     bump(&hub2.stats.handshake_failures);
@@ -279,7 +282,10 @@ pub(super) async fn authenticate(
             .by_hash(key)
             .and_then(|t| t.refusal(std::time::SystemTime::now()));
         let grant = hub.grants().get(key).filter(|_| ended.is_none()).cloned();
-        presented = grant.as_ref().map(|_| *key);
+        // A key is an agent's, a connector's, or (listed in both tables) both; it acts only
+        // in a role its entries give it.
+        let connector = hub.connectors.grant(key);
+        presented = (grant.is_some() || connector.is_some()).then_some(*key);
         let limited = lock(&hub.limiter).check(peer.ip(), presented.as_ref(), StdInstant::now());
         let limited = |why: &str| limited.map(|after| handshake::rate_limited_message(after, why));
         if let Some(text) = ended {
@@ -288,21 +294,29 @@ pub(super) async fn authenticate(
                 Some(text) => handshake::Verdict::Refuse(ErrorCode::RateLimited, text),
             };
         }
-        match (grant, role) {
-            (Some(grant), Role::Agent) => match limited("key proof does not verify") {
-                None => handshake::Verdict::Accept(grant.name.clone(), hub.params),
+        let name = match role {
+            Role::Agent => grant.as_ref().map(|g| g.name.clone()),
+            Role::Connector => connector.as_ref().map(|c| c.name.clone()),
+        };
+        match (name, grant, connector) {
+            (Some(name), ..) => match limited("key proof does not verify") {
+                None => handshake::Verdict::Accept(name, hub.params),
                 Some(text) => handshake::Verdict::AcceptIfProven(
-                    grant.name.clone(),
+                    name,
                     hub.params,
                     ErrorCode::RateLimited,
                     text,
                 ),
             },
-            (Some(_), Role::Connector) => handshake::Verdict::Refuse(
-                ErrorCode::AuthFailed,
-                "this key is an agent key; connectors are not enabled on this gateway".into(),
-            ),
-            (None, _) => match limited("key not accepted by this gateway") {
+            (None, Some(agent), _) => handshake::Verdict::RefuseIfProven(ErrorCode::AuthFailed, format!(
+                "this key belongs to agent `{}` and cannot act as a connector: give the connector a key of its own in a [[connectors]] entry (`burrow keygen`), or list this key in [[connectors]] too",
+                agent.name
+            )),
+            (None, None, Some(c)) => handshake::Verdict::RefuseIfProven(ErrorCode::AuthFailed, format!(
+                "this key belongs to connector `{}` and cannot act as an agent: give the agent a key of its own in an [[agents]] entry (`burrow keygen`), or list this key in [[agents]] too",
+                c.name
+            )),
+            (None, None, None) => match limited("key not accepted by this gateway") {
                 None => handshake::Verdict::Refuse(
                     ErrorCode::AuthFailed,
                     "key not accepted by this gateway".into(),

@@ -16,19 +16,24 @@
 //! they may use only the descriptors left after a reserve for the tunnel port, so agents can
 //! always log in ([`limiter::share_descriptors`]).
 //!
+//! Connectors (`[[connectors]]`) log in on the tunnel port too, with keys of their own; each
+//! stream a connector opens is checked against its `reach` and joined to a stream in the
+//! agent's session (`connect`).
+//!
 //! Agents may share a public port in a group (their binds name the same group): new clients
 //! are spread over the group's live sessions, and the port stays bound while any member holds
 //! it (`groups.rs`).
 //!
-//! The agents it accepts can change while it runs: a reload of the config file or a token
-//! made or revoked swaps the whole set at once, then closes what is no longer granted and
-//! only that (`reload`).
+//! The agents and connectors it accepts can change while it runs: a reload of the config
+//! file or a token made or revoked swaps the whole set at once, then closes what is no longer
+//! granted and only that (`reload`).
 //!
 //! The parts: `accept` (the tunnel port, up to an authenticated session), `serve` (one
 //! session: its binds and its end), `ports` (public listeners and their connections),
 //! `groups` (who a port's clients go to), `lease` (ports kept for a dropped agent, and across
-//! restarts), `reload` (a new set of agents: from the config file, or from the tokens) and
-//! `admin` (what the admin server reads).
+//! restarts), `connect` (connectors and their streams), `reload` (a new set of agents and
+//! connectors: from the config file, or from the tokens) and `admin` (what the admin server
+//! reads).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,6 +52,7 @@ use tracing::{debug, info, warn};
 
 mod accept;
 mod admin;
+mod connect;
 mod groups;
 mod lease;
 mod ports;
@@ -142,6 +148,8 @@ struct Hub {
     stats: Arc<GatewayStats>,
     /// What the admin server shows beyond `stats`.
     tally: Arc<Tally>,
+    /// Connectors: their grants and sessions, and the agents' private services.
+    connectors: connect::Connectors,
 }
 
 struct AgentEntry {
@@ -257,6 +265,10 @@ impl Gateway {
         let tokens = TokenBook::load(&config.state_dir).map_err(GatewayError)?;
         let grants =
             reload::merge(&agents, &tokens, std::time::SystemTime::now()).map_err(GatewayError)?;
+        let connectors = connect::Connectors::new(&config.connectors).map_err(GatewayError)?;
+        for warning in connect::shared_keys(&config.connectors, &grants) {
+            info!("{warning}");
+        }
         let listener = TcpListener::bind(config.listen).await.map_err(|e| {
             GatewayError(format!(
                 "cannot listen on {}: {e}{}",
@@ -315,7 +327,9 @@ impl Gateway {
         }
         // What the process holds now (the runtime, the log, the listener) stays held.
         let in_use = limiter::open_descriptors().unwrap_or(64);
-        let fds = limiter::share_descriptors(files.soft, in_use, limits.max_preauth, grants.len());
+        // A connector's sessions log in on the tunnel port as agents do.
+        let logins = grants.len() + connectors.len();
+        let fds = limiter::share_descriptors(files.soft, in_use, limits.max_preauth, logins);
         info!(
             "descriptors: {} for public connections and ports ({} of them kept for ports), {} kept for agent logins, {in_use} in use",
             fds.public, fds.ports, fds.tunnel
@@ -372,6 +386,7 @@ impl Gateway {
                 lease_dirty: tokio::sync::Notify::new(),
                 stats: Arc::new(GatewayStats::default()),
                 tally: Arc::new(Tally::new("gateway")),
+                connectors,
                 config,
             }),
         })
@@ -504,6 +519,8 @@ impl Gateway {
         for s in sessions {
             s.close(ErrorCode::Shutdown, "gateway shutting down");
         }
+        hub.connectors
+            .close_all(ErrorCode::Shutdown, "gateway shutting down");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), hub.tracker.wait()).await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), lease_writer).await;
         Ok(())

@@ -17,6 +17,7 @@ use crate::admin::metrics::AuthFailure;
 use crate::limiter::{Admit, Stage};
 use crate::stats::bump;
 use crate::transport;
+use burrow_proto::message::Role;
 
 /// Binds the QUIC endpoint for `listen` with the gateway's certificate.
 pub(super) fn bind(
@@ -118,7 +119,12 @@ pub(super) async fn accept_loop(
                 Ok(Ok((conn, acc))) => {
                     lock(&hub2.limiter).success(peer.ip(), &acc.key);
                     hub2.tally.handshake_took(accepted_at.elapsed());
-                    serve_agent(hub2, conn, acc, peer, "quic").await
+                    match acc.role {
+                        Role::Agent => serve_agent(hub2, conn, acc, peer, "quic").await,
+                        Role::Connector => {
+                            super::connect::serve_connector(hub2, conn, acc, peer).await
+                        }
+                    }
                 }
                 Ok(Err(failed)) if failed.why == transport::quic::PROBE => {
                     debug!(%peer, "{}", failed.why);

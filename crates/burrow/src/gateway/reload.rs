@@ -5,8 +5,11 @@
 //! set or the new one, then the difference is applied agent by agent, by name: an agent that
 //! is gone, or whose key changed, loses its session and its ports; one whose grant changed
 //! loses the ports outside it (and their connections), and its session is told which; the
-//! others are not touched. Only `[[agents]]` reloads: every other setting that differs from
-//! the one in force is reported as needing a restart and left as it was.
+//! others are not touched. `[[connectors]]` reload the same way: an added connector is
+//! accepted at once, a removed or re-keyed one loses its session, and one whose `reach`
+//! narrowed has each new stream checked against the new reach. Only `[[agents]]` and
+//! `[[connectors]]` reload: every other setting that differs from the one in force is
+//! reported as needing a restart and left as it was.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -78,7 +81,8 @@ pub(super) fn merge(
     Ok(grants)
 }
 
-/// The settings of `new` that differ from `old` and take a restart (all but `agents`).
+/// The settings of `new` that differ from `old` and take a restart (all but `agents` and
+/// `connectors`).
 /// Every field is named, so that a new setting cannot be left out of this list unnoticed.
 pub(super) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
     let GatewayConfig {
@@ -91,6 +95,7 @@ pub(super) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
         tls_cert,
         tls_key,
         agents: _,
+        connectors: _,
         groups,
         limits,
         heartbeat,
@@ -430,7 +435,7 @@ impl Hub {
 
 impl GatewayHandle {
     /// Makes `new`'s `[[agents]]` the agents in force (with no `[[agents]]`, the generated
-    /// key's); reports the other settings that changed as needing a restart. The tokens stay.
+    /// key's), and its `[[connectors]]` the connectors; reports the other settings that changed as needing a restart. The tokens stay.
     pub fn reload(&self, new: GatewayConfig) -> Result<ReloadReport, String> {
         let hub = &self.hub;
         let _changing = lock(&hub.changing);
@@ -454,12 +459,18 @@ impl GatewayHandle {
         for warning in overlapping_grants(&agents, &hub.config.groups) {
             warn!("{warning}");
         }
-        let applied = apply(hub, grants, &removal(&reasons));
+        for line in super::connect::shared_keys(&new.connectors, &grants) {
+            info!("{line}");
+        }
+        // The connectors first: a mistake there leaves everything as it was.
+        let (connector_changes, connectors_unchanged) = hub.connectors.reload(&new.connectors)?;
+        let mut applied = apply(hub, grants, &removal(&reasons));
         *lock(&hub.config_agents) = agents;
+        applied.changes.extend(connector_changes);
         Ok(ReloadReport {
             file: String::new(),
             changes: applied.changes,
-            unchanged: applied.unchanged,
+            unchanged: applied.unchanged + connectors_unchanged,
             restart_needed: restart_needed(&hub.config, &new),
         })
     }

@@ -70,6 +70,7 @@ pub(super) async fn serve_agent(
             }
             old
         };
+        hub.connectors.agent_up(&name, generation, session.clone());
         if let Some((_, old, old_peer)) = old {
             // Both addresses: two agents sharing a key take the session from each other, and
             // each is told who the other is.
@@ -131,6 +132,9 @@ pub(super) async fn serve_agent(
                         }
                         session.send_control(result.to_frame());
                     }
+                    Some(f) if f.header.kind == Kind::Announce => {
+                        super::connect::announce(&hub, &name, generation, &session, &f);
+                    }
                     Some(f) if f.header.kind == Kind::Unbind => {
                         let unbind = match Unbind::decode(&f.payload) {
                             Ok(u) => u,
@@ -172,6 +176,7 @@ pub(super) async fn serve_agent(
             warn!(%peer, reason = %end, "agent session ended");
         }
         hub.tally.session_down(&name, generation, &end);
+        hub.connectors.agent_down(&name, generation);
         hub.seen(&name);
         release(&hub, &name, generation);
     }

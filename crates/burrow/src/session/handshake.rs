@@ -144,7 +144,7 @@ pub async fn client_bound(
         (true, None) => {
             return Err(HandshakeError::Protocol(ProtocolError::new(
                 ErrorCode::Protocol,
-                "the gateway expects a WebSocket through a TLS-terminating proxy, but this                  agent did not dial one: use a wss:// gateway URL",
+                "the gateway expects a WebSocket through a TLS-terminating proxy, but this client did not dial one: use a wss:// gateway URL",
             )))
         }
     };

@@ -128,7 +128,7 @@ pub struct Started {
     pub session: Session,
     /// Streams the peer opens.
     pub incoming: mpsc::Receiver<Stream>,
-    /// Bind and BindResult frames from the peer.
+    /// Bind, BindResult, Unbind and Announce frames from the peer.
     pub control: mpsc::Receiver<Frame>,
     /// Datagrams from the peer. Dropping this receiver says the role carries no UDP: a
     /// datagram then closes the session as a protocol error.
@@ -174,6 +174,19 @@ impl Session {
         match self {
             Session::Mux(s) => s.open(open).map(Stream::Mux),
             Session::Quic(s) => s.open(open).map(Stream::Quic),
+        }
+    }
+
+    /// As [`Session::open`], for a connector's stream: the open carries `dial` (see
+    /// [`burrow_proto::connect`]).
+    pub fn open_dial(
+        &self,
+        open: &Open,
+        dial: &burrow_proto::connect::Dial,
+    ) -> Result<Stream, OpenError> {
+        match self {
+            Session::Mux(s) => s.open_dial(open, dial).map(Stream::Mux),
+            Session::Quic(s) => s.open_dial(open, dial).map(Stream::Quic),
         }
     }
 
@@ -308,6 +321,17 @@ impl Stream {
     /// The Open that created it: service id and client address.
     pub fn info(&self) -> &Open {
         each_stream!(self, s => s.info())
+    }
+
+    /// The [`burrow_proto::connect::Dial`] the stream's Open carried: what a connector asked
+    /// for.
+    pub fn dial(&self) -> Option<&burrow_proto::connect::Dial> {
+        each_stream!(self, s => s.dial())
+    }
+
+    /// The code the stream was reset with (by the peer or here), if it was.
+    pub fn reset_code(&self) -> Option<ErrorCode> {
+        each_stream!(self, s => s.reset_code())
     }
 
     /// The next chunk from the peer; `Ok(None)` once the peer has finished sending.

@@ -4,9 +4,10 @@
 //! Nothing of Burrow's multiplexer runs here; QUIC's own does the work:
 //! - **Control**: the first bidirectional stream, opened by the agent, carries the handshake
 //!   (the same key proof, bound to the QUIC connection's TLS exporter) and then Burrow control
-//!   frames (Bind, BindResult, GoAway), encoded as on any other transport.
+//!   frames (Bind, BindResult, Unbind, Announce, GoAway), encoded as on any other transport.
 //! - **Streams**: each tunnelled connection is one QUIC bidirectional stream. Its first bytes
-//!   are the Open frame (service and client, as the mux sends it); what follows is the
+//!   are the Open frame (service and client, and a connector's Dial, as the mux sends it);
+//!   what follows is the
 //!   connection's bytes, FIN for half-close and RESET_STREAM / STOP_SENDING with Burrow's
 //!   reason code for a reset.
 //! - **Datagrams**: each UDP datagram is one QUIC datagram (RFC 9221) holding the Datagram
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use burrow_proto::connect::Dial;
 use burrow_proto::frame::{Header, HEADER_LEN};
 use burrow_proto::message::{Datagram, GoAway, Open, SessionParams};
 use burrow_proto::mux::{ControlBudget, Side};
@@ -273,7 +275,7 @@ async fn control_reader(
             }
         };
         match frame.header.kind {
-            Kind::Bind | Kind::BindResult => {
+            Kind::Bind | Kind::BindResult | Kind::Unbind | Kind::Announce => {
                 if tx.try_send(frame).is_err() {
                     inner.end(SessionEnd {
                         code: ErrorCode::LimitExceeded,
@@ -328,7 +330,7 @@ async fn accept_streams(inner: Arc<Inner>, tx: mpsc::Sender<super::Stream>) {
             let _permit = permit;
             let mut recv = recv;
             let read = tokio::time::timeout(OPEN_DEADLINE, read_open(&inner, &mut recv)).await;
-            let (open, first) = match read {
+            let (open, dial, first) = match read {
                 Ok(Ok(x)) => x,
                 Ok(Err(why)) => {
                     inner.protocol_error(why);
@@ -339,7 +341,8 @@ async fn accept_streams(inner: Arc<Inner>, tx: mpsc::Sender<super::Stream>) {
                     return;
                 }
             };
-            let stream = Stream::accepted(&inner, send, recv, open, first);
+            let mut stream = Stream::accepted(&inner, send, recv, open, first);
+            stream.dial = dial;
             if let Err(e) = tx.try_send(super::Stream::Quic(stream)) {
                 let s = match e {
                     mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
@@ -355,20 +358,20 @@ fn refuse(mut send: quinn::SendStream, mut recv: quinn::RecvStream, code: ErrorC
     let _ = recv.stop(VarInt::from_u32(code as u32));
 }
 
-/// Reads the Open frame at the start of a stream the peer opened; returns it and the bytes
-/// read past it.
+/// Reads the Open frame at the start of a stream the peer opened; returns it, the
+/// connector's Dial it carries if any, and the bytes read past it.
 async fn read_open(
     inner: &Inner,
     recv: &mut quinn::RecvStream,
-) -> Result<(Open, BytesMut), String> {
+) -> Result<(Open, Option<Dial>, BytesMut), String> {
     let mut buf = BytesMut::new();
     let mut dec = Decoder::new(inner.params.max_payload);
     loop {
         match dec.decode(&mut buf) {
             Ok(Some(f)) if f.header.kind == Kind::Open => {
-                return Open::decode(&f.payload)
-                    .map(|o| (o, buf))
-                    .map_err(|e| e.to_string())
+                let open = Open::decode(&f.payload).map_err(|e| e.to_string())?;
+                let dial = Dial::from_open(&f.payload).map_err(|e| e.to_string())?;
+                return Ok((open, dial, buf));
             }
             Ok(Some(f)) => {
                 return Err(format!(
@@ -457,6 +460,15 @@ impl Session {
     /// Opens a stream: the QUIC stream is opened and its Open frame written in the
     /// background, so the caller may send at once.
     pub fn open(&self, open: &Open) -> Result<Stream, OpenError> {
+        self.open_with(open, None)
+    }
+
+    /// As [`Session::open`], for a connector's stream: the Open frame carries `dial`.
+    pub fn open_dial(&self, open: &Open, dial: &Dial) -> Result<Stream, OpenError> {
+        self.open_with(open, Some(dial))
+    }
+
+    fn open_with(&self, open: &Open, dial: Option<&Dial>) -> Result<Stream, OpenError> {
         let inner = &self.inner;
         if let Some(end) = self.end() {
             return Err(OpenError::Closed(end.to_string()));
@@ -468,7 +480,11 @@ impl Session {
         let (send_tx, send_rx) = oneshot::channel();
         let (recv_tx, recv_rx) = oneshot::channel();
         let mut head = BytesMut::new();
-        open.to_frame(id).encode(&mut head);
+        match dial {
+            Some(d) => d.open_frame(open, id),
+            None => open.to_frame(id),
+        }
+        .encode(&mut head);
         let conn = inner.conn.clone();
         let ended = inner.ended.clone();
         tokio::spawn(async move {
@@ -483,14 +499,16 @@ impl Session {
             let _ = send_tx.send(send);
             let _ = recv_tx.send(recv);
         });
-        Ok(Stream::new(
+        let mut stream = Stream::new(
             inner,
             id,
             open.clone(),
             Half::Waiting(send_rx),
             Half::Waiting(recv_rx),
             BytesMut::new(),
-        ))
+        );
+        stream.dial = dial.cloned();
+        Ok(stream)
     }
 
     /// Sends a datagram, unless it is too large for the path or the session is over (then it
@@ -643,12 +661,15 @@ struct Flags {
     finished: bool,
     recv_done: bool,
     reset: Option<ErrorCode>,
+    /// The code the peer reset the stream with (RESET_STREAM or STOP_SENDING), once seen.
+    peer_reset: Option<ErrorCode>,
 }
 
 /// One stream of a QUIC session: a QUIC bidirectional stream.
 pub struct Stream {
     id: StreamId,
     open: Open,
+    dial: Option<Dial>,
     inner: Arc<StreamInner>,
 }
 
@@ -694,6 +715,7 @@ impl Stream {
         Stream {
             id,
             open,
+            dial: None,
             inner: Arc::new(StreamInner {
                 session: session.clone(),
                 send: tokio::sync::Mutex::new(send),
@@ -732,6 +754,21 @@ impl Stream {
         Ok(())
     }
 
+    /// Notes a reset the peer sent, for [`Stream::reset_code`]; returns `e`.
+    fn peer(&self, e: StreamError) -> StreamError {
+        if let StreamError::Reset(code) = e {
+            self.flags().peer_reset.get_or_insert(code);
+        }
+        e
+    }
+
+    /// The code the stream was reset with (here, or by the peer as far as reads and writes
+    /// have seen), if it was.
+    pub fn reset_code(&self) -> Option<ErrorCode> {
+        let f = self.flags();
+        f.reset.or(f.peer_reset)
+    }
+
     /// The stream id (unique within the session).
     pub fn id(&self) -> StreamId {
         self.id
@@ -740,6 +777,11 @@ impl Stream {
     /// The Open that created it.
     pub fn info(&self) -> &Open {
         &self.open
+    }
+
+    /// The [`Dial`] its Open carried: what a connector asked for.
+    pub fn dial(&self) -> Option<&Dial> {
+        self.dial.as_ref()
     }
 
     /// The next chunk from the peer; `Ok(None)` at its FIN.
@@ -796,7 +838,10 @@ impl Stream {
                 self.flags().recv_done = true;
                 Ok(false)
             }
-            Err(e) => Err(self.check().err().unwrap_or_else(|| read_error(e))),
+            Err(e) => Err(self
+                .check()
+                .err()
+                .unwrap_or_else(|| self.peer(read_error(e)))),
         }
     }
 
@@ -833,7 +878,10 @@ impl Stream {
         let send = guard.get().await?;
         match send.write_chunk(data).await {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.check().err().unwrap_or_else(|| write_error(e))),
+            Err(e) => Err(self
+                .check()
+                .err()
+                .unwrap_or_else(|| self.peer(write_error(e)))),
         }
     }
 

@@ -54,6 +54,7 @@ pub fn agent_config(gw: &TestGateway, forwards: Vec<Forward>) -> AgentConfig {
         extra_gateways: Vec::new(),
         proxy: burrow::transport::ProxyChoice::Direct,
         forwards,
+        private: Default::default(),
         limits: Limits::default(),
         max_backoff: Duration::from_millis(500),
         connect_timeout: burrow::config::DEFAULT_CONNECT_TIMEOUT,

@@ -267,6 +267,7 @@ fn handle(
         }
         Kind::Open => {
             let open = Open::decode(&frame.payload)?;
+            let dial = burrow_proto::connect::Dial::from_open(&frame.payload)?;
             let mut st = shared.lock();
             match st.mux.on_open(id, now.into_std())? {
                 OpenVerdict::Accept => {
@@ -281,7 +282,7 @@ fn handle(
                 }
             }
             drop(st);
-            let stream = AnyStream::Mux(Stream::new(id, shared_arc(shared), open));
+            let stream = AnyStream::Mux(Stream::new(id, shared_arc(shared), open).with_dial(dial));
             if let Err(e) = inbound.accept.try_send(stream) {
                 // Nobody is taking streams fast enough (or at all): refuse this one.
                 let stream = match e {
@@ -372,7 +373,7 @@ fn handle(
                 lost: false,
             }));
         }
-        Kind::Bind | Kind::BindResult | Kind::Unbind => {
+        Kind::Bind | Kind::BindResult | Kind::Unbind | Kind::Announce => {
             shared.lock().mux.on_control(now.into_std())?;
             if inbound.control.try_send(frame).is_err() {
                 return Err(ProtocolError::new(

@@ -382,6 +382,24 @@ impl Session {
     /// Opens a stream to the peer. The Open frame is queued ahead of any data, so the caller
     /// may send at once (the first bytes travel right behind the Open).
     pub fn open(&self, open: &Open) -> Result<Stream, OpenError> {
+        self.open_with(open, None)
+    }
+
+    /// As [`Session::open`], for a connector's stream: the Open carries `dial` (see
+    /// [`burrow_proto::connect`]).
+    pub fn open_dial(
+        &self,
+        open: &Open,
+        dial: &burrow_proto::connect::Dial,
+    ) -> Result<Stream, OpenError> {
+        self.open_with(open, Some(dial))
+    }
+
+    fn open_with(
+        &self,
+        open: &Open,
+        dial: Option<&burrow_proto::connect::Dial>,
+    ) -> Result<Stream, OpenError> {
         let mut st = self.shared.lock();
         if let Some(end) = &st.end {
             return Err(OpenError::Closed(end.to_string()));
@@ -391,10 +409,13 @@ impl Session {
             .open_local()
             .map_err(|_| OpenError::Limit(self.shared.params.max_streams))?;
         st.slots.insert(id, Slot::default());
-        st.push_control(open.to_frame(id));
+        st.push_control(match dial {
+            Some(d) => d.open_frame(open, id),
+            None => open.to_frame(id),
+        });
         drop(st);
         self.shared.writer.notify_one();
-        Ok(Stream::new(id, self.shared.clone(), open.clone()))
+        Ok(Stream::new(id, self.shared.clone(), open.clone()).with_dial(dial.cloned()))
     }
 
     /// Queues a datagram, unless [`DATAGRAM_QUEUE`] bytes are already waiting, the frame

@@ -4,6 +4,7 @@ use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::Poll;
 
+use burrow_proto::connect::Dial;
 use burrow_proto::message::Open;
 use burrow_proto::{ErrorCode, Frame, StreamId};
 use bytes::Bytes;
@@ -20,6 +21,8 @@ pub struct Stream {
     id: StreamId,
     shared: Arc<Shared>,
     open: Open,
+    /// What a connector asked for, on a connector's stream (see [`burrow_proto::connect`]).
+    dial: Option<Dial>,
 }
 
 impl std::fmt::Debug for Stream {
@@ -42,7 +45,28 @@ fn slot_error(st: &State, slot: Option<&Slot>) -> Option<StreamError> {
 
 impl Stream {
     pub(crate) fn new(id: StreamId, shared: Arc<Shared>, open: Open) -> Self {
-        Stream { id, shared, open }
+        Stream {
+            id,
+            shared,
+            open,
+            dial: None,
+        }
+    }
+
+    /// The stream with the [`Dial`] its Open carried.
+    pub(crate) fn with_dial(mut self, dial: Option<Dial>) -> Self {
+        self.dial = dial;
+        self
+    }
+
+    /// The [`Dial`] the stream's Open carried: what a connector asked for.
+    pub fn dial(&self) -> Option<&Dial> {
+        self.dial.as_ref()
+    }
+
+    /// The code the stream was reset with (by the peer or here), if it was.
+    pub fn reset_code(&self) -> Option<ErrorCode> {
+        self.shared.lock().slots.get(&self.id).and_then(|s| s.reset)
     }
 
     /// The stream id.
