@@ -358,6 +358,8 @@ pub struct Tunnel {
     pub agent: Proc,
     /// The public address of each forward, in the order given.
     pub public: Vec<SocketAddr>,
+    /// The `HOST:PORT` the agent dials (its tunnel port; QUIC is on UDP at the same number).
+    pub gateway_addr: String,
     /// The gateway's state directory, removed when dropped.
     _state: tempfile::TempDir,
 }
@@ -434,6 +436,7 @@ impl Tunnel {
             gateway,
             agent,
             public,
+            gateway_addr: invite.gateway.clone(),
             _state: state,
         })
     }

@@ -32,6 +32,8 @@ pub struct Results {
     pub relay: bool,
     /// Whether the connector path was measured.
     pub connector: bool,
+    /// The lossy-link rows (TLS against QUIC), when run.
+    pub lossy: Option<crate::lossy::Lossy>,
     /// Oddities worth a look that are not failures.
     pub notes: Vec<String>,
     /// Failed correctness checks: any makes the bench exit non-zero.
@@ -619,7 +621,14 @@ impl Results {
             );
         }
         out.push_str("\n\n");
-        out.push_str(&self.table());
+        // With only the lossy-link rows there is nothing for the main table.
+        let lossy_only = self.throughput.is_empty() && self.udp.is_empty() && self.idle.is_none();
+        if !(lossy_only && self.lossy.is_some()) {
+            out.push_str(&self.table());
+        }
+        if let Some(lossy) = &self.lossy {
+            out.push_str(&lossy.render());
+        }
         if !self.notes.is_empty() {
             out.push_str("\nnotes:\n");
             for note in &self.notes {
