@@ -34,6 +34,7 @@
 //! - `connector`: the connector path, a connector in front of a gateway and agent pair.
 //! - `throughput`, `latency`, `memory`: the workloads; `udp`: the UDP sink and echo, and the
 //!   client that sends datagrams at them.
+//! - `lossy`: TLS against QUIC over a lossy, slow link made in a network namespace.
 //! - `sys`: open-file limit, `/proc` readings, the machine.
 //! - `stats`, `report`: medians and percentiles; the table and its targets;
 //!   `side_by_side`: one line per route (Burrow beside the peers) and round 2's targets.
@@ -42,6 +43,7 @@ mod connector;
 mod echo_proc;
 mod floor;
 mod latency;
+mod lossy;
 mod memory;
 mod options;
 mod pattern;
@@ -88,6 +90,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if args.lossy_child {
+        return lossy::child_main(&args.settings());
     }
     if args.serve_echo {
         return match echo_proc::serve() {
@@ -250,6 +255,11 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
         connector: settings.connector,
         ..Results::default()
     };
+    if settings.only_lossy {
+        let (failures, notes) = (&mut results.failures, &mut results.notes);
+        results.lossy = Some(lossy::run(settings, bin, failures, notes).await);
+        return Ok(results);
+    }
     if settings.tcp {
         eprintln!(
             "bench: crypto floor, sealing and opening {} MB",
@@ -335,6 +345,11 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
         results.notes.extend(p.stop().await);
     }
     outcome?;
+    // Last, in a network namespace of its own, with the other tunnels stopped.
+    if settings.lossy {
+        let (failures, notes) = (&mut results.failures, &mut results.notes);
+        results.lossy = Some(lossy::run(settings, bin, failures, notes).await);
+    }
     Ok(results)
 }
 
@@ -807,6 +822,12 @@ fn held_config(limit: u32) -> anyhow::Result<tempfile::NamedTempFile> {
 
 /// The settings line of the report.
 fn describe(s: &Settings) -> String {
+    if s.only_lossy {
+        return format!(
+            "lossy-link rows only (tls and quic); {} round(s) of {:?} per run",
+            s.rounds, s.duration
+        );
+    }
     let list = |items: &[u32]| {
         items
             .iter()

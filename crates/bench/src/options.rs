@@ -85,6 +85,13 @@ pub struct Args {
     #[arg(long, conflicts_with = "skip_udp")]
     only_udp: bool,
 
+    /// Leave out the lossy-link rows (TLS against QUIC with 1% loss and 20 ms per packet, in
+    /// a network namespace; they need root and iptables)
+    #[arg(long)]
+    skip_lossy: bool,
+    /// Only the lossy-link rows
+    #[arg(long, conflicts_with_all = ["skip_lossy", "only_udp"])]
+    only_lossy: bool,
     /// Also write the raw results as JSON to FILE
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -98,6 +105,9 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     agent_config: Option<PathBuf>,
 
+    /// Internal: run as the lossy-link rows' child, inside its own network namespace.
+    #[arg(long = "lossy-child", hide = true)]
+    pub lossy_child: bool,
     /// Internal: run as the echo child process of the memory rows.
     #[arg(long = "serve-echo", hide = true)]
     pub serve_echo: bool,
@@ -184,6 +194,9 @@ pub struct Settings {
     pub peers: bool,
     /// Bytes for the crypto floor (sealed and opened once each).
     pub floor_bytes: u64,
+    /// Whether to measure the lossy-link rows (`lossy`); with `only_lossy`, nothing else.
+    pub lossy: bool,
+    pub only_lossy: bool,
     pub json: Option<PathBuf>,
     pub gateway_config: Option<PathBuf>,
     pub agent_config: Option<PathBuf>,
@@ -194,7 +207,10 @@ impl Args {
     pub fn settings(self) -> Settings {
         let quick = self.quick;
         let pick = |full, small| if quick { small } else { full };
-        let conns = match (self.skip_memory || self.only_udp, self.conns) {
+        let conns = match (
+            self.skip_memory || self.only_udp || self.only_lossy,
+            self.conns,
+        ) {
             (true, _) => Vec::new(),
             (false, Some(list)) => list,
             (false, None) if quick => vec![100, 500],
@@ -213,10 +229,12 @@ impl Args {
             rr_iters: self.rr_iters.unwrap_or(pick(20_000, 500)),
             connect_iters: self.connect_iters.unwrap_or(pick(2_000, 100)),
             conns,
-            relay: !self.skip_relay && !self.only_udp,
-            udp: !self.skip_udp,
-            tcp: !self.only_udp,
-            connector: !self.skip_connector && !self.only_udp,
+            relay: !self.skip_relay && !self.only_udp && !self.only_lossy,
+            udp: !self.skip_udp && !self.only_lossy,
+            tcp: !self.only_udp && !self.only_lossy,
+            connector: !self.skip_connector && !self.only_udp && !self.only_lossy,
+            lossy: !self.skip_lossy && !self.only_udp,
+            only_lossy: self.only_lossy,
             transports: match self.transport {
                 Some(items) => transports(&items),
                 // TLS and plaintext side by side, so the TLS overhead is read from one run; the

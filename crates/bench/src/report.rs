@@ -38,6 +38,8 @@ pub struct Results {
     pub floor: Option<Floor>,
     /// Whether the connector path was measured.
     pub connector: bool,
+    /// The lossy-link rows (TLS against QUIC), when run.
+    pub lossy: Option<crate::lossy::Lossy>,
     /// Oddities worth a look that are not failures.
     pub notes: Vec<String>,
     /// Failed correctness checks: any makes the bench exit non-zero.
@@ -636,8 +638,15 @@ impl Results {
             );
         }
         out.push_str("\n\n");
-        out.push_str(&self.table());
-        out.push_str(&crate::side_by_side::render(self));
+        // With only the lossy-link rows there is nothing for the main table.
+        let lossy_only = self.throughput.is_empty() && self.udp.is_empty() && self.idle.is_none();
+        if !(lossy_only && self.lossy.is_some()) {
+            out.push_str(&self.table());
+            out.push_str(&crate::side_by_side::render(self));
+        }
+        if let Some(lossy) = &self.lossy {
+            out.push_str(&lossy.render());
+        }
         if !self.notes.is_empty() {
             out.push_str("\nnotes:\n");
             for note in &self.notes {

@@ -1514,3 +1514,58 @@ async fn a_websocket_session_on_the_tunnel_port_shows_as_wss() {
     })
     .await;
 }
+
+/// The transport an `auto://` agent's session shows, at the agent and at the gateway: the
+/// carrier in use (`quic`, or `tls` once UDP is blocked), not the URL's scheme.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_session_shows_the_carrier_in_use_at_both_ends() {
+    within("auto label", async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gw = GatewaySpec::new(&dir.path().join("state"))
+            .args(["--admin", "127.0.0.1:0", "--quic-listen", "127.0.0.1:0"])
+            .start(bin())
+            .await
+            .unwrap();
+        let gw_admin = admin_addr(&mut gw).await;
+        let quic: SocketAddr = (gw.proc.stdout_lines().iter())
+            .find_map(|l| l.strip_prefix("gateway listening for QUIC on UDP "))
+            .expect("the gateway prints its QUIC address")
+            .trim()
+            .parse()
+            .unwrap();
+        // UDP at the tunnel port's number reaches the gateway's QUIC through the proxy.
+        let proxy = burrow_testkit::UdpFaultProxy::start(gw.addr(), quic)
+            .await
+            .unwrap();
+        let echo_target = TcpTarget::echo().await.unwrap();
+        for (blocked, carrier) in [(false, "quic"), (true, "tls")] {
+            proxy.control().set_blackhole(blocked);
+            let mut agent = AgentSpec::new(gw.agent_args_url("auto", gw.addr()))
+                .args(["--admin", "127.0.0.1:0"])
+                .forward(&echo_target.addr().to_string())
+                .start(bin())
+                .await
+                .unwrap();
+            let agent_admin = admin_addr(&mut agent.proc).await;
+            echo(agent.public(0), 1000, 1).await;
+            let at_agent: serde_json::Value =
+                serde_json::from_str(&get(agent_admin, "/api/status", None).await.body).unwrap();
+            assert_eq!(
+                at_agent["agents"][0]["session"]["transport"], carrier,
+                "at the agent, UDP blocked: {blocked}: {at_agent:#}"
+            );
+            assert_eq!(
+                at_agent["agents"][0]["transport"], carrier,
+                "the agent's row for its gateway, UDP blocked: {blocked}: {at_agent:#}"
+            );
+            let at_gw: serde_json::Value =
+                serde_json::from_str(&get(gw_admin, "/api/status", None).await.body).unwrap();
+            assert_eq!(
+                at_gw["agents"][0]["session"]["transport"], carrier,
+                "at the gateway, UDP blocked: {blocked}: {at_gw:#}"
+            );
+            agent.proc.kill().await.unwrap();
+        }
+    })
+    .await;
+}

@@ -456,3 +456,57 @@ async fn auto_on_tls_tries_quic_again_by_itself_while_idle() {
         "the probe is not a failed handshake at the gateway: {failures}"
     );
 }
+
+/// A gateway listening on `[::1]` only, and agents dialing `quic://[::1]:PORT` and
+/// `auto://[::1]:PORT` as the gateway's printed line says: both come up over QUIC and carry
+/// bytes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_and_auto_over_ipv6_loopback_byte_exact() {
+    let state = tempfile::tempdir().unwrap();
+    let v6 = std::net::Ipv6Addr::LOCALHOST;
+    let mut gw = GatewaySpec::new(state.path())
+        .listen(SocketAddr::from((v6, 0)))
+        .public_host(v6.into())
+        .start(bin())
+        .await
+        .unwrap();
+    let port = gw.addr().port();
+    let printed = format!("burrow agent --gateway quic://[::1]:{port} ");
+    let line = gw
+        .proc
+        .wait_stdout(|l| l.starts_with(&printed), WAIT)
+        .await
+        .expect("the gateway prints the QUIC agent line with the IPv6 host in brackets");
+    let target = TcpTarget::echo().await.unwrap();
+    for scheme in ["quic", "auto"] {
+        let mut args: Vec<String> = line.split_whitespace().skip(1).map(String::from).collect();
+        let i = args.iter().position(|a| a == "--gateway").unwrap();
+        args[i + 1] = format!("{scheme}://[::1]:{port}");
+        args[i + 3] = gw.key().unwrap();
+        let mut agent = AgentSpec::new(args)
+            .forward(&target.addr().to_string())
+            .start(bin())
+            .await
+            .unwrap();
+        if scheme == "auto" {
+            agent
+                .wait_stderr("the session runs over QUIC", WAIT)
+                .await
+                .expect("auto:// over ::1 runs over QUIC");
+        }
+        assert!(
+            agent.public(0).is_ipv6(),
+            "public on ::1: {}",
+            agent.public(0)
+        );
+        let t = tokio::time::timeout(
+            Duration::from_secs(60),
+            echo_transfer(agent.public(0), &EchoOpts::new(4 << 20, 17)),
+        )
+        .await
+        .expect("4 MiB each way within a minute")
+        .unwrap();
+        assert!(t.exact, "4 MiB each way byte-exact over {scheme}://[::1]");
+        agent.proc.kill().await.unwrap();
+    }
+}

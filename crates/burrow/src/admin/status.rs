@@ -80,8 +80,9 @@ pub struct AgentRow {
     /// `connecting`, since the agent started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_since: Option<u64>,
-    /// Agent: the transport it dials this gateway with (`tls`, `tcp`, `ws`, `wss`, `quic`),
-    /// connected or not.
+    /// Agent: the transport it dials this gateway with (`tls`, `tcp`, `ws`, `wss`, `quic`,
+    /// `auto`), connected or not; while connected, the session's carrier (for `auto`, `quic`
+    /// or `tls`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
 }
@@ -89,7 +90,8 @@ pub struct AgentRow {
 /// A live session.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SessionRow {
-    /// `tls`, `tcp`, `ws`, `wss`, or `ws-listen` (at the gateway: WebSocket behind a proxy).
+    /// `tls`, `tcp`, `ws`, `wss`, `quic`, or `ws-listen` (at the gateway: WebSocket behind a
+    /// proxy); for an `auto://` agent, the carrier in use (`quic` or `tls`).
     pub transport: String,
     /// The peer's address (at the agent: the gateway's).
     pub address: String,

@@ -118,6 +118,11 @@ impl Report for AgentReport {
                         r
                     })
                     .collect();
+                let transport = session.as_ref().map(|s| s.transport.clone()).or_else(|| {
+                    super::dial::gateway_url(gw)
+                        .ok()
+                        .map(|u| u.scheme.name().to_string())
+                });
                 AgentRow {
                     name: board.name.clone().unwrap_or_else(|| "this agent".into()),
                     key: Some(self.config.key.hash().short()),
@@ -139,9 +144,8 @@ impl Report for AgentReport {
                         .into(),
                     ),
                     state_since: Some(unix_secs(st.since.unwrap_or(started))),
-                    transport: super::dial::gateway_url(gw)
-                        .ok()
-                        .map(|u| u.scheme.name().to_string()),
+                    // While connected, the session's carrier (for `auto://`, `quic` or `tls`).
+                    transport,
                 }
             })
             .collect();

@@ -314,7 +314,7 @@ impl Uplink<'_> {
                     let meta = SessionMeta::new(
                         generation,
                         &gw.gateway,
-                        url.scheme.name(),
+                        carried_by(url.scheme, &session),
                         session.clone(),
                     );
                     tally.session_up(&gw.gateway, meta);
@@ -586,6 +586,16 @@ pub fn replaced_message(by: std::net::SocketAddr) -> String {
 }
 
 /// The address a [`replaced_message`] names.
+/// The transport the status shows for a session dialled with `scheme`: for `auto://`, the
+/// carrier it settled on (`quic`, or `tls` after falling back), not `auto`.
+fn carried_by(scheme: transport::Scheme, session: &session::Session) -> &'static str {
+    match (scheme, session.as_quic()) {
+        (transport::Scheme::Auto, Some(_)) => "quic",
+        (transport::Scheme::Auto, None) => "tls",
+        (scheme, _) => scheme.name(),
+    }
+}
+
 fn replaced_by(detail: &str) -> Option<&str> {
     let rest = &detail[detail.find(" connected from ")? + " connected from ".len()..];
     rest.split_whitespace().next()

@@ -402,3 +402,38 @@ pub async fn accept(incoming: quinn::Incoming) -> Result<Connected, super::Accep
         websocket: false,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The session parameters become QUIC's limits: before the key proof one stream and a
+    /// small connection window; a stream window within the session's; liveness from the
+    /// heartbeat; the datagram queues.
+    #[test]
+    fn session_limits_become_quics_own() {
+        let params = SessionParams {
+            heartbeat_ms: 2_000,
+            heartbeat_misses: 4,
+            max_stream_window: 8 << 20,
+            session_window: 1 << 20,
+            ..SessionParams::default()
+        };
+        let shown = format!("{:?}", transport_config(&params));
+        for want in [
+            "max_concurrent_bidi_streams: 1,".to_string(),
+            "max_concurrent_uni_streams: 0,".to_string(),
+            // The stream window is capped at the session's.
+            format!("stream_receive_window: {},", 1 << 20),
+            format!("receive_window: {PREAUTH_WINDOW},"),
+            format!("send_window: {},", 1 << 20),
+            "keep_alive_interval: Some(2s)".to_string(),
+            // interval x misses, in milliseconds
+            "max_idle_timeout: Some(8000)".to_string(),
+            format!("datagram_receive_buffer_size: Some({DATAGRAM_QUEUE})"),
+            format!("datagram_send_buffer_size: {DATAGRAM_QUEUE}"),
+        ] {
+            assert!(shown.contains(&want), "{want} in {shown}");
+        }
+    }
+}
