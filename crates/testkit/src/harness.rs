@@ -90,6 +90,13 @@ pub fn agent_args(gw: &GatewayProc, key: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// [`agent_args`] followed by `extra` (`&["--max-backoff", "1s"]`).
+pub fn agent_args_with(gw: &GatewayProc, key: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = agent_args(gw, key);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 /// A temporary directory with a state directory (`state`, not created) and a place for the
 /// gateway's config file; removed when dropped.
 pub struct Dirs {
