@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burrow::proto::auth::SecretKey;
-use burrow_testkit::harness::within;
+use burrow_testkit::harness::{admin_addr, http_exchange, within};
 use burrow_testkit::targets::{echo_transfer, EchoOpts};
 use burrow_testkit::{Burrow, GatewayProc, GatewaySpec, Pattern, Signal, TcpTarget};
 use sha2::{Digest, Sha256};
@@ -1100,33 +1100,14 @@ async fn agent_over_quic_connector_over_tls_byte_exact_with_flow_control() {
 
 /// `POST /api/reload` on the gateway's admin server: the answer's `changes`.
 async fn reload_gateway(gw: &mut GatewayProc) -> Vec<String> {
-    const PREFIX: &str = "admin listening on http://";
-    let line = match gw
-        .stdout_lines()
-        .iter()
-        .find(|l| l.starts_with(PREFIX))
-        .cloned()
-    {
-        Some(l) => l,
-        None => gw
-            .wait_stdout(|l| l.starts_with(PREFIX), WAIT)
-            .await
-            .unwrap(),
-    };
-    let admin: SocketAddr = line[PREFIX.len()..].trim().parse().unwrap();
-    let mut tcp = TcpStream::connect(admin).await.unwrap();
-    tcp.write_all(
-        format!("POST /api/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+    let admin = admin_addr(gw, WAIT).await;
+    let (head, body) = http_exchange(
+        admin,
+        &format!("POST /api/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
     )
-    .await
-    .unwrap();
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    .await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
-    let report: serde_json::Value = serde_json::from_str(body).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     report["changes"]
         .as_array()
         .unwrap()

@@ -187,3 +187,27 @@ pub async fn udp_echo() -> SocketAddr {
     });
     addr
 }
+
+/// Sends `request` (a whole HTTP/1.1 request; it should say `Connection: close`) to `addr`
+/// and reads the answer to its end: its head (status line and headers) and its body.
+///
+/// # Panics
+/// If the connection fails or the answer is not UTF-8 text with a head and a body.
+pub async fn http_exchange(addr: SocketAddr, request: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    tcp.write_all(request.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("sending to {addr}: {e}"));
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw)
+        .await
+        .unwrap_or_else(|e| panic!("reading from {addr}: {e}"));
+    let text = String::from_utf8(raw).expect("an HTTP answer in UTF-8");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of the head in {text:?}"));
+    (head.to_string(), body.to_string())
+}
