@@ -2,8 +2,11 @@
 //! and the same workloads through the tunnel, over a direct connection, and through a
 //! reference of two plain TCP relays in separate processes (the same hops without encryption
 //! or multiplexing), then prints one markdown table with medians, spread and the ratios to
-//! direct and to the reference. With `--transport`, each transport (tls, wss, tcp, ws) is a
-//! tunnel of its own, measured round-robin with the others, and compared with the tls one.
+//! direct and to the reference. Each transport (tls, wss, tcp, ws; by default tls and tcp) is
+//! a tunnel of its own, measured round-robin with the others, and compared with the tls one;
+//! a crypto-floor row (sealing and opening with the session's AEAD) turns TLS's extra CPU
+//! over tcp into a multiple of the least encryption costs. With `--peers`, bore and rathole
+//! run the same workloads in the same rounds when installed.
 //! The connector path (client -> `burrow connect` -> gateway -> agent -> target) is measured
 //! in the same rounds too, unless `--skip-connector`.
 //! UDP (a UDP forward to a sink) is measured direct and through each tunnel: the most one
@@ -26,23 +29,29 @@
 //! - `targets`: echo, sink and source services inside the bench; `echo_proc`: an echo in a
 //!   child process for the memory rows, so that 10,000 connections fit the open-file limit.
 //! - `relay_proc`: the 2-hop reference, two forwarding child processes in a row.
+//! - `peers`: bore and rathole, run like the tunnels when installed (`--peers`).
+//! - `floor`: the crypto floor, sealing and opening with the TLS session's AEAD.
 //! - `connector`: the connector path, a connector in front of a gateway and agent pair.
 //! - `throughput`, `latency`, `memory`: the workloads; `udp`: the UDP sink and echo, and the
 //!   client that sends datagrams at them.
 //! - `lossy`: TLS against QUIC over a lossy, slow link made in a network namespace.
 //! - `sys`: open-file limit, `/proc` readings, the machine.
-//! - `stats`, `report`: medians and percentiles; the table and its targets.
+//! - `stats`, `report`: medians and percentiles; the table and its targets;
+//!   `side_by_side`: one line per route (Burrow beside the peers) and round 2's targets.
 
 mod connector;
 mod echo_proc;
+mod floor;
 mod latency;
 mod lossy;
 mod memory;
 mod options;
 mod pattern;
+mod peers;
 mod procs;
 mod relay_proc;
 mod report;
+mod side_by_side;
 mod stats;
 mod sys;
 mod targets;
@@ -63,6 +72,7 @@ use clap::Parser as _;
 use crate::echo_proc::EchoProcess;
 use crate::memory::Rss;
 use crate::options::Settings;
+use crate::peers::PeerTunnel;
 use crate::procs::{Transport, Tunnel};
 use crate::relay_proc::RelayChain;
 use crate::report::{Cpu, CpuUse, Latency, Results, Route, Throughput, Udp};
@@ -250,6 +260,31 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
         results.lossy = Some(lossy::run(settings, bin, failures, notes).await);
         return Ok(results);
     }
+    if settings.tcp {
+        eprintln!(
+            "bench: crypto floor, sealing and opening {} MB",
+            settings.floor_bytes / 1_000_000
+        );
+        let bytes = settings.floor_bytes;
+        match tokio::task::spawn_blocking(move || floor::measure(bytes)).await? {
+            Ok(f) => results.floor = Some(f),
+            Err(e) => results.failures.push(format!("crypto floor: {e:#}")),
+        }
+    }
+    let mut peer_tunnels = Vec::new();
+    if settings.peers {
+        let (found, notes) = peers::find();
+        results.notes.extend(notes);
+        for (peer, path) in found {
+            match PeerTunnel::start(peer, &path, settings.write_len).await {
+                Ok(t) => peer_tunnels.push(t),
+                Err(e) => results
+                    .notes
+                    .push(format!("{}: skipped, it did not start: {e:#}", peer.name())),
+            }
+        }
+        results.peers = peer_tunnels.iter().map(|t| t.peer).collect();
+    }
     let direct = Targets::start(settings.write_len).await?;
     let udp = if settings.udp {
         Some(UdpTargets::start().await?)
@@ -292,6 +327,7 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
         udp: udp.as_ref(),
         tunnels: &tunnels,
         relayed: relayed.as_ref(),
+        peers: &peer_tunnels,
         connector: connector.as_ref(),
         fd_limit,
     };
@@ -304,6 +340,9 @@ async fn bench(settings: &Settings, bin: &Path, fd_limit: u64) -> anyhow::Result
     }
     if let Some(relayed) = relayed {
         results.notes.extend(relayed.chain.stop().await);
+    }
+    for p in peer_tunnels {
+        results.notes.extend(p.stop().await);
     }
     outcome?;
     // Last, in a network namespace of its own, with the other tunnels stopped.
@@ -324,6 +363,8 @@ struct Bench<'a> {
     tunnels: &'a [Tunnelled],
     /// `None` when the reference is skipped.
     relayed: Option<&'a Relayed>,
+    /// The other tunnels (`--peers`) that started.
+    peers: &'a [PeerTunnel],
     /// `None` when the connector path is skipped.
     connector: Option<&'a connector::ConnectorPath>,
     fd_limit: u64,
@@ -354,7 +395,7 @@ impl Bench<'_> {
     }
 
     /// Every route measured, in the order each workload runs them: direct, the relay
-    /// reference, each tunnel, then the connector path.
+    /// reference, each peer, each tunnel, then the connector path.
     fn ways(&self) -> Vec<Way<'_>> {
         let mut ways = vec![Way {
             route: Route::Direct,
@@ -372,6 +413,15 @@ impl Bench<'_> {
                 echo: relayed.echo,
             });
         }
+        ways.extend(self.peers.iter().map(|p| Way {
+            route: Route::Peer(p.peer),
+            to: Endpoints {
+                sink: p.sink,
+                source: p.source,
+                ledger: &p.targets.ledger,
+            },
+            echo: p.echo,
+        }));
         ways.extend(self.tunnels.iter().map(|t| Way {
             route: Route::Tunnel(t.transport),
             to: Endpoints {
@@ -454,6 +504,7 @@ impl Bench<'_> {
                 direct: Vec::new(),
                 tunnel: Default::default(),
                 relay: Vec::new(),
+                peer: Default::default(),
                 connector: Vec::new(),
             })
             .collect();
@@ -465,9 +516,14 @@ impl Bench<'_> {
                 .map(|t| t.tunnel.cpu_seconds())
                 .collect()
         };
+        let peer_cpu = || -> anyhow::Result<Vec<f64>> {
+            self.peers.iter().map(PeerTunnel::cpu_seconds).collect()
+        };
         let cpu_before = tunnel_cpu()?;
         let relay_cpu_before = relay_cpu()?;
+        let peer_cpu_before = peer_cpu()?;
         let mut tunnel_bytes = BTreeMap::<Transport, u64>::new();
+        let mut peer_bytes = BTreeMap::<peers::Peer, u64>::new();
         let mut relay_bytes = 0;
         for round in 1..=s.rounds {
             eprintln!("bench: throughput, round {round}/{}", s.rounds);
@@ -479,6 +535,7 @@ impl Bench<'_> {
                             match way.route {
                                 Route::Direct | Route::Connector => {}
                                 Route::Relay => relay_bytes += t.bytes,
+                                Route::Peer(p) => *peer_bytes.entry(p).or_default() += t.bytes,
                                 Route::Tunnel(transport) => {
                                     *tunnel_bytes.entry(transport).or_default() += t.bytes;
                                 }
@@ -508,7 +565,24 @@ impl Bench<'_> {
             }),
             _ => None,
         };
-        results.cpu = Some(Cpu { tunnel, relay });
+        let peer = (self.peers.iter())
+            .zip(peer_cpu()?.into_iter().zip(peer_cpu_before))
+            .map(|(p, (after, before))| {
+                let bytes = peer_bytes.get(&p.peer).copied().unwrap_or_default();
+                (
+                    p.peer,
+                    CpuUse {
+                        seconds: after - before,
+                        bytes,
+                    },
+                )
+            })
+            .collect();
+        results.cpu = Some(Cpu {
+            tunnel,
+            relay,
+            peer,
+        });
         results.throughput = rows;
         Ok(())
     }
@@ -786,6 +860,15 @@ fn describe(s: &Settings) -> String {
     );
     if !s.relay {
         line.push_str("; 2-hop relay reference skipped");
+    }
+    if s.peers {
+        line.push_str("; peers: bore and rathole (tcp) where installed");
+    }
+    if s.tcp {
+        line.push_str(&format!(
+            "; crypto floor over {} MB",
+            s.floor_bytes / 1_000_000
+        ));
     }
     if !s.connector {
         line.push_str("; connector path skipped");

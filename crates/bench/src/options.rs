@@ -51,8 +51,8 @@ pub struct Args {
     conns: Option<Vec<u32>>,
 
     /// Tunnel transports to measure, each through a gateway and agent of its own, round-robin
-    /// in the same rounds: tls, wss, tcp, ws, quic, or all (the first four) [default: tls;
-    /// quick: tls,wss]. The memory rows use the first one.
+    /// in the same rounds: tls, wss, tcp, ws, quic, or all (the first four) [default: tls,tcp;
+    /// quick: tls,wss,tcp]. The memory rows use the first one.
     #[arg(long, value_name = "T,...", value_delimiter = ',')]
     transport: Option<Vec<TransportArg>>,
 
@@ -70,6 +70,15 @@ pub struct Args {
     /// Leave out the UDP rows
     #[arg(long)]
     skip_udp: bool,
+
+    /// Also run the workloads through bore and rathole (plain TCP), each one that is on PATH
+    /// (`cargo install bore-cli`, `cargo install rathole`); a missing one is skipped with a note
+    #[arg(long)]
+    peers: bool,
+
+    /// Bytes the crypto-floor row seals and opens, MB [default: 1000; quick: 64]
+    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    floor_mb: Option<u32>,
 
     /// Only the UDP rows (no TCP throughput, latency, memory or relay), e.g. to compare
     /// `[udp]` settings given with --gateway-config and --agent-config
@@ -181,6 +190,10 @@ pub struct Settings {
     pub tcp: bool,
     /// The tunnels to measure, in order, each once; never empty.
     pub transports: Vec<Transport>,
+    /// Whether to measure bore and rathole too.
+    pub peers: bool,
+    /// Bytes for the crypto floor (sealed and opened once each).
+    pub floor_bytes: u64,
     /// Whether to measure the lossy-link rows (`lossy`); with `only_lossy`, nothing else.
     pub lossy: bool,
     pub only_lossy: bool,
@@ -224,10 +237,13 @@ impl Args {
             only_lossy: self.only_lossy,
             transports: match self.transport {
                 Some(items) => transports(&items),
-                // The quick run is CI's smoke test: it goes through the WebSocket path too.
-                None if quick => vec![Transport::Tls, Transport::Wss],
-                None => vec![Transport::Tls],
+                // TLS and plaintext side by side, so the TLS overhead is read from one run; the
+                // quick run is CI's smoke test, so it goes through the WebSocket path too.
+                None if quick => vec![Transport::Tls, Transport::Wss, Transport::Tcp],
+                None => vec![Transport::Tls, Transport::Tcp],
             },
+            peers: self.peers && !self.only_udp,
+            floor_bytes: u64::from(self.floor_mb.unwrap_or(pick(1000, 64))) * 1_000_000,
             json: self.json,
             gateway_config: self.gateway_config,
             agent_config: self.agent_config,
@@ -261,10 +277,13 @@ mod tests {
     #[test]
     fn transport_lists() {
         use Transport::{Tcp, Tls, Ws, Wss};
-        assert_eq!(Args::parse_from(["b"]).settings().transports, vec![Tls]);
+        assert_eq!(
+            Args::parse_from(["b"]).settings().transports,
+            vec![Tls, Tcp]
+        );
         assert_eq!(
             Args::parse_from(["b", "--quick"]).settings().transports,
-            vec![Tls, Wss]
+            vec![Tls, Wss, Tcp]
         );
         let s = Args::parse_from(["b", "--quick", "--transport", "ws"]).settings();
         assert_eq!(s.transports, vec![Ws]);
@@ -295,8 +314,14 @@ mod tests {
             "CI's run has UDP rows"
         );
         assert!(!Args::parse_from(["b", "--skip-udp"]).settings().udp);
-        let s = Args::parse_from(["b", "--only-udp"]).settings();
-        assert!(s.udp && !s.tcp && !s.relay && s.conns.is_empty());
+        let s = Args::parse_from(["b", "--only-udp", "--peers"]).settings();
+        assert!(s.udp && !s.tcp && !s.relay && !s.peers && s.conns.is_empty());
+        let s = Args::parse_from(["b", "--quick", "--peers"]).settings();
+        assert!(s.peers && s.floor_bytes == 64_000_000);
+        assert_eq!(
+            Args::parse_from(["b"]).settings().floor_bytes,
+            1_000_000_000
+        );
         assert!(Args::try_parse_from(["b", "--only-udp", "--skip-udp"]).is_err());
         let a = Args::parse_from(["b", "--serve-relay", "127.0.0.1:1", "127.0.0.1:2"]);
         let want: Vec<SocketAddr> = vec![

@@ -236,9 +236,10 @@ impl Proc {
             .collect();
         if let Some(first) = unexpected.first() {
             notes.push(format!(
-                "{} wrote {} line(s) to stderr; the first: `{first}`",
+                "{} wrote {} line(s) to stderr; the first: `{}`",
                 self.name,
                 unexpected.len(),
+                redact_keys(first),
             ));
         }
         let out = self.stdout.borrow();
@@ -252,13 +253,31 @@ impl Proc {
                 self.name,
                 late.iter()
                     .take(5)
-                    .map(|l| format!("`{l}`"))
+                    .map(|l| format!("`{}`", redact_keys(l)))
                     .collect::<Vec<_>>()
                     .join(", ")
             ));
         }
         notes
     }
+}
+
+/// `line` with every secret key (`bk_` and its base64url text) cut to its prefix: the notes
+/// land in the printed report and in `--json` files that people paste into issues.
+fn redact_keys(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find("bk_") {
+        out.push_str(&rest[..at]);
+        out.push_str("bk_…");
+        let key = &rest[at + 3..];
+        let end = key
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .unwrap_or(key.len());
+        rest = &key[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// How the agent reaches the gateway: each is a gateway and agent pair of its own in one run.
@@ -515,6 +534,19 @@ fn parse_forward(line: &str, spec: &str) -> Option<anyhow::Result<SocketAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notes_never_carry_a_whole_key() {
+        let line =
+            "burrow agent --gateway quic://h:1 --key bk_msBbh5Pt-u_LA7 --fingerprint SHA256:41";
+        assert_eq!(
+            redact_keys(line),
+            "burrow agent --gateway quic://h:1 --key bk_… --fingerprint SHA256:41"
+        );
+        assert_eq!(redact_keys("a bk_x, bk_y"), "a bk_…, bk_…");
+        assert_eq!(redact_keys("no key here"), "no key here");
+        assert_eq!(redact_keys("ends with bk_"), "ends with bk_…");
+    }
 
     #[test]
     fn reads_the_invite() {

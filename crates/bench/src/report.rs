@@ -5,8 +5,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::floor::Floor;
 use crate::latency::Percentiles;
 use crate::memory::{Level, Rss};
+use crate::peers::Peer;
 use crate::procs::Transport;
 use crate::stats::{spread, Spread};
 use crate::sys::Machine;
@@ -30,6 +32,10 @@ pub struct Results {
     pub udp: Vec<Udp>,
     /// Whether the 2-hop relay reference was measured.
     pub relay: bool,
+    /// The other tunnels measured (`--peers`), in the order each round ran them.
+    pub peers: Vec<Peer>,
+    /// The crypto floor: sealing and opening with the TLS session's AEAD.
+    pub floor: Option<Floor>,
     /// Whether the connector path was measured.
     pub connector: bool,
     /// The lossy-link rows (TLS against QUIC), when run.
@@ -51,6 +57,8 @@ pub struct Throughput {
     pub tunnel: BTreeMap<Transport, Vec<f64>>,
     /// Empty when the reference was skipped.
     pub relay: Vec<f64>,
+    /// Each peer's rounds (`--peers`).
+    pub peer: BTreeMap<Peer, Vec<f64>>,
     /// Empty when the connector path was skipped.
     pub connector: Vec<f64>,
 }
@@ -62,6 +70,7 @@ impl Throughput {
             Route::Direct => &mut self.direct,
             Route::Tunnel(t) => self.tunnel.entry(t).or_default(),
             Route::Relay => &mut self.relay,
+            Route::Peer(p) => self.peer.entry(p).or_default(),
             Route::Connector => &mut self.connector,
         }
     }
@@ -75,6 +84,8 @@ pub struct Latency {
     pub tunnel: BTreeMap<Transport, Vec<Percentiles>>,
     /// Empty when the reference was skipped.
     pub relay: Vec<Percentiles>,
+    /// Each peer's rounds (`--peers`).
+    pub peer: BTreeMap<Peer, Vec<Percentiles>>,
     /// Empty when the connector path was skipped.
     pub connector: Vec<Percentiles>,
 }
@@ -86,6 +97,7 @@ impl Latency {
             Route::Direct => &mut self.direct,
             Route::Tunnel(t) => self.tunnel.entry(t).or_default(),
             Route::Relay => &mut self.relay,
+            Route::Peer(p) => self.peer.entry(p).or_default(),
             Route::Connector => &mut self.connector,
         }
     }
@@ -105,7 +117,7 @@ impl RouteValues {
         match route {
             Route::Direct => self.direct.push(value),
             Route::Tunnel(t) => self.tunnel.entry(t).or_default().push(value),
-            Route::Relay | Route::Connector => {}
+            Route::Relay | Route::Peer(_) | Route::Connector => {}
         }
     }
 }
@@ -175,6 +187,8 @@ pub enum Route {
     Relay,
     /// Through a gateway and an agent, over one transport.
     Tunnel(Transport),
+    /// Through another tunnel (`--peers`).
+    Peer(Peer),
     /// Through a connector, then a gateway and an agent over TLS (see
     /// [`crate::connector`]).
     Connector,
@@ -187,6 +201,7 @@ impl Route {
             Route::Direct => "direct",
             Route::Relay => "relay",
             Route::Tunnel(t) => t.route_name(),
+            Route::Peer(p) => p.name(),
             Route::Connector => "connector",
         }
     }
@@ -198,6 +213,8 @@ pub struct Cpu {
     pub tunnel: BTreeMap<Transport, CpuUse>,
     /// `None` when the reference was skipped.
     pub relay: Option<CpuUse>,
+    /// Each peer's server and client processes (`--peers`).
+    pub peer: BTreeMap<Peer, CpuUse>,
 }
 
 /// CPU seconds of a pair of processes, and the bytes the throughput workloads moved through
@@ -210,7 +227,7 @@ pub struct CpuUse {
 
 impl CpuUse {
     /// Seconds per GB (10^9 bytes).
-    fn per_gb(self) -> f64 {
+    pub fn per_gb(self) -> f64 {
         self.seconds / (self.bytes as f64 / 1e9).max(1e-9)
     }
 }
@@ -625,6 +642,7 @@ impl Results {
         let lossy_only = self.throughput.is_empty() && self.udp.is_empty() && self.idle.is_none();
         if !(lossy_only && self.lossy.is_some()) {
             out.push_str(&self.table());
+            out.push_str(&crate::side_by_side::render(self));
         }
         if let Some(lossy) = &self.lossy {
             out.push_str(&lossy.render());
@@ -922,6 +940,7 @@ mod tests {
                 direct: vec![10.0, 12.0],
                 tunnel: tls(vec![4.0]),
                 relay: Vec::new(),
+                peer: BTreeMap::new(),
                 connector: Vec::new(),
             }],
             failures: vec!["boom".into()],
@@ -949,6 +968,7 @@ mod tests {
                 direct: vec![10.0],
                 tunnel: tls(vec![4.0]),
                 relay: vec![8.0],
+                peer: BTreeMap::new(),
                 connector: Vec::new(),
             }],
             cpu: Some(Cpu {
@@ -960,6 +980,7 @@ mod tests {
                     seconds: 0.5,
                     bytes: 5_000_000_000,
                 }),
+                peer: BTreeMap::new(),
             }),
             idle: Some(Rss {
                 gateway_kib: 100,
@@ -1003,12 +1024,14 @@ mod tests {
                 direct: vec![10.0],
                 tunnel: tls(vec![4.0]),
                 relay: Vec::new(),
+                peer: BTreeMap::new(),
                 connector: vec![2.0],
             }],
             connect: Latency {
                 direct: percentiles(100.0),
                 tunnel: tls(percentiles(300.0)),
                 relay: Vec::new(),
+                peer: BTreeMap::new(),
                 connector: percentiles(450.0),
             },
             connector: true,
@@ -1110,12 +1133,14 @@ mod tests {
                 direct: vec![10.0],
                 tunnel: tunnels(&[(Tls, &[4.0]), (Wss, &[3.0]), (Tcp, &[5.0])]),
                 relay: Vec::new(),
+                peer: BTreeMap::new(),
                 connector: Vec::new(),
             }],
             request_response: Latency {
                 direct: percentiles(100.0),
                 tunnel: [(Tls, percentiles(200.0)), (Wss, percentiles(210.0))].into(),
                 relay: Vec::new(),
+                peer: BTreeMap::new(),
                 connector: Vec::new(),
             },
             memory_transport: Some(Tls),
@@ -1142,6 +1167,7 @@ mod tests {
                 ]
                 .into(),
                 relay: None,
+                peer: BTreeMap::new(),
             }),
             ..Results::default()
         };
