@@ -1,5 +1,6 @@
 //! QUIC sessions in-process: the agent's UDP socket is rebound (`Endpoint::rebind`) in the
-//! middle of a transfer, and the transfer completes byte-exact over the migrated connection.
+//! middle of a transfer, and the transfer completes byte-exact over the migrated connection;
+//! opens racing for the last stream slots never pass `max_streams`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -14,8 +15,15 @@ use bytes::Bytes;
 
 /// A gateway-side and an agent-side QUIC session over loopback, authenticated.
 async fn quic_pair(dir: &std::path::Path) -> (burrow::session::Started, burrow::session::Started) {
+    quic_pair_with(dir, SessionParams::default()).await
+}
+
+/// As [`quic_pair`], with the gateway's session parameters `params`.
+async fn quic_pair_with(
+    dir: &std::path::Path,
+    params: SessionParams,
+) -> (burrow::session::Started, burrow::session::Started) {
     let id = burrow::tls::load_or_create_identity(dir, &["127.0.0.1".into()]).unwrap();
-    let params = SessionParams::default();
     let server = quinn::Endpoint::server(
         transport::quic::server_config(id.server_config.clone(), &params).unwrap(),
         "127.0.0.1:0".parse().unwrap(),
@@ -109,4 +117,57 @@ fn quinn_local_port(s: &burrow::session::Started) -> u16 {
         .local_addr()
         .expect("the agent's endpoint")
         .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_racing_for_the_last_slots_never_pass_max_streams() {
+    const MAX: u32 = 32;
+    const THREADS: usize = 8;
+    const TRIES: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let params = SessionParams {
+        max_streams: MAX,
+        ..SessionParams::default()
+    };
+    let (gw, _ag) =
+        tokio::time::timeout(Duration::from_secs(10), quic_pair_with(dir.path(), params))
+            .await
+            .unwrap();
+    let open = Open {
+        service: 0,
+        client: None,
+    };
+    // Eight threads try at once, released together; each keeps what it opened.
+    let handle = tokio::runtime::Handle::current();
+    let start = std::sync::Barrier::new(THREADS);
+    let opened: usize = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let _rt = handle.enter();
+                    start.wait();
+                    (0..TRIES)
+                        .filter_map(|_| gw.session.open(&open).ok())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let held: Vec<Vec<_>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        let n = held.iter().map(Vec::len).sum();
+        assert_eq!(
+            gw.session.stream_count(),
+            n,
+            "the count is the streams held"
+        );
+        n
+    });
+    assert_eq!(
+        opened, MAX as usize,
+        "{THREADS} x {TRIES} opens racing for {MAX} slots opened {opened}"
+    );
+    assert_eq!(
+        gw.session.stream_count(),
+        0,
+        "every dropped stream gave its slot back"
+    );
 }

@@ -473,7 +473,17 @@ impl Session {
         if let Some(end) = self.end() {
             return Err(OpenError::Closed(end.to_string()));
         }
-        if inner.streams.load(Ordering::Relaxed) >= inner.params.max_streams as usize {
+        // Check and count in one step: two opens at once must not both pass a check that only
+        // one of them fits (the loser would wait for QUIC's stream credit instead of being
+        // refused). The stream's drop gives the count back.
+        let max = inner.params.max_streams as usize;
+        if inner
+            .streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
             return Err(OpenError::Limit(inner.params.max_streams));
         }
         let id = inner.next_id.fetch_add(2, Ordering::Relaxed);
@@ -711,7 +721,6 @@ impl Stream {
         recv: Half<quinn::RecvStream>,
         first: BytesMut,
     ) -> Stream {
-        session.streams.fetch_add(1, Ordering::Relaxed);
         Stream {
             id,
             open,
@@ -733,6 +742,9 @@ impl Stream {
         first: BytesMut,
     ) -> Stream {
         let id = u32::try_from(send.id().index()).unwrap_or(u32::MAX);
+        // QUIC's own stream limit bounds what the peer opens; count it for the status and for
+        // our own opens' check.
+        session.streams.fetch_add(1, Ordering::AcqRel);
         Stream::new(
             session,
             id,
@@ -972,6 +984,6 @@ impl Drop for Stream {
         if !clean && self.flags().reset.is_none() {
             self.reset(ErrorCode::StreamReset);
         }
-        self.inner.session.streams.fetch_sub(1, Ordering::Relaxed);
+        self.inner.session.streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
