@@ -16,17 +16,19 @@
 //!   once the connector is back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burrow::proto::auth::SecretKey;
+use burrow_testkit::harness::{admin_addr, http_exchange, within};
 use burrow_testkit::targets::{echo_transfer, EchoOpts};
 use burrow_testkit::{Burrow, GatewayProc, GatewaySpec, Pattern, Signal, TcpTarget};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Upper bound for a whole test, so a hang fails instead of blocking the run.
@@ -36,13 +38,6 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_burrow"))
-}
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(TEST_LIMIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {TEST_LIMIT:?}"),
-    }
 }
 
 /// One connector entry of the gateway's file.
@@ -91,6 +86,18 @@ fn gateway_text(office: &SecretKey, home: &SecretKey, connectors: &[Entry<'_>]) 
 impl World {
     async fn start(connectors: &[Entry<'_>]) -> World {
         Self::start_with(connectors, &[]).await
+    }
+
+    /// [`World::start`] with one connector, `laptop` (a fresh key), reaching `reach`.
+    async fn with_laptop(reach: &[&str]) -> (World, SecretKey) {
+        let laptop = SecretKey::generate();
+        let w = World::start(&[Entry {
+            name: "laptop",
+            key: &laptop,
+            reach,
+        }])
+        .await;
+        (w, laptop)
     }
 
     /// As [`World::start`], with more gateway flags.
@@ -290,6 +297,12 @@ async fn stop_cleanly(p: &mut Burrow, who: &str) {
     assert!(p.panics().is_empty(), "{who} panicked: {:#?}", p.panics());
 }
 
+/// [`stop_cleanly`] for the connector, then the agent.
+async fn stop_both(c: &mut Connector, agent: &mut Burrow) {
+    stop_cleanly(&mut c.proc, "connector").await;
+    stop_cleanly(agent, "agent").await;
+}
+
 fn private(name: &str, target: SocketAddr) -> [String; 2] {
     ["--private".into(), format!("{name}={target}")]
 }
@@ -349,6 +362,63 @@ async fn some_line(p: &mut Burrow, pred: impl Fn(&str) -> bool) -> String {
     }
 }
 
+/// A client of `addr` that pushes `len` bytes of `Pattern::new(7)` and reads nothing back:
+/// its read half, and the task pushing (it ends with the write half).
+async fn stalled_client(addr: SocketAddr, len: u64) -> (OwnedReadHalf, JoinHandle<OwnedWriteHalf>) {
+    let stalled = TcpStream::connect(addr).await.unwrap();
+    let (stalled_r, mut stalled_w) = stalled.into_split();
+    let pusher = tokio::spawn(async move {
+        let pattern = Pattern::new(7);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        while off < len {
+            pattern.fill(off, &mut buf);
+            if stalled_w.write_all(&buf).await.is_err() {
+                break;
+            }
+            off += buf.len() as u64;
+        }
+        stalled_w
+    });
+    (stalled_r, pusher)
+}
+
+/// Waits (60 s at most) until `bytes()` has grown and then not changed for a second; returns
+/// it: how far a stalled stream went.
+async fn until_it_stops(bytes: impl Fn() -> u64) -> u64 {
+    let mut last = (0u64, Instant::now());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = bytes();
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if now > 0 && last.1.elapsed() >= Duration::from_secs(1) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled stream never stopped ({now} bytes)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads `len` bytes of a [`stalled_client`]'s echo and checks each against the pattern.
+async fn reads_on(stalled_r: &mut OwnedReadHalf, len: u64) {
+    let pattern = Pattern::new(7);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut off = 0u64;
+    while off < len {
+        let n = stalled_r.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stalled stream ended early at {off}");
+        assert!(
+            pattern.matches(off, &buf[..n]),
+            "the stalled stream differs at {off}"
+        );
+        off += n as u64;
+    }
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -358,15 +428,9 @@ fn mib(bytes: u64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_byte_exact_and_the_client_address_reaches_the_agent() {
-    within("64 MiB", async {
+    within(TEST_LIMIT, "64 MiB", async {
         const LEN: u64 = 64 << 20;
-        let laptop = SecretKey::generate();
-        let w = World::start(&[Entry {
-            name: "laptop",
-            key: &laptop,
-            reach: &["office/echo"],
-        }])
-        .await;
+        let (w, laptop) = World::with_laptop(&["office/echo"]).await;
         let echo = TcpTarget::echo().await.unwrap();
         let mut agent = w.agent(&private("echo", echo.addr()), 1).await;
         let mut c = w.connector(&laptop, &["0=office/echo"]).await;
@@ -398,24 +462,17 @@ async fn sixty_four_mib_each_way_byte_exact_and_the_client_address_reaches_the_a
             .unwrap();
         assert!(line.contains("connector=laptop"), "{line}");
         assert!(line.contains("bytes_to_service=1048576"), "{line}");
-        stop_cleanly(&mut c.proc, "connector").await;
-        stop_cleanly(&mut agent, "agent").await;
+        stop_both(&mut c, &mut agent).await;
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_parallel_streams() {
-    within("100 streams", async {
+    within(TEST_LIMIT, "100 streams", async {
         const STREAMS: u64 = 100;
         const LEN: u64 = 128 * 1024;
-        let laptop = SecretKey::generate();
-        let w = World::start(&[Entry {
-            name: "laptop",
-            key: &laptop,
-            reach: &["office/*"],
-        }])
-        .await;
+        let (w, laptop) = World::with_laptop(&["office/*"]).await;
         let echo = TcpTarget::echo().await.unwrap();
         let mut agent = w.agent(&private("echo", echo.addr()), 1).await;
         let mut c = w.connector(&laptop, &["0=office/echo"]).await;
@@ -435,22 +492,15 @@ async fn a_hundred_parallel_streams() {
             started.elapsed()
         );
         assert_eq!(echo.accepted(), STREAMS, "one target connection per stream");
-        stop_cleanly(&mut c.proc, "connector").await;
-        stop_cleanly(&mut agent, "agent").await;
+        stop_both(&mut c, &mut agent).await;
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_passes_through_both_ways() {
-    within("half-close", async {
-        let laptop = SecretKey::generate();
-        let w = World::start(&[Entry {
-            name: "laptop",
-            key: &laptop,
-            reach: &["office/*"],
-        }])
-        .await;
+    within(TEST_LIMIT, "half-close", async {
+        let (w, laptop) = World::with_laptop(&["office/*"]).await;
         let echo = TcpTarget::echo().await.unwrap();
         // Writes 100,000 bytes, half-closes, and stays until the client closes.
         let source = TcpTarget::source(Some(100_000), 3).await.unwrap();
@@ -482,24 +532,17 @@ async fn half_close_passes_through_both_ways() {
         let mut rest = [0u8; 1];
         let n = tokio::time::timeout(WAIT, s.read(&mut rest)).await.unwrap();
         assert_eq!(n.unwrap(), 0);
-        stop_cleanly(&mut c.proc, "connector").await;
-        stop_cleanly(&mut agent, "agent").await;
+        stop_both(&mut c, &mut agent).await;
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_client_holds_its_window_and_a_bulk_stream_on_the_same_service_finishes() {
-    within("stalled", async {
+    within(TEST_LIMIT, "stalled", async {
         const PUSHED: u64 = 256 << 20;
         const BULK: u64 = 64 << 20;
-        let laptop = SecretKey::generate();
-        let w = World::start(&[Entry {
-            name: "laptop",
-            key: &laptop,
-            reach: &["office/echo"],
-        }])
-        .await;
+        let (w, laptop) = World::with_laptop(&["office/echo"]).await;
         let echo = TcpTarget::echo().await.unwrap();
         let mut agent = w.agent(&private("echo", echo.addr()), 1).await;
         let mut c = w.connector(&laptop, &["0=office/echo"]).await;
@@ -513,36 +556,8 @@ async fn a_stalled_client_holds_its_window_and_a_bulk_stream_on_the_same_service
 
         // A client that pushes 256 MiB into the echo and reads nothing back: the echo stops
         // reading once it cannot write, and everything in between fills up and stops.
-        let stalled = TcpStream::connect(addr).await.unwrap();
-        let (mut stalled_r, mut stalled_w) = stalled.into_split();
-        let pusher = tokio::spawn(async move {
-            let pattern = Pattern::new(7);
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut off = 0u64;
-            while off < PUSHED {
-                pattern.fill(off, &mut buf);
-                if stalled_w.write_all(&buf).await.is_err() {
-                    break;
-                }
-                off += buf.len() as u64;
-            }
-            stalled_w
-        });
-        let mut last = (0u64, Instant::now());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let held = loop {
-            let now = echo.bytes();
-            if now != last.0 {
-                last = (now, Instant::now());
-            } else if now > 0 && last.1.elapsed() >= Duration::from_secs(1) {
-                break now;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the stalled stream never stopped ({now} bytes)"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let (mut stalled_r, pusher) = stalled_client(addr, PUSHED).await;
+        let held = until_it_stops(|| echo.bytes()).await;
         let (gw1, agent1, conn1) = (
             w.gw.stats().unwrap(),
             agent.stats().unwrap(),
@@ -592,29 +607,17 @@ async fn a_stalled_client_holds_its_window_and_a_bulk_stream_on_the_same_service
         assert!(took < Duration::from_secs(120), "the bulk took {took:?}");
 
         // The stalled stream was only paused: it reads on, byte-exact.
-        let pattern = Pattern::new(7);
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut off = 0u64;
-        while off < 16 << 20 {
-            let n = stalled_r.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the stalled stream ended early at {off}");
-            assert!(
-                pattern.matches(off, &buf[..n]),
-                "the stalled stream differs at {off}"
-            );
-            off += n as u64;
-        }
+        reads_on(&mut stalled_r, 16 << 20).await;
         pusher.abort();
         drop(stalled_r);
-        stop_cleanly(&mut c.proc, "connector").await;
-        stop_cleanly(&mut agent, "agent").await;
+        stop_both(&mut c, &mut agent).await;
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_connectors_use_one_service_at_once() {
-    within("two connectors", async {
+    within(TEST_LIMIT, "two connectors", async {
         const LEN: u64 = 8 << 20;
         let (laptop, desk) = (SecretKey::generate(), SecretKey::generate());
         let w = World::start(&[
@@ -658,14 +661,8 @@ async fn two_connectors_use_one_service_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_connector_reaches_services_on_two_agents() {
-    within("two agents", async {
-        let laptop = SecretKey::generate();
-        let w = World::start(&[Entry {
-            name: "laptop",
-            key: &laptop,
-            reach: &["office/echo", "home/*"],
-        }])
-        .await;
+    within(TEST_LIMIT, "two agents", async {
+        let (w, laptop) = World::with_laptop(&["office/echo", "home/*"]).await;
         let (at_office, at_home) = (
             TcpTarget::echo().await.unwrap(),
             TcpTarget::echo().await.unwrap(),
@@ -718,14 +715,9 @@ async fn refused_promptly(addr: SocketAddr) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_say_why_and_connect_nothing() {
-    within("refusals", async {
-        let laptop = SecretKey::generate();
-        let mut w = World::start(&[Entry {
-            name: "laptop",
-            key: &laptop,
-            reach: &["office/echo", "office/missing", "office/targets"],
-        }])
-        .await;
+    within(TEST_LIMIT, "refusals", async {
+        let (mut w, laptop) =
+            World::with_laptop(&["office/echo", "office/missing", "office/targets"]).await;
         let echo = TcpTarget::echo().await.unwrap();
         // A private service the connector's reach leaves out, a target the agent allows and
         // one it does not: none of them may see a connection from a refused stream.
@@ -807,22 +799,15 @@ async fn refusals_say_why_and_connect_nothing() {
         );
         assert_eq!(allowed.accepted(), 1);
         assert_eq!(echo.accepted(), 1);
-        stop_cleanly(&mut c.proc, "connector").await;
-        stop_cleanly(&mut agent, "agent").await;
+        stop_both(&mut c, &mut agent).await;
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_key_cannot_act_as_a_connector_nor_the_reverse() {
-    within("keys and roles", async {
-        let laptop = SecretKey::generate();
-        let w = World::start(&[Entry {
-            name: "laptop",
-            key: &laptop,
-            reach: &["office/*"],
-        }])
-        .await;
+    within(TEST_LIMIT, "keys and roles", async {
+        let (w, laptop) = World::with_laptop(&["office/*"]).await;
         let echo = TcpTarget::echo().await.unwrap();
         let mut agent = w.agent(&private("echo", echo.addr()), 1).await;
 
@@ -860,14 +845,8 @@ async fn an_agents_key_cannot_act_as_a_connector_nor_the_reverse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connector_listens_on_a_unix_socket() {
-    within("unix", async {
-        let laptop = SecretKey::generate();
-        let w = World::start(&[Entry {
-            name: "laptop",
-            key: &laptop,
-            reach: &["office/echo"],
-        }])
-        .await;
+    within(TEST_LIMIT, "unix", async {
+        let (w, laptop) = World::with_laptop(&["office/echo"]).await;
         let echo = TcpTarget::echo().await.unwrap();
         let mut agent = w.agent(&private("echo", echo.addr()), 1).await;
         let sock = w.dir.path().join("echo.sock");
@@ -894,14 +873,8 @@ async fn a_connector_listens_on_a_unix_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_stay_open_through_a_gateway_restart() {
-    within("restart", async {
-        let laptop = SecretKey::generate();
-        let mut w = World::start(&[Entry {
-            name: "laptop",
-            key: &laptop,
-            reach: &["office/echo"],
-        }])
-        .await;
+    within(TEST_LIMIT, "restart", async {
+        let (mut w, laptop) = World::with_laptop(&["office/echo"]).await;
         let echo = TcpTarget::echo().await.unwrap();
         let mut agent = w.agent(&private("echo", echo.addr()), 1).await;
         let mut c = w.connector(&laptop, &["0=office/echo"]).await;
@@ -937,8 +910,7 @@ async fn listeners_stay_open_through_a_gateway_restart() {
             "restart: a client while the gateway was down was closed {took:?} after \
              connecting; the same listener served again {back:?} after the gateway was killed"
         );
-        stop_cleanly(&mut c.proc, "connector").await;
-        stop_cleanly(&mut agent, "agent").await;
+        stop_both(&mut c, &mut agent).await;
     })
     .await;
 }
@@ -965,7 +937,7 @@ async fn run_to_end(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_come_from_flags_environment_and_file() {
-    within("settings", async {
+    within(TEST_LIMIT, "settings", async {
         let key = SecretKey::generate();
         let k = key.expose();
         // The agent: --private and --allow, or BURROW_PRIVATE and BURROW_ALLOW (empty
@@ -1050,13 +1022,7 @@ async fn across_carriers(connector_quic: bool, agent_quic: bool) {
     const LEN: u64 = 16 << 20;
     const PUSHED: u64 = 128 << 20;
     const BULK: u64 = 16 << 20;
-    let laptop = SecretKey::generate();
-    let mut w = World::start(&[Entry {
-        name: "laptop",
-        key: &laptop,
-        reach: &["office/echo"],
-    }])
-    .await;
+    let (mut w, laptop) = World::with_laptop(&["office/echo"]).await;
     w.agent_quic = agent_quic;
     w.connector_quic = connector_quic;
     let echo = TcpTarget::echo().await.unwrap();
@@ -1093,36 +1059,8 @@ async fn across_carriers(connector_quic: bool, agent_quic: bool) {
 
     // The stalled client.
     let before = echo.bytes();
-    let stalled = TcpStream::connect(addr).await.unwrap();
-    let (mut stalled_r, mut stalled_w) = stalled.into_split();
-    let pusher = tokio::spawn(async move {
-        let pattern = Pattern::new(7);
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut off = 0u64;
-        while off < PUSHED {
-            pattern.fill(off, &mut buf);
-            if stalled_w.write_all(&buf).await.is_err() {
-                break;
-            }
-            off += buf.len() as u64;
-        }
-        stalled_w
-    });
-    let mut last = (0u64, Instant::now());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let held = loop {
-        let now = echo.bytes() - before;
-        if now != last.0 {
-            last = (now, Instant::now());
-        } else if now > 0 && last.1.elapsed() >= Duration::from_secs(1) {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the stalled stream never stopped ({now} bytes)"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (mut stalled_r, pusher) = stalled_client(addr, PUSHED).await;
+    let held = until_it_stops(|| echo.bytes() - before).await;
     let gw_stalled = w.gw.stats().unwrap();
     let started = Instant::now();
     let bulk = echo_transfer(addr, &EchoOpts::new(BULK, 5)).await.unwrap();
@@ -1139,63 +1077,37 @@ async fn across_carriers(connector_quic: bool, agent_quic: bool) {
     );
     // Windows and socket buffers hold it, end to end, whatever carries each side.
     assert!(held < 64 << 20, "the stalled stream went {held} bytes far");
-    let pattern = Pattern::new(7);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut off = 0u64;
-    while off < 4 << 20 {
-        let n = stalled_r.read(&mut buf).await.unwrap();
-        assert!(n > 0, "the stalled stream ended early at {off}");
-        assert!(
-            pattern.matches(off, &buf[..n]),
-            "the stalled stream differs near {off}"
-        );
-        off += n as u64;
-    }
+    reads_on(&mut stalled_r, 4 << 20).await;
     pusher.abort();
     drop(stalled_r);
-    stop_cleanly(&mut c.proc, "connector").await;
-    stop_cleanly(&mut agent, "agent").await;
+    stop_both(&mut c, &mut agent).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connector_over_quic_agent_over_tls_byte_exact_with_flow_control() {
-    within("connector over quic", across_carriers(true, false)).await;
+    within(
+        TEST_LIMIT,
+        "connector over quic",
+        across_carriers(true, false),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_over_quic_connector_over_tls_byte_exact_with_flow_control() {
-    within("agent over quic", across_carriers(false, true)).await;
+    within(TEST_LIMIT, "agent over quic", across_carriers(false, true)).await;
 }
 
 /// `POST /api/reload` on the gateway's admin server: the answer's `changes`.
 async fn reload_gateway(gw: &mut GatewayProc) -> Vec<String> {
-    const PREFIX: &str = "admin listening on http://";
-    let line = match gw
-        .stdout_lines()
-        .iter()
-        .find(|l| l.starts_with(PREFIX))
-        .cloned()
-    {
-        Some(l) => l,
-        None => gw
-            .wait_stdout(|l| l.starts_with(PREFIX), WAIT)
-            .await
-            .unwrap(),
-    };
-    let admin: SocketAddr = line[PREFIX.len()..].trim().parse().unwrap();
-    let mut tcp = TcpStream::connect(admin).await.unwrap();
-    tcp.write_all(
-        format!("POST /api/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+    let admin = admin_addr(gw, WAIT).await;
+    let (head, body) = http_exchange(
+        admin,
+        &format!("POST /api/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
     )
-    .await
-    .unwrap();
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    .await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
-    let report: serde_json::Value = serde_json::from_str(body).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     report["changes"]
         .as_array()
         .unwrap()
@@ -1214,7 +1126,7 @@ async fn round_trip(c: &mut TcpStream, data: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_reload_adds_removes_rekeys_and_narrows_connectors() {
-    within("connector reload", async {
+    within(TEST_LIMIT, "connector reload", async {
         let (laptop, desk, old, new, fresh) = (
             SecretKey::generate(),
             SecretKey::generate(),

@@ -20,11 +20,12 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_testkit::harness::{dirs, eventually, keygen, within, Dirs};
 use burrow_testkit::process::count_tcp_state;
 use burrow_testkit::targets::{echo_once, echo_transfer, EchoOpts};
 use burrow_testkit::{
@@ -44,43 +45,11 @@ const WAIT: Duration = Duration::from_secs(30);
 /// rotation, an epoll instance, a timer: none today, but the assertion should not depend on
 /// the runtime's internals).
 const FD_SLACK: u64 = 2;
+/// How often `eventually` looks again.
+const POLL: Duration = Duration::from_millis(50);
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_burrow"))
-}
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(TEST_LIMIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {TEST_LIMIT:?}"),
-    }
-}
-
-/// A state directory and a place for config files.
-struct Dirs {
-    _tmp: tempfile::TempDir,
-    state: PathBuf,
-    root: PathBuf,
-}
-
-fn dirs() -> Dirs {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_path_buf();
-    let state = root.join("state");
-    Dirs {
-        _tmp: tmp,
-        state,
-        root,
-    }
-}
-
-impl Dirs {
-    /// Writes a gateway config file and returns its path.
-    fn config(&self, text: &str) -> PathBuf {
-        let p = self.root.join("gateway.toml");
-        std::fs::write(&p, text).unwrap();
-        p
-    }
 }
 
 /// Starts a gateway (with `config`, if any) and an agent publishing `targets`.
@@ -108,27 +77,6 @@ async fn stop_cleanly(p: &mut burrow_testkit::Burrow, who: &str) {
         p.stderr_tail()
     );
     assert!(p.panics().is_empty(), "{who} panicked: {:#?}", p.panics());
-}
-
-/// Polls `f` every 50 ms until it returns `Some`, or `limit` passes (then the last `None`
-/// case is described by `describe`).
-async fn eventually<T>(
-    limit: Duration,
-    mut f: impl FnMut() -> Option<T>,
-    describe: impl Fn() -> String,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not within {limit:?}: {}",
-            describe()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -187,7 +135,7 @@ fn stream_forever(addr: SocketAddr, seed: u64) -> Streamer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s1_agent_killed_mid_transfer_frees_every_stream() {
-    within("S1", async {
+    within(TEST_LIMIT, "S1", async {
         let d = dirs();
         let echo = TcpTarget::echo().await.unwrap();
         let heartbeat_bound = Duration::from_millis(500 * 2);
@@ -207,6 +155,7 @@ async fn s1_agent_killed_mid_transfer_frees_every_stream() {
         let streams: Vec<Streamer> = (0..4).map(|i| stream_forever(public, i)).collect();
         eventually(
             WAIT,
+            POLL,
             || {
                 streams
                     .iter()
@@ -230,6 +179,7 @@ async fn s1_agent_killed_mid_transfer_frees_every_stream() {
         }
         let freed = eventually(
             Duration::from_secs(5),
+            POLL,
             || {
                 let s = gw.stats().unwrap();
                 (s.fds <= base.fds + FD_SLACK).then_some((killed.elapsed(), s))
@@ -277,7 +227,7 @@ async fn s1_agent_killed_mid_transfer_frees_every_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s2_gateway_killed_and_restarted_agent_comes_back_by_itself() {
-    within("S2", async {
+    within(TEST_LIMIT, "S2", async {
         let d = dirs();
         let echo = TcpTarget::echo().await.unwrap();
         let (mut gw, mut agent) = pair(&d, None, &[echo.addr()]).await;
@@ -315,7 +265,7 @@ async fn s2_gateway_killed_and_restarted_agent_comes_back_by_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_frozen_tunnel_is_dropped_by_heartbeats_and_survived() {
-    within("S3", async {
+    within(TEST_LIMIT, "S3", async {
         let d = dirs();
         let echo = TcpTarget::echo().await.unwrap();
         let bound = Duration::from_millis(500 * 2);
@@ -433,6 +383,7 @@ async fn slow_consumer(delay: Option<Duration>) {
     let mut last = (0u64, Instant::now());
     let held = eventually(
         Duration::from_secs(60),
+        POLL,
         || {
             let now = source.bytes();
             if now != last.0 {
@@ -508,12 +459,17 @@ async fn slow_consumer(delay: Option<Duration>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s4_slow_consumer_holds_bounded_memory_and_does_not_stall_others() {
-    within("S4", slow_consumer(None)).await;
+    within(TEST_LIMIT, "S4", slow_consumer(None)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s4_slow_consumer_over_a_delayed_tunnel() {
-    within("S4 delayed", slow_consumer(Some(Duration::from_millis(5)))).await;
+    within(
+        TEST_LIMIT,
+        "S4 delayed",
+        slow_consumer(Some(Duration::from_millis(5))),
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -567,6 +523,7 @@ async fn churn(sequential: usize, at_once: usize) {
     }
     eventually(
         Duration::from_secs(120),
+        POLL,
         || (done.load(Ordering::Relaxed) == at_once as u64).then_some(()),
         || format!("{} of {at_once} connected", done.load(Ordering::Relaxed)),
     )
@@ -587,6 +544,7 @@ async fn churn(sequential: usize, at_once: usize) {
     let settled = Instant::now();
     let (gw1, agent1, close_wait) = eventually(
         Duration::from_secs(15),
+        POLL,
         || {
             let (g, a) = (gw.stats().unwrap(), agent.stats().unwrap());
             let cw = count_tcp_state(&ports, TcpState::CloseWait).unwrap();
@@ -660,13 +618,13 @@ async fn churn(sequential: usize, at_once: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s6_churn_leaves_no_descriptors_or_half_closed_sockets() {
-    within("S6", churn(5_000, 1_000)).await;
+    within(TEST_LIMIT, "S6", churn(5_000, 1_000)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run with --ignored before a release"]
 async fn s6_churn_50k_connections() {
-    within("S6 50k", churn(50_000, 1_000)).await;
+    within(TEST_LIMIT, "S6 50k", churn(50_000, 1_000)).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -723,7 +681,7 @@ fn assert_no_buffer_per_idle_conn(what: &str, before: [&ProcStats; 2], after: [&
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s16_idle_connections_hold_no_read_buffer() {
-    within("S16", async {
+    within(TEST_LIMIT, "S16", async {
         let d = dirs();
         burrow_testkit::raise_fd_limit();
         let echo = TcpTarget::echo().await.unwrap();
@@ -749,20 +707,6 @@ async fn s16_idle_connections_hold_no_read_buffer() {
 
 // ---------------------------------------------------------------------------------------
 // S14
-
-/// A fresh key from `burrow keygen`.
-fn keygen() -> String {
-    let out = std::process::Command::new(bin())
-        .arg("keygen")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("key: "))
-        .unwrap()
-        .to_string()
-}
 
 /// Asserts that no form of `key` appears in `text`.
 fn assert_no_key(text: &str, key: &str, whose: &str) {
@@ -791,7 +735,7 @@ async fn secrets_round(by_env: bool) {
     };
     // The RUST_LOG round also lists the agent in a config file, so the key is part of the
     // settings the gateway logs at start.
-    let listed = keygen();
+    let listed = keygen(bin());
     let spec = if by_env {
         let cfg = d.config(&format!(
             "[[agents]]\nname = \"a\"\nkey = \"{listed}\"\nports = [\"1024-65535\"]\n"
@@ -826,7 +770,7 @@ async fn secrets_round(by_env: bool) {
     agent.wait_stderr("stream closed", WAIT).await.unwrap();
 
     // A key the gateway does not know.
-    let wrong = keygen();
+    let wrong = keygen(bin());
     agent_args.extend(["--key".to_string(), wrong.clone()]);
     let mut bad = AgentSpec::new(agent_args);
     bad = if by_env {
@@ -885,19 +829,19 @@ async fn secrets_round(by_env: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s14_keys_never_in_logs_at_trace_level() {
-    within("S14 flag", secrets_round(false)).await;
+    within(TEST_LIMIT, "S14 flag", secrets_round(false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s14_keys_never_in_logs_with_rust_log_trace() {
-    within("S14 env", secrets_round(true)).await;
+    within(TEST_LIMIT, "S14 env", secrets_round(true)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s14_print_config_masks_keys() {
-    within("S14 print-config", async {
+    within(TEST_LIMIT, "S14 print-config", async {
         let d = dirs();
-        let key = keygen();
+        let key = keygen(bin());
         let cfg = d.config(&format!(
             "[[agents]]\nname = \"a\"\nkey = \"{key}\"\nports = [8080]\n"
         ));
@@ -941,7 +885,7 @@ async fn s14_print_config_masks_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s15_sigterm_drains_a_stream_in_flight() {
-    within("S15 drain", async {
+    within(TEST_LIMIT, "S15 drain", async {
         let d = dirs();
         let echo = TcpTarget::echo().await.unwrap();
         let (mut gw, mut agent) = pair(&d, None, &[echo.addr()]).await;
@@ -962,6 +906,7 @@ async fn s15_sigterm_drains_a_stream_in_flight() {
         });
         eventually(
             WAIT,
+            POLL,
             || (progress.load(Ordering::Relaxed) >= 1 << 20).then_some(()),
             || "1 MiB echoed".into(),
         )
@@ -1009,7 +954,7 @@ async fn s15_sigterm_drains_a_stream_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s15_grace_period_caps_the_drain() {
-    within("S15 grace", async {
+    within(TEST_LIMIT, "S15 grace", async {
         let d = dirs();
         let echo = TcpTarget::echo().await.unwrap();
         let (mut gw, mut agent) = pair(&d, Some("grace = \"1s\"\n"), &[echo.addr()]).await;
@@ -1101,7 +1046,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s17_aborted_transfers_do_not_wedge_the_session() {
-    within("S17", async {
+    within(TEST_LIMIT, "S17", async {
         const ROUNDS: usize = 3;
         burrow_testkit::raise_fd_limit();
         let d = dirs();
@@ -1150,6 +1095,7 @@ async fn s17_aborted_transfers_do_not_wedge_the_session() {
         // And nothing stays pinned.
         let (gw1, agent1) = eventually(
             Duration::from_secs(15),
+            POLL,
             || {
                 let (g, a) = (gw.stats().unwrap(), agent.stats().unwrap());
                 (g.fds <= gw0.fds + FD_SLACK && a.fds <= agent0.fds + FD_SLACK).then_some((g, a))
@@ -1181,7 +1127,7 @@ async fn s17_aborted_transfers_do_not_wedge_the_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s18_clients_that_never_read_hold_at_most_the_session_window() {
-    within("S18", async {
+    within(TEST_LIMIT, "S18", async {
         const CLIENTS: usize = 1000;
         burrow_testkit::raise_fd_limit();
         let d = dirs();
@@ -1228,6 +1174,7 @@ async fn s18_clients_that_never_read_hold_at_most_the_session_window() {
             let want = wave * CLIENTS as u64 / 2;
             eventually(
                 Duration::from_secs(120),
+                POLL,
                 || (settled.load(Ordering::Relaxed) == want).then_some(()),
                 || {
                     format!(

@@ -14,12 +14,12 @@
 //! - The HAProxy example passes `haproxy -c`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_testkit::harness::{agent_args_with, keygen_with_hash, within};
 use burrow_testkit::targets::{echo_bytes, Pattern};
 use burrow_testkit::{AgentSpec, Burrow, GatewayProc, GatewaySpec, Nginx, Signal, TcpTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,45 +44,21 @@ fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
 }
 
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(TEST_LIMIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {TEST_LIMIT:?}"),
-    }
-}
-
-/// A fresh key and its hash from `burrow keygen`.
-fn keygen() -> (String, String) {
-    let out = std::process::Command::new(bin())
-        .arg("keygen")
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    (field("key: "), field("key_hash: "))
-}
-
-/// The agent arguments for `key` against `gw`.
+/// The agent arguments for `key` against `gw`, retrying within a second.
 fn agent_args(gw: &GatewayProc, key: &str) -> Vec<String> {
-    [
-        "agent",
-        "--gateway",
-        &gw.addr().to_string(),
-        "--key",
-        key,
-        "--fingerprint",
-        gw.fingerprint(),
-        "--max-backoff",
-        "1s",
-    ]
-    .map(String::from)
-    .to_vec()
+    agent_args_with(gw, key, &["--max-backoff", "1s"])
+}
+
+/// Starts an agent with `args` and forward `spec` and waits for its `forward NAME: refused`
+/// line (the name is the spec without its options); returns the agent and the line.
+async fn refused_forward(args: Vec<String>, spec: &str) -> (Burrow, String) {
+    let mut p = Burrow::start(AgentSpec::new(args).forward(spec).command(bin())).unwrap();
+    let name = spec.split('?').next().unwrap();
+    let line = p
+        .wait_stdout(|l| l.starts_with(&format!("forward {name}: refused")), WAIT)
+        .await
+        .unwrap();
+    (p, line)
 }
 
 /// `n` echo connections to `addr`, `parallel` at a time, of a few KiB each (sizes and
@@ -167,10 +143,10 @@ async fn session_end_logged(gw: &mut Burrow, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_in_a_group_share_the_load_and_fail_over() {
-    within("group", async {
+    within(TEST_LIMIT, "group", async {
         let tmp = tempfile::tempdir().unwrap();
-        let (ka, _) = keygen();
-        let (kb, _) = keygen();
+        let (ka, _) = keygen_with_hash(bin());
+        let (kb, _) = keygen_with_hash(bin());
         let cfg = gateway_config(tmp.path(), &[("a", &ka), ("b", &kb)], "");
         let mut gw = GatewaySpec::new(&tmp.path().join("state"))
             .config(&cfg)
@@ -278,9 +254,9 @@ async fn two_agents_in_a_group_share_the_load_and_fail_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_binds_refused_with_a_reason_leave_the_group_alone() {
-    within("refusals", async {
+    within(TEST_LIMIT, "refusals", async {
         let tmp = tempfile::tempdir().unwrap();
-        let keys: Vec<(String, String)> = (0..5).map(|_| keygen()).collect();
+        let keys: Vec<(String, String)> = (0..5).map(|_| keygen_with_hash(bin())).collect();
         // c's grant has only port 1024, which the gateway will not choose for the group.
         let mut text = format!("{HEARTBEAT}[[groups]]\nname = \"web\"\nagents = [\"a\", \"b\", \"c\"]\n\n");
         for (name, (key, _)) in ["a", "b", "c", "d", "e"].iter().zip(&keys) {
@@ -342,12 +318,7 @@ async fn group_binds_refused_with_a_reason_leave_the_group_alone() {
         );
         // d: another group's name on the port.
         let spec = format!("{port}={}?group=api", echoes[3].addr());
-        let mut d = Burrow::start(AgentSpec::new(agent_args(&gw, key(3))).forward(&spec).command(bin()))
-            .unwrap();
-        let line = d
-            .wait_stdout(|l| l.starts_with(&format!("forward {}: refused", name(&spec))), WAIT)
-            .await
-            .unwrap();
+        let (d, line) = refused_forward(agent_args(&gw, key(3)), &spec).await;
         assert!(
             line.contains(&format!(
                 "port {port} is the public port of group `web` on this gateway, and this forward is in group `api`: a forward joins a group only with the same group name"
@@ -356,12 +327,7 @@ async fn group_binds_refused_with_a_reason_leave_the_group_alone() {
         );
         // e: a member of no declared group.
         let spec = format!("{port}={}?group=web", echoes[4].addr());
-        let mut e = Burrow::start(AgentSpec::new(agent_args(&gw, key(4))).forward(&spec).command(bin()))
-            .unwrap();
-        let line = e
-            .wait_stdout(|l| l.starts_with(&format!("forward {}: refused", name(&spec))), WAIT)
-            .await
-            .unwrap();
+        let (e, line) = refused_forward(agent_args(&gw, key(4)), &spec).await;
         assert!(
             line.contains("agent `e` is not a member of group `web` on this gateway (its [[groups]] entry lets in a, b, c)"),
             "{line}"
@@ -403,10 +369,10 @@ async fn tagged_udp_echo(tag: &'static [u8]) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_flows_in_a_group_stay_with_one_member() {
-    within("udp group", async {
+    within(TEST_LIMIT, "udp group", async {
         let tmp = tempfile::tempdir().unwrap();
-        let (ka, _) = keygen();
-        let (kb, _) = keygen();
+        let (ka, _) = keygen_with_hash(bin());
+        let (kb, _) = keygen_with_hash(bin());
         let cfg = gateway_config(tmp.path(), &[("a", &ka), ("b", &kb)], "");
         let gw = GatewaySpec::new(&tmp.path().join("state"))
             .config(&cfg)
@@ -608,9 +574,9 @@ fn gateway_rows(st: &serde_json::Value) -> Vec<(String, bool)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_agent_on_two_gateways_behind_nginx() {
-    within("two gateways", async {
+    within(TEST_LIMIT, "two gateways", async {
         let tmp = tempfile::tempdir().unwrap();
-        let (key, hash) = keygen();
+        let (key, hash) = keygen_with_hash(bin());
         let (d1, d2) = (tmp.path().join("gw1"), tmp.path().join("gw2"));
         std::fs::create_dir_all(&d1).unwrap();
         std::fs::create_dir_all(&d2).unwrap();
@@ -808,7 +774,7 @@ async fn one_agent_on_two_gateways_behind_nginx() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_fails_for_good_stops_only_its_own_session() {
-    within("one bad gateway", async {
+    within(TEST_LIMIT, "one bad gateway", async {
         let tmp = tempfile::tempdir().unwrap();
         let gw = GatewaySpec::new(&tmp.path().join("state"))
             .start(bin())
@@ -907,7 +873,7 @@ fn haproxy_example_is_valid() {
 fn several_gateways_and_groups_from_flags_and_environment() {
     const FP1: &str = "SHA256:415e49090663bd175c79524f06bcc79761d84319e3daf9c9c197b6787c6544a0";
     const FP2: &str = "SHA256:00000000000000000000000000000000000000000000000000000000000000aa";
-    let (key, _) = keygen();
+    let (key, _) = keygen_with_hash(bin());
     let run = |args: &[&str], env: &[(&str, &str)]| {
         let mut cmd = Burrow::command(bin());
         cmd.args(["agent", "--print-config", "--key", &key])
@@ -975,9 +941,9 @@ fn several_gateways_and_groups_from_flags_and_environment() {
 /// reported as needing a restart and left as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_changes_the_forwards_on_every_gateway() {
-    within("reload on two gateways", async {
+    within(TEST_LIMIT, "reload on two gateways", async {
         let tmp = tempfile::tempdir().unwrap();
-        let (key, hash) = keygen();
+        let (key, hash) = keygen_with_hash(bin());
         let (d1, d2) = (tmp.path().join("gw1"), tmp.path().join("gw2"));
         std::fs::create_dir_all(&d1).unwrap();
         std::fs::create_dir_all(&d2).unwrap();

@@ -5,11 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use burrow_testkit::harness::{admin_addr, http_exchange, keygen_with_hash, udp_echo, within};
 use burrow_testkit::targets::{echo_bytes, Pattern, TcpTarget};
 use burrow_testkit::{AgentProc, AgentSpec, Burrow, GatewayProc, GatewaySpec, Signal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,29 +25,17 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_burrow"))
 }
 
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(TEST_LIMIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {TEST_LIMIT:?}"),
-    }
-}
-
-/// The address in the process's `admin listening on http://ADDR` line.
-async fn admin_addr(proc: &mut Burrow) -> SocketAddr {
-    const PREFIX: &str = "admin listening on http://";
-    let seen = proc
-        .stdout_lines()
-        .iter()
-        .find(|l| l.starts_with(PREFIX))
-        .cloned();
-    let line = match seen {
-        Some(l) => l,
-        None => proc
-            .wait_stdout(|l| l.starts_with(PREFIX), WAIT)
-            .await
-            .unwrap(),
-    };
-    line.trim_start_matches(PREFIX).trim().parse().unwrap()
+/// A zero-config gateway in `dir/state` with an admin server on loopback and `extra`
+/// arguments, and that admin server's address.
+async fn gateway_with_admin(dir: &Path, extra: &[&str]) -> (GatewayProc, SocketAddr) {
+    let mut gw = GatewaySpec::new(&dir.join("state"))
+        .args(["--admin", "127.0.0.1:0"])
+        .args(extra.iter().copied())
+        .start(bin())
+        .await
+        .unwrap();
+    let admin = admin_addr(&mut gw, WAIT).await;
+    (gw, admin)
 }
 
 /// An HTTP answer: status, headers (names lower-cased), body.
@@ -68,18 +56,12 @@ impl Answer {
 
 /// `GET path` over HTTP/1.1 with `Connection: close`.
 async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Answer {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
-            .as_bytes(),
+    let (head, body) = http_exchange(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"),
     )
-    .await
-    .unwrap();
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    .await;
     let mut lines = head.lines();
     let code = lines
         .next()
@@ -96,7 +78,7 @@ async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Answer {
     Answer {
         code,
         headers,
-        body: body.to_string(),
+        body,
     }
 }
 
@@ -252,13 +234,7 @@ impl Pair {
     async fn start(gw_args: &[&str], agent_args: &[&str]) -> Pair {
         let state = tempfile::tempdir().unwrap();
         let echo = TcpTarget::echo().await.unwrap();
-        let mut gw = GatewaySpec::new(&state.path().join("state"))
-            .args(["--admin", "127.0.0.1:0"])
-            .args(gw_args.iter().copied())
-            .start(bin())
-            .await
-            .unwrap();
-        let gw_admin = admin_addr(&mut gw).await;
+        let (gw, gw_admin) = gateway_with_admin(state.path(), gw_args).await;
         let mut agent = AgentSpec::new(gw.agent_args())
             .args(["--admin", "127.0.0.1:0"])
             .args(agent_args.iter().copied())
@@ -266,7 +242,7 @@ impl Pair {
             .start(bin())
             .await
             .unwrap();
-        let agent_admin = admin_addr(&mut agent).await;
+        let agent_admin = admin_addr(&mut agent, WAIT).await;
         Pair {
             _state: state,
             echo,
@@ -312,7 +288,7 @@ async fn settle(addr: SocketAddr, what: &str, check: impl Fn(&Metrics) -> bool) 
 
 #[tokio::test]
 async fn metrics_count_a_known_transfer_to_the_byte_and_the_stream() {
-    within("metrics", async {
+    within(TEST_LIMIT, "metrics", async {
         let mut p = Pair::start(&[], &[]).await;
         let svc = p.service();
         let gw_svc = [("agent", "default"), ("service", svc.as_str())];
@@ -411,14 +387,9 @@ async fn metrics_count_a_known_transfer_to_the_byte_and_the_stream() {
 /// A wrong-key agent is counted as an unknown key, by reason.
 #[tokio::test]
 async fn auth_failures_are_counted_by_reason() {
-    within("auth failures", async {
+    within(TEST_LIMIT, "auth failures", async {
         let state = tempfile::tempdir().unwrap();
-        let mut gw = GatewaySpec::new(&state.path().join("state"))
-            .args(["--admin", "127.0.0.1:0"])
-            .start(bin())
-            .await
-            .unwrap();
-        let admin = admin_addr(&mut gw).await;
+        let (gw, admin) = gateway_with_admin(state.path(), &[]).await;
         let mut args = gw.agent_args();
         let i = args.iter().position(|a| a == "--key").unwrap();
         args[i + 1] = "bk_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into();
@@ -449,7 +420,7 @@ async fn auth_failures_are_counted_by_reason() {
 
 #[tokio::test]
 async fn status_json_and_burrow_status_show_agents_services_and_bytes() {
-    within("status", async {
+    within(TEST_LIMIT, "status", async {
         let p = Pair::start(&[], &[]).await;
         let svc = p.service();
         echo(p.agent.public(0), 10_000, 7).await;
@@ -534,7 +505,7 @@ async fn status_json_and_burrow_status_show_agents_services_and_bytes() {
 
 #[tokio::test]
 async fn admin_token_is_required_when_set() {
-    within("token", async {
+    within(TEST_LIMIT, "token", async {
         const TOKEN: &str = "test-admin-token-0123456789";
         let state = tempfile::tempdir().unwrap();
         let mut gw = GatewaySpec::new(&state.path().join("state"))
@@ -543,7 +514,7 @@ async fn admin_token_is_required_when_set() {
             .start(bin())
             .await
             .unwrap();
-        let admin = admin_addr(&mut gw).await;
+        let admin = admin_addr(&mut gw, WAIT).await;
         for path in ["/metrics", "/api/status"] {
             let a = get(admin, path, None).await;
             assert_eq!(a.code, 401, "{path} without a token");
@@ -588,7 +559,7 @@ async fn admin_token_is_required_when_set() {
 
 #[tokio::test]
 async fn non_loopback_admin_without_a_token_is_refused_at_start() {
-    within("refusal", async {
+    within(TEST_LIMIT, "refusal", async {
         let state = tempfile::tempdir().unwrap();
         // A documentation address (TEST-NET-1): never bound, the check comes first.
         for role_args in [
@@ -643,23 +614,6 @@ async fn non_loopback_admin_without_a_token_is_refused_at_start() {
         }
     })
     .await;
-}
-
-/// A new key and its hash, from `burrow keygen`.
-fn keygen() -> (String, String) {
-    let out = std::process::Command::new(bin())
-        .arg("keygen")
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    (field("key:"), field("key_hash:"))
 }
 
 /// Echoes `len` bytes through `public`.
@@ -719,13 +673,13 @@ async fn status_page_in_headless_chromium_shows_the_agent_its_service_and_bytes(
         println!("SKIPPED: the status page test needs chromium (apt-get install chromium)");
         return;
     };
-    within("status page", async {
+    within(TEST_LIMIT, "status page", async {
         // A gateway with two agents: `web` connects with two named forwards (its key in a
         // key file), `office` never does; one client tries a wrong key.
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let (web_key, web_hash) = keygen();
-        let (_, office_hash) = keygen();
+        let (web_key, web_hash) = keygen_with_hash(bin());
+        let (_, office_hash) = keygen_with_hash(bin());
         let gw_toml = root.join("gateway.toml");
         std::fs::write(
             &gw_toml,
@@ -742,7 +696,7 @@ async fn status_page_in_headless_chromium_shows_the_agent_its_service_and_bytes(
             .start(bin())
             .await
             .unwrap();
-        let gw_admin = admin_addr(&mut gw).await;
+        let gw_admin = admin_addr(&mut gw, WAIT).await;
         let echo = TcpTarget::echo().await.unwrap();
         let sink = TcpTarget::sink().await.unwrap();
         let key_file = root.join("web.key");
@@ -785,7 +739,7 @@ async fn status_page_in_headless_chromium_shows_the_agent_its_service_and_bytes(
                 "--fingerprint",
                 gw.fingerprint(),
                 "--key",
-                &keygen().0,
+                &keygen_with_hash(bin()).0,
             ],
         )
         .unwrap();
@@ -867,7 +821,7 @@ async fn status_page_in_headless_chromium_shows_the_agent_its_service_and_bytes(
         }
 
         // The agent's own page says where its session to the gateway stands, and since when.
-        let agent_admin = admin_addr(&mut agent).await;
+        let agent_admin = admin_addr(&mut agent, WAIT).await;
         let agent_dom = run_chromium(
             &chrome,
             &tmp.path().join("profile-agent"),
@@ -943,7 +897,7 @@ async fn notified(sock: &tokio::net::UnixDatagram, seen: &mut Vec<String>, needl
 
 #[tokio::test]
 async fn sd_notify_ready_once_listening_watchdog_and_stopping() {
-    within("sd_notify", async {
+    within(TEST_LIMIT, "sd_notify", async {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let sock = tokio::net::UnixDatagram::bind(&path).unwrap();
@@ -961,7 +915,7 @@ async fn sd_notify_ready_once_listening_watchdog_and_stopping() {
             ready.contains(&format!("STATUS=listening for agents on {}", gw.addr())),
             "{ready:?}"
         );
-        let admin = admin_addr(&mut gw).await;
+        let admin = admin_addr(&mut gw, WAIT).await;
         TcpStream::connect(gw.addr()).await.unwrap();
         TcpStream::connect(admin).await.unwrap();
         let t0 = Instant::now();
@@ -1072,7 +1026,7 @@ fn systemd_units_verify() {
 
 #[tokio::test]
 async fn json_logs_are_one_object_a_line() {
-    within("json logs", async {
+    within(TEST_LIMIT, "json logs", async {
         let dir = tempfile::tempdir().unwrap();
         let mut gw = GatewaySpec::new(&dir.path().join("state"))
             .args(["--log-format", "json"])
@@ -1128,7 +1082,7 @@ fn completions_for_bash_zsh_and_fish() {
 
 #[tokio::test]
 async fn key_file_keeps_the_key_out_of_the_command_line() {
-    within("key file", async {
+    within(TEST_LIMIT, "key file", async {
         let dir = tempfile::tempdir().unwrap();
         let gw = GatewaySpec::new(&dir.path().join("state"))
             .start(bin())
@@ -1296,7 +1250,7 @@ fn compose_command(svc: &ComposeService, given: &[(&str, String)]) -> std::proce
 
 #[tokio::test]
 async fn compose_environment_starts_a_gateway_and_an_agent_that_carry_traffic() {
-    within("compose", async {
+    within(TEST_LIMIT, "compose", async {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         // What an operator exports before `docker compose up`, with loopback and port 0 in
@@ -1330,7 +1284,7 @@ async fn compose_environment_starts_a_gateway_and_an_agent_that_carry_traffic() 
             .nth(1)
             .unwrap()
             .to_string();
-        let gw_admin = admin_addr(&mut gw).await;
+        let gw_admin = admin_addr(&mut gw, WAIT).await;
         // The compose file logs JSON.
         let first = gw.wait_stderr("gateway listening", WAIT).await.unwrap();
         serde_json::from_str::<serde_json::Value>(&first).unwrap();
@@ -1350,7 +1304,7 @@ async fn compose_environment_starts_a_gateway_and_an_agent_that_carry_traffic() 
             .await
             .unwrap();
         echo(public[0], 200_000, 11).await;
-        let agent_admin = admin_addr(&mut agent).await;
+        let agent_admin = admin_addr(&mut agent, WAIT).await;
 
         // The healthchecks, with each container's environment.
         for (svc, env, admin) in [
@@ -1379,25 +1333,9 @@ async fn compose_environment_starts_a_gateway_and_an_agent_that_carry_traffic() 
     .await;
 }
 
-/// A UDP echo server on loopback: every datagram goes back to its sender.
-async fn udp_echo() -> SocketAddr {
-    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = s.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 70_000];
-        loop {
-            let Ok((n, from)) = s.recv_from(&mut buf).await else {
-                return;
-            };
-            let _ = s.send_to(&buf[..n], from).await;
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn udp_flows_datagrams_and_bytes_are_counted_exactly() {
-    within("udp metrics", async {
+    within(TEST_LIMIT, "udp metrics", async {
         let dir = tempfile::tempdir().unwrap();
         // One flow per service, so a second client is refused and counted.
         let file = dir.path().join("gateway.toml");
@@ -1408,7 +1346,7 @@ async fn udp_flows_datagrams_and_bytes_are_counted_exactly() {
             .start(bin())
             .await
             .unwrap();
-        let gw_admin = admin_addr(&mut gw).await;
+        let gw_admin = admin_addr(&mut gw, WAIT).await;
         let target = udp_echo().await;
         let spec = format!("udp:{target}");
         let mut agent = AgentSpec::new(gw.agent_args())
@@ -1417,7 +1355,7 @@ async fn udp_flows_datagrams_and_bytes_are_counted_exactly() {
             .start(bin())
             .await
             .unwrap();
-        let agent_admin = admin_addr(&mut agent).await;
+        let agent_admin = admin_addr(&mut agent, WAIT).await;
         let public = agent.public(0);
 
         // Five datagrams of known sizes, each echoed before the next is sent: one flow.
@@ -1490,14 +1428,9 @@ async fn udp_flows_datagrams_and_bytes_are_counted_exactly() {
 
 #[tokio::test]
 async fn a_websocket_session_on_the_tunnel_port_shows_as_wss() {
-    within("wss label", async {
+    within(TEST_LIMIT, "wss label", async {
         let dir = tempfile::tempdir().unwrap();
-        let mut gw = GatewaySpec::new(&dir.path().join("state"))
-            .args(["--admin", "127.0.0.1:0"])
-            .start(bin())
-            .await
-            .unwrap();
-        let admin = admin_addr(&mut gw).await;
+        let (gw, admin) = gateway_with_admin(dir.path(), &[]).await;
         let mut args = gw.agent_args();
         let i = args.iter().position(|a| a == "--gateway").unwrap();
         args[i + 1] = format!("wss://{}/burrow", gw.addr());
@@ -1519,14 +1452,10 @@ async fn a_websocket_session_on_the_tunnel_port_shows_as_wss() {
 /// carrier in use (`quic`, or `tls` once UDP is blocked), not the URL's scheme.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auto_session_shows_the_carrier_in_use_at_both_ends() {
-    within("auto label", async {
+    within(TEST_LIMIT, "auto label", async {
         let dir = tempfile::tempdir().unwrap();
-        let mut gw = GatewaySpec::new(&dir.path().join("state"))
-            .args(["--admin", "127.0.0.1:0", "--quic-listen", "127.0.0.1:0"])
-            .start(bin())
-            .await
-            .unwrap();
-        let gw_admin = admin_addr(&mut gw).await;
+        let (mut gw, gw_admin) =
+            gateway_with_admin(dir.path(), &["--quic-listen", "127.0.0.1:0"]).await;
         let quic: SocketAddr = (gw.proc.stdout_lines().iter())
             .find_map(|l| l.strip_prefix("gateway listening for QUIC on UDP "))
             .expect("the gateway prints its QUIC address")
@@ -1546,7 +1475,7 @@ async fn an_auto_session_shows_the_carrier_in_use_at_both_ends() {
                 .start(bin())
                 .await
                 .unwrap();
-            let agent_admin = admin_addr(&mut agent.proc).await;
+            let agent_admin = admin_addr(&mut agent.proc, WAIT).await;
             echo(agent.public(0), 1000, 1).await;
             let at_agent: serde_json::Value =
                 serde_json::from_str(&get(agent_admin, "/api/status", None).await.body).unwrap();

@@ -15,7 +15,6 @@
 //!   `--proxy none` ignores it; passwords are masked in `--print-config` and the logs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
@@ -25,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_testkit::harness::within;
 use burrow_testkit::targets::{echo_transfer, EchoOpts};
 use burrow_testkit::{
     count_tcp_state, AgentProc, AgentSpec, Burrow, GatewaySpec, TcpState, TcpTarget,
@@ -43,13 +43,6 @@ const STREAM_BYTES: u64 = 256 << 10;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_burrow"))
-}
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(TEST_LIMIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {TEST_LIMIT:?}"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -524,7 +517,7 @@ async fn light_traffic(agent: &AgentProc, label: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_through_danted_socks5() {
-    within("tls through danted", async {
+    within(TEST_LIMIT, "tls through danted", async {
         let mut socks = danted().await;
         let s = gateway(&[]).await;
         // A name: with socks5:// the agent resolves it and hands the proxy an address.
@@ -550,7 +543,7 @@ async fn tls_through_danted_socks5() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_through_microsocks_with_a_password() {
-    within("tls through microsocks", async {
+    within(TEST_LIMIT, "tls through microsocks", async {
         let socks = microsocks("alice", "s3cret").await;
         let s = gateway(&[]).await;
         let proxy = format!("socks5://alice:s3cret@127.0.0.1:{}", socks.port());
@@ -574,7 +567,7 @@ async fn tls_through_microsocks_with_a_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_through_squid_connect_with_basic_auth() {
-    within("wss through squid", async {
+    within(TEST_LIMIT, "wss through squid", async {
         let mut http = squid(Some(("bob", "pa55word")), false).await;
         let s = gateway(&[]).await;
         let proxy = format!("http://bob:pa55word@127.0.0.1:{}", http.port());
@@ -596,7 +589,7 @@ async fn wss_through_squid_connect_with_basic_auth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socks5h_lets_the_proxy_resolve_the_name() {
-    within("socks5h through danted", async {
+    within(TEST_LIMIT, "socks5h through danted", async {
         let socks = danted().await;
         let s = gateway(&[]).await;
         let proxy = format!("socks5h://127.0.0.1:{}", socks.port());
@@ -610,7 +603,7 @@ async fn socks5h_lets_the_proxy_resolve_the_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_tcp_and_ws_through_proxies() {
-    within("tcp:// and ws:// through proxies", async {
+    within(TEST_LIMIT, "tcp:// and ws:// through proxies", async {
         let http = squid(None, false).await;
         let socks = microsocks("u", "p").await;
         let s = gateway(&["--transport", "tcp"]).await;
@@ -658,7 +651,7 @@ async fn stops_at_once(spec: AgentSpec, secret: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_socks5_password_stops_the_agent() {
-    within("wrong socks5 password", async {
+    within(TEST_LIMIT, "wrong socks5 password", async {
         let socks = microsocks("alice", "right").await;
         let s = gateway(&[]).await;
         let proxy = format!("socks5://alice:wrong-one@127.0.0.1:{}", socks.port());
@@ -677,7 +670,7 @@ async fn wrong_socks5_password_stops_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_http_password_stops_the_agent() {
-    within("wrong http password", async {
+    within(TEST_LIMIT, "wrong http password", async {
         let http = squid(Some(("bob", "right")), false).await;
         let s = gateway(&[]).await;
         let proxy = format!("http://bob:wrong-one@127.0.0.1:{}", http.port());
@@ -707,7 +700,7 @@ async fn wrong_http_password_stops_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_forbidden_by_the_proxys_policy_stops_the_agent() {
-    within("connect forbidden", async {
+    within(TEST_LIMIT, "connect forbidden", async {
         // Only port 443 may be tunnelled to; the gateway is elsewhere.
         let http = squid(None, true).await;
         let s = gateway(&[]).await;
@@ -726,7 +719,7 @@ async fn connect_forbidden_by_the_proxys_policy_stops_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_is_not_there_is_retried() {
-    within("proxy unreachable", async {
+    within(TEST_LIMIT, "proxy unreachable", async {
         let s = gateway(&[]).await;
         // Bound, not listening: connections to it are refused.
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -764,7 +757,7 @@ async fn a_proxy_that_is_not_there_is_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_proxy_in_the_environment_is_used() {
-    within("HTTPS_PROXY used", async {
+    within(TEST_LIMIT, "HTTPS_PROXY used", async {
         let mut http = squid(Some(("carol", "env-secret")), false).await;
         let s = gateway(&[]).await;
         let args = s.agent_args("127.0.0.1:{port}", &[]);
@@ -796,7 +789,7 @@ async fn https_proxy_in_the_environment_is_used() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_proxy_listing_the_gateway_skips_the_proxy() {
-    within("NO_PROXY", async {
+    within(TEST_LIMIT, "NO_PROXY", async {
         let tarpit = Tarpit::start().await;
         let s = gateway(&[]).await;
         let args = s.agent_args("127.0.0.1:{port}", &[]);
@@ -823,7 +816,7 @@ async fn no_proxy_listing_the_gateway_skips_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_none_ignores_the_environment() {
-    within("--proxy none", async {
+    within(TEST_LIMIT, "--proxy none", async {
         let tarpit = Tarpit::start().await;
         let s = gateway(&[]).await;
         let args = s.agent_args("127.0.0.1:{port}", &["--proxy", "none"]);

@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use burrow_testkit::harness::keygen;
 use burrow_testkit::{AgentSpec, GatewaySpec, Haproxy, Nginx};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
@@ -177,25 +178,11 @@ async fn an_ipv6_client_is_reported_as_such() {
     drop(gw);
 }
 
-/// A fresh key from `burrow keygen`.
-fn keygen() -> String {
-    let out = std::process::Command::new(bin())
-        .arg("keygen")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("key: "))
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_of_a_unix_endpoint_has_no_address_to_pass_on() {
     let nginx = Nginx::proxy_protocol_echo().await.unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let key = keygen();
+    let key = keygen(bin());
     let conf = tmp.path().join("gateway.toml");
     std::fs::write(
         &conf,

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_testkit::harness::udp_echo;
 use burrow_testkit::targets::{echo_transfer, EchoOpts};
 use burrow_testkit::{AgentSpec, Dnsmasq, GatewayProc, GatewaySpec, TcpTarget, UdpFaultProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -162,22 +163,6 @@ async fn wrong_key_and_wrong_fingerprint_are_refused_with_the_cause() {
     assert!(line.contains("check --fingerprint"), "{line}");
     let status = agent.wait_exit(WAIT).await.unwrap();
     assert!(!status.success(), "the agent stops on a wrong fingerprint");
-}
-
-/// A UDP echo server on loopback.
-async fn udp_echo() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = s.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 70_000];
-        loop {
-            let Ok((n, from)) = s.recv_from(&mut buf).await else {
-                return;
-            };
-            let _ = s.send_to(&buf[..n], from).await;
-        }
-    });
-    addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,11 +6,11 @@
 //! the agent a forward is added and one removed while another carries a transfer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use burrow_testkit::harness::{admin_addr, agent_args, http_exchange, keygen_with_hash, within};
 use burrow_testkit::targets::Pattern;
 use burrow_testkit::{
     sha256, wait_public, AgentProc, AgentSpec, Burrow, GatewaySpec, Signal, TcpTarget,
@@ -29,46 +29,15 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_burrow"))
 }
 
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(TEST_LIMIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {TEST_LIMIT:?}"),
-    }
-}
-
-/// The address in the process's `admin listening on http://ADDR` line.
-async fn admin_addr(proc: &mut Burrow) -> SocketAddr {
-    const PREFIX: &str = "admin listening on http://";
-    let seen = proc
-        .stdout_lines()
-        .iter()
-        .find(|l| l.starts_with(PREFIX))
-        .cloned();
-    let line = match seen {
-        Some(l) => l,
-        None => proc
-            .wait_stdout(|l| l.starts_with(PREFIX), WAIT)
-            .await
-            .unwrap(),
-    };
-    line.trim_start_matches(PREFIX).trim().parse().unwrap()
-}
-
 /// `method path` over HTTP/1.1 with `Connection: close`: the status and the body.
 async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+    let (head, body) = http_exchange(
+        addr,
+        &format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
     )
-    .await
-    .unwrap();
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    .await;
     let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
+    (code, body)
 }
 
 async fn reload(admin: SocketAddr) -> serde_json::Value {
@@ -93,21 +62,14 @@ fn agent<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no agent {name} in {st:#}"))
 }
 
-/// A new key and its hash, from `burrow keygen`.
-fn keygen() -> (String, String) {
-    let out = std::process::Command::new(bin())
-        .arg("keygen")
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    (field("key:"), field("key_hash:"))
+/// An agent with `args`, its config `file` (to reload) and an admin server on loopback.
+fn agent_from_file(args: Vec<String>, file: &Path) -> Burrow {
+    Burrow::start(
+        AgentSpec::new(args)
+            .args(["--config", file.to_str().unwrap(), "--admin", "127.0.0.1:0"])
+            .command(bin()),
+    )
+    .unwrap()
 }
 
 /// An `[[agents]]` entry.
@@ -125,21 +87,6 @@ fn all_ports() -> Vec<String> {
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
-}
-
-/// The agent line's arguments for a gateway whose config lists its agents.
-fn agent_args(gw: &burrow_testkit::GatewayProc, key: &str) -> Vec<String> {
-    [
-        "agent",
-        "--gateway",
-        &gw.addr().to_string(),
-        "--key",
-        key,
-        "--fingerprint",
-        gw.fingerprint(),
-    ]
-    .map(String::from)
-    .to_vec()
 }
 
 /// Waits (5 s at most) until nothing listens on `addr` any more.
@@ -225,15 +172,15 @@ async fn start_agent(args: Vec<String>, forwards: &[&str]) -> AgentProc {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_reload_adds_removes_rekeys_and_narrows_and_leaves_the_rest_alone() {
-    within("gateway reload", async {
+    within(TEST_LIMIT, "gateway reload", async {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("gateway.toml");
-        let (keep_key, keep) = keygen();
-        let (gone_key, gone) = keygen();
-        let (narrow_key, narrow) = keygen();
-        let (old_key, old) = keygen();
-        let (new_key, new) = keygen();
-        let (fresh_key, fresh) = keygen();
+        let (keep_key, keep) = keygen_with_hash(bin());
+        let (gone_key, gone) = keygen_with_hash(bin());
+        let (narrow_key, narrow) = keygen_with_hash(bin());
+        let (old_key, old) = keygen_with_hash(bin());
+        let (new_key, new) = keygen_with_hash(bin());
+        let (fresh_key, fresh) = keygen_with_hash(bin());
         let v1 = [
             entry("keep", &keep, &all_ports()),
             entry("gone", &gone, &all_ports()),
@@ -249,7 +196,7 @@ async fn gateway_reload_adds_removes_rekeys_and_narrows_and_leaves_the_rest_alon
             .start(bin())
             .await
             .unwrap();
-        let admin = admin_addr(&mut gw).await;
+        let admin = admin_addr(&mut gw, WAIT).await;
         let target = TcpTarget::echo().await.unwrap();
         let spec = target.addr().to_string();
         let other = format!("0={spec}");
@@ -381,11 +328,11 @@ async fn gateway_reload_adds_removes_rekeys_and_narrows_and_leaves_the_rest_alon
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_config_keeps_the_old_one_and_names_file_line_and_key() {
-    within("broken reload", async {
+    within(TEST_LIMIT, "broken reload", async {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("gateway.toml");
-        let (key, hash) = keygen();
-        let (late_key, late) = keygen();
+        let (key, hash) = keygen_with_hash(bin());
+        let (late_key, late) = keygen_with_hash(bin());
         write(&file, &entry("a", &hash, &all_ports()));
         let mut gw = GatewaySpec::new(&dir.path().join("state"))
             .config(&file)
@@ -394,7 +341,7 @@ async fn a_broken_config_keeps_the_old_one_and_names_file_line_and_key() {
             .start(bin())
             .await
             .unwrap();
-        let admin = admin_addr(&mut gw).await;
+        let admin = admin_addr(&mut gw, WAIT).await;
         let target = TcpTarget::echo().await.unwrap();
         let a = start_agent(agent_args(&gw, &key), &[&target.addr().to_string()]).await;
 
@@ -462,7 +409,7 @@ fn agent_file(dir: &Path, forwards: &[&str]) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_reload_binds_added_forwards_and_gives_removed_ones_back() {
-    within("agent reload", async {
+    within(TEST_LIMIT, "agent reload", async {
         let dir = tempfile::tempdir().unwrap();
         let gw = GatewaySpec::new(&dir.path().join("state"))
             .start(bin())
@@ -477,16 +424,11 @@ async fn agent_reload_binds_added_forwards_and_gives_removed_ones_back() {
         let gone = t2.addr().to_string();
         let added = t3.addr().to_string();
         let file = agent_file(dir.path(), &[&keep, &gone]);
-        let mut agent = Burrow::start(
-            AgentSpec::new(gw.agent_args())
-                .args(["--config", file.to_str().unwrap(), "--admin", "127.0.0.1:0"])
-                .command(bin()),
-        )
-        .unwrap();
+        let mut agent = agent_from_file(gw.agent_args(), &file);
         let public = wait_public(&mut agent, &[keep.clone(), gone.clone()], WAIT)
             .await
             .unwrap();
-        let admin = admin_addr(&mut agent).await;
+        let admin = admin_addr(&mut agent, WAIT).await;
         let held = held_transfer(public[0], 8 << 20, 7).await;
 
         agent_file(dir.path(), &[&keep, &added]);
@@ -539,7 +481,7 @@ async fn agent_reload_binds_added_forwards_and_gives_removed_ones_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_reload_over_quic_gives_a_removed_forward_back_in_the_same_session() {
-    within("agent reload over quic", async {
+    within(TEST_LIMIT, "agent reload over quic", async {
         let dir = tempfile::tempdir().unwrap();
         let gw = GatewaySpec::new(&dir.path().join("state"))
             .start(bin())
@@ -552,16 +494,11 @@ async fn agent_reload_over_quic_gives_a_removed_forward_back_in_the_same_session
         let keep = t1.addr().to_string();
         let gone = t2.addr().to_string();
         let file = agent_file(dir.path(), &[&keep, &gone]);
-        let mut agent = Burrow::start(
-            AgentSpec::new(gw.agent_args_url("quic", gw.addr()))
-                .args(["--config", file.to_str().unwrap(), "--admin", "127.0.0.1:0"])
-                .command(bin()),
-        )
-        .unwrap();
+        let mut agent = agent_from_file(gw.agent_args_url("quic", gw.addr()), &file);
         let public = wait_public(&mut agent, &[keep.clone(), gone.clone()], WAIT)
             .await
             .unwrap();
-        let admin = admin_addr(&mut agent).await;
+        let admin = admin_addr(&mut agent, WAIT).await;
         agent_file(dir.path(), &[&keep]);
         let report = reload(admin).await;
         assert_eq!(
@@ -584,7 +521,7 @@ async fn agent_reload_over_quic_gives_a_removed_forward_back_in_the_same_session
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_reload_says_private_services_and_allow_need_a_restart() {
-    within("agent reload of private", async {
+    within(TEST_LIMIT, "agent reload of private", async {
         let dir = tempfile::tempdir().unwrap();
         let gw = GatewaySpec::new(&dir.path().join("state"))
             .start(bin())
@@ -593,17 +530,12 @@ async fn agent_reload_says_private_services_and_allow_need_a_restart() {
         let target = TcpTarget::echo().await.unwrap();
         let path = dir.path().join("agent.toml");
         write(&path, &format!("private = [\"echo={}\"]\n", target.addr()));
-        let mut agent = Burrow::start(
-            AgentSpec::new(gw.agent_args())
-                .args(["--config", path.to_str().unwrap(), "--admin", "127.0.0.1:0"])
-                .command(bin()),
-        )
-        .unwrap();
+        let mut agent = agent_from_file(gw.agent_args(), &path);
         agent
             .wait_stderr("private service announced", WAIT)
             .await
             .unwrap();
-        let admin = admin_addr(&mut agent).await;
+        let admin = admin_addr(&mut agent, WAIT).await;
         write(
             &path,
             &format!(

@@ -6,9 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use burrow_testkit::harness::keygen;
 use burrow_testkit::targets::{echo_transfer, EchoOpts};
 use burrow_testkit::{Burrow, Pki, Signal, TcpTarget};
 use tokio::net::{TcpListener, TcpStream};
@@ -19,20 +20,6 @@ fn bin() -> &'static Path {
 }
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A fresh key from `burrow keygen`.
-fn keygen() -> String {
-    let out = std::process::Command::new(bin())
-        .arg("keygen")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("key: "))
-        .unwrap()
-        .to_string()
-}
 
 /// A TCP relay on a port known now to an upstream known later: the agent in the file must
 /// name its gateway's address before the gateway (on port 0) has one. Each connection waits
@@ -69,6 +56,46 @@ fn after<'a>(line: &'a str, prefix: &str) -> &'a str {
     line.strip_prefix(prefix).unwrap().trim()
 }
 
+/// Writes `text` to `dir/run.toml`, readable by its owner only (it holds keys).
+fn write_run_file(dir: &Path, text: &str) -> PathBuf {
+    let file = dir.join("run.toml");
+    std::fs::write(&file, text).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    file
+}
+
+/// `burrow run --config FILE`, once its gateway `edge` listens (and `upstream`, the relay
+/// the file's agent dials, points at it).
+async fn start_run(file: &Path, upstream: &watch::Sender<Option<SocketAddr>>) -> Burrow {
+    let mut p = Burrow::spawn(bin(), ["run", "--config", file.to_str().unwrap()]).unwrap();
+    let line = p
+        .wait_stdout(|l| l.starts_with("edge: gateway listening on "), WAIT)
+        .await
+        .unwrap();
+    let gw: SocketAddr = after(&line, "edge: gateway listening on ").parse().unwrap();
+    upstream.send(Some(gw)).unwrap();
+    p
+}
+
+/// For each (needle, want): the first of `logs` that contains `needle` also contains `want`.
+fn assert_logged(logs: &[String], checks: &[(&str, &str)]) {
+    for (needle, want) in checks {
+        let line = logs
+            .iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no log line with {needle:?}: {logs:#?}"));
+        assert!(line.contains(want), "{line}");
+    }
+}
+
+/// Asserts that `err` says each instance (name, line of `file`) stopped.
+fn assert_stopped(err: &str, file: &Path, instances: &[(&str, usize)]) {
+    for (name, line) in instances {
+        let want = format!("instance {name} ({} line {line}) stopped", file.display());
+        assert!(err.contains(&want), "{want}: {err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_and_an_agent_in_one_file_serve_while_a_bad_instance_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
@@ -77,7 +104,7 @@ async fn a_gateway_and_an_agent_in_one_file_serve_while_a_bad_instance_is_report
     let (cert, key_pem) = pki.issue("gateway").unwrap();
     let echo = TcpTarget::echo().await.unwrap();
     let (relay, upstream) = deferred_relay().await;
-    let key = keygen();
+    let key = keygen(bin());
     // Line numbers matter: the bad instance's setting is on line 27.
     let text = format!(
         r#"log_level = "info"
@@ -116,17 +143,9 @@ gateway = "127.0.0.1:1"
         echo_port = echo.addr().port(),
     );
     assert_eq!(text.lines().nth(26), Some("connect_timeout = \"0s\""));
-    let file = dir.join("run.toml");
-    std::fs::write(&file, text).unwrap();
-    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let file = write_run_file(dir, &text);
     let started = Instant::now();
-    let mut p = Burrow::spawn(bin(), ["run", "--config", file.to_str().unwrap()]).unwrap();
-    let line = p
-        .wait_stdout(|l| l.starts_with("edge: gateway listening on "), WAIT)
-        .await
-        .unwrap();
-    let gw: SocketAddr = after(&line, "edge: gateway listening on ").parse().unwrap();
-    upstream.send(Some(gw)).unwrap();
+    let mut p = start_run(&file, &upstream).await;
     let want = format!(
         "office: forward 0=127.0.0.1:{}: public address ",
         echo.addr().port()
@@ -145,26 +164,21 @@ gateway = "127.0.0.1:1"
     // Each instance's log lines carry its name, from whichever of its tasks they come.
     p.wait_stderr("stream closed", WAIT).await.unwrap();
     let logs = p.stderr_lines().to_vec();
-    let find = |needle: &str| {
-        logs.iter()
-            .find(|l| l.contains(needle))
-            .unwrap_or_else(|| panic!("no log line with {needle:?}: {logs:#?}"))
-            .clone()
-    };
-    let connected = find("agent connected");
-    assert!(connected.contains("gateway{instance=edge}"), "{connected}");
-    let dialed = find("connected to gateway");
-    assert!(dialed.contains("agent{instance=office}"), "{dialed}");
-    let granted = find("public port granted");
-    assert!(granted.contains("gateway{instance=edge}"), "{granted}");
-    // The bad instance: named, with its file line; the others serve regardless.
-    let bad = find("instance [[agent]] broken");
-    assert!(
-        bad.contains(&format!(
-            "instance [[agent]] broken ({} line 25): line 27, key connect_timeout: must be more than 0",
-            file.display()
-        )),
-        "{bad}"
+    assert_logged(
+        &logs,
+        &[
+            ("agent connected", "gateway{instance=edge}"),
+            ("connected to gateway", "agent{instance=office}"),
+            ("public port granted", "gateway{instance=edge}"),
+            // The bad instance: named, with its file line; the others serve regardless.
+            (
+                "instance [[agent]] broken",
+                &format!(
+                    "instance [[agent]] broken ({} line 25): line 27, key connect_timeout: must be more than 0",
+                    file.display()
+                ),
+            ),
+        ],
     );
 
     // SIGTERM drains and stops every instance; exit 0.
@@ -173,10 +187,11 @@ gateway = "127.0.0.1:1"
     let st = p.wait_exit(WAIT).await.unwrap();
     assert!(st.success(), "{st:?}");
     let err = p.stderr_lines().join("\n");
-    for (name, line) in ["[[gateway]] edge", "[[agent]] office"].iter().zip([3, 17]) {
-        let want = format!("instance {name} ({} line {line}) stopped", file.display());
-        assert!(err.contains(&want), "{want}: {err}");
-    }
+    assert_stopped(
+        &err,
+        &file,
+        &[("[[gateway]] edge", 3), ("[[agent]] office", 17)],
+    );
     assert!(
         TcpStream::connect(public).await.is_err(),
         "the public port is closed"
@@ -240,7 +255,7 @@ async fn a_gateway_an_agent_and_a_connector_in_one_file_carry_traffic_while_a_ba
     let (cert, key_pem) = pki.issue("gateway").unwrap();
     let echo = TcpTarget::echo().await.unwrap();
     let (relay, upstream) = deferred_relay().await;
-    let (agent_key, connector_key) = (keygen(), keygen());
+    let (agent_key, connector_key) = (keygen(bin()), keygen(bin()));
     // Line numbers matter: the bad connector's setting is on line 41.
     let text = format!(
         r#"log_level = "info"
@@ -293,17 +308,9 @@ forward = ["0=office/echo"]
         echo_port = echo.addr().port(),
     );
     assert_eq!(text.lines().nth(40), Some("max_backoff = \"0s\""));
-    let file = dir.join("run.toml");
-    std::fs::write(&file, text).unwrap();
-    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let file = write_run_file(dir, &text);
     let started = Instant::now();
-    let mut p = Burrow::spawn(bin(), ["run", "--config", file.to_str().unwrap()]).unwrap();
-    let line = p
-        .wait_stdout(|l| l.starts_with("edge: gateway listening on "), WAIT)
-        .await
-        .unwrap();
-    let gw: SocketAddr = after(&line, "edge: gateway listening on ").parse().unwrap();
-    upstream.send(Some(gw)).unwrap();
+    let mut p = start_run(&file, &upstream).await;
     // The instances start at once: the connector may print before the gateway.
     let want = "laptop: forward 0=office/echo: listening on ";
     let line = printed(&mut p, |l| l.starts_with(want)).await;
@@ -324,43 +331,39 @@ forward = ["0=office/echo"]
         .await
         .unwrap();
     let logs = p.stderr_lines().to_vec();
-    let find = |needle: &str| {
-        logs.iter()
-            .find(|l| l.contains(needle))
-            .unwrap_or_else(|| panic!("no log line with {needle:?}: {logs:#?}"))
-            .clone()
-    };
-    let session = find("connector session up");
-    assert!(session.contains("connector{instance=laptop}"), "{session}");
-    let joined = find("connector stream closed");
-    assert!(joined.contains("gateway{instance=edge}"), "{joined}");
-    let announced = find("private service announced: connectors");
-    assert!(announced.contains("agent{instance=office}"), "{announced}");
-    // The bad connector: named, with its file line; the others serve regardless.
-    let bad = find("instance [[connector]] broken");
-    assert!(
-        bad.contains(&format!(
-            "instance [[connector]] broken ({} line 38): line 41, key max_backoff: must be more than 0",
-            file.display()
-        )),
-        "{bad}"
+    assert_logged(
+        &logs,
+        &[
+            ("connector session up", "connector{instance=laptop}"),
+            ("connector stream closed", "gateway{instance=edge}"),
+            (
+                "private service announced: connectors",
+                "agent{instance=office}",
+            ),
+            // The bad connector: named, with its file line; the others serve regardless.
+            (
+                "instance [[connector]] broken",
+                &format!(
+                    "instance [[connector]] broken ({} line 38): line 41, key max_backoff: must be more than 0",
+                    file.display()
+                ),
+            ),
+        ],
     );
 
     p.signal(Signal::Term).unwrap();
     let st = p.wait_exit(WAIT).await.unwrap();
     assert!(st.success(), "{st:?}");
     let err = p.stderr_lines().join("\n");
-    for (name, line) in [
-        "[[gateway]] edge",
-        "[[agent]] office",
-        "[[connector]] laptop",
-    ]
-    .iter()
-    .zip([3, 22, 30])
-    {
-        let want = format!("instance {name} ({} line {line}) stopped", file.display());
-        assert!(err.contains(&want), "{want}: {err}");
-    }
+    assert_stopped(
+        &err,
+        &file,
+        &[
+            ("[[gateway]] edge", 3),
+            ("[[agent]] office", 22),
+            ("[[connector]] laptop", 30),
+        ],
+    );
     assert!(
         TcpStream::connect(local).await.is_err(),
         "the connector's listener is closed"

@@ -14,13 +14,13 @@
 //!   the port.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use burrow_testkit::harness::{agent_args, dirs, keygen, within};
 use burrow_testkit::process::wait_public;
 use burrow_testkit::targets::echo_once;
-use burrow_testkit::{AgentSpec, Burrow, GatewayProc, GatewaySpec, Signal, TcpTarget};
+use burrow_testkit::{AgentSpec, Burrow, GatewaySpec, Signal, TcpTarget};
 use tokio::time::Instant;
 
 /// Upper bound for a whole test, so a hang fails instead of blocking the run.
@@ -30,67 +30,6 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_burrow"))
-}
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(TEST_LIMIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {TEST_LIMIT:?}"),
-    }
-}
-
-/// A state directory and a place for the config file.
-struct Dirs {
-    _tmp: tempfile::TempDir,
-    state: PathBuf,
-    root: PathBuf,
-}
-
-fn dirs() -> Dirs {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_path_buf();
-    Dirs {
-        state: root.join("state"),
-        root,
-        _tmp: tmp,
-    }
-}
-
-impl Dirs {
-    fn config(&self, text: &str) -> PathBuf {
-        let p = self.root.join("gateway.toml");
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
-
-/// A fresh key from `burrow keygen`.
-fn keygen() -> String {
-    let out = std::process::Command::new(bin())
-        .arg("keygen")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("key: "))
-        .unwrap()
-        .to_string()
-}
-
-/// The agent arguments for `key` against `gw`.
-fn agent_args(gw: &GatewayProc, key: &str) -> Vec<String> {
-    [
-        "agent",
-        "--gateway",
-        &gw.addr().to_string(),
-        "--key",
-        key,
-        "--fingerprint",
-        gw.fingerprint(),
-    ]
-    .map(String::from)
-    .to_vec()
 }
 
 /// How many of `proc`'s stderr lines contain every one of `needles`.
@@ -115,7 +54,7 @@ async fn run_to_exit(spec: &AgentSpec, limit: Duration) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f1_a_failing_agent_does_not_lock_out_its_neighbours() {
-    within("F1", async {
+    within(TEST_LIMIT, "F1", async {
         let d = dirs();
         let mut gw = GatewaySpec::new(&d.state)
             .args(["--log-level", "debug"])
@@ -124,7 +63,7 @@ async fn f1_a_failing_agent_does_not_lock_out_its_neighbours() {
             .unwrap();
         // A stale container with a revoked key, restarted over and over from the same
         // address as a good agent.
-        let bad = AgentSpec::new(agent_args(&gw, &keygen())).forward("127.0.0.1:9");
+        let bad = AgentSpec::new(agent_args(&gw, &keygen(bin()))).forward("127.0.0.1:9");
         for i in 0..5 {
             let (ok, err) = run_to_exit(&bad, WAIT).await;
             assert!(!ok && err.contains("rejected the key"), "attempt {i}: {err}");
@@ -172,7 +111,7 @@ async fn f1_a_failing_agent_does_not_lock_out_its_neighbours() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f2_two_agents_with_one_key_stop_taking_over_each_other() {
-    within("F2", async {
+    within(TEST_LIMIT, "F2", async {
         let d = dirs();
         let mut gw = GatewaySpec::new(&d.state).start(bin()).await.unwrap();
         let echo = TcpTarget::echo().await.unwrap();
@@ -219,7 +158,7 @@ async fn f2_two_agents_with_one_key_stop_taking_over_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f4_a_refused_forward_is_asked_for_again_once_its_port_is_free() {
-    within("F4", async {
+    within(TEST_LIMIT, "F4", async {
         let d = dirs();
         let gw = GatewaySpec::new(&d.state).start(bin()).await.unwrap();
         let echo = TcpTarget::echo().await.unwrap();
@@ -259,9 +198,9 @@ async fn f4_a_refused_forward_is_asked_for_again_once_its_port_is_free() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f4_an_agent_with_nothing_to_publish_exits_non_zero() {
-    within("F4b", async {
+    within(TEST_LIMIT, "F4b", async {
         let d = dirs();
-        let key = keygen();
+        let key = keygen(bin());
         let cfg = d.config(&format!(
             "[[agents]]\nname = \"narrow\"\nkey = \"{key}\"\nports = [40000]\n"
         ));
@@ -291,7 +230,7 @@ async fn f4_an_agent_with_nothing_to_publish_exits_non_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f5_chosen_ports_survive_a_gateway_restart() {
-    within("F5", async {
+    within(TEST_LIMIT, "F5", async {
         let d = dirs();
         let mut gw = GatewaySpec::new(&d.state).start(bin()).await.unwrap();
         let echo = TcpTarget::echo().await.unwrap();
@@ -339,9 +278,9 @@ async fn f5_chosen_ports_survive_a_gateway_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f12_overlapping_grants_are_named() {
-    within("F12", async {
+    within(TEST_LIMIT, "F12", async {
         let d = dirs();
-        let (ka, kb) = (keygen(), keygen());
+        let (ka, kb) = (keygen(bin()), keygen(bin()));
         let cfg = d.config(&format!(
             "[[agents]]\nname = \"alpha\"\nkey = \"{ka}\"\nports = [\"1024-65535\"]\n\n\
              [[agents]]\nname = \"beta\"\nkey = \"{kb}\"\nports = [8080, \"20000-65535\"]\n"

@@ -5,11 +5,11 @@
 //! restart; a name the config uses is refused; without an admin token, none is made.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use burrow_testkit::harness::{admin_addr, within};
 use burrow_testkit::targets::{echo_bytes, Pattern};
 use burrow_testkit::{AgentProc, AgentSpec, Burrow, GatewayProc, GatewaySpec, Signal, TcpTarget};
 use tokio::net::TcpStream;
@@ -21,30 +21,6 @@ const TOKEN: &str = "a-long-enough-admin-token-for-tests";
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_burrow"))
-}
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(TEST_LIMIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {TEST_LIMIT:?}"),
-    }
-}
-
-async fn admin_addr(proc: &mut Burrow) -> SocketAddr {
-    const PREFIX: &str = "admin listening on http://";
-    let seen = proc
-        .stdout_lines()
-        .iter()
-        .find(|l| l.starts_with(PREFIX))
-        .cloned();
-    let line = match seen {
-        Some(l) => l,
-        None => proc
-            .wait_stdout(|l| l.starts_with(PREFIX), WAIT)
-            .await
-            .unwrap(),
-    };
-    line.trim_start_matches(PREFIX).trim().parse().unwrap()
 }
 
 /// `burrow token ARGS` against `admin`: exit success, stdout, stderr.
@@ -98,7 +74,7 @@ async fn gateway(state: &Path, listen: Option<SocketAddr>) -> (GatewayProc, Sock
         spec = spec.listen(addr);
     }
     let mut gw = spec.start(bin()).await.unwrap();
-    let admin = admin_addr(&mut gw).await;
+    let admin = admin_addr(&mut gw, WAIT).await;
     (gw, admin)
 }
 
@@ -150,7 +126,7 @@ fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_is_made_used_listed_revoked_and_refused_afterwards() {
-    within("tokens", async {
+    within(TEST_LIMIT, "tokens", async {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let (mut gw, admin) = gateway(&state, None).await;
@@ -223,7 +199,7 @@ async fn a_token_is_made_used_listed_revoked_and_refused_afterwards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_token_ends_its_session_and_is_refused() {
-    within("expiry", async {
+    within(TEST_LIMIT, "expiry", async {
         let dir = tempfile::tempdir().unwrap();
         let (_gw, admin) = gateway(&dir.path().join("state"), None).await;
         let target = TcpTarget::echo().await.unwrap();
@@ -261,7 +237,7 @@ async fn an_expired_token_ends_its_session_and_is_refused() {
 
 #[tokio::test]
 async fn tokens_need_the_admin_token() {
-    within("admin token", async {
+    within(TEST_LIMIT, "admin token", async {
         let dir = tempfile::tempdir().unwrap();
         // With a token set, a request without it is refused (401).
         let (_gw, admin) = gateway(&dir.path().join("a"), None).await;
@@ -273,7 +249,7 @@ async fn tokens_need_the_admin_token() {
             .start(bin())
             .await
             .unwrap();
-        let admin = admin_addr(&mut open).await;
+        let admin = admin_addr(&mut open, WAIT).await;
         let (ok, _, err) = token(admin, false, &["create", "x", "--ports", "9000"]).await;
         assert!(!ok && err.contains("403"), "{err}");
         assert!(!dir.path().join("b/tokens.toml").exists());

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use burrow_testkit::harness::{admin_addr, udp_echo, write_config};
 use burrow_testkit::{AgentSpec, Dnsmasq, GatewaySpec, TcpTarget};
 use tokio::net::UdpSocket;
 
@@ -21,22 +22,6 @@ fn bin() -> &'static Path {
 }
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A UDP echo server on loopback: every datagram goes back to its sender.
-async fn udp_echo() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = s.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 70_000];
-        loop {
-            let Ok((n, from)) = s.recv_from(&mut buf).await else {
-                return;
-            };
-            let _ = s.send_to(&buf[..n], from).await;
-        }
-    });
-    addr
-}
 
 /// Sends `data` from `sock` to `to` until the echo comes back (UDP may drop one), and
 /// returns it.
@@ -51,22 +36,6 @@ async fn echo(sock: &UdpSocket, to: SocketAddr, data: &[u8]) -> Vec<u8> {
         }
     }
     panic!("no echo of {} bytes through {to}", data.len());
-}
-
-/// The address in the process's `admin listening on http://ADDR` line.
-async fn admin_addr(proc: &mut burrow_testkit::Burrow) -> SocketAddr {
-    const PREFIX: &str = "admin listening on http://";
-    let seen = (proc.stdout_lines().iter())
-        .find(|l| l.starts_with(PREFIX))
-        .cloned();
-    let line = match seen {
-        Some(l) => l,
-        None => proc
-            .wait_stdout(|l| l.starts_with(PREFIX), WAIT)
-            .await
-            .unwrap(),
-    };
-    line.trim_start_matches(PREFIX).trim().parse().unwrap()
 }
 
 /// The admin server's `/metrics` text.
@@ -89,12 +58,6 @@ fn datagrams(metrics: &str, direction: &str, outcome: &str) -> u64 {
     let line = metrics.lines().find(|l| l.starts_with(&name));
     let value = line.unwrap_or_else(|| panic!("no {name}in {metrics}"));
     value[name.len()..].trim().parse().unwrap()
-}
-
-fn config(dir: &Path, text: &str) -> std::path::PathBuf {
-    let p = dir.join("gateway.toml");
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +100,7 @@ async fn datagrams_of_every_size_and_200_clients_each_get_their_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_flows_end_and_their_sockets_go() {
     let state = tempfile::tempdir().unwrap();
-    let conf = config(state.path(), "[udp]\nidle = \"1s\"\n");
+    let conf = write_config(state.path(), "[udp]\nidle = \"1s\"\n");
     let gw = GatewaySpec::new(&state.path().join("state"))
         .config(&conf)
         .start(bin())
@@ -217,7 +180,7 @@ async fn idle_flows_end_and_their_sockets_go() {
 async fn a_grant_without_udp_refuses_the_udp_forward_and_the_tcp_one_carries_on() {
     let state = tempfile::tempdir().unwrap();
     let key = burrow::proto::auth::SecretKey::generate();
-    let conf = config(
+    let conf = write_config(
         state.path(),
         &format!(
             "[[agents]]\nname = \"tcp-only\"\nkey_hash = \"{}\"\nports = [\"20000-60000\"]\n",
@@ -303,7 +266,7 @@ async fn a_udp_flood_does_not_stall_tcp_in_the_same_session() {
         .start(bin())
         .await
         .unwrap();
-    let gw_admin = admin_addr(&mut gw.proc).await;
+    let gw_admin = admin_addr(&mut gw.proc, WAIT).await;
     let target = udp_echo().await;
     let tcp = TcpTarget::echo().await.unwrap();
     let mut agent = AgentSpec::new(gw.agent_args())
@@ -313,7 +276,7 @@ async fn a_udp_flood_does_not_stall_tcp_in_the_same_session() {
         .start(bin())
         .await
         .unwrap();
-    let agent_admin = admin_addr(&mut agent.proc).await;
+    let agent_admin = admin_addr(&mut agent.proc, WAIT).await;
     let (udp_pub, tcp_pub) = (agent.public(0), agent.public(1));
     let stop = tokio_util::sync::CancellationToken::new();
     let mut flooders = Vec::new();
@@ -513,7 +476,7 @@ async fn a_udp_port_of_the_number_another_agent_holds_for_tcp_is_granted() {
         burrow::proto::auth::SecretKey::generate(),
     );
     let grant = "ports = [\"1024-65535\", \"1024-65535/udp\"]";
-    let conf = config(
+    let conf = write_config(
         dir.path(),
         &format!(
             "[[agents]]\nname = \"a\"\nkey_hash = \"{}\"\n{grant}\n\n\
@@ -567,7 +530,7 @@ async fn with_udp_settings(
     target: SocketAddr,
     (gateway, agent): (&str, &str),
 ) -> (burrow_testkit::GatewayProc, burrow_testkit::AgentProc) {
-    let conf = config(dir, &format!("[udp]\nidle = \"1s\"\n{gateway}"));
+    let conf = write_config(dir, &format!("[udp]\nidle = \"1s\"\n{gateway}"));
     let gw = GatewaySpec::new(&dir.join("state"))
         .config(&conf)
         .start(bin())

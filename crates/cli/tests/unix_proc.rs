@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use burrow_testkit::harness::{agent_args_with, keygen};
 use burrow_testkit::targets::Pattern;
 use burrow_testkit::{AgentSpec, Burrow, GatewaySpec, Signal, TcpTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,20 +21,6 @@ fn bin() -> &'static Path {
 }
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A fresh key from `burrow keygen`.
-fn keygen() -> String {
-    let out = std::process::Command::new(bin())
-        .arg("keygen")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("key: "))
-        .unwrap()
-        .to_string()
-}
 
 /// Waits until every one of `needles` is in some stdout line of `p`; returns those lines.
 async fn wait_lines(p: &mut Burrow, needles: &[String]) -> Vec<String> {
@@ -94,23 +81,6 @@ async fn gone(path: &Path) -> Duration {
     started.elapsed()
 }
 
-fn agent_args(gw: &burrow_testkit::GatewayProc, key: &str) -> Vec<String> {
-    [
-        "agent",
-        "--gateway",
-        &gw.addr().to_string(),
-        "--key",
-        key,
-        "--fingerprint",
-        gw.fingerprint(),
-        "--max-backoff",
-        "1s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_endpoint_within_the_grant_carries_bytes_and_is_cleaned_up() {
     let tmp = tempfile::tempdir().unwrap();
@@ -125,7 +95,7 @@ async fn unix_endpoint_within_the_grant_carries_bytes_and_is_cleaned_up() {
     let file = public.join("file.sock");
     std::fs::write(&file, "keep me").unwrap();
     let outside = root.join("outside.sock");
-    let key = keygen();
+    let key = keygen(bin());
     let conf = root.join("gateway.toml");
     std::fs::write(
         &conf,
@@ -267,4 +237,9 @@ async fn the_zero_config_grant_has_no_paths() {
         "{err}"
     );
     assert!(!sock.exists());
+}
+
+/// The agent arguments for `key` against `gw`, retrying within a second.
+fn agent_args(gw: &burrow_testkit::GatewayProc, key: &str) -> Vec<String> {
+    agent_args_with(gw, key, &["--max-backoff", "1s"])
 }

@@ -20,6 +20,8 @@
 //! - [`nginx`]: a real nginx on a port the test holds ([`Nginx`]), restartable in place
 //!   (also one that answers with the address a PROXY protocol header named);
 //!   [`haproxy`]: a real HAProxy reading the PROXY protocol ([`Haproxy`]); [`pki`]: a throwaway CA and `localhost` certificates for it ([`Pki`]).
+//! - [`harness`]: the scaffolding the cli crate's process tests share ([`harness::within`],
+//!   [`harness::eventually`], [`harness::keygen`], [`harness::dirs`], [`harness::admin_addr`], ...).
 //! - [`targets`]: services to publish ([`TcpTarget`]: echo, sink, source), a fast
 //!   deterministic [`Pattern`], SHA-256, and an echo client that checks every byte.
 //!
@@ -49,6 +51,7 @@
 pub mod attack;
 pub mod dns;
 pub mod haproxy;
+pub mod harness;
 pub mod nginx;
 pub mod pki;
 pub mod process;
