@@ -495,3 +495,50 @@ async fn quic_and_auto_over_ipv6_loopback_byte_exact() {
         agent.proc.kill().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(deprecated)] // set_linger: SO_LINGER 0 (RST), which does not block on drop
+async fn public_clients_that_leave_at_once_do_not_end_the_quic_session() {
+    // A public client that resets its connection at once makes the gateway reset the QUIC
+    // stream it was opening, often before the stream's Open frame has left. The agent took
+    // that for a protocol violation and dropped the whole session (every other stream with
+    // it); a reset before Open is the opener giving up, and only that stream ends.
+    let state = tempfile::tempdir().unwrap();
+    let gw = GatewaySpec::new(state.path()).start(bin()).await.unwrap();
+    let target = TcpTarget::echo().await.unwrap();
+    let mut agent = AgentSpec::new(quic_args(&gw))
+        .forward(&target.addr().to_string())
+        .start(bin())
+        .await
+        .unwrap();
+    let public = agent.public(0);
+    let start = std::time::Instant::now();
+    let mut left = 0;
+    while left < 300 && start.elapsed() < Duration::from_secs(20) {
+        let c = TcpStream::connect(public).await.unwrap();
+        c.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(c);
+        left += 1;
+        if left % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The session that carried them carries this one too, byte-exact.
+    let t = tokio::time::timeout(
+        Duration::from_secs(30),
+        echo_transfer(public, &EchoOpts::new(1 << 20, 11)),
+    )
+    .await
+    .expect("an echo within 30 s")
+    .unwrap();
+    assert!(t.exact, "1 MiB back byte-exact after {left} clients left");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ended: Vec<String> = (agent.proc.stderr_lines().iter())
+        .filter(|l| l.contains("session ended"))
+        .cloned()
+        .collect();
+    assert!(
+        ended.is_empty(),
+        "{left} public clients that left at once ended the agent's session: {ended:?}"
+    );
+}

@@ -332,7 +332,8 @@ async fn accept_streams(inner: Arc<Inner>, tx: mpsc::Sender<super::Stream>) {
             let read = tokio::time::timeout(OPEN_DEADLINE, read_open(&inner, &mut recv)).await;
             let (open, dial, first) = match read {
                 Ok(Ok(x)) => x,
-                Ok(Err(why)) => {
+                Ok(Err(OpenReadError::Gone)) => return,
+                Ok(Err(OpenReadError::Protocol(why))) => {
                     inner.protocol_error(why);
                     return;
                 }
@@ -358,34 +359,52 @@ fn refuse(mut send: quinn::SendStream, mut recv: quinn::RecvStream, code: ErrorC
     let _ = recv.stop(VarInt::from_u32(code as u32));
 }
 
+/// Why no Open frame came from a stream the peer opened.
+enum OpenReadError {
+    /// The peer reset the stream, or the connection ended, before its Open arrived: the
+    /// opener gave up (its public client left at once, or its port was just closed). The
+    /// stream is dropped; the session carries on (or ends on its own).
+    Gone,
+    /// The stream broke the protocol: it closes the session.
+    Protocol(String),
+}
+
 /// Reads the Open frame at the start of a stream the peer opened; returns it, the
 /// connector's Dial it carries if any, and the bytes read past it.
 async fn read_open(
     inner: &Inner,
     recv: &mut quinn::RecvStream,
-) -> Result<(Open, Option<Dial>, BytesMut), String> {
+) -> Result<(Open, Option<Dial>, BytesMut), OpenReadError> {
+    use OpenReadError::Protocol;
     let mut buf = BytesMut::new();
     let mut dec = Decoder::new(inner.params.max_payload);
     loop {
         match dec.decode(&mut buf) {
             Ok(Some(f)) if f.header.kind == Kind::Open => {
-                let open = Open::decode(&f.payload).map_err(|e| e.to_string())?;
-                let dial = Dial::from_open(&f.payload).map_err(|e| e.to_string())?;
+                let open = Open::decode(&f.payload).map_err(|e| Protocol(e.to_string()))?;
+                let dial = Dial::from_open(&f.payload).map_err(|e| Protocol(e.to_string()))?;
                 return Ok((open, dial, buf));
             }
             Ok(Some(f)) => {
-                return Err(format!(
+                return Err(Protocol(format!(
                     "a QUIC stream began with {:?}, not Open",
                     f.header.kind
-                ))
+                )))
             }
             Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(Protocol(e.to_string())),
         }
         match recv.read_chunk(64 * 1024, true).await {
             Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
-            Ok(None) => return Err("a QUIC stream ended before its Open frame".into()),
-            Err(e) => return Err(format!("a QUIC stream failed before its Open frame: {e}")),
+            Ok(None) => return Err(Protocol("a QUIC stream ended before its Open frame".into())),
+            Err(quinn::ReadError::Reset(_) | quinn::ReadError::ConnectionLost(_)) => {
+                return Err(OpenReadError::Gone)
+            }
+            Err(e) => {
+                return Err(Protocol(format!(
+                    "a QUIC stream failed before its Open frame: {e}"
+                )))
+            }
         }
     }
 }
