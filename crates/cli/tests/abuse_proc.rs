@@ -14,15 +14,16 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use burrow_testkit::attack::loopback;
+use burrow_testkit::harness::{self, agent_args, dirs};
 use burrow_testkit::process::{count_tcp_state, wait_public};
 use burrow_testkit::targets::echo_once;
 use burrow_testkit::{
-    raise_fd_limit, AgentSpec, Burrow, FaultProxy, FloodOpts, GatewayProc, GatewaySpec, IdleFlood,
-    TcpState, TcpTarget,
+    raise_fd_limit, AgentSpec, Burrow, FaultProxy, FloodOpts, GatewaySpec, IdleFlood, TcpState,
+    TcpTarget,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,84 +41,20 @@ fn bin() -> &'static Path {
 }
 
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(TEST_LIMIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {TEST_LIMIT:?}"),
-    }
+    harness::within(TEST_LIMIT, what, f).await
 }
 
-/// A state directory and a place for the config file.
-struct Dirs {
-    _tmp: tempfile::TempDir,
-    state: PathBuf,
-    root: PathBuf,
-}
-
-fn dirs() -> Dirs {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_path_buf();
-    Dirs {
-        state: root.join("state"),
-        root,
-        _tmp: tmp,
-    }
-}
-
-impl Dirs {
-    fn config(&self, text: &str) -> PathBuf {
-        let p = self.root.join("gateway.toml");
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
-
-/// A fresh key from `burrow keygen`.
 fn keygen() -> String {
-    let out = std::process::Command::new(bin())
-        .arg("keygen")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("key: "))
-        .unwrap()
-        .to_string()
-}
-
-/// The agent arguments for `key` against `gw`.
-fn agent_args(gw: &GatewayProc, key: &str) -> Vec<String> {
-    [
-        "agent",
-        "--gateway",
-        &gw.addr().to_string(),
-        "--key",
-        key,
-        "--fingerprint",
-        gw.fingerprint(),
-    ]
-    .map(String::from)
-    .to_vec()
+    harness::keygen(bin())
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `limit` with `describe()`.
 async fn eventually<T>(
     limit: Duration,
-    mut f: impl FnMut() -> Option<T>,
+    f: impl FnMut() -> Option<T>,
     describe: impl Fn() -> String,
 ) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not within {limit:?}: {}",
-            describe()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    harness::eventually(limit, Duration::from_millis(20), f, describe).await
 }
 
 /// How many of `proc`'s stderr lines contain `needle`.

@@ -459,11 +459,7 @@ fn accept_stream(
                     local
                 }
                 Ok((Err(e), _)) => {
-                    let (code, why) = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                        (ErrorCode::ConnectRefused, Refused::ConnectRefused)
-                    } else {
-                        (ErrorCode::ConnectFailed, Refused::ConnectFailed)
-                    };
+                    let (code, why) = super::connect_failure(&e);
                     tally.refused("", &fwd.name, why);
                     warn!(dest = %fwd.target, "cannot connect to target: {e}");
                     stream.reset(code);

@@ -608,6 +608,20 @@ async fn drain(tracker: &TaskTracker, grace: Duration) {
     }
 }
 
+/// How a failed connect to a target is answered to the gateway and counted: refused by the
+/// target's host, or failed (unreachable, timed out, ...).
+fn connect_failure(
+    e: &std::io::Error,
+) -> (burrow_proto::ErrorCode, crate::admin::metrics::Refused) {
+    use crate::admin::metrics::Refused;
+    use burrow_proto::ErrorCode;
+    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+        (ErrorCode::ConnectRefused, Refused::ConnectRefused)
+    } else {
+        (ErrorCode::ConnectFailed, Refused::ConnectFailed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

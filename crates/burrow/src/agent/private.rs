@@ -147,11 +147,7 @@ pub(super) fn accept(
                     local
                 }
                 Ok((Err(e), _)) => {
-                    let (code, why) = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                        (ErrorCode::ConnectRefused, Refused::ConnectRefused)
-                    } else {
-                        (ErrorCode::ConnectFailed, Refused::ConnectFailed)
-                    };
+                    let (code, why) = super::connect_failure(&e);
                     tally.refused("", &label, why);
                     warn!("cannot connect to target: {e}");
                     stream.reset(code);

@@ -117,6 +117,26 @@ fn held_by_others(agents: &HashMap<String, AgentEntry>, agent: &str, bind: &Bind
     by_port
 }
 
+/// A refused Bind: logged, kept among the agent's recent errors, and answered with `code`.
+pub(super) fn refuse_bind(
+    hub: &Hub,
+    grant: &AgentGrant,
+    bind: &Bind,
+    code: ErrorCode,
+    text: String,
+) -> BindResult {
+    warn!(service = %bind.name, "bind refused: {text}");
+    hub.tally.agent_error(
+        &grant.name,
+        &format!("bind of {} refused: {text}", bind.name),
+    );
+    BindResult {
+        service: bind.service,
+        code,
+        text,
+    }
+}
+
 pub(super) async fn bind_port(
     hub: &Arc<Hub>,
     grant: &AgentGrant,
@@ -124,18 +144,7 @@ pub(super) async fn bind_port(
     generation: u64,
     bind: &Bind,
 ) -> BindResult {
-    let refuse = |code: ErrorCode, text: String| {
-        warn!(service = %bind.name, "bind refused: {text}");
-        hub.tally.agent_error(
-            &grant.name,
-            &format!("bind of {} refused: {text}", bind.name),
-        );
-        BindResult {
-            service: bind.service,
-            code,
-            text,
-        }
-    };
+    let refuse = |code: ErrorCode, text: String| refuse_bind(hub, grant, bind, code, text);
     if bind.path.is_some() {
         if bind.group.is_some() {
             return refuse(

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::groups::{Member, Routes};
+use super::ports::refuse_bind;
 use super::ports::{make_room, serve_public_conn, Endpoint};
 use super::{lock, AgentEntry, Hub, LogThrottle, PortEntry, Route};
 use crate::config::AgentGrant;
@@ -47,18 +48,7 @@ pub(super) async fn bind_path(
     generation: u64,
     bind: &Bind,
 ) -> BindResult {
-    let refuse = |code: ErrorCode, text: String| {
-        warn!(service = %bind.name, "bind refused: {text}");
-        hub.tally.agent_error(
-            &grant.name,
-            &format!("bind of {} refused: {text}", bind.name),
-        );
-        BindResult {
-            service: bind.service,
-            code,
-            text,
-        }
-    };
+    let refuse = |code: ErrorCode, text: String| refuse_bind(hub, grant, bind, code, text);
     let Some(path) = bind.path.as_deref() else {
         return refuse(ErrorCode::Protocol, "no path in a unix bind".into());
     };
