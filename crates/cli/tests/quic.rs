@@ -282,19 +282,29 @@ async fn the_agents_address_changes_mid_transfer_and_the_transfer_completes() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_falls_back_to_tls_when_udp_is_blocked_and_uses_quic_once_it_passes() {
-    let state = tempfile::tempdir().unwrap();
-    let mut gw = GatewaySpec::new(state.path())
+/// A gateway whose QUIC listens elsewhere, and a fault proxy from UDP at the tunnel port's
+/// number to it, blackholed: an `auto://` agent to the tunnel address sees UDP blocked until
+/// the test lets it pass. Returns the gateway, the tunnel address, QUIC's own address and the
+/// proxy.
+async fn gateway_behind_blackholed_udp(
+    state: &Path,
+) -> (GatewayProc, SocketAddr, SocketAddr, UdpFaultProxy) {
+    let mut gw = GatewaySpec::new(state)
         .args(["--quic-listen", "127.0.0.1:0"])
         .start(bin())
         .await
         .unwrap();
     let tunnel = gw.addr();
     let quic = quic_addr(&mut gw);
-    // UDP at the tunnel port's number goes through the proxy to the gateway's QUIC.
     let proxy = UdpFaultProxy::start(tunnel, quic).await.unwrap();
     proxy.control().set_blackhole(true);
+    (gw, tunnel, quic, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_tls_when_udp_is_blocked_and_uses_quic_once_it_passes() {
+    let state = tempfile::tempdir().unwrap();
+    let (mut gw, tunnel, quic, proxy) = gateway_behind_blackholed_udp(state.path()).await;
     let target = TcpTarget::echo().await.unwrap();
     let began = tokio::time::Instant::now();
     let mut agent = AgentSpec::new(gw.agent_args_url("auto", tunnel))
@@ -400,15 +410,7 @@ async fn dig_over_quic_asks_a_real_dnsmasq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_on_tls_tries_quic_again_by_itself_while_idle() {
     let state = tempfile::tempdir().unwrap();
-    let mut gw = GatewaySpec::new(state.path())
-        .args(["--quic-listen", "127.0.0.1:0"])
-        .start(bin())
-        .await
-        .unwrap();
-    let tunnel = gw.addr();
-    let quic = quic_addr(&mut gw);
-    let proxy = UdpFaultProxy::start(tunnel, quic).await.unwrap();
-    proxy.control().set_blackhole(true);
+    let (mut gw, tunnel, _, proxy) = gateway_behind_blackholed_udp(state.path()).await;
     let target = TcpTarget::echo().await.unwrap();
     let mut agent = AgentSpec::new(gw.agent_args_url("auto", tunnel))
         .env("BURROW_AUTO_RETRY_QUIC", "1s")
