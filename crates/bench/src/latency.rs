@@ -35,59 +35,103 @@ impl Percentiles {
     }
 }
 
-/// `iters` round trips of a 64-byte message on one connection; each echo must match.
-pub async fn request_response(addr: SocketAddr, iters: u32) -> anyhow::Result<Percentiles> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("request/response: cannot connect to {addr}"))?;
-    stream.set_nodelay(true)?;
-    let mut samples = Vec::with_capacity(iters as usize);
-    let (mut out, mut back) = ([0u8; MESSAGE], [0u8; MESSAGE]);
-    for i in 0..iters {
-        fill(&mut out, u64::from(i));
-        let start = Instant::now();
-        let trip = async {
-            stream.write_all(&out).await?;
-            stream.read_exact(&mut back).await
-        };
-        tokio::time::timeout(ROUND_TRIP_LIMIT, trip)
-            .await
-            .with_context(|| {
-                format!("request/response: round trip {i} took over {ROUND_TRIP_LIMIT:?}")
-            })?
-            .with_context(|| format!("request/response: round trip {i} failed"))?;
-        samples.push(start.elapsed().as_secs_f64() * 1e6);
-        ensure!(
-            out == back,
-            "request/response: echo {i} differs from the request"
-        );
-    }
-    Ok(Percentiles::of(samples))
+/// Request/response on one connection, run in slices so several routes can take turns within
+/// a round (see [`crate::Bench`]'s latency rows): every route then meets the same moments of
+/// a shared, noisy machine, and its p50 is not the luck of the seconds it happened to run in.
+pub struct RequestResponse {
+    stream: TcpStream,
+    samples: Vec<f64>,
 }
 
-/// `iters` times: connect, send one byte, wait for it to come back, close.
-pub async fn connect_first_byte(addr: SocketAddr, iters: u32) -> anyhow::Result<Percentiles> {
-    let mut samples = Vec::with_capacity(iters as usize);
-    for i in 0..iters {
-        let byte = (i % 256) as u8;
-        let start = Instant::now();
-        let trip = async {
-            let mut stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            stream.write_all(&[byte]).await?;
-            stream.read_u8().await
-        };
-        let got = tokio::time::timeout(ROUND_TRIP_LIMIT, trip)
+impl RequestResponse {
+    /// Connects to the echo target at `addr`, room for `iters` round trips.
+    pub async fn connect(addr: SocketAddr, iters: u32) -> anyhow::Result<RequestResponse> {
+        let stream = TcpStream::connect(addr)
             .await
-            .with_context(|| format!("connect: attempt {i} took over {ROUND_TRIP_LIMIT:?}"))?
-            .with_context(|| format!("connect: attempt {i} to {addr} failed"))?;
-        samples.push(start.elapsed().as_secs_f64() * 1e6);
-        ensure!(
-            got == byte,
-            "connect: attempt {i} echoed {got}, sent {byte}"
-        );
+            .with_context(|| format!("request/response: cannot connect to {addr}"))?;
+        stream.set_nodelay(true)?;
+        Ok(RequestResponse {
+            stream,
+            samples: Vec::with_capacity(iters as usize),
+        })
     }
-    Ok(Percentiles::of(samples))
+
+    /// `iters` more round trips of a 64-byte message; each echo must match.
+    pub async fn trips(&mut self, iters: u32) -> anyhow::Result<()> {
+        let (mut out, mut back) = ([0u8; MESSAGE], [0u8; MESSAGE]);
+        for _ in 0..iters {
+            let i = self.samples.len();
+            fill(&mut out, i as u64);
+            let start = Instant::now();
+            let stream = &mut self.stream;
+            let trip = async {
+                stream.write_all(&out).await?;
+                stream.read_exact(&mut back).await
+            };
+            tokio::time::timeout(ROUND_TRIP_LIMIT, trip)
+                .await
+                .with_context(|| {
+                    format!("request/response: round trip {i} took over {ROUND_TRIP_LIMIT:?}")
+                })?
+                .with_context(|| format!("request/response: round trip {i} failed"))?;
+            self.samples.push(start.elapsed().as_secs_f64() * 1e6);
+            ensure!(
+                out == back,
+                "request/response: echo {i} differs from the request"
+            );
+        }
+        Ok(())
+    }
+
+    /// The percentiles of every round trip so far.
+    pub fn percentiles(self) -> Percentiles {
+        Percentiles::of(self.samples)
+    }
+}
+
+/// `iters` round trips of a 64-byte message on one connection; each echo must match.
+pub async fn request_response(addr: SocketAddr, iters: u32) -> anyhow::Result<Percentiles> {
+    let mut rr = RequestResponse::connect(addr, iters).await?;
+    rr.trips(iters).await?;
+    Ok(rr.percentiles())
+}
+
+/// Connect + first byte, run in slices like [`RequestResponse`].
+#[derive(Default)]
+pub struct ConnectFirstByte {
+    samples: Vec<f64>,
+}
+
+impl ConnectFirstByte {
+    /// `iters` more times: connect to `addr`, send one byte, wait for it to come back, close.
+    pub async fn attempts(&mut self, addr: SocketAddr, iters: u32) -> anyhow::Result<()> {
+        for _ in 0..iters {
+            let i = self.samples.len();
+            let byte = (i % 256) as u8;
+            let start = Instant::now();
+            let trip = async {
+                let mut stream = TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                stream.write_all(&[byte]).await?;
+                stream.read_u8().await
+            };
+            let got = tokio::time::timeout(ROUND_TRIP_LIMIT, trip)
+                .await
+                .with_context(|| format!("connect: attempt {i} took over {ROUND_TRIP_LIMIT:?}"))?
+                .with_context(|| format!("connect: attempt {i} to {addr} failed"))?;
+            self.samples.push(start.elapsed().as_secs_f64() * 1e6);
+            ensure!(
+                got == byte,
+                "connect: attempt {i} echoed {got}, sent {byte}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The percentiles of every attempt so far.
+    pub fn percentiles(self) -> Percentiles {
+        Percentiles::of(self.samples)
+    }
 }
 
 /// Fills a message with its sequence number, repeated.

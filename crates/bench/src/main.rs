@@ -588,23 +588,46 @@ impl Bench<'_> {
     }
 
     /// Request/response and connect + first byte on every route (direct, relay, each tunnel),
-    /// round after round.
+    /// round after round. Within a round the routes take turns in [`LATENCY_SLICES`] slices
+    /// of the round's attempts, each on one connection kept open, so that they all meet the
+    /// same moments of a shared machine: on a VM whose idle cores wake slowly, one route's
+    /// run of 20,000 round trips could otherwise land on a quiet second and another's on a
+    /// busy one, and the ratios between routes would measure that.
     async fn latency(&self, results: &mut Results) {
         let s = self.settings;
         let (mut rr, mut connect) = (Latency::default(), Latency::default());
         let ways = self.ways();
+        let slice =
+            |total: u32, k: u32| total / LATENCY_SLICES + u32::from(k < total % LATENCY_SLICES);
         for round in 1..=s.rounds {
             eprintln!("bench: latency, round {round}/{}", s.rounds);
+            let mut runs = Vec::with_capacity(ways.len());
             for way in &ways {
-                let (name, addr) = (way.route.name(), way.echo);
-                match latency::request_response(addr, s.rr_iters).await {
-                    Ok(p) => rr.side(way.route).push(p),
+                let opened = latency::RequestResponse::connect(way.echo, s.rr_iters).await;
+                runs.push((opened, latency::ConnectFirstByte::default(), Ok(())));
+            }
+            for k in 0..LATENCY_SLICES {
+                for (way, (trips, attempts, tried)) in ways.iter().zip(&mut runs) {
+                    if let Ok(run) = trips {
+                        if let Err(e) = run.trips(slice(s.rr_iters, k)).await {
+                            *trips = Err(e);
+                        }
+                    }
+                    if tried.is_ok() {
+                        *tried = attempts.attempts(way.echo, slice(s.connect_iters, k)).await;
+                    }
+                }
+            }
+            for (way, (trips, attempts, tried)) in ways.iter().zip(runs) {
+                let name = way.route.name();
+                match trips {
+                    Ok(run) => rr.side(way.route).push(run.percentiles()),
                     Err(e) => results
                         .failures
                         .push(format!("{name}, round {round}: {e:#}")),
                 }
-                match latency::connect_first_byte(addr, s.connect_iters).await {
-                    Ok(p) => connect.side(way.route).push(p),
+                match tried {
+                    Ok(()) => connect.side(way.route).push(attempts.percentiles()),
                     Err(e) => results
                         .failures
                         .push(format!("{name}, round {round}: {e:#}")),
@@ -793,6 +816,8 @@ impl Bench<'_> {
 /// Connections the bench itself may hold through one agent besides the memory rows' (warm-up,
 /// workloads, a level's stragglers).
 const HELD_SLACK: u32 = 1024;
+/// Turns the routes take within a round of the latency rows (see [`Bench::latency`]).
+const LATENCY_SLICES: u32 = 10;
 
 /// The public connection limit per agent (`[limits] max_public_conns_per_agent`) the bench
 /// gives its gateways so the memory rows' largest level fits: when those rows run and the
