@@ -593,8 +593,8 @@ impl Results {
         if let Some(m) = &self.machine {
             let _ = writeln!(
                 out,
-                "machine: {} cores ({}), kernel {}, {}; open-file limit {}",
-                m.cores, m.cpu, m.kernel, m.date, m.fd_limit
+                "machine: {} cores ({}), kernel {}, {}; open-file limit {}; TCP congestion control {}",
+                m.cores, m.cpu, m.kernel, m.date, m.fd_limit, m.congestion
             );
         }
         let _ = writeln!(out, "settings: {}", self.settings);

@@ -107,6 +107,12 @@ pub struct Machine {
     pub kernel: String,
     pub date: String,
     pub fd_limit: u64,
+    /// The kernel's default TCP congestion control, which every socket of the bench uses.
+    /// With `bbr` the kernel paces each connection with a timer of its own, and the timer
+    /// interrupts and the sends they make are CPU time of whichever process they land in:
+    /// part of every route's CPU s/GB, and not the same part of each (see "Why sealing looked
+    /// slower than the floor" in `docs/benchmarks.md`).
+    pub congestion: String,
 }
 
 impl Machine {
@@ -126,6 +132,8 @@ impl Machine {
                 .map_or_else(|| "unknown".into(), |k| k.trim().to_string()),
             date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             fd_limit,
+            congestion: read("/proc/sys/net/ipv4/tcp_congestion_control")
+                .map_or_else(|| "unknown".into(), |c| c.trim().to_string()),
         }
     }
 }
