@@ -190,6 +190,33 @@ struct PortEntry {
 }
 
 impl PortEntry {
+    /// The entry of a port a session has just bound, routed by that session (`first`) alone
+    /// until others join its group; returns it with its route table, which the listener's
+    /// task shares.
+    fn routed(
+        addr: SocketAddr,
+        path: Option<std::path::PathBuf>,
+        group: Option<String>,
+        first: groups::Member,
+        cancel: &CancellationToken,
+        chosen: bool,
+    ) -> (PortEntry, Arc<Mutex<groups::Routes>>) {
+        let owner = Some(first.generation);
+        let mut routes = groups::Routes::new(group);
+        routes.join(first);
+        let route = Arc::new(Mutex::new(routes));
+        let entry = PortEntry {
+            addr,
+            route: route.clone(),
+            cancel: cancel.clone(),
+            owner,
+            lease: None,
+            chosen,
+            path,
+        };
+        (entry, route)
+    }
+
     /// What clients reach: `unix:PATH`, or the public address.
     fn shown(&self, hub: &Hub) -> String {
         match &self.path {

@@ -396,26 +396,10 @@ pub(super) async fn bind_port(
         if chosen {
             hub.remember_port(&grant.name, bind.protocol, &bind.name, addr.port(), group);
         }
-        let mut routes = Routes::new(bind.group.clone());
-        routes.join(Member::new(
-            &grant.name,
-            generation,
-            route,
-            entry.conns.clone(),
-        ));
-        let route = Arc::new(Mutex::new(routes));
-        entry.ports.insert(
-            key,
-            PortEntry {
-                addr,
-                route: route.clone(),
-                cancel: cancel.clone(),
-                owner: Some(generation),
-                lease: None,
-                chosen,
-                path: None,
-            },
-        );
+        let first = Member::new(&grant.name, generation, route, entry.conns.clone());
+        let (port, route) =
+            PortEntry::routed(addr, None, bind.group.clone(), first, &cancel, chosen);
+        entry.ports.insert(key, port);
         route
     };
     match listener {

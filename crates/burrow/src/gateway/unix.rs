@@ -159,26 +159,11 @@ pub(super) async fn bind_path(
         if let Err(text) = make_room(hub, entry, grant, max_ports) {
             return refuse(ErrorCode::LimitExceeded, text);
         }
-        let mut routes = Routes::new(None);
-        routes.join(Member::new(
-            &grant.name,
-            generation,
-            route,
-            entry.conns.clone(),
-        ));
-        let route = Arc::new(Mutex::new(routes));
-        entry.ports.insert(
-            key,
-            PortEntry {
-                addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-                route: route.clone(),
-                cancel: cancel.clone(),
-                owner: Some(generation),
-                lease: None,
-                chosen: false,
-                path: Some(path.clone()),
-            },
-        );
+        let first = Member::new(&grant.name, generation, route, entry.conns.clone());
+        let unused = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+        let (port, route) =
+            PortEntry::routed(unused, Some(path.clone()), None, first, &cancel, false);
+        entry.ports.insert(key, port);
         route
     };
     let port = UnixPort {
