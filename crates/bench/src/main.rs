@@ -597,8 +597,6 @@ impl Bench<'_> {
         let s = self.settings;
         let (mut rr, mut connect) = (Latency::default(), Latency::default());
         let ways = self.ways();
-        let slice =
-            |total: u32, k: u32| total / LATENCY_SLICES + u32::from(k < total % LATENCY_SLICES);
         for round in 1..=s.rounds {
             eprintln!("bench: latency, round {round}/{}", s.rounds);
             let mut runs = Vec::with_capacity(ways.len());
@@ -609,12 +607,14 @@ impl Bench<'_> {
             for k in 0..LATENCY_SLICES {
                 for (way, (trips, attempts, tried)) in ways.iter().zip(&mut runs) {
                     if let Ok(run) = trips {
-                        if let Err(e) = run.trips(slice(s.rr_iters, k)).await {
+                        if let Err(e) = run.trips(latency_turn(s.rr_iters, k)).await {
                             *trips = Err(e);
                         }
                     }
                     if tried.is_ok() {
-                        *tried = attempts.attempts(way.echo, slice(s.connect_iters, k)).await;
+                        *tried = attempts
+                            .attempts(way.echo, latency_turn(s.connect_iters, k))
+                            .await;
                     }
                 }
             }
@@ -819,6 +819,12 @@ const HELD_SLACK: u32 = 1024;
 /// Turns the routes take within a round of the latency rows (see [`Bench::latency`]).
 const LATENCY_SLICES: u32 = 10;
 
+/// How many of a round's `total` attempts turn `k` (of [`LATENCY_SLICES`]) makes: all of them
+/// over the turns, the first turns taking one more when they do not divide evenly.
+fn latency_turn(total: u32, k: u32) -> u32 {
+    total / LATENCY_SLICES + u32::from(k < total % LATENCY_SLICES)
+}
+
 /// The public connection limit per agent (`[limits] max_public_conns_per_agent`) the bench
 /// gives its gateways so the memory rows' largest level fits: when those rows run and the
 /// caller gave no gateway config. The gateway's default (8192) is below the full run's 10,000.
@@ -924,6 +930,18 @@ fn describe(s: &Settings) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_turns_make_every_attempt_of_a_round() {
+        for total in [0, 1, 9, 10, 11, 500, 2_000, 20_003] {
+            let turns: Vec<u32> = (0..LATENCY_SLICES)
+                .map(|k| latency_turn(total, k))
+                .collect();
+            assert_eq!(turns.iter().sum::<u32>(), total, "{total}: {turns:?}");
+            let (min, max) = (turns.iter().min().unwrap(), turns.iter().max().unwrap());
+            assert!(max - min <= 1, "{total}: {turns:?}");
+        }
+    }
 
     fn settings(args: &[&str]) -> Settings {
         options::Args::parse_from(std::iter::once("b").chain(args.iter().copied())).settings()
